@@ -1,0 +1,422 @@
+"""Verification, identification and clustering metrics for embeddings.
+
+* 1:1 verification: :func:`kfold_verification` (the LFW protocol: the threshold is
+  chosen on 9 folds and tested on the tenth), :func:`roc` and :func:`tar_at_far`
+  (scikit-learn), :func:`threshold_at_fmr`.
+* 1:N identification: :func:`identification_topk` (torch by default, faiss when it is
+  installed and asked for or ``backend="auto"``).
+* Clustering: :func:`cluster_embeddings` and :func:`clustering_scores` (pairwise
+  F-score and NMI, as in the MagFace paper; scikit-learn).
+* Helpers: :func:`cosine_scores`, :func:`sample_pairs`.
+
+Decision rule everywhere: a pair is declared "same identity" when ``score > threshold``.
+
+Core functions need only torch and numpy; ROC, TAR@FAR and clustering need
+scikit-learn (``pip install magloss[eval]``).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+import torch
+
+__all__ = [
+    "cosine_scores",
+    "sample_pairs",
+    "best_threshold",
+    "kfold_verification",
+    "threshold_at_fmr",
+    "roc",
+    "tar_at_far",
+    "identification_topk",
+    "cluster_embeddings",
+    "clustering_scores",
+]
+
+
+def _require_sklearn():
+    try:
+        import sklearn  # noqa: F401
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "this function needs scikit-learn: pip install 'magloss[eval]' (or pip install scikit-learn)"
+        ) from exc
+
+
+def _np1d(x, name: str, dtype=np.float64) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    a = np.asarray(x)
+    if a.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {a.shape}")
+    if dtype is bool:
+        if a.dtype != bool:
+            if not np.issubdtype(a.dtype, np.number):
+                raise TypeError(f"{name} must be bool or 0/1, got dtype {a.dtype}")
+            if not np.isin(a, (0, 1)).all():
+                raise ValueError(f"{name} must hold only 0/1 or True/False")
+        return a.astype(bool)
+    if not np.issubdtype(a.dtype, np.number) and a.dtype != bool:
+        raise TypeError(f"{name} must be numeric, got dtype {a.dtype}")
+    return a.astype(dtype)
+
+
+def _scores_labels(scores, is_same):
+    s = _np1d(scores, "scores")
+    y = _np1d(is_same, "is_same", dtype=bool)
+    if s.shape != y.shape:
+        raise ValueError(f"scores and is_same must have one shape, got {s.shape} and {y.shape}")
+    if s.size == 0:
+        raise ValueError("scores must not be empty")
+    if not np.isfinite(s).all():
+        raise ValueError("scores must be finite")
+    return s, y
+
+
+def cosine_scores(emb_a, emb_b, eps: float = 1e-12) -> torch.Tensor:
+    """Cosine similarity of paired rows: ``s_k = <a_k, b_k> / (||a_k|| ||b_k||)``.
+
+    Args:
+        emb_a, emb_b: ``[P, D]`` float tensors (any scale; they are normalized here).
+
+    Returns:
+        ``[P]`` float tensor in ``[-1, 1]``.
+    """
+    a = torch.as_tensor(emb_a)
+    b = torch.as_tensor(emb_b)
+    if a.dim() != 2 or a.shape != b.shape:
+        raise ValueError(f"emb_a and emb_b must both be [P, D] of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    a = a.float()
+    b = b.float()
+    a = a / torch.linalg.vector_norm(a, dim=1, keepdim=True).clamp_min(eps)
+    b = b / torch.linalg.vector_norm(b, dim=1, keepdim=True).clamp_min(eps)
+    return (a * b).sum(dim=1)
+
+
+def sample_pairs(labels, num_pairs: int, seed: int = 0):
+    """Draw balanced verification pairs: half genuine (same label), half impostor.
+
+    Pairs are drawn with replacement of pairs but never pair a sample with itself.
+    The returned order is shuffled, so contiguous folds of it are random.
+
+    Args:
+        labels: ``[N]`` integer identity labels.
+        num_pairs: total number of pairs (``num_pairs // 2`` genuine, the rest impostor).
+        seed: seed of the numpy generator (deterministic).
+
+    Returns:
+        ``(idx_a, idx_b, is_same)``: two ``[num_pairs]`` int64 arrays and one bool array.
+    """
+    lab = _np1d(labels, "labels", dtype=np.int64)
+    if int(num_pairs) < 2:
+        raise ValueError(f"num_pairs must be >= 2, got {num_pairs}")
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(lab, return_counts=True)
+    multi = classes[counts >= 2]
+    if multi.size == 0:
+        raise ValueError("labels need a class with at least two samples to form genuine pairs")
+    if classes.size < 2:
+        raise ValueError("labels need at least two classes to form impostor pairs")
+    by_class = {c: np.flatnonzero(lab == c) for c in classes}
+    n_gen = int(num_pairs) // 2
+    n_imp = int(num_pairs) - n_gen
+    a, b = [], []
+    for _ in range(n_gen):
+        c = multi[rng.integers(multi.size)]
+        i, j = rng.choice(by_class[c], size=2, replace=False)
+        a.append(i)
+        b.append(j)
+    for _ in range(n_imp):
+        c1, c2 = rng.choice(classes, size=2, replace=False)
+        a.append(rng.choice(by_class[c1]))
+        b.append(rng.choice(by_class[c2]))
+    same = np.array([True] * n_gen + [False] * n_imp)
+    perm = rng.permutation(int(num_pairs))
+    return np.asarray(a, dtype=np.int64)[perm], np.asarray(b, dtype=np.int64)[perm], same[perm]
+
+
+def best_threshold(scores, is_same) -> float:
+    """Threshold that maximizes verification accuracy on the given pairs.
+
+    Candidates: one below every score (``min - 1``: all pairs "same"), the midpoints
+    between consecutive distinct scores, and the largest score (all pairs
+    "different"). Accuracy at ``t`` is ``mean((s > t) == is_same)``; the first
+    (lowest) best candidate wins.
+
+    Args:
+        scores: ``[P]`` float similarities. is_same: ``[P]`` bool.
+
+    Returns:
+        the threshold as a Python float.
+    """
+    s, y = _scores_labels(scores, is_same)
+    u = np.unique(s)
+    cand = np.concatenate([[u[0] - 1.0], (u[:-1] + u[1:]) / 2.0, [u[-1]]])
+    pos = np.sort(s[y])
+    neg = np.sort(s[~y])
+    tp = pos.size - np.searchsorted(pos, cand, side="right")  # positives with s > t
+    tn = np.searchsorted(neg, cand, side="right")  # negatives with s <= t
+    acc = (tp + tn) / s.size
+    return float(cand[int(np.argmax(acc))])
+
+
+def kfold_verification(scores, is_same, n_folds: int = 10, shuffle: bool = False, seed: int = 0) -> Dict:
+    """K-fold verification accuracy, the LFW protocol.
+
+    The pairs are split into ``n_folds`` folds (contiguous, as LFW's ``pairs.txt``;
+    ``shuffle=True`` permutes first with ``seed``). For fold ``k`` the threshold
+    ``t_k = best_threshold(pairs not in fold k)`` is chosen on the other folds only,
+    and fold ``k``'s accuracy is ``mean((s > t_k) == is_same)`` over fold ``k``.
+
+    Args:
+        scores: ``[P]`` float similarities. is_same: ``[P]`` bool.
+        n_folds: number of folds, ``2 <= n_folds <= P``; default 10.
+        shuffle, seed: permute the pairs before splitting.
+
+    Returns:
+        dict: ``accuracy_mean``, ``accuracy_std`` (population std over folds, as
+        insightface reports), ``fold_accuracies`` (list), ``thresholds`` (list, one
+        per fold), ``fold_indices`` (list of int lists, the test pairs of each fold).
+    """
+    s, y = _scores_labels(scores, is_same)
+    n_folds = int(n_folds)
+    if n_folds < 2 or n_folds > s.size:
+        raise ValueError(f"n_folds must be in [2, {s.size}], got {n_folds}")
+    order = np.arange(s.size)
+    if shuffle:
+        order = np.random.default_rng(seed).permutation(s.size)
+    folds = np.array_split(order, n_folds)
+    accs, thrs = [], []
+    for k, test in enumerate(folds):
+        train = np.concatenate([f for j, f in enumerate(folds) if j != k])
+        t = best_threshold(s[train], y[train])
+        accs.append(float(np.mean((s[test] > t) == y[test])))
+        thrs.append(t)
+    return {
+        "accuracy_mean": float(np.mean(accs)),
+        "accuracy_std": float(np.std(accs)),
+        "fold_accuracies": accs,
+        "thresholds": thrs,
+        "fold_indices": [f.tolist() for f in folds],
+    }
+
+
+def threshold_at_fmr(impostor_scores, fmr: float) -> float:
+    """Lowest threshold whose false-match rate on the impostor scores is at most ``fmr``.
+
+    With the impostor scores sorted descending ``s_(1) >= s_(2) >= ...`` and
+    ``k = floor(fmr · n)``, the threshold is ``t = s_(k+1)``; pairs with ``score > t``
+    match, so at most ``k`` impostors do (fewer under ties), and any lower threshold
+    would let ``k + 1`` through.
+
+    Args:
+        impostor_scores: ``[n]`` float scores of different-identity pairs, ``n >= 1``.
+        fmr: in ``(0, 1)``.
+
+    Returns:
+        the threshold as a Python float.
+    """
+    s = _np1d(impostor_scores, "impostor_scores")
+    if s.size == 0:
+        raise ValueError("impostor_scores must not be empty")
+    if not (0.0 < float(fmr) < 1.0):
+        raise ValueError(f"fmr must be in (0, 1), got {fmr}")
+    k = int(np.floor(float(fmr) * s.size))
+    return float(np.sort(s)[::-1][k])
+
+
+def roc(scores, is_same) -> Dict:
+    """ROC curve of a verification set (scikit-learn ``roc_curve`` and ``auc``).
+
+    Args:
+        scores: ``[P]`` float similarities. is_same: ``[P]`` bool; both classes needed.
+
+    Returns:
+        dict: ``fpr``, ``tpr``, ``thresholds`` (numpy arrays from
+        ``sklearn.metrics.roc_curve(is_same, scores, drop_intermediate=False)``; there
+        a pair is positive when ``score >= threshold``) and ``auc`` (float).
+    """
+    _require_sklearn()
+    from sklearn.metrics import auc, roc_curve
+
+    s, y = _scores_labels(scores, is_same)
+    if y.all() or not y.any():
+        raise ValueError("is_same must contain both genuine and impostor pairs")
+    fpr, tpr, thr = roc_curve(y, s, drop_intermediate=False)
+    return {"fpr": fpr, "tpr": tpr, "thresholds": thr, "auc": float(auc(fpr, tpr))}
+
+
+def tar_at_far(scores, is_same, fars: Sequence[float] = (1e-3, 1e-2, 1e-1)) -> Dict[float, float]:
+    """True-accept rate at given false-accept rates, read off the scikit-learn ROC.
+
+    ``TAR@FAR(f) = max { tpr_t : fpr_t <= f }`` over the ROC operating points
+    (0 when no point qualifies). With few impostor pairs, FARs below ``1/n_impostor``
+    are only reachable at ``fpr = 0``.
+
+    Args:
+        scores: ``[P]`` float similarities. is_same: ``[P]`` bool.
+        fars: FARs in ``(0, 1]``; default ``(1e-3, 1e-2, 1e-1)``.
+
+    Returns:
+        dict ``{far: tar}`` (float keys, in the given order).
+    """
+    r = roc(scores, is_same)
+    out = {}
+    for f in fars:
+        f = float(f)
+        if not (0.0 < f <= 1.0):
+            raise ValueError(f"fars must lie in (0, 1], got {f}")
+        ok = r["fpr"] <= f + 1e-12
+        out[f] = float(r["tpr"][ok].max()) if ok.any() else 0.0
+    return out
+
+
+def _faiss_available() -> bool:
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def identification_topk(
+    probe,
+    probe_labels,
+    gallery,
+    gallery_labels,
+    topk: Sequence[int] = (1, 5),
+    backend: str = "auto",
+    batch_size: int = 4096,
+) -> Dict[str, float]:
+    """1:N identification: top-k accuracy of probes searched against a gallery.
+
+    Similarity is the cosine (rows are L2-normalized here). A probe is correct at
+    ``k`` when one of its ``k`` most similar gallery rows has the probe's label:
+    ``acc@k = mean_p 1[ y_p ∈ { g_label[j] : j ∈ top_k(p) } ]``. With one gallery row
+    per identity this is the rank-k identification rate. ``k`` larger than the gallery
+    is clipped to the gallery size.
+
+    Args:
+        probe: ``[Np, D]`` float; probe_labels: ``[Np]`` int.
+        gallery: ``[Ng, D]`` float; gallery_labels: ``[Ng]`` int.
+        topk: the ``k`` values (positive ints); default ``(1, 5)``.
+        backend: ``"torch"`` (default path: exact matrix product in chunks of
+            ``batch_size`` probes), ``"faiss"`` (``IndexFlatIP``, exact; needs faiss),
+            or ``"auto"`` (faiss when importable, else torch).
+
+    Returns:
+        dict ``{"top{k}": accuracy}``.
+    """
+    if backend not in ("auto", "torch", "faiss"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'faiss', got {backend!r}")
+    p = torch.as_tensor(probe).float()
+    g = torch.as_tensor(gallery).float()
+    if p.dim() != 2 or g.dim() != 2 or p.shape[1] != g.shape[1]:
+        raise ValueError(f"probe and gallery must be [N, D] with one D, got {tuple(p.shape)} and {tuple(g.shape)}")
+    pl = torch.as_tensor(_np1d(probe_labels, "probe_labels", dtype=np.int64))
+    gl = torch.as_tensor(_np1d(gallery_labels, "gallery_labels", dtype=np.int64))
+    if pl.numel() != p.shape[0]:
+        raise ValueError(f"probe_labels must have {p.shape[0]} entries, got {pl.numel()}")
+    if gl.numel() != g.shape[0]:
+        raise ValueError(f"gallery_labels must have {g.shape[0]} entries, got {gl.numel()}")
+    if g.shape[0] == 0 or p.shape[0] == 0:
+        raise ValueError("probe and gallery must not be empty")
+    ks = [int(k) for k in topk]
+    if not ks or any(k < 1 for k in ks):
+        raise ValueError(f"topk must be positive integers, got {list(topk)}")
+    kmax = min(max(ks), g.shape[0])
+    p = torch.nn.functional.normalize(p, dim=1)
+    g = torch.nn.functional.normalize(g, dim=1)
+
+    use_faiss = backend == "faiss" or (backend == "auto" and _faiss_available())
+    if use_faiss:
+        try:
+            import faiss
+        except ImportError as exc:
+            raise ImportError("backend='faiss' needs faiss: pip install faiss-cpu (or faiss-gpu)") from exc
+        index = faiss.IndexFlatIP(g.shape[1])
+        index.add(np.ascontiguousarray(g.cpu().numpy(), dtype=np.float32))
+        _, idx = index.search(np.ascontiguousarray(p.cpu().numpy(), dtype=np.float32), kmax)
+        idx = torch.as_tensor(idx, dtype=torch.int64)
+    else:
+        parts = []
+        gd = g.to(p.device)
+        for start in range(0, p.shape[0], int(batch_size)):
+            sim = p[start : start + int(batch_size)] @ gd.T
+            parts.append(sim.topk(kmax, dim=1).indices.cpu())
+        idx = torch.cat(parts)
+    hit = gl[idx] == pl[:, None]  # [Np, kmax]
+    return {f"top{k}": float(hit[:, : min(k, kmax)].any(dim=1).float().mean()) for k in ks}
+
+
+def cluster_embeddings(features, n_clusters: int, method: str = "kmeans", seed: int = 0) -> np.ndarray:
+    """Cluster L2-normalized embeddings with scikit-learn.
+
+    Args:
+        features: ``[N, D]`` float embeddings (normalized here, so clustering is by angle).
+        n_clusters: number of clusters, ``1 <= n_clusters <= N``.
+        method: ``"kmeans"`` (``KMeans(n_init=10, random_state=seed)``) or
+            ``"agglomerative"`` (``AgglomerativeClustering`` with average linkage on
+            the cosine distance).
+        seed: random state for k-means.
+
+    Returns:
+        ``[N]`` int64 numpy array of cluster ids.
+    """
+    _require_sklearn()
+    x = torch.as_tensor(features).float()
+    if x.dim() != 2:
+        raise ValueError(f"features must be [N, D], got shape {tuple(x.shape)}")
+    n_clusters = int(n_clusters)
+    if not (1 <= n_clusters <= x.shape[0]):
+        raise ValueError(f"n_clusters must be in [1, {x.shape[0]}], got {n_clusters}")
+    x = torch.nn.functional.normalize(x, dim=1).cpu().numpy()
+    if method == "kmeans":
+        from sklearn.cluster import KMeans
+
+        return KMeans(n_clusters=n_clusters, n_init=10, random_state=seed).fit_predict(x).astype(np.int64)
+    if method == "agglomerative":
+        from sklearn.cluster import AgglomerativeClustering
+
+        return AgglomerativeClustering(n_clusters=n_clusters, metric="cosine", linkage="average").fit_predict(x).astype(np.int64)
+    raise ValueError(f"method must be 'kmeans' or 'agglomerative', got {method!r}")
+
+
+def clustering_scores(labels_true, labels_pred) -> Dict[str, float]:
+    """Pairwise precision/recall/F-score and NMI of a clustering (MagFace paper, Sec. 4).
+
+    Over all unordered sample pairs, a pair is positive when both samples share a
+    cluster. With TP = pairs together in both truth and prediction, FP = together only
+    in the prediction, FN = together only in the truth (scikit-learn
+    ``pair_confusion_matrix``):
+    ``precision = TP/(TP+FP)``, ``recall = TP/(TP+FN)``,
+    ``F = 2·P·R/(P+R)`` (0 where undefined), and
+    ``nmi = normalized_mutual_info_score(labels_true, labels_pred)``.
+
+    Args:
+        labels_true, labels_pred: ``[N]`` int labels.
+
+    Returns:
+        dict with ``precision``, ``recall``, ``f_score``, ``nmi`` (floats).
+    """
+    _require_sklearn()
+    from sklearn.metrics import normalized_mutual_info_score
+    from sklearn.metrics.cluster import pair_confusion_matrix
+
+    t = _np1d(labels_true, "labels_true", dtype=np.int64)
+    p = _np1d(labels_pred, "labels_pred", dtype=np.int64)
+    if t.shape != p.shape:
+        raise ValueError(f"labels_true and labels_pred must have one shape, got {t.shape} and {p.shape}")
+    c = pair_confusion_matrix(t, p).astype(np.float64)  # ordered pairs: every count is doubled
+    tp, fp, fn = c[1, 1], c[0, 1], c[1, 0]
+    prec = tp / (tp + fp) if tp + fp > 0 else 0.0
+    rec = tp / (tp + fn) if tp + fn > 0 else 0.0
+    f = 2 * prec * rec / (prec + rec) if prec + rec > 0 else 0.0
+    return {
+        "precision": float(prec),
+        "recall": float(rec),
+        "f_score": float(f),
+        "nmi": float(normalized_mutual_info_score(t, p)),
+    }
