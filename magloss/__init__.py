@@ -1,0 +1,49 @@
+"""magloss: margin-based softmax losses for face recognition (MagFace, ArcFace, CosFace,
+SphereFace, combined margins, softmax baselines) with a fused CUDA engine and a
+pure-PyTorch reference.
+
+Quick start::
+
+    import magloss
+    criterion = magloss.MagFaceLoss(embedding_size=512, num_classes=85742)
+    loss = criterion(embeddings, labels)
+
+``magloss.extension_status()`` tells whether the fused CUDA kernels are in use.
+"""
+
+from . import functional, margins, ops  # noqa: F401  (ops registers the custom ops)
+from ._ext import extension_status
+from .functional import MagFaceOutput
+from .interop import load_magface_weight
+from .losses import (
+    ArcFaceLoss,
+    CombinedMarginLoss,
+    CosFaceLoss,
+    MagCosFaceLoss,
+    MagFaceLoss,
+    MarginLoss,
+    NormFaceLoss,
+    SoftmaxLoss,
+    SphereFaceLoss,
+)
+from .margins import MarginSpec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ArcFaceLoss",
+    "CombinedMarginLoss",
+    "CosFaceLoss",
+    "MagCosFaceLoss",
+    "MagFaceLoss",
+    "MagFaceOutput",
+    "MarginLoss",
+    "MarginSpec",
+    "NormFaceLoss",
+    "SoftmaxLoss",
+    "SphereFaceLoss",
+    "extension_status",
+    "functional",
+    "load_magface_weight",
+    "margins",
+]

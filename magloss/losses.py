@@ -1,0 +1,252 @@
+"""Drop-in ``nn.Module`` losses. Each holds the class matrix as ``weight`` [C, D].
+
+Usage (any of the classes below)::
+
+    criterion = magloss.ArcFaceLoss(embedding_size=512, num_classes=85742).cuda()
+    optimizer = torch.optim.SGD([*backbone.parameters(), *criterion.parameters()], lr=0.1)
+    loss = criterion(backbone(images), labels)   # embeddings [B, D] (not normalized), labels [B]
+
+Every constructor validates its arguments (ValueError naming the argument) and takes
+``ignore_index`` (default −1), ``reduction`` ('mean' | 'sum' | 'none') and the factory
+kwargs ``device``/``dtype``. The forward semantics are those of
+:mod:`magloss.functional`; on CUDA tensors the fused engine runs when it is built.
+
+Initialisation: ``weight`` rows are drawn from N(0, 1) and scaled to unit norm. The
+loss only sees directions, but the gradient on w_j scales as 1/‖w_j‖, so unit rows give
+a learning rate that means the same for every class at the start.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as MF
+from .margins import MarginSpec, magface_lambda_g_bound, sphere_lambda
+
+__all__ = [
+    "MarginLoss",
+    "SoftmaxLoss",
+    "NormFaceLoss",
+    "CosFaceLoss",
+    "ArcFaceLoss",
+    "CombinedMarginLoss",
+    "SphereFaceLoss",
+    "MagFaceLoss",
+    "MagCosFaceLoss",
+]
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    return value
+
+
+class MarginLoss(nn.Module):
+    """Base class: a class matrix ``weight`` [num_classes, embedding_size] and a :class:`MarginSpec`.
+
+    forward(embeddings [B, D], labels [B]) -> loss (0-d, or [B] for reduction='none'),
+    float32 (float64 for float64 inputs).
+    """
+
+    def __init__(self, embedding_size: int, num_classes: int, spec: MarginSpec, *, ignore_index: int = -1,
+                 reduction: str = "mean", device=None, dtype=None) -> None:
+        super().__init__()
+        self.embedding_size = _positive_int("embedding_size", embedding_size)
+        self.num_classes = _positive_int("num_classes", num_classes)
+        self.ignore_index = MF.check_ignore_index(ignore_index)
+        self.reduction = MF.check_reduction(reduction)
+        self.spec = spec
+        self.weight = nn.Parameter(torch.empty(num_classes, embedding_size, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Rows of ``weight`` ~ N(0, I), scaled to unit norm."""
+        with torch.no_grad():
+            self.weight.normal_()
+            self.weight.div_(self.weight.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+    def _loss(self, embeddings: Tensor, labels: Tensor, **kw):
+        return MF.margin_loss(embeddings, self.weight, labels, self.spec, ignore_index=self.ignore_index,
+                              reduction=self.reduction, **kw)
+
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        return self._loss(embeddings, labels)
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        hp = {"scale": s.scale, "m1": s.m1, "m2": s.m2, "m3": s.m3, "easy_margin": s.easy_margin,
+              "straight_through": s.straight_through}
+        return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
+                + ", ".join(f"{k}={v}" for k, v in hp.items())
+                + f", ignore_index={self.ignore_index}, reduction={self.reduction!r}")
+
+
+class NormFaceLoss(MarginLoss):
+    """NormFace / normalized softmax: z_ij = s·cos θ_ij. Default scale s = 64."""
+
+    def __init__(self, embedding_size: int, num_classes: int, scale: float = 64.0, **kw) -> None:
+        super().__init__(embedding_size, num_classes, MarginSpec.combined(scale, 1.0, 0.0, 0.0), **kw)
+
+
+class CosFaceLoss(MarginLoss):
+    """CosFace (Wang et al. 2018): ψ = cos θ − m. Defaults s = 64, m = 0.35."""
+
+    def __init__(self, embedding_size: int, num_classes: int, scale: float = 64.0, margin: float = 0.35,
+                 straight_through: bool = False, **kw) -> None:
+        super().__init__(embedding_size, num_classes,
+                         MarginSpec.combined(scale, 1.0, 0.0, margin, straight_through=straight_through), **kw)
+
+
+class ArcFaceLoss(MarginLoss):
+    """ArcFace (Deng et al. 2019): ψ = cos(θ + m). Defaults s = 64, m = 0.5.
+
+    Past θ = π − m the threshold form c − m·sin m keeps ψ a penalty; ``easy_margin=True``
+    applies the margin only where cos θ > 0. ``straight_through=True`` is insightface's
+    current behaviour (margin applied under no_grad, ∂ψ/∂c = 1); the default is exact.
+    """
+
+    def __init__(self, embedding_size: int, num_classes: int, scale: float = 64.0, margin: float = 0.5,
+                 easy_margin: bool = False, straight_through: bool = False, **kw) -> None:
+        super().__init__(embedding_size, num_classes,
+                         MarginSpec.combined(scale, 1.0, margin, 0.0, easy_margin, straight_through), **kw)
+
+
+class CombinedMarginLoss(MarginLoss):
+    """Combined margin (ArcFace paper §3.3): ψ = cos(m1·θ + m2) − m3, all three applied.
+
+    Defaults s = 64, (m1, m2, m3) = (1, 0.5, 0); the paper also reports (1, 0.3, 0.2) and
+    (0.9, 0.4, 0.15). Boundary policy as ArcFace, generalized in :mod:`magloss.margins`.
+    """
+
+    def __init__(self, embedding_size: int, num_classes: int, scale: float = 64.0, m1: float = 1.0,
+                 m2: float = 0.5, m3: float = 0.0, easy_margin: bool = False, straight_through: bool = False,
+                 **kw) -> None:
+        super().__init__(embedding_size, num_classes,
+                         MarginSpec.combined(scale, m1, m2, m3, easy_margin, straight_through), **kw)
+
+
+class SphereFaceLoss(MarginLoss):
+    """SphereFace / A-Softmax (Liu et al. 2017) with the original annealing.
+
+    ψ = (λ·c + (−1)^k cos(mθ) − 2k)/(1 + λ) for θ ∈ [kπ/m, (k+1)π/m], integer m (default 4).
+    ``scale=None`` (default) scales row i's logits by ‖x_i‖ as the original; a float
+    uses a fixed s instead. λ = max(lambda_min, lambda_base·(1 + lambda_gamma·it)^−lambda_power)
+    with defaults (1000, 0.12, 1, 5); ``it`` is the buffer ``iteration``, advanced by one
+    on every forward in training mode (it is saved in the state dict).
+    """
+
+    def __init__(self, embedding_size: int, num_classes: int, margin: int = 4, scale: Optional[float] = None,
+                 lambda_base: float = 1000.0, lambda_gamma: float = 0.12, lambda_power: float = 1.0,
+                 lambda_min: float = 5.0, straight_through: bool = False, **kw) -> None:
+        spec = MarginSpec.sphere(margin, scale, straight_through)
+        for name, v in (("lambda_base", lambda_base), ("lambda_gamma", lambda_gamma),
+                        ("lambda_power", lambda_power), ("lambda_min", lambda_min)):
+            if not (float(v) >= 0 and float(v) != float("inf")):
+                raise ValueError(f"{name}: expected a finite non-negative number, got {v}")
+        super().__init__(embedding_size, num_classes, spec, **kw)
+        self.schedule = (float(lambda_base), float(lambda_gamma), float(lambda_power), float(lambda_min))
+        self.register_buffer("iteration", torch.zeros((), dtype=torch.long, device=kw.get("device")))
+
+    @property
+    def margin(self) -> int:
+        return int(self.spec.m1)
+
+    def current_lambda(self) -> Tensor:
+        """λ at the current iteration (0-d float32 tensor)."""
+        return sphere_lambda(self.iteration, *self.schedule)
+
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        loss = self._loss(embeddings, labels, sphere_lambda=self.current_lambda())
+        if self.training:
+            self.iteration.add_(1)
+        return loss
+
+
+class MagFaceLoss(MarginLoss):
+    """MagFace (Meng et al. 2021): ψ = cos(θ + m(a)), loss = reduce(CE) + λ_g·reduce(g(ã)).
+
+    m(a) = l_m + (u_m − l_m)(ã − l_a)/(u_a − l_a), g(ã) = ã/u_a² + 1/ã, ã = clamp(‖x‖, l_a, u_a).
+    Defaults: s = 64, l_a = 10, u_a = 110, l_m = 0.45, u_m = 0.8, λ_g = 35, easy_margin = True
+    (as the MagFace code). Warns when λ_g is below s·k·u_a²·l_a²/(u_a² − l_a²), the bound of
+    the paper's convergence guarantee (22.6 for the defaults).
+
+    ``forward(embeddings, labels, return_parts=False)``; with ``return_parts=True`` returns a
+    :class:`magloss.functional.MagFaceOutput` (loss, ce, reg, norms) from the same pass.
+    """
+
+    def __init__(self, embedding_size: int, num_classes: int, scale: float = 64.0, l_a: float = 10.0,
+                 u_a: float = 110.0, l_m: float = 0.45, u_m: float = 0.8, lambda_g: float = 35.0,
+                 easy_margin: bool = True, straight_through: bool = False, **kw) -> None:
+        spec = self._make_spec(scale, l_a, u_a, l_m, u_m, easy_margin, straight_through)
+        self.lambda_g = MF._check_lambda_g(lambda_g)
+        bound = magface_lambda_g_bound(spec.scale, spec.l_a, spec.u_a, spec.l_m, spec.u_m)
+        if self.lambda_g < bound:
+            warnings.warn(
+                f"lambda_g={self.lambda_g} is below s*k*u_a^2*l_a^2/(u_a^2-l_a^2) = {bound:.4g}: the MagFace "
+                "convergence guarantee (unique optimal magnitude) does not hold", UserWarning, stacklevel=2)
+        super().__init__(embedding_size, num_classes, spec, **kw)
+
+    @staticmethod
+    def _make_spec(scale, l_a, u_a, l_m, u_m, easy_margin, straight_through) -> MarginSpec:
+        return MarginSpec.magface(scale, l_a, u_a, l_m, u_m, easy_margin, straight_through)
+
+    l_a = property(lambda self: self.spec.l_a)
+    u_a = property(lambda self: self.spec.u_a)
+    l_m = property(lambda self: self.spec.l_m)
+    u_m = property(lambda self: self.spec.u_m)
+    scale = property(lambda self: self.spec.scale)
+
+    def forward(self, embeddings: Tensor, labels: Tensor, return_parts: bool = False):
+        return self._loss(embeddings, labels, lambda_g=self.lambda_g, return_parts=return_parts)
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, scale={s.scale}, "
+                f"l_a={s.l_a}, u_a={s.u_a}, l_m={s.l_m}, u_m={s.u_m}, lambda_g={self.lambda_g}, "
+                f"easy_margin={s.easy_margin}, ignore_index={self.ignore_index}, reduction={self.reduction!r}")
+
+
+class MagCosFaceLoss(MagFaceLoss):
+    """Mag-CosFace: ψ = cos θ − m(a), loss = reduce(CE) + λ_g·reduce(g(ã)).
+
+    Defaults: s = 64, l_a = 10, u_a = 110, l_m = 0.35, u_m = 0.8, λ_g = 150. Same
+    ``return_parts`` and λ_g warning as :class:`MagFaceLoss`.
+    """
+
+    def __init__(self, embedding_size: int, num_classes: int, scale: float = 64.0, l_a: float = 10.0,
+                 u_a: float = 110.0, l_m: float = 0.35, u_m: float = 0.8, lambda_g: float = 150.0,
+                 straight_through: bool = False, **kw) -> None:
+        super().__init__(embedding_size, num_classes, scale, l_a, u_a, l_m, u_m, lambda_g,
+                         False, straight_through, **kw)
+
+    @staticmethod
+    def _make_spec(scale, l_a, u_a, l_m, u_m, easy_margin, straight_through) -> MarginSpec:
+        return MarginSpec.magcos(scale, l_a, u_a, l_m, u_m, straight_through)
+
+
+class SoftmaxLoss(nn.Module):
+    """Plain softmax cross-entropy with a linear layer (the unnormalized baseline).
+
+    z = x·Wᵀ + b; ``weight`` [num_classes, embedding_size] and, if ``bias=True``, ``bias``
+    [num_classes], initialised as nn.Linear. Runs on PyTorch's own kernels.
+    """
+
+    def __init__(self, embedding_size: int, num_classes: int, bias: bool = True, *, ignore_index: int = -1,
+                 reduction: str = "mean", device=None, dtype=None) -> None:
+        super().__init__()
+        self.embedding_size = _positive_int("embedding_size", embedding_size)
+        self.num_classes = _positive_int("num_classes", num_classes)
+        self.ignore_index = MF.check_ignore_index(ignore_index)
+        self.reduction = MF.check_reduction(reduction)
+        lin = nn.Linear(embedding_size, num_classes, bias=bias, device=device, dtype=dtype)
+        self.weight = lin.weight
+        self.bias = lin.bias
+
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        return MF.softmax_loss(embeddings, self.weight, labels, self.bias, ignore_index=self.ignore_index,
+                               reduction=self.reduction)

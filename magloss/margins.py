@@ -1,0 +1,364 @@
+"""Margin functions ψ(c, a) of every loss family, with their exact derivatives.
+
+Every margin loss in magloss differs from plain normalized softmax only in the
+label column: z_iy = s·ψ(c_iy, a_i) instead of s·c_iy (see shared/DESIGN.md §1).
+This module holds the per-row margin math in one place, in PyTorch, for the
+reference engine; the CUDA engine has one device function per family that must
+agree with these to float rounding.
+
+A margin is described by a :class:`MarginSpec` (validated on construction) and
+evaluated by :func:`margin_terms`, which returns ψ and its first derivatives
+∂ψ/∂c and ∂ψ/∂a for one cosine per row.
+
+Families (``MarginSpec.kind``):
+
+* ``COMBINED``: ψ = cos(m1·θ + m2) − m3. NormFace is (1, 0, 0), CosFace (1, 0, m),
+  ArcFace (1, m, 0).
+* ``MAGFACE``: ψ = cos(θ + m(a)), m(a) = l_m + (u_m − l_m)(ã − l_a)/(u_a − l_a),
+  ã = clamp(a, l_a, u_a).
+* ``MAGCOS``: ψ = c − m(a) (Mag-CosFace).
+* ``SPHERE``: A-Softmax, ψ = (λ·c + (−1)^k cos(mθ) − 2k) / (1 + λ) for
+  θ ∈ [kπ/m, (k+1)π/m], integer m; λ is the annealing weight.
+
+Boundary policies (where the angle plus margin passes π and the margin would stop
+being a penalty), for the COMBINED and MAGFACE families:
+
+* threshold (default, ``easy_margin=False``): with θ_t = (π − m2)/m1, for θ ≥ θ_t
+  use ψ = c − m3 − mm, mm = max((π − θ_t)·sin θ_t, 1 + cos θ_t). For ArcFace
+  (m1 = 1) this is the classic c − m·sin m of insightface and the MagFace code;
+  the max() only matters for large m1·θ_t and keeps ψ non-increasing in θ.
+* easy margin (``easy_margin=True``): apply the margin only where c > 0 (and
+  m1·θ + m2 < π); elsewhere ψ = c.
+
+Numerics (DESIGN.md §1): ψ is evaluated at clamp(c, −1, 1), and ∂ψ/∂c is passed
+through that clamp unchanged (a cosine of 1 + 1e-7 is rounding, not geometry).
+sin θ = sqrt(max(1 − c², 0)) in values and sqrt(max(1 − c², SIN_EPS)) wherever
+it divides. ``straight_through=True`` replaces ∂ψ/∂c by 1 (insightface's ArcFace,
+which applies the margin under no_grad); ∂ψ/∂a is kept, since MagFace needs it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "COMBINED",
+    "MAGFACE",
+    "MAGCOS",
+    "SPHERE",
+    "SIN_EPS",
+    "NORM_EPS",
+    "MarginSpec",
+    "margin_terms",
+    "magnitude_margin",
+    "regularizer",
+    "sphere_lambda",
+    "magface_lambda_g_bound",
+]
+
+COMBINED = 0
+MAGFACE = 1
+MAGCOS = 2
+SPHERE = 3
+
+#: Lower bound of 1 − c² wherever sin θ divides (DESIGN.md §1).
+SIN_EPS = 1e-12
+#: Lower bound of ‖x_i‖ and ‖w_j‖ when normalizing, as F.normalize.
+NORM_EPS = 1e-12
+
+
+def _check_finite(name: str, value: float) -> float:
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class MarginSpec:
+    """Validated hyperparameters of one margin family.
+
+    Build it with the named constructors (:meth:`combined`, :meth:`magface`,
+    :meth:`magcos`, :meth:`sphere`), which check every argument and raise
+    ``ValueError`` naming the offending one. Fields:
+
+    * ``kind``: COMBINED, MAGFACE, MAGCOS or SPHERE.
+    * ``scale``: s (> 0). For SPHERE, 0.0 means "scale by the feature norm a_i"
+      (original SphereFace).
+    * ``m1``, ``m2``, ``m3``: the combined-margin parameters (m1 = integer m for
+      SPHERE; unused by MAGFACE/MAGCOS, where m(a) takes the place of m2/m3).
+    * ``l_a``, ``u_a``, ``l_m``, ``u_m``: MagFace's magnitude bounds and margin range.
+    * ``easy_margin``: boundary policy (see module docstring).
+    * ``straight_through``: ∂ψ/∂c := 1.
+    """
+
+    kind: int
+    scale: float
+    m1: float = 1.0
+    m2: float = 0.0
+    m3: float = 0.0
+    l_a: float = 0.0
+    u_a: float = 0.0
+    l_m: float = 0.0
+    u_m: float = 0.0
+    easy_margin: bool = False
+    straight_through: bool = False
+
+    # -- constructors --------------------------------------------------------------
+    @staticmethod
+    def _scale(scale: float) -> float:
+        scale = _check_finite("scale", scale)
+        if scale <= 0:
+            raise ValueError(f"scale: expected a positive number, got {scale}")
+        return scale
+
+    @classmethod
+    def combined(
+        cls,
+        scale: float = 64.0,
+        m1: float = 1.0,
+        m2: float = 0.5,
+        m3: float = 0.0,
+        easy_margin: bool = False,
+        straight_through: bool = False,
+    ) -> "MarginSpec":
+        """ψ = cos(m1·θ + m2) − m3; NormFace, CosFace and ArcFace are special cases.
+
+        Requires m1 > 0, m2 ≥ 0, m3 ≥ 0 and m2 ≥ (1 − m1)·π, which together make
+        the margin a penalty (ψ ≤ c) for every θ ∈ [0, π].
+        """
+        m1 = _check_finite("m1", m1)
+        m2 = _check_finite("m2", m2)
+        m3 = _check_finite("m3", m3)
+        if m1 <= 0:
+            raise ValueError(f"m1: expected a positive number, got {m1}")
+        if m2 < 0 or m2 >= math.pi:
+            raise ValueError(f"m2: expected a number in [0, pi), got {m2}")
+        if m3 < 0:
+            raise ValueError(f"m3: expected a non-negative number, got {m3}")
+        if m2 < (1.0 - m1) * math.pi - 1e-12:
+            raise ValueError(
+                f"m1, m2: with m1={m1} < 1 the margin is a penalty on all of [0, pi] only if "
+                f"m2 >= (1 - m1)*pi = {(1.0 - m1) * math.pi:.4f}, got m2={m2}"
+            )
+        return cls(COMBINED, cls._scale(scale), m1, m2, m3,
+                   easy_margin=bool(easy_margin), straight_through=bool(straight_through))
+
+    @staticmethod
+    def _magnitude_args(l_a: float, u_a: float, l_m: float, u_m: float):
+        l_a, u_a = _check_finite("l_a", l_a), _check_finite("u_a", u_a)
+        l_m, u_m = _check_finite("l_m", l_m), _check_finite("u_m", u_m)
+        if l_a <= 0:
+            raise ValueError(f"l_a: expected a positive magnitude, got {l_a}")
+        if l_a >= u_a:
+            raise ValueError(f"l_a, u_a: expected l_a < u_a, got l_a={l_a}, u_a={u_a}")
+        if l_m < 0:
+            raise ValueError(f"l_m: expected a non-negative margin, got {l_m}")
+        if l_m > u_m:
+            raise ValueError(f"l_m, u_m: expected l_m <= u_m, got l_m={l_m}, u_m={u_m}")
+        return l_a, u_a, l_m, u_m
+
+    @classmethod
+    def magface(
+        cls,
+        scale: float = 64.0,
+        l_a: float = 10.0,
+        u_a: float = 110.0,
+        l_m: float = 0.45,
+        u_m: float = 0.8,
+        easy_margin: bool = True,
+        straight_through: bool = False,
+    ) -> "MarginSpec":
+        """MagFace: ψ = cos(θ + m(a)). Requires 0 < l_a < u_a, 0 ≤ l_m ≤ u_m < π/2."""
+        l_a, u_a, l_m, u_m = cls._magnitude_args(l_a, u_a, l_m, u_m)
+        if u_m >= math.pi / 2:
+            raise ValueError(f"u_m: expected an angular margin below pi/2, got {u_m}")
+        return cls(MAGFACE, cls._scale(scale), 1.0, 0.0, 0.0, l_a, u_a, l_m, u_m,
+                   bool(easy_margin), bool(straight_through))
+
+    @classmethod
+    def magcos(
+        cls,
+        scale: float = 64.0,
+        l_a: float = 10.0,
+        u_a: float = 110.0,
+        l_m: float = 0.35,
+        u_m: float = 0.8,
+        straight_through: bool = False,
+    ) -> "MarginSpec":
+        """Mag-CosFace: ψ = c − m(a). Requires 0 < l_a < u_a, 0 ≤ l_m ≤ u_m."""
+        l_a, u_a, l_m, u_m = cls._magnitude_args(l_a, u_a, l_m, u_m)
+        return cls(MAGCOS, cls._scale(scale), 1.0, 0.0, 0.0, l_a, u_a, l_m, u_m,
+                   False, bool(straight_through))
+
+    @classmethod
+    def sphere(cls, margin: int = 4, scale: Optional[float] = None,
+               straight_through: bool = False) -> "MarginSpec":
+        """A-Softmax with integer margin ``margin`` ≥ 1; ``scale=None`` scales by ‖x_i‖."""
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or margin != int(margin):
+            raise ValueError(f"margin: SphereFace needs an integer margin >= 1, got {margin!r}")
+        if int(margin) < 1:
+            raise ValueError(f"margin: SphereFace needs an integer margin >= 1, got {margin!r}")
+        s = 0.0 if scale is None else cls._scale(scale)
+        return cls(SPHERE, s, float(int(margin)), straight_through=bool(straight_through))
+
+    # -- helpers ---------------------------------------------------------------------
+    @property
+    def scale_by_norm(self) -> bool:
+        """True when the logits are scaled by ‖x_i‖ instead of s (original SphereFace)."""
+        return self.kind == SPHERE and self.scale == 0.0
+
+    @property
+    def has_regularizer(self) -> bool:
+        """True for MagFace and Mag-CosFace, whose loss adds λ_g·g(a)."""
+        return self.kind in (MAGFACE, MAGCOS)
+
+    def op_args(self) -> Tuple:
+        """The spec as the positional hyperparameters of ``torch.ops.magloss.margin_ce``:
+        (kind, scale, m1, m2, m3, l_a, u_a, l_m, u_m, easy_margin, straight_through)."""
+        return (self.kind, self.scale, self.m1, self.m2, self.m3, self.l_a, self.u_a,
+                self.l_m, self.u_m, self.easy_margin, self.straight_through)
+
+
+# -- magnitude terms --------------------------------------------------------------------
+def magnitude_margin(a: Tensor, l_a: float, u_a: float, l_m: float, u_m: float) -> Tuple[Tensor, Tensor]:
+    """MagFace's margin m(a) and dm/da.
+
+    m(a) = l_m + k·(ã − l_a), k = (u_m − l_m)/(u_a − l_a), ã = clamp(a, l_a, u_a);
+    dm/da = k inside [l_a, u_a] and 0 outside (the clamp's gradient, as upstream).
+    a: [B] float. Returns two [B] tensors of a's dtype.
+    """
+    k = (u_m - l_m) / (u_a - l_a)
+    a_c = a.clamp(l_a, u_a)
+    inside = (a >= l_a) & (a <= u_a)
+    return l_m + k * (a_c - l_a), torch.where(inside, torch.full_like(a, k), torch.zeros_like(a))
+
+
+def regularizer(a: Tensor, l_a: float, u_a: float) -> Tuple[Tensor, Tensor]:
+    """MagFace's regularizer g(ã) = ã/u_a² + 1/ã and dg/da (0 outside [l_a, u_a]).
+
+    a: [B] float. Returns two [B] tensors of a's dtype.
+    """
+    a_c = a.clamp(l_a, u_a)
+    inside = (a >= l_a) & (a <= u_a)
+    g = a_c / (u_a * u_a) + 1.0 / a_c
+    dg = torch.where(inside, 1.0 / (u_a * u_a) - 1.0 / (a_c * a_c), torch.zeros_like(a))
+    return g, dg
+
+
+def magface_lambda_g_bound(scale: float, l_a: float, u_a: float, l_m: float, u_m: float) -> float:
+    """The smallest λ_g for which the MagFace paper's convergence guarantee holds:
+    s·k·u_a²·l_a²/(u_a² − l_a²), k = (u_m − l_m)/(u_a − l_a) (22.6 for the defaults)."""
+    k = (u_m - l_m) / (u_a - l_a)
+    return scale * k * u_a * u_a * l_a * l_a / (u_a * u_a - l_a * l_a)
+
+
+def sphere_lambda(iteration: Tensor, base: float = 1000.0, gamma: float = 0.12,
+                  power: float = 1.0, lambda_min: float = 5.0) -> Tensor:
+    """SphereFace's annealing weight λ = max(lambda_min, base·(1 + gamma·iter)^(−power)).
+
+    iteration: 0-d integer tensor. Returns a 0-d float32 tensor on the same device.
+    """
+    lam = base * (1.0 + gamma * iteration.to(torch.float32)).pow(-power)
+    return lam.clamp_min(lambda_min)
+
+
+# -- ψ and its derivatives ----------------------------------------------------------------
+def _combined_terms(c: Tensor, m1: float, m2, m3, easy: bool):
+    """ψ = cos(m1θ + m2) − m3 with the boundary policy; m2, m3 are floats or [B] tensors.
+
+    Returns ψ, ∂ψ/∂c, ∂ψ/∂m2 (∂ψ/∂m3 is −1 in the margin branch and 0 or −1 in the
+    fallback; it is returned too).
+    """
+    m2 = torch.as_tensor(m2, dtype=c.dtype, device=c.device)
+    m3 = torch.as_tensor(m3, dtype=c.dtype, device=c.device)
+    one_minus_c2 = 1.0 - c * c
+    sin_t = one_minus_c2.clamp_min(0.0).sqrt()
+    sin_div = one_minus_c2.clamp_min(SIN_EPS).sqrt()
+    if m1 == 1.0:
+        cos_m2, sin_m2 = torch.cos(m2), torch.sin(m2)
+        body = c * cos_m2 - sin_t * sin_m2          # cos(θ + m2)
+        sin_body = sin_t * cos_m2 + c * sin_m2      # sin(θ + m2)
+    else:
+        arg = m1 * torch.acos(c) + m2
+        body, sin_body = torch.cos(arg), torch.sin(arg)
+    psi = body - m3
+    dpsi_dc = m1 * sin_body / sin_div
+    dpsi_dm2 = -sin_body
+    dpsi_dm3 = torch.full_like(c, -1.0)
+
+    # θ_t = (π − m2)/m1 ≤ π by MarginSpec's validation; the margin branch is θ < θ_t.
+    theta_t = (math.pi - m2) / m1
+    cos_t, sin_tt = torch.cos(theta_t), torch.sin(theta_t)
+    in_margin = c > cos_t
+    one = torch.ones_like(c)
+    zero = torch.zeros_like(c)
+    if easy:
+        keep = in_margin & (c > 0)
+        return (torch.where(keep, psi, c), torch.where(keep, dpsi_dc, one),
+                torch.where(keep, dpsi_dm2, zero), torch.where(keep, dpsi_dm3, zero))
+    a_term = (math.pi - theta_t) * sin_tt
+    b_term = 1.0 + cos_t
+    use_a = a_term >= b_term
+    mm = torch.where(use_a, a_term, b_term)
+    # d mm / d m2 = d mm / d θ_t · (−1/m1)
+    dmm_dtheta = torch.where(use_a, -sin_tt + (math.pi - theta_t) * cos_t, -sin_tt)
+    dmm_dm2 = -dmm_dtheta / m1
+    return (torch.where(in_margin, psi, c - m3 - mm), torch.where(in_margin, dpsi_dc, one),
+            torch.where(in_margin, dpsi_dm2, -dmm_dm2 * one), dpsi_dm3)
+
+
+def _chebyshev(c: Tensor, m: int) -> Tuple[Tensor, Tensor]:
+    """T_m(c) = cos(m·acos c) and its derivative m·U_{m−1}(c), by recurrence."""
+    t_prev, t = torch.ones_like(c), c
+    u_prev, u = torch.zeros_like(c), torch.ones_like(c)   # U_{-1}, U_0
+    if m == 0:
+        return t_prev, torch.zeros_like(c)
+    for _ in range(m - 1):
+        t_prev, t = t, 2 * c * t - t_prev
+        u_prev, u = u, 2 * c * u - u_prev
+    return t, m * u
+
+
+def margin_terms(c: Tensor, a: Tensor, spec: MarginSpec,
+                 lam: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """ψ(c, a), ∂ψ/∂c and ∂ψ/∂a for one label cosine per row.
+
+    c: [B] label cosines (any float dtype; clamped to [−1, 1] here), a: [B] magnitudes
+    ‖x_i‖ of the same dtype, lam: SphereFace's 0-d annealing weight λ (required for
+    SPHERE). Returns three [B] tensors of c's dtype. Derivatives are exact (almost
+    everywhere) unless ``spec.straight_through``.
+    """
+    c = c.clamp(-1.0, 1.0)
+    zero = torch.zeros_like(c)
+    if spec.kind == COMBINED:
+        psi, dc, _, _ = _combined_terms(c, spec.m1, spec.m2, spec.m3, spec.easy_margin)
+        da = zero
+    elif spec.kind == MAGFACE:
+        m, dm = magnitude_margin(a, spec.l_a, spec.u_a, spec.l_m, spec.u_m)
+        psi, dc, dm2, _ = _combined_terms(c, 1.0, m, 0.0, spec.easy_margin)
+        da = dm2 * dm
+    elif spec.kind == MAGCOS:
+        m, dm = magnitude_margin(a, spec.l_a, spec.u_a, spec.l_m, spec.u_m)
+        psi, dc, da = c - m, torch.ones_like(c), -dm
+    elif spec.kind == SPHERE:
+        if lam is None:
+            raise ValueError("sphere_lambda: SphereFace needs the annealing weight lambda")
+        mi = int(spec.m1)
+        t, dt = _chebyshev(c, mi)
+        k = torch.floor(mi * torch.acos(c) / math.pi).clamp(0, mi - 1)
+        sign = 1.0 - 2.0 * torch.remainder(k, 2)
+        lam = lam.to(c.dtype)
+        psi = (lam * c + sign * t - 2.0 * k) / (1.0 + lam)
+        dc = (lam + sign * dt) / (1.0 + lam)
+        da = zero
+    else:
+        raise ValueError(f"kind: unknown margin family {spec.kind}")
+    if spec.straight_through:
+        dc = torch.ones_like(c)
+    return psi, dc, da

@@ -1,0 +1,108 @@
+"""``torch.library`` custom ops: the one boundary every loss goes through.
+
+Two ops, with one schema each:
+
+``magloss::margin_ce(embeddings, weight, labels, sphere_lambda, kind, scale, m1, m2, m3,
+l_a, u_a, l_m, u_m, easy_margin, straight_through, ignore_index) -> (lse, zy, reg, norms)``
+
+``magloss::margin_ce_backward(grad_lse, grad_zy, grad_reg, grad_norms, embeddings, weight,
+labels, lse, norms, sphere_lambda, kind, ..., ignore_index) -> (grad_embeddings, grad_weight)``
+
+Shapes: embeddings [B, D], weight [C, D] (same float dtype and device), labels [B]
+int64/int32 in [0, C) or equal to ignore_index (no label column: the row is ignored, or
+its class lives on another shard), sphere_lambda a 0-d float tensor or None. Outputs
+are [B] in float32 (float64 for float64 inputs): lse_i = logsumexp_j z_ij, zy_i = z_iy,
+reg_i = g(ã_i), norms_i = ‖x_i‖; the cross-entropy is lse − zy. The hyperparameters are
+those of :class:`magloss.margins.MarginSpec` (``spec.op_args()``); see
+:func:`magloss.reference.margin_ce_rows` and :func:`magloss.reference.margin_ce_backward`
+for the exact math every kernel implements.
+
+Keeping the op's outputs as row statistics (not a reduced loss) is what lets one
+engine serve the single-GPU losses, ignored rows and class-sharded heads: the Python
+layer forms CE = lse − zy, masks and reduces, and a sharded head combines lse across
+ranks by log-sum-exp and zy by a sum before doing the same.
+
+The reference engine is the default kernel (every device). When the compiled
+extension is present its fused kernels are registered for "cuda" (see
+:mod:`magloss._ext`); fake (meta) kernels and the autograd formula are registered
+here, so ``torch.compile(fullgraph=True)`` and ``torch.library.opcheck`` work.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _ext, reference
+from .margins import MarginSpec
+
+__all__ = ["margin_ce", "margin_ce_backward"]
+
+_Rows = Tuple[Tensor, Tensor, Tensor, Tensor]
+
+
+def _spec(kind, scale, m1, m2, m3, l_a, u_a, l_m, u_m, easy_margin, straight_through) -> MarginSpec:
+    # The op arguments were produced by a validated MarginSpec; rebuild it without re-validating.
+    return MarginSpec(kind, scale, m1, m2, m3, l_a, u_a, l_m, u_m, easy_margin, straight_through)
+
+
+@torch.library.custom_op("magloss::margin_ce", mutates_args=())
+def margin_ce(
+    embeddings: Tensor, weight: Tensor, labels: Tensor, sphere_lambda: Optional[Tensor],
+    kind: int, scale: float, m1: float, m2: float, m3: float,
+    l_a: float, u_a: float, l_m: float, u_m: float,
+    easy_margin: bool, straight_through: bool, ignore_index: int,
+) -> _Rows:
+    """Per-row statistics (lse, zy, reg, norms) of the margin softmax; see the module docstring."""
+    spec = _spec(kind, scale, m1, m2, m3, l_a, u_a, l_m, u_m, easy_margin, straight_through)
+    outs = reference.margin_ce_forward(embeddings, weight, labels, spec, ignore_index, sphere_lambda)
+    return tuple(o.contiguous() for o in outs)
+
+
+@margin_ce.register_fake
+def _(embeddings, weight, labels, sphere_lambda, *args):
+    ct = reference.compute_dtype(embeddings.dtype)
+    b = embeddings.shape[0]
+    return tuple(embeddings.new_empty((b,), dtype=ct) for _ in range(4))
+
+
+@torch.library.custom_op("magloss::margin_ce_backward", mutates_args=())
+def margin_ce_backward(
+    grad_lse: Tensor, grad_zy: Tensor, grad_reg: Tensor, grad_norms: Tensor,
+    embeddings: Tensor, weight: Tensor, labels: Tensor, lse: Tensor, norms: Tensor,
+    sphere_lambda: Optional[Tensor],
+    kind: int, scale: float, m1: float, m2: float, m3: float,
+    l_a: float, u_a: float, l_m: float, u_m: float,
+    easy_margin: bool, straight_through: bool, ignore_index: int,
+) -> Tuple[Tensor, Tensor]:
+    """(∂/∂embeddings, ∂/∂weight) of Σ_i grad_lse_i·lse_i + grad_zy_i·zy_i + grad_reg_i·reg_i
+    + grad_norms_i·norms_i, given the forward's saved ``lse`` and ``norms``."""
+    spec = _spec(kind, scale, m1, m2, m3, l_a, u_a, l_m, u_m, easy_margin, straight_through)
+    return reference.margin_ce_backward(grad_lse, grad_zy, grad_reg, grad_norms, embeddings, weight, labels,
+                                        lse, spec, ignore_index, sphere_lambda)
+
+
+@margin_ce_backward.register_fake
+def _(grad_lse, grad_zy, grad_reg, grad_norms, embeddings, weight, *args):
+    return torch.empty_like(embeddings), torch.empty_like(weight)
+
+
+def _setup_context(ctx, inputs, output):
+    embeddings, weight, labels, sphere_lambda = inputs[:4]
+    lse, _, _, norms = output
+    ctx.save_for_backward(embeddings, weight, labels, lse, norms, sphere_lambda)
+    ctx.params = inputs[4:]
+
+
+def _backward(ctx, grad_lse, grad_zy, grad_reg, grad_norms):
+    embeddings, weight, labels, lse, norms, sphere_lambda = ctx.saved_tensors
+    grads = (g.contiguous() for g in (grad_lse, grad_zy, grad_reg, grad_norms))
+    gx, gw = margin_ce_backward(*grads, embeddings, weight, labels, lse, norms, sphere_lambda, *ctx.params)
+    return (gx, gw) + (None,) * (2 + len(ctx.params))
+
+
+margin_ce.register_autograd(_backward, setup_context=_setup_context)
+
+_ext.register_cuda_kernels(margin_ce, margin_ce_backward)

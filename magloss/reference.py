@@ -1,0 +1,188 @@
+"""The reference engine: every margin loss in plain PyTorch, the CPU path and the test oracle.
+
+It follows shared/DESIGN.md §1 literally: full B×C cosine matrix, the label column
+replaced by s·ψ, log-sum-exp, per-row cross-entropy. All math runs in float32 for
+fp16/bf16/fp32 inputs and in float64 for float64 inputs (so tests can gradcheck it).
+
+Gradients come from autograd through standard PyTorch ops; only the margin's local
+derivatives ∂ψ/∂c and ∂ψ/∂a are supplied by hand (from :mod:`magloss.margins`), as
+the first-order term ψ + ∂ψ/∂c·(c − c₀) + ∂ψ/∂a·(a − a₀) evaluated at c = c₀, a = a₀.
+That keeps the value exactly ψ, makes the gradient exactly the documented one
+(including the ε guard and straight-through), and avoids acos' infinite slope at ±1.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .margins import NORM_EPS, MarginSpec, margin_terms, regularizer
+
+__all__ = ["compute_dtype", "check_values", "margin_ce_rows", "margin_ce_forward", "margin_ce_backward"]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the margin, softmax and reductions run in: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_values(embeddings: Tensor, weight: Tensor, labels: Tensor, ignore_index: int) -> None:
+    """Value checks that need the data: label range and finiteness. Raises ValueError.
+
+    This synchronizes with the device; the reference pays that, the fused CUDA path
+    checks on the device instead.
+    """
+    num_classes = weight.shape[0]
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"labels: expected class indices in [0, {num_classes}) or ignore_index={ignore_index}, "
+            f"got {int(labels[i])} at row {i}"
+        )
+    for name, t in (("embeddings", embeddings), ("weight", weight)):
+        finite = torch.isfinite(t).all(dim=1)
+        if not bool(finite.all()):
+            i = int((~finite).nonzero()[0, 0])
+            raise ValueError(f"{name}: contains NaN or Inf (row {i})")
+
+
+def _linearized(value: Tensor, slope: Tensor, x: Tensor) -> Tensor:
+    """value + slope·(x − x.detach()): equals ``value``, with gradient ``slope`` w.r.t. x."""
+    return value + slope * (x - x.detach())
+
+
+def _label_index(labels: Tensor, ignore_index: int) -> Tuple[Tensor, Tensor]:
+    has = labels != ignore_index
+    return has, torch.where(has, labels, torch.zeros_like(labels)).long().unsqueeze(1)
+
+
+def margin_ce_rows(
+    embeddings: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    spec: MarginSpec,
+    ignore_index: int = -1,
+    sphere_lambda: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-row softmax statistics with the margin, differentiable by autograd.
+
+    Args:
+        embeddings: [B, D] float (fp16, bf16, fp32 or fp64), not normalized.
+        weight: [C, D], same dtype and device.
+        labels: [B] integer. A row whose label equals ``ignore_index`` has no label
+            column here: its logits are all s·c_ij (it is ignored by the loss, or, in a
+            class-sharded head, its class lives on another shard).
+        spec: the margin family and hyperparameters.
+        sphere_lambda: 0-d tensor, SphereFace's annealing weight λ (SPHERE only).
+
+    Returns, all [B] in :func:`compute_dtype` of the input dtype:
+        lse: logsumexp_j z_ij.
+        zy: the label logit z_iy = scale_i·ψ_i (0 for rows without a label column).
+        reg: MagFace's g(ã_i) (0 for families without a regularizer).
+        norms: a_i = ‖x_i‖.
+    The per-row cross-entropy is CE_i = lse_i − zy_i.
+    """
+    ct = compute_dtype(embeddings.dtype)
+    x = embeddings.to(ct)
+    w = weight.to(ct)
+    has, idx = _label_index(labels, ignore_index)
+
+    a = x.norm(dim=1)
+    x_hat = x / a.clamp_min(NORM_EPS).unsqueeze(1)
+    r = 1.0 / w.norm(dim=1).clamp_min(NORM_EPS)
+    cos = (x_hat @ w.t()) * r                                   # [B, C]
+    c_y = cos.gather(1, idx).squeeze(1)                         # [B]
+
+    psi, dpsi_dc, dpsi_da = margin_terms(c_y.detach(), a.detach(), spec, sphere_lambda)
+    psi = _linearized(_linearized(psi, dpsi_dc, c_y), dpsi_da, a)
+    psi = torch.where(has, psi, c_y)
+
+    scale = a if spec.scale_by_norm else torch.full_like(a, spec.scale)
+    zy = scale * psi
+    logits = (scale.unsqueeze(1) * cos).scatter(1, idx, zy.unsqueeze(1))
+    lse = torch.logsumexp(logits, dim=1)
+    zy = torch.where(has, zy, torch.zeros_like(zy))
+
+    if spec.has_regularizer:
+        g, dg = regularizer(a.detach(), spec.l_a, spec.u_a)
+        reg = _linearized(g, dg, a)
+    else:
+        reg = torch.zeros_like(a)
+    return lse, zy, reg, a
+
+
+def margin_ce_forward(embeddings, weight, labels, spec, ignore_index=-1, sphere_lambda=None):
+    """Checked, gradient-free forward: the default kernel of ``magloss::margin_ce``.
+
+    Same arguments and returns as :func:`margin_ce_rows`. Runs with autocast disabled so
+    the fp32 math stays fp32.
+    """
+    check_values(embeddings, weight, labels, ignore_index)
+    with torch.no_grad(), torch.autocast(embeddings.device.type, enabled=False):
+        return margin_ce_rows(embeddings, weight, labels, spec, ignore_index, sphere_lambda)
+
+
+def margin_ce_backward(grad_lse, grad_zy, grad_reg, grad_norms, embeddings, weight, labels, lse, spec,
+                       ignore_index=-1, sphere_lambda=None):
+    """Gradients of Σ_i (gl_i·lse_i + gz_i·zy_i + gr_i·reg_i + gn_i·norms_i), by the explicit
+    formulas of shared/DESIGN.md §2 (no autograd: custom-op kernels run below it).
+
+    ``lse`` is the forward's saved statistic: p_ij = exp(z_ij − lse_i). In a class-sharded
+    head it is the global one, which makes the local gradient the exact share of the
+    global gradient. With ∂L/∂z_ij = gl_i·p_ij + gz_i·[j = y_i] and scale_i = s (or a_i for
+    feature-norm SphereFace):
+
+    * G_ij = ∂L/∂c_ij = scale_i·∂L/∂z_ij off the label, scale_i·∂L/∂z_iy·∂ψ/∂c at it;
+    * ∂L/∂x̂_i = Σ_j G_ij r_j w_j;  ∂L/∂w_j = r_j Σ_i G_ij x̂_i − r_j² (Σ_i G_ij c_ij) w_j;
+    * ∂L/∂a_i = scale_i·∂L/∂z_iy·∂ψ/∂a + gr_i·g'(a_i) + gn_i
+      (+ Σ_j ∂L/∂z_ij·z_ij/a_i when scale_i = a_i);
+    * ∂L/∂x_i = (∂L/∂x̂_i − x̂_i·Σ_j G_ij c_ij)/a_i + ∂L/∂a_i·x̂_i.
+
+    grad_*: [B]. Returns (∂/∂embeddings [B, D], ∂/∂weight [C, D]) in the dtypes of
+    embeddings and weight.
+    """
+    ct = compute_dtype(embeddings.dtype)
+    with torch.no_grad(), torch.autocast(embeddings.device.type, enabled=False):
+        x = embeddings.to(ct)
+        w = weight.to(ct)
+        has, idx = _label_index(labels, ignore_index)
+
+        a = x.norm(dim=1)
+        inv_a = 1.0 / a.clamp_min(NORM_EPS)
+        x_hat = x * inv_a.unsqueeze(1)
+        w_norm = w.norm(dim=1)
+        r = 1.0 / w_norm.clamp_min(NORM_EPS)
+        cos = (x_hat @ w.t()) * r
+        c_y = cos.gather(1, idx).squeeze(1)
+        psi, dpsi_dc, dpsi_da = margin_terms(c_y, a, spec, sphere_lambda)
+        zero = torch.zeros_like(a)
+        psi = torch.where(has, psi, c_y)
+        scale = a if spec.scale_by_norm else torch.full_like(a, spec.scale)
+        logits = (scale.unsqueeze(1) * cos).scatter(1, idx, (scale * psi).unsqueeze(1))
+        dz = torch.exp(logits - lse.to(ct).unsqueeze(1)) * grad_lse.to(ct).unsqueeze(1)
+        dz_y = dz.gather(1, idx).squeeze(1) + torch.where(has, grad_zy.to(ct), zero)
+        dz = dz.scatter(1, idx, dz_y.unsqueeze(1))               # ∂L/∂z
+        label_factor = torch.where(has, dpsi_dc, torch.ones_like(a))
+        g = (dz * scale.unsqueeze(1)).scatter(1, idx, (scale * dz_y * label_factor).unsqueeze(1))
+
+        grad_a = torch.where(has, scale * dz_y * dpsi_da, zero) + grad_norms.to(ct)
+        if spec.has_regularizer:
+            grad_a = grad_a + grad_reg.to(ct) * regularizer(a, spec.l_a, spec.u_a)[1]
+        if spec.scale_by_norm:
+            grad_a = grad_a + (dz * logits).sum(1) * inv_a
+
+        gr = g * r                                   # G_ij r_j
+        g_xhat = gr @ w                              # ∂L/∂x̂  [B, D]
+        gc_row = (g * cos).sum(1)                    # Σ_j G_ij c_ij
+        unit = x / a.clamp_min(torch.finfo(ct).tiny).unsqueeze(1)
+        proj = torch.where((a >= NORM_EPS).unsqueeze(1), x_hat * gc_row.unsqueeze(1), torch.zeros_like(x))
+        gx = (g_xhat - proj) * inv_a.unsqueeze(1) + grad_a.unsqueeze(1) * unit
+
+        gc_col = (g * cos).sum(0)                    # Σ_i G_ij c_ij
+        col_proj = torch.where((w_norm >= NORM_EPS).unsqueeze(1), (r * r * gc_col).unsqueeze(1) * w,
+                               torch.zeros_like(w))
+        gw = gr.t() @ x_hat - col_proj
+    return gx.to(embeddings.dtype), gw.to(weight.dtype)
