@@ -60,7 +60,7 @@ def _cuda_extension():
         include_dirs=[os.path.abspath("csrc")],
         extra_compile_args={
             "cxx": ["-O3", "-std=c++17"],
-            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", f"--threads={threads}"],
+            "nvcc": ["-O3", "-std=c++17", "-lineinfo", f"--threads={threads}"],
         },
     )
     print(f"magloss: building the CUDA extension for TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST')}")
