@@ -1,0 +1,187 @@
+"""The public API: modules, functional forms, custom ops (opcheck), torch.compile, autocast."""
+
+import warnings
+
+import pytest
+import torch
+from torch.library import opcheck
+
+import magloss
+import magloss.functional as MF
+from conftest import make_inputs
+
+MODULES = [
+    (magloss.NormFaceLoss, {}, lambda x, w, y: MF.normface_loss(x, w, y)),
+    (magloss.CosFaceLoss, {}, lambda x, w, y: MF.cosface_loss(x, w, y)),
+    (magloss.ArcFaceLoss, {}, lambda x, w, y: MF.arcface_loss(x, w, y)),
+    (magloss.ArcFaceLoss, {"easy_margin": True}, lambda x, w, y: MF.arcface_loss(x, w, y, easy_margin=True)),
+    (magloss.CombinedMarginLoss, {"m1": 0.9, "m2": 0.4, "m3": 0.15},
+     lambda x, w, y: MF.combined_margin_loss(x, w, y, 64.0, 0.9, 0.4, 0.15)),
+    (magloss.MagFaceLoss, {}, lambda x, w, y: MF.magface_loss(x, w, y)),
+    (magloss.MagCosFaceLoss, {}, lambda x, w, y: MF.magcosface_loss(x, w, y)),
+    (magloss.SphereFaceLoss, {}, lambda x, w, y: MF.sphereface_loss(x, w, y, 4, None, 1000.0)),
+]
+
+
+@pytest.mark.parametrize("cls,kw,fn", MODULES, ids=[f"{m[0].__name__}{m[1]}" for m in MODULES])
+def test_module_equals_functional_and_holds_weight(cls, kw, fn):
+    crit = cls(16, 7, dtype=torch.float64, **kw)
+    assert isinstance(crit.weight, torch.nn.Parameter) and crit.weight.shape == (7, 16)
+    assert [n for n, _ in crit.named_parameters()] == ["weight"]
+    torch.testing.assert_close(crit.weight.norm(dim=1), torch.ones(7, dtype=torch.float64))
+    x, _, y = make_inputs(5, 7, 16, norm_range=(1.0, 3.0) if cls is magloss.SphereFaceLoss else (20.0, 90.0))
+    torch.testing.assert_close(crit(x, y), fn(x, crit.weight, y), rtol=1e-12, atol=1e-12)
+    assert cls.__name__ in repr(crit)
+
+
+def test_defaults_are_the_papers():
+    assert magloss.ArcFaceLoss(4, 3).spec.m2 == 0.5 and magloss.ArcFaceLoss(4, 3).spec.scale == 64.0
+    assert magloss.CosFaceLoss(4, 3).spec.m3 == 0.35
+    m = magloss.MagFaceLoss(4, 3)
+    assert (m.l_a, m.u_a, m.l_m, m.u_m, m.lambda_g, m.scale, m.spec.easy_margin) == (10, 110, 0.45, 0.8, 35, 64, True)
+    c = magloss.MagCosFaceLoss(4, 3)
+    assert (c.l_m, c.lambda_g) == (0.35, 150.0)
+    s = magloss.SphereFaceLoss(4, 3)
+    assert s.margin == 4 and s.spec.scale_by_norm
+    assert magloss.ArcFaceLoss(4, 3).ignore_index == -1 and magloss.ArcFaceLoss(4, 3).reduction == "mean"
+
+
+@pytest.mark.parametrize("cls", [magloss.MagFaceLoss, magloss.MagCosFaceLoss])
+def test_magface_parts_from_one_pass(cls):
+    crit = cls(16, 7, dtype=torch.float64)
+    x, _, y = make_inputs(6, 7, 16, ignored=(2,))
+    out = crit(x, y, return_parts=True)
+    assert isinstance(out, magloss.MagFaceOutput)
+    torch.testing.assert_close(out.loss, out.ce + crit.lambda_g * out.reg)
+    torch.testing.assert_close(out.loss, crit(x, y))
+    torch.testing.assert_close(out.norms, x.norm(dim=1))
+    a = x.norm(dim=1)[y != -1].clamp(10, 110)
+    torch.testing.assert_close(out.reg, (a / 110 ** 2 + 1 / a).mean())
+
+
+def test_sphereface_anneals_with_its_counter():
+    crit = magloss.SphereFaceLoss(8, 5)
+    x, _, y = make_inputs(4, 5, 8, dtype=torch.float32, norm_range=(1.0, 2.0))
+    assert float(crit.current_lambda()) == pytest.approx(1000.0)
+    crit(x, y)
+    crit(x, y)
+    assert int(crit.iteration) == 2
+    assert float(crit.current_lambda()) == pytest.approx(1000.0 / 1.24)
+    crit.eval()
+    crit(x, y)
+    assert int(crit.iteration) == 2
+    state = crit.state_dict()
+    assert "iteration" in state
+    other = magloss.SphereFaceLoss(8, 5)
+    other.load_state_dict(state)
+    assert int(other.iteration) == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_are_computed_in_float32(dtype):
+    x, w, y = make_inputs(6, 9, 16, dtype=dtype)
+    xh, wh = x.clone().requires_grad_(), w.clone().requires_grad_()
+    xf, wf = x.float().requires_grad_(), w.float().requires_grad_()
+    lh = MF.magface_loss(xh, wh, y)
+    lf = MF.magface_loss(xf, wf, y)
+    assert lh.dtype == torch.float32
+    torch.testing.assert_close(lh, lf, rtol=1e-6, atol=1e-6)
+    lh.backward()
+    lf.backward()
+    assert xh.grad.dtype == dtype and wh.grad.dtype == dtype
+    torch.testing.assert_close(xh.grad, xf.grad.to(dtype))
+    torch.testing.assert_close(wh.grad, wf.grad.to(dtype))
+
+
+def test_autocast_casts_both_operands():
+    crit = magloss.ArcFaceLoss(16, 7)
+    x, _, y = make_inputs(5, 7, 16, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = crit(x, y)
+    expected = MF.arcface_loss(x.bfloat16(), crit.weight.detach().bfloat16(), y)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert crit.weight.grad.dtype == torch.float32
+
+
+SPECS = [
+    magloss.MarginSpec.combined(30.0, 1.0, 0.5, 0.0),
+    magloss.MarginSpec.combined(30.0, 0.9, 0.4, 0.15, easy_margin=True),
+    magloss.MarginSpec.magface(30.0),
+    magloss.MarginSpec.magcos(30.0, straight_through=True),
+    magloss.MarginSpec.sphere(4),
+]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"kind{s.kind}")
+def test_opcheck(spec):
+    x, w, y = make_inputs(5, 6, 8, dtype=torch.float32, ignored=(1,), norm_range=(1.0, 3.0) if spec.kind == 3 else (20.0, 90.0))
+    lam = torch.tensor(2.0) if spec.kind == 3 else None
+    args = (x.requires_grad_(), w.requires_grad_(), y, lam, *spec.op_args(), -1)
+    opcheck(torch.ops.magloss.margin_ce.default, args)
+    with torch.no_grad():
+        lse, zy, reg, norms = torch.ops.magloss.margin_ce(*args)
+    grads = [torch.randn(5) for _ in range(4)]
+    bargs = (*grads, x.detach(), w.detach(), y, lse, norms, lam, *spec.op_args(), -1)
+    opcheck(torch.ops.magloss.margin_ce_backward.default, bargs)
+
+
+@pytest.mark.parametrize("cls", [magloss.ArcFaceLoss, magloss.MagFaceLoss, magloss.SphereFaceLoss])
+def test_torch_compile_fullgraph_training_step(cls):
+    torch._dynamo.reset()
+    backbone = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.BatchNorm1d(16))
+    crit = cls(16, 9)
+    params = [*backbone.parameters(), *crit.parameters()]
+    opt = torch.optim.SGD(params, lr=0.1)
+    x = torch.randn(8, 12) * 3
+    y = torch.randint(0, 9, (8,))
+
+    def forward(x, y):
+        return crit(backbone(x), y)
+
+    eager_loss = forward(x, y)
+    eager_loss.backward()
+    eager_grad = crit.weight.grad.clone()
+    opt.zero_grad()
+    if cls is magloss.SphereFaceLoss:
+        crit.iteration.zero_()
+    compiled = torch.compile(forward, fullgraph=True)
+    loss = compiled(x, y)
+    loss.backward()
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(crit.weight.grad, eager_grad, rtol=1e-4, atol=1e-5)
+    if cls is magloss.SphereFaceLoss:
+        assert int(crit.iteration) == 1      # the buffer update survives compilation
+    opt.step()
+    assert torch.isfinite(compiled(x, y))
+
+
+def test_extension_status_reports_why():
+    status = magloss.extension_status()
+    assert set(status) == {"compiled", "cuda_available", "fused", "reason"}
+    assert isinstance(status["reason"], str) and status["reason"]
+    if not torch.cuda.is_available():
+        assert status["fused"] is False
+
+
+def test_load_magface_weight_layout_and_errors():
+    crit = magloss.MagFaceLoss(4, 6)
+    w_dc = torch.randn(4, 6)
+    magloss.load_magface_weight(crit, w_dc)
+    torch.testing.assert_close(crit.weight.detach(), w_dc.t())
+    magloss.load_magface_weight(crit, {"state_dict": {"module.fc.weight": 2 * w_dc}})
+    torch.testing.assert_close(crit.weight.detach(), 2 * w_dc.t())
+    with pytest.raises(ValueError, match=r"\[D, C\]"):
+        magloss.load_magface_weight(crit, torch.randn(6, 4))
+    with pytest.raises(ValueError, match="fc.weight"):
+        magloss.load_magface_weight(crit, {"a.weight": w_dc})
+
+
+def test_softmax_baseline_matches_linear_cross_entropy():
+    crit = magloss.SoftmaxLoss(8, 5, dtype=torch.float64)
+    x, _, y = make_inputs(6, 5, 8, ignored=(3,))
+    expected = torch.nn.functional.cross_entropy(torch.nn.functional.linear(x, crit.weight, crit.bias), y,
+                                                 ignore_index=-1)
+    torch.testing.assert_close(crit(x, y), expected)
+    assert [n for n, _ in crit.named_parameters()] == ["weight", "bias"]
