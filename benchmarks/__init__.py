@@ -1,0 +1,1 @@
+"""magloss benchmarks: see benchmarks/README.md."""
