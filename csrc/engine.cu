@@ -1,0 +1,437 @@
+// Kernels of the fused margin-softmax engine (torch-free; see engine.cuh for the contract).
+//
+// Launch shapes:
+//   warp-per-row kernels (col_norms, row_stage, column_correction, row_chain): 256 threads =
+//     8 rows per block, lanes stride over D. The whole warp leaves together when its row is
+//     past the end, so the full-mask shuffles never see an exited lane.
+//   block-per-row kernels (forward/backward epilogue): 256 threads stride over the chunk's
+//     n columns, then a fixed-order block reduction (warp shuffles, then warp 0 over the 8
+//     warp results). No atomics on floats anywhere: bitwise repeatable.
+// All arithmetic is fp32; half inputs are widened on load and outputs rounded on store.
+// This file is compiled by the torch extension build (nvcc with torch's
+// -D__CUDA_NO_HALF_CONVERSIONS__ etc.: only explicit conversion intrinsics are used) and by
+// CMakeLists.txt without torch.
+
+#include "engine.cuh"
+
+#include <cfloat>
+#include <cstdint>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace magloss {
+namespace engine {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarp = 32;
+constexpr int kWarpsPerBlock = kThreads / kWarp;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// ---- element conversions (explicit intrinsics only) ---------------------------------------
+__device__ __forceinline__ float to_f(float v) { return v; }
+__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_f(float v);
+template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// ---- reductions --------------------------------------------------------------------------------
+__device__ __forceinline__ float warp_sum(float v) {
+  #pragma unroll
+  for (int off = kWarp / 2; off > 0; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);
+  return v;  // every lane holds the (same-order) total
+}
+
+// Online-softmax state merge: (m, l) represents sum exp(z - m) = l over a set of logits.
+// An empty set is (-inf, 0); merging two empty sets stays (-inf, 0) (no inf - inf).
+__device__ __forceinline__ void softmax_merge(float& m, float& l, float m2, float l2) {
+  const float mx = fmaxf(m, m2);
+  if (mx == -INFINITY) {
+    m = mx;
+    l = 0.0f;
+    return;
+  }
+  l = l * expf(m - mx) + l2 * expf(m2 - mx);
+  m = mx;
+}
+
+__device__ __forceinline__ void warp_softmax_merge(float& m, float& l) {
+  #pragma unroll
+  for (int off = kWarp / 2; off > 0; off >>= 1) {
+    const float m2 = __shfl_xor_sync(kFullMask, m, off);
+    const float l2 = __shfl_xor_sync(kFullMask, l, off);
+    softmax_merge(m, l, m2, l2);
+  }
+}
+
+// Block-wide sum of two values; the result is valid in thread 0. Fixed order.
+__device__ __forceinline__ void block_sum2(float& a, float& b) {
+  __shared__ float sa[kWarpsPerBlock], sb[kWarpsPerBlock];
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  a = warp_sum(a);
+  b = warp_sum(b);
+  if (lane == 0) { sa[warp] = a; sb[warp] = b; }
+  __syncthreads();
+  if (warp == 0) {
+    a = lane < kWarpsPerBlock ? sa[lane] : 0.0f;
+    b = lane < kWarpsPerBlock ? sb[lane] : 0.0f;
+    a = warp_sum(a);
+    b = warp_sum(b);
+  }
+}
+
+// Block-wide online-softmax merge; the result is valid in thread 0. Fixed order.
+__device__ __forceinline__ void block_softmax_merge(float& m, float& l) {
+  __shared__ float sm[kWarpsPerBlock], sl[kWarpsPerBlock];
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  warp_softmax_merge(m, l);
+  if (lane == 0) { sm[warp] = m; sl[warp] = l; }
+  __syncthreads();
+  if (warp == 0) {
+    m = lane < kWarpsPerBlock ? sm[lane] : -INFINITY;
+    l = lane < kWarpsPerBlock ? sl[lane] : 0.0f;
+    warp_softmax_merge(m, l);
+  }
+}
+
+inline unsigned warp_grid(int64_t rows) { return static_cast<unsigned>((rows + kWarpsPerBlock - 1) / kWarpsPerBlock); }
+
+// ---- kernels -------------------------------------------------------------------------------------
+
+// r_j = 1/max(||w_j||, eps), wnorm_j = ||w_j||; flags[FLAG_WEIGHT] = min j with a non-finite entry.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) col_norms_kernel(const T* __restrict__ w, int64_t C, int64_t D,
+                                                             float* __restrict__ r, float* __restrict__ wnorm,
+                                                             int32_t* __restrict__ flags) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
+  if (j >= C) return;  // whole warp
+  const T* row = w + j * D;
+  float ss = 0.0f;
+  bool bad = false;
+  for (int64_t k = lane; k < D; k += kWarp) {
+    const float v = to_f(row[k]);
+    bad |= !isfinite(v);
+    ss += v * v;
+  }
+  ss = warp_sum(ss);
+  bad = __any_sync(kFullMask, bad);
+  if (lane == 0) {
+    const float n = sqrtf(ss);
+    wnorm[j] = n;
+    r[j] = 1.0f / fmaxf(n, NORM_EPS);
+    if (bad) atomicMin(&flags[FLAG_WEIGHT], static_cast<int32_t>(j));
+  }
+}
+
+// Row stage: see engine.cuh launch_row_stage. One warp per row.
+template <typename T, typename L>
+__global__ void __launch_bounds__(kThreads) row_stage_kernel(const T* __restrict__ x, const T* __restrict__ w,
+                                                             const L* __restrict__ labels, int64_t B, int64_t C,
+                                                             int64_t D, int64_t ignore_index, MarginParams params,
+                                                             const float* __restrict__ lam_ptr,
+                                                             const float* __restrict__ r, RowState rows,
+                                                             bool backward, int32_t* __restrict__ flags) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
+  if (i >= B) return;  // whole warp
+  const int64_t raw = static_cast<int64_t>(labels[i]);
+  int64_t lab;
+  if (raw == ignore_index) {
+    lab = LAB_NONE;
+  } else if (raw >= 0 && raw < C) {
+    lab = raw;
+  } else {
+    lab = LAB_BAD;  // never dereferenced: treated as "no label column"
+  }
+  const T* xrow = x + i * D;
+  const T* wrow = w + (lab >= 0 ? lab : 0) * D;  // only read when lab >= 0
+  float ss = 0.0f, dot = 0.0f;
+  bool bad = false;
+  for (int64_t k = lane; k < D; k += kWarp) {
+    const float xv = to_f(xrow[k]);
+    bad |= !isfinite(xv);
+    ss += xv * xv;
+    if (lab >= 0) dot += xv * to_f(wrow[k]);
+  }
+  ss = warp_sum(ss);
+  dot = warp_sum(dot);
+  bad = __any_sync(kFullMask, bad);
+  if (lane != 0) return;
+
+  if (bad) atomicMin(&flags[FLAG_EMBEDDINGS], static_cast<int32_t>(i));
+  if (lab == LAB_BAD) atomicMin(&flags[FLAG_LABEL], static_cast<int32_t>(i));
+  const float a = sqrtf(ss);
+  const float inv_a = 1.0f / fmaxf(a, NORM_EPS);
+  const bool sbn = scale_by_norm(params);
+  const float scale = sbn ? a : params.scale;
+  const float lam = lam_ptr != nullptr ? *lam_ptr : 0.0f;
+  float cy = 0.0f, zl = 0.0f, dc = 1.0f, da = 0.0f;
+  if (lab >= 0) {
+    cy = dot * inv_a * r[lab];
+    const MarginTerms t = margin_terms(cy, a, params, lam);
+    zl = scale * t.psi;
+    dc = t.dc;
+    da = t.da;
+  }
+  rows.a[i] = a;
+  rows.inv_a[i] = inv_a;
+  rows.scale[i] = scale;
+  rows.cy[i] = cy;
+  rows.zlab[i] = zl;
+  rows.dpsi_dc[i] = dc;
+  rows.dpsi_da[i] = da;
+  rows.lab[i] = lab;
+  float dg = 0.0f, g = 0.0f;
+  if (has_regularizer(params)) g = regularizer(a, params.l_a, params.u_a, &dg);
+  if (!backward) {
+    rows.zy[i] = lab >= 0 ? zl : 0.0f;
+    rows.reg[i] = g;
+    rows.run_max[i] = -INFINITY;
+    rows.run_sum[i] = 0.0f;
+  } else {
+    float dzy = 0.0f, gy = 0.0f, ga = rows.grad_norms[i];
+    if (lab >= 0) {
+      dzy = rows.grad_lse[i] * expf(zl - rows.lse[i]) + rows.grad_zy[i];
+      gy = scale * dzy * dc;
+      ga += scale * dzy * da;
+    }
+    if (has_regularizer(params)) ga += rows.grad_reg[i] * dg;
+    rows.dz_y[i] = dzy;
+    rows.g_y[i] = gy;
+    rows.grad_a[i] = ga;
+    rows.gc_row[i] = 0.0f;
+    rows.sph[i] = 0.0f;
+  }
+}
+
+// Forward chunk epilogue: one block per row i, merges the chunk's softmax state into the running one.
+__global__ void __launch_bounds__(kThreads) forward_epilogue_kernel(const float* __restrict__ tile, int64_t n,
+                                                                    int64_t j0, const float* __restrict__ r,
+                                                                    RowState rows) {
+  const int64_t i = blockIdx.x;
+  const float* srow = tile + i * n;
+  const float inv_a = rows.inv_a[i], s = rows.scale[i], zl = rows.zlab[i];
+  const int64_t lab = rows.lab[i];
+  float m = -INFINITY, l = 0.0f;
+  for (int64_t j = threadIdx.x; j < n; j += kThreads) {
+    const int64_t col = j0 + j;
+    const float z = (col == lab) ? zl : s * (srow[j] * inv_a * r[col]);
+    if (z > m) {
+      l = l * expf(m - z) + 1.0f;
+      m = z;
+    } else {
+      l += expf(z - m);
+    }
+  }
+  block_softmax_merge(m, l);
+  if (threadIdx.x == 0) {
+    float rm = rows.run_max[i], rl = rows.run_sum[i];
+    softmax_merge(rm, rl, m, l);
+    rows.run_max[i] = rm;
+    rows.run_sum[i] = rl;
+  }
+}
+
+// lse may alias rows.run_max (the boundary reuses the output as the running max).
+__global__ void forward_finalize_kernel(int64_t B, RowState rows, float* lse) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= B) return;
+  lse[i] = rows.lab[i] == LAB_BAD ? NAN : rows.run_max[i] + logf(rows.run_sum[i]);
+}
+
+// Backward chunk epilogue: one block per row. `out` may alias `tile` (TO = float): each element
+// is read and then written by the same thread.
+template <typename TO>
+__global__ void __launch_bounds__(kThreads) backward_epilogue_kernel(const float* tile, TO* out, int64_t n,
+                                                                     int64_t j0, const float* __restrict__ r,
+                                                                     RowState rows, bool sbn) {
+  const int64_t i = blockIdx.x;
+  const float inv_a = rows.inv_a[i], s = rows.scale[i];
+  const float lse = rows.lse[i], gl = rows.grad_lse[i];
+  const float zl = rows.zlab[i], dzy = rows.dz_y[i], gy = rows.g_y[i], cy = rows.cy[i];
+  const int64_t lab = rows.lab[i];
+  float acc_gc = 0.0f, acc_sph = 0.0f;
+  for (int64_t j = threadIdx.x; j < n; j += kThreads) {
+    const int64_t col = j0 + j;
+    const float rj = r[col];
+    float c, z, dz, g;
+    if (col == lab) {
+      c = cy;
+      z = zl;
+      dz = dzy;
+      g = gy;
+    } else {
+      c = tile[i * n + j] * inv_a * rj;
+      z = s * c;
+      dz = gl * expf(z - lse);
+      g = s * dz;
+    }
+    out[i * n + j] = from_f<TO>(g * rj);
+    acc_gc += g * c;
+    if (sbn) acc_sph += dz * z;
+  }
+  block_sum2(acc_gc, acc_sph);
+  if (threadIdx.x == 0) {
+    rows.gc_row[i] += acc_gc;
+    if (sbn) rows.sph[i] += acc_sph;
+  }
+}
+
+// dL/dw_j = P_j - r_j^2 (w_j . P_j) w_j for the chunk's classes; one warp per class.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) column_correction_kernel(const float* p, const T* __restrict__ w,
+                                                                     const float* __restrict__ r,
+                                                                     const float* __restrict__ wnorm, int64_t n,
+                                                                     int64_t j0, int64_t D, T* grad_w) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
+  if (j >= n) return;  // whole warp
+  const int64_t col = j0 + j;
+  const float* prow = p + j * D;
+  const T* wrow = w + col * D;
+  float dot = 0.0f;
+  for (int64_t k = lane; k < D; k += kWarp) dot += to_f(wrow[k]) * prow[k];
+  dot = warp_sum(dot);  // all lanes finished reading prow before any lane writes below
+  const float rc = r[col];
+  const float coef = wnorm[col] >= NORM_EPS ? rc * rc * dot : 0.0f;
+  T* grow = grad_w + col * D;
+  for (int64_t k = lane; k < D; k += kWarp) grow[k] = from_f<T>(prow[k] - coef * to_f(wrow[k]));
+}
+
+// dL/dx_i; one warp per row.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) row_chain_kernel(const T* __restrict__ x,
+                                                             const float* __restrict__ g_xhat, int64_t B,
+                                                             int64_t D, RowState rows, bool sbn,
+                                                             T* __restrict__ grad_x) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
+  if (i >= B) return;
+  const float a = rows.a[i], inv_a = rows.inv_a[i];
+  const float ga = rows.grad_a[i] + (sbn ? rows.sph[i] * inv_a : 0.0f);
+  const float proj = a >= NORM_EPS ? rows.gc_row[i] : 0.0f;
+  const float a_tiny = fmaxf(a, FLT_MIN);
+  for (int64_t k = lane; k < D; k += kWarp) {
+    const float xv = to_f(x[i * D + k]);
+    const float gx = (g_xhat[i * D + k] - (xv * inv_a) * proj) * inv_a + ga * (xv / a_tiny);
+    grad_x[i * D + k] = from_f<T>(gx);
+  }
+}
+
+template <typename T, typename TO>
+__global__ void normalize_rows_kernel(const T* __restrict__ x, int64_t B, int64_t D,
+                                      const float* __restrict__ inv_a, TO* __restrict__ out) {
+  const int64_t total = B * D;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    out[e] = from_f<TO>(to_f(x[e]) * inv_a[e / D]);
+  }
+}
+
+}  // namespace
+
+#define MAGLOSS_DISPATCH_DTYPE(DT, T, ...)      \
+  switch (DT) {                                 \
+    case DType::F32: {                          \
+      using T = float;                          \
+      __VA_ARGS__;                              \
+      break;                                    \
+    }                                           \
+    case DType::F16: {                          \
+      using T = __half;                         \
+      __VA_ARGS__;                              \
+      break;                                    \
+    }                                           \
+    case DType::BF16: {                         \
+      using T = __nv_bfloat16;                  \
+      __VA_ARGS__;                              \
+      break;                                    \
+    }                                           \
+  }
+
+void launch_col_norms(DType dtype, const void* w, int64_t C, int64_t D, float* r, float* wnorm, int32_t* flags,
+                      cudaStream_t stream) {
+  if (C <= 0) return;
+  MAGLOSS_DISPATCH_DTYPE(dtype, T,
+      col_norms_kernel<T><<<warp_grid(C), kThreads, 0, stream>>>(static_cast<const T*>(w), C, D, r, wnorm, flags));
+}
+
+void launch_row_stage(DType dtype, const void* x, const void* w, const void* labels, bool labels64, int64_t B,
+                      int64_t C, int64_t D, int64_t ignore_index, const MarginParams& params, const float* lam,
+                      const float* r, RowState rows, bool backward, int32_t* flags, cudaStream_t stream) {
+  if (B <= 0) return;
+  MAGLOSS_DISPATCH_DTYPE(dtype, T, {
+    if (labels64) {
+      row_stage_kernel<T, int64_t><<<warp_grid(B), kThreads, 0, stream>>>(
+          static_cast<const T*>(x), static_cast<const T*>(w), static_cast<const int64_t*>(labels), B, C, D,
+          ignore_index, params, lam, r, rows, backward, flags);
+    } else {
+      row_stage_kernel<T, int32_t><<<warp_grid(B), kThreads, 0, stream>>>(
+          static_cast<const T*>(x), static_cast<const T*>(w), static_cast<const int32_t*>(labels), B, C, D,
+          ignore_index, params, lam, r, rows, backward, flags);
+    }
+  });
+}
+
+void launch_forward_epilogue(const float* tile, int64_t B, int64_t n, int64_t j0, const float* r, RowState rows,
+                             cudaStream_t stream) {
+  if (B <= 0 || n <= 0) return;
+  forward_epilogue_kernel<<<static_cast<unsigned>(B), kThreads, 0, stream>>>(tile, n, j0, r, rows);
+}
+
+void launch_forward_finalize(int64_t B, RowState rows, float* lse, cudaStream_t stream) {
+  if (B <= 0) return;
+  forward_finalize_kernel<<<static_cast<unsigned>((B + kThreads - 1) / kThreads), kThreads, 0, stream>>>(B, rows,
+                                                                                                         lse);
+}
+
+void launch_backward_epilogue(float* tile, void* out, DType out_dtype, int64_t B, int64_t n, int64_t j0,
+                              const float* r, RowState rows, bool scale_by_norm, cudaStream_t stream) {
+  if (B <= 0 || n <= 0) return;
+  MAGLOSS_DISPATCH_DTYPE(out_dtype, TO,
+      backward_epilogue_kernel<TO><<<static_cast<unsigned>(B), kThreads, 0, stream>>>(
+          tile, static_cast<TO*>(out), n, j0, r, rows, scale_by_norm));
+}
+
+void launch_column_correction(DType dtype, const float* p, const void* w, const float* r, const float* wnorm,
+                              int64_t n, int64_t j0, int64_t D, void* grad_w, cudaStream_t stream) {
+  if (n <= 0) return;
+  MAGLOSS_DISPATCH_DTYPE(dtype, T,
+      column_correction_kernel<T><<<warp_grid(n), kThreads, 0, stream>>>(
+          p, static_cast<const T*>(w), r, wnorm, n, j0, D, static_cast<T*>(grad_w)));
+}
+
+void launch_row_chain(DType dtype, const void* x, const float* g_xhat, int64_t B, int64_t D, RowState rows,
+                      bool scale_by_norm, void* grad_x, cudaStream_t stream) {
+  if (B <= 0) return;
+  MAGLOSS_DISPATCH_DTYPE(dtype, T,
+      row_chain_kernel<T><<<warp_grid(B), kThreads, 0, stream>>>(static_cast<const T*>(x), g_xhat, B, D, rows,
+                                                                   scale_by_norm, static_cast<T*>(grad_x)));
+}
+
+void launch_normalize_rows(DType dtype, const void* x, int64_t B, int64_t D, const float* inv_a, DType out_dtype,
+                           void* xhat, cudaStream_t stream) {
+  const int64_t total = B * D;
+  if (total <= 0) return;
+  const int64_t want = (total + kThreads - 1) / kThreads;
+  const unsigned blocks = static_cast<unsigned>(want < 4096 ? want : 4096);
+  MAGLOSS_DISPATCH_DTYPE(dtype, T, {
+    if (out_dtype == DType::F32) {
+      normalize_rows_kernel<T, float><<<blocks, kThreads, 0, stream>>>(static_cast<const T*>(x), B, D, inv_a,
+                                                                       static_cast<float*>(xhat));
+    } else {
+      normalize_rows_kernel<T, T><<<blocks, kThreads, 0, stream>>>(static_cast<const T*>(x), B, D, inv_a,
+                                                                   static_cast<T*>(xhat));
+    }
+  });
+}
+
+#undef MAGLOSS_DISPATCH_DTYPE
+
+}  // namespace engine
+}  // namespace magloss

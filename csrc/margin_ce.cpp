@@ -1,0 +1,415 @@
+// The torch boundary of the fused margin-softmax engine (the "cuda" kernels of the
+// magloss::margin_ce / magloss::margin_ce_backward custom ops).
+//
+// This layer validates arguments (named CHECK macros, errors name the argument and raise
+// ValueError/TypeError in Python), picks the device and stream, allocates every buffer,
+// issues the class-chunked cuBLAS products through ATen and launches the torch-free kernels
+// of engine.cu in between (C10_CUDA_KERNEL_LAUNCH_CHECK after each launch).
+//
+// Per call, with chunk width n <= N (chunk_columns):
+//   forward : col_norms(W) -> row_stage -> [input check] -> for each chunk:
+//               S = x @ W_chunk^T (fp32 out) ; forward_epilogue(S)   -> finalize(lse)
+//   backward: col_norms(W) -> row_stage(bwd) -> for each chunk:
+//               S = x @ W_chunk^T ; T = backward_epilogue(S) (= G*r) ;
+//               g_xhat += T @ W_chunk ; P = T^T @ xhat ; column_correction(P) -> dW_chunk
+//             -> row_chain -> dx
+// Extra memory: B*N fp32 tile (+ B*N half copy and N*D fp32 for half inputs), O(B*D + C)
+// otherwise: flat in C. W is never normalized into a copy (r_j is applied in the epilogues).
+#include "margin_ce.h"
+
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <string>
+
+#include <ATen/ATen.h>
+#include <ATen/Context.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+
+#include "engine.cuh"
+
+// ---- named argument checks (messages name the argument, as the reference engine) --------------
+#define CHECK_CUDA(t, name) \
+  TORCH_CHECK_VALUE((t).is_cuda(), name ": expected a CUDA tensor, got device ", (t).device())
+#define CHECK_SAME_DEVICE(t, ref, name) \
+  TORCH_CHECK_VALUE((t).device() == (ref).device(), name ": expected device ", (ref).device(), ", got ", (t).device())
+#define CHECK_DIM(t, d, name, shape) \
+  TORCH_CHECK_VALUE((t).dim() == (d), name ": expected shape " shape ", got ", (t).sizes())
+#define CHECK_SIZE(t_, dim_, want_, name, what)                                                           \
+  TORCH_CHECK_VALUE((t_).size(dim_) == (want_), name ": expected " what " = ", (want_), " in dim ", (dim_), \
+                    ", got shape ", (t_).sizes())
+#define CHECK_DTYPE(t, name)                                                                                 \
+  TORCH_CHECK_TYPE(engine_dtype_ok((t).scalar_type()),                                                     \
+                   name ": expected a float32/float16/bfloat16 CUDA tensor (float64 runs the reference), got ", \
+                   (t).scalar_type())
+#define CHECK_LABEL_DTYPE(t, name)                                                                      \
+  TORCH_CHECK_TYPE((t).scalar_type() == at::kLong || (t).scalar_type() == at::kInt,                    \
+                   name ": expected an int64 or int32 tensor of class indices, got ", (t).scalar_type())
+#define CHECK_CONTIGUOUS(t, name) TORCH_CHECK((t).is_contiguous(), name ": internal error, expected contiguous")
+
+namespace magloss {
+namespace {
+
+using engine::DType;
+
+bool engine_dtype_ok(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; }
+
+DType to_engine(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::F32;
+    case at::kHalf: return DType::F16;
+    case at::kBFloat16: return DType::BF16;
+    default: break;
+  }
+  TORCH_CHECK_TYPE(false, "magloss: unsupported dtype ", t);
+  return DType::F32;  // unreachable
+}
+
+bool env_flag(const char* name, bool dflt) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return dflt;
+  const std::string s(v);
+  if (s == "0" || s == "false" || s == "False" || s == "no" || s == "off") return false;
+  return true;
+}
+
+MarginParams make_params(int64_t kind, double scale, double m1, double m2, double m3, double l_a, double u_a,
+                         double l_m, double u_m, bool easy_margin, bool straight_through) {
+  TORCH_CHECK_VALUE(kind >= 0 && kind <= 3, "kind: unknown margin family ", kind);
+  MarginParams p;
+  p.kind = static_cast<int>(kind);
+  p.scale = static_cast<float>(scale);
+  p.m1 = static_cast<float>(m1);
+  p.m2 = static_cast<float>(m2);
+  p.m3 = static_cast<float>(m3);
+  p.l_a = static_cast<float>(l_a);
+  p.u_a = static_cast<float>(u_a);
+  p.l_m = static_cast<float>(l_m);
+  p.u_m = static_cast<float>(u_m);
+  p.easy_margin = easy_margin;
+  p.straight_through = straight_through;
+  return p;
+}
+
+// Argument checks shared by both entry points; returns nothing, raises on failure.
+void check_operands(const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels) {
+  CHECK_CUDA(x, "embeddings");
+  CHECK_SAME_DEVICE(w, x, "weight");
+  CHECK_SAME_DEVICE(labels, x, "labels");
+  CHECK_DTYPE(x, "embeddings");
+  CHECK_DTYPE(w, "weight");
+  TORCH_CHECK_TYPE(x.scalar_type() == w.scalar_type(), "embeddings, weight: expected the same dtype, got ",
+                   x.scalar_type(), " and ", w.scalar_type(), " (cast one, or run under torch.autocast)");
+  CHECK_LABEL_DTYPE(labels, "labels");
+  CHECK_DIM(x, 2, "embeddings", "[B, D]");
+  CHECK_DIM(w, 2, "weight", "[C, D]");
+  CHECK_DIM(labels, 1, "labels", "[B]");
+  TORCH_CHECK_VALUE(w.size(0) > 0, "weight: expected at least one class, got C = 0");
+  CHECK_SIZE(x, 1, w.size(1), "embeddings", "embedding size D");
+  CHECK_SIZE(labels, 0, x.size(0), "labels", "one label per embedding row, B");
+  TORCH_CHECK_VALUE(x.size(0) < engine::FLAG_CLEAR, "embeddings: at most ", engine::FLAG_CLEAR - 1,
+                    " rows are supported, got ", x.size(0));
+  TORCH_CHECK_VALUE(w.size(0) < engine::FLAG_CLEAR, "weight: at most ", engine::FLAG_CLEAR - 1,
+                    " classes are supported, got ", w.size(0));
+}
+
+// SphereFace's lambda as a device float scalar (kept alive by the returned tensor), or undefined.
+at::Tensor lambda_tensor(int64_t kind, const std::optional<at::Tensor>& sphere_lambda, const at::Tensor& x) {
+  if (kind != SPHERE) return at::Tensor();
+  TORCH_CHECK_VALUE(sphere_lambda.has_value() && sphere_lambda->defined(),
+                    "sphere_lambda: SphereFace needs the annealing weight lambda");
+  TORCH_CHECK_VALUE(sphere_lambda->numel() == 1, "sphere_lambda: expected a 0-d tensor, got shape ",
+                    sphere_lambda->sizes());
+  return sphere_lambda->to(x.device(), at::kFloat).reshape({1}).contiguous();
+}
+
+// The plain-fp32 product path: forced by MAGLOSS_FORCE_SIMT, or a GPU without tensor cores.
+// Restores the CUDA matmul fp32 precision setting on scope exit.
+class SimtScope {
+ public:
+  explicit SimtScope(bool on) : on_(on) {
+    if (!on_) return;
+    auto& ctx = at::globalContext();
+    saved_ = ctx.float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL);
+    ctx.setFloat32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL, at::Float32Precision::IEEE);
+  }
+  ~SimtScope() {
+    if (on_) at::globalContext().setFloat32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL, saved_);
+  }
+  SimtScope(const SimtScope&) = delete;
+  SimtScope& operator=(const SimtScope&) = delete;
+
+ private:
+  bool on_;
+  at::Float32Precision saved_ = at::Float32Precision::NONE;
+};
+
+// S = x @ w_chunk^T as fp32 into `tile` ([B, n], contiguous). x_gemm is x itself, or x in
+// fp32 on the SIMT path (then w_chunk is up-cast per chunk into w32, returned for reuse).
+void raw_dots(at::Tensor& tile, const at::Tensor& x_gemm, const at::Tensor& w_chunk, bool simt, at::Tensor* w32) {
+  if (simt) {
+    *w32 = w_chunk.scalar_type() == at::kFloat ? w_chunk : w_chunk.to(at::kFloat);
+    at::mm_out(tile, x_gemm, w32->t());
+  } else if (w_chunk.scalar_type() == at::kFloat) {
+    at::mm_out(tile, x_gemm, w_chunk.t());  // honours torch.backends.cuda.matmul TF32 settings
+  } else {
+    at::mm_out(tile, x_gemm, w_chunk.t(), at::kFloat);  // aten::mm.dtype_out: half in, fp32 accumulate/out
+  }
+}
+
+// Input-check failure report (the reference's messages). flags_host: NUM_FLAGS int32.
+void raise_on_flags(const int32_t* f, const at::Tensor& labels, int64_t C, int64_t ignore_index) {
+  if (f[engine::FLAG_LABEL] != engine::FLAG_CLEAR) {
+    const int64_t row = f[engine::FLAG_LABEL];
+    const int64_t value = labels[row].item<int64_t>();
+    TORCH_CHECK_VALUE(false, "labels: expected class indices in [0, ", C, ") or ignore_index=", ignore_index,
+                      ", got ", value, " at row ", row);
+  }
+  if (f[engine::FLAG_EMBEDDINGS] != engine::FLAG_CLEAR) {
+    TORCH_CHECK_VALUE(false, "embeddings: contains NaN or Inf (row ", f[engine::FLAG_EMBEDDINGS], ")");
+  }
+  if (f[engine::FLAG_WEIGHT] != engine::FLAG_CLEAR) {
+    TORCH_CHECK_VALUE(false, "weight: contains NaN or Inf (row ", f[engine::FLAG_WEIGHT], ")");
+  }
+}
+
+// Views of one [K, B] fp32 workspace as the RowState arrays.
+struct Workspace {
+  at::Tensor f;    // [K, B] fp32
+  at::Tensor lab;  // [B] int64
+  float* row(int k) { return f.select(0, k).data_ptr<float>(); }
+};
+
+}  // namespace
+
+int64_t chunk_columns(int64_t B, int64_t C) {
+  int64_t n = 0;
+  if (const char* v = std::getenv("MAGLOSS_CHUNK")) {
+    char* end = nullptr;
+    const long long parsed = std::strtoll(v, &end, 10);
+    TORCH_CHECK_VALUE(end != v && *end == '\0' && parsed > 0, "MAGLOSS_CHUNK: expected a positive integer, got '",
+                      v, "'");
+    n = parsed;
+  } else {
+    constexpr int64_t kTileBudget = int64_t{1} << 22;  // fp32 elements of the B x n tile (16 MiB)
+    n = kTileBudget / std::max<int64_t>(B, 1);
+    n = std::max<int64_t>(n, 1024);
+    n = (n + 255) / 256 * 256;
+  }
+  return std::max<int64_t>(std::min<int64_t>(n, C), 1);
+}
+
+bool simt_path(int64_t device_index) {
+  if (env_flag("MAGLOSS_FORCE_SIMT", false)) return true;
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, static_cast<int>(device_index)));
+  return major < 7;  // no tensor cores before Volta
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_ce_cuda(
+    const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& labels,
+    const std::optional<at::Tensor>& sphere_lambda, int64_t kind, double scale, double m1, double m2, double m3,
+    double l_a, double u_a, double l_m, double u_m, bool easy_margin, bool straight_through, int64_t ignore_index) {
+  check_operands(embeddings, weight, labels);
+  const MarginParams params = make_params(kind, scale, m1, m2, m3, l_a, u_a, l_m, u_m, easy_margin, straight_through);
+  const c10::cuda::CUDAGuard device_guard(embeddings.device());
+  // Internal products must be neither recorded by autograd nor re-cast by autocast.
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+
+  const int64_t B = embeddings.size(0), D = embeddings.size(1), C = weight.size(0);
+  const auto fopt = embeddings.options().dtype(at::kFloat);
+  at::Tensor lse = at::empty({B}, fopt), zy = at::empty({B}, fopt), reg = at::empty({B}, fopt),
+             norms = at::empty({B}, fopt);
+  if (B == 0) return {lse, zy, reg, norms};
+
+  // Non-contiguous inputs are accepted and copied once here (the reference accepts any strides).
+  const at::Tensor x = embeddings.contiguous(), w = weight.contiguous(), lab_in = labels.contiguous();
+  CHECK_CONTIGUOUS(x, "embeddings");
+  CHECK_CONTIGUOUS(w, "weight");
+  const at::Tensor lam = lambda_tensor(kind, sphere_lambda, x);
+  const DType dt = to_engine(x.scalar_type());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+
+  at::Tensor colr = at::empty({2, C}, fopt);  // r_j, ||w_j||
+  float* r = colr.select(0, 0).data_ptr<float>();
+  float* wnorm = colr.select(0, 1).data_ptr<float>();
+  at::Tensor flags = at::full({engine::NUM_FLAGS}, engine::FLAG_CLEAR, x.options().dtype(at::kInt));
+  Workspace ws{at::empty({7, B}, fopt), at::empty({B}, x.options().dtype(at::kLong))};
+  engine::RowState rows{};
+  rows.a = norms.data_ptr<float>();
+  rows.inv_a = ws.row(0);
+  rows.scale = ws.row(1);
+  rows.cy = ws.row(2);
+  rows.zlab = ws.row(3);
+  rows.dpsi_dc = ws.row(4);
+  rows.dpsi_da = ws.row(5);
+  rows.run_sum = ws.row(6);
+  rows.run_max = lse.data_ptr<float>();  // becomes lse in place at the end
+  rows.lab = ws.lab.data_ptr<int64_t>();
+  rows.zy = zy.data_ptr<float>();
+  rows.reg = reg.data_ptr<float>();
+
+  engine::launch_col_norms(dt, w.data_ptr(), C, D, r, wnorm, flags.data_ptr<int32_t>(), stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  engine::launch_row_stage(dt, x.data_ptr(), w.data_ptr(), lab_in.data_ptr(), lab_in.scalar_type() == at::kLong,
+                           B, C, D, ignore_index, params, lam.defined() ? lam.data_ptr<float>() : nullptr, r, rows,
+                           /*backward=*/false, flags.data_ptr<int32_t>(), stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  // Input check (docs/cuda.md, "Label and value checks"): one 16-byte device-to-host copy, i.e. a
+  // stream sync, unless MAGLOSS_CHECK_INPUTS=0 or the stream is being captured into a CUDA graph.
+  // Without it a bad label never reads or writes out of bounds: the row gets lse = NaN.
+  if (env_flag("MAGLOSS_CHECK_INPUTS", true) &&
+      c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None) {
+    const at::Tensor host = flags.to(at::kCPU);
+    raise_on_flags(host.data_ptr<int32_t>(), lab_in, C, ignore_index);
+  }
+
+  const bool simt = simt_path(x.get_device());
+  SimtScope simt_scope(simt);
+  const at::Tensor x_gemm = simt ? x.to(at::kFloat) : x;
+  const int64_t N = chunk_columns(B, C);
+  at::Tensor tile_store = at::empty({B * N}, fopt);
+  at::Tensor w32;
+  for (int64_t j0 = 0; j0 < C; j0 += N) {
+    const int64_t n = std::min<int64_t>(N, C - j0);
+    at::Tensor tile = tile_store.narrow(0, 0, B * n).view({B, n});
+    raw_dots(tile, x_gemm, w.narrow(0, j0, n), simt, &w32);
+    engine::launch_forward_epilogue(tile.data_ptr<float>(), B, n, j0, r, rows, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  engine::launch_forward_finalize(B, rows, lse.data_ptr<float>(), stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {lse, zy, reg, norms};
+}
+
+std::tuple<at::Tensor, at::Tensor> margin_ce_backward_cuda(
+    const at::Tensor& grad_lse, const at::Tensor& grad_zy, const at::Tensor& grad_reg, const at::Tensor& grad_norms,
+    const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& lse,
+    const at::Tensor& norms, const std::optional<at::Tensor>& sphere_lambda, int64_t kind, double scale, double m1,
+    double m2, double m3, double l_a, double u_a, double l_m, double u_m, bool easy_margin, bool straight_through,
+    int64_t ignore_index) {
+  check_operands(embeddings, weight, labels);
+  const int64_t B = embeddings.size(0), D = embeddings.size(1), C = weight.size(0);
+  const std::pair<const at::Tensor*, const char*> row_args[] = {
+      {&grad_lse, "grad_lse"}, {&grad_zy, "grad_zy"}, {&grad_reg, "grad_reg"},
+      {&grad_norms, "grad_norms"}, {&lse, "lse"}, {&norms, "norms"}};
+  for (const auto& [t, name] : row_args) {
+    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == B, name, ": expected shape [", B, "], got ", t->sizes());
+    TORCH_CHECK_VALUE(t->device() == embeddings.device(), name, ": expected device ", embeddings.device(), ", got ",
+                      t->device());
+    TORCH_CHECK_TYPE(t->is_floating_point(), name, ": expected a float tensor, got ", t->scalar_type());
+  }
+  const MarginParams params = make_params(kind, scale, m1, m2, m3, l_a, u_a, l_m, u_m, easy_margin, straight_through);
+  const c10::cuda::CUDAGuard device_guard(embeddings.device());
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+
+  if (B == 0) {
+    return {at::empty({0, D}, embeddings.options()), at::zeros({C, D}, weight.options())};
+  }
+  const at::Tensor x = embeddings.contiguous(), w = weight.contiguous(), lab_in = labels.contiguous();
+  CHECK_CONTIGUOUS(x, "embeddings");
+  CHECK_CONTIGUOUS(w, "weight");
+  const at::Tensor lam = lambda_tensor(kind, sphere_lambda, x);
+  const DType dt = to_engine(x.scalar_type());
+  const bool half = dt != DType::F32;
+  const bool sbn = scale_by_norm(params);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const auto fopt = x.options().dtype(at::kFloat);
+  auto as_f32 = [](const at::Tensor& t) { return t.to(at::kFloat).contiguous(); };
+  const at::Tensor gl = as_f32(grad_lse), gz = as_f32(grad_zy), gr = as_f32(grad_reg), gn = as_f32(grad_norms),
+                   lse_f = as_f32(lse);
+
+  at::Tensor colr = at::empty({2, C}, fopt);
+  float* r = colr.select(0, 0).data_ptr<float>();
+  float* wnorm = colr.select(0, 1).data_ptr<float>();
+  at::Tensor flags = at::full({engine::NUM_FLAGS}, engine::FLAG_CLEAR, x.options().dtype(at::kInt));
+  Workspace ws{at::empty({12, B}, fopt), at::empty({B}, x.options().dtype(at::kLong))};
+  engine::RowState rows{};
+  rows.a = ws.row(0);
+  rows.inv_a = ws.row(1);
+  rows.scale = ws.row(2);
+  rows.cy = ws.row(3);
+  rows.zlab = ws.row(4);
+  rows.dpsi_dc = ws.row(5);
+  rows.dpsi_da = ws.row(6);
+  rows.dz_y = ws.row(7);
+  rows.g_y = ws.row(8);
+  rows.grad_a = ws.row(9);
+  rows.gc_row = ws.row(10);
+  rows.sph = ws.row(11);
+  rows.lab = ws.lab.data_ptr<int64_t>();
+  rows.grad_lse = gl.data_ptr<float>();
+  rows.grad_zy = gz.data_ptr<float>();
+  rows.grad_reg = gr.data_ptr<float>();
+  rows.grad_norms = gn.data_ptr<float>();
+  rows.lse = lse_f.data_ptr<float>();
+
+  // The saved `norms` is not read: a_i is recomputed from x, exactly as the reference does.
+  engine::launch_col_norms(dt, w.data_ptr(), C, D, r, wnorm, flags.data_ptr<int32_t>(), stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  engine::launch_row_stage(dt, x.data_ptr(), w.data_ptr(), lab_in.data_ptr(), lab_in.scalar_type() == at::kLong,
+                           B, C, D, ignore_index, params, lam.defined() ? lam.data_ptr<float>() : nullptr, r, rows,
+                           /*backward=*/true, flags.data_ptr<int32_t>(), stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  const bool simt = simt_path(x.get_device());
+  SimtScope simt_scope(simt);
+  const at::Tensor x_gemm = simt ? x.to(at::kFloat) : x;
+  // xhat for the dW product: fp32 (fp32 inputs or SIMT), else the input dtype (fp32 accumulation).
+  const bool half_products = half && !simt;
+  at::Tensor xhat = at::empty({B, D}, half_products ? x.options() : fopt);
+  engine::launch_normalize_rows(dt, x.data_ptr(), B, D, rows.inv_a, half_products ? dt : DType::F32,
+                                xhat.data_ptr(), stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  at::Tensor g_xhat = at::zeros({B, D}, fopt);
+  at::Tensor grad_w = at::empty({C, D}, w.options());  // every row is written exactly once below
+  const int64_t N = chunk_columns(B, C);
+  at::Tensor tile_store = at::empty({B * N}, fopt);
+  at::Tensor t_store = half_products ? at::empty({B * N}, x.options()) : at::Tensor();
+  at::Tensor p_store = half ? at::empty({N * D}, fopt) : at::Tensor();  // fp32 P for half grad_w
+  at::Tensor w32;
+  for (int64_t j0 = 0; j0 < C; j0 += N) {
+    const int64_t n = std::min<int64_t>(N, C - j0);
+    const at::Tensor w_chunk = w.narrow(0, j0, n);
+    at::Tensor tile = tile_store.narrow(0, 0, B * n).view({B, n});
+    raw_dots(tile, x_gemm, w_chunk, simt, &w32);
+    at::Tensor t = half_products ? t_store.narrow(0, 0, B * n).view({B, n}) : tile;  // T = G * r
+    engine::launch_backward_epilogue(tile.data_ptr<float>(), t.data_ptr(), half_products ? dt : DType::F32, B, n,
+                                     j0, r, rows, sbn, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    // dL/dxhat += T @ W_chunk  ([B, n] @ [n, D]), fp32 accumulation into g_xhat.
+    if (simt) {
+      g_xhat.addmm_(t, w32);
+    } else if (half_products) {
+      at::addmm_out(g_xhat, g_xhat, t, w_chunk, at::kFloat);
+    } else {
+      g_xhat.addmm_(t, w_chunk);
+    }
+    // P = T^T @ xhat ([n, B] @ [B, D]) -> fp32, then the column correction writes dW_chunk.
+    at::Tensor p = half ? p_store.narrow(0, 0, n * D).view({n, D}) : grad_w.narrow(0, j0, n);
+    if (half_products) {
+      at::mm_out(p, t.t(), xhat, at::kFloat);
+    } else {
+      at::mm_out(p, t.t(), xhat);
+    }
+    engine::launch_column_correction(dt, p.data_ptr<float>(), w.data_ptr(), r, wnorm, n, j0, D, grad_w.data_ptr(),
+                                     stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  at::Tensor grad_x = at::empty({B, D}, x.options());
+  engine::launch_row_chain(dt, x.data_ptr(), g_xhat.data_ptr<float>(), B, D, rows, sbn, grad_x.data_ptr(), stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {grad_x, grad_w};
+}
+
+}  // namespace magloss

@@ -1,0 +1,38 @@
+// The torch boundary of the fused engine: the CUDA kernels of magloss::margin_ce and
+// magloss::margin_ce_backward (see magloss/ops.py for the schemas; the argument order and
+// types here mirror them exactly). Implemented in margin_ce.cpp, bound in bindings.cpp.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <tuple>
+
+#include <ATen/core/Tensor.h>
+
+namespace magloss {
+
+/// (lse, zy, reg, norms), each [B] float32: see magloss.reference.margin_ce_rows.
+/// embeddings [B, D] and weight [C, D]: CUDA, float32/float16/bfloat16, same dtype;
+/// labels [B] int64/int32; sphere_lambda: 0-d float tensor (SphereFace only).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_ce_cuda(
+    const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& labels,
+    const std::optional<at::Tensor>& sphere_lambda, int64_t kind, double scale, double m1, double m2, double m3,
+    double l_a, double u_a, double l_m, double u_m, bool easy_margin, bool straight_through, int64_t ignore_index);
+
+/// (grad_embeddings [B, D], grad_weight [C, D]) in the input dtypes: see
+/// magloss.reference.margin_ce_backward. lse is the forward's saved statistic.
+std::tuple<at::Tensor, at::Tensor> margin_ce_backward_cuda(
+    const at::Tensor& grad_lse, const at::Tensor& grad_zy, const at::Tensor& grad_reg, const at::Tensor& grad_norms,
+    const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& lse,
+    const at::Tensor& norms, const std::optional<at::Tensor>& sphere_lambda, int64_t kind, double scale, double m1,
+    double m2, double m3, double l_a, double u_a, double l_m, double u_m, bool easy_margin, bool straight_through,
+    int64_t ignore_index);
+
+/// The class-chunk width the engine would use for B rows and C classes (MAGLOSS_CHUNK or the
+/// default bound of 2^22 fp32 tile elements), exposed for tests and benchmarks.
+int64_t chunk_columns(int64_t B, int64_t C);
+
+/// Whether the next call on `device_index` takes the plain-fp32 (SIMT) path.
+bool simt_path(int64_t device_index);
+
+}  // namespace magloss
