@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, Optional
 
-__all__ = ["extension_status", "register_cuda_kernels"]
+__all__ = ["extension_status", "register_cuda_kernels", "fused_chunk_columns"]
 
 _C: Optional[Any] = None
 _reason: str
@@ -28,17 +28,66 @@ else:
                   "`pip install --no-build-isolation .` to build it"
 
 
+def _is_f64(*tensors) -> bool:
+    import torch
+
+    return any(t.dtype == torch.float64 for t in tensors)
+
+
+def _spec_and_index(params):
+    # params = (kind, scale, m1, m2, m3, l_a, u_a, l_m, u_m, easy_margin, straight_through, ignore_index),
+    # produced by a validated MarginSpec (ops._spec does the same without re-validating).
+    from .margins import MarginSpec
+
+    return MarginSpec(*params[:11]), params[11]
+
+
+def _cuda_margin_ce(embeddings, weight, labels, sphere_lambda, *params):
+    """"cuda" kernel of magloss::margin_ce: the fused engine for fp32/fp16/bf16, the
+    reference engine for float64 (the fused kernels are fp32-math only)."""
+    if _is_f64(embeddings, weight):
+        from . import reference
+
+        spec, ignore_index = _spec_and_index(params)
+        outs = reference.margin_ce_forward(embeddings, weight, labels, spec, ignore_index, sphere_lambda)
+        return tuple(o.contiguous() for o in outs)
+    return _C.margin_ce(embeddings, weight, labels, sphere_lambda, *params)
+
+
+def _cuda_margin_ce_backward(grad_lse, grad_zy, grad_reg, grad_norms, embeddings, weight, labels, lse, norms,
+                             sphere_lambda, *params):
+    """"cuda" kernel of magloss::margin_ce_backward (float64 -> reference, as the forward)."""
+    if _is_f64(embeddings, weight):
+        from . import reference
+
+        spec, ignore_index = _spec_and_index(params)
+        return reference.margin_ce_backward(grad_lse, grad_zy, grad_reg, grad_norms, embeddings, weight, labels,
+                                            lse, spec, ignore_index, sphere_lambda)
+    return _C.margin_ce_backward(grad_lse, grad_zy, grad_reg, grad_norms, embeddings, weight, labels, lse, norms,
+                                 sphere_lambda, *params)
+
+
 def register_cuda_kernels(fwd_op, bwd_op) -> bool:
     """Register the fused kernels as the "cuda" implementation of the two custom ops.
 
     Returns True when registered; without the extension the reference stays the CUDA
-    kernel too and this returns False.
+    kernel too and this returns False. float64 CUDA inputs are routed to the reference
+    engine by the registered wrappers (docs/cuda.md).
     """
     if _C is None or not hasattr(_C, "margin_ce"):
         return False
-    fwd_op.register_kernel("cuda")(_C.margin_ce)
-    bwd_op.register_kernel("cuda")(_C.margin_ce_backward)
+    fwd_op.register_kernel("cuda")(_cuda_margin_ce)
+    bwd_op.register_kernel("cuda")(_cuda_margin_ce_backward)
     return True
+
+
+def fused_chunk_columns(batch: int, num_classes: int) -> Optional[int]:
+    """The class-chunk width the fused engine uses for this shape (honours MAGLOSS_CHUNK),
+    or None without the extension. Peak extra memory of the fused op is about
+    batch x chunk x 4 bytes (x 1.5 for fp16/bf16), independent of num_classes beyond that."""
+    if _C is None or not hasattr(_C, "chunk_columns"):
+        return None
+    return int(_C.chunk_columns(int(batch), int(num_classes)))
 
 
 def extension_status() -> Dict[str, Any]:
