@@ -1,0 +1,170 @@
+"""Checkpoints of the class matrix that reshard: written by N ranks, read by any M (or 1).
+
+Format: a directory holding one file per writing rank and an index::
+
+    path/meta.json                   {"format", "num_classes", "embedding_size", "world_size",
+                                      "shards": [{"file", "start", "end"}, ...], "extra": {...}}
+    path/shard-00000-of-00002.pt     {"start", "end", "weight": [C_r, D], "optim": {...}}
+
+Each shard file holds the global rows [start, end) of W and, if an optimizer was given,
+the optimizer state that belongs to ``weight``: per-class tensors (those shaped like
+``weight``: SGD momentum, Adam's exp_avg / exp_avg_sq, ...) are sliced by rows like W;
+anything else (Adam's ``step``, ...) is replicated. Loading reads only the files that
+overlap the rows the loading rank owns (memory-mapped) and slices them, so a checkpoint
+written by 2 ranks loads on 3 ranks, on 1 rank, or into a single-process
+:class:`magloss.MarginLoss` without any process group. Values are copied bit for bit.
+
+The head's replicated counters (Partial FC ``step``, SphereFace ``iteration``) are
+stored in ``meta.json`` under "extra" and restored when the head has them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+__all__ = ["save_class_matrix", "load_class_matrix", "load_full"]
+
+FORMAT = "magloss.class_matrix/1"
+_META = "meta.json"
+_EXTRA = ("step", "iteration")
+
+
+def _layout(head) -> Tuple[Tensor, int, int, int, int, int, object]:
+    """(weight, start, end, num_classes, rank, world, group) of a sharded or plain head."""
+    if isinstance(head, nn.Parameter):
+        weight, n = head, head.shape[0]
+        return weight, 0, n, n, 0, 1, None
+    weight = getattr(head, "weight", None)
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        raise TypeError(f"head: expected a loss module with a 2-D `weight` (or the Parameter itself), "
+                        f"got {type(head).__name__}")
+    if hasattr(head, "shard_start"):
+        return weight, head.shard_start, head.shard_end, head.num_classes, head.rank, head.world_size, head.group
+    n = weight.shape[0]
+    return weight, 0, n, n, 0, 1, None
+
+
+def _atomic_save(obj, path: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_class_matrix(path: str, head, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+    """Save the class matrix (and ``optimizer``'s state for it) under the directory ``path``.
+
+    head: a :class:`magloss.distributed.ShardedMarginLoss` (collective: every rank of its
+    group must call this with the same ``path`` on a shared file system; each writes its
+    rows), a single-process loss module with ``weight`` [C, D], or the Parameter itself
+    (call it on one process only). optimizer: optional; the state of ``head.weight`` is
+    saved (per-class tensors by rows, the rest replicated). Overwrites an earlier
+    checkpoint in ``path``; stale shard files of another world size are ignored on load.
+    """
+    weight, start, end, num_classes, rank, world, group = _layout(head)
+    os.makedirs(path, exist_ok=True)
+    name = f"shard-{rank:05d}-of-{world:05d}.pt"
+    entry = {"start": start, "end": end, "weight": weight.detach().cpu()}
+    if optimizer is not None:
+        state = optimizer.state.get(weight, {})
+        entry["optim"] = {k: (v.detach().cpu() if isinstance(v, Tensor) else v) for k, v in state.items()}
+        entry["optim_rows"] = [k for k, v in state.items() if isinstance(v, Tensor) and v.shape == weight.shape]
+    _atomic_save(entry, os.path.join(path, name))
+    if group is not None:
+        dist.barrier(group=group)
+    if rank == 0:
+        from .distributed.loss import shard_range
+
+        shards = []
+        for r in range(world):
+            s, e = shard_range(num_classes, world, r) if group is not None else (0, num_classes)
+            shards.append({"file": f"shard-{r:05d}-of-{world:05d}.pt", "start": s, "end": e})
+        extra = {k: int(getattr(head, k)) for k in _EXTRA if isinstance(getattr(head, k, None), Tensor)}
+        meta = {"format": FORMAT, "num_classes": num_classes, "embedding_size": int(weight.shape[1]),
+                "world_size": world, "has_optimizer": optimizer is not None, "shards": shards, "extra": extra}
+        tmp = os.path.join(path, f"{_META}.tmp{os.getpid()}")
+        with open(tmp, "w") as f:
+            json.dump(meta, f, indent=1)
+        os.replace(tmp, os.path.join(path, _META))
+    if group is not None:
+        dist.barrier(group=group)
+
+
+def _read_meta(path: str) -> Dict:
+    file = os.path.join(path, _META)
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"path: no class-matrix checkpoint at {path!r} (missing {_META})")
+    with open(file) as f:
+        meta = json.load(f)
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"path: unknown checkpoint format {meta.get('format')!r} (expected {FORMAT!r})")
+    return meta
+
+
+def _read_rows(path: str, meta: Dict, start: int, end: int, with_optim: bool):
+    """Rows [start, end) of W and of the per-class optimizer state, plus the replicated state."""
+    parts, optim_parts, replicated, row_keys = [], {}, None, None
+    for sh in meta["shards"]:
+        lo, hi = max(start, sh["start"]), min(end, sh["end"])
+        if lo >= hi:
+            continue
+        entry = torch.load(os.path.join(path, sh["file"]), map_location="cpu", mmap=True, weights_only=True)
+        a, b = lo - sh["start"], hi - sh["start"]
+        parts.append(entry["weight"][a:b])
+        if with_optim:
+            if row_keys is None:
+                row_keys = list(entry["optim_rows"])
+                replicated = {k: v for k, v in entry["optim"].items() if k not in row_keys}
+            for k in row_keys:
+                optim_parts.setdefault(k, []).append(entry["optim"][k][a:b])
+    weight = torch.cat(parts) if parts else None
+    optim = None
+    if with_optim:
+        optim = dict(replicated or {})
+        optim.update({k: torch.cat(v) for k, v in optim_parts.items()})
+    return weight, optim
+
+
+def load_class_matrix(path: str, head, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+    """Load the rows this process owns from a checkpoint of :func:`save_class_matrix`,
+    whatever world size wrote it.
+
+    head: as in :func:`save_class_matrix` (a sharded head loads rows
+    [shard_start, shard_end); a single-process head or Parameter loads all C rows and
+    needs no process group). ``head.weight`` is overwritten in place (its dtype and
+    device are kept). optimizer: if given, its state for ``head.weight`` is replaced by the
+    checkpoint's (rows sliced the same way, moved to the weight's device). Raises
+    ValueError when num_classes or embedding_size differ, or when an optimizer is given
+    but the checkpoint has no optimizer state.
+    """
+    weight, start, end, num_classes, _, _, _ = _layout(head)
+    meta = _read_meta(path)
+    if meta["num_classes"] != num_classes:
+        raise ValueError(f"head: the checkpoint has num_classes={meta['num_classes']}, the head {num_classes}")
+    if meta["embedding_size"] != weight.shape[1]:
+        raise ValueError(f"head: the checkpoint has embedding_size={meta['embedding_size']}, "
+                         f"the head {weight.shape[1]}")
+    if optimizer is not None and not meta.get("has_optimizer", False):
+        raise ValueError(f"optimizer: the checkpoint at {path!r} holds no optimizer state")
+    rows, optim = _read_rows(path, meta, start, end, optimizer is not None)
+    with torch.no_grad():
+        weight.copy_(rows)
+    if optimizer is not None:
+        optimizer.state[weight] = {
+            k: (v.to(weight.device) if isinstance(v, Tensor) and v.dim() > 0 else v) for k, v in optim.items()}
+    for k, v in meta.get("extra", {}).items():
+        buf = getattr(head, k, None)
+        if isinstance(buf, Tensor):
+            buf.fill_(v)
+
+
+def load_full(path: str) -> Tuple[Tensor, Optional[Dict]]:
+    """The whole class matrix [C, D] (CPU, saved dtype) and the optimizer state for it
+    (full per-class tensors plus the replicated entries; None if none was saved)."""
+    meta = _read_meta(path)
+    return _read_rows(path, meta, 0, meta["num_classes"], bool(meta.get("has_optimizer", False)))

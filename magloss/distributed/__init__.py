@@ -1,0 +1,44 @@
+"""Scaling past one GPU: class-sharded margin losses over ``torch.distributed`` and Partial FC.
+
+Usage under torchrun (NCCL on GPUs, gloo on CPU; see docs/distributed.md)::
+
+    torch.distributed.init_process_group("nccl")
+    head = magloss.distributed.ShardedArcFaceLoss(512, 10_000_000, sample_rate=0.1).cuda()
+    loss = head(magloss.distributed.undo_ddp_average(ddp_backbone(images)), labels)
+
+Checkpoints that reshard across world sizes: :mod:`magloss.checkpoint`.
+"""
+
+from .comm import gather_rows, gather_stats, sum_stats, undo_ddp_average
+from .loss import (
+    ShardedArcFaceLoss,
+    ShardedCombinedMarginLoss,
+    ShardedCosFaceLoss,
+    ShardedMagCosFaceLoss,
+    ShardedMagFaceLoss,
+    ShardedMarginLoss,
+    ShardedNormFaceLoss,
+    ShardedSphereFaceLoss,
+    shard,
+    shard_range,
+)
+from .partial_fc import sample_classes, sample_count
+
+__all__ = [
+    "ShardedArcFaceLoss",
+    "ShardedCombinedMarginLoss",
+    "ShardedCosFaceLoss",
+    "ShardedMagCosFaceLoss",
+    "ShardedMagFaceLoss",
+    "ShardedMarginLoss",
+    "ShardedNormFaceLoss",
+    "ShardedSphereFaceLoss",
+    "gather_rows",
+    "gather_stats",
+    "sample_classes",
+    "sample_count",
+    "shard",
+    "shard_range",
+    "sum_stats",
+    "undo_ddp_average",
+]

@@ -1,0 +1,196 @@
+"""Differentiable collectives for class-sharded heads, on ``torch.distributed``.
+
+Only torch.distributed's own collectives are used (NCCL on GPUs, gloo on CPU): this
+module adds the autograd rules a sharded loss needs and nothing else.
+
+* :func:`gather_rows` — all-gather of every rank's rows (uneven row counts allowed);
+  backward sums the row-gradients over ranks and returns each rank its own rows
+  (a reduce-scatter; all-reduce + slice where the backend has no reduce-scatter).
+* :func:`gather_stats` — all-gather of a per-row statistic ``[B]`` into ``[world, B]``
+  whose backward returns the own slice: valid because every rank computes the same
+  scalar loss from the gathered values, so rank r already holds ∂L/∂(its slice).
+* :func:`sum_stats` — all-reduce sum whose backward is the identity, by the same argument.
+* :func:`undo_ddp_average` — identity whose backward multiplies by the world size
+  (see docs/distributed.md, "DDP and the loss scale").
+
+Contract for the last two: every rank must backpropagate the same scalar (the sharded
+loss, or one identical function of it). That holds for the losses of
+:mod:`magloss.distributed`, which return the same value on every rank.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = [
+    "REDUCE_SCATTER_BACKENDS",
+    "require_group",
+    "comm_device",
+    "all_gather_sizes",
+    "gather_rows",
+    "gather_stats",
+    "sum_stats",
+    "undo_ddp_average",
+]
+
+#: Backends whose backward of :func:`gather_rows` uses ``dist.reduce_scatter``; the
+#: others (gloo, whose CPU reduce-scatter is missing in some torch versions) use
+#: ``all_reduce`` and keep their own slice. Same result, twice the bytes.
+REDUCE_SCATTER_BACKENDS = ("nccl",)
+
+
+def require_group(group=None):
+    """Return ``group`` (default: the WORLD group) or raise RuntimeError when torch.distributed
+    is unavailable or not initialized."""
+    if not dist.is_available():
+        raise RuntimeError("group: torch.distributed is not available in this build of PyTorch")
+    if not dist.is_initialized():
+        raise RuntimeError(
+            "group: the default torch.distributed process group is not initialized; call "
+            "torch.distributed.init_process_group(backend='nccl' or 'gloo') first (torchrun sets "
+            "RANK/WORLD_SIZE/MASTER_ADDR for it), or use the single-process magloss losses")
+    return group if group is not None else dist.group.WORLD
+
+
+def comm_device(group, fallback: Optional[torch.device] = None) -> torch.device:
+    """The device collective buffers must live on: the current CUDA device for NCCL, else
+    ``fallback`` (or CPU)."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return fallback if fallback is not None else torch.device("cpu")
+
+
+def all_gather_sizes(n: int, group, device: torch.device) -> List[int]:
+    """All-gather one Python int per rank; returns the list in rank order."""
+    world = dist.get_world_size(group)
+    mine = torch.tensor([n], dtype=torch.int64, device=device)
+    out = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(out, mine, group=group)
+    return [int(t.item()) for t in out]
+
+
+def _gather_padded(t: Tensor, sizes: Sequence[int], group) -> Tensor:
+    """All-gather tensors of ``sizes[r]`` rows (same trailing shape); concatenate in rank order."""
+    world = len(sizes)
+    if world == 1:
+        return t
+    n_max = max(sizes)
+    pad = t.new_zeros((n_max,) + tuple(t.shape[1:]))
+    pad[: t.shape[0]] = t
+    out = [torch.empty_like(pad) for _ in range(world)]
+    dist.all_gather(out, pad.contiguous(), group=group)
+    return torch.cat([o[:n] for o, n in zip(out, sizes)], dim=0)
+
+
+class _GatherRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, sizes: Sequence[int], group) -> Tensor:
+        ctx.sizes, ctx.group = list(sizes), group
+        return _gather_padded(x, ctx.sizes, group)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        sizes, group = ctx.sizes, ctx.group
+        world, rank = len(sizes), dist.get_rank(group)
+        if world == 1:
+            return grad, None, None
+        start = sum(sizes[:rank])
+        grad = grad.clone(memory_format=torch.contiguous_format)   # never reduce autograd's buffer in place
+        if dist.get_backend(group) in REDUCE_SCATTER_BACKENDS:
+            n_max = max(sizes)
+            chunks, s = [], 0
+            for n in sizes:
+                c = grad.new_zeros((n_max,) + tuple(grad.shape[1:]))
+                c[:n] = grad[s: s + n]
+                chunks.append(c)
+                s += n
+            out = torch.empty_like(chunks[0])
+            dist.reduce_scatter(out, chunks, op=dist.ReduceOp.SUM, group=group)
+            return out[: sizes[rank]], None, None
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=group)
+        return grad[start: start + sizes[rank]].clone(), None, None
+
+
+def gather_rows(x: Tensor, sizes: Sequence[int], group=None) -> Tensor:
+    """Differentiable all-gather of rows.
+
+    x: [B_r, ...] on rank r (any dtype; float for gradients), with ``sizes[r] = B_r``
+    gathered beforehand (:func:`all_gather_sizes`). Returns [Σ_r B_r, ...], rank 0's rows
+    first. Backward: ∂L/∂x_r = Σ_q (∂L_q/∂x_all)[rows of r], summed over ranks q.
+    """
+    group = require_group(group)
+    if x.shape[0] != sizes[dist.get_rank(group)]:
+        raise ValueError(f"x: expected {sizes[dist.get_rank(group)]} rows (sizes), got {x.shape[0]}")
+    if not x.requires_grad:
+        return _gather_padded(x, list(sizes), group)
+    return _GatherRows.apply(x, list(sizes), group)
+
+
+class _GatherStats(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, v: Tensor, group) -> Tensor:
+        ctx.rank = dist.get_rank(group)
+        out = [torch.empty_like(v) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(out, v.contiguous(), group=group)
+        return torch.stack(out)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad[ctx.rank], None
+
+
+def gather_stats(v: Tensor, group=None) -> Tensor:
+    """All-gather a per-row statistic: v [B] on every rank -> [world, B].
+
+    Backward returns rank r the row r of the incoming gradient (no communication):
+    exact when every rank backpropagates the same scalar function of the result.
+    """
+    return _GatherStats.apply(v, require_group(group))
+
+
+class _SumStats(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, v: Tensor, group) -> Tensor:
+        out = v.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None
+
+
+def sum_stats(v: Tensor, group=None) -> Tensor:
+    """All-reduce sum Σ_r v_r of a [B] statistic; backward is the identity (same contract
+    as :func:`gather_stats`)."""
+    return _SumStats.apply(v, require_group(group))
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, factor: float) -> Tensor:
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad * ctx.factor, None
+
+
+def undo_ddp_average(embeddings: Tensor, group=None) -> Tensor:
+    """Identity in the forward; multiplies the gradient by the world size in the backward.
+
+    DistributedDataParallel averages parameter gradients over ranks. A sharded loss is
+    already the *global* loss on every rank, and its backward already returns rank r
+    ∂L/∂x_r exactly; DDP's averaging would then hand the backbone (1/world)·∂L/∂θ.
+    Feeding ``undo_ddp_average(backbone(images))`` to the sharded head makes DDP's
+    result exactly ∂L/∂θ of the global loss, while the head's own ∂L/∂W stays exact.
+
+    embeddings: [B_r, D] float. Returns a tensor equal to it.
+    """
+    group = require_group(group)
+    return _ScaleGrad.apply(embeddings, float(dist.get_world_size(group)))

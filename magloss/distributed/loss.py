@@ -1,0 +1,376 @@
+"""Class-sharded margin losses: model parallelism over classes, with optional Partial FC.
+
+Each rank of the process group owns a contiguous shard of the C classes
+(:func:`shard_range`: the first C mod world ranks get one extra class) and holds only
+those rows of the class matrix as its ``weight`` [C_r, D]. One step on rank r:
+
+1. all-gather every rank's embeddings and labels (uneven batch sizes allowed):
+   x_all [B, D], y_all [B] with B = Σ_q B_q, rank 0's rows first;
+2. map labels to the shard: y − start_r where start_r ≤ y < end_r, otherwise "no label
+   column here" (the op's ignore_index). ``valid = y_all != ignore_index`` is global, so
+   an ignored row and a row whose class lives on another shard stay different states;
+3. run the local engine ``magloss.ops.margin_ce`` (reference on CPU, fused kernels on
+   CUDA) on (x_all, W_r): per-row lse_r, zy_r, reg, norms — the logits never leave it;
+4. exchange per-row statistics only: lse = log Σ_r exp(lse_r) (all-gather of [B]),
+   zy = Σ_r zy_r (all-reduce of [B]);
+5. CE_i = lse_i − zy_i, then the single-process masking and reduction
+   (:func:`magloss.functional.reduce_rows`), λ_g·g(ã) included.
+
+The result is the same scalar on every rank and equals the single-process loss on the
+concatenated batch over all C classes. Backward: the op's saved local lse_r and the
+gradient exp(lse_r − lse) of the log-sum-exp give every rank the exact global softmax
+on its columns, so ∂L/∂W_r is complete locally; ∂L/∂x_all is partial per rank and is
+reduce-scattered back to the rows' owners. MagFace's g(ã) is identical on all ranks and
+its gradient flows from rank 0 only; m(a) acts only in the label column, which lives on
+one shard: both are counted once per sample. See docs/distributed.md.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .. import functional as MF
+from .. import losses, ops
+from ..margins import SPHERE, MarginSpec, sphere_lambda
+from .comm import all_gather_sizes, comm_device, gather_rows, gather_stats, require_group, sum_stats
+from .partial_fc import check_sample_rate, sample_classes, sampling_generator
+
+__all__ = [
+    "shard_range",
+    "ShardedMarginLoss",
+    "ShardedNormFaceLoss",
+    "ShardedCosFaceLoss",
+    "ShardedArcFaceLoss",
+    "ShardedCombinedMarginLoss",
+    "ShardedSphereFaceLoss",
+    "ShardedMagFaceLoss",
+    "ShardedMagCosFaceLoss",
+    "shard",
+]
+
+#: The op's ignore_index for rows without a label column on this shard (local labels are ≥ 0).
+_NO_LABEL = -1
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INTS = (torch.int64, torch.int32)
+
+
+def shard_range(num_classes: int, world_size: int, rank: int) -> Tuple[int, int]:
+    """Rows [start, end) of the class matrix owned by ``rank``.
+
+    np.array_split layout: C = q·world + e; ranks 0..e−1 own q + 1 classes, the others q;
+    shards are contiguous and in rank order. Raises ValueError if C < world_size.
+    """
+    if num_classes < world_size:
+        raise ValueError(f"num_classes: expected at least one class per rank (world size {world_size}), "
+                         f"got {num_classes}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank: expected 0 <= rank < {world_size}, got {rank}")
+    q, e = divmod(num_classes, world_size)
+    start = rank * q + min(rank, e)
+    return start, start + q + (1 if rank < e else 0)
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    return value
+
+
+class ShardedMarginLoss(nn.Module):
+    """Class-sharded margin loss over a torch.distributed process group (see module docstring).
+
+    Args:
+        embedding_size: D. num_classes: C, the *global* class count (same on every rank).
+        spec: the :class:`magloss.MarginSpec` of the loss family.
+        lambda_g: weight of MagFace's regularizer (ignored by families without one).
+        sphere_schedule: SphereFace's (base, gamma, power, lambda_min); λ is evaluated at
+            the buffer ``iteration``, advanced once per training-mode forward (as
+            :class:`magloss.SphereFaceLoss`).
+        sample_rate: Partial FC rate in (0, 1]; 1 (default) is the full loss. In training
+            mode each shard keeps its positives plus uniform negatives up to
+            ceil(rate·C_r) classes (:mod:`magloss.distributed.partial_fc`), drawn from
+            (seed, step, rank); in eval mode every class is used.
+        seed: seeds both the weight initialisation and the Partial FC sampling.
+        ignore_index, reduction: as the single-process losses.
+        group: the process group (default: WORLD). It must be initialized.
+        device, dtype: factory kwargs of ``weight``.
+
+    Attributes: ``weight`` [C_r, D] (this rank's shard), ``shard_start``/``shard_end``
+    (global rows [start, end)), ``step`` (buffer: Partial FC steps taken),
+    ``last_sample`` (global class indices kept by the last sampled forward, sorted int64,
+    or None), ``last_batch_sizes`` (rows per rank of the last forward).
+
+    forward(embeddings [B_r, D], labels [B_r], return_parts=False) -> the global loss,
+    identical on every rank: 0-d for 'mean'/'sum', [Σ_r B_r] in rank order for 'none',
+    float32 (float64 for float64 inputs), or a :class:`magloss.MagFaceOutput`. Every rank
+    must call forward (it is collective) and backpropagate the same scalar.
+    Under ``torch.autocast`` the embeddings and the used rows of W are cast to the
+    autocast dtype for the matrix products, as the single-process losses; the
+    statistics exchanged are float32.
+    """
+
+    def __init__(self, embedding_size: int, num_classes: int, spec: MarginSpec, *, lambda_g: float = 0.0,
+                 sphere_schedule: Optional[Tuple[float, float, float, float]] = None, sample_rate: float = 1.0,
+                 seed: int = 0, ignore_index: int = -1, reduction: str = "mean", group=None, device=None,
+                 dtype=None) -> None:
+        super().__init__()
+        self.group = require_group(group)
+        self.world_size = dist.get_world_size(self.group)
+        self.rank = dist.get_rank(self.group)
+        self.embedding_size = _positive_int("embedding_size", embedding_size)
+        self.num_classes = _positive_int("num_classes", num_classes)
+        if not isinstance(spec, MarginSpec):
+            raise TypeError(f"spec: expected a magloss.MarginSpec, got {type(spec).__name__}")
+        self.spec = spec
+        self.lambda_g = MF._check_lambda_g(lambda_g)
+        self.sample_rate = check_sample_rate(sample_rate)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
+        self.seed = seed
+        self.ignore_index = MF.check_ignore_index(ignore_index)
+        self.reduction = MF.check_reduction(reduction)
+        self.shard_start, self.shard_end = shard_range(num_classes, self.world_size, self.rank)
+        self._check_consistent()
+        self.weight = nn.Parameter(torch.empty(self.num_local, embedding_size, device=device, dtype=dtype))
+        self.register_buffer("step", torch.zeros((), dtype=torch.long, device=device))
+        self.sphere_schedule = None
+        if spec.kind == SPHERE:
+            self.sphere_schedule = tuple(float(v) for v in (sphere_schedule or (1000.0, 0.12, 1.0, 5.0)))
+            self.register_buffer("iteration", torch.zeros((), dtype=torch.long, device=device))
+        self.last_sample: Optional[Tensor] = None
+        self.last_batch_sizes: Optional[List[int]] = None
+        self.reset_parameters()
+
+    @property
+    def num_local(self) -> int:
+        """C_r = shard_end − shard_start, the classes this rank owns."""
+        return self.shard_end - self.shard_start
+
+    def _check_consistent(self) -> None:
+        """One all-gather at construction: every rank must agree on the configuration."""
+        s = self.spec
+        fields = [("num_classes", self.num_classes), ("embedding_size", self.embedding_size),
+                  ("sample_rate", self.sample_rate), ("seed", self.seed), ("ignore_index", self.ignore_index),
+                  ("reduction", MF.REDUCTIONS.index(self.reduction)), ("lambda_g", self.lambda_g),
+                  ("spec", hash(s.op_args()) % (1 << 50))]
+        dev = comm_device(self.group)
+        mine = torch.tensor([float(v) for _, v in fields], dtype=torch.float64, device=dev)
+        out = [torch.empty_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(out, mine, group=self.group)
+        table = torch.stack(out).cpu()
+        for j, (name, _) in enumerate(fields):
+            col = table[:, j]
+            if not bool((col == col[0]).all()):
+                vals = [int(v) if float(v).is_integer() else float(v) for v in col.tolist()]
+                what = "the margin hyperparameters" if name == "spec" else name
+                raise ValueError(f"{name}: expected the same {what} on every rank, got {vals} (in rank order)")
+
+    def reset_parameters(self) -> None:
+        """Rows ~ N(0, I) scaled to unit norm, from a generator seeded by (seed, shard_start):
+        distinct across shards, reproducible, and independent of the global RNG."""
+        if self.weight.device.type == "meta":
+            return
+        g = sampling_generator(self.seed, -1, self.shard_start)
+        w = torch.randn(self.weight.shape, generator=g, dtype=torch.float64)
+        w = w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        with torch.no_grad():
+            self.weight.copy_(w)
+
+    def current_lambda(self) -> Optional[Tensor]:
+        """SphereFace's λ at ``iteration`` (0-d float32), None for other families."""
+        if self.sphere_schedule is None:
+            return None
+        return sphere_lambda(self.iteration, *self.sphere_schedule)
+
+    def _check_local(self, embeddings: Tensor, labels: Tensor) -> None:
+        for name, t in (("embeddings", embeddings), ("labels", labels)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if embeddings.dtype not in _FLOATS:
+            raise TypeError(f"embeddings: expected a float16/bfloat16/float32/float64 tensor, got {embeddings.dtype}")
+        if labels.dtype not in _INTS:
+            raise TypeError(f"labels: expected an int64 or int32 tensor of class indices, got {labels.dtype}")
+        if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size:
+            raise ValueError(f"embeddings: expected shape [B, {self.embedding_size}], got {tuple(embeddings.shape)}")
+        if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
+            raise ValueError(f"labels: expected shape [{embeddings.shape[0]}] (one per embedding row), "
+                             f"got {tuple(labels.shape)}")
+        if embeddings.device != self.weight.device or labels.device != self.weight.device:
+            raise ValueError(f"embeddings, labels: expected the device of weight ({self.weight.device}), "
+                             f"got {embeddings.device} and {labels.device}")
+        autocast = embeddings.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(embeddings.device.type)
+        if embeddings.dtype != self.weight.dtype and not autocast:
+            raise TypeError(f"embeddings, weight: expected the same dtype, got {embeddings.dtype} and "
+                            f"{self.weight.dtype} (cast one, or run under torch.autocast)")
+
+    def _check_labels(self, labels_all: Tensor) -> None:
+        bad = (labels_all != self.ignore_index) & ((labels_all < 0) | (labels_all >= self.num_classes))
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(f"labels: expected class indices in [0, {self.num_classes}) or "
+                             f"ignore_index={self.ignore_index}, got {int(labels_all[i])} at global row {i}")
+
+    def _shard_weight(self, local: Tensor, on_shard: Tensor) -> Tuple[Tensor, Tensor]:
+        """The rows of W used this step and the labels remapped to them (Partial FC)."""
+        if not (self.training and self.sample_rate < 1.0):
+            self.last_sample = None
+            return self.weight, local
+        g = sampling_generator(self.seed, int(self.step), self.rank)
+        index = sample_classes(self.num_local, local[on_shard], self.sample_rate, g).to(local.device)
+        remap = torch.full((self.num_local,), _NO_LABEL, dtype=torch.int64, device=local.device)
+        remap[index] = torch.arange(index.numel(), device=local.device)
+        local = torch.where(on_shard, remap[local.clamp_min(0)], local)
+        self.last_sample = index + self.shard_start
+        self.step.add_(1)
+        return self.weight.index_select(0, index), local
+
+    def forward(self, embeddings: Tensor, labels: Tensor, return_parts: bool = False):
+        self._check_local(embeddings, labels)
+        group = self.group
+        sizes = all_gather_sizes(embeddings.shape[0], group, comm_device(group, embeddings.device))
+        self.last_batch_sizes = sizes
+        x_all = gather_rows(embeddings, sizes, group)
+        labels_all = gather_rows(labels.to(torch.int64), sizes, group)
+        self._check_labels(labels_all)
+
+        valid = labels_all != self.ignore_index
+        on_shard = valid & (labels_all >= self.shard_start) & (labels_all < self.shard_end)
+        local = torch.where(on_shard, labels_all - self.shard_start, torch.full_like(labels_all, _NO_LABEL))
+        weight, local = self._shard_weight(local, on_shard)
+
+        x_all, weight = MF._autocast(x_all, weight)
+        lam = self.current_lambda()
+        lse, zy, reg, norms = ops.margin_ce(x_all, weight, local, lam, *self.spec.op_args(), _NO_LABEL)
+        lse = torch.logsumexp(gather_stats(lse, group), dim=0)
+        zy = sum_stats(zy, group)
+        if self.rank != 0:          # g(ã) and ‖x‖ are replicated: let one rank carry their gradient
+            reg, norms = reg.detach(), norms.detach()
+        out = MF.reduce_rows(lse - zy, reg, norms, valid, self.spec, self.reduction, self.lambda_g, return_parts)
+        if self.training and self.sphere_schedule is not None:
+            self.iteration.add_(1)
+        return out
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
+                f"shard=[{self.shard_start}, {self.shard_end}) of world {self.world_size}, kind={s.kind}, "
+                f"scale={s.scale}, m1={s.m1}, m2={s.m2}, m3={s.m3}, lambda_g={self.lambda_g}, "
+                f"sample_rate={self.sample_rate}, ignore_index={self.ignore_index}, reduction={self.reduction!r}")
+
+
+# -- named losses: the single-process constructor validates, the shard keeps its spec ------------
+_SHARDED = {}
+
+
+def _from_prototype(cls, proto: losses.MarginLoss, *, sample_rate, seed, group, device, dtype):
+    self = cls.__new__(cls)
+    ShardedMarginLoss.__init__(
+        self, proto.embedding_size, proto.num_classes, proto.spec, lambda_g=getattr(proto, "lambda_g", 0.0),
+        sphere_schedule=getattr(proto, "schedule", None), sample_rate=sample_rate, seed=seed,
+        ignore_index=proto.ignore_index, reduction=proto.reduction, group=group, device=device, dtype=dtype)
+    return self
+
+
+class _Named(ShardedMarginLoss):
+    """Base of the named sharded losses: ``__init__`` takes exactly the arguments of the
+    single-process class ``_single`` plus ``sample_rate``, ``seed`` and ``group``."""
+
+    _single = losses.MarginLoss
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        _SHARDED[cls._single] = cls
+
+    def __init__(self, embedding_size: int, num_classes: int, *args, sample_rate: float = 1.0, seed: int = 0,
+                 group=None, device=None, dtype=None, **kwargs) -> None:
+        require_group(group)
+        # Build the single-process module on the meta device: it validates every argument
+        # (and warns, e.g. MagFace's λ_g bound) without allocating C×D.
+        proto = self._single(embedding_size, num_classes, *args, device="meta", **kwargs)
+        ShardedMarginLoss.__init__(
+            self, embedding_size, num_classes, proto.spec, lambda_g=getattr(proto, "lambda_g", 0.0),
+            sphere_schedule=getattr(proto, "schedule", None), sample_rate=sample_rate, seed=seed,
+            ignore_index=proto.ignore_index, reduction=proto.reduction, group=group, device=device, dtype=dtype)
+
+
+class ShardedNormFaceLoss(_Named):
+    """Sharded :class:`magloss.NormFaceLoss` (z = s·cos θ). Arguments: those of NormFaceLoss,
+    plus ``sample_rate``, ``seed``, ``group`` (see :class:`ShardedMarginLoss`)."""
+
+    _single = losses.NormFaceLoss
+
+
+class ShardedCosFaceLoss(_Named):
+    """Sharded :class:`magloss.CosFaceLoss` (ψ = cos θ − m). Arguments: those of CosFaceLoss,
+    plus ``sample_rate``, ``seed``, ``group``."""
+
+    _single = losses.CosFaceLoss
+
+
+class ShardedArcFaceLoss(_Named):
+    """Sharded :class:`magloss.ArcFaceLoss` (ψ = cos(θ + m)). Arguments: those of ArcFaceLoss,
+    plus ``sample_rate``, ``seed``, ``group``."""
+
+    _single = losses.ArcFaceLoss
+
+
+class ShardedCombinedMarginLoss(_Named):
+    """Sharded :class:`magloss.CombinedMarginLoss` (ψ = cos(m1·θ + m2) − m3). Arguments: those
+    of CombinedMarginLoss, plus ``sample_rate``, ``seed``, ``group``."""
+
+    _single = losses.CombinedMarginLoss
+
+
+class ShardedSphereFaceLoss(_Named):
+    """Sharded :class:`magloss.SphereFaceLoss` (A-Softmax, λ annealed by ``iteration``).
+    Arguments: those of SphereFaceLoss, plus ``sample_rate``, ``seed``, ``group``."""
+
+    _single = losses.SphereFaceLoss
+
+
+class ShardedMagFaceLoss(_Named):
+    """Sharded :class:`magloss.MagFaceLoss`: ψ = cos(θ + m(a)), loss = reduce(CE) + λ_g·reduce(g(ã)),
+    with m(a) and g(ã) counted once per sample. Arguments: those of MagFaceLoss, plus
+    ``sample_rate``, ``seed``, ``group``; ``forward(..., return_parts=True)`` as MagFaceLoss."""
+
+    _single = losses.MagFaceLoss
+
+
+class ShardedMagCosFaceLoss(_Named):
+    """Sharded :class:`magloss.MagCosFaceLoss` (ψ = cos θ − m(a)). Arguments: those of
+    MagCosFaceLoss, plus ``sample_rate``, ``seed``, ``group``."""
+
+    _single = losses.MagCosFaceLoss
+
+
+def shard(module: losses.MarginLoss, *, sample_rate: float = 1.0, seed: int = 0, group=None,
+          device=None) -> ShardedMarginLoss:
+    """Convert a single-process margin loss into its sharded counterpart on this rank.
+
+    module: any :class:`magloss.MarginLoss` (NormFace … MagCosFace) with the *global*
+    num_classes. If its ``weight`` is materialized, the shard's rows
+    ``weight[shard_start:shard_end]`` are copied (so every rank must hold the same
+    matrix); build it with ``device="meta"`` to skip allocating C×D and get the sharded
+    initialisation instead. Returns the matching ``Sharded*Loss`` (a
+    :class:`ShardedMarginLoss` for a bare MarginLoss) on ``device`` (default: the
+    module's device, CPU for meta). :class:`magloss.SoftmaxLoss` is not supported.
+    """
+    if not isinstance(module, losses.MarginLoss):
+        raise TypeError(f"module: expected a magloss margin loss (NormFace ... MagCosFace), got "
+                        f"{type(module).__name__}; SoftmaxLoss has no sharded counterpart")
+    src = module.weight
+    if device is None:
+        device = torch.device("cpu") if src.device.type == "meta" else src.device
+    cls = _SHARDED.get(type(module), ShardedMarginLoss)
+    out = _from_prototype(cls, module, sample_rate=sample_rate, seed=seed, group=group, device=device,
+                          dtype=src.dtype)
+    if src.device.type != "meta":
+        with torch.no_grad():
+            out.weight.copy_(src[out.shard_start:out.shard_end])
+    if out.sphere_schedule is not None and hasattr(module, "iteration"):
+        out.iteration.copy_(module.iteration)
+    return out
