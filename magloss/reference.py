@@ -59,6 +59,17 @@ def _label_index(labels: Tensor, ignore_index: int) -> Tuple[Tensor, Tensor]:
     return has, torch.where(has, labels, torch.zeros_like(labels)).long().unsqueeze(1)
 
 
+def _cosines(x: Tensor, w: Tensor, idx: Tensor):
+    """Row and column stages shared by forward and backward: a_i, x̂_i, ‖w_j‖, r_j, the
+    cosine matrix c [B, C] and the label cosine c_iy [B] (x̂ = x/max(a, ε), as F.normalize)."""
+    a = x.norm(dim=1)
+    x_hat = x / a.clamp_min(NORM_EPS).unsqueeze(1)
+    w_norm = w.norm(dim=1)
+    r = 1.0 / w_norm.clamp_min(NORM_EPS)
+    cos = (x_hat @ w.t()) * r
+    return a, x_hat, w_norm, r, cos, cos.gather(1, idx).squeeze(1)
+
+
 def margin_ce_rows(
     embeddings: Tensor,
     weight: Tensor,
@@ -89,12 +100,7 @@ def margin_ce_rows(
     x = embeddings.to(ct)
     w = weight.to(ct)
     has, idx = _label_index(labels, ignore_index)
-
-    a = x.norm(dim=1)
-    x_hat = x / a.clamp_min(NORM_EPS).unsqueeze(1)
-    r = 1.0 / w.norm(dim=1).clamp_min(NORM_EPS)
-    cos = (x_hat @ w.t()) * r                                   # [B, C]
-    c_y = cos.gather(1, idx).squeeze(1)                         # [B]
+    a, _, _, _, cos, c_y = _cosines(x, w, idx)
 
     psi, dpsi_dc, dpsi_da = margin_terms(c_y.detach(), a.detach(), spec, sphere_lambda)
     psi = _linearized(_linearized(psi, dpsi_dc, c_y), dpsi_da, a)
@@ -149,14 +155,8 @@ def margin_ce_backward(grad_lse, grad_zy, grad_reg, grad_norms, embeddings, weig
         x = embeddings.to(ct)
         w = weight.to(ct)
         has, idx = _label_index(labels, ignore_index)
-
-        a = x.norm(dim=1)
+        a, x_hat, w_norm, r, cos, c_y = _cosines(x, w, idx)
         inv_a = 1.0 / a.clamp_min(NORM_EPS)
-        x_hat = x * inv_a.unsqueeze(1)
-        w_norm = w.norm(dim=1)
-        r = 1.0 / w_norm.clamp_min(NORM_EPS)
-        cos = (x_hat @ w.t()) * r
-        c_y = cos.gather(1, idx).squeeze(1)
         psi, dpsi_dc, dpsi_da = margin_terms(c_y, a, spec, sphere_lambda)
         zero = torch.zeros_like(a)
         psi = torch.where(has, psi, c_y)
