@@ -185,3 +185,10 @@ def test_softmax_baseline_matches_linear_cross_entropy():
                                                  ignore_index=-1)
     torch.testing.assert_close(crit(x, y), expected)
     assert [n for n, _ in crit.named_parameters()] == ["weight", "bias"]
+
+
+def test_functional_sphereface_follows_the_schedule_from_an_iteration():
+    x, w, y = make_inputs(4, 5, 8, norm_range=(1.0, 2.0))
+    from_iter = MF.sphereface_loss(x, w, y, 4, None, iteration=100)
+    from_lambda = MF.sphereface_loss(x, w, y, 4, None, 1000.0 / 13.0)
+    torch.testing.assert_close(from_iter, from_lambda, rtol=1e-6, atol=1e-6)

@@ -112,7 +112,7 @@ def test_combined_margin_matches_mxnet_form_and_uses_all_three(m):
     for i in range(3):
         other = list(m)
         other[i] += 0.05
-        assert abs(float(MF.combined_margin_loss(x, w, y, 64.0, *other)) - float(ours)) > 1e-6
+        assert abs(float(MF.combined_margin_loss(x, w, y, 64.0, *other)) - ours.item()) > 1e-6
 
 
 @pytest.mark.parametrize("easy_margin", [True, False])

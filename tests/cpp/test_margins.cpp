@@ -1,0 +1,183 @@
+// Host test of the __host__ __device__ margin functions in csrc/margins.cuh: each family is
+// evaluated at hand-chosen angles and compared with closed-form values worked out by hand
+// (comments give the arithmetic). Built and run by CMakeLists.txt / ctest; no GPU, no torch.
+#include <cmath>
+#include <cstdio>
+
+#include "margins.cuh"
+
+namespace {
+
+int g_failures = 0;
+int g_checks = 0;
+
+void expect_near(const char* what, double got, double want, double tol = 2e-5) {
+  ++g_checks;
+  const double err = std::fabs(got - want);
+  const bool ok = err <= tol * (1.0 + std::fabs(want));
+  std::printf("%s %-58s got % .7f want % .7f\n", ok ? "  ok  " : "FAIL  ", what, got, want);
+  if (!ok) ++g_failures;
+}
+
+constexpr double kPi = 3.14159265358979323846;
+
+magloss::MarginParams combined(float s, float m1, float m2, float m3, bool easy = false, bool st = false) {
+  magloss::MarginParams p{};
+  p.kind = magloss::COMBINED;
+  p.scale = s;
+  p.m1 = m1;
+  p.m2 = m2;
+  p.m3 = m3;
+  p.easy_margin = easy;
+  p.straight_through = st;
+  return p;
+}
+
+magloss::MarginParams magnitude(int kind, float l_m, float u_m, bool easy) {
+  magloss::MarginParams p{};
+  p.kind = kind;
+  p.scale = 64.0f;
+  p.m1 = 1.0f;
+  p.l_a = 10.0f;
+  p.u_a = 110.0f;
+  p.l_m = l_m;
+  p.u_m = u_m;
+  p.easy_margin = easy;
+  return p;
+}
+
+magloss::MarginParams sphere(int m) {
+  magloss::MarginParams p{};
+  p.kind = magloss::SPHERE;
+  p.scale = 0.0f;
+  p.m1 = static_cast<float>(m);
+  return p;
+}
+
+}  // namespace
+
+int main() {
+  using magloss::margin_terms;
+  const float a = 30.0f;  // magnitude, unused by the fixed-margin families
+
+  // ArcFace m = 0.5 at theta = pi/3 (c = 0.5): psi = cos(pi/3 + 0.5), dpsi/dc = sin(theta + m)/sin(theta).
+  {
+    const double th = kPi / 3, m = 0.5;
+    const auto t = margin_terms(0.5f, a, combined(64, 1, 0.5f, 0), 0.0f);
+    expect_near("arcface psi(theta=pi/3) = cos(pi/3+0.5)", t.psi, std::cos(th + m));
+    expect_near("arcface dpsi/dc = sin(theta+m)/sin(theta)", t.dc, std::sin(th + m) / std::sin(th));
+    expect_near("arcface dpsi/da = 0", t.da, 0.0);
+  }
+  // Threshold branch: theta = 3.0 > pi - 0.5. theta_t = pi - m, (pi - theta_t) sin(theta_t) = m sin m
+  // = 0.2397 > 1 + cos(theta_t) = 1 - cos(0.5) = 0.1224, so psi = cos(3) - m sin m, dpsi/dc = 1.
+  {
+    const double th = 3.0, m = 0.5;
+    const auto t = margin_terms(static_cast<float>(std::cos(th)), a, combined(64, 1, 0.5f, 0), 0.0f);
+    expect_near("arcface threshold psi(theta=3) = cos 3 - m sin m", t.psi, std::cos(th) - m * std::sin(m));
+    expect_near("arcface threshold dpsi/dc = 1", t.dc, 1.0);
+  }
+  // Easy margin: no margin where c <= 0 (theta = 2.0, c = cos 2 < 0); margin where c > 0.
+  {
+    const auto t = margin_terms(static_cast<float>(std::cos(2.0)), a, combined(64, 1, 0.5f, 0, true), 0.0f);
+    expect_near("arcface easy psi(theta=2) = c", t.psi, std::cos(2.0));
+    expect_near("arcface easy dpsi/dc = 1", t.dc, 1.0);
+    const auto u = margin_terms(0.5f, a, combined(64, 1, 0.5f, 0, true), 0.0f);
+    expect_near("arcface easy psi(theta=pi/3) = cos(pi/3+0.5)", u.psi, std::cos(kPi / 3 + 0.5));
+  }
+  // CosFace m = 0.35: psi = c - 0.35, dpsi/dc = 1 (m2 = 0 never reaches the threshold: theta_t = pi).
+  {
+    const auto t = margin_terms(0.3f, a, combined(64, 1, 0, 0.35f), 0.0f);
+    expect_near("cosface psi = c - m", t.psi, 0.3 - 0.35);
+    expect_near("cosface dpsi/dc = 1", t.dc, 1.0);
+  }
+  // NormFace: psi = c, also at c = -1 (theta = pi = theta_t: threshold branch, mm = 1 + cos(pi) = 0).
+  {
+    const auto t = margin_terms(-1.0f, a, combined(64, 1, 0, 0), 0.0f);
+    expect_near("normface psi(c=-1) = -1", t.psi, -1.0);
+    const auto u = margin_terms(0.25f, a, combined(64, 1, 0, 0), 0.0f);
+    expect_near("normface psi(c=0.25) = 0.25", u.psi, 0.25);
+    expect_near("normface dpsi/dc = 1", u.dc, 1.0);
+  }
+  // Combined (0.9, 0.4, 0.15) at theta = 1: psi = cos(0.9 + 0.4) - 0.15, dpsi/dc = 0.9 sin(1.3)/sin(1).
+  {
+    const auto t = margin_terms(static_cast<float>(std::cos(1.0)), a, combined(64, 0.9f, 0.4f, 0.15f), 0.0f);
+    expect_near("combined(0.9,0.4,0.15) psi(theta=1)", t.psi, std::cos(1.3) - 0.15);
+    expect_near("combined(0.9,0.4,0.15) dpsi/dc", t.dc, 0.9 * std::sin(1.3) / std::sin(1.0));
+  }
+  // m1 = 2, m2 = 0: theta_t = pi/2, (pi - theta_t) sin(theta_t) = pi/2 > 1 + cos(pi/2) = 1, so the
+  // generalized threshold mm = pi/2: psi(theta = 2) = cos 2 - pi/2.
+  {
+    const auto t = margin_terms(static_cast<float>(std::cos(2.0)), a, combined(64, 2, 0, 0), 0.0f);
+    expect_near("combined(2,0,0) threshold psi(theta=2) = cos2 - pi/2", t.psi, std::cos(2.0) - kPi / 2);
+    const auto u = margin_terms(static_cast<float>(std::cos(0.5)), a, combined(64, 2, 0, 0), 0.0f);
+    expect_near("combined(2,0,0) psi(theta=0.5) = cos(1)", u.psi, std::cos(1.0));
+  }
+  // Clamp: c = 1.0000001 is treated as 1 (theta = 0): ArcFace psi = cos(0.5).
+  {
+    const auto t = margin_terms(1.0000001f, a, combined(64, 1, 0.5f, 0), 0.0f);
+    expect_near("arcface psi(c=1+eps) = cos(0.5) (clamped)", t.psi, std::cos(0.5));
+    expect_near("arcface dpsi/dc finite at c=1", std::isfinite(t.dc) ? 1.0 : 0.0, 1.0);
+  }
+  // Straight-through: dpsi/dc := 1, psi unchanged.
+  {
+    const auto t = margin_terms(0.5f, a, combined(64, 1, 0.5f, 0, false, true), 0.0f);
+    expect_near("straight-through psi = cos(pi/3+0.5)", t.psi, std::cos(kPi / 3 + 0.5));
+    expect_near("straight-through dpsi/dc = 1", t.dc, 1.0);
+  }
+  // SphereFace m = 4 at theta = pi/3, lambda = 0: k = floor(4/3) = 1,
+  // psi = (-1)^1 cos(4 pi/3) - 2 = 0.5 - 2 = -1.5; dpsi/dc = -T_4'(0.5) = -4 U_3(0.5) = -4 (8/8 - 2) = 4.
+  {
+    const auto t = margin_terms(0.5f, a, sphere(4), 0.0f);
+    expect_near("sphereface m=4 psi(theta=pi/3) = -1.5", t.psi, -1.5);
+    expect_near("sphereface m=4 dpsi/dc(theta=pi/3) = 4", t.dc, 4.0);
+    // lambda = 5: (5 c + psi0)/6 = (2.5 - 1.5)/6, dpsi/dc = (5 + 4)/6.
+    const auto u = margin_terms(0.5f, a, sphere(4), 5.0f);
+    expect_near("sphereface m=4 lambda=5 psi = (2.5-1.5)/6", u.psi, 1.0 / 6.0);
+    expect_near("sphereface m=4 lambda=5 dpsi/dc = 9/6", u.dc, 9.0 / 6.0);
+    // theta = 0.3 < pi/4: k = 0, psi = cos(1.2).
+    const auto v = margin_terms(static_cast<float>(std::cos(0.3)), a, sphere(4), 0.0f);
+    expect_near("sphereface m=4 psi(theta=0.3) = cos(1.2)", v.psi, std::cos(1.2));
+    // c = -1 (theta = pi): k = 4 clamped to 3: psi = -cos(4 pi) - 6 = -7.
+    const auto w = margin_terms(-1.0f, a, sphere(4), 0.0f);
+    expect_near("sphereface m=4 psi(theta=pi) = -7", w.psi, -7.0);
+    // m = 1: psi = c.
+    const auto z = margin_terms(0.2f, a, sphere(1), 0.0f);
+    expect_near("sphereface m=1 psi = c", z.psi, 0.2);
+  }
+  // MagFace (10, 110, 0.45, 0.8), a = 60: k = 0.35/100, m = 0.45 + 0.0035*50 = 0.625;
+  // psi(theta = pi/3) = cos(pi/3 + 0.625), dpsi/da = -sin(pi/3 + 0.625) * k.
+  {
+    const double k = 0.35 / 100.0, m = 0.625, th = kPi / 3;
+    const auto t = margin_terms(0.5f, 60.0f, magnitude(magloss::MAGFACE, 0.45f, 0.8f, true), 0.0f);
+    expect_near("magface psi(a=60, theta=pi/3)", t.psi, std::cos(th + m));
+    expect_near("magface dpsi/dc", t.dc, std::sin(th + m) / std::sin(th));
+    expect_near("magface dpsi/da = -sin(theta+m) k", t.da, -std::sin(th + m) * k);
+    // a = 5 < l_a: m = l_m = 0.45 and dm/da = 0.
+    const auto u = margin_terms(0.5f, 5.0f, magnitude(magloss::MAGFACE, 0.45f, 0.8f, true), 0.0f);
+    expect_near("magface psi(a=5) uses m = l_m", u.psi, std::cos(th + 0.45));
+    expect_near("magface dpsi/da(a=5) = 0", u.da, 0.0);
+    float dm = -1.0f;
+    const float mm = magloss::magnitude_margin(150.0f, 10.0f, 110.0f, 0.45f, 0.8f, &dm);
+    expect_near("magface m(a=150) = u_m", mm, 0.8);
+    expect_near("magface dm/da(a=150) = 0", dm, 0.0);
+  }
+  // Mag-CosFace (10, 110, 0.35, 0.8), a = 60: m = 0.35 + 0.0045*50 = 0.575, psi = c - m, dpsi/da = -0.0045.
+  {
+    const auto t = margin_terms(0.4f, 60.0f, magnitude(magloss::MAGCOS, 0.35f, 0.8f, false), 0.0f);
+    expect_near("magcos psi(a=60) = c - 0.575", t.psi, 0.4 - 0.575);
+    expect_near("magcos dpsi/da = -0.0045", t.da, -0.0045);
+    expect_near("magcos dpsi/dc = 1", t.dc, 1.0);
+  }
+  // Regularizer g(a) = a/u_a^2 + 1/a at a = 50, u_a = 110; dg/da = 1/u_a^2 - 1/a^2; 0 outside.
+  {
+    float dg = 0.0f;
+    const float g = magloss::regularizer(50.0f, 10.0f, 110.0f, &dg);
+    expect_near("regularizer g(50)", g, 50.0 / 12100.0 + 1.0 / 50.0);
+    expect_near("regularizer g'(50)", dg, 1.0 / 12100.0 - 1.0 / 2500.0, 1e-4);
+    const float g2 = magloss::regularizer(200.0f, 10.0f, 110.0f, &dg);
+    expect_near("regularizer g(200) = g(110)", g2, 110.0 / 12100.0 + 1.0 / 110.0);
+    expect_near("regularizer g'(200) = 0", dg, 0.0);
+  }
+  std::printf("%d checks, %d failures\n", g_checks, g_failures);
+  return g_failures == 0 ? 0 : 1;
+}
