@@ -20,6 +20,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <string>
 
 #include <ATen/ATen.h>
@@ -130,24 +131,18 @@ at::Tensor lambda_tensor(int64_t kind, const std::optional<at::Tensor>& sphere_l
 }
 
 // The plain-fp32 product path: forced by MAGLOSS_FORCE_SIMT, or a GPU without tensor cores.
-// Restores the CUDA matmul fp32 precision setting on scope exit.
+// TF32 is switched off for this thread only, for the scope of the call, with ATen's
+// thread-local at::NoTF32Guard: the global torch.backends.cuda.matmul settings are never
+// written (flipping them would race with other threads and trip torch's legacy/new TF32
+// API consistency check).
 class SimtScope {
  public:
-  explicit SimtScope(bool on) : on_(on) {
-    if (!on_) return;
-    auto& ctx = at::globalContext();
-    saved_ = ctx.float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL);
-    ctx.setFloat32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL, at::Float32Precision::IEEE);
+  explicit SimtScope(bool on) {
+    if (on) guard_.emplace();
   }
-  ~SimtScope() {
-    if (on_) at::globalContext().setFloat32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL, saved_);
-  }
-  SimtScope(const SimtScope&) = delete;
-  SimtScope& operator=(const SimtScope&) = delete;
 
  private:
-  bool on_;
-  at::Float32Precision saved_ = at::Float32Precision::NONE;
+  std::optional<at::NoTF32Guard> guard_;
 };
 
 // S = x @ w_chunk^T as fp32 into `tile` ([B, n], contiguous). x_gemm is x itself, or x in
