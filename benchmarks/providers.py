@@ -172,9 +172,17 @@ def _magloss(case: Case) -> Runner:
     fn = {"arcface": magloss.functional.arcface_loss, "magface": magloss.functional.magface_loss,
           "cosface": magloss.functional.cosface_loss}[case.loss]
     x, w, y = make_inputs(case)
-    return Runner(lambda: fn(x, w, y), _loss_backward, [x, w], _autocast(case),
-                  notes="magloss.functional, fused kernels" + (
-                      ", MAGLOSS_FORCE_SIMT=1" if case.precision == "fp32-simt" else ""))
+    notes = "magloss.functional, fused kernels"
+    ext = getattr(magloss._ext, "_C", None)
+    dev_index = torch.device(case.device).index or 0
+    if ext is not None and hasattr(ext, "simt_path"):
+        simt = bool(ext.simt_path(dev_index))        # reads MAGLOSS_FORCE_SIMT, set by precision_context
+        if case.precision == "fp32-simt" and not simt:
+            raise Unavailable("MAGLOSS_FORCE_SIMT=1 did not select the plain-fp32 path (simt_path() is False)")
+        notes += f", simt_path={simt}"
+    if ext is not None and hasattr(ext, "chunk_columns"):
+        notes += f", chunk_columns={int(ext.chunk_columns(case.B, case.C))}"
+    return Runner(lambda: fn(x, w, y), _loss_backward, [x, w], _autocast(case), notes=notes)
 
 
 def _reference(case: Case) -> Runner:

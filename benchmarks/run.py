@@ -67,7 +67,8 @@ DEFAULT_PROVIDERS = ["magloss", "reference", "eager", "compile", "pml", "liger",
 GRIDS: Dict[str, dict] = {
     # the grid: 2 x 3 shapes x 4 precisions x 3 losses
     "full": dict(B=[128, 512], C=[10000, 85742, 1000000], D=[512], precisions=P.PRECISIONS,
-                 losses=P.LOSSES, providers=[p for p in DEFAULT_PROVIDERS if p != "reference"]),
+                 losses=P.LOSSES, providers=[p for p in DEFAULT_PROVIDERS if p != "reference"],
+                 cuda_settings=dict(iters=30, min_iters=5, case_seconds=0.5)),
     # the shape of record only
     "quick": dict(B=[512], C=[85742], D=[512], precisions=P.PRECISIONS, losses=P.LOSSES,
                   providers=DEFAULT_PROVIDERS),
@@ -252,8 +253,8 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 def _free():
-    gc.collect()
-    if torch.cuda.is_available():
+    if torch.cuda.is_available():    # on CPU nothing to give back; gc.collect() would dominate tiny cases
+        gc.collect()
         torch.cuda.empty_cache()
 
 
@@ -307,7 +308,7 @@ def run_case(case: "P.Case", modes: List[str], args, timer: _Timer) -> List[dict
                 records.append(dict(
                     base, mode=mode, status="ok", median_ms=round(med, 5), p20_ms=round(_percentile(times, 0.2), 5),
                     p80_ms=round(_percentile(times, 0.8), 5), peak_extra_mb=peak,
-                    tflops=round(flops1 * PRODUCTS[mode] / (med * 1e-3) / 1e12, 4), products=PRODUCTS[mode],
+                    tflops=float(f"{flops1 * PRODUCTS[mode] / (med * 1e-3) / 1e12:.4g}"), products=PRODUCTS[mode],
                     iters=n, warmup_s=round(warm_s, 3), notes=runner.notes))
             except Exception as exc:  # noqa: BLE001
                 fail(mode, exc)
@@ -457,12 +458,15 @@ def main(argv=None) -> dict:
     cuda = device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device visible")
-    args.iters = args.iters or (50 if cuda else 10)
-    args.min_iters = min(args.min_iters or (10 if cuda else 3), args.iters)
-    args.warmup = 3 if args.warmup is None and cuda else (1 if args.warmup is None else args.warmup)
-    args.case_seconds = args.case_seconds if args.case_seconds is not None else (1.0 if cuda else 0.5)
-
     grid = dict(GRIDS[args.grid])
+    preset = grid.pop("cuda_settings", {}) if cuda else {}
+    grid.pop("cuda_settings", None)
+    args.iters = args.iters or preset.get("iters") or (50 if cuda else 10)
+    args.min_iters = min(args.min_iters or preset.get("min_iters") or (10 if cuda else 3), args.iters)
+    if args.warmup is None:
+        args.warmup = 3 if cuda else 1
+    if args.case_seconds is None:
+        args.case_seconds = preset.get("case_seconds", 1.0 if cuda else 0.5)
     for key, val in (("providers", _csv(args.providers)), ("losses", _csv(args.losses)),
                      ("precisions", _csv(args.precisions)), ("B", _csv(args.B, int)), ("C", _csv(args.C, int)),
                      ("D", _csv(args.D, int))):

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# One GPU benchmark call, resumable: bash benchmarks/gpu_run.sh [GRID] [SECONDS] [OUT_JSON]
+#
+#   GRID      full | quick | ci                  (default full)
+#   SECONDS   --max-seconds for the harness      (default 420: fits a 10-minute call with the build)
+#   OUT_JSON  default benchmarks/results/h100_<GRID>.json
+#
+# 1. installs the peers' wheels from .whl/ if present (pytorch-metric-learning, liger-kernel,
+#    cut-cross-entropy; see benchmarks/README.md for the download command),
+# 2. builds magloss' CUDA extension in place (MAGLOSS_BUILD_CUDA=1) unless it is already built,
+# 3. runs benchmarks/run.py --resume, so calling it again continues the same JSON,
+# 4. copies the JSON (and the build log) to $OUT when run by the device tool.
+# Extra harness flags can be passed in BENCH_ARGS, e.g. BENCH_ARGS="--precisions bf16".
+set -u -o pipefail
+GRID=${1:-full}
+SECONDS_BUDGET=${2:-420}
+OUT_JSON=${3:-benchmarks/results/h100_${GRID}.json}
+OUTDIR=${OUT:-/tmp/bench_out}
+mkdir -p "$OUTDIR" benchmarks/results
+PY=${PYTHON:-python3}
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+if ! $PY -c "import magloss, sys; sys.exit(0 if magloss.extension_status()['fused'] else 1)" 2>/dev/null; then
+  echo "building magloss._C ..."
+  MAGLOSS_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAGLOSS_NVCC_THREADS=${MAGLOSS_NVCC_THREADS:-4} \
+    $PY setup.py build_ext --inplace -j 8 >"$OUTDIR/build.log" 2>&1 || { tail -40 "$OUTDIR/build.log"; echo "BUILD FAILED: the magloss provider will be skipped"; }
+fi
+$PY -c "import magloss; print('extension_status:', magloss.extension_status())"
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv 2>/dev/null || true
+
+PYTHONUNBUFFERED=1 $PY benchmarks/run.py --device cuda --grid "$GRID" --max-seconds "$SECONDS_BUDGET" \
+  --resume --out "$OUT_JSON" ${BENCH_ARGS:-} 2>"$OUTDIR/bench_stderr.log"
+rc=$?
+grep -v '%|' "$OUTDIR/bench_stderr.log" | tail -40
+cp "$OUT_JSON" "$OUTDIR/" 2>/dev/null || true
+$PY -c "import json,sys; d=json.load(open('$OUT_JSON')); print('records', len(d['results']), 'complete', d['complete'], 'elapsed_s', d.get('elapsed_s'))"
+exit $rc
