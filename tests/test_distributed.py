@@ -182,6 +182,19 @@ def _phase(rank, world, group, out_dir):
             rec["sample_next_step"] = head.last_sample
         res["cases"][case[0]] = rec
 
+    # mdist.shard(): the converter copies this rank's rows of a single-process module
+    case = CASES[CASE_IDS.index("arcface")]
+    x, w, y, rw = make_case(case)
+    sizes = batch_sizes(case[5], x.shape[0], world)
+    lo = sum(sizes[:rank])
+    single = single_module(case, C)
+    single.weight.data.copy_(w)
+    head = mdist.shard(single, group=group)
+    x_loc = x[lo: lo + sizes[rank]].clone().requires_grad_()
+    out = run_forward(head, x_loc, y[lo: lo + sizes[rank]], case, rw)
+    res["shard_converter"] = {"type": type(head).__name__, "loss": out.detach(), "gx": x_loc.grad,
+                              "gw": head.weight.grad}
+
     # reduce-scatter backward path (NCCL's) on gloo, where this torch supports it
     from magloss.distributed import comm
 
@@ -386,6 +399,18 @@ def test_partial_fc_sampling(results, world, name):
     assert bool((gw[~kept] == 0).all()), "unsampled rows of W received gradient"
     assert bool((gw[kept].abs().sum(1) > 0).all()), "every sampled row should receive gradient"
     assert kept.sum() < C_PFC // 2
+
+
+@pytest.mark.parametrize("world", WORLD_SIZES)
+def test_shard_converter(results, world):
+    res, _ = results
+    recs = [res[(world, r)]["shard_converter"] for r in range(world)]
+    ref, ref_gx, ref_gw = reference(CASES[CASE_IDS.index("arcface")])
+    assert all(r["type"] == "ShardedArcFaceLoss" for r in recs)
+    for r, rec in enumerate(recs):
+        assert_close(rec["loss"], ref, torch.float64, f"loss on rank {r}")
+    assert_close(torch.cat([r["gx"] for r in recs]), ref_gx, torch.float64, "d/d embeddings")
+    assert_close(torch.cat([r["gw"] for r in recs]), ref_gw, torch.float64, "d/d weight")
 
 
 @pytest.mark.parametrize("world", [w for w in WORLD_SIZES if w > 1])

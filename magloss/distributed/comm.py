@@ -4,8 +4,8 @@ Only torch.distributed's own collectives are used (NCCL on GPUs, gloo on CPU): t
 module adds the autograd rules a sharded loss needs and nothing else.
 
 * :func:`gather_rows` — all-gather of every rank's rows (uneven row counts allowed);
-  backward sums the row-gradients over ranks and returns each rank its own rows
-  (a reduce-scatter; all-reduce + slice where the backend has no reduce-scatter).
+  backward sums the row-gradients over ranks (in float32 at least) and returns each rank
+  its own rows (a reduce-scatter; all-reduce + slice where the backend has no reduce-scatter).
 * :func:`gather_stats` — all-gather of a per-row statistic ``[B]`` into ``[world, B]``
   whose backward returns the own slice: valid because every rank computes the same
   scalar loss from the gathered values, so rank r already holds ∂L/∂(its slice).
@@ -98,21 +98,25 @@ class _GatherRows(torch.autograd.Function):
         world, rank = len(sizes), dist.get_rank(group)
         if world == 1:
             return grad, None, None
-        start = sum(sizes[:rank])
-        grad = grad.clone(memory_format=torch.contiguous_format)   # never reduce autograd's buffer in place
+        dtype = grad.dtype
+        # Sum the partial row-gradients in float32 at least (never in fp16/bf16), and never
+        # reduce autograd's buffer in place.
+        acc = grad.to(torch.float32) if dtype in (torch.float16, torch.bfloat16) else grad.clone()
+        acc = acc.contiguous()
         if dist.get_backend(group) in REDUCE_SCATTER_BACKENDS:
-            n_max = max(sizes)
-            chunks, s = [], 0
+            n_max, start = max(sizes), 0
+            chunks = []
             for n in sizes:
-                c = grad.new_zeros((n_max,) + tuple(grad.shape[1:]))
-                c[:n] = grad[s: s + n]
+                c = acc.new_zeros((n_max,) + tuple(acc.shape[1:]))
+                c[:n] = acc[start: start + n]
                 chunks.append(c)
-                s += n
+                start += n
             out = torch.empty_like(chunks[0])
             dist.reduce_scatter(out, chunks, op=dist.ReduceOp.SUM, group=group)
-            return out[: sizes[rank]], None, None
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=group)
-        return grad[start: start + sizes[rank]].clone(), None, None
+            return out[: sizes[rank]].to(dtype), None, None
+        dist.all_reduce(acc, op=dist.ReduceOp.SUM, group=group)
+        start = sum(sizes[:rank])
+        return acc[start: start + sizes[rank]].to(dtype, copy=True), None, None
 
 
 def gather_rows(x: Tensor, sizes: Sequence[int], group=None) -> Tensor:

@@ -242,7 +242,7 @@ class ShardedMarginLoss(nn.Module):
         local = torch.where(on_shard, labels_all - self.shard_start, torch.full_like(labels_all, _NO_LABEL))
         weight, local = self._shard_weight(local, on_shard)
 
-        x_all, weight = MF._autocast(x_all, weight)
+        x_all, weight = MF._autocast(x_all, weight)     # after the gather: ∂x is summed over ranks in fp32
         lam = self.current_lambda()
         lse, zy, reg, norms = ops.margin_ce(x_all, weight, local, lam, *self.spec.op_args(), _NO_LABEL)
         lse = torch.logsumexp(gather_stats(lse, group), dim=0)
