@@ -124,7 +124,8 @@ def gather_rows(x: Tensor, sizes: Sequence[int], group=None) -> Tensor:
 
     x: [B_r, ...] on rank r (any dtype; float for gradients), with ``sizes[r] = B_r``
     gathered beforehand (:func:`all_gather_sizes`). Returns [Σ_r B_r, ...], rank 0's rows
-    first. Backward: ∂L/∂x_r = Σ_q (∂L_q/∂x_all)[rows of r], summed over ranks q.
+    first. Backward: ∂L/∂x_r = Σ_q (∂L_q/∂x_all)[rows of r], summed over ranks q; it is
+    collective, so ``x.requires_grad`` must be the same on every rank.
     """
     group = require_group(group)
     if x.shape[0] != sizes[dist.get_rank(group)]:

@@ -121,6 +121,8 @@ class ShardedMarginLoss(nn.Module):
         self.group = require_group(group)
         self.world_size = dist.get_world_size(self.group)
         self.rank = dist.get_rank(self.group)
+        if self.rank < 0:
+            raise RuntimeError("group: this process is not a member of the process group it was given")
         self.embedding_size = _positive_int("embedding_size", embedding_size)
         self.num_classes = _positive_int("num_classes", num_classes)
         if not isinstance(spec, MarginSpec):
