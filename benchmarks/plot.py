@@ -87,6 +87,14 @@ def _value(kind: str, rec: dict, ref: Optional[dict]) -> Optional[float]:
     return rec["median_ms"] / ref["median_ms"]
 
 
+def _c_label(c: int) -> str:
+    if c >= 1_000_000 and c % 1_000_000 == 0:
+        return f"{c // 1_000_000}M"
+    if c >= 1000:
+        return f"{c / 1000:.4g}k"
+    return str(c)
+
+
 def figure(doc: dict, B: int, kind: str, mode: str, path: Path) -> Path:
     results = doc["results"]
     precisions = [p for p in ("fp32", "tf32", "bf16") if any(r["precision"] == p for r in results)]
@@ -97,6 +105,7 @@ def figure(doc: dict, B: int, kind: str, mode: str, path: Path) -> Path:
                              squeeze=False, sharex=True)
     ylabel = {"time": "median ms per call", "memory": "peak extra MB", "ratio_eager": "time / eager",
               "ratio_floor": "time / floor"}[kind]
+    all_C = sorted({r["C"] for r in results if r["B"] == B})
     no_mem = kind == "memory" and all(r.get("peak_extra_mb") is None for r in results)
     handles = {}
     for i, prec in enumerate(precisions):
@@ -131,10 +140,17 @@ def figure(doc: dict, B: int, kind: str, mode: str, path: Path) -> Path:
                     ax.text(0.01, tgt, f" target {tgt}×", color="#d62728", fontsize=7, va="bottom",
                             transform=ax.get_yaxis_transform())
             ax.set_xscale("log")
+            if all_C:
+                ax.set_xlim(all_C[0] / 1.25, all_C[-1] * 1.25)
+            ax.set_xticks(all_C)
+            ax.set_xticklabels([_c_label(c) for c in all_C])
+            ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
             if ax.has_data():
                 ax.set_yscale("log")
                 ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-                ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+                lo, hi = ax.get_ylim()
+                few = hi / max(lo, 1e-12) < 12          # under ~one decade: label the minor ticks too
+                ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _, f=few: f"{v:g}" if f else ""))
             ax.set_title(f"{loss} · {prec} · {mode}", fontsize=10)
             if no_mem:
                 ax.text(0.5, 0.5, "no allocator statistics\n(CPU run)", ha="center", va="center",

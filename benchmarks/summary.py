@@ -192,12 +192,15 @@ def summarize(doc: dict, subject: str = "magloss", shape=None) -> str:
         out += [f"**Subject: `{subject}`** ({prov.get(subject, {}).get('label', subject)}), not the fused "
                 "engine: these ratios are NOT magloss' fused numbers.", ""]
     out += [f"Forward+backward at B={B}, C={C:,}, D={D}: {subject} time and its ratio to each alternative "
-            "(below 1× = faster; 'vs floor' ≥ 1 by construction). fp32-simt rows compare with the fp32 runs.", ""]
+            "(below 1× = the subject is faster; the floor is the bare products, normally the lowest time). fp32-simt rows compare with the fp32 runs.", ""]
     out += ratio_table(res, subject, shape)
     missing = [f"{p} ({v.get('reason')})" for p, v in prov.items() if not v.get("available")]
     if missing:
         out += ["", "Not run: " + "; ".join(missing) + "."]
-    out += ["", *targets(res, subject, shape)]
+    if subject == "magloss":
+        out += ["", *targets(res, subject, shape)]
+    else:
+        out += ["", "(The DESIGN §6 targets are the fused engine's; they are evaluated for `--subject magloss` only.)"]
     return "\n".join(out)
 
 
