@@ -1,0 +1,118 @@
+"""Small fused forward+backward cases for compute-sanitizer (memcheck, racecheck).
+
+Run by tests/gpu_check.sh as
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python tests/sanitizer_cases.py
+(without the caching allocator every buffer is its own cudaMalloc, so an out-of-bounds access
+is caught instead of landing in a neighbouring block of the pool).
+
+The cases cover every kernel and launcher branch: irregular B, C, D (not multiples of the warp
+or block size), several class chunks with a partial last one (MAGLOSS_CHUNK), C = 1, ignored rows,
+int32 labels, every margin family, fp32/fp16/bf16, the forced SIMT path, an out-of-range label
+with the input check off (must stay in bounds) and with it on (must raise). Exits non-zero if a
+case fails its own sanity check; the sanitizer's error summary is parsed by the caller.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+import magloss  # noqa: F401  (registers the ops)
+from magloss import _ext
+from magloss.margins import MarginSpec
+
+OP = torch.ops.magloss.margin_ce
+OP_BWD = torch.ops.magloss.margin_ce_backward
+
+SPECS = {
+    "arcface": (MarginSpec.combined(64.0, 1.0, 0.5, 0.0), None),
+    "combined": (MarginSpec.combined(64.0, 0.9, 0.4, 0.15), None),
+    "sphereface": (MarginSpec.sphere(4), 5.0),
+    "magface": (MarginSpec.magface(), None),
+    "magcos": (MarginSpec.magcos(), None),
+}
+
+
+def run_case(name, B, C, D, dtype=torch.float32, chunk=None, ignored=(), label_dtype=torch.int64, simt=False,
+             bad_label=False, check=True):
+    env = {"MAGLOSS_CHUNK": str(chunk) if chunk else None, "MAGLOSS_FORCE_SIMT": "1" if simt else None,
+           "MAGLOSS_CHECK_INPUTS": None if check else "0"}
+    saved = {k: os.environ.get(k) for k in env}
+    for k, v in env.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    try:
+        spec, lam = SPECS[name]
+        dev = torch.device("cuda")
+        g = torch.Generator(device=dev).manual_seed(B * 7919 + C)
+        x = (torch.randn(B, D, device=dev, generator=g) * 30).to(dtype)
+        w = torch.randn(C, D, device=dev, generator=g).to(dtype)
+        y = torch.randint(0, C, (B,), device=dev, generator=g)
+        for i in ignored:
+            y[i] = -1
+        if bad_label:
+            y[B // 2] = C + 3
+        y = y.to(label_dtype)
+        lam_t = None if lam is None else torch.tensor(lam, device=dev)
+        try:
+            lse, zy, reg, norms = OP(x, w, y, lam_t, *spec.op_args(), -1)
+        except ValueError as exc:
+            if bad_label and check and "labels:" in str(exc):
+                return "raised as expected"
+            raise
+        if bad_label and check:
+            raise AssertionError("an out-of-range label did not raise")
+        grads = [torch.randn(B, device=dev, generator=g) for _ in range(4)]
+        gx, gw = OP_BWD(*grads, x, w, y, lse, norms, lam_t, *spec.op_args(), -1)
+        torch.cuda.synchronize()
+        finite = torch.isfinite(lse)
+        if bad_label:
+            assert not bool(finite[B // 2]), "bad-label row should have lse = NaN"
+            finite[B // 2] = True
+        assert bool(finite.all()), "non-finite lse"
+        assert gx.shape == x.shape and gw.shape == w.shape and gx.dtype == dtype and gw.dtype == dtype
+        return "ok"
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+CASES = [
+    dict(name="arcface", B=5, C=37, D=33, chunk=16, ignored=(1,)),
+    dict(name="arcface", B=1, C=1, D=64),
+    dict(name="combined", B=33, C=300, D=100, chunk=128, label_dtype=torch.int32),
+    dict(name="sphereface", B=9, C=70, D=65, chunk=32, ignored=(0, 8)),
+    dict(name="magface", B=40, C=257, D=31, dtype=torch.bfloat16, chunk=100),
+    dict(name="magcos", B=17, C=129, D=96, dtype=torch.float16, chunk=64),
+    dict(name="arcface", B=12, C=90, D=40, dtype=torch.bfloat16, simt=True, chunk=50),
+    dict(name="magface", B=12, C=90, D=40, simt=True),
+    dict(name="arcface", B=10, C=50, D=20, bad_label=True, check=False, chunk=16),
+    dict(name="arcface", B=10, C=50, D=20, bad_label=True, check=True),
+]
+
+
+def main() -> int:
+    if not torch.cuda.is_available() or not _ext.extension_status()["fused"]:
+        print(f"sanitizer cases: skipped ({_ext.extension_status()['reason']})")
+        return 0
+    failures = 0
+    for case in CASES:
+        try:
+            result = run_case(**case)
+        except Exception as exc:  # report every case, then fail
+            result = f"FAILED: {type(exc).__name__}: {exc}"
+            failures += 1
+        print(f"{case}: {result}", flush=True)
+    print(f"sanitizer cases: {len(CASES) - failures}/{len(CASES)} ok")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
