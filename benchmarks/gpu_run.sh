@@ -10,7 +10,8 @@
 # 2. builds magloss' CUDA extension in place (MAGLOSS_BUILD_CUDA=1) unless it is already built,
 # 3. runs benchmarks/run.py --resume, so calling it again continues the same JSON,
 # 4. copies the JSON (and the build log) to $OUT when run by the device tool.
-# Extra harness flags can be passed in BENCH_ARGS, e.g. BENCH_ARGS="--precisions bf16".
+# Extra harness flags can be passed in BENCH_ARGS, e.g. BENCH_ARGS="--precisions bf16"; BENCH_DEVICE=cpu
+# dry-runs the script on a machine without a GPU.
 set -u -o pipefail
 GRID=${1:-full}
 SECONDS_BUDGET=${2:-420}
@@ -32,7 +33,7 @@ fi
 $PY -c "import magloss; print('extension_status:', magloss.extension_status())"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv 2>/dev/null || true
 
-PYTHONUNBUFFERED=1 $PY benchmarks/run.py --device cuda --grid "$GRID" --max-seconds "$SECONDS_BUDGET" \
+PYTHONUNBUFFERED=1 $PY benchmarks/run.py --device "${BENCH_DEVICE:-cuda}" --grid "$GRID" --max-seconds "$SECONDS_BUDGET" \
   --resume --out "$OUT_JSON" ${BENCH_ARGS:-} 2>"$OUTDIR/bench_stderr.log"
 rc=$?
 grep -v '%|' "$OUTDIR/bench_stderr.log" | tail -40

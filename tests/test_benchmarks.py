@@ -157,6 +157,7 @@ def test_harness_records_out_of_memory(tmp_path, monkeypatch):
 
 
 def test_plots_and_summary(tiny_run, tmp_path):
+    pytest.importorskip("matplotlib")
     from benchmarks import plot, summary
 
     out, doc = tiny_run
