@@ -2,7 +2,8 @@
 # One GPU benchmark call, resumable: bash benchmarks/gpu_run.sh [GRID] [SECONDS] [OUT_JSON]
 #
 #   GRID      full | quick | ci                  (default full)
-#   SECONDS   --max-seconds for the harness      (default 420: fits a 10-minute call with the build)
+#   SECONDS   wall budget of this whole call, build included (default 540, for a 600 s device call):
+#             the harness stops starting cases 90 s before it and is interrupted 15 s before it
 #   OUT_JSON  default benchmarks/results/h100_<GRID>.json
 #
 # 1. installs the peers' wheels from .whl/ if present (pytorch-metric-learning, liger-kernel,
@@ -14,7 +15,8 @@
 # dry-runs the script on a machine without a GPU.
 set -u -o pipefail
 GRID=${1:-full}
-SECONDS_BUDGET=${2:-420}
+TOTAL=${2:-540}
+T0=$(date +%s)
 OUT_JSON=${3:-benchmarks/results/h100_${GRID}.json}
 OUTDIR=${OUT:-/tmp/bench_out}
 mkdir -p "$OUTDIR" benchmarks/results
@@ -33,7 +35,10 @@ fi
 $PY -c "import magloss; print('extension_status:', magloss.extension_status())"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv 2>/dev/null || true
 
-PYTHONUNBUFFERED=1 $PY benchmarks/run.py --device "${BENCH_DEVICE:-cuda}" --grid "$GRID" --max-seconds "$SECONDS_BUDGET" \
+LEFT=$(( TOTAL - ($(date +%s) - T0) ))
+SECONDS_BUDGET=$(( LEFT > 150 ? LEFT - 90 : 60 ))
+echo "harness budget: --max-seconds $SECONDS_BUDGET, hard stop after $(( LEFT - 15 )) s"
+PYTHONUNBUFFERED=1 timeout --signal=INT --kill-after=10 $(( LEFT > 75 ? LEFT - 15 : 60 )) $PY benchmarks/run.py --device "${BENCH_DEVICE:-cuda}" --grid "$GRID" --max-seconds "$SECONDS_BUDGET" \
   --resume --out "$OUT_JSON" ${BENCH_ARGS:-} 2>"$OUTDIR/bench_stderr.log"
 rc=$?
 grep -v '%|' "$OUTDIR/bench_stderr.log" | tail -40
