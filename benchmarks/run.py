@@ -12,7 +12,8 @@ writes one JSON per run under benchmarks/results/ plus a markdown table on stdou
     python benchmarks/run.py --merge a.json b.json --out merged.json
 
 Per case and mode: ``warmup`` forward+backward calls (these also compile), one call to
-estimate the time, then n = clamp(case_seconds / estimate, min_iters, iters) timed calls;
+estimate the time, then n = clamp(case_seconds / estimate, min_iters, iters) timed calls
+(at most 3 when n calls would exceed 10 × case_seconds);
 median, p20 and p80 of the n times. CUDA events on CUDA, time.perf_counter on CPU.
 Backward-only timing runs a fresh forward before each timed backward (untimed).
 
@@ -302,6 +303,8 @@ def run_case(case: "P.Case", modes: List[str], args, timer: _Timer) -> List[dict
                 timer.sync()
                 est = max(time.perf_counter() - t0, 1e-6)
                 n = int(min(args.iters, max(args.min_iters, args.case_seconds // est)))
+                if est * n > 10 * args.case_seconds:     # very slow calls (e.g. a peer at C = 1M): 3 suffice
+                    n = min(n, 3)
                 times = timer.measure(lambda ev: _one_call(runner, mode, ev), n)
                 peak = _peak_extra_mb(runner, mode, timer)
                 med = _percentile(times, 0.5)
