@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -180,6 +182,9 @@ def _phase(rank, world, group, out_dir):
             rec["sample_again"], rec["sample_other_seed"] = again.last_sample, other.last_sample
             head(x_loc.detach(), y_loc)
             rec["sample_next_step"] = head.last_sample
+            head.eval()                    # eval mode: every class, the full loss
+            out = head(x_loc.detach(), y_loc)
+            rec["eval_loss"], rec["eval_sample"] = (out.loss if isinstance(out, tuple) else out), head.last_sample
         res["cases"][case[0]] = rec
 
     # mdist.shard(): the converter copies this rank's rows of a single-process module
@@ -397,6 +402,11 @@ def test_partial_fc_sampling(results, world, name):
         assert not torch.equal(rec["sample_next_step"], sample), "the next step should give another sample"
         kept[sample] = True
     assert bool((gw[~kept] == 0).all()), "unsampled rows of W received gradient"
+    full = reference(case)[0]
+    for r, rec in enumerate(recs):
+        assert rec["eval_sample"] is None
+        assert_close(rec["eval_loss"], full.loss if isinstance(full, tuple) else full, case[3],
+                     f"eval-mode loss on rank {r} (all classes)")
     assert bool((gw[kept].abs().sum(1) > 0).all()), "every sampled row should receive gradient"
     assert kept.sum() < C_PFC // 2
 
@@ -511,3 +521,20 @@ def test_shard_range_partitions_the_classes(num_classes, world):
     assert ranges[0][0] == 0 and ranges[-1][1] == num_classes
     assert all(ranges[r][1] == ranges[r + 1][0] for r in range(world - 1))
     assert sizes == split_sizes(num_classes, world)
+
+
+def test_torchrun_example_runs(tmp_path):
+    """The README command, shortened: 2 gloo ranks, a few steps, Partial FC, AMP, a checkpoint."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    ck = tmp_path / "ck"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(root, "examples", "train_sharded.py"), "--steps", "2", "--num-classes", "51",
+           "--batch-size", "8", "--embedding-size", "16", "--loss", "magface", "--sample-rate", "0.5", "--amp",
+           "--device", "cpu", "--save", str(ck)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("step ") == 2 and "saved to" in proc.stdout
+    weight, state = checkpoint.load_full(str(ck))
+    assert weight.shape == (51, 16) and state["momentum_buffer"].shape == (51, 16)
+    assert bool(torch.isfinite(weight).all())
