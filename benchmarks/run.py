@@ -439,6 +439,8 @@ def parse_args(argv=None):
     ap.add_argument("--shard", help="i/n: run only every n-th case starting at i (1-based)")
     ap.add_argument("--merge", nargs="+", help="merge these result JSONs into --out and print the table")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (CPU runs; default torch's)")
+    ap.add_argument("--list", action="store_true", help="print the cases that would run (after --resume/--shard) "
+                    "and exit")
     ap.add_argument("--quiet", action="store_true", help="no table on stdout")
     return ap.parse_args(argv)
 
@@ -515,6 +517,15 @@ def main(argv=None) -> dict:
         missing = [m for m in modes if (c.provider, c.loss, m, c.precision, c.B, c.C, c.D) not in done]
         if missing:
             todo.append((c, missing))
+
+    if args.list:
+        from collections import Counter
+        for c, missing in todo:
+            print(f"{c.provider:10s} {c.loss:9s} {c.precision:9s} B={c.B:<5d} C={c.C:<8d} D={c.D:<4d} {','.join(missing)}")
+        per = Counter(c.provider for c, _ in todo)
+        print(f"{len(todo)} cases ({sum(len(m) for _, m in todo)} case-modes): "
+              + ", ".join(f"{p} {n}" for p, n in per.items()), file=sys.stderr)
+        return doc
 
     timer = _Timer(device)
     t_start = time.monotonic()
