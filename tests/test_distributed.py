@@ -149,8 +149,9 @@ def _worker(rank, world_size, out_dir):
     on the subgroup {0, 1}, world 3 on the default WORLD group, world 1 on {0}. Fewer
     processes to start (the slow part) and the ``group`` argument gets exercised."""
     assert world_size == max(WORLD_SIZES)
+    # new_group is collective: every rank creates all of them first, in the same order
     groups = {w: (None if w == world_size else dist.new_group(list(range(w)))) for w in WORLD_SIZES}
-    for w in WORLD_SIZES:           # new_group is collective: create them all first, in the same order
+    for w in WORLD_SIZES:
         if rank < w:
             _phase(rank, w, groups[w], out_dir)
         dist.barrier()
