@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
+from .reference import check_values
 from .margins import MarginSpec, sphere_lambda as _sphere_lambda_schedule
 
 __all__ = [
@@ -115,7 +116,10 @@ def check_inputs(embeddings: Tensor, weight: Tensor, labels: Tensor) -> None:
 
 
 def _autocast(embeddings: Tensor, weight: Tensor):
-    """Cast both operands to the autocast dtype when autocast is on for their device."""
+    """Cast both operands to the autocast dtype when autocast is on for their device
+    (before the dtype check, so bf16 embeddings meet an fp32 weight as under F.linear)."""
+    if not (isinstance(embeddings, Tensor) and isinstance(weight, Tensor)):
+        return embeddings, weight          # check_inputs names the culprit
     dev = embeddings.device.type
     if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
         dt = torch.get_autocast_dtype(dev)
@@ -154,10 +158,10 @@ def margin_loss(
     annealing weight λ (a float or 0-d tensor). With ``return_parts=True`` returns a
     :class:`MagFaceOutput` instead of the loss tensor.
     """
+    embeddings, weight = _autocast(embeddings, weight)
     check_inputs(embeddings, weight, labels)
     check_reduction(reduction)
     check_ignore_index(ignore_index)
-    embeddings, weight = _autocast(embeddings, weight)
     if sphere_lambda is not None and not isinstance(sphere_lambda, Tensor):
         sphere_lambda = torch.tensor(float(sphere_lambda), device=embeddings.device)
     lse, zy, reg_rows, norms = ops.margin_ce(embeddings, weight, labels, sphere_lambda,
@@ -192,15 +196,13 @@ def softmax_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, bias: Optio
     no fused kernel); the softmax is float32. Same checks and reduction rules as the
     margin losses (mean over zero rows is 0, not NaN).
     """
+    embeddings, weight = _autocast(embeddings, weight)
     check_inputs(embeddings, weight, labels)
     check_reduction(reduction)
     check_ignore_index(ignore_index)
-    from .reference import check_values
-
     check_values(embeddings, weight, labels, ignore_index)
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
         raise ValueError(f"bias: expected shape [{weight.shape[0]}], got {tuple(bias.shape)}")
-    embeddings, weight = _autocast(embeddings, weight)
     logits = F.linear(embeddings, weight, None if bias is None else bias.to(weight.dtype))
     ct = torch.float64 if logits.dtype == torch.float64 else torch.float32
     rows = F.cross_entropy(logits.to(ct), labels.long(), ignore_index=ignore_index, reduction="none")

@@ -105,6 +105,17 @@ def test_autocast_casts_both_operands():
     assert crit.weight.grad.dtype == torch.float32
 
 
+@pytest.mark.parametrize("crit", [magloss.MagFaceLoss(16, 7), magloss.SoftmaxLoss(16, 7)], ids=["margin", "softmax"])
+def test_autocast_accepts_half_embeddings_with_a_float32_weight(crit):
+    """The usual AMP case: the backbone emits bf16 under autocast, the head's weight is fp32."""
+    x, _, y = make_inputs(5, 7, 16, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = crit(x.bfloat16(), y)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    with pytest.raises(TypeError, match="same dtype"):
+        crit(x.bfloat16(), y)          # outside autocast the mismatch is an error
+
+
 SPECS = [
     magloss.MarginSpec.combined(30.0, 1.0, 0.5, 0.0),
     magloss.MarginSpec.combined(30.0, 0.9, 0.4, 0.15, easy_margin=True),
