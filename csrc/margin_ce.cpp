@@ -17,6 +17,7 @@
 // otherwise: flat in C. W is never normalized into a copy (r_j is applied in the epilogues).
 #include "margin_ce.h"
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -145,6 +146,29 @@ class SimtScope {
   std::optional<at::NoTF32Guard> guard_;
 };
 
+// Whether aten::mm / aten::addmm with out_dtype=float32 accept fp16/bf16 inputs on this build
+// (they do in the torch versions we target; probed once per dtype so that a torch without them
+// degrades to the fp32 products with a warning instead of failing).
+bool half_fp32_out_supported(const at::Tensor& like) {
+  static std::atomic<int> state[2] = {-1, -1};  // [fp16, bf16]: -1 unknown, 0 no, 1 yes
+  std::atomic<int>& st = state[like.scalar_type() == at::kBFloat16 ? 1 : 0];
+  int s = st.load();
+  if (s < 0) {
+    try {
+      const at::Tensor a = at::ones({2, 2}, like.options());
+      at::Tensor o = at::mm(a, a, at::kFloat);
+      at::addmm_out(o, o, a, a, at::kFloat);
+      s = 1;
+    } catch (const c10::Error& e) {
+      TORCH_WARN("magloss: aten::mm with out_dtype=float32 is unavailable for ", like.scalar_type(), " (",
+                 e.what_without_backtrace(), "); the fused engine uses fp32 products for these inputs");
+      s = 0;
+    }
+    st.store(s);
+  }
+  return s == 1;
+}
+
 // S = x @ w_chunk^T as fp32 into `tile` ([B, n], contiguous). x_gemm is x itself, or x in
 // fp32 on the SIMT path (then w_chunk is up-cast per chunk into w32, returned for reuse).
 void raw_dots(at::Tensor& tile, const at::Tensor& x_gemm, const at::Tensor& w_chunk, bool simt, at::Tensor* w32) {
@@ -185,7 +209,8 @@ struct Workspace {
 
 int64_t chunk_columns(int64_t B, int64_t C) {
   int64_t n = 0;
-  if (const char* v = std::getenv("MAGLOSS_CHUNK")) {
+  const char* v = std::getenv("MAGLOSS_CHUNK");
+  if (v != nullptr && *v != '\0') {
     char* end = nullptr;
     const long long parsed = std::strtoll(v, &end, 10);
     TORCH_CHECK_VALUE(end != v && *end == '\0' && parsed > 0, "MAGLOSS_CHUNK: expected a positive integer, got '",
@@ -267,7 +292,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_ce_cuda(
     raise_on_flags(host.data_ptr<int32_t>(), lab_in, C, ignore_index);
   }
 
-  const bool simt = simt_path(x.get_device());
+  const bool simt = simt_path(x.get_device()) || (dt != DType::F32 && !half_fp32_out_supported(x));
   SimtScope simt_scope(simt);
   const at::Tensor x_gemm = simt ? x.to(at::kFloat) : x;
   const int64_t N = chunk_columns(B, C);
@@ -356,7 +381,7 @@ std::tuple<at::Tensor, at::Tensor> margin_ce_backward_cuda(
                            /*backward=*/true, flags.data_ptr<int32_t>(), stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-  const bool simt = simt_path(x.get_device());
+  const bool simt = simt_path(x.get_device()) || (half && !half_fp32_out_supported(x));
   SimtScope simt_scope(simt);
   const at::Tensor x_gemm = simt ? x.to(at::kFloat) : x;
   // xhat for the dW product: fp32 (fp32 inputs or SIMT), else the input dtype (fp32 accumulation).
