@@ -11,7 +11,7 @@ Quick start::
 ``magloss.extension_status()`` tells whether the fused CUDA kernels are in use.
 """
 
-from . import functional, margins, ops  # noqa: F401  (ops registers the custom ops)
+from . import checkpoint, distributed, functional, margins, ops  # noqa: F401  (ops registers the custom ops)
 from ._ext import extension_status
 from .functional import MagFaceOutput
 from .interop import load_magface_weight
@@ -42,6 +42,8 @@ __all__ = [
     "NormFaceLoss",
     "SoftmaxLoss",
     "SphereFaceLoss",
+    "checkpoint",
+    "distributed",
     "extension_status",
     "functional",
     "load_magface_weight",
