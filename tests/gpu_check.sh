@@ -14,7 +14,7 @@
 #
 # Env: OUT (default /tmp/magloss_gpu_check), PYTHON (python3), TORCH_CUDA_ARCH_LIST (9.0),
 #      GIT_COMMIT (recorded as is when the working copy has no .git), PYTEST_ARGS (extra args),
-#      PYTEST_TIMEOUT (330 s), SANITIZER=0 to skip step 3, GPU_CHECK_SKIP_BUILD=1.
+#      PYTEST_TIMEOUT (360 s), SANITIZER=0 to skip step 3, GPU_CHECK_SKIP_BUILD=1.
 # Exit status: 0 when the build, the tests and the sanitizers are all clean.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -57,7 +57,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null
 step "pytest -m gpu"
 t=$SECONDS
 # shellcheck disable=SC2086
-timeout "${PYTEST_TIMEOUT:-330}" $PY -m pytest -m gpu -q -p no:cacheprovider \
+timeout "${PYTEST_TIMEOUT:-360}" $PY -m pytest -m gpu -q -p no:cacheprovider \
   --junitxml="$OUTDIR/pytest_gpu.xml" ${PYTEST_ARGS:-} tests 2>&1 | tee "$OUTDIR/pytest_gpu.log" | tail -n 40
 pytest_rc=${PIPESTATUS[0]}
 pytest_s=$((SECONDS - t))
