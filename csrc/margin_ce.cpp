@@ -198,6 +198,33 @@ void raise_on_flags(const int32_t* f, const at::Tensor& labels, int64_t C, int64
   }
 }
 
+// Asynchronous read-back of the device error flags: copy to pinned memory + event at start(),
+// host wait on that event only at wait(). The event is destroyed on every path (RAII).
+class FlagCheck {
+ public:
+  FlagCheck() = default;
+  FlagCheck(const FlagCheck&) = delete;
+  FlagCheck& operator=(const FlagCheck&) = delete;
+  ~FlagCheck() {
+    if (event_ != nullptr) cudaEventDestroy(event_);  // no throw from a destructor
+  }
+  void start(const at::Tensor& flags, cudaStream_t stream) {
+    host_ = at::empty({flags.numel()}, at::TensorOptions().dtype(at::kInt).pinned_memory(true));
+    host_.copy_(flags, /*non_blocking=*/true);
+    C10_CUDA_CHECK(cudaEventCreateWithFlags(&event_, cudaEventDisableTiming));
+    C10_CUDA_CHECK(cudaEventRecord(event_, stream));
+  }
+  bool active() const { return event_ != nullptr; }
+  const int32_t* wait() {
+    C10_CUDA_CHECK(cudaEventSynchronize(event_));
+    return host_.data_ptr<int32_t>();
+  }
+
+ private:
+  at::Tensor host_;
+  cudaEvent_t event_ = nullptr;
+};
+
 // Views of one [K, B] fp32 workspace as the RowState arrays.
 struct Workspace {
   at::Tensor f;    // [K, B] fp32
@@ -283,13 +310,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_ce_cuda(
                            /*backward=*/false, flags.data_ptr<int32_t>(), stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-  // Input check (docs/cuda.md, "Label and value checks"): one 16-byte device-to-host copy, i.e. a
-  // stream sync, unless MAGLOSS_CHECK_INPUTS=0 or the stream is being captured into a CUDA graph.
-  // Without it a bad label never reads or writes out of bounds: the row gets lse = NaN.
+  // Input check (docs/cuda.md, "Label and value checks"): the 16-byte flag array is copied to
+  // pinned host memory asynchronously and an event is recorded after it; all class chunks are
+  // enqueued first, then the host waits for that event only (the GPU stays busy with the chunks)
+  // and raises the reference's error from this call. Skipped with MAGLOSS_CHECK_INPUTS=0 and
+  // while the stream is captured into a CUDA graph; a bad label never reads or writes out of
+  // bounds either way (its row gets lse = NaN).
+  FlagCheck flag_check;
   if (env_flag("MAGLOSS_CHECK_INPUTS", true) &&
       c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None) {
-    const at::Tensor host = flags.to(at::kCPU);
-    raise_on_flags(host.data_ptr<int32_t>(), lab_in, C, ignore_index);
+    flag_check.start(flags, stream);
   }
 
   const bool simt = simt_path(x.get_device()) || (dt != DType::F32 && !half_fp32_out_supported(x));
@@ -307,6 +337,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_ce_cuda(
   }
   engine::launch_forward_finalize(B, rows, lse.data_ptr<float>(), stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (flag_check.active()) raise_on_flags(flag_check.wait(), lab_in, C, ignore_index);
   return {lse, zy, reg, norms};
 }
 
