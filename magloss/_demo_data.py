@@ -177,15 +177,16 @@ def degrade(images: torch.Tensor, kind: str, severity, generator: torch.Generato
     raise ValueError(f"kind must be one of {DEGRADATIONS}, got {kind!r}")
 
 
-def random_degrade(images: torch.Tensor, prob: float, generator: torch.Generator) -> torch.Tensor:
+def random_degrade(images: torch.Tensor, prob: float, generator: torch.Generator, steps: int = 10) -> torch.Tensor:
     """Training augmentation: with probability ``prob`` per image, apply one random kind of
-    :func:`degrade` at a severity drawn uniformly from ``[0, 1]``."""
+    :func:`degrade` at a severity drawn uniformly from ``{1/steps, 2/steps, ..., 1}``
+    (a discrete set, so that blurring needs at most ``steps`` convolutions per batch)."""
     if prob <= 0:
         return images
     n = images.shape[0]
     hit = torch.rand(n, generator=generator) < prob
     kinds = torch.randint(len(DEGRADATIONS), (n,), generator=generator)
-    sev = torch.rand(n, generator=generator)
+    sev = torch.randint(1, steps + 1, (n,), generator=generator).float() / steps
     out = images.clone()
     for k, kind in enumerate(DEGRADATIONS):
         m = hit & (kinds == k)
@@ -201,9 +202,15 @@ def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generato
     n, _, h, w = images.shape
     p = max_shift
     padded = F.pad(images, (p, p, p, p))
-    dy = torch.randint(0, 2 * p + 1, (n,), generator=generator).tolist()
-    dx = torch.randint(0, 2 * p + 1, (n,), generator=generator).tolist()
-    return torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
+    dy = torch.randint(0, 2 * p + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * p + 1, (n,), generator=generator)
+    out = torch.empty_like(images)
+    for sy in range(2 * p + 1):
+        for sx in range(2 * p + 1):
+            m = (dy == sy) & (dx == sx)
+            if m.any():
+                out[m] = padded[m, :, sy : sy + h, sx : sx + w]
+    return out
 
 
 def severity_levels(num_levels: int) -> List[float]:

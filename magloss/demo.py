@@ -157,7 +157,7 @@ def train_one(name: str, args, images, labels, num_classes: int, device: torch.d
             loss, ce, reg = parts.loss, float(parts.ce.detach()), float(parts.reg.detach())
         else:
             loss = head(emb, y)
-            ce, reg = float(loss), float("nan")
+            ce, reg = float(loss.detach()), float("nan")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -166,13 +166,13 @@ def train_one(name: str, args, images, labels, num_classes: int, device: torch.d
             w = torch.nn.functional.normalize(head.weight.detach(), dim=1)
             acc = float(((torch.nn.functional.normalize(emb.detach(), dim=1) @ w.T).argmax(1) == y).float().mean())
             mag = float(emb.detach().norm(dim=1).mean())
-        hist["loss"].append(float(loss))
+        hist["loss"].append(float(loss.detach()))
         hist["ce"].append(ce)
         hist["reg"].append(reg)
         hist["mean_magnitude"].append(mag)
         hist["train_accuracy"].append(acc)
         if step % 10 == 0 or step == args.steps - 1:
-            bar.set_postfix(loss=f"{float(loss):.2f}", mag=f"{mag:.1f}", acc=f"{acc:.2f}")
+            bar.set_postfix(loss=f"{float(loss.detach()):.2f}", mag=f"{mag:.1f}", acc=f"{acc:.2f}")
     bar.close()
     return {"model": model, "head": head, "history": hist, "train_seconds": time.perf_counter() - t0}
 
@@ -524,6 +524,21 @@ def _verdict(report: Dict) -> Dict:
     return v
 
 
+def _jsonable(o):
+    """Strict JSON: NaN/inf become null, numpy scalars become Python numbers."""
+    if isinstance(o, dict):
+        return {str(k): _jsonable(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_jsonable(v) for v in o]
+    if isinstance(o, (np.floating, float)):
+        return float(o) if math.isfinite(float(o)) else None
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, np.bool_):
+        return bool(o)
+    return o
+
+
 def _check_args(args) -> None:
     checks = [
         (args.steps >= 1, f"--steps must be >= 1, got {args.steps}"),
@@ -605,7 +620,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     report["verdict"] = _verdict(report)
     report["elapsed_seconds"] = time.perf_counter() - t_start
     with open(os.path.join(args.out, "report.json"), "w") as f:
-        json.dump(report, f, indent=2, default=float)
+        json.dump(_jsonable(report), f, indent=2, allow_nan=False)
     print()
     print(_summary(report))
     print()
