@@ -399,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=1200, help="training steps per model (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--image-size", type=int, default=None, help="default: 16 for digits, 32 for --data")
@@ -407,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-per-class", type=int, default=None, help="cap images per identity for --data")
     p.add_argument("--holdout-classes", type=int, default=None, help="classes held out for open-set tests (default: 3 for digits, 20%% for --data)")
     p.add_argument("--embedding-size", type=int, default=128)
-    p.add_argument("--width", type=int, default=32, help="channels of the first conv stage (default: %(default)s)")
+    p.add_argument("--width", type=int, default=16, help="channels of the first conv stage (default: %(default)s)")
     p.add_argument("--dropout", type=float, default=0.0, help="dropout before the embedding layer (default: %(default)s)")
     p.add_argument("--init-magnitude", type=float, default=22.6,
                    help="initial feature magnitude, via the last BatchNorm's scale; MagFace's iresnet starts at sqrt(512)=22.6 (default: %(default)s)")
