@@ -17,7 +17,7 @@ scikit-learn (``pip install magloss[eval]``).
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from typing import Dict, Sequence
 
 import numpy as np
 import torch
