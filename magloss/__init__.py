@@ -11,7 +11,7 @@ Quick start::
 ``magloss.extension_status()`` tells whether the fused CUDA kernels are in use.
 """
 
-from . import checkpoint, distributed, functional, margins, ops  # noqa: F401  (ops registers the custom ops)
+from . import checkpoint, distributed, evaluation, functional, margins, ops, quality  # noqa: F401  (ops registers the custom ops)
 from ._ext import extension_status
 from .functional import MagFaceOutput
 from .interop import load_magface_weight
@@ -44,8 +44,10 @@ __all__ = [
     "SphereFaceLoss",
     "checkpoint",
     "distributed",
+    "evaluation",
     "extension_status",
     "functional",
     "load_magface_weight",
     "margins",
+    "quality",
 ]

@@ -7,11 +7,13 @@ says which path is in use and why.
 
 from __future__ import annotations
 
+import importlib
 import os
 from typing import Any, Dict, Optional
 
 __all__ = ["extension_status", "register_cuda_kernels", "fused_chunk_columns"]
 
+_NAME = f"{__package__}._C"
 _C: Optional[Any] = None
 _reason: str
 
@@ -19,13 +21,15 @@ if os.environ.get("MAGLOSS_DISABLE_EXT", "0") not in ("", "0"):
     _reason = "disabled by MAGLOSS_DISABLE_EXT"
 else:
     try:
-        from . import _C  # type: ignore[no-redef]  # noqa: F811
-
+        _C = importlib.import_module(_NAME)
         _reason = "compiled extension loaded"
-    except ImportError as exc:  # pure-Python install, or a build for another torch
-        _C = None
-        _reason = f"compiled extension not available ({exc}); install with a CUDA toolkit and " \
-                  "`pip install --no-build-isolation .` to build it"
+    except ModuleNotFoundError as exc:
+        if exc.name != _NAME:
+            raise
+        _reason = ("no compiled extension (pure-Python install): build it on a machine with a CUDA torch and "
+                   "toolkit with `pip install --no-build-isolation .`")
+    except ImportError as exc:  # built, but for another torch/CUDA, or a missing shared library
+        _reason = f"compiled extension {_NAME} failed to load ({exc}); rebuild it against the installed torch"
 
 
 def _is_f64(*tensors) -> bool:
