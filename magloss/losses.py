@@ -46,6 +46,14 @@ def _positive_int(name: str, value) -> int:
     return value
 
 
+def _init_common(module: nn.Module, embedding_size, num_classes, ignore_index, reduction) -> None:
+    """Validate and store the arguments every loss module shares."""
+    module.embedding_size = _positive_int("embedding_size", embedding_size)
+    module.num_classes = _positive_int("num_classes", num_classes)
+    module.ignore_index = MF.check_ignore_index(ignore_index)
+    module.reduction = MF.check_reduction(reduction)
+
+
 class MarginLoss(nn.Module):
     """Base class: a class matrix ``weight`` [num_classes, embedding_size] and a :class:`MarginSpec`.
 
@@ -56,10 +64,7 @@ class MarginLoss(nn.Module):
     def __init__(self, embedding_size: int, num_classes: int, spec: MarginSpec, *, ignore_index: int = -1,
                  reduction: str = "mean", device=None, dtype=None) -> None:
         super().__init__()
-        self.embedding_size = _positive_int("embedding_size", embedding_size)
-        self.num_classes = _positive_int("num_classes", num_classes)
-        self.ignore_index = MF.check_ignore_index(ignore_index)
-        self.reduction = MF.check_reduction(reduction)
+        _init_common(self, embedding_size, num_classes, ignore_index, reduction)
         self.spec = spec
         self.weight = nn.Parameter(torch.empty(num_classes, embedding_size, device=device, dtype=dtype))
         self.reset_parameters()
@@ -239,10 +244,7 @@ class SoftmaxLoss(nn.Module):
     def __init__(self, embedding_size: int, num_classes: int, bias: bool = True, *, ignore_index: int = -1,
                  reduction: str = "mean", device=None, dtype=None) -> None:
         super().__init__()
-        self.embedding_size = _positive_int("embedding_size", embedding_size)
-        self.num_classes = _positive_int("num_classes", num_classes)
-        self.ignore_index = MF.check_ignore_index(ignore_index)
-        self.reduction = MF.check_reduction(reduction)
+        _init_common(self, embedding_size, num_classes, ignore_index, reduction)
         lin = nn.Linear(embedding_size, num_classes, bias=bias, device=device, dtype=dtype)
         self.weight = lin.weight
         self.bias = lin.bias

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from .. import functional as MF
 from .. import losses, ops
+from ..losses import _positive_int
 from ..margins import SPHERE, MarginSpec, sphere_lambda
 from .comm import all_gather_sizes, comm_device, gather_rows, gather_stats, require_group, sum_stats
 from .partial_fc import check_sample_rate, sample_classes, sampling_generator
@@ -72,12 +73,6 @@ def shard_range(num_classes: int, world_size: int, rank: int) -> Tuple[int, int]
     q, e = divmod(num_classes, world_size)
     start = rank * q + min(rank, e)
     return start, start + q + (1 if rank < e else 0)
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name}: expected a positive int, got {value!r}")
-    return value
 
 
 class ShardedMarginLoss(nn.Module):
