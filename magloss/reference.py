@@ -59,14 +59,19 @@ def _label_index(labels: Tensor, ignore_index: int) -> Tuple[Tensor, Tensor]:
     return has, torch.where(has, labels, torch.zeros_like(labels)).long().unsqueeze(1)
 
 
-def _cosines(x: Tensor, w: Tensor, idx: Tensor):
+def _cosines(x: Tensor, w: Tensor, idx: Tensor, product_dtype: Optional[torch.dtype] = None):
     """Row and column stages shared by forward and backward: a_i, x̂_i, ‖w_j‖, r_j, the
-    cosine matrix c [B, C] and the label cosine c_iy [B] (x̂ = x/max(a, ε), as F.normalize)."""
+    cosine matrix c [B, C] and the label cosine c_iy [B] (x̂ = x/max(a, ε), as F.normalize).
+    ``product_dtype`` runs the one B×C product x̂·Wᵀ in that dtype (an eager baseline in
+    fp16/bf16); everything else stays in x's dtype."""
     a = x.norm(dim=1)
     x_hat = x / a.clamp_min(NORM_EPS).unsqueeze(1)
     w_norm = w.norm(dim=1)
     r = 1.0 / w_norm.clamp_min(NORM_EPS)
-    cos = (x_hat @ w.t()) * r
+    if product_dtype is None:
+        cos = (x_hat @ w.t()) * r
+    else:
+        cos = (x_hat.to(product_dtype) @ w.to(product_dtype).t()).to(x.dtype) * r
     return a, x_hat, w_norm, r, cos, cos.gather(1, idx).squeeze(1)
 
 
@@ -77,6 +82,8 @@ def margin_ce_rows(
     spec: MarginSpec,
     ignore_index: int = -1,
     sphere_lambda: Optional[Tensor] = None,
+    *,
+    product_dtype: Optional[torch.dtype] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-row softmax statistics with the margin, differentiable by autograd.
 
@@ -88,6 +95,8 @@ def margin_ce_rows(
             class-sharded head, its class lives on another shard).
         spec: the margin family and hyperparameters.
         sphere_lambda: 0-d tensor, SphereFace's annealing weight λ (SPHERE only).
+        product_dtype: run the cosine product in this dtype instead (default: the compute
+            dtype). Only for building same-precision eager baselines in tests/benchmarks.
 
     Returns, all [B] in :func:`compute_dtype` of the input dtype:
         lse: logsumexp_j z_ij.
@@ -100,7 +109,7 @@ def margin_ce_rows(
     x = embeddings.to(ct)
     w = weight.to(ct)
     has, idx = _label_index(labels, ignore_index)
-    a, _, _, _, cos, c_y = _cosines(x, w, idx)
+    a, _, _, _, cos, c_y = _cosines(x, w, idx, product_dtype)
 
     psi, dpsi_dc, dpsi_da = margin_terms(c_y.detach(), a.detach(), spec, sphere_lambda)
     psi = _linearized(_linearized(psi, dpsi_dc, c_y), dpsi_da, a)

@@ -36,7 +36,7 @@ if not DRYRUN and not torch.cuda.is_available():
 
 import magloss  # noqa: E402
 from magloss import _ext, reference  # noqa: E402
-from magloss.margins import MarginSpec, margin_terms, regularizer  # noqa: E402
+from magloss.margins import MarginSpec  # noqa: E402
 
 if not DRYRUN and (_ext._C is None or not hasattr(_ext._C, "margin_ce")):
     pytest.skip(f"fused extension not built: {_ext.extension_status()['reason']}", allow_module_level=True)
@@ -306,30 +306,10 @@ def eager_lowp(x, w, y, spec, ii, lam, grads, precision):
     xd = x.to(dt).detach().requires_grad_()
     wd = w.to(dt).detach().requires_grad_()
     with tf32(precision == "tf32"):
-        xf, wf = xd.float(), wd.float()
-        has = y != ii
-        idx = torch.where(has, y, torch.zeros_like(y)).long().unsqueeze(1)
-        a = xf.norm(dim=1)
-        x_hat = (xf / a.clamp_min(1e-12).unsqueeze(1)).to(dt)
-        r = 1.0 / wf.norm(dim=1).clamp_min(1e-12)
-        cos = (x_hat @ wd.t()).float() * r                     # the product in `precision`
-        c_y = cos.gather(1, idx).squeeze(1)
-        psi, dc, da = margin_terms(c_y.detach(), a.detach(), spec, lam)
-        psi = psi + dc * (c_y - c_y.detach()) + da * (a - a.detach())
-        psi = torch.where(has, psi, c_y)
-        scale = a if spec.scale_by_norm else torch.full_like(a, spec.scale)
-        zy = scale * psi
-        logits = (scale.unsqueeze(1) * cos).scatter(1, idx, zy.unsqueeze(1))
-        lse = torch.logsumexp(logits, dim=1)
-        zy = torch.where(has, zy, torch.zeros_like(zy))
-        if spec.has_regularizer:
-            g, dg = regularizer(a.detach(), spec.l_a, spec.u_a)
-            reg = g + dg * (a - a.detach())
-        else:
-            reg = torch.zeros_like(a)
-        total = sum((gg.float() * t).sum() for gg, t in zip(grads, (lse, zy, reg, a)))
+        rows = reference.margin_ce_rows(xd, wd, y, spec, ii, lam, product_dtype=dt)
+        total = sum((gg.float() * t).sum() for gg, t in zip(grads, rows))
         gx, gw = torch.autograd.grad(total, (xd, wd))
-    return (lse.detach(), zy.detach(), reg.detach(), a.detach()), (gx, gw)
+    return tuple(t.detach() for t in rows), (gx, gw)
 
 
 LOWP_CASES = [
