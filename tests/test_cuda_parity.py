@@ -150,6 +150,15 @@ def assert_fp32_parity(rows, grads, ref_rows, ref_grads, what=""):
         assert e <= 1e-4, f"{what} {name}: rel error {e:.3g} > 1e-4"
 
 
+def check_fp32(x, w, y, spec, ii, lam_t, grads, what=""):
+    """Fused op in strict fp32 (TF32 off) against the float64 oracle; returns the fused rows."""
+    with tf32(False):
+        rows, gr = fused(x.float(), w.float(), y, spec, ii, lam_t, grads)
+    ref_rows, ref_grads = oracle(x, w, y, spec, ii, lam_t, grads)
+    assert_fp32_parity(rows, gr, ref_rows, ref_grads, what)
+    return rows
+
+
 # ---- fp32 parity over families and shapes ---------------------------------------------------------
 # Every value of each axis appears: B in {1, 3, 128, 512}, C in {1, 7, 1000, 85742}, D in {64, 100, 512}.
 SMALL_SHAPES = [(1, 1, 64), (3, 7, 100), (128, 1000, 512), (512, 7, 64), (3, 1000, 100)]
@@ -162,10 +171,7 @@ def test_fp32_parity(family, shape):
     B, C, D = shape
     x, w, y, grads = make_case(B, C, D, ignored=(1, 5, 77))
     lam_t = lam_tensor(lam)
-    with tf32(False):
-        rows, gr = fused(x.float(), w.float(), y, spec, -1, lam_t, grads)
-    ref_rows, ref_grads = oracle(x, w, y, spec, -1, lam_t, grads)
-    assert_fp32_parity(rows, gr, ref_rows, ref_grads, f"{family} {shape}")
+    rows = check_fp32(x, w, y, spec, -1, lam_t, grads, f"{family} {shape}")
 
 
 @pytest.mark.parametrize("family", ["arcface", "magface", "sphereface", "cosface"])
@@ -174,10 +180,7 @@ def test_fp32_parity_large(family, shape):
     spec, lam = FAMILIES[family]
     x, w, y, grads = make_case(*shape, seed=1, ignored=(0, 300))
     lam_t = lam_tensor(lam)
-    with tf32(False):
-        rows, gr = fused(x.float(), w.float(), y, spec, -1, lam_t, grads)
-    ref_rows, ref_grads = oracle(x, w, y, spec, -1, lam_t, grads)
-    assert_fp32_parity(rows, gr, ref_rows, ref_grads, f"{family} {shape}")
+    rows = check_fp32(x, w, y, spec, -1, lam_t, grads, f"{family} {shape}")
 
 
 # Chunking: several chunks, a partial last chunk, labels in every chunk, C = 1 chunk of one column.
@@ -190,10 +193,7 @@ def test_chunking(monkeypatch, family, chunk, C):
     assert _ext.fused_chunk_columns(128, C) == min(chunk, C)
     x, w, y, grads = make_case(128, C, 100, seed=2, ignored=(3,))
     lam_t = lam_tensor(lam)
-    with tf32(False):
-        rows, gr = fused(x.float(), w.float(), y, spec, -1, lam_t, grads)
-    ref_rows, ref_grads = oracle(x, w, y, spec, -1, lam_t, grads)
-    assert_fp32_parity(rows, gr, ref_rows, ref_grads, f"{family} chunk={chunk} C={C}")
+    rows = check_fp32(x, w, y, spec, -1, lam_t, grads, f"{family} chunk={chunk} C={C}")
 
 
 @needs_ext
@@ -212,10 +212,7 @@ def test_ignored_rows(ignore_index, ignored, label_dtype):
     spec, lam = FAMILIES["magface"]
     x, w, y, grads = make_case(8, 1000, 64, seed=3, ignored=ignored, ignore_index=ignore_index,
                                label_dtype=label_dtype)
-    with tf32(False):
-        rows, gr = fused(x.float(), w.float(), y, spec, ignore_index, None, grads)
-    ref_rows, ref_grads = oracle(x, w, y, spec, ignore_index, None, grads)
-    assert_fp32_parity(rows, gr, ref_rows, ref_grads, f"ignore_index={ignore_index}")
+    rows = check_fp32(x, w, y, spec, ignore_index, None, grads, f"ignore_index={ignore_index}")
     no_label = y == ignore_index
     assert torch.all(rows[1][no_label] == 0)
 
