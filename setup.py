@@ -58,9 +58,11 @@ def _cuda_extension():
         name="magloss._C",
         sources=sources,
         include_dirs=[os.path.abspath("csrc")],
+        # No -std flag: torch's BuildExtension adds the standard its headers need (C++20 for
+        # torch >= 2.15, whose headers reject C++17); the kernels themselves only need C++17.
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
-            "nvcc": ["-O3", "-std=c++17", "-lineinfo", f"--threads={threads}"],
+            "cxx": ["-O3"],
+            "nvcc": ["-O3", "-lineinfo", f"--threads={threads}"],
         },
     )
     print(f"magloss: building the CUDA extension for TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST')}")

@@ -3,7 +3,7 @@
 #
 #   1. CMake: csrc/engine.cu (torch-free kernels) with nvcc for sm_75/80/86/90 in one nvcc
 #      invocation, plus the host test of the margin functions, run by ctest.
-#   2. The torch boundary (csrc/margin_ce.cpp) and the pybind11 bindings (csrc/bindings.cpp):
+#   2. The torch boundary, the input checks and the pybind11 bindings (csrc/*.cpp):
 #      g++ -fsyntax-only against the installed torch's headers, when torch and pybind11 import.
 #      A CPU-only torch wheel lacks one generated header (c10/cuda/impl/cuda_cmake_macros.h);
 #      a one-line stand-in is written into the temp dir for this check only.
@@ -66,9 +66,9 @@ fi
 ISYS=(-isystem "$STUB")
 for p in $INCS "$CUDA_INC"; do ISYS+=(-isystem "$p"); done
 CXX="${CXX:-g++}"
-for src in csrc/margin_ce.cpp csrc/bindings.cpp; do
+for src in csrc/*.cpp; do
   start=$SECONDS
-  "$CXX" -std=c++17 -O2 -fsyntax-only -Wall -Wextra -Werror -Icsrc "${ISYS[@]}" -DTORCH_EXTENSION_NAME=_C \
+  "$CXX" -std=c++20 -O2 -fsyntax-only -Wall -Wextra -Werror -Icsrc "${ISYS[@]}" -DTORCH_EXTENSION_NAME=_C \
     -DTORCH_API_INCLUDE_EXTENSION_H "$src" || { echo "FAIL: $src"; exit 1; }
   echo "   $src: OK ($((SECONDS - start)) s)"
 done
