@@ -4,6 +4,7 @@
 // Argument order and names mirror the op schemas exactly.
 #include <torch/extension.h>
 
+#include "input_checks.h"
 #include "margin_ce.h"
 
 namespace py = pybind11;
@@ -26,6 +27,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("chunk_columns", &magloss::chunk_columns,
         "Class-chunk width used for B rows and C classes (MAGLOSS_CHUNK or the default tile bound).", py::arg("B"),
         py::arg("C"));
+  m.def("flush_input_checks", &magloss::flush_input_checks,
+        "Wait for the pending asynchronous input checks of earlier fused calls and raise the first failure "
+        "(ValueError); see magloss.flush_input_checks.");
   m.def("simt_path", &magloss::simt_path,
         "Whether calls on this CUDA device take the plain-fp32 path (MAGLOSS_FORCE_SIMT=1 or sm < 7.0).",
         py::arg("device_index"));

@@ -268,7 +268,7 @@ __global__ void __launch_bounds__(kThreads) backward_epilogue_kernel(const float
     } else {
       c = tile[i * n + j] * inv_a * rj;
       z = s * c;
-      dz = gl * expf(z - lse);
+      dz = lab == LAB_BAD ? 0.0f : gl * expf(z - lse);  // a bad-label row (lse = NaN) adds no gradient
       g = s * dz;
     }
     out[i * n + j] = from_f<TO>(g * rj);

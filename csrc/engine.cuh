@@ -15,7 +15,8 @@
 // Label codes (RowState::lab): the label column index in [0, C); LAB_NONE for rows whose label
 // equals ignore_index (no label column); LAB_BAD for rows whose label is out of range (also
 // no label column, so nothing is ever read or written out of bounds; the forward marks their
-// lse NaN, and the boundary raises before that unless checking is switched off).
+// lse NaN and the backward gives them no softmax/margin gradient, while the boundary's input
+// check raises the error, in the same call or a later one: input_checks.h).
 //
 // No atomics are used on float data anywhere: every reduction has a fixed order, so the
 // results are bitwise repeatable for a given shape, chunk size and GPU.

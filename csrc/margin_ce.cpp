@@ -29,12 +29,12 @@
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
 
 #include "engine.cuh"
+#include "input_checks.h"
 
 // ---- named argument checks (messages name the argument, as the reference engine) --------------
 #define CHECK_CUDA(t, name) \
@@ -182,49 +182,6 @@ void raw_dots(at::Tensor& tile, const at::Tensor& x_gemm, const at::Tensor& w_ch
   }
 }
 
-// Input-check failure report (the reference's messages). flags_host: NUM_FLAGS int32.
-void raise_on_flags(const int32_t* f, const at::Tensor& labels, int64_t C, int64_t ignore_index) {
-  if (f[engine::FLAG_LABEL] != engine::FLAG_CLEAR) {
-    const int64_t row = f[engine::FLAG_LABEL];
-    const int64_t value = labels[row].item<int64_t>();
-    TORCH_CHECK_VALUE(false, "labels: expected class indices in [0, ", C, ") or ignore_index=", ignore_index,
-                      ", got ", value, " at row ", row);
-  }
-  if (f[engine::FLAG_EMBEDDINGS] != engine::FLAG_CLEAR) {
-    TORCH_CHECK_VALUE(false, "embeddings: contains NaN or Inf (row ", f[engine::FLAG_EMBEDDINGS], ")");
-  }
-  if (f[engine::FLAG_WEIGHT] != engine::FLAG_CLEAR) {
-    TORCH_CHECK_VALUE(false, "weight: contains NaN or Inf (row ", f[engine::FLAG_WEIGHT], ")");
-  }
-}
-
-// Asynchronous read-back of the device error flags: copy to pinned memory + event at start(),
-// host wait on that event only at wait(). The event is destroyed on every path (RAII).
-class FlagCheck {
- public:
-  FlagCheck() = default;
-  FlagCheck(const FlagCheck&) = delete;
-  FlagCheck& operator=(const FlagCheck&) = delete;
-  ~FlagCheck() {
-    if (event_ != nullptr) cudaEventDestroy(event_);  // no throw from a destructor
-  }
-  void start(const at::Tensor& flags, cudaStream_t stream) {
-    host_ = at::empty({flags.numel()}, at::TensorOptions().dtype(at::kInt).pinned_memory(true));
-    host_.copy_(flags, /*non_blocking=*/true);
-    C10_CUDA_CHECK(cudaEventCreateWithFlags(&event_, cudaEventDisableTiming));
-    C10_CUDA_CHECK(cudaEventRecord(event_, stream));
-  }
-  bool active() const { return event_ != nullptr; }
-  const int32_t* wait() {
-    C10_CUDA_CHECK(cudaEventSynchronize(event_));
-    return host_.data_ptr<int32_t>();
-  }
-
- private:
-  at::Tensor host_;
-  cudaEvent_t event_ = nullptr;
-};
-
 // Views of one [K, B] fp32 workspace as the RowState arrays.
 struct Workspace {
   at::Tensor f;    // [K, B] fp32
@@ -263,6 +220,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_ce_cuda(
     const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& labels,
     const std::optional<at::Tensor>& sphere_lambda, int64_t kind, double scale, double m1, double m2, double m3,
     double l_a, double u_a, double l_m, double u_m, bool easy_margin, bool straight_through, int64_t ignore_index) {
+  poll_input_checks(/*wait=*/false);  // an earlier call's failed input check is raised first
   check_operands(embeddings, weight, labels);
   const MarginParams params = make_params(kind, scale, m1, m2, m3, l_a, u_a, l_m, u_m, easy_margin, straight_through);
   const c10::cuda::CUDAGuard device_guard(embeddings.device());
@@ -282,6 +240,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_ce_cuda(
   CHECK_CONTIGUOUS(w, "weight");
   const at::Tensor lam = lambda_tensor(kind, sphere_lambda, x);
   const DType dt = to_engine(x.scalar_type());
+  const CheckMode check = check_mode();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
 
   at::Tensor colr = at::empty({2, C}, fopt);  // r_j, ||w_j||
@@ -310,17 +269,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_ce_cuda(
                            /*backward=*/false, flags.data_ptr<int32_t>(), stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-  // Input check (docs/cuda.md, "Label and value checks"): the 16-byte flag array is copied to
-  // pinned host memory asynchronously and an event is recorded after it; all class chunks are
-  // enqueued first, then the host waits for that event only (the GPU stays busy with the chunks)
-  // and raises the reference's error from this call. Skipped with MAGLOSS_CHECK_INPUTS=0 and
-  // while the stream is captured into a CUDA graph; a bad label never reads or writes out of
-  // bounds either way (its row gets lse = NaN).
-  FlagCheck flag_check;
-  if (env_flag("MAGLOSS_CHECK_INPUTS", true) &&
-      c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None) {
-    flag_check.start(flags, stream);
-  }
+  // Input check (docs/cuda.md, "Label and value checks"): the flags and labels are copied to
+  // pinned memory asynchronously right after the kernels that write the flags. Async (default):
+  // no host wait; a failure is raised by a later fused call or flush_input_checks(), and bad rows
+  // meanwhile get lse = NaN. Sync: the host waits, but only after every chunk is enqueued.
+  const std::unique_ptr<InputReadback> sync_check =
+      submit_input_check(check, flags, lab_in, C, ignore_index, stream);
 
   const bool simt = simt_path(x.get_device()) || (dt != DType::F32 && !half_fp32_out_supported(x));
   SimtScope simt_scope(simt);
@@ -337,7 +291,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_ce_cuda(
   }
   engine::launch_forward_finalize(B, rows, lse.data_ptr<float>(), stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (flag_check.active()) raise_on_flags(flag_check.wait(), lab_in, C, ignore_index);
+  if (sync_check) sync_check->raise_if_failed();
   return {lse, zy, reg, norms};
 }
 
@@ -347,6 +301,7 @@ std::tuple<at::Tensor, at::Tensor> margin_ce_backward_cuda(
     const at::Tensor& norms, const std::optional<at::Tensor>& sphere_lambda, int64_t kind, double scale, double m1,
     double m2, double m3, double l_a, double u_a, double l_m, double u_m, bool easy_margin, bool straight_through,
     int64_t ignore_index) {
+  poll_input_checks(/*wait=*/false);
   check_operands(embeddings, weight, labels);
   const int64_t B = embeddings.size(0), D = embeddings.size(1), C = weight.size(0);
   const std::pair<const at::Tensor*, const char*> row_args[] = {

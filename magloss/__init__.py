@@ -12,7 +12,7 @@ Quick start::
 """
 
 from . import checkpoint, distributed, evaluation, functional, margins, ops, quality  # noqa: F401  (ops registers the custom ops)
-from ._ext import extension_status
+from ._ext import extension_status, flush_input_checks
 from .functional import MagFaceOutput
 from .interop import load_magface_weight
 from .losses import (
@@ -46,6 +46,7 @@ __all__ = [
     "distributed",
     "evaluation",
     "extension_status",
+    "flush_input_checks",
     "functional",
     "load_magface_weight",
     "margins",

@@ -11,7 +11,7 @@ import importlib
 import os
 from typing import Any, Dict, Optional
 
-__all__ = ["extension_status", "register_cuda_kernels", "fused_chunk_columns"]
+__all__ = ["extension_status", "flush_input_checks", "register_cuda_kernels", "fused_chunk_columns"]
 
 _NAME = f"{__package__}._C"
 _C: Optional[Any] = None
@@ -92,6 +92,26 @@ def fused_chunk_columns(batch: int, num_classes: int) -> Optional[int]:
     if _C is None or not hasattr(_C, "chunk_columns"):
         return None
     return int(_C.chunk_columns(int(batch), int(num_classes)))
+
+
+def flush_input_checks() -> None:
+    """Wait for the fused engine's pending input checks and raise the first failure.
+
+    The fused CUDA forward checks its inputs on the device (labels in [0, C) or
+    ``ignore_index``, no NaN/Inf in embeddings or weight) and, by default
+    (``MAGLOSS_CHECK_INPUTS=async``), reads the result back without making the host wait.
+    A failure is raised as ``ValueError`` by the next fused forward or backward that finds the
+    read-back finished, or by this function, which waits for every pending read-back (one
+    host synchronization). Call it where a late error would be costly, e.g. before saving a
+    checkpoint or at the end of an epoch. Each failure is raised once. Without the compiled
+    extension it does nothing: the reference engine raises in the offending call.
+
+    Raises:
+        ValueError: the reference engine's message for the oldest failed check, marked
+            "reported late" with the number of the fused forward call it came from.
+    """
+    if _C is not None and hasattr(_C, "flush_input_checks"):
+        _C.flush_input_checks()
 
 
 def extension_status() -> Dict[str, Any]:

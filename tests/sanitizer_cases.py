@@ -8,7 +8,8 @@ is caught instead of landing in a neighbouring block of the pool).
 The cases cover every kernel and launcher branch: irregular B, C, D (not multiples of the warp
 or block size), several class chunks with a partial last one (MAGLOSS_CHUNK), C = 1, ignored rows,
 int32 labels, every margin family, fp32/fp16/bf16, the forced SIMT path, an out-of-range label
-with the input check off (must stay in bounds) and with it on (must raise). Exits non-zero if a
+with the input check off (must stay in bounds), asynchronous (must be reported by
+magloss.flush_input_checks) and synchronous (must raise in the call). Exits non-zero if a
 case fails its own sanity check; the sanitizer's error summary is parsed by the caller.
 """
 
@@ -19,7 +20,7 @@ import sys
 
 import torch
 
-import magloss  # noqa: F401  (registers the ops)
+import magloss  # registers the ops
 from magloss import _ext
 from magloss.margins import MarginSpec
 
@@ -36,9 +37,9 @@ SPECS = {
 
 
 def run_case(name, B, C, D, dtype=torch.float32, chunk=None, ignored=(), label_dtype=torch.int64, simt=False,
-             bad_label=False, check=True):
+             bad_label=False, check="async"):
     env = {"MAGLOSS_CHUNK": str(chunk) if chunk else None, "MAGLOSS_FORCE_SIMT": "1" if simt else None,
-           "MAGLOSS_CHECK_INPUTS": None if check else "0"}
+           "MAGLOSS_CHECK_INPUTS": check}
     saved = {k: os.environ.get(k) for k in env}
     for k, v in env.items():
         if v is None:
@@ -61,11 +62,20 @@ def run_case(name, B, C, D, dtype=torch.float32, chunk=None, ignored=(), label_d
         try:
             lse, zy, reg, norms = OP(x, w, y, lam_t, *spec.op_args(), -1)
         except ValueError as exc:
-            if bad_label and check and "labels:" in str(exc):
+            if bad_label and check == "sync" and "labels:" in str(exc):
                 return "raised as expected"
             raise
-        if bad_label and check:
+        if bad_label and check == "sync":
             raise AssertionError("an out-of-range label did not raise")
+        if bad_label and check == "async":
+            torch.cuda.synchronize()
+            try:
+                magloss.flush_input_checks()
+            except ValueError as exc:
+                if "labels:" not in str(exc) or "reported late" not in str(exc):
+                    raise
+            else:
+                raise AssertionError("an out-of-range label was not reported by flush_input_checks")
         grads = [torch.randn(B, device=dev, generator=g) for _ in range(4)]
         gx, gw = OP_BWD(*grads, x, w, y, lse, norms, lam_t, *spec.op_args(), -1)
         torch.cuda.synchronize()
@@ -93,8 +103,9 @@ CASES = [
     dict(name="magcos", B=17, C=129, D=96, dtype=torch.float16, chunk=64),
     dict(name="arcface", B=12, C=90, D=40, dtype=torch.bfloat16, simt=True, chunk=50),
     dict(name="magface", B=12, C=90, D=40, simt=True),
-    dict(name="arcface", B=10, C=50, D=20, bad_label=True, check=False, chunk=16),
-    dict(name="arcface", B=10, C=50, D=20, bad_label=True, check=True),
+    dict(name="arcface", B=10, C=50, D=20, bad_label=True, check="off", chunk=16),
+    dict(name="arcface", B=10, C=50, D=20, bad_label=True, check="async", chunk=16),
+    dict(name="arcface", B=10, C=50, D=20, bad_label=True, check="sync"),
 ]
 
 

@@ -67,6 +67,16 @@ FAMILIES = {
 ALL = list(FAMILIES)
 
 
+@pytest.fixture(autouse=True)
+def _no_pending_input_errors():
+    """An asynchronous input-check failure is reported against the test that caused it
+    (a teardown error there), never raised inside a later test."""
+    yield
+    if not DRYRUN:
+        torch.cuda.synchronize()
+        magloss.flush_input_checks()
+
+
 def rel(got: torch.Tensor, ref: torch.Tensor) -> float:
     ref = ref.double()
     scale = ref.abs().max().item()
@@ -405,7 +415,8 @@ def _bad_cases():
 
 
 @pytest.mark.parametrize("case", ["label_too_large", "label_negative", "nan_embeddings", "inf_weight"])
-def test_bad_inputs_same_errors_as_cpu(case):
+def test_bad_inputs_same_errors_as_cpu(monkeypatch, case):
+    monkeypatch.setenv("MAGLOSS_CHECK_INPUTS", "sync")  # raise in the offending call, as the CPU
     x, w, y, exc, msg = _bad_cases()[case]
     with pytest.raises(exc) as cpu_err:
         magloss.functional.arcface_loss(x.cpu(), w.cpu(), y.cpu())
@@ -442,26 +453,71 @@ def test_shape_errors_name_the_argument():
 
 
 @needs_ext
-def test_unchecked_bad_label_is_nan_and_in_bounds(monkeypatch):
-    """With MAGLOSS_CHECK_INPUTS=0 (no host sync), an out-of-range label never reads or writes
-    out of bounds: the row has no label column and lse = NaN; every other row is exact."""
-    monkeypatch.setenv("MAGLOSS_CHECK_INPUTS", "0")
-    spec, _ = FAMILIES["arcface"]
+@pytest.mark.parametrize("mode", ["async", "off"])
+def test_bad_label_rows_are_nan_in_bounds_and_add_no_gradient(monkeypatch, mode):
+    """Without a host wait (the default "async" mode, and "off"), an out-of-range label never
+    reads or writes out of bounds: its row has no label column, lse = NaN, and the backward
+    gives it no softmax/margin gradient, exactly as an ignored row with zero incoming gradient;
+    every other row is exact. In "async" mode the error is still raised, late."""
+    monkeypatch.setenv("MAGLOSS_CHECK_INPUTS", mode)
+    spec, _ = FAMILIES["magface"]
     x, w, y, grads = make_case(16, 50, 64, seed=12)
-    x, w = x.float(), w.float()
+    x, w, g32 = x.float(), w.float(), [g.float() for g in grads]
     bad = y.clone()
     bad[5] = 10 ** 9
     bad[6] = -7
     rows = OP(x, w, bad, None, *spec.op_args(), -1)
     torch.cuda.synchronize()  # an illegal access would surface here
+    if mode == "async":  # raised late (here, by the flush), once
+        with pytest.raises(ValueError, match="got 1000000000 at row 5 .*reported late"):
+            magloss.flush_input_checks()
+    gx, gw = OP_BWD(*g32, x, w, bad, rows[0], rows[3], None, *spec.op_args(), -1)
+    torch.cuda.synchronize()
     assert torch.isnan(rows[0][5]) and torch.isnan(rows[0][6])
     ok = torch.ones(16, dtype=torch.bool, device=DEV)
     ok[5] = ok[6] = False
-    good = OP(x, w, y, None, *spec.op_args(), -1)
+    ignored = y.clone()
+    ignored[5] = ignored[6] = -1
+    good = OP(x, w, ignored, None, *spec.op_args(), -1)
     assert torch.equal(rows[0][ok], good[0][ok])
-    gx, gw = OP_BWD(*[g.float() for g in grads], x, w, bad, rows[0], rows[3], None, *spec.op_args(), -1)
+    g_ign = [g.clone() for g in g32]
+    g_ign[0][~ok] = 0.0  # no incoming gradient on the ignored rows' lse and zy
+    g_ign[1][~ok] = 0.0
+    gx_ref, gw_ref = OP_BWD(*g_ign, x, w, ignored, good[0], good[3], None, *spec.op_args(), -1)
+    assert torch.isfinite(gx).all() and torch.isfinite(gw).all()
+    assert torch.equal(gx, gx_ref) and torch.equal(gw, gw_ref)
+
+
+@needs_ext
+@pytest.mark.parametrize("where", ["flush", "next_forward", "backward"])
+def test_async_input_check_raises_late(monkeypatch, where):
+    """Default mode: the offending forward does not wait; its error (the reference's message,
+    marked "reported late") comes from the next fused call that finds the read-back finished
+    (here forced by a synchronize), or from magloss.flush_input_checks()."""
+    monkeypatch.delenv("MAGLOSS_CHECK_INPUTS", raising=False)
+    x, w, y_hi, _, msg = _bad_cases()["label_too_large"]
+    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+    loss = magloss.functional.arcface_loss(xg, wg, y_hi)  # returns: the check is queued
     torch.cuda.synchronize()
-    assert gx.shape == x.shape and gw.shape == w.shape
+    assert torch.isnan(loss)
+    with pytest.raises(ValueError) as err:
+        if where == "flush":
+            magloss.flush_input_checks()
+        elif where == "next_forward":
+            magloss.functional.arcface_loss(x, w, y_hi.clamp(0, 9))
+        else:
+            loss.backward()
+    assert msg in str(err.value) and "reported late" in str(err.value)
+    assert wg.grad is None
+    magloss.flush_input_checks()  # raised once
+
+
+@needs_ext
+def test_check_mode_variable_is_validated(monkeypatch):
+    monkeypatch.setenv("MAGLOSS_CHECK_INPUTS", "sometimes")
+    x, w, y, _ = make_case(4, 10, 64, seed=13)
+    with pytest.raises(ValueError, match="MAGLOSS_CHECK_INPUTS: expected 'async'"):
+        OP(x.float(), w.float(), y, None, *FAMILIES["arcface"][0].op_args(), -1)
 
 
 # ---- determinism ---------------------------------------------------------------------------------------
