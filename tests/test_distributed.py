@@ -183,6 +183,15 @@ def _phase(rank, world, group, out_dir):
             rec["sample_again"], rec["sample_other_seed"] = again.last_sample, other.last_sample
             head(x_loc.detach(), y_loc)
             rec["sample_next_step"] = head.last_sample
+            step = int(head.step)          # a raising forward (NaN, seen by every rank) keeps the step
+            x_nan = x_loc.detach().clone()
+            x_nan[0, 0] = float("nan")
+            try:
+                head(x_nan, y_loc)
+                rec["nan_raised"] = False
+            except ValueError:
+                rec["nan_raised"] = True
+            rec["step_kept_on_error"] = int(head.step) == step
             head.eval()                    # eval mode: every class, the full loss
             out = head(x_loc.detach(), y_loc)
             rec["eval_loss"], rec["eval_sample"] = (out.loss if isinstance(out, tuple) else out), head.last_sample
@@ -401,6 +410,7 @@ def test_partial_fc_sampling(results, world, name):
         assert torch.equal(rec["sample_again"], sample), "same seed and step must give the same sample"
         assert not torch.equal(rec["sample_other_seed"], sample), "another seed should give another sample"
         assert not torch.equal(rec["sample_next_step"], sample), "the next step should give another sample"
+        assert rec["nan_raised"] and rec["step_kept_on_error"], "a raising forward must not advance the step"
         kept[sample] = True
     assert bool((gw[~kept] == 0).all()), "unsampled rows of W received gradient"
     full = reference(case)[0]

@@ -222,7 +222,6 @@ class ShardedMarginLoss(nn.Module):
         remap[index] = torch.arange(index.numel(), device=local.device)
         local = torch.where(on_shard, remap[local.clamp_min(0)], local)
         self.last_sample = index + self.shard_start
-        self.step.add_(1)
         return self.weight.index_select(0, index), local
 
     def forward(self, embeddings: Tensor, labels: Tensor, return_parts: bool = False):
@@ -242,6 +241,8 @@ class ShardedMarginLoss(nn.Module):
         x_all, weight = MF._autocast(x_all, weight)     # after the gather: ∂x is summed over ranks in fp32
         lam = self.current_lambda()
         lse, zy, reg, norms = ops.margin_ce(x_all, weight, local, lam, *self.spec.op_args(), _NO_LABEL)
+        if self.last_sample is not None:   # the Partial FC step advances only once the op has run
+            self.step.add_(1)
         lse = torch.logsumexp(gather_stats(lse, group), dim=0)
         zy = sum_stats(zy, group)
         if self.rank != 0:          # g(ã) and ‖x‖ are replicated: let one rank carry their gradient
