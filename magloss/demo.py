@@ -329,6 +329,16 @@ def make_plots(out_dir: str, results: Dict, histories: Dict) -> List[str]:
     colors = {"magface": "tab:blue", "arcface": "tab:orange"}
     files = []
 
+    def save(fig, name):  # the common finish of every figure
+        for a in fig.axes:
+            a.grid(alpha=0.3)
+            if a.get_legend_handles_labels()[0]:
+                a.legend(fontsize=8)
+        fig.tight_layout()
+        files.append(os.path.join(out_dir, name))
+        fig.savefig(files[-1], dpi=110)
+        plt.close(fig)
+
     # loss curves + magnitude during training
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
     for name, h in histories.items():
@@ -342,13 +352,7 @@ def make_plots(out_dir: str, results: Dict, histories: Dict) -> List[str]:
     axes[0].set(title="training loss", xlabel="step", ylabel="loss")
     axes[1].set(title="training accuracy (batch, no margin)", xlabel="step", ylim=(0, 1.02))
     axes[2].set(title="mean feature magnitude", xlabel="step", ylabel="||x||")
-    for a in axes:
-        a.legend(fontsize=8)
-        a.grid(alpha=0.3)
-    fig.tight_layout()
-    files.append(os.path.join(out_dir, "loss_curves.png"))
-    fig.savefig(files[-1], dpi=110)
-    plt.close(fig)
+    save(fig, "loss_curves.png")
 
     # magnitude vs degradation (relative to the clean magnitude, so models compare)
     kinds = dd.DEGRADATIONS
@@ -361,14 +365,9 @@ def make_plots(out_dir: str, results: Dict, histories: Dict) -> List[str]:
             a.errorbar(d["severity"], rel, yerr=err, color=colors[name], marker="o", capsize=3,
                        label=f"{name} (ρ={d['spearman_rho']:.2f}, clean |x|={d['mean_magnitude'][0]:.1f})")
         a.set(title=f"{kind}", xlabel="severity (0 = clean)")
-        a.grid(alpha=0.3)
-        a.legend(fontsize=8)
     axes[0].set_ylabel("magnitude / clean magnitude")
     fig.suptitle("feature magnitude vs degradation, held-out classes (mean ± std)")
-    fig.tight_layout()
-    files.append(os.path.join(out_dir, "magnitude_vs_degradation.png"))
-    fig.savefig(files[-1], dpi=110)
-    plt.close(fig)
+    save(fig, "magnitude_vs_degradation.png")
 
     # error versus reject
     fig, ax = plt.subplots(figsize=(6, 4.2))
@@ -379,12 +378,7 @@ def make_plots(out_dir: str, results: Dict, histories: Dict) -> List[str]:
         ax.axhline(e["fnmr_magnitude"][0], color=colors[name], lw=0.8, alpha=0.5)
     ax.set(title=f"error vs reject, mixed-quality held-out pairs (FMR={next(iter(results.values()))['error_versus_reject']['fmr']:g})",
            xlabel="fraction of pairs rejected (lowest quality first)", ylabel="FNMR")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    files.append(os.path.join(out_dir, "error_vs_reject.png"))
-    fig.savefig(files[-1], dpi=110)
-    plt.close(fig)
+    save(fig, "error_vs_reject.png")
 
     # ROC
     fig, ax = plt.subplots(figsize=(5.2, 4.2))
@@ -393,12 +387,7 @@ def make_plots(out_dir: str, results: Dict, histories: Dict) -> List[str]:
         ax.plot(roc["fpr"], roc["tpr"], color=colors[name], label=f"{name} (AUC={roc['auc']:.3f})")
     ax.plot([0, 1], [0, 1], color="gray", ls=":", lw=0.8)
     ax.set(title="ROC, clean held-out pairs", xlabel="false accept rate", ylabel="true accept rate")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    files.append(os.path.join(out_dir, "roc.png"))
-    fig.savefig(files[-1], dpi=110)
-    plt.close(fig)
+    save(fig, "roc.png")
     return files
 
 

@@ -77,18 +77,25 @@ def check_ignore_index(ignore_index) -> int:
     return ignore_index
 
 
+def check_types(**tensors: Tensor) -> None:
+    """Each keyword argument must be a tensor of its role's dtypes: ``labels`` int64/int32,
+    anything else (``embeddings``, ``weight``) float16/bfloat16/float32/float64. Raises
+    TypeError naming the argument; no data access."""
+    for name, t in tensors.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    for name, t in tensors.items():
+        if name == "labels":
+            if t.dtype not in _INTS:
+                raise TypeError(f"labels: expected an int64 or int32 tensor of class indices, got {t.dtype}")
+        elif t.dtype not in _FLOATS:
+            raise TypeError(f"{name}: expected a float16/bfloat16/float32/float64 tensor, got {t.dtype}")
+
+
 def check_inputs(embeddings: Tensor, weight: Tensor, labels: Tensor) -> None:
     """Metadata checks (no data access, no device sync). Raises TypeError/ValueError naming
     the argument. Value checks (label range, NaN/Inf) happen inside the op kernels."""
-    for name, t in (("embeddings", embeddings), ("weight", weight), ("labels", labels)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if embeddings.dtype not in _FLOATS:
-        raise TypeError(f"embeddings: expected a float16/bfloat16/float32/float64 tensor, got {embeddings.dtype}")
-    if weight.dtype not in _FLOATS:
-        raise TypeError(f"weight: expected a float16/bfloat16/float32/float64 tensor, got {weight.dtype}")
-    if labels.dtype not in _INTS:
-        raise TypeError(f"labels: expected an int64 or int32 tensor of class indices, got {labels.dtype}")
+    check_types(embeddings=embeddings, weight=weight, labels=labels)
     if embeddings.dim() != 2:
         raise ValueError(f"embeddings: expected shape [B, D], got {tuple(embeddings.shape)}")
     if weight.dim() != 2:

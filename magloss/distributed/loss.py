@@ -55,8 +55,6 @@ __all__ = [
 
 #: The op's ignore_index for rows without a label column on this shard (local labels are ≥ 0).
 _NO_LABEL = -1
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_INTS = (torch.int64, torch.int32)
 
 
 def shard_range(num_classes: int, world_size: int, rank: int) -> Tuple[int, int]:
@@ -184,13 +182,7 @@ class ShardedMarginLoss(nn.Module):
         return sphere_lambda(self.iteration, *self.sphere_schedule)
 
     def _check_local(self, embeddings: Tensor, labels: Tensor) -> None:
-        for name, t in (("embeddings", embeddings), ("labels", labels)):
-            if not isinstance(t, Tensor):
-                raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-        if embeddings.dtype not in _FLOATS:
-            raise TypeError(f"embeddings: expected a float16/bfloat16/float32/float64 tensor, got {embeddings.dtype}")
-        if labels.dtype not in _INTS:
-            raise TypeError(f"labels: expected an int64 or int32 tensor of class indices, got {labels.dtype}")
+        MF.check_types(embeddings=embeddings, labels=labels)
         if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size:
             raise ValueError(f"embeddings: expected shape [B, {self.embedding_size}], got {tuple(embeddings.shape)}")
         if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
