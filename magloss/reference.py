@@ -20,7 +20,9 @@ from torch import Tensor
 
 from .margins import NORM_EPS, MarginSpec, margin_terms, regularizer
 
-__all__ = ["compute_dtype", "check_values", "margin_ce_rows", "margin_ce_forward", "margin_ce_backward"]
+__all__ = [
+    "compute_dtype", "first_true", "check_values", "margin_ce_rows", "margin_ce_forward", "margin_ce_backward",
+]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -28,25 +30,33 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def first_true(mask: Tensor) -> Tensor:
+    """Index of the first True of a 1-D bool ``mask`` as a 0-d int64 tensor on the mask's
+    device, or ``len(mask)`` when there is none. No host synchronization."""
+    n = mask.shape[0]
+    idx = torch.arange(n, device=mask.device)
+    return torch.where(mask, idx, n).amin() if n else idx.new_zeros(())
+
+
 def check_values(embeddings: Tensor, weight: Tensor, labels: Tensor, ignore_index: int) -> None:
     """Value checks that need the data: label range and finiteness. Raises ValueError.
 
-    This synchronizes with the device; the reference pays that, the fused CUDA path
-    checks on the device instead.
+    The first bad label row, embedding row and class row are found on the device and read
+    back together: one host synchronization per call. The reference pays that; the fused
+    CUDA path checks on the device without waiting (docs/cuda.md).
     """
     num_classes = weight.shape[0]
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0, 0])
+    bad_label = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
+    i, ie, iw = torch.stack([first_true(bad_label), first_true(~torch.isfinite(embeddings).all(dim=1)),
+                             first_true(~torch.isfinite(weight).all(dim=1))]).tolist()
+    if i < labels.shape[0]:
         raise ValueError(
             f"labels: expected class indices in [0, {num_classes}) or ignore_index={ignore_index}, "
             f"got {int(labels[i])} at row {i}"
         )
-    for name, t in (("embeddings", embeddings), ("weight", weight)):
-        finite = torch.isfinite(t).all(dim=1)
-        if not bool(finite.all()):
-            i = int((~finite).nonzero()[0, 0])
-            raise ValueError(f"{name}: contains NaN or Inf (row {i})")
+    for name, t, j in (("embeddings", embeddings, ie), ("weight", weight, iw)):
+        if j < t.shape[0]:
+            raise ValueError(f"{name}: contains NaN or Inf (row {j})")
 
 
 def _linearized(value: Tensor, slope: Tensor, x: Tensor) -> Tensor:

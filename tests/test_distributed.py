@@ -286,7 +286,7 @@ def _phase(rank, world, group, out_dir):
     res["errors"]["fewer_classes_than_ranks"] = _record_error(lambda: mdist.ShardedArcFaceLoss(D, world - 1, **g))
     res["errors"]["sample_rate_zero"] = _record_error(lambda: mdist.ShardedArcFaceLoss(D, C, sample_rate=0.0, **g))
     head = mdist.ShardedArcFaceLoss(D, C, **g)
-    bad_y = torch.full((2,), C if rank == 0 else 0)
+    bad_y = torch.tensor(BAD_LABELS[world][rank])
     res["errors"]["label_out_of_range"] = _record_error(lambda: head(torch.randn(2, D), bad_y))
     res["errors"]["wrong_embedding_size"] = _record_error(lambda: head(torch.randn(2, D + 1), bad_y))
     torch.save(res, os.path.join(out_dir, f"w{world}_r{rank}.pt"))
@@ -490,6 +490,10 @@ def test_checkpoint_round_trip_2_3_1(results):
         checkpoint.load_class_matrix(os.path.join(out, "ck3"), magloss.ArcFaceLoss(D, C + 1))
 
 
+# Two labels per rank; the first bad one (smallest global row) is what every rank reports.
+BAD_LABELS = {1: [[0, C + 3]], 2: [[0, 0], [0, C + 3]], 3: [[0, 0], [-5, 0], [0, C + 3]]}
+FIRST_BAD = {1: (C + 3, 1), 2: (C + 3, 3), 3: (-5, 2)}   # (label, global row)
+
 ERRORS = [
     ("num_classes_differs", "ValueError", "num_classes", True),
     ("embedding_size_differs", "ValueError", "embedding_size", True),
@@ -515,6 +519,15 @@ def test_bad_configuration_errors(results, world, key, exc, needle, needs_two):
             continue
         assert err is not None, f"rank {r} of {world}: no error for {key}"
         assert err[0] == exc and needle in err[1], f"rank {r} of {world}: {err}"
+
+
+@pytest.mark.parametrize("world", WORLD_SIZES)
+def test_bad_label_error_is_the_same_on_every_rank(results, world):
+    res, _ = results
+    value, row = FIRST_BAD[world]
+    want = f"labels: expected class indices in [0, {C}) or ignore_index=-1, got {value} at global row {row}"
+    for r in range(world):
+        assert res[(world, r)]["errors"]["label_out_of_range"] == ("ValueError", want), f"rank {r} of {world}"
 
 
 def test_needs_an_initialized_process_group():

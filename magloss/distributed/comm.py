@@ -30,7 +30,7 @@ __all__ = [
     "REDUCE_SCATTER_BACKENDS",
     "require_group",
     "comm_device",
-    "all_gather_sizes",
+    "all_gather_ints",
     "gather_rows",
     "gather_stats",
     "sum_stats",
@@ -64,13 +64,13 @@ def comm_device(group, fallback: Optional[torch.device] = None) -> torch.device:
     return fallback if fallback is not None else torch.device("cpu")
 
 
-def all_gather_sizes(n: int, group, device: torch.device) -> List[int]:
-    """All-gather one Python int per rank; returns the list in rank order."""
-    world = dist.get_world_size(group)
-    mine = torch.tensor([n], dtype=torch.int64, device=device)
-    out = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(out, mine, group=group)
-    return [int(t.item()) for t in out]
+def all_gather_ints(values: Tensor, group) -> List[List[int]]:
+    """All-gather a short 1-D int64 tensor (same length on every rank, on the group's
+    :func:`comm_device`); returns one list of ints per rank, in rank order. This read-back
+    is a host synchronization: callers pack everything the host needs into one call."""
+    out = [torch.empty_like(values) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(out, values.contiguous(), group=group)
+    return torch.stack(out).tolist()
 
 
 def _gather_padded(t: Tensor, sizes: Sequence[int], group) -> Tensor:
@@ -123,7 +123,7 @@ def gather_rows(x: Tensor, sizes: Sequence[int], group=None) -> Tensor:
     """Differentiable all-gather of rows.
 
     x: [B_r, ...] on rank r (any dtype; float for gradients), with ``sizes[r] = B_r``
-    gathered beforehand (:func:`all_gather_sizes`). Returns [Σ_r B_r, ...], rank 0's rows
+    gathered beforehand (:func:`all_gather_ints`). Returns [Σ_r B_r, ...], rank 0's rows
     first. Backward: ∂L/∂x_r = Σ_q (∂L_q/∂x_all)[rows of r], summed over ranks q; it is
     collective, so ``x.requires_grad`` must be the same on every rank.
     """

@@ -37,7 +37,8 @@ from .. import functional as MF
 from .. import losses, ops
 from ..losses import _positive_int
 from ..margins import SPHERE, MarginSpec, sphere_lambda
-from .comm import all_gather_sizes, comm_device, gather_rows, gather_stats, require_group, sum_stats
+from ..reference import first_true
+from .comm import all_gather_ints, comm_device, gather_rows, gather_stats, require_group, sum_stats
 from .partial_fc import check_sample_rate, sample_classes, sampling_generator
 
 __all__ = [
@@ -196,12 +197,27 @@ class ShardedMarginLoss(nn.Module):
             raise TypeError(f"embeddings, weight: expected the same dtype, got {embeddings.dtype} and "
                             f"{self.weight.dtype} (cast one, or run under torch.autocast)")
 
-    def _check_labels(self, labels_all: Tensor) -> None:
-        bad = (labels_all != self.ignore_index) & ((labels_all < 0) | (labels_all >= self.num_classes))
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0, 0])
-            raise ValueError(f"labels: expected class indices in [0, {self.num_classes}) or "
-                             f"ignore_index={self.ignore_index}, got {int(labels_all[i])} at global row {i}")
+    def _gather_header(self, labels: Tensor, device: torch.device) -> List[List[int]]:
+        """Per rank: [B_r, first local row with a label outside [0, C) (B_r if none), its label].
+
+        The label check is computed on the device and rides on the batch-size all-gather
+        that uneven batches need anyway: no host synchronization of its own, and every rank
+        receives the same table, so every rank raises the same error (:meth:`_check_labels`).
+        """
+        labels = labels.to(torch.int64)
+        bad = (labels != self.ignore_index) & ((labels < 0) | (labels >= self.num_classes))
+        first = first_true(bad)
+        value = torch.cat([labels, labels.new_zeros(1)]).index_select(0, first.view(1))[0]
+        header = torch.stack([torch.full_like(first, labels.shape[0]), first, value])
+        return all_gather_ints(header.to(device), self.group)
+
+    def _check_labels(self, table: List[List[int]]) -> None:
+        row = 0
+        for size, first, value in table:
+            if first < size:
+                raise ValueError(f"labels: expected class indices in [0, {self.num_classes}) or "
+                                 f"ignore_index={self.ignore_index}, got {value} at global row {row + first}")
+            row += size
 
     def _shard_weight(self, local: Tensor, on_shard: Tensor) -> Tuple[Tensor, Tensor]:
         """The rows of W used this step and the labels remapped to them (Partial FC)."""
@@ -219,11 +235,12 @@ class ShardedMarginLoss(nn.Module):
     def forward(self, embeddings: Tensor, labels: Tensor, return_parts: bool = False):
         self._check_local(embeddings, labels)
         group = self.group
-        sizes = all_gather_sizes(embeddings.shape[0], group, comm_device(group, embeddings.device))
+        table = self._gather_header(labels, comm_device(group, embeddings.device))
+        self._check_labels(table)
+        sizes = [size for size, _, _ in table]
         self.last_batch_sizes = sizes
         x_all = gather_rows(embeddings, sizes, group)
         labels_all = gather_rows(labels.to(torch.int64), sizes, group)
-        self._check_labels(labels_all)
 
         valid = labels_all != self.ignore_index
         on_shard = valid & (labels_all >= self.shard_start) & (labels_all < self.shard_end)
