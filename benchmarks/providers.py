@@ -201,7 +201,7 @@ def _reference(case: Case) -> Runner:
 
     def fwd():
         xa, wa = x, w
-        if torch.is_autocast_enabled(dev):   # as magloss.functional: operands in the autocast dtype,
+        if torch.is_autocast_enabled(dev):   # the eager way: both operands in the autocast dtype,
             dt = torch.get_autocast_dtype(dev)    # then the reference math with autocast off
             xa, wa = x.to(dt), w.to(dt)
         with torch.autocast(dev, enabled=False):

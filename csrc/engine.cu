@@ -16,6 +16,7 @@
 
 #include <cfloat>
 #include <cstdint>
+#include <type_traits>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -38,6 +39,17 @@ template <typename T> __device__ __forceinline__ T from_f(float v);
 template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
 template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// One element of W as the math sees it: stored as TW, rounded to the embeddings' type T when
+// TW is wider (fp32 W with half embeddings, see engine.cuh), then widened to fp32.
+template <typename T, typename TW>
+__device__ __forceinline__ float load_w(const TW* p) {
+  if constexpr (std::is_same_v<T, TW>) {
+    return to_f(*p);
+  } else {
+    return to_f(from_f<T>(to_f(*p)));
+  }
+}
 
 // ---- reductions --------------------------------------------------------------------------------
 __device__ __forceinline__ float warp_sum(float v) {
@@ -103,18 +115,18 @@ inline unsigned warp_grid(int64_t rows) { return static_cast<unsigned>((rows + k
 // ---- kernels -------------------------------------------------------------------------------------
 
 // r_j = 1/max(||w_j||, eps), wnorm_j = ||w_j||; flags[FLAG_WEIGHT] = min j with a non-finite entry.
-template <typename T>
-__global__ void __launch_bounds__(kThreads) col_norms_kernel(const T* __restrict__ w, int64_t C, int64_t D,
+template <typename T, typename TW>
+__global__ void __launch_bounds__(kThreads) col_norms_kernel(const TW* __restrict__ w, int64_t C, int64_t D,
                                                              float* __restrict__ r, float* __restrict__ wnorm,
                                                              int32_t* __restrict__ flags) {
   const int lane = threadIdx.x % kWarp;
   const int64_t j = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
   if (j >= C) return;  // whole warp
-  const T* row = w + j * D;
+  const TW* row = w + j * D;
   float ss = 0.0f;
   bool bad = false;
   for (int64_t k = lane; k < D; k += kWarp) {
-    const float v = to_f(row[k]);
+    const float v = load_w<T>(row + k);
     bad |= !isfinite(v);
     ss += v * v;
   }
@@ -129,8 +141,8 @@ __global__ void __launch_bounds__(kThreads) col_norms_kernel(const T* __restrict
 }
 
 // Row stage: see engine.cuh launch_row_stage. One warp per row.
-template <typename T, typename L>
-__global__ void __launch_bounds__(kThreads) row_stage_kernel(const T* __restrict__ x, const T* __restrict__ w,
+template <typename T, typename TW, typename L>
+__global__ void __launch_bounds__(kThreads) row_stage_kernel(const T* __restrict__ x, const TW* __restrict__ w,
                                                              const L* __restrict__ labels, int64_t B, int64_t C,
                                                              int64_t D, int64_t ignore_index, MarginParams params,
                                                              const float* __restrict__ lam_ptr,
@@ -149,14 +161,14 @@ __global__ void __launch_bounds__(kThreads) row_stage_kernel(const T* __restrict
     lab = LAB_BAD;  // never dereferenced: treated as "no label column"
   }
   const T* xrow = x + i * D;
-  const T* wrow = w + (lab >= 0 ? lab : 0) * D;  // only read when lab >= 0
+  const TW* wrow = w + (lab >= 0 ? lab : 0) * D;  // only read when lab >= 0
   float ss = 0.0f, dot = 0.0f;
   bool bad = false;
   for (int64_t k = lane; k < D; k += kWarp) {
     const float xv = to_f(xrow[k]);
     bad |= !isfinite(xv);
     ss += xv * xv;
-    if (lab >= 0) dot += xv * to_f(wrow[k]);
+    if (lab >= 0) dot += xv * load_w<T>(wrow + k);
   }
   ss = warp_sum(ss);
   dot = warp_sum(dot);
@@ -283,24 +295,24 @@ __global__ void __launch_bounds__(kThreads) backward_epilogue_kernel(const float
 }
 
 // dL/dw_j = P_j - r_j^2 (w_j . P_j) w_j for the chunk's classes; one warp per class.
-template <typename T>
-__global__ void __launch_bounds__(kThreads) column_correction_kernel(const float* p, const T* __restrict__ w,
+template <typename T, typename TW>
+__global__ void __launch_bounds__(kThreads) column_correction_kernel(const float* p, const TW* __restrict__ w,
                                                                      const float* __restrict__ r,
                                                                      const float* __restrict__ wnorm, int64_t n,
-                                                                     int64_t j0, int64_t D, T* grad_w) {
+                                                                     int64_t j0, int64_t D, TW* grad_w) {
   const int lane = threadIdx.x % kWarp;
   const int64_t j = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
   if (j >= n) return;  // whole warp
   const int64_t col = j0 + j;
   const float* prow = p + j * D;
-  const T* wrow = w + col * D;
+  const TW* wrow = w + col * D;
   float dot = 0.0f;
-  for (int64_t k = lane; k < D; k += kWarp) dot += to_f(wrow[k]) * prow[k];
+  for (int64_t k = lane; k < D; k += kWarp) dot += load_w<T>(wrow + k) * prow[k];
   dot = warp_sum(dot);  // all lanes finished reading prow before any lane writes below
   const float rc = r[col];
   const float coef = wnorm[col] >= NORM_EPS ? rc * rc * dot : 0.0f;
-  T* grow = grad_w + col * D;
-  for (int64_t k = lane; k < D; k += kWarp) grow[k] = from_f<T>(prow[k] - coef * to_f(wrow[k]));
+  TW* grow = grad_w + col * D;
+  for (int64_t k = lane; k < D; k += kWarp) grow[k] = from_f<TW>(prow[k] - coef * load_w<T>(wrow + k));
 }
 
 // dL/dx_i; one warp per row.
@@ -354,25 +366,39 @@ __global__ void normalize_rows_kernel(const T* __restrict__ x, int64_t B, int64_
     }                                           \
   }
 
-void launch_col_norms(DType dtype, const void* w, int64_t C, int64_t D, float* r, float* wnorm, int32_t* flags,
-                      cudaStream_t stream) {
+// T = the embeddings' type (dtype); TW = W's storage type: T, or float for the autocast pair.
+#define MAGLOSS_DISPATCH_W(DT, WDT, T, TW, ...) \
+  MAGLOSS_DISPATCH_DTYPE(DT, T, {               \
+    if ((WDT) == (DT)) {                        \
+      using TW = T;                             \
+      __VA_ARGS__;                              \
+    } else {                                    \
+      using TW = float;                         \
+      __VA_ARGS__;                              \
+    }                                           \
+  })
+
+void launch_col_norms(DType dtype, DType w_dtype, const void* w, int64_t C, int64_t D, float* r, float* wnorm,
+                      int32_t* flags, cudaStream_t stream) {
   if (C <= 0) return;
-  MAGLOSS_DISPATCH_DTYPE(dtype, T,
-      col_norms_kernel<T><<<warp_grid(C), kThreads, 0, stream>>>(static_cast<const T*>(w), C, D, r, wnorm, flags));
+  MAGLOSS_DISPATCH_W(dtype, w_dtype, T, TW,
+      col_norms_kernel<T, TW><<<warp_grid(C), kThreads, 0, stream>>>(static_cast<const TW*>(w), C, D, r, wnorm,
+                                                                     flags));
 }
 
-void launch_row_stage(DType dtype, const void* x, const void* w, const void* labels, bool labels64, int64_t B,
-                      int64_t C, int64_t D, int64_t ignore_index, const MarginParams& params, const float* lam,
-                      const float* r, RowState rows, bool backward, int32_t* flags, cudaStream_t stream) {
+void launch_row_stage(DType dtype, DType w_dtype, const void* x, const void* w, const void* labels, bool labels64,
+                      int64_t B, int64_t C, int64_t D, int64_t ignore_index, const MarginParams& params,
+                      const float* lam, const float* r, RowState rows, bool backward, int32_t* flags,
+                      cudaStream_t stream) {
   if (B <= 0) return;
-  MAGLOSS_DISPATCH_DTYPE(dtype, T, {
+  MAGLOSS_DISPATCH_W(dtype, w_dtype, T, TW, {
     if (labels64) {
-      row_stage_kernel<T, int64_t><<<warp_grid(B), kThreads, 0, stream>>>(
-          static_cast<const T*>(x), static_cast<const T*>(w), static_cast<const int64_t*>(labels), B, C, D,
+      row_stage_kernel<T, TW, int64_t><<<warp_grid(B), kThreads, 0, stream>>>(
+          static_cast<const T*>(x), static_cast<const TW*>(w), static_cast<const int64_t*>(labels), B, C, D,
           ignore_index, params, lam, r, rows, backward, flags);
     } else {
-      row_stage_kernel<T, int32_t><<<warp_grid(B), kThreads, 0, stream>>>(
-          static_cast<const T*>(x), static_cast<const T*>(w), static_cast<const int32_t*>(labels), B, C, D,
+      row_stage_kernel<T, TW, int32_t><<<warp_grid(B), kThreads, 0, stream>>>(
+          static_cast<const T*>(x), static_cast<const TW*>(w), static_cast<const int32_t*>(labels), B, C, D,
           ignore_index, params, lam, r, rows, backward, flags);
     }
   });
@@ -398,12 +424,13 @@ void launch_backward_epilogue(float* tile, void* out, DType out_dtype, int64_t B
           tile, static_cast<TO*>(out), n, j0, r, rows, scale_by_norm));
 }
 
-void launch_column_correction(DType dtype, const float* p, const void* w, const float* r, const float* wnorm,
-                              int64_t n, int64_t j0, int64_t D, void* grad_w, cudaStream_t stream) {
+void launch_column_correction(DType dtype, DType w_dtype, const float* p, const void* w, const float* r,
+                              const float* wnorm, int64_t n, int64_t j0, int64_t D, void* grad_w,
+                              cudaStream_t stream) {
   if (n <= 0) return;
-  MAGLOSS_DISPATCH_DTYPE(dtype, T,
-      column_correction_kernel<T><<<warp_grid(n), kThreads, 0, stream>>>(
-          p, static_cast<const T*>(w), r, wnorm, n, j0, D, static_cast<T*>(grad_w)));
+  MAGLOSS_DISPATCH_W(dtype, w_dtype, T, TW,
+      column_correction_kernel<T, TW><<<warp_grid(n), kThreads, 0, stream>>>(
+          p, static_cast<const TW*>(w), r, wnorm, n, j0, D, static_cast<TW*>(grad_w)));
 }
 
 void launch_row_chain(DType dtype, const void* x, const float* g_xhat, int64_t B, int64_t D, RowState rows,
@@ -431,6 +458,7 @@ void launch_normalize_rows(DType dtype, const void* x, int64_t B, int64_t D, con
   });
 }
 
+#undef MAGLOSS_DISPATCH_W
 #undef MAGLOSS_DISPATCH_DTYPE
 
 }  // namespace engine

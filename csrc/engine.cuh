@@ -5,8 +5,10 @@
 // around them. Each launcher enqueues exactly ONE kernel on `stream` and does not check
 // for launch errors: the caller runs C10_CUDA_KERNEL_LAUNCH_CHECK() right after it.
 //
-// Notation (shared/DESIGN.md §1-2): x [B, D] embeddings, W [C, D] class matrix (both of
-// element type `dtype`, row-major contiguous), a_i = ||x_i||, inv_a_i = 1/max(a_i, 1e-12),
+// Notation (shared/DESIGN.md §1-2): x [B, D] embeddings of element type `dtype`, W [C, D] class
+// matrix of element type `w_dtype` (both row-major contiguous). w_dtype is dtype, or F32 with
+// a half dtype (the autocast pair): then every kernel rounds each W element to dtype on load,
+// so the math sees exactly W rounded to dtype, and dL/dW is written as F32. a_i = ||x_i||, inv_a_i = 1/max(a_i, 1e-12),
 // r_j = 1/max(||w_j||, 1e-12), c_ij = (x_i . w_j) * inv_a_i * r_j, scale_i = s (or a_i for
 // feature-norm SphereFace), z_ij = scale_i * c_ij off the label, z_iy = scale_i * psi_i.
 // A class chunk is the column range [j0, j0 + n); its raw-dot tile S [B, n] fp32 row-major
@@ -75,18 +77,19 @@ struct RowState {
 };
 
 /// r_j and ||w_j|| for all C classes (one warp per class), plus the finiteness check of W
-/// (flags[FLAG_WEIGHT] = first class with a NaN/Inf). w: [C, D].
-void launch_col_norms(DType dtype, const void* w, int64_t C, int64_t D, float* r, float* wnorm, int32_t* flags,
-                      cudaStream_t stream);
+/// (flags[FLAG_WEIGHT] = first class with a NaN/Inf after the rounding). w: [C, D] of w_dtype.
+void launch_col_norms(DType dtype, DType w_dtype, const void* w, int64_t C, int64_t D, float* r, float* wnorm,
+                      int32_t* flags, cudaStream_t stream);
 
 /// Row stage (one warp per row): a_i, inv_a_i, scale_i, the label cosine by a gather-dot
 /// with w_y, psi and derivatives, label codes and the label/finiteness checks; in the
 /// forward also zy, reg and the online-softmax init; in the backward dz_y, G_y, grad_a and the
 /// accumulator init. `backward` selects which RowState outputs are written.
 /// labels: [B] int64 (labels64) or int32. lam: device pointer to SphereFace's lambda or nullptr.
-void launch_row_stage(DType dtype, const void* x, const void* w, const void* labels, bool labels64, int64_t B,
-                      int64_t C, int64_t D, int64_t ignore_index, const MarginParams& params, const float* lam,
-                      const float* r, RowState rows, bool backward, int32_t* flags, cudaStream_t stream);
+void launch_row_stage(DType dtype, DType w_dtype, const void* x, const void* w, const void* labels, bool labels64,
+                      int64_t B, int64_t C, int64_t D, int64_t ignore_index, const MarginParams& params,
+                      const float* lam, const float* r, RowState rows, bool backward, int32_t* flags,
+                      cudaStream_t stream);
 
 /// Forward chunk epilogue (one block per row): z_ij from the tile (label logit swapped in),
 /// then the online-softmax merge of the chunk's (max, sum-exp) into run_max/run_sum.
@@ -107,10 +110,11 @@ void launch_backward_epilogue(float* tile, void* out, DType out_dtype, int64_t B
 /// Column correction of one chunk (one warp per class): with P_j = sum_i T_ij xhat_i
 /// (p: [n, D] fp32, from the boundary's GEMM), dL/dw_j = P_j - r_j^2 (w_j . P_j) w_j, since
 /// w_j . P_j = sum_i G_ij c_ij. Zero correction where ||w_j|| < NORM_EPS (as the reference).
-/// Writes grad_w[j0 + j, :] (element type dtype; may alias p when dtype is F32).
+/// Writes grad_w[j0 + j, :] (element type w_dtype; may alias p when w_dtype is F32).
 /// w: the full [C, D] class matrix.
-void launch_column_correction(DType dtype, const float* p, const void* w, const float* r, const float* wnorm,
-                              int64_t n, int64_t j0, int64_t D, void* grad_w, cudaStream_t stream);
+void launch_column_correction(DType dtype, DType w_dtype, const float* p, const void* w, const float* r,
+                              const float* wnorm, int64_t n, int64_t j0, int64_t D, void* grad_w,
+                              cudaStream_t stream);
 
 /// Final row chain (one warp per row):
 /// dL/dx_i = (g_xhat_i - [a_i >= eps] xhat_i * gc_row_i) * inv_a_i + dL/da_i * x_i / max(a_i, FLT_MIN),

@@ -13,8 +13,9 @@
 //               S = x @ W_chunk^T ; T = backward_epilogue(S) (= G*r) ;
 //               g_xhat += T @ W_chunk ; P = T^T @ xhat ; column_correction(P) -> dW_chunk
 //             -> row_chain -> dx
-// Extra memory: B*N fp32 tile (+ B*N half copy and N*D fp32 for half inputs), O(B*D + C)
-// otherwise: flat in C. W is never normalized into a copy (r_j is applied in the epilogues).
+// Extra memory: B*N fp32 tile (+ B*N half copy and N*D fp32 for half inputs; N*D half for the
+// chunk cast of an fp32 W with half embeddings), O(B*D + C) otherwise: flat in C. W is never
+// normalized or cast into a C x D copy (r_j is applied in the epilogues).
 #include "margin_ce.h"
 
 #include <atomic>
@@ -62,6 +63,13 @@ using engine::DType;
 
 bool engine_dtype_ok(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; }
 
+// The autocast pair: fp16/bf16 embeddings with an fp32 class matrix. The math uses W rounded
+// to the embeddings' dtype (the kernels round on load, the products get per-chunk casts) and
+// dL/dW is written in fp32: no C x D half copy of W exists at any time.
+bool mixed_weight(const at::Tensor& x, const at::Tensor& w) {
+  return w.scalar_type() == at::kFloat && (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16);
+}
+
 DType to_engine(at::ScalarType t) {
   switch (t) {
     case at::kFloat: return DType::F32;
@@ -106,8 +114,9 @@ void check_operands(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
   CHECK_SAME_DEVICE(labels, x, "labels");
   CHECK_DTYPE(x, "embeddings");
   CHECK_DTYPE(w, "weight");
-  TORCH_CHECK_TYPE(x.scalar_type() == w.scalar_type(), "embeddings, weight: expected the same dtype, got ",
-                   x.scalar_type(), " and ", w.scalar_type(), " (cast one, or run under torch.autocast)");
+  TORCH_CHECK_TYPE(x.scalar_type() == w.scalar_type() || mixed_weight(x, w),
+                   "embeddings, weight: expected the same dtype (or a float32 weight with float16/bfloat16 "
+                   "embeddings), got ", x.scalar_type(), " and ", w.scalar_type());
   CHECK_LABEL_DTYPE(labels, "labels");
   CHECK_DIM(x, 2, "embeddings", "[B, D]");
   CHECK_DIM(w, 2, "weight", "[C, D]");
@@ -169,16 +178,20 @@ bool half_fp32_out_supported(const at::Tensor& like) {
   return s == 1;
 }
 
-// S = x @ w_chunk^T as fp32 into `tile` ([B, n], contiguous). x_gemm is x itself, or x in
-// fp32 on the SIMT path (then w_chunk is up-cast per chunk into w32, returned for reuse).
-void raw_dots(at::Tensor& tile, const at::Tensor& x_gemm, const at::Tensor& w_chunk, bool simt, at::Tensor* w32) {
-  if (simt) {
-    *w32 = w_chunk.scalar_type() == at::kFloat ? w_chunk : w_chunk.to(at::kFloat);
-    at::mm_out(tile, x_gemm, w32->t());
-  } else if (w_chunk.scalar_type() == at::kFloat) {
-    at::mm_out(tile, x_gemm, w_chunk.t());  // honours torch.backends.cuda.matmul TF32 settings
+// The class chunk as the products use it: rounded to the embeddings' dtype (a copy only for
+// the autocast pair), then up-cast to fp32 on the SIMT path.
+at::Tensor chunk_operand(const at::Tensor& w_chunk, at::ScalarType x_dtype, bool simt) {
+  const at::Tensor rounded = w_chunk.to(x_dtype);
+  return simt ? rounded.to(at::kFloat) : rounded;
+}
+
+// S = x_gemm @ w_op^T as fp32 into `tile` ([B, n], contiguous). x_gemm is x itself, or x in
+// fp32 on the SIMT path; w_op comes from chunk_operand.
+void raw_dots(at::Tensor& tile, const at::Tensor& x_gemm, const at::Tensor& w_op) {
+  if (w_op.scalar_type() == at::kFloat) {
+    at::mm_out(tile, x_gemm, w_op.t());  // honours the TF32 settings (off on the SIMT path)
   } else {
-    at::mm_out(tile, x_gemm, w_chunk.t(), at::kFloat);  // aten::mm.dtype_out: half in, fp32 accumulate/out
+    at::mm_out(tile, x_gemm, w_op.t(), at::kFloat);  // aten::mm.dtype_out: half in, fp32 accumulate/out
   }
 }
 
@@ -239,7 +252,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_ce_cuda(
   CHECK_CONTIGUOUS(x, "embeddings");
   CHECK_CONTIGUOUS(w, "weight");
   const at::Tensor lam = lambda_tensor(kind, sphere_lambda, x);
-  const DType dt = to_engine(x.scalar_type());
+  const DType dt = to_engine(x.scalar_type()), wdt = to_engine(w.scalar_type());
   const CheckMode check = check_mode();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
 
@@ -262,10 +275,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_ce_cuda(
   rows.zy = zy.data_ptr<float>();
   rows.reg = reg.data_ptr<float>();
 
-  engine::launch_col_norms(dt, w.data_ptr(), C, D, r, wnorm, flags.data_ptr<int32_t>(), stream);
+  engine::launch_col_norms(dt, wdt, w.data_ptr(), C, D, r, wnorm, flags.data_ptr<int32_t>(), stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  engine::launch_row_stage(dt, x.data_ptr(), w.data_ptr(), lab_in.data_ptr(), lab_in.scalar_type() == at::kLong,
-                           B, C, D, ignore_index, params, lam.defined() ? lam.data_ptr<float>() : nullptr, r, rows,
+  engine::launch_row_stage(dt, wdt, x.data_ptr(), w.data_ptr(), lab_in.data_ptr(),
+                           lab_in.scalar_type() == at::kLong, B, C, D, ignore_index, params,
+                           lam.defined() ? lam.data_ptr<float>() : nullptr, r, rows,
                            /*backward=*/false, flags.data_ptr<int32_t>(), stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
@@ -281,11 +295,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_ce_cuda(
   const at::Tensor x_gemm = simt ? x.to(at::kFloat) : x;
   const int64_t N = chunk_columns(B, C);
   at::Tensor tile_store = at::empty({B * N}, fopt);
-  at::Tensor w32;
   for (int64_t j0 = 0; j0 < C; j0 += N) {
     const int64_t n = std::min<int64_t>(N, C - j0);
     at::Tensor tile = tile_store.narrow(0, 0, B * n).view({B, n});
-    raw_dots(tile, x_gemm, w.narrow(0, j0, n), simt, &w32);
+    raw_dots(tile, x_gemm, chunk_operand(w.narrow(0, j0, n), x.scalar_type(), simt));
     engine::launch_forward_epilogue(tile.data_ptr<float>(), B, n, j0, r, rows, stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -325,7 +338,7 @@ std::tuple<at::Tensor, at::Tensor> margin_ce_backward_cuda(
   CHECK_CONTIGUOUS(x, "embeddings");
   CHECK_CONTIGUOUS(w, "weight");
   const at::Tensor lam = lambda_tensor(kind, sphere_lambda, x);
-  const DType dt = to_engine(x.scalar_type());
+  const DType dt = to_engine(x.scalar_type()), wdt = to_engine(w.scalar_type());
   const bool half = dt != DType::F32;
   const bool sbn = scale_by_norm(params);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
@@ -360,10 +373,11 @@ std::tuple<at::Tensor, at::Tensor> margin_ce_backward_cuda(
   rows.lse = lse_f.data_ptr<float>();
 
   // The saved `norms` is not read: a_i is recomputed from x, exactly as the reference does.
-  engine::launch_col_norms(dt, w.data_ptr(), C, D, r, wnorm, flags.data_ptr<int32_t>(), stream);
+  engine::launch_col_norms(dt, wdt, w.data_ptr(), C, D, r, wnorm, flags.data_ptr<int32_t>(), stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  engine::launch_row_stage(dt, x.data_ptr(), w.data_ptr(), lab_in.data_ptr(), lab_in.scalar_type() == at::kLong,
-                           B, C, D, ignore_index, params, lam.defined() ? lam.data_ptr<float>() : nullptr, r, rows,
+  engine::launch_row_stage(dt, wdt, x.data_ptr(), w.data_ptr(), lab_in.data_ptr(),
+                           lab_in.scalar_type() == at::kLong, B, C, D, ignore_index, params,
+                           lam.defined() ? lam.data_ptr<float>() : nullptr, r, rows,
                            /*backward=*/true, flags.data_ptr<int32_t>(), stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
@@ -379,37 +393,35 @@ std::tuple<at::Tensor, at::Tensor> margin_ce_backward_cuda(
 
   at::Tensor g_xhat = at::zeros({B, D}, fopt);
   at::Tensor grad_w = at::empty({C, D}, w.options());  // every row is written exactly once below
+  const bool grad_w_f32 = wdt == DType::F32;             // P is computed in place in grad_w
   const int64_t N = chunk_columns(B, C);
   at::Tensor tile_store = at::empty({B * N}, fopt);
   at::Tensor t_store = half_products ? at::empty({B * N}, x.options()) : at::Tensor();
-  at::Tensor p_store = half ? at::empty({N * D}, fopt) : at::Tensor();  // fp32 P for half grad_w
-  at::Tensor w32;
+  at::Tensor p_store = grad_w_f32 ? at::Tensor() : at::empty({N * D}, fopt);  // fp32 P for half grad_w
   for (int64_t j0 = 0; j0 < C; j0 += N) {
     const int64_t n = std::min<int64_t>(N, C - j0);
-    const at::Tensor w_chunk = w.narrow(0, j0, n);
+    const at::Tensor w_op = chunk_operand(w.narrow(0, j0, n), x.scalar_type(), simt);
     at::Tensor tile = tile_store.narrow(0, 0, B * n).view({B, n});
-    raw_dots(tile, x_gemm, w_chunk, simt, &w32);
+    raw_dots(tile, x_gemm, w_op);
     at::Tensor t = half_products ? t_store.narrow(0, 0, B * n).view({B, n}) : tile;  // T = G * r
     engine::launch_backward_epilogue(tile.data_ptr<float>(), t.data_ptr(), half_products ? dt : DType::F32, B, n,
                                      j0, r, rows, sbn, stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     // dL/dxhat += T @ W_chunk  ([B, n] @ [n, D]), fp32 accumulation into g_xhat.
-    if (simt) {
-      g_xhat.addmm_(t, w32);
-    } else if (half_products) {
-      at::addmm_out(g_xhat, g_xhat, t, w_chunk, at::kFloat);
+    if (half_products) {
+      at::addmm_out(g_xhat, g_xhat, t, w_op, at::kFloat);
     } else {
-      g_xhat.addmm_(t, w_chunk);
+      g_xhat.addmm_(t, w_op);
     }
     // P = T^T @ xhat ([n, B] @ [B, D]) -> fp32, then the column correction writes dW_chunk.
-    at::Tensor p = half ? p_store.narrow(0, 0, n * D).view({n, D}) : grad_w.narrow(0, j0, n);
+    at::Tensor p = grad_w_f32 ? grad_w.narrow(0, j0, n) : p_store.narrow(0, 0, n * D).view({n, D});
     if (half_products) {
       at::mm_out(p, t.t(), xhat, at::kFloat);
     } else {
       at::mm_out(p, t.t(), xhat);
     }
-    engine::launch_column_correction(dt, p.data_ptr<float>(), w.data_ptr(), r, wnorm, n, j0, D, grad_w.data_ptr(),
-                                     stream);
+    engine::launch_column_correction(dt, wdt, p.data_ptr<float>(), w.data_ptr(), r, wnorm, n, j0, D,
+                                     grad_w.data_ptr(), stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   at::Tensor grad_x = at::empty({B, D}, x.options());

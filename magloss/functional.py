@@ -44,7 +44,8 @@ __all__ = [
 ]
 
 REDUCTIONS = ("mean", "sum", "none")
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_HALF = (torch.float16, torch.bfloat16)
+_FLOATS = _HALF + (torch.float32, torch.float64)
 _INTS = (torch.int64, torch.int32)
 
 
@@ -94,7 +95,9 @@ def check_types(**tensors: Tensor) -> None:
 
 def check_inputs(embeddings: Tensor, weight: Tensor, labels: Tensor) -> None:
     """Metadata checks (no data access, no device sync). Raises TypeError/ValueError naming
-    the argument. Value checks (label range, NaN/Inf) happen inside the op kernels."""
+    the argument. Value checks (label range, NaN/Inf) happen inside the op kernels.
+    embeddings and weight must share a dtype, except a float32 weight with float16/bfloat16
+    embeddings under autocast (what :func:`_autocast` passes on)."""
     check_types(embeddings=embeddings, weight=weight, labels=labels)
     if embeddings.dim() != 2:
         raise ValueError(f"embeddings: expected shape [B, D], got {tuple(embeddings.shape)}")
@@ -115,25 +118,32 @@ def check_inputs(embeddings: Tensor, weight: Tensor, labels: Tensor) -> None:
         raise ValueError(
             f"embeddings, weight, labels: expected one device, got {embeddings.device}, {weight.device}, {labels.device}"
         )
-    if embeddings.dtype != weight.dtype:
+    mixed_ok = weight.dtype == torch.float32 and embeddings.dtype in _HALF and _autocasting(embeddings)
+    if embeddings.dtype != weight.dtype and not mixed_ok:
         raise TypeError(
             f"embeddings, weight: expected the same dtype, got {embeddings.dtype} and {weight.dtype} "
             "(cast one, or run under torch.autocast)"
         )
 
 
+def _autocasting(t: Tensor) -> bool:
+    dev = t.device.type
+    return dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev)
+
+
 def _autocast(embeddings: Tensor, weight: Tensor):
-    """Cast both operands to the autocast dtype when autocast is on for their device
-    (before the dtype check, so bf16 embeddings meet an fp32 weight as under F.linear)."""
-    if not (isinstance(embeddings, Tensor) and isinstance(weight, Tensor)):
+    """Under autocast (on the embeddings' device), cast the embeddings to the autocast
+    dtype, as ``F.linear`` would, before the dtype check. A float32 weight is passed on
+    as is: the op rounds it to the embeddings' dtype chunk by chunk and returns its
+    gradient in float32 (see :mod:`magloss.ops`), so no C×D half copy of W is made or
+    kept for the backward. Other weight dtypes are cast too. float64 is never cast."""
+    if not (isinstance(embeddings, Tensor) and isinstance(weight, Tensor)) or not _autocasting(embeddings):
         return embeddings, weight          # check_inputs names the culprit
-    dev = embeddings.device.type
-    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
-        dt = torch.get_autocast_dtype(dev)
-        if embeddings.is_floating_point() and embeddings.dtype != torch.float64:
-            embeddings = embeddings.to(dt)
-        if weight.is_floating_point() and weight.dtype != torch.float64:
-            weight = weight.to(dt)
+    dt = torch.get_autocast_dtype(embeddings.device.type)
+    if embeddings.is_floating_point() and embeddings.dtype != torch.float64:
+        embeddings = embeddings.to(dt)
+    if weight.is_floating_point() and weight.dtype not in (torch.float64, torch.float32):
+        weight = weight.to(dt)
     return embeddings, weight
 
 

@@ -8,7 +8,10 @@ l_a, u_a, l_m, u_m, easy_margin, straight_through, ignore_index) -> (lse, zy, re
 ``magloss::margin_ce_backward(grad_lse, grad_zy, grad_reg, grad_norms, embeddings, weight,
 labels, lse, norms, sphere_lambda, kind, ..., ignore_index) -> (grad_embeddings, grad_weight)``
 
-Shapes: embeddings [B, D], weight [C, D] (same float dtype and device), labels [B]
+Shapes: embeddings [B, D], weight [C, D] (same float dtype and device; or a float32
+weight with float16/bfloat16 embeddings, as autocast passes them: the math then uses W
+rounded to the embeddings' dtype, converted chunk by chunk by the fused engine, and
+∂/∂weight is returned in float32), labels [B]
 int64/int32 in [0, C) or equal to ignore_index (no label column: the row is ignored, or
 its class lives on another shard), sphere_lambda a 0-d float tensor or None. Outputs
 are [B] in float32 (float64 for float64 inputs): lse_i = logsumexp_j z_ij, zy_i = z_iy,

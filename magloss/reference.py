@@ -21,7 +21,8 @@ from torch import Tensor
 from .margins import NORM_EPS, MarginSpec, margin_terms, regularizer
 
 __all__ = [
-    "compute_dtype", "first_true", "check_values", "margin_ce_rows", "margin_ce_forward", "margin_ce_backward",
+    "compute_dtype", "first_true", "check_values", "weight_operand",
+    "margin_ce_rows", "margin_ce_forward", "margin_ce_backward",
 ]
 
 
@@ -57,6 +58,18 @@ def check_values(embeddings: Tensor, weight: Tensor, labels: Tensor, ignore_inde
     for name, t, j in (("embeddings", embeddings, ie), ("weight", weight, iw)):
         if j < t.shape[0]:
             raise ValueError(f"{name}: contains NaN or Inf (row {j})")
+
+
+def weight_operand(embeddings: Tensor, weight: Tensor) -> Tensor:
+    """The class matrix the math uses: ``weight`` itself, or for a float32 weight with
+    float16/bfloat16 embeddings (the autocast case) ``weight`` rounded to the embeddings'
+    dtype. Any other dtype pair raises TypeError."""
+    if weight.dtype == embeddings.dtype:
+        return weight
+    if weight.dtype == torch.float32 and embeddings.dtype in (torch.float16, torch.bfloat16):
+        return weight.to(embeddings.dtype)
+    raise TypeError(f"embeddings, weight: expected the same dtype (or a float32 weight with float16/bfloat16 "
+                    f"embeddings), got {embeddings.dtype} and {weight.dtype}")
 
 
 def _linearized(value: Tensor, slope: Tensor, x: Tensor) -> Tensor:
@@ -99,7 +112,8 @@ def margin_ce_rows(
 
     Args:
         embeddings: [B, D] float (fp16, bf16, fp32 or fp64), not normalized.
-        weight: [C, D], same dtype and device.
+        weight: [C, D], same dtype and device; or float32 with fp16/bf16 embeddings
+            (autocast), then rounded to their dtype (:func:`weight_operand`).
         labels: [B] integer. A row whose label equals ``ignore_index`` has no label
             column here: its logits are all s·c_ij (it is ignored by the loss, or, in a
             class-sharded head, its class lives on another shard).
@@ -117,7 +131,7 @@ def margin_ce_rows(
     """
     ct = compute_dtype(embeddings.dtype)
     x = embeddings.to(ct)
-    w = weight.to(ct)
+    w = weight_operand(embeddings, weight).to(ct)
     has, idx = _label_index(labels, ignore_index)
     a, _, _, _, cos, c_y = _cosines(x, w, idx, product_dtype)
 
@@ -145,6 +159,7 @@ def margin_ce_forward(embeddings, weight, labels, spec, ignore_index=-1, sphere_
     Same arguments and returns as :func:`margin_ce_rows`. Runs with autocast disabled so
     the fp32 math stays fp32.
     """
+    weight = weight_operand(embeddings, weight)
     check_values(embeddings, weight, labels, ignore_index)
     with torch.no_grad(), torch.autocast(embeddings.device.type, enabled=False):
         return margin_ce_rows(embeddings, weight, labels, spec, ignore_index, sphere_lambda)
@@ -167,12 +182,13 @@ def margin_ce_backward(grad_lse, grad_zy, grad_reg, grad_norms, embeddings, weig
     * ∂L/∂x_i = (∂L/∂x̂_i − x̂_i·Σ_j G_ij c_ij)/a_i + ∂L/∂a_i·x̂_i.
 
     grad_*: [B]. Returns (∂/∂embeddings [B, D], ∂/∂weight [C, D]) in the dtypes of
-    embeddings and weight.
+    embeddings and weight (for a float32 weight with half embeddings: the float32 gradient
+    with respect to the rounded matrix of :func:`weight_operand`, never rounded to half).
     """
     ct = compute_dtype(embeddings.dtype)
     with torch.no_grad(), torch.autocast(embeddings.device.type, enabled=False):
         x = embeddings.to(ct)
-        w = weight.to(ct)
+        w = weight_operand(embeddings, weight).to(ct)
         has, idx = _label_index(labels, ignore_index)
         a, x_hat, w_norm, r, cos, c_y = _cosines(x, w, idx)
         inv_a = 1.0 / a.clamp_min(NORM_EPS)

@@ -116,6 +116,56 @@ def test_autocast_accepts_half_embeddings_with_a_float32_weight(crit):
         crit(x.bfloat16(), y)          # outside autocast the mismatch is an error
 
 
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_autocast_weight_stays_float32_with_an_unrounded_gradient(half):
+    """Under autocast an fp32 W reaches the op as is: the math uses W rounded to the
+    embeddings' dtype, ∂W comes back in fp32 (not rounded to half), and no C×D half copy
+    of W is saved for the backward."""
+    crit = magloss.MagFaceLoss(16, 7)
+    x, _, y = make_inputs(5, 7, 16, dtype=torch.float32, ignored=(2,))
+    x.requires_grad_()
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=half):
+        loss = crit(x, y)
+    loss.backward()
+    w = crit.weight
+    assert not [t for t in saved if t.shape == w.shape and t.data_ptr() != w.data_ptr()], "a copy of W was saved"
+    # Oracle: float64 on the rounded operands, so only the inputs carry half rounding.
+    x64 = x.detach().to(half).double().requires_grad_()
+    w64 = w.detach().to(half).double().requires_grad_()
+    ref = MF.magface_loss(x64, w64, y, lambda_g=crit.lambda_g)
+    ref.backward()
+    assert w.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-6)
+    def rel(got, want):
+        return float((got.double() - want).abs().max() / want.abs().max())
+
+    assert rel(w.grad, w64.grad) < 1e-4, f"∂W error {rel(w.grad, w64.grad):.2e}: rounded to {half}?"
+    assert rel(x.grad, x64.grad) < 2 * torch.finfo(half).eps   # ∂x is the half op output, as under F.linear
+
+
+def test_op_weight_dtype_pairs():
+    x, w, y = make_inputs(3, 4, 8, dtype=torch.float32)
+    args = magloss.MarginSpec.combined(30.0, 1.0, 0.5, 0.0).op_args()
+    rows = torch.ops.magloss.margin_ce(x.bfloat16(), w, y, None, *args, -1)
+    want = torch.ops.magloss.margin_ce(x.bfloat16(), w.bfloat16(), y, None, *args, -1)
+    for got, ref in zip(rows, want):
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    w_big = w.clone()
+    w_big[2, 5] = 1e5                  # finite in fp32, inf once rounded to fp16
+    with pytest.raises(ValueError, match=r"weight: contains NaN or Inf \(row 2\)"):
+        torch.ops.magloss.margin_ce(x.half(), w_big, y, None, *args, -1)
+    with pytest.raises(TypeError, match="embeddings, weight: expected the same dtype"):
+        torch.ops.magloss.margin_ce(x.half(), w.bfloat16(), y, None, *args, -1)
+    with pytest.raises(TypeError, match="embeddings, weight: expected the same dtype"):
+        torch.ops.magloss.margin_ce(x, w.bfloat16(), y, None, *args, -1)
+
+
 SPECS = [
     magloss.MarginSpec.combined(30.0, 1.0, 0.5, 0.0),
     magloss.MarginSpec.combined(30.0, 0.9, 0.4, 0.15, easy_margin=True),
@@ -136,6 +186,19 @@ def test_opcheck(spec):
     grads = [torch.randn(5) for _ in range(4)]
     bargs = (*grads, x.detach(), w.detach(), y, lse, norms, lam, *spec.op_args(), -1)
     opcheck(torch.ops.magloss.margin_ce_backward.default, bargs)
+
+
+def test_opcheck_half_embeddings_float32_weight():
+    spec = magloss.MarginSpec.magface(30.0)
+    x, w, y = make_inputs(5, 6, 8, dtype=torch.float32, ignored=(1,))
+    args = (x.bfloat16().requires_grad_(), w.requires_grad_(), y, None, *spec.op_args(), -1)
+    opcheck(torch.ops.magloss.margin_ce.default, args)
+    with torch.no_grad():
+        lse, zy, reg, norms = torch.ops.magloss.margin_ce(*args)
+    grads = [torch.randn(5) for _ in range(4)]
+    gx, gw = torch.ops.magloss.margin_ce_backward(*grads, args[0].detach(), w.detach(), y, lse, norms, None,
+                                                   *spec.op_args(), -1)
+    assert gx.dtype == torch.bfloat16 and gw.dtype == torch.float32
 
 
 @pytest.mark.parametrize("cls", [magloss.ArcFaceLoss, magloss.MagFaceLoss, magloss.SphereFaceLoss])

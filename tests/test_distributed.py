@@ -342,7 +342,7 @@ def gathered(results, world, name):
 
 
 def assert_close(actual, expected, dtype, what, autocast=False):
-    if autocast:   # bf16 products: gradients are rounded to bf16 per rank before the sum over ranks
+    if autocast:   # bf16 operands; ∂x is rounded to bf16 per rank before the sum over ranks
         err = (actual.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-30)
         assert err < 2e-2, f"{what}: relative error {err:.3g}"
         return
