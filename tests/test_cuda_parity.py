@@ -17,8 +17,6 @@ Tolerances (docs/cuda.md):
 
 from __future__ import annotations
 
-import contextlib
-import math
 import os
 
 import pytest
@@ -48,23 +46,10 @@ DEV = torch.device("cpu" if DRYRUN else "cuda")
 OP = torch.ops.magloss.margin_ce
 OP_BWD = torch.ops.magloss.margin_ce_backward
 
-# ---- families --------------------------------------------------------------------------------
-# name -> (spec, sphere lambda or None)
-FAMILIES = {
-    "normface": (MarginSpec.combined(64.0, 1.0, 0.0, 0.0), None),
-    "cosface": (MarginSpec.combined(64.0, 1.0, 0.0, 0.35), None),
-    "arcface": (MarginSpec.combined(64.0, 1.0, 0.5, 0.0), None),
-    "arcface_easy": (MarginSpec.combined(64.0, 1.0, 0.5, 0.0, easy_margin=True), None),
-    "arcface_st": (MarginSpec.combined(64.0, 1.0, 0.5, 0.0, straight_through=True), None),
-    "combined": (MarginSpec.combined(64.0, 0.9, 0.4, 0.15), None),
-    "combined_m1_gt1": (MarginSpec.combined(32.0, 1.35, 0.0, 0.0), None),
-    "sphereface": (MarginSpec.sphere(4), 5.0),             # logits scaled by ||x_i||
-    "sphereface_s": (MarginSpec.sphere(3, scale=30.0), 0.0),
-    "magface": (MarginSpec.magface(), None),
-    "magface_threshold": (MarginSpec.magface(easy_margin=False), None),
-    "magcos": (MarginSpec.magcos(), None),
-}
-ALL = list(FAMILIES)
+# ---- families, oracle, tolerances: tests/_parity_common.py (shared with the CPU emulator suite) ----
+import _parity_common  # noqa: E402
+from _parity_common import (ALL, FAMILIES, assert_fp32_parity, assert_rounded_fp32_parity,  # noqa: E402
+                            assert_within_eager, eager_lowp, oracle, rel, tf32)
 
 
 @pytest.fixture(autouse=True)
@@ -77,48 +62,13 @@ def _no_pending_input_errors():
         magloss.flush_input_checks()
 
 
-def rel(got: torch.Tensor, ref: torch.Tensor) -> float:
-    ref = ref.double()
-    scale = ref.abs().max().item()
-    err = (got.double() - ref).abs().max().item()
-    return err / scale if scale > 0 else err
-
-
-def abs_err(got: torch.Tensor, ref: torch.Tensor) -> float:
-    return (got.double() - ref.double()).abs().max().item()
-
-
-def make_case(B, C, D, *, seed=0, ignored=(), ignore_index=-1, norm_range=(5.0, 120.0), label_dtype=torch.int64):
-    """float64 CUDA inputs: magnitudes in norm_range (both sides of MagFace's [10, 110]),
-    weight rows of varied norm, half the rows pulled towards their class centre (so the label
-    cosine covers the margin branch, not only c ≈ 0), some rows ignored."""
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(C, D, generator=g, dtype=torch.float64) * (0.5 + torch.rand(C, 1, generator=g, dtype=torch.float64))
-    y = torch.randint(0, C, (B,), generator=g)
-    x = torch.randn(B, D, generator=g, dtype=torch.float64) / math.sqrt(D)
-    pull = (torch.rand(B, generator=g) < 0.5).double() * (0.3 + 1.5 * torch.rand(B, generator=g, dtype=torch.float64))
-    x = x + pull.unsqueeze(1) * w[y] / w[y].norm(dim=1, keepdim=True)
-    lo, hi = norm_range
-    mags = lo + (hi - lo) * torch.rand(B, generator=g, dtype=torch.float64)
-    x = x / x.norm(dim=1, keepdim=True) * mags.unsqueeze(1)
-    for i in ignored:
-        if i < B:
-            y[i] = ignore_index
-    grads = [torch.randn(B, generator=g, dtype=torch.float64) for _ in range(4)]
-    return x.to(DEV), w.to(DEV), y.to(label_dtype).to(DEV), [t.to(DEV) for t in grads]
+def make_case(*args, **kwargs):
+    """_parity_common.make_case on this suite's device."""
+    return _parity_common.make_case(*args, device=DEV, **kwargs)
 
 
 def lam_tensor(lam):
-    return None if lam is None else torch.tensor(float(lam), device=DEV)
-
-
-def oracle(x, w, y, spec, ii, lam, grads):
-    """float64 reference statistics and gradients."""
-    lam64 = None if lam is None else lam.double()
-    x64, w64 = x.double(), w.double()
-    lse, zy, reg, norms = reference.margin_ce_rows(x64, w64, y, spec, ii, lam64)
-    gx, gw = reference.margin_ce_backward(*grads, x64, w64, y, lse, spec, ii, lam64)
-    return (lse, zy, reg, norms), (gx, gw)
+    return _parity_common.lam_tensor(lam, DEV)
 
 
 def fused(x, w, y, spec, ii, lam, grads):
@@ -127,37 +77,6 @@ def fused(x, w, y, spec, ii, lam, grads):
     g32 = [g.float() for g in grads]
     gx, gw = OP_BWD(*g32, x, w, y, rows[0], rows[3], lam, *spec.op_args(), ii)
     return rows, (gx, gw)
-
-
-@contextlib.contextmanager
-def tf32(enabled: bool):
-    """TF32 for cuBLAS fp32 matmuls on/off. Uses the legacy flag, whose setter keeps torch's
-    legacy and new (fp32_precision) settings consistent."""
-    m = torch.backends.cuda.matmul
-    old = m.allow_tf32
-    m.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        m.allow_tf32 = old
-
-
-def assert_fp32_parity(rows, grads, ref_rows, ref_grads, what=""):
-    lse, zy, reg, norms = rows
-    rlse, rzy, rreg, rnorms = ref_rows
-    assert rows[0].dtype == torch.float32
-    errs = {
-        "loss": rel(lse - zy, rlse - rzy),
-        "lse": rel(lse, rlse),
-        "zy": rel(zy, rzy) if rzy.abs().max() > 0 else abs_err(zy, rzy),
-        "reg": rel(reg, rreg) if rreg.abs().max() > 0 else abs_err(reg, rreg),
-        "norms": rel(norms, rnorms),
-    }
-    for k, e in errs.items():
-        assert e <= 1e-5, f"{what} {k}: rel error {e:.3g} > 1e-5 ({errs})"
-    for name, g, r in (("grad_embeddings", grads[0], ref_grads[0]), ("grad_weight", grads[1], ref_grads[1])):
-        e = rel(g, r)
-        assert e <= 1e-4, f"{what} {name}: rel error {e:.3g} > 1e-4"
 
 
 def check_fp32(x, w, y, spec, ii, lam_t, grads, what=""):
@@ -181,7 +100,7 @@ def test_fp32_parity(family, shape):
     B, C, D = shape
     x, w, y, grads = make_case(B, C, D, ignored=(1, 5, 77))
     lam_t = lam_tensor(lam)
-    rows = check_fp32(x, w, y, spec, -1, lam_t, grads, f"{family} {shape}")
+    check_fp32(x, w, y, spec, -1, lam_t, grads, f"{family} {shape}")
 
 
 @pytest.mark.parametrize("family", ["arcface", "magface", "sphereface", "cosface"])
@@ -190,7 +109,7 @@ def test_fp32_parity_large(family, shape):
     spec, lam = FAMILIES[family]
     x, w, y, grads = make_case(*shape, seed=1, ignored=(0, 300))
     lam_t = lam_tensor(lam)
-    rows = check_fp32(x, w, y, spec, -1, lam_t, grads, f"{family} {shape}")
+    check_fp32(x, w, y, spec, -1, lam_t, grads, f"{family} {shape}")
 
 
 # Chunking: several chunks, a partial last chunk, labels in every chunk, C = 1 chunk of one column.
@@ -203,7 +122,7 @@ def test_chunking(monkeypatch, family, chunk, C):
     assert _ext.fused_chunk_columns(128, C) == min(chunk, C)
     x, w, y, grads = make_case(128, C, 100, seed=2, ignored=(3,))
     lam_t = lam_tensor(lam)
-    rows = check_fp32(x, w, y, spec, -1, lam_t, grads, f"{family} chunk={chunk} C={C}")
+    check_fp32(x, w, y, spec, -1, lam_t, grads, f"{family} chunk={chunk} C={C}")
 
 
 @needs_ext
@@ -306,19 +225,6 @@ def test_non_contiguous_inputs_are_accepted():
 
 
 # ---- TF32 and half precision: error ≤ 2 × the eager same-precision baseline ------------------------
-def eager_lowp(x, w, y, spec, ii, lam, grads, precision):
-    """Eager baseline in `precision` ('tf32', 'fp16', 'bf16'): the reference math with the cosine
-    matrix from a matmul in that precision, margin/softmax in fp32; gradients by autograd."""
-    dt = {"tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-    xd = x.to(dt).detach().requires_grad_()
-    wd = w.to(dt).detach().requires_grad_()
-    with tf32(precision == "tf32"):
-        rows = reference.margin_ce_rows(xd, wd, y, spec, ii, lam, product_dtype=dt)
-        total = sum((gg.float() * t).sum() for gg, t in zip(grads, rows))
-        gx, gw = torch.autograd.grad(total, (xd, wd))
-    return tuple(t.detach() for t in rows), (gx, gw)
-
-
 LOWP_CASES = [
     ("arcface", (128, 1000, 512)),
     ("magface", (128, 1000, 512)),
@@ -349,14 +255,7 @@ def test_low_precision_vs_eager(precision, family, shape):
         ("grad_embeddings", gr[0], eager_grads[0], ref_grads[0]),
         ("grad_weight", gr[1], eager_grads[1], ref_grads[1]),
     ]
-    for name, got, base, ref in pairs:
-        e_fused, e_eager = abs_err(got, ref), abs_err(base, ref)
-        # Floor: fp32 noise, or half an ulp of the output dtype (gradients are returned in fp16/bf16,
-        # so one rounding of the result is irreducible even when the eager error happens to be 0).
-        out_eps = torch.finfo(got.dtype).eps / 2 if got.dtype in (torch.float16, torch.bfloat16) else 0.0
-        floor = max(1e-5, out_eps) * ref.abs().max().item()
-        assert e_fused <= 2 * e_eager + floor, (
-            f"{precision} {family} {shape} {name}: fused error {e_fused:.3g} > 2 x eager {e_eager:.3g} (+{floor:.2g})")
+    assert_within_eager(pairs, f"{precision} {family} {shape}")
 
 
 @needs_ext
@@ -392,10 +291,7 @@ def test_forced_simt_path(monkeypatch, family, dtype):
         assert_fp32_parity(rows, gr, ref_rows, ref_grads, f"simt {family}")
     else:
         # fp32 math on the rounded inputs: row statistics as fp32; gradients only rounded on output.
-        assert rel(rows[0] - rows[1], ref_rows[0] - ref_rows[1]) <= 1e-5
-        eps = torch.finfo(dtype).eps
-        assert rel(gr[0], ref_grads[0]) <= 2 * eps
-        assert rel(gr[1], ref_grads[1]) <= 2 * eps
+        assert_rounded_fp32_parity(rows, gr, ref_rows, ref_grads, dtype)
 
 
 # ---- bad inputs: same errors as the CPU reference; never out of bounds --------------------------------
@@ -582,16 +478,19 @@ def test_extension_status_reports_fused():
 
 
 # ---- memory flat in C ---------------------------------------------------------------------------------------
-def _extra_peak_bytes(B, C, D, dtype=torch.float32):
-    spec, _ = FAMILIES["arcface"]
+def _extra_peak_bytes(B, C, D, precision):
+    """Peak memory of one ArcFace forward+backward beyond x, W and their gradients. precision:
+    'fp32', 'bf16' (bf16 tensors) or 'bf16-autocast' (fp32 x and W under bf16 autocast)."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     g = torch.Generator(device=DEV).manual_seed(16)
     x = torch.randn(B, D, device=DEV, dtype=dtype, generator=g).requires_grad_()
     w = torch.randn(C, D, device=DEV, dtype=dtype, generator=g).requires_grad_()
     y = torch.randint(0, C, (B,), device=DEV, generator=g)
 
     def run():
-        lse, zy, _, _ = OP(x, w, y, None, *spec.op_args(), -1)
-        (lse - zy).mean().backward()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16-autocast"):
+            loss = magloss.functional.arcface_loss(x, w, y)
+        loss.backward()
 
     run()  # warm-up: cuBLAS workspaces, allocator pools
     x.grad = w.grad = None
@@ -606,15 +505,65 @@ def _extra_peak_bytes(B, C, D, dtype=torch.float32):
 
 
 @needs_ext
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_memory_flat_in_C(dtype):
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "bf16-autocast"])
+def test_memory_flat_in_C(precision):
     B, D = 512, 512
-    small = _extra_peak_bytes(B, 10_000, D, dtype)
-    large = _extra_peak_bytes(B, 200_000, D, dtype)
+    small = _extra_peak_bytes(B, 10_000, D, precision)
+    large = _extra_peak_bytes(B, 200_000, D, precision)
     logits_bytes = B * 200_000 * 4  # one fp32 B x C buffer: 410 MB
     # Bound independent of C: the B x chunk tile(s) (16 MiB fp32 + 8 MiB half), the N x D fp32
-    # product for half dW (16 MiB), O(B*D) row buffers and O(C) column norms (1.6 MB at 200k).
+    # product for half dW (16 MiB) or the N x D half chunk of an fp32 W under autocast (4 MiB),
+    # O(B*D) row buffers and O(C) column norms (1.6 MB at 200k). A C x D bf16 copy of W would be
+    # 205 MB here.
     bound = 64 * 2 ** 20
     assert large <= bound, f"extra peak {large / 2**20:.1f} MiB at C=200k exceeds {bound / 2**20:.0f} MiB"
     assert large - small <= 4 * 200_000 * 4, f"extra memory grows with C: {small} -> {large} bytes"
     assert large < logits_bytes / 4
+
+
+# ---- the autocast pair: half embeddings with an fp32 W (rounded in the engine, dW in fp32) ---------
+@needs_ext
+@pytest.mark.parametrize("simt", [False, True], ids=["tensor-core", "simt"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("family", ["arcface", "magface", "sphereface"])
+def test_fp32_weight_with_half_embeddings(monkeypatch, family, dtype, simt):
+    """(half x, fp32 W) is (half x, W rounded to x's dtype): row statistics and dx bit for bit,
+    dW in fp32 and at most one rounding from the half path's dW (several chunks, a ragged one)."""
+    if simt:
+        monkeypatch.setenv("MAGLOSS_FORCE_SIMT", "1")
+    monkeypatch.setenv("MAGLOSS_CHUNK", "256")
+    spec, lam = FAMILIES[family]
+    x64, w64, y, grads = make_case(37, 1500, 100, seed=21, ignored=(3,))
+    x, w, lam_t = x64.to(dtype), w64.float(), lam_tensor(lam)
+    rows_m, (gx_m, gw_m) = fused(x, w, y, spec, -1, lam_t, grads)
+    rows_h, (gx_h, gw_h) = fused(x, w.to(dtype), y, spec, -1, lam_t, grads)
+    assert gw_m.dtype == torch.float32 and gx_m.dtype == dtype
+    for u, v in zip(rows_m + (gx_m,), rows_h + (gx_h,)):
+        assert torch.equal(u, v)
+    assert rel(gw_m.to(dtype), gw_h) <= torch.finfo(dtype).eps
+
+
+# ---- no host synchronization on the training hot path ---------------------------------------------
+@needs_ext
+@pytest.mark.parametrize("precision", ["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("name", ["arcface", "magface", "sphereface"])
+def test_training_step_never_waits_for_the_gpu(monkeypatch, name, precision):
+    """A module's fused forward+backward makes no host synchronization (the input check is
+    asynchronous): torch's sync debug mode turns any into an error."""
+    monkeypatch.setenv("MAGLOSS_CHECK_INPUTS", "async")
+    mod = MODULES[name]().to(DEV)
+    x64, _, y, _ = make_case(64, 1000, 100, seed=22, ignored=(1,))
+    x = x64.float().requires_grad_()
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16-autocast"):
+            loss = mod(x, y)
+        loss.backward()
+
+    step()  # warm-up: cuBLAS handles, the half-product probe
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
