@@ -37,7 +37,7 @@ SPECS = {
 
 
 def run_case(name, B, C, D, dtype=torch.float32, chunk=None, ignored=(), label_dtype=torch.int64, simt=False,
-             bad_label=False, check="async"):
+             bad_label=False, check="async", w_dtype=None):
     env = {"MAGLOSS_CHUNK": str(chunk) if chunk else None, "MAGLOSS_FORCE_SIMT": "1" if simt else None,
            "MAGLOSS_CHECK_INPUTS": check}
     saved = {k: os.environ.get(k) for k in env}
@@ -51,7 +51,7 @@ def run_case(name, B, C, D, dtype=torch.float32, chunk=None, ignored=(), label_d
         dev = torch.device("cuda")
         g = torch.Generator(device=dev).manual_seed(B * 7919 + C)
         x = (torch.randn(B, D, device=dev, generator=g) * 30).to(dtype)
-        w = torch.randn(C, D, device=dev, generator=g).to(dtype)
+        w = torch.randn(C, D, device=dev, generator=g).to(w_dtype or dtype)   # fp32 W + half x: autocast pair
         y = torch.randint(0, C, (B,), device=dev, generator=g)
         for i in ignored:
             y[i] = -1
@@ -84,7 +84,7 @@ def run_case(name, B, C, D, dtype=torch.float32, chunk=None, ignored=(), label_d
             assert not bool(finite[B // 2]), "bad-label row should have lse = NaN"
             finite[B // 2] = True
         assert bool(finite.all()), "non-finite lse"
-        assert gx.shape == x.shape and gw.shape == w.shape and gx.dtype == dtype and gw.dtype == dtype
+        assert gx.shape == x.shape and gw.shape == w.shape and gx.dtype == dtype and gw.dtype == w.dtype
         return "ok"
     finally:
         for k, v in saved.items():
@@ -103,6 +103,8 @@ CASES = [
     dict(name="magcos", B=17, C=129, D=96, dtype=torch.float16, chunk=64),
     dict(name="arcface", B=12, C=90, D=40, dtype=torch.bfloat16, simt=True, chunk=50),
     dict(name="magface", B=12, C=90, D=40, simt=True),
+    dict(name="magface", B=40, C=257, D=31, dtype=torch.bfloat16, w_dtype=torch.float32, chunk=100),
+    dict(name="sphereface", B=12, C=90, D=40, dtype=torch.float16, w_dtype=torch.float32, simt=True, chunk=50),
     dict(name="arcface", B=10, C=50, D=20, bad_label=True, check="off", chunk=16),
     dict(name="arcface", B=10, C=50, D=20, bad_label=True, check="async", chunk=16),
     dict(name="arcface", B=10, C=50, D=20, bad_label=True, check="sync"),
