@@ -202,6 +202,61 @@ struct Workspace {
   float* row(int k) { return f.select(0, k).data_ptr<float>(); }
 };
 
+// What both entry points launch on: contiguous operands (non-contiguous inputs are copied once
+// here; the reference accepts any strides), their engine dtypes, SphereFace's lambda as a device
+// float (undefined otherwise) and the current stream.
+struct Operands {
+  at::Tensor x, w, labels, lam;
+  DType dt = DType::F32, wdt = DType::F32;
+  cudaStream_t stream = nullptr;
+};
+
+Operands prepare(const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& labels,
+                 const std::optional<at::Tensor>& sphere_lambda, int64_t kind) {
+  Operands o;
+  o.x = embeddings.contiguous();
+  o.w = weight.contiguous();
+  o.labels = labels.contiguous();
+  CHECK_CONTIGUOUS(o.x, "embeddings");
+  CHECK_CONTIGUOUS(o.w, "weight");
+  o.lam = lambda_tensor(kind, sphere_lambda, o.x);
+  o.dt = to_engine(o.x.scalar_type());
+  o.wdt = to_engine(o.w.scalar_type());
+  o.stream = c10::cuda::getCurrentCUDAStream().stream();
+  return o;
+}
+
+// Output of the first two launches of both entry points: r_j and ||w_j|| ([2, C] fp32) and the
+// device error flags.
+struct ColumnStats {
+  at::Tensor colr, flags;
+  float* r() const { return colr.select(0, 0).data_ptr<float>(); }
+  float* wnorm() const { return colr.select(0, 1).data_ptr<float>(); }
+};
+
+// col_norms(W), then the row stage (forward or backward outputs of `rows`).
+ColumnStats row_stages(const Operands& o, int64_t ignore_index, const MarginParams& params,
+                       const engine::RowState& rows, bool backward) {
+  const int64_t B = o.x.size(0), D = o.x.size(1), C = o.w.size(0);
+  ColumnStats cs{at::empty({2, C}, o.x.options().dtype(at::kFloat)),
+                 at::full({engine::NUM_FLAGS}, engine::FLAG_CLEAR, o.x.options().dtype(at::kInt))};
+  engine::launch_col_norms(o.dt, o.wdt, o.w.data_ptr(), C, D, cs.r(), cs.wnorm(), cs.flags.data_ptr<int32_t>(),
+                           o.stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  engine::launch_row_stage(o.dt, o.wdt, o.x.data_ptr(), o.w.data_ptr(), o.labels.data_ptr(),
+                           o.labels.scalar_type() == at::kLong, B, C, D, ignore_index, params,
+                           o.lam.defined() ? o.lam.data_ptr<float>() : nullptr, cs.r(), rows, backward,
+                           cs.flags.data_ptr<int32_t>(), o.stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return cs;
+}
+
+// Plain fp32 products: a GPU without tensor cores, MAGLOSS_FORCE_SIMT, or a torch without
+// half-in/fp32-out products.
+bool use_simt(const Operands& o) {
+  return simt_path(o.x.get_device()) || (o.dt != DType::F32 && !half_fp32_out_supported(o.x));
+}
+
 }  // namespace
 
 int64_t chunk_columns(int64_t B, int64_t C) {
@@ -241,25 +296,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_ce_cuda(
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
 
-  const int64_t B = embeddings.size(0), D = embeddings.size(1), C = weight.size(0);
+  const int64_t B = embeddings.size(0), C = weight.size(0);
   const auto fopt = embeddings.options().dtype(at::kFloat);
   at::Tensor lse = at::empty({B}, fopt), zy = at::empty({B}, fopt), reg = at::empty({B}, fopt),
              norms = at::empty({B}, fopt);
   if (B == 0) return {lse, zy, reg, norms};
 
-  // Non-contiguous inputs are accepted and copied once here (the reference accepts any strides).
-  const at::Tensor x = embeddings.contiguous(), w = weight.contiguous(), lab_in = labels.contiguous();
-  CHECK_CONTIGUOUS(x, "embeddings");
-  CHECK_CONTIGUOUS(w, "weight");
-  const at::Tensor lam = lambda_tensor(kind, sphere_lambda, x);
-  const DType dt = to_engine(x.scalar_type()), wdt = to_engine(w.scalar_type());
+  const Operands o = prepare(embeddings, weight, labels, sphere_lambda, kind);
+  const at::Tensor& x = o.x;
   const CheckMode check = check_mode();
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
 
-  at::Tensor colr = at::empty({2, C}, fopt);  // r_j, ||w_j||
-  float* r = colr.select(0, 0).data_ptr<float>();
-  float* wnorm = colr.select(0, 1).data_ptr<float>();
-  at::Tensor flags = at::full({engine::NUM_FLAGS}, engine::FLAG_CLEAR, x.options().dtype(at::kInt));
   Workspace ws{at::empty({7, B}, fopt), at::empty({B}, x.options().dtype(at::kLong))};
   engine::RowState rows{};
   rows.a = norms.data_ptr<float>();
@@ -275,22 +321,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_ce_cuda(
   rows.zy = zy.data_ptr<float>();
   rows.reg = reg.data_ptr<float>();
 
-  engine::launch_col_norms(dt, wdt, w.data_ptr(), C, D, r, wnorm, flags.data_ptr<int32_t>(), stream);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  engine::launch_row_stage(dt, wdt, x.data_ptr(), w.data_ptr(), lab_in.data_ptr(),
-                           lab_in.scalar_type() == at::kLong, B, C, D, ignore_index, params,
-                           lam.defined() ? lam.data_ptr<float>() : nullptr, r, rows,
-                           /*backward=*/false, flags.data_ptr<int32_t>(), stream);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const ColumnStats cs = row_stages(o, ignore_index, params, rows, /*backward=*/false);
+  const float* r = cs.r();
 
   // Input check (docs/cuda.md, "Label and value checks"): the flags and labels are copied to
   // pinned memory asynchronously right after the kernels that write the flags. Async (default):
   // no host wait; a failure is raised by a later fused call or flush_input_checks(), and bad rows
   // meanwhile get lse = NaN. Sync: the host waits, but only after every chunk is enqueued.
   const std::unique_ptr<InputReadback> sync_check =
-      submit_input_check(check, flags, lab_in, C, ignore_index, stream);
+      submit_input_check(check, cs.flags, o.labels, C, ignore_index, o.stream);
 
-  const bool simt = simt_path(x.get_device()) || (dt != DType::F32 && !half_fp32_out_supported(x));
+  const bool simt = use_simt(o);
   SimtScope simt_scope(simt);
   const at::Tensor x_gemm = simt ? x.to(at::kFloat) : x;
   const int64_t N = chunk_columns(B, C);
@@ -298,11 +339,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_ce_cuda(
   for (int64_t j0 = 0; j0 < C; j0 += N) {
     const int64_t n = std::min<int64_t>(N, C - j0);
     at::Tensor tile = tile_store.narrow(0, 0, B * n).view({B, n});
-    raw_dots(tile, x_gemm, chunk_operand(w.narrow(0, j0, n), x.scalar_type(), simt));
-    engine::launch_forward_epilogue(tile.data_ptr<float>(), B, n, j0, r, rows, stream);
+    raw_dots(tile, x_gemm, chunk_operand(o.w.narrow(0, j0, n), x.scalar_type(), simt));
+    engine::launch_forward_epilogue(tile.data_ptr<float>(), B, n, j0, r, rows, o.stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  engine::launch_forward_finalize(B, rows, lse.data_ptr<float>(), stream);
+  engine::launch_forward_finalize(B, rows, lse.data_ptr<float>(), o.stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (sync_check) sync_check->raise_if_failed();
   return {lse, zy, reg, norms};
@@ -334,23 +375,17 @@ std::tuple<at::Tensor, at::Tensor> margin_ce_backward_cuda(
   if (B == 0) {
     return {at::empty({0, D}, embeddings.options()), at::zeros({C, D}, weight.options())};
   }
-  const at::Tensor x = embeddings.contiguous(), w = weight.contiguous(), lab_in = labels.contiguous();
-  CHECK_CONTIGUOUS(x, "embeddings");
-  CHECK_CONTIGUOUS(w, "weight");
-  const at::Tensor lam = lambda_tensor(kind, sphere_lambda, x);
-  const DType dt = to_engine(x.scalar_type()), wdt = to_engine(w.scalar_type());
+  const Operands o = prepare(embeddings, weight, labels, sphere_lambda, kind);
+  const at::Tensor &x = o.x, &w = o.w;
+  const DType dt = o.dt;
   const bool half = dt != DType::F32;
   const bool sbn = scale_by_norm(params);
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  cudaStream_t stream = o.stream;
   const auto fopt = x.options().dtype(at::kFloat);
   auto as_f32 = [](const at::Tensor& t) { return t.to(at::kFloat).contiguous(); };
   const at::Tensor gl = as_f32(grad_lse), gz = as_f32(grad_zy), gr = as_f32(grad_reg), gn = as_f32(grad_norms),
                    lse_f = as_f32(lse);
 
-  at::Tensor colr = at::empty({2, C}, fopt);
-  float* r = colr.select(0, 0).data_ptr<float>();
-  float* wnorm = colr.select(0, 1).data_ptr<float>();
-  at::Tensor flags = at::full({engine::NUM_FLAGS}, engine::FLAG_CLEAR, x.options().dtype(at::kInt));
   Workspace ws{at::empty({12, B}, fopt), at::empty({B}, x.options().dtype(at::kLong))};
   engine::RowState rows{};
   rows.a = ws.row(0);
@@ -373,15 +408,10 @@ std::tuple<at::Tensor, at::Tensor> margin_ce_backward_cuda(
   rows.lse = lse_f.data_ptr<float>();
 
   // The saved `norms` is not read: a_i is recomputed from x, exactly as the reference does.
-  engine::launch_col_norms(dt, wdt, w.data_ptr(), C, D, r, wnorm, flags.data_ptr<int32_t>(), stream);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  engine::launch_row_stage(dt, wdt, x.data_ptr(), w.data_ptr(), lab_in.data_ptr(),
-                           lab_in.scalar_type() == at::kLong, B, C, D, ignore_index, params,
-                           lam.defined() ? lam.data_ptr<float>() : nullptr, r, rows,
-                           /*backward=*/true, flags.data_ptr<int32_t>(), stream);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const ColumnStats cs = row_stages(o, ignore_index, params, rows, /*backward=*/true);
+  const float *r = cs.r(), *wnorm = cs.wnorm();
 
-  const bool simt = simt_path(x.get_device()) || (half && !half_fp32_out_supported(x));
+  const bool simt = use_simt(o);
   SimtScope simt_scope(simt);
   const at::Tensor x_gemm = simt ? x.to(at::kFloat) : x;
   // xhat for the dW product: fp32 (fp32 inputs or SIMT), else the input dtype (fp32 accumulation).
@@ -393,7 +423,7 @@ std::tuple<at::Tensor, at::Tensor> margin_ce_backward_cuda(
 
   at::Tensor g_xhat = at::zeros({B, D}, fopt);
   at::Tensor grad_w = at::empty({C, D}, w.options());  // every row is written exactly once below
-  const bool grad_w_f32 = wdt == DType::F32;             // P is computed in place in grad_w
+  const bool grad_w_f32 = o.wdt == DType::F32;             // P is computed in place in grad_w
   const int64_t N = chunk_columns(B, C);
   at::Tensor tile_store = at::empty({B * N}, fopt);
   at::Tensor t_store = half_products ? at::empty({B * N}, x.options()) : at::Tensor();
@@ -420,7 +450,7 @@ std::tuple<at::Tensor, at::Tensor> margin_ce_backward_cuda(
     } else {
       at::mm_out(p, t.t(), xhat);
     }
-    engine::launch_column_correction(dt, wdt, p.data_ptr<float>(), w.data_ptr(), r, wnorm, n, j0, D,
+    engine::launch_column_correction(dt, o.wdt, p.data_ptr<float>(), w.data_ptr(), r, wnorm, n, j0, D,
                                      grad_w.data_ptr(), stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
