@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
-from .reference import check_values
+from .reference import check_values, is_autocast_pair
 from .margins import MarginSpec, sphere_lambda as _sphere_lambda_schedule
 
 __all__ = [
@@ -44,8 +44,7 @@ __all__ = [
 ]
 
 REDUCTIONS = ("mean", "sum", "none")
-_HALF = (torch.float16, torch.bfloat16)
-_FLOATS = _HALF + (torch.float32, torch.float64)
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INTS = (torch.int64, torch.int32)
 
 
@@ -118,7 +117,7 @@ def check_inputs(embeddings: Tensor, weight: Tensor, labels: Tensor) -> None:
         raise ValueError(
             f"embeddings, weight, labels: expected one device, got {embeddings.device}, {weight.device}, {labels.device}"
         )
-    mixed_ok = weight.dtype == torch.float32 and embeddings.dtype in _HALF and _autocasting(embeddings)
+    mixed_ok = is_autocast_pair(embeddings.dtype, weight.dtype) and _autocasting(embeddings)
     if embeddings.dtype != weight.dtype and not mixed_ok:
         raise TypeError(
             f"embeddings, weight: expected the same dtype, got {embeddings.dtype} and {weight.dtype} "

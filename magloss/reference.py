@@ -21,7 +21,7 @@ from torch import Tensor
 from .margins import NORM_EPS, MarginSpec, margin_terms, regularizer
 
 __all__ = [
-    "compute_dtype", "first_true", "check_values", "weight_operand",
+    "compute_dtype", "first_true", "bad_labels", "is_autocast_pair", "check_values", "weight_operand",
     "margin_ce_rows", "margin_ce_forward", "margin_ce_backward",
 ]
 
@@ -39,6 +39,16 @@ def first_true(mask: Tensor) -> Tensor:
     return torch.where(mask, idx, n).amin() if n else idx.new_zeros(())
 
 
+def bad_labels(labels: Tensor, num_classes: int, ignore_index: int) -> Tensor:
+    """[B] bool: labels that are neither in [0, num_classes) nor ``ignore_index``."""
+    return (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
+
+
+def is_autocast_pair(embeddings_dtype: torch.dtype, weight_dtype: torch.dtype) -> bool:
+    """float16/bfloat16 embeddings with a float32 weight: the one mixed pair the ops accept."""
+    return weight_dtype == torch.float32 and embeddings_dtype in (torch.float16, torch.bfloat16)
+
+
 def check_values(embeddings: Tensor, weight: Tensor, labels: Tensor, ignore_index: int) -> None:
     """Value checks that need the data: label range and finiteness. Raises ValueError.
 
@@ -47,8 +57,7 @@ def check_values(embeddings: Tensor, weight: Tensor, labels: Tensor, ignore_inde
     CUDA path checks on the device without waiting (docs/cuda.md).
     """
     num_classes = weight.shape[0]
-    bad_label = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
-    i, ie, iw = torch.stack([first_true(bad_label), first_true(~torch.isfinite(embeddings).all(dim=1)),
+    i, ie, iw = torch.stack([first_true(bad_labels(labels, num_classes, ignore_index)), first_true(~torch.isfinite(embeddings).all(dim=1)),
                              first_true(~torch.isfinite(weight).all(dim=1))]).tolist()
     if i < labels.shape[0]:
         raise ValueError(
@@ -66,7 +75,7 @@ def weight_operand(embeddings: Tensor, weight: Tensor) -> Tensor:
     dtype. Any other dtype pair raises TypeError."""
     if weight.dtype == embeddings.dtype:
         return weight
-    if weight.dtype == torch.float32 and embeddings.dtype in (torch.float16, torch.bfloat16):
+    if is_autocast_pair(embeddings.dtype, weight.dtype):
         return weight.to(embeddings.dtype)
     raise TypeError(f"embeddings, weight: expected the same dtype (or a float32 weight with float16/bfloat16 "
                     f"embeddings), got {embeddings.dtype} and {weight.dtype}")

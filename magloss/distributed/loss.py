@@ -37,7 +37,7 @@ from .. import functional as MF
 from .. import losses, ops
 from ..losses import _positive_int
 from ..margins import SPHERE, MarginSpec, sphere_lambda
-from ..reference import first_true
+from ..reference import bad_labels, first_true
 from .comm import all_gather_ints, comm_device, gather_rows, gather_stats, require_group, sum_stats
 from .partial_fc import check_sample_rate, sample_classes, sampling_generator
 
@@ -192,8 +192,7 @@ class ShardedMarginLoss(nn.Module):
         if embeddings.device != self.weight.device or labels.device != self.weight.device:
             raise ValueError(f"embeddings, labels: expected the device of weight ({self.weight.device}), "
                              f"got {embeddings.device} and {labels.device}")
-        autocast = embeddings.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(embeddings.device.type)
-        if embeddings.dtype != self.weight.dtype and not autocast:
+        if embeddings.dtype != self.weight.dtype and not MF._autocasting(embeddings):
             raise TypeError(f"embeddings, weight: expected the same dtype, got {embeddings.dtype} and "
                             f"{self.weight.dtype} (cast one, or run under torch.autocast)")
 
@@ -205,8 +204,7 @@ class ShardedMarginLoss(nn.Module):
         receives the same table, so every rank raises the same error (:meth:`_check_labels`).
         """
         labels = labels.to(torch.int64)
-        bad = (labels != self.ignore_index) & ((labels < 0) | (labels >= self.num_classes))
-        first = first_true(bad)
+        first = first_true(bad_labels(labels, self.num_classes, self.ignore_index))
         value = torch.cat([labels, labels.new_zeros(1)]).index_select(0, first.view(1))[0]
         header = torch.stack([torch.full_like(first, labels.shape[0]), first, value])
         return all_gather_ints(header.to(device), self.group)
