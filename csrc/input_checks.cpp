@@ -53,7 +53,11 @@ CheckMode check_mode() {
 InputReadback::InputReadback(const at::Tensor& flags, const at::Tensor& labels, int64_t C, int64_t ignore_index,
                              cudaStream_t stream, int64_t call)
     : C_(C), ignore_index_(ignore_index), call_(call), device_(flags.get_device()) {
+#ifdef MAGLOSS_EMULATED  // tests/emu: the CPU build of torch has no pinned-memory allocator
+  const auto pinned = at::TensorOptions().device(at::kCPU);
+#else
   const auto pinned = at::TensorOptions().device(at::kCPU).pinned_memory(true);
+#endif
   flags_ = at::empty({flags.numel()}, pinned.dtype(at::kInt));
   labels_ = at::empty({labels.numel()}, pinned.dtype(labels.scalar_type()));
   // Device -> pinned host copies on the current stream (`stream`): asynchronous.

@@ -38,8 +38,15 @@
 #include "input_checks.h"
 
 // ---- named argument checks (messages name the argument, as the reference engine) --------------
+// MAGLOSS_EMULATED: compiled against the CPU build of torch for the CUDA emulator (tests/emu), whose
+// stand-ins serve the CUDA runtime and c10::cuda calls below; its "device" tensors are CPU tensors.
+#ifdef MAGLOSS_EMULATED
+#define CHECK_CUDA(t, name) \
+  TORCH_CHECK_VALUE((t).is_cpu(), name ": expected a CPU tensor (emulated CUDA device), got device ", (t).device())
+#else
 #define CHECK_CUDA(t, name) \
   TORCH_CHECK_VALUE((t).is_cuda(), name ": expected a CUDA tensor, got device ", (t).device())
+#endif
 #define CHECK_SAME_DEVICE(t, ref, name) \
   TORCH_CHECK_VALUE((t).device() == (ref).device(), name ": expected device ", (ref).device(), ", got ", (t).device())
 #define CHECK_DIM(t, d, name, shape) \

@@ -7,11 +7,12 @@ says which path is in use and why.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from typing import Any, Dict, Optional
 
-__all__ = ["extension_status", "flush_input_checks", "register_cuda_kernels", "fused_chunk_columns"]
+__all__ = ["extension_status", "flush_input_checks", "register_kernels", "fused_chunk_columns"]
 
 _NAME = f"{__package__}._C"
 _C: Optional[Any] = None
@@ -46,8 +47,13 @@ def _spec_and_index(params):
     return MarginSpec(*params[:11]), params[11]
 
 
-def _cuda_margin_ce(embeddings, weight, labels, sphere_lambda, *params):
-    """"cuda" kernel of magloss::margin_ce: the fused engine for fp32/fp16/bf16, the
+#: device type -> the fused engine module whose kernels are registered for it ("cuda": magloss._C;
+#: the CPU emulator's build of the same sources registers itself for "cpu" in the tests).
+_ENGINES: Dict[str, Any] = {}
+
+
+def _cuda_margin_ce(engine, embeddings, weight, labels, sphere_lambda, *params):
+    """Fused kernel of magloss::margin_ce: the fused engine for fp32/fp16/bf16, the
     reference engine for float64 (the fused kernels are fp32-math only)."""
     if _is_f64(embeddings, weight):
         from . import reference
@@ -55,43 +61,45 @@ def _cuda_margin_ce(embeddings, weight, labels, sphere_lambda, *params):
         spec, ignore_index = _spec_and_index(params)
         outs = reference.margin_ce_forward(embeddings, weight, labels, spec, ignore_index, sphere_lambda)
         return tuple(o.contiguous() for o in outs)
-    return _C.margin_ce(embeddings, weight, labels, sphere_lambda, *params)
+    return engine.margin_ce(embeddings, weight, labels, sphere_lambda, *params)
 
 
-def _cuda_margin_ce_backward(grad_lse, grad_zy, grad_reg, grad_norms, embeddings, weight, labels, lse, norms,
+def _cuda_margin_ce_backward(engine, grad_lse, grad_zy, grad_reg, grad_norms, embeddings, weight, labels, lse, norms,
                              sphere_lambda, *params):
-    """"cuda" kernel of magloss::margin_ce_backward (float64 -> reference, as the forward)."""
+    """Fused kernel of magloss::margin_ce_backward (float64 -> reference, as the forward)."""
     if _is_f64(embeddings, weight):
         from . import reference
 
         spec, ignore_index = _spec_and_index(params)
         return reference.margin_ce_backward(grad_lse, grad_zy, grad_reg, grad_norms, embeddings, weight, labels,
                                             lse, spec, ignore_index, sphere_lambda)
-    return _C.margin_ce_backward(grad_lse, grad_zy, grad_reg, grad_norms, embeddings, weight, labels, lse, norms,
-                                 sphere_lambda, *params)
+    return engine.margin_ce_backward(grad_lse, grad_zy, grad_reg, grad_norms, embeddings, weight, labels, lse,
+                                     norms, sphere_lambda, *params)
 
 
-def register_cuda_kernels(fwd_op, bwd_op) -> bool:
-    """Register the fused kernels as the "cuda" implementation of the two custom ops.
+def register_kernels(fwd_op, bwd_op, engine: Optional[Any] = None, device_type: str = "cuda") -> bool:
+    """Register a fused engine's kernels as the `device_type` implementation of the two custom ops.
 
-    Returns True when registered; without the extension the reference stays the CUDA
-    kernel too and this returns False. float64 CUDA inputs are routed to the reference
-    engine by the registered wrappers (docs/cuda.md).
+    ``engine`` defaults to the compiled extension magloss._C on "cuda". Returns True when
+    registered; without the extension the default kernel stays in use and this returns False.
+    float64 inputs are routed to the reference engine by the registered wrappers (docs/cuda.md).
+    The CPU emulator's build of the same sources (tests/emu) registers itself for "cpu".
     """
-    if _C is None or not hasattr(_C, "margin_ce"):
+    engine = _C if engine is None else engine
+    if engine is None or not hasattr(engine, "margin_ce"):
         return False
-    fwd_op.register_kernel("cuda")(_cuda_margin_ce)
-    bwd_op.register_kernel("cuda")(_cuda_margin_ce_backward)
+    fwd_op.register_kernel(device_type)(functools.partial(_cuda_margin_ce, engine))
+    bwd_op.register_kernel(device_type)(functools.partial(_cuda_margin_ce_backward, engine))
+    _ENGINES[device_type] = engine
     return True
 
 
-def fused_chunk_columns(batch: int, num_classes: int) -> Optional[int]:
+def fused_chunk_columns(batch: int, num_classes: int, device_type: str = "cuda") -> Optional[int]:
     """The class-chunk width the fused engine uses for this shape (honours MAGLOSS_CHUNK),
     or None without the extension. Peak extra memory of the fused op is about
     batch x chunk x 4 bytes (x 1.5 for fp16/bf16), independent of num_classes beyond that."""
-    if _C is None or not hasattr(_C, "chunk_columns"):
-        return None
-    return int(_C.chunk_columns(int(batch), int(num_classes)))
+    engine = _ENGINES.get(device_type)
+    return None if engine is None else int(engine.chunk_columns(int(batch), int(num_classes)))
 
 
 def flush_input_checks() -> None:
@@ -110,8 +118,8 @@ def flush_input_checks() -> None:
         ValueError: the reference engine's message for the oldest failed check, marked
             "reported late" with the number of the fused forward call it came from.
     """
-    if _C is not None and hasattr(_C, "flush_input_checks"):
-        _C.flush_input_checks()
+    for engine in _ENGINES.values():
+        engine.flush_input_checks()
 
 
 def extension_status() -> Dict[str, Any]:

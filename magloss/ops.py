@@ -108,4 +108,4 @@ def _backward(ctx, grad_lse, grad_zy, grad_reg, grad_norms):
 
 margin_ce.register_autograd(_backward, setup_context=_setup_context)
 
-_ext.register_cuda_kernels(margin_ce, margin_ce_backward)
+_ext.register_kernels(margin_ce, margin_ce_backward)

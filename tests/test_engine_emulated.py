@@ -1,13 +1,14 @@
-"""The fused CUDA engine's kernels (csrc/engine.cu), executed on the CPU by an emulator, against
-the float64 reference: kernel bugs surface here, without a GPU.
+"""The CPU emulator of the CUDA execution model (tests/emu), and what only it can test.
 
-tests/emu/build.py compiles engine.cu unchanged as host code with g++ under tests/emu/cuda_emu.h
-(blocks one at a time, a block's threads as cooperative fibers; undefined behaviour such as a
-shuffle with an exited lane or a partial __syncthreads is an error), and tests/emu/driver.py
-replays csrc/margin_ce.cpp's launches and chunked products around them (CPU matmuls in the GPU
-path's precision). Oracle and tolerances are those of the GPU suite (tests/_parity_common.py):
-fp32 rel ≤ 1e-5 on row statistics, ≤ 1e-4 on gradients; fp16/bf16 within 2 × an eager
-same-precision baseline. The inputs are rounded to the dtype before the oracle sees them.
+The fused engine's parity with the reference runs under the emulator in tests/test_cuda_parity.py
+(the GPU suite's emulated backend). This file tests the emulator itself, on the kernels of
+tests/emu/emu_selftest.cu: well-defined collectives and barriers give the right values, and each
+kind of bug it must report is reported (undefined behaviour of the warp collectives, data races
+in shared and global memory, out-of-bounds accesses, uninitialized shared memory), under every
+block/thread visiting order, while the legal twin of each racy kernel is not. Then the boundary's
+behaviour that needs control over the emulated device: events that are not ready yet (the
+asynchronous input check's polling), CUDA-graph capture (checks off), a GPU without tensor cores
+(the plain-fp32 products chosen by compute capability), and the device memory's guard bands.
 
 Skipped only when g++ or the CUDA headers are missing (the skip message names which).
 """
@@ -19,252 +20,18 @@ import ctypes
 import pytest
 import torch
 
-from _parity_common import (ALL, FAMILIES, abs_err, assert_fp32_parity, assert_rounded_fp32_parity, assert_within_eager,
-                            eager_lowp, lam_tensor, make_case, oracle, rel)
-from emu import build, driver
-from magloss.margins import COMBINED, MAGCOS
+from emu import build
+from emu import engine as emu_engine
 
 try:
-    driver.library()
+    ENGINE = emu_engine.module()
 except build.EmulatorUnavailable as exc:
     pytest.skip(f"CUDA emulator unavailable: {exc}", allow_module_level=True)
 
-K = driver.constants()
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+import magloss  # noqa: E402
+from _parity_common import FAMILIES, assert_fp32_parity, make_case, oracle  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _emulator():
-    """A clean emulator per test, and one intra-op thread (idle OpenMP workers spin against the
-    single-threaded emulator otherwise: 3-4x slower on 2 cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    driver.reset()
-    yield
-    torch.set_num_threads(threads)
-
-
-def run(x, w, y, spec, ii, lam, grads, *, chunk=None, simt=False):
-    """The emulated op and its backward op, as test_cuda_parity.fused calls them on the GPU."""
-    rows, flags = driver.forward(x, w, y, spec, lam, ii, chunk=chunk, simt=simt)
-    gx, gw, bflags = driver.backward([g.float() for g in grads], x, w, y, rows[0], spec, lam, ii, chunk=chunk,
-                                     simt=simt)
-    assert torch.equal(flags, bflags)
-    return rows, (gx, gw), flags
-
-
-def case(family, shape, dtype=torch.float32, *, seed=0, ignored=(1, 5), ignore_index=-1, label_dtype=torch.int64):
-    """Inputs rounded to `dtype`, their float64 oracle and the family's lambda."""
-    spec, lam = FAMILIES[family]
-    x64, w64, y, grads = make_case(*shape, seed=seed, ignored=ignored, ignore_index=ignore_index,
-                                   label_dtype=label_dtype)
-    x64, w64 = x64.to(dtype).double(), w64.to(dtype).double()
-    lam_t = lam_tensor(lam)
-    return spec, lam_t, (x64, w64, y, grads), oracle(x64, w64, y, spec, ignore_index, lam_t, grads)
-
-
-# ---- fp32 over every family and irregular shapes --------------------------------------------------
-# Each of B in {1, 3, 17}, C in {1, 7, 300}, D in {1, 64, 100} appears; chunks give several chunks
-# with a ragged last one (300 = 4*64 + 44 = 256 + 44, 7 = 3 + 3 + 1 = 2 + 2 + 2 + 1) or one chunk (None:
-# the default width). D = 1 only for families linear in c: at |c| = 1 the angle, and so psi of the
-# angular margins, is ill-conditioned (fp32 rounding of c moves sin(theta) by 3e-4).
-FP32_CASES = [
-    ("normface", (3, 7, 1), 3, torch.int64),
-    ("cosface", (17, 300, 64), 64, torch.int32),
-    ("arcface", (1, 1, 64), None, torch.int64),
-    ("arcface_easy", (17, 7, 100), 3, torch.int32),
-    ("arcface_st", (3, 300, 100), 256, torch.int64),
-    ("combined", (17, 300, 100), 256, torch.int64),
-    ("combined_m1_gt1", (3, 7, 64), 2, torch.int32),
-    ("sphereface", (17, 300, 64), 64, torch.int64),
-    ("sphereface_s", (1, 7, 100), 3, torch.int64),
-    ("magface", (17, 300, 100), 64, torch.int32),
-    ("magface_threshold", (3, 1, 64), 1, torch.int64),
-    ("magcos", (17, 7, 1), 3, torch.int64),
-]
-assert sorted(f for f, *_ in FP32_CASES) == sorted(ALL)
-
-
-@pytest.mark.parametrize("family,shape,chunk,label_dtype", FP32_CASES,
-                         ids=[f"{f}-B{s[0]}-C{s[1]}-D{s[2]}-N{c}" for f, s, c, _ in FP32_CASES])
-def test_fp32_parity(family, shape, chunk, label_dtype):
-    spec, lam, (x, w, y, grads), (ref_rows, ref_grads) = case(family, shape, label_dtype=label_dtype)
-    rows, gr, flags = run(x.float(), w.float(), y, spec, -1, lam, grads, chunk=chunk)
-    if shape[2] == 1:
-        # dL/dW is exactly 0 for D = 1 (a 1-D direction has no tangent): both sides return the rounding
-        # noise of P_j - P_j, where |P_j| <= r_j s sum_i (|gl_i| + |gz_i|) (dpsi/dc = 1 here). Bound the
-        # error by that instead, and take the reference's grad_weight out of the rel comparison.
-        assert (spec.kind, spec.m1, spec.m2) == (COMBINED, 1.0, 0.0) or spec.kind == MAGCOS
-        p_bound = spec.scale / w.abs().min().item() * (grads[0].abs() + grads[1].abs()).sum().item()
-        assert abs_err(gr[1], ref_grads[1]) <= 1e-5 * p_bound
-        gr = (gr[0], ref_grads[1])
-    assert_fp32_parity(rows, gr, ref_rows, ref_grads, f"{family} {shape} chunk={chunk}")
-    assert flags.tolist() == [K["FLAG_CLEAR"]] * K["NUM_FLAGS"]
-
-
-# ---- fp16 / bf16: within 2 x the eager same-precision baseline ------------------------------------
-LOWP_CASES = [
-    ("arcface", (17, 300, 64), 64),
-    ("magface", (17, 7, 100), 3),
-    ("sphereface", (3, 300, 100), 256),
-    ("cosface", (1, 1, 64), None),
-    ("combined", (3, 300, 64), 64),
-]
-
-
-@pytest.mark.parametrize("family,shape,chunk", LOWP_CASES, ids=[f"{f}-B{s[0]}-C{s[1]}-D{s[2]}" for f, s, _ in LOWP_CASES])
-@pytest.mark.parametrize("precision", ["fp16", "bf16"])
-def test_low_precision_vs_eager(precision, family, shape, chunk):
-    dt = DTYPES[precision]
-    spec, lam, (x64, w64, y, grads), (ref_rows, ref_grads) = case(family, shape, dt)
-    eager_rows, eager_grads = eager_lowp(x64, w64, y, spec, -1, lam, grads, precision)
-    rows, gr, _ = run(x64.to(dt), w64.to(dt), y, spec, -1, lam, grads, chunk=chunk)
-    assert gr[0].dtype == dt and gr[1].dtype == dt
-    pairs = [("loss", rows[0] - rows[1], eager_rows[0] - eager_rows[1], ref_rows[0] - ref_rows[1])]
-    pairs += [(name, rows[k], eager_rows[k], ref_rows[k]) for k, name in enumerate(["lse", "zy", "reg", "norms"])]
-    pairs += [("grad_embeddings", gr[0], eager_grads[0], ref_grads[0]),
-              ("grad_weight", gr[1], eager_grads[1], ref_grads[1])]
-    assert_within_eager(pairs, f"{precision} {family} {shape}")
-
-
-# ---- the plain-fp32 (SIMT) products ------------------------------------------------------------------
-@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
-@pytest.mark.parametrize("family", ["arcface", "magface", "sphereface"])
-def test_simt_path(family, dtype):
-    dt = DTYPES[dtype]
-    spec, lam, (x64, w64, y, grads), (ref_rows, ref_grads) = case(family, (17, 300, 100), dt, seed=10)
-    rows, gr, _ = run(x64.to(dt), w64.to(dt), y, spec, -1, lam, grads, chunk=64, simt=True)
-    if dt == torch.float32:
-        assert_fp32_parity(rows, gr, ref_rows, ref_grads, f"simt {family}")
-    else:
-        assert_rounded_fp32_parity(rows, gr, ref_rows, ref_grads, dt)
-
-
-# ---- the autocast pair: half embeddings with an fp32 class matrix -----------------------------------
-@pytest.mark.parametrize("simt", [False, True], ids=["tensor-core", "simt"])
-@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
-@pytest.mark.parametrize("family", ["arcface", "magface", "sphereface"])
-def test_fp32_weight_with_half_embeddings(family, dtype, simt):
-    """An fp32 W with half x is the half path on W rounded to x's dtype: row statistics, flags and
-    ∂x bit for bit; ∂W returned in fp32, equal to the half path's ∂W before its final rounding."""
-    dt = DTYPES[dtype]
-    spec, lam = FAMILIES[family]
-    x, w, y, grads = make_case(17, 300, 64, seed=15, ignored=(2,))
-    x, w = x.to(dt), w.float()   # most fp32 entries of w are not representable in dt
-    rows_m, (gx_m, gw_m), flags_m = run(x, w, y, spec, -1, lam_tensor(lam), grads, chunk=64, simt=simt)
-    rows_h, (gx_h, gw_h), flags_h = run(x, w.to(dt), y, spec, -1, lam_tensor(lam), grads, chunk=64, simt=simt)
-    assert gw_m.dtype == torch.float32 and gx_m.dtype == dt
-    for u, v in zip(rows_m + (gx_m, flags_m), rows_h + (gx_h, flags_h)):
-        assert torch.equal(u, v)
-    assert torch.equal(gw_m.to(dt), gw_h)
-    assert not torch.equal(gw_m, gw_h.float())   # really fp32: not the rounded values
-
-
-def test_fp32_weight_overflowing_fp16_is_flagged():
-    """A finite fp32 weight entry that rounds to inf in fp16 is flagged as non-finite, as the
-    reference does after its rounding (weight_operand)."""
-    spec, lam = FAMILIES["arcface"]
-    x, w, y, _ = make_case(5, 30, 64, seed=16)
-    w = w.float()
-    w[21, 7] = 1e5
-    _, flags = driver.forward(x.half(), w, y, spec, lam, -1, chunk=8)
-    assert flags.tolist() == [K["FLAG_CLEAR"], K["FLAG_CLEAR"], 21, K["FLAG_CLEAR"]]
-
-
-# ---- ignored rows, ignore_index, label dtypes ---------------------------------------------------------
-@pytest.mark.parametrize("ignore_index,ignored", [(-1, (0, 2)), (-100, (1, 16)), (0, ()), (-1, tuple(range(17)))])
-@pytest.mark.parametrize("label_dtype", [torch.int64, torch.int32], ids=["int64", "int32"])
-def test_ignored_rows(ignore_index, ignored, label_dtype):
-    spec, lam, (x, w, y, grads), (ref_rows, ref_grads) = case(
-        "magface", (17, 7, 64), seed=3, ignored=ignored, ignore_index=ignore_index, label_dtype=label_dtype)
-    rows, gr, _ = run(x.float(), w.float(), y, spec, ignore_index, lam, grads, chunk=3)
-    assert_fp32_parity(rows, gr, ref_rows, ref_grads, f"ignore_index={ignore_index}")
-    assert torch.all(rows[1][y == ignore_index] == 0)
-
-
-# ---- bad inputs: flags, NaN rows, no gradient, never out of bounds -----------------------------------
-@pytest.mark.parametrize("schedule", [0, 1, 2])
-@pytest.mark.parametrize("label_dtype", [torch.int64, torch.int32], ids=["int64", "int32"])
-def test_bad_labels(label_dtype, schedule):
-    """Out-of-range labels (LAB_BAD): lse NaN on those rows only, every other row bitwise as with the
-    rows ignored, flags[FLAG_LABEL] = the smallest bad row, and no gradient from the bad rows
-    (bitwise as ignored rows with zero incoming lse/zy gradient)."""
-    driver.reset(schedule, seed=11)
-    spec, lam = FAMILIES["magface"]
-    x, w, y, grads = make_case(17, 7, 64, seed=12, label_dtype=label_dtype)
-    x, w = x.float(), w.float()
-    bad, ignored = y.clone(), y.clone()
-    bad[12], bad[9] = 10 ** 9, -7
-    ignored[12] = ignored[9] = -1
-    ok = torch.ones(17, dtype=torch.bool)
-    ok[12] = ok[9] = False
-    rows, (gx, gw), flags = run(x, w, bad, spec, -1, lam, grads, chunk=3)
-    assert flags.tolist() == [9, K["FLAG_CLEAR"], K["FLAG_CLEAR"], K["FLAG_CLEAR"]]
-    assert torch.isnan(rows[0][~ok]).all() and torch.isfinite(rows[0][ok]).all()
-    g_ign = [g.clone() for g in grads]
-    g_ign[0][~ok] = 0.0
-    g_ign[1][~ok] = 0.0
-    good, (gx_ref, gw_ref), _ = run(x, w, ignored, spec, -1, lam, g_ign, chunk=3)
-    for k in range(4):
-        assert torch.equal(rows[k][ok], good[k][ok])
-    assert torch.isfinite(gx).all() and torch.isfinite(gw).all()
-    assert torch.equal(gx, gx_ref) and torch.equal(gw, gw_ref)
-
-
-@pytest.mark.parametrize("schedule", [0, 1, 2])
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_nonfinite_flags(dtype, schedule):
-    """NaN/Inf in embeddings or weight set their flag slot to the smallest row / class (atomicMin),
-    whatever the order the blocks and threads run in."""
-    driver.reset(schedule, seed=5)
-    spec, lam = FAMILIES["arcface"]
-    x, w, y, grads = make_case(17, 300, 64, seed=13)
-    x, w = x.to(DTYPES[dtype]), w.to(DTYPES[dtype])
-    x[12, 0], x[4, 63] = float("inf"), float("nan")
-    w[200, 5], w[3, 0], w[299, 63] = float("nan"), float("-inf"), float("nan")
-    _, flags = driver.forward(x, w, y, spec, lam, -1, chunk=128)
-    assert flags.tolist() == [K["FLAG_CLEAR"], 4, 3, K["FLAG_CLEAR"]]
-    *_, bflags = driver.backward([g.float() for g in grads], x, w, y, torch.zeros(17), spec, lam, -1, chunk=128)
-    assert torch.equal(flags, bflags)
-
-
-@pytest.mark.parametrize("family", ["arcface", "magface", "sphereface", "cosface"])
-@pytest.mark.parametrize("zero", ["embedding_row", "weight_row"])
-def test_zero_norm_rows(zero, family):
-    """||x_i|| = 0 and ||w_j|| = 0: the NORM_EPS branches (inv_a = r_j = 1e12, no projection term)."""
-    spec, lam = FAMILIES[family]
-    x, w, y, grads = make_case(17, 300, 64, seed=14, ignored=(1,))
-    x, w = x.float().double(), w.float().double()  # the oracle sees the fp32 inputs
-    if zero == "embedding_row":
-        x[6] = 0.0
-    else:
-        w[y[6]] = 0.0  # row 6's own class, and a column of every row's logits
-    lam_t = lam_tensor(lam)
-    ref_rows, ref_grads = oracle(x, w, y, spec, -1, lam_t, grads)
-    rows, gr, flags = run(x.float(), w.float(), y, spec, -1, lam_t, grads, chunk=64)
-    assert_fp32_parity(rows, gr, ref_rows, ref_grads, f"zero {zero}")
-    keep = torch.ones(17, dtype=torch.bool)
-    keep[6] = False  # the other rows, on their own scale (the zero row's gradient is ~1e12 larger)
-    assert rel(gr[0][keep], ref_grads[0][keep]) <= 1e-4
-    assert flags.tolist() == [K["FLAG_CLEAR"]] * K["NUM_FLAGS"]
-
-
-# ---- determinism ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_repeatable_bitwise(dtype):
-    """Two identical runs agree bit for bit, and so do runs with the threads and blocks scheduled in
-    reverse and in random order (any dependence on the order, e.g. a race, would show)."""
-    spec, lam = FAMILIES["magface"]
-    x, w, y, grads = make_case(17, 300, 64, seed=13, ignored=(3,))
-    x, w = x.to(DTYPES[dtype]), w.to(DTYPES[dtype])
-    outs = []
-    for schedule in (0, 0, 1, 2):
-        driver.reset(schedule, seed=len(outs))
-        rows, gr, _ = run(x, w, y, spec, -1, lam, grads, chunk=64)
-        outs.append(rows + gr)
-    for other in outs[1:]:
-        for u, v in zip(outs[0], other):
-            assert torch.equal(u, v)
+SCHEDULES = [0, 1, 2]
 
 
 # ---- the emulator itself -----------------------------------------------------------------------------
@@ -273,10 +40,44 @@ def selftest():
     lib = ctypes.CDLL(str(build.build("selftest")))
     lib.emu_error.restype = ctypes.c_char_p
     lib.emu_set_schedule.argtypes = [ctypes.c_int, ctypes.c_uint64]
+    lib.emu_track_guarded.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint64]
+    lib.emu_untrack.argtypes = [ctypes.c_void_p]
     return lib
 
 
-UB_CASES = {
+GUARD = 16  # floats of guard band on each side of the 64-float buffer the kernels see
+
+
+def _selftest_run(lib, name, schedule, out=None):
+    """Runs selftest_<name> on a 64-float buffer tracked as emulated device memory with guard bands;
+    returns (the buffer, the emulator's error or None)."""
+    lib.emu_clear_error()
+    lib.emu_set_schedule(schedule, 3)
+    store = torch.full((64 + 2 * GUARD,), -1.0)
+    if out is not None:
+        store[GUARD:GUARD + 64] = out
+    lib.emu_track_guarded(ctypes.c_void_p(store.data_ptr()), 4 * GUARD, 4 * 64, 4 * GUARD)
+    try:
+        getattr(lib, f"selftest_{name}")(ctypes.c_void_p(store.data_ptr() + 4 * GUARD))
+    finally:
+        lib.emu_untrack(ctypes.c_void_p(store.data_ptr()))
+    err = lib.emu_error()
+    return store[GUARD:GUARD + 64], None if err is None else err.decode()
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_emulator_collectives(selftest, schedule):
+    """Shuffle/vote/barrier semantics."""
+    out, err = _selftest_run(selftest, "good", schedule)
+    assert err is None
+    t = torch.arange(64, dtype=torch.float32)
+    warp_sum = torch.where(t < 32, 496.0, 1520.0)
+    down = torch.where(t % 32 == 31, t, t + 1)  # the last lane of each warp keeps its own value
+    assert torch.equal(out, warp_sum + 1000.0 * down + 1e6 + 1e7 * 2016.0)
+
+
+# kernel -> a part of the message the emulator must give (| separates alternatives)
+ERROR_CASES = {
     "exited_lane": "already exited|exits while lane",
     "partial_barrier": "not every thread reaches it",
     "barrier_after_exit": "not every thread reaches it",
@@ -285,37 +86,151 @@ UB_CASES = {
     "outside_mask": "mask that excludes the caller",
     "empty_grid": "invalid configuration argument",
     "huge_block": "invalid configuration argument",
+    "uninitialized_shared": "read of uninitialized shared memory",
+    "shared_race": "data race in shared_race_kernel on shared memory",
+    "reduction_reuse_race": "data race in reduction_reuse_race_kernel on shared memory",
+    "cross_block_store": "another block of the same launch",
+    "same_block_store": "with no __syncthreads between them",
+    "read_then_write": "data race in read_then_write_kernel on global memory",
+    "out_of_bounds": "out-of-bounds write in out_of_bounds_kernel",
 }
 
 
-def _selftest_run(lib, name, schedule):
-    lib.emu_clear_error()
-    lib.emu_set_schedule(schedule, 3)
-    out = torch.full((64,), -1.0)
-    getattr(lib, f"selftest_{name}")(ctypes.c_void_p(out.data_ptr()))
-    err = lib.emu_error()
-    return out, None if err is None else err.decode()
-
-
-@pytest.mark.parametrize("schedule", [0, 1, 2])
-def test_emulator_collectives(selftest, schedule):
-    """Shuffle/vote/barrier semantics, and uninitialized shared memory reads as NaN."""
-    out, err = _selftest_run(selftest, "good", schedule)
-    assert err is None
-    t = torch.arange(64, dtype=torch.float32)
-    warp_sum = torch.where(t < 32, 496.0, 1520.0)
-    down = torch.where(t % 32 == 31, t, t + 1)  # the last lane of each warp keeps its own value
-    assert torch.equal(out, warp_sum + 1000.0 * down + 1e6 + 1e7 * 2016.0)
-    out, err = _selftest_run(selftest, "uninitialized_shared", schedule)
-    assert err is None and torch.isnan(out[63]) and torch.all(out[:63] == 1.0)
-
-
-@pytest.mark.parametrize("schedule", [0, 1, 2])
-@pytest.mark.parametrize("name", list(UB_CASES))
-def test_emulator_reports_undefined_behaviour(selftest, name, schedule):
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("name", list(ERROR_CASES))
+def test_emulator_reports_errors(selftest, name, schedule):
     _, err = _selftest_run(selftest, name, schedule)
-    assert err is not None, f"{name}: undefined behaviour went unreported"
-    assert any(part in err for part in UB_CASES[name].split("|")), err
-    out = torch.full((64,), -1.0)  # sticky, as a CUDA sticky error: later launches do nothing
-    selftest.selftest_good(ctypes.c_void_p(out.data_ptr()))
-    assert torch.all(out == -1.0) and selftest.emu_error().decode() == err
+    assert err is not None, f"{name}: the bug went unreported"
+    assert any(part in err for part in ERROR_CASES[name].split("|")), err
+    store = torch.full((64,), -1.0)  # sticky, as a CUDA sticky error: later launches do nothing
+    selftest.selftest_good(ctypes.c_void_p(store.data_ptr()))
+    assert torch.all(store == -1.0) and selftest.emu_error().decode() == err
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_emulator_accepts_the_legal_twins(selftest, schedule):
+    """The same patterns, correctly synchronized: no report, and the values a GPU gives."""
+    out, err = _selftest_run(selftest, "reduction_reuse_ok", schedule)
+    assert err is None and torch.all(out == 64.0 + 128.0)  # sum of 64 x 1.0, then of 64 x 2.0
+    out, err = _selftest_run(selftest, "cross_block_atomic", schedule, out=torch.zeros(64))
+    assert err is None and out[0] == 3.0  # three blocks, one atomicAdd each
+    inputs = torch.arange(64, dtype=torch.float32)
+    out, err = _selftest_run(selftest, "disjoint", schedule, out=inputs)
+    assert err is None
+    expect = inputs[(15 - torch.arange(16)) % 8]
+    assert torch.equal(out[8:24], expect) and torch.equal(out[24:40], expect)
+
+
+# ---- the boundary on the emulated device -------------------------------------------------------------
+@pytest.fixture
+def routed():
+    emu_engine.reset()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with emu_engine.routed():
+        yield
+    torch.set_num_threads(threads)
+    emu_engine.reset()
+    magloss.flush_input_checks()
+
+
+def _bad_label_batch():
+    x, w, y, _ = make_case(9, 30, 40, seed=31)
+    y = y.clone()
+    y[4] = 30
+    return x.float(), w.float(), y
+
+
+def test_async_check_polls_without_waiting(routed, monkeypatch):
+    """Events that are not ready yet: later fused calls poll without blocking and raise nothing;
+    the error comes once the read-back has landed (here: the flush, which waits), exactly once."""
+    monkeypatch.setenv("MAGLOSS_CHECK_INPUTS", "async")
+    emu_engine.controls().emu_set_event_delay(3)
+    x, w, y = _bad_label_batch()
+    waits = emu_engine.host_waits()
+    loss = magloss.functional.arcface_loss(x, w, y)  # queued; NaN at once
+    assert torch.isnan(loss)
+    for _ in range(2):  # each call queries the pending event once: not ready, no error, no wait
+        magloss.functional.arcface_loss(x, w, y.clamp(0, 29))
+    assert emu_engine.host_waits() == waits
+    with pytest.raises(ValueError, match=r"got 30 at row 4 .*reported late.*call #"):
+        magloss.flush_input_checks()
+    assert emu_engine.host_waits() > waits
+    magloss.flush_input_checks()  # raised once
+
+
+def test_async_check_raises_in_the_first_call_that_finds_it_ready(routed, monkeypatch):
+    monkeypatch.setenv("MAGLOSS_CHECK_INPUTS", "async")
+    emu_engine.controls().emu_set_event_delay(1)
+    x, w, y = _bad_label_batch()
+    magloss.functional.arcface_loss(x, w, y)
+    magloss.functional.arcface_loss(x, w, y.clamp(0, 29))  # the first poll: not ready yet
+    with pytest.raises(ValueError, match="reported late"):
+        magloss.functional.arcface_loss(x, w, y.clamp(0, 29))  # the second: ready, failed
+    magloss.flush_input_checks()
+
+
+def test_graph_capture_turns_checks_off(routed, monkeypatch):
+    """While the stream is captured, no read-back and no host wait: a bad row is only NaN, in any mode."""
+    monkeypatch.setenv("MAGLOSS_CHECK_INPUTS", "sync")
+    x, w, y = _bad_label_batch()
+    waits = emu_engine.host_waits()
+    emu_engine.controls().emu_set_capturing(1)
+    try:
+        loss = magloss.functional.arcface_loss(x, w, y, reduction="none")
+    finally:
+        emu_engine.controls().emu_set_capturing(0)
+    assert torch.isnan(loss[4]) and torch.isfinite(loss[torch.arange(9) != 4]).all()
+    assert emu_engine.host_waits() == waits
+    magloss.flush_input_checks()  # nothing was queued
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gpu_without_tensor_cores_takes_the_plain_fp32_path(routed, monkeypatch, dtype):
+    """Compute capability 6.1 (1080 Ti): the boundary picks the SIMT products by itself, with the
+    same bits as MAGLOSS_FORCE_SIMT=1 on sm_90."""
+    spec, _ = FAMILIES["magface"]
+    x, w, y, grads = make_case(21, 700, 72, seed=32, ignored=(2,))
+    x, w = x.to(dtype), w.to(dtype)
+    g32 = [g.float() for g in grads]
+
+    def run():
+        rows = torch.ops.magloss.margin_ce(x, w, y, None, *spec.op_args(), -1)
+        return rows + torch.ops.magloss.margin_ce_backward(*g32, x, w, y, rows[0], rows[3], None, *spec.op_args(), -1)
+
+    monkeypatch.setenv("MAGLOSS_CHUNK", "256")
+    emu_engine.controls().emu_set_compute_capability(6, 1)
+    assert ENGINE.simt_path(0)
+    pascal = run()
+    emu_engine.controls().emu_set_compute_capability(9, 0)
+    assert not ENGINE.simt_path(0)
+    hopper = run()
+    monkeypatch.setenv("MAGLOSS_FORCE_SIMT", "1")
+    forced = run()
+    for a, b in zip(pascal, forced):
+        assert torch.equal(a, b)
+    if dtype == torch.float32:
+        ref_rows, ref_grads = oracle(x.double(), w.double(), y, spec, -1, None, grads)
+        assert_fp32_parity(pascal[:4], pascal[4:], ref_rows, ref_grads, "sm_61")
+    else:  # the tensor-core path rounds T = G*r to bf16 for its products; the plain path keeps fp32
+        assert any(not torch.equal(a, b) for a, b in zip(pascal, hopper))
+
+
+def test_device_memory_is_guarded_and_poisoned(routed):
+    """What the boundary allocates is emulated device memory: poisoned (NaN) and tracked."""
+    t = torch.empty(1000)
+    assert torch.isnan(t).all()
+
+
+def test_kernel_errors_reach_the_caller_as_cuda_errors(routed):
+    """A failed kernel is a sticky CUDA error: the boundary's launch check raises it as a
+    RuntimeError naming the kernel, and every later call raises it too until the context is reset."""
+    x, w, y, _ = make_case(3, 10, 40, seed=33)
+    args = (x.float(), w.float(), y, None, *FAMILIES["arcface"][0].op_args(), -1)
+    emu_engine.controls().emu_fail_next_launch(b"injected fault")
+    with pytest.raises(RuntimeError, match="CUDA error: cuda_emu: injected fault in col_norms_kernel"):
+        torch.ops.magloss.margin_ce(*args)
+    with pytest.raises(RuntimeError, match="injected fault"):
+        torch.ops.magloss.margin_ce(*args)
+    emu_engine.reset()
+    assert torch.isfinite(torch.ops.magloss.margin_ce(*args)[0]).all()

@@ -1,24 +1,37 @@
-"""Build csrc/engine.cu as host code for the CPU emulator (tests/emu/cuda_emu.h).
+"""Builds the fused engine for the CPU emulator: the real torch boundary and kernels, run on CPU tensors.
 
-The only non-C++ syntax in engine.cu is the launch ``kernel<<<grid, block, shmem, stream>>>(args)``;
+Two products, cached under ``$MAGLOSS_EMU_CACHE`` (default ``<tmp>/magloss-emu``), keyed by a hash
+of every input, the compiler and the torch version:
+
+* ``build("engine")``: a Python extension module with csrc/bindings.cpp, csrc/margin_ce.cpp and
+  csrc/input_checks.cpp compiled unchanged (``-DMAGLOSS_EMULATED``) against the CPU build of torch,
+  with tests/emu/shim/ first on the include path (stand-ins for the c10/cuda headers), plus
+  csrc/engine.cu as host code under the emulator (cuda_emu.h), the emulator's runtime
+  (cuda_emu_runtime.cpp: also the CUDA runtime calls the boundary makes) and torch_shims.cpp
+  (guarded device memory; the half-in/fp32-out products).
+* ``build("selftest")``: a plain shared library (ctypes) of emu_selftest.cu and the runtime, the
+  emulator's own test kernels (well-defined ones, and one per kind of error it must report).
+
+The only non-C++ syntax in a .cu file is the launch ``kernel<<<grid, block, shmem, stream>>>(args)``;
 :func:`host_source` rewrites each one, line numbers unchanged, into
 ``::cuda_emu::launch("kernel", ::cuda_emu::config(grid, block, shmem, stream), kernel, args)``.
-The result is written to a build directory (csrc/ is never modified) as engine_host.inc, included
-by engine_capi.cpp, and compiled by g++ -std=c++20 -O1 with the defines of CMakeLists.txt into a
-shared library with a C ABI. Builds are cached under ``$MAGLOSS_EMU_CACHE`` (default
-``<tmp>/magloss-emu``), keyed by a hash of every input and of the compiler command.
+Kernel translation units are compiled with ``-fsanitize=thread`` and linked without
+ThreadSanitizer's runtime: the runtime's own race and bounds detector serves the hooks.
 
 ``MAGLOSS_EMU_ENGINE_CU=path`` builds another copy of engine.cu instead (mutation checks: a
-deliberately broken kernel must make tests/test_engine_emulated.py fail).
+deliberately broken kernel must make the emulated suites fail).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import os
 import re
 import shutil
 import subprocess
+import sys
+import sysconfig
 import tempfile
 from pathlib import Path
 from typing import List, Optional
@@ -26,10 +39,12 @@ from typing import List, Optional
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 CSRC = ROOT / "csrc"
+SHIM = HERE / "shim"
 # Same restrictions as torch's extension build (CMakeLists.txt MAGLOSS_TORCH_LIKE_DEFS).
-DEFINES = ["__CUDA_NO_HALF_OPERATORS__", "__CUDA_NO_HALF_CONVERSIONS__", "__CUDA_NO_BFLOAT16_CONVERSIONS__",
-           "__CUDA_NO_HALF2_OPERATORS__"]
-FLAGS = ["-std=c++20", "-O1", "-fPIC", "-shared", "-Wall", "-Wno-unknown-pragmas"]
+KERNEL_DEFINES = ["__CUDA_NO_HALF_OPERATORS__", "__CUDA_NO_HALF_CONVERSIONS__", "__CUDA_NO_BFLOAT16_CONVERSIONS__",
+                  "__CUDA_NO_HALF2_OPERATORS__"]
+FLAGS = ["-std=c++20", "-O1", "-fPIC", "-Wall", "-Wno-unknown-pragmas"]
+MODULE = "_C_emu"
 
 _LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^<>;(){}]*>)?)\s*<<<")
 
@@ -48,8 +63,8 @@ def _matching_paren(text: str, start: int) -> int:
 
 
 def host_source(text: str, filename: str) -> str:
-    """engine.cu with every ``<<<...>>>`` launch rewritten for cuda_emu; line numbers are kept."""
-    out, pos = [f'#line 1 "{filename}"\n'], 0
+    """A .cu file with every ``<<<...>>>`` launch rewritten for cuda_emu; line numbers are kept."""
+    out, pos = [f'#include "cuda_emu.h"\n#line 1 "{filename}"\n'], 0
     while (m := _LAUNCH.search(text, pos)) is not None:
         cfg_end = text.index(">>>", m.end())
         args_open = cfg_end + 3 + (len(text[cfg_end + 3:]) - len(text[cfg_end + 3:].lstrip()))
@@ -95,44 +110,90 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("MAGLOSS_EMU_CACHE") or Path(tempfile.gettempdir()) / "magloss-emu")
 
 
-def build(unit: str = "engine") -> Path:
-    """Path of an emulated shared library, building it if needed. Units: "engine" (csrc/engine.cu
-    with the C ABI of engine_capi.cpp) and "selftest" (emu_selftest.cu, the emulator's own test).
-
-    Raises :class:`EmulatorUnavailable` if g++ or the CUDA headers are missing, and
-    RuntimeError with the compiler's output if the build fails."""
-    cxx = os.environ.get("CXX") or shutil.which("g++")
-    if not cxx or not shutil.which(cxx):
-        raise EmulatorUnavailable("g++ not found (set CXX)")
-    inc = cuda_include_dir()
-    if inc is None:
-        raise EmulatorUnavailable("CUDA headers (cuda_runtime.h, cuda_fp16.h, cuda_bf16.h) not found: set CUDA_HOME")
-    if unit == "engine":
-        cu = Path(os.environ.get("MAGLOSS_EMU_ENGINE_CU") or CSRC / "engine.cu").resolve()
-        main = f'#line 1 "{HERE / "engine_capi.cpp"}"\n' + (HERE / "engine_capi.cpp").read_text()  # includes engine_host.inc
-    else:
-        cu = HERE / "emu_selftest.cu"
-        main = f'#include "cuda_emu.h"\n#include "{unit}_host.inc"\n'
-    source = host_source(cu.read_text(), str(cu))
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256()
-    for part in [source, main, version, str(inc), *FLAGS, *DEFINES, Path(__file__).read_text()]:
-        key.update(part.encode())
-    for dep in [CSRC / "engine.cuh", CSRC / "margins.cuh", HERE / "cuda_emu.h"]:
-        key.update(dep.read_bytes())
-    out_dir = _cache_dir() / f"{unit}-{key.hexdigest()[:20]}"
-    lib = out_dir / f"lib{unit}_emu.so"
-    if lib.is_file():
-        return lib
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{unit}_host.inc").write_text(source)
-    (out_dir / f"{unit}_main.cpp").write_text(main)
-    tmp = out_dir / f"lib{unit}_emu.{os.getpid()}.so"
-    cmd: List[str] = [cxx, *FLAGS, *(f"-D{d}" for d in DEFINES), f"-I{out_dir}", f"-I{HERE}", f"-I{cu.parent}",
-                      f"-I{CSRC}", "-isystem", str(inc), str(out_dir / f"{unit}_main.cpp"), "-o", str(tmp)]
+def _compile(cmd: List[str]) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"emulator build failed:\n{' '.join(cmd)}\n{proc.stdout}{proc.stderr}")
+
+
+def build(unit: str = "engine") -> Path:
+    """Path of the emulated engine extension ("engine") or the self-test library ("selftest"),
+    building it if needed. Raises :class:`EmulatorUnavailable` if g++ or the CUDA headers are
+    missing, and RuntimeError with the compiler's output if the build fails."""
+    cxx = os.environ.get("CXX") or shutil.which("g++")
+    if not cxx or not shutil.which(cxx):
+        raise EmulatorUnavailable("g++ not found (set CXX)")
+    cuda_inc = cuda_include_dir()
+    if cuda_inc is None:
+        raise EmulatorUnavailable("CUDA headers (cuda_runtime.h, cuda_fp16.h, cuda_bf16.h) not found: set CUDA_HOME")
+    if unit == "engine":
+        cu = Path(os.environ.get("MAGLOSS_EMU_ENGINE_CU") or CSRC / "engine.cu").resolve()
+    elif unit == "selftest":
+        cu = HERE / "emu_selftest.cu"
+    else:
+        raise ValueError(f"unit: expected 'engine' or 'selftest', got {unit!r}")
+    kernels = host_source(cu.read_text(), str(cu))
+    runtime = HERE / "cuda_emu_runtime.cpp"
+    base = [cxx, *FLAGS, "-isystem", str(cuda_inc)]
+    # (source, extra flags); the kernel TU is instrumented for the race and bounds detector.
+    # -g: the detector's reports name the kernel's source line (addr2line).
+    units = [("kernels.cpp", ["-fsanitize=thread", "-g", *(f"-D{d}" for d in KERNEL_DEFINES), f"-I{HERE}",
+                              f"-I{CSRC}", f"-I{cu.parent}"]),
+             (str(runtime), [f"-I{HERE}"])]
+    link: List[str] = []
+    suffix = ".so"
+    key = hashlib.sha256(unit.encode())
+    if unit == "engine":
+        import torch
+        from torch.utils.cpp_extension import include_paths, library_paths
+
+        torch_flags = [f"-I{SHIM}", *(f for p in include_paths() for f in ("-isystem", p)),
+                       "-isystem", sysconfig.get_paths()["include"], "-DMAGLOSS_EMULATED",
+                       f"-DTORCH_EXTENSION_NAME={MODULE}", "-DTORCH_API_INCLUDE_EXTENSION_H",
+                       f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", f"-I{CSRC}"]
+        units += [(str(CSRC / f), torch_flags) for f in ("bindings.cpp", "margin_ce.cpp", "input_checks.cpp")]
+        units += [(str(HERE / "torch_shims.cpp"), torch_flags)]
+        libdir = library_paths()[0]
+        link = [f"-L{libdir}", "-lc10", "-ltorch", "-ltorch_cpu", "-ltorch_python", f"-Wl,-rpath,{libdir}"]
+        suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+        key.update(torch.__version__.encode())
+        key.update(sys.version.encode())
+    # Objects are cached one by one (a mutated engine.cu recompiles only the kernels), each keyed by
+    # its source, the flags, the compiler, the headers it may include and the torch/Python versions.
+    key.update(subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.encode())
+    key.update(str(cuda_inc).encode())
+    key.update(Path(__file__).read_text().encode())
+    headers = [HERE / "cuda_emu.h", *sorted(CSRC.glob("*.h")), *sorted(CSRC.glob("*.cuh")), *sorted(SHIM.rglob("*.h"))]
+    for h in headers:
+        key.update(h.read_bytes())
+    cache = _cache_dir()
+    (cache / "obj").mkdir(parents=True, exist_ok=True)
+    objs, todo = [], []
+    for src, extra in units:
+        text = kernels if src == "kernels.cpp" else Path(src).read_text()
+        k = key.copy()
+        k.update(text.encode())
+        k.update(" ".join(extra).encode())
+        obj = cache / "obj" / f"{Path(src).stem}-{k.hexdigest()[:20]}.o"
+        objs.append(obj)
+        if obj.is_file():
+            continue
+        if src == "kernels.cpp":
+            src = str(cache / "obj" / f"{obj.stem}.cpp")
+            Path(src).write_text(text)
+        todo.append([*base, *extra, "-c", src, "-o", f"{obj}.{os.getpid()}.tmp"])
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        list(pool.map(_compile, todo))
+    for cmd in todo:
+        os.replace(cmd[-1], cmd[-1].rsplit(".", 2)[0])
+    link_key = hashlib.sha256("".join(o.name for o in objs).encode() + " ".join(link).encode()).hexdigest()[:20]
+    out_dir = cache / f"{unit}-{link_key}"
+    lib = out_dir / (f"{MODULE}{suffix}" if unit == "engine" else f"lib{unit}_emu.so")
+    if lib.is_file():
+        return lib
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / f"{lib.name}.{os.getpid()}.tmp"
+    _compile([cxx, "-shared", *map(str, objs), *link, "-o", str(tmp)])
     os.replace(tmp, lib)  # atomic: concurrent test processes never load a half-written library
     return lib
 

@@ -1,7 +1,9 @@
 // Self-test of the CUDA emulator (cuda_emu.h), built by build.py like engine.cu and driven by
-// tests/test_engine_emulated.py: well-defined collectives whose results are checked, and one
-// kernel per kind of undefined behaviour that the emulator must report as an error.
-// Every entry point launches one kernel on 64 threads (2 warps) and writes out[0..63].
+// tests/test_engine_emulated.py: well-defined kernels whose results are checked, and one kernel per
+// kind of error the emulator must report (undefined behaviour of the collectives, data races,
+// out-of-bounds accesses, uninitialized shared memory). Every entry point launches one kernel on
+// at most 2 blocks of at most 64 threads and touches only out[0..63] (the test tracks that buffer,
+// with guard bands, as emulated device memory), except the out-of-bounds case.
 #include <cstdint>
 
 namespace {
@@ -67,9 +69,85 @@ __global__ void uninitialized_shared_kernel(float* out) {
   out[threadIdx.x] = s[(threadIdx.x + 1) % 64];  // thread 63 reads s[0], never written
 }
 
+// ---- the race and bounds detector: one kernel per kind of bug it must report, and legal twins ---
+// Shared memory rewritten and read by other threads with no barrier between (the first writes are
+// ordered by the barrier, so every read is of initialized memory: only the race is wrong).
+__global__ void shared_race_kernel(float* out) {
+  __shared__ float s[64];
+  s[threadIdx.x] = static_cast<float>(threadIdx.x);
+  __syncthreads();
+  s[threadIdx.x] = 2.0f * static_cast<float>(threadIdx.x);
+  out[threadIdx.x] = s[(threadIdx.x + 1) % 64];
+}
+
+// A block reduction called twice without a barrier at its end: the second call's writes race with
+// the first call's reads (engine.cu's block reductions before they ended with a barrier).
+__device__ float block_sum_no_tail_barrier(float v) {
+  __shared__ float part[2];
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(kFull, v, off);
+  if (threadIdx.x % 32 == 0) part[threadIdx.x / 32] = v;
+  __syncthreads();
+  return part[0] + part[1];
+}
+__global__ void reduction_reuse_race_kernel(float* out) {
+  const float a = block_sum_no_tail_barrier(1.0f);
+  const float b = block_sum_no_tail_barrier(2.0f);
+  out[threadIdx.x] = a + b;
+}
+__device__ float block_sum_tail_barrier(float v) {
+  __shared__ float part[2];
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(kFull, v, off);
+  if (threadIdx.x % 32 == 0) part[threadIdx.x / 32] = v;
+  __syncthreads();
+  const float total = part[0] + part[1];
+  __syncthreads();
+  return total;
+}
+__global__ void reduction_reuse_ok_kernel(float* out) {
+  const float a = block_sum_tail_barrier(1.0f);
+  const float b = block_sum_tail_barrier(2.0f);
+  out[threadIdx.x] = a + b;
+}
+
+// Every block stores into one global element: a race between blocks (needs atomics).
+__global__ void cross_block_store_kernel(float* out) {
+  if (threadIdx.x == 0) out[0] = static_cast<float>(blockIdx.x);
+}
+// The same with an atomic: legal.
+__global__ void cross_block_atomic_kernel(float* out) {
+  if (threadIdx.x == 0) atomicAdd(&out[0], 1.0f);
+}
+// Every thread of the block overwrites one accumulator (instead of one thread adding to it).
+__global__ void same_block_store_kernel(float* out) { out[0] = static_cast<float>(threadIdx.x); }
+// A read-modify-write of one global element by thread 0 of each block after all blocks read it.
+__global__ void read_then_write_kernel(float* out) {
+  const float v = out[5];
+  __syncthreads();
+  if (threadIdx.x == 0 && blockIdx.x == 1) out[5] = v + 1.0f;
+}
+// One element past the end of the 64-float buffer.
+__global__ void out_of_bounds_kernel(float* out) { out[threadIdx.x + 1] = 1.0f; }
+// Every block reads the same inputs, exchanges values through shared memory after a barrier and
+// writes its own outputs: legal.
+__global__ void disjoint_kernel(float* out) {
+  __shared__ float s[16];
+  s[threadIdx.x] = out[threadIdx.x % 8];
+  __syncthreads();
+  out[8 + blockIdx.x * 16 + threadIdx.x] = s[15 - threadIdx.x];
+}
+
 }  // namespace
 
 extern "C" {
+void selftest_shared_race(float* out) { shared_race_kernel<<<1, 64>>>(out); }
+void selftest_reduction_reuse_race(float* out) { reduction_reuse_race_kernel<<<1, 64>>>(out); }
+void selftest_reduction_reuse_ok(float* out) { reduction_reuse_ok_kernel<<<1, 64>>>(out); }
+void selftest_cross_block_store(float* out) { cross_block_store_kernel<<<2, 64>>>(out); }
+void selftest_cross_block_atomic(float* out) { cross_block_atomic_kernel<<<3, 64>>>(out); }
+void selftest_same_block_store(float* out) { same_block_store_kernel<<<1, 64>>>(out); }
+void selftest_read_then_write(float* out) { read_then_write_kernel<<<2, 64>>>(out); }
+void selftest_out_of_bounds(float* out) { out_of_bounds_kernel<<<1, 64>>>(out); }
+void selftest_disjoint(float* out) { disjoint_kernel<<<2, 16>>>(out); }
 void selftest_good(float* out) { good_kernel<<<1, 64>>>(out); }
 void selftest_exited_lane(float* out) { exited_lane_kernel<<<1, 64>>>(out); }
 void selftest_partial_barrier(float* out) { partial_barrier_kernel<<<1, 64>>>(out); }
