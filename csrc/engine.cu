@@ -60,12 +60,14 @@ __device__ __forceinline__ float warp_sum(float v) {
 
 // Online-softmax state merge: (m, l) represents sum exp(z - m) = l over a set of logits.
 // An empty set is (-inf, 0); merging two empty sets stays (-inf, 0) (no inf - inf).
+// NaN in, NaN out: a NaN logit leaves its thread's state as (m, NaN) (m = -inf when every
+// logit it saw was NaN), and the merge keeps a NaN in either state: the max keeps a NaN m,
+// two states with max -inf add their sums (0 + NaN), and a NaN sum times exp(-inf) = 0 stays NaN.
 __device__ __forceinline__ void softmax_merge(float& m, float& l, float m2, float l2) {
-  const float mx = fmaxf(m, m2);
+  const float mx = maximum(m, m2);
   if (mx == -INFINITY) {
-    m = mx;
-    l = 0.0f;
-    return;
+    l = l + l2;  // 0, or NaN
+    return;      // m is already -inf
   }
   l = l * expf(m - mx) + l2 * expf(m2 - mx);
   m = mx;
@@ -80,7 +82,12 @@ __device__ __forceinline__ void warp_softmax_merge(float& m, float& l) {
   }
 }
 
-// Block-wide sum of two values; the result is valid in thread 0. Fixed order.
+// Block reductions: every thread of the block must call them (they contain __syncthreads);
+// the result is valid in thread 0, in a fixed order. Each ends with a barrier after warp 0's
+// last read of its shared arrays, so a block may call them any number of times in a row (the
+// next call's writes cannot overtake this call's reads).
+
+// Block-wide sum of two values.
 __device__ __forceinline__ void block_sum2(float& a, float& b) {
   __shared__ float sa[kWarpsPerBlock], sb[kWarpsPerBlock];
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
@@ -94,9 +101,10 @@ __device__ __forceinline__ void block_sum2(float& a, float& b) {
     a = warp_sum(a);
     b = warp_sum(b);
   }
+  __syncthreads();  // sa/sb are read: safe to reuse
 }
 
-// Block-wide online-softmax merge; the result is valid in thread 0. Fixed order.
+// Block-wide online-softmax merge.
 __device__ __forceinline__ void block_softmax_merge(float& m, float& l) {
   __shared__ float sm[kWarpsPerBlock], sl[kWarpsPerBlock];
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
@@ -108,6 +116,7 @@ __device__ __forceinline__ void block_softmax_merge(float& m, float& l) {
     l = lane < kWarpsPerBlock ? sl[lane] : 0.0f;
     warp_softmax_merge(m, l);
   }
+  __syncthreads();  // sm/sl are read: safe to reuse
 }
 
 inline unsigned warp_grid(int64_t rows) { return static_cast<unsigned>((rows + kWarpsPerBlock - 1) / kWarpsPerBlock); }
@@ -135,7 +144,7 @@ __global__ void __launch_bounds__(kThreads) col_norms_kernel(const TW* __restric
   if (lane == 0) {
     const float n = sqrtf(ss);
     wnorm[j] = n;
-    r[j] = 1.0f / fmaxf(n, NORM_EPS);
+    r[j] = 1.0f / maximum(n, NORM_EPS);  // NaN for a NaN row
     if (bad) atomicMin(&flags[FLAG_WEIGHT], static_cast<int32_t>(j));
   }
 }
@@ -178,7 +187,7 @@ __global__ void __launch_bounds__(kThreads) row_stage_kernel(const T* __restrict
   if (bad) atomicMin(&flags[FLAG_EMBEDDINGS], static_cast<int32_t>(i));
   if (lab == LAB_BAD) atomicMin(&flags[FLAG_LABEL], static_cast<int32_t>(i));
   const float a = sqrtf(ss);
-  const float inv_a = 1.0f / fmaxf(a, NORM_EPS);
+  const float inv_a = 1.0f / maximum(a, NORM_EPS);  // NaN for a NaN row
   const bool sbn = scale_by_norm(params);
   const float scale = sbn ? a : params.scale;
   const float lam = lam_ptr != nullptr ? *lam_ptr : 0.0f;
@@ -237,7 +246,7 @@ __global__ void __launch_bounds__(kThreads) forward_epilogue_kernel(const float*
       l = l * expf(m - z) + 1.0f;
       m = z;
     } else {
-      l += expf(z - m);
+      l += expf(z - m);  // a NaN z lands here: l becomes NaN and stays NaN (softmax_merge)
     }
   }
   block_softmax_merge(m, l);
@@ -310,7 +319,7 @@ __global__ void __launch_bounds__(kThreads) column_correction_kernel(const float
   for (int64_t k = lane; k < D; k += kWarp) dot += load_w<T>(wrow + k) * prow[k];
   dot = warp_sum(dot);  // all lanes finished reading prow before any lane writes below
   const float rc = r[col];
-  const float coef = wnorm[col] >= NORM_EPS ? rc * rc * dot : 0.0f;
+  const float coef = wnorm[col] < NORM_EPS ? 0.0f : rc * rc * dot;  // a NaN norm keeps the term
   TW* grow = grad_w + col * D;
   for (int64_t k = lane; k < D; k += kWarp) grow[k] = from_f<TW>(prow[k] - coef * load_w<T>(wrow + k));
 }
@@ -326,8 +335,8 @@ __global__ void __launch_bounds__(kThreads) row_chain_kernel(const T* __restrict
   if (i >= B) return;
   const float a = rows.a[i], inv_a = rows.inv_a[i];
   const float ga = rows.grad_a[i] + (sbn ? rows.sph[i] * inv_a : 0.0f);
-  const float proj = a >= NORM_EPS ? rows.gc_row[i] : 0.0f;
-  const float a_tiny = fmaxf(a, FLT_MIN);
+  const float proj = a < NORM_EPS ? 0.0f : rows.gc_row[i];  // a NaN norm keeps the term
+  const float a_tiny = maximum(a, FLT_MIN);
   for (int64_t k = lane; k < D; k += kWarp) {
     const float xv = to_f(x[i * D + k]);
     const float gx = (g_xhat[i * D + k] - (xv * inv_a) * proj) * inv_a + ga * (xv / a_tiny);

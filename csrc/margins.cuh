@@ -13,6 +13,12 @@
 // Boundary policies for COMBINED/MAGFACE: threshold form (default) or easy margin.
 // Numerics: c is clamped to [-1, 1]; sin(theta) = sqrt(max(1 - c^2, 0)) in values and
 // sqrt(max(1 - c^2, SIN_EPS)) where it divides; straight_through sets dpsi/dc := 1.
+// NaN in, NaN out: every max, min and clamp here keeps a NaN operand (maximum/minimum, as
+// torch.maximum/torch.clamp; fmaxf/fminf would return the other operand), and every branch
+// chosen by a comparison sends a NaN to the formula, never to a constant branch, so psi and
+// its derivatives are NaN when c (or a, where it is used) is NaN. The only constants kept
+// are those of the definition: straight_through's dpsi/dc = 1, MAGCOS's dpsi/dc = 1, and
+// dpsi/da = 0 of the families without a magnitude term.
 //
 // No torch, no CUDA runtime calls: compiles with nvcc alone and, on the host, with any
 // C++17 compiler (tests/cpp/test_margins.cpp).
@@ -56,24 +62,29 @@ struct MarginTerms {
   float da;    // dpsi/da
 };
 
-MAGLOSS_HD float clampf_(float v, float lo, float hi) { return fminf(fmaxf(v, lo), hi); }
+/// max(a, b) that keeps a NaN operand (torch.maximum); fmaxf(NaN, b) would be b.
+MAGLOSS_HD float maximum(float a, float b) { return (a != a || b != b) ? a + b : fmaxf(a, b); }
+/// min(a, b) that keeps a NaN operand (torch.minimum).
+MAGLOSS_HD float minimum(float a, float b) { return (a != a || b != b) ? a + b : fminf(a, b); }
+/// clamp(v, lo, hi) that keeps a NaN v (torch.clamp).
+MAGLOSS_HD float clampf_(float v, float lo, float hi) { return minimum(maximum(v, lo), hi); }
 
 /// MagFace's magnitude margin m(a) = l_m + k*(clamp(a, l_a, u_a) - l_a), k = (u_m-l_m)/(u_a-l_a);
-/// *dm = dm/da = k inside [l_a, u_a], 0 outside (the clamp's gradient, as upstream).
+/// *dm = dm/da = k inside [l_a, u_a], 0 outside (the clamp's gradient, as upstream); NaN for a NaN a.
 MAGLOSS_HD float magnitude_margin(float a, float l_a, float u_a, float l_m, float u_m, float* dm) {
   const float k = (u_m - l_m) / (u_a - l_a);
   const float a_c = clampf_(a, l_a, u_a);
-  const bool inside = (a >= l_a) && (a <= u_a);
-  *dm = inside ? k : 0.0f;
+  const bool outside = (a < l_a) || (a > u_a);
+  *dm = outside ? 0.0f : k + 0.0f * a;  // 0 * a: 0, or NaN for a NaN a
   return l_m + k * (a_c - l_a);
 }
 
 /// MagFace's regularizer g(a~) = a~/u_a^2 + 1/a~, a~ = clamp(a, l_a, u_a);
-/// *dg = dg/da = 1/u_a^2 - 1/a~^2 inside [l_a, u_a], 0 outside.
+/// *dg = dg/da = 1/u_a^2 - 1/a~^2 inside [l_a, u_a], 0 outside; NaN for a NaN a.
 MAGLOSS_HD float regularizer(float a, float l_a, float u_a, float* dg) {
   const float a_c = clampf_(a, l_a, u_a);
-  const bool inside = (a >= l_a) && (a <= u_a);
-  *dg = inside ? (1.0f / (u_a * u_a) - 1.0f / (a_c * a_c)) : 0.0f;
+  const bool outside = (a < l_a) || (a > u_a);
+  *dg = outside ? 0.0f : (1.0f / (u_a * u_a) - 1.0f / (a_c * a_c));
   return a_c / (u_a * u_a) + 1.0f / a_c;
 }
 
@@ -82,8 +93,8 @@ MAGLOSS_HD float regularizer(float a, float l_a, float u_a, float* dg) {
 /// (used by MagFace's chain dpsi/da = dpsi/dm2 * dm/da).
 MAGLOSS_HD float combined_terms(float c, float m1, float m2, float m3, bool easy, float* dc, float* dm2) {
   const float one_minus_c2 = 1.0f - c * c;
-  const float sin_t = sqrtf(fmaxf(one_minus_c2, 0.0f));
-  const float sin_div = sqrtf(fmaxf(one_minus_c2, SIN_EPS));
+  const float sin_t = sqrtf(maximum(one_minus_c2, 0.0f));
+  const float sin_div = sqrtf(maximum(one_minus_c2, SIN_EPS));
   float body, sin_body;
   if (m1 == 1.0f) {
     const float cos_m2 = cosf(m2), sin_m2 = sinf(m2);
@@ -101,9 +112,9 @@ MAGLOSS_HD float combined_terms(float c, float m1, float m2, float m3, bool easy
   // theta_t = (pi - m2)/m1 <= pi (MarginSpec validation); the margin branch is theta < theta_t.
   const float theta_t = (PI_F - m2) / m1;
   const float cos_t = cosf(theta_t), sin_tt = sinf(theta_t);
-  const bool in_margin = c > cos_t;
+  const bool in_margin = !(c <= cos_t);  // a NaN c takes the margin branch (its formula keeps the NaN)
   if (easy) {
-    const bool keep = in_margin && (c > 0.0f);
+    const bool keep = in_margin && !(c <= 0.0f);
     *dc = keep ? dc_m : 1.0f;
     *dm2 = keep ? dm2_m : 0.0f;
     return keep ? psi_m : c;
@@ -164,7 +175,7 @@ MAGLOSS_HD MarginTerms margin_terms(float c, float a, const MarginParams& p, flo
     const float t = chebyshev(c, mi, &dt);
     float k = floorf(static_cast<float>(mi) * acosf(c) / PI_F);
     k = clampf_(k, 0.0f, static_cast<float>(mi > 1 ? mi - 1 : 0));
-    const float sign = (static_cast<int>(k) % 2 == 0) ? 1.0f : -1.0f;
+    const float sign = 1.0f - 2.0f * fmodf(k, 2.0f);  // (-1)^k for k >= 0; NaN for a NaN k (no int cast)
     out.psi = (lam * c + sign * t - 2.0f * k) / (1.0f + lam);
     out.dc = (lam + sign * dt) / (1.0f + lam);
   }

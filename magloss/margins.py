@@ -35,6 +35,12 @@ through that clamp unchanged (a cosine of 1 + 1e-7 is rounding, not geometry).
 sin θ = sqrt(max(1 − c², 0)) in values and sqrt(max(1 − c², SIN_EPS)) wherever
 it divides. ``straight_through=True`` replaces ∂ψ/∂c by 1 (insightface's ArcFace,
 which applies the margin under no_grad); ∂ψ/∂a is kept, since MagFace needs it.
+
+NaN in, NaN out: a NaN cosine (or magnitude, where it is used) gives NaN ψ and NaN
+derivatives. torch.clamp keeps NaN, and every branch chosen by a comparison sends a
+NaN to the formula, never to a constant branch (``c > cos θ_t`` is False for NaN, so
+the test is written ``~(c <= cos θ_t)``). The constants of the definitions stay:
+∂ψ/∂c = 1 under ``straight_through`` and for MAGCOS, ∂ψ/∂a = 0 without a magnitude term.
 """
 
 from __future__ import annotations
@@ -230,24 +236,25 @@ def magnitude_margin(a: Tensor, l_a: float, u_a: float, l_m: float, u_m: float) 
     """MagFace's margin m(a) and dm/da.
 
     m(a) = l_m + k·(ã − l_a), k = (u_m − l_m)/(u_a − l_a), ã = clamp(a, l_a, u_a);
-    dm/da = k inside [l_a, u_a] and 0 outside (the clamp's gradient, as upstream).
-    a: [B] float. Returns two [B] tensors of a's dtype.
+    dm/da = k inside [l_a, u_a] and 0 outside (the clamp's gradient, as upstream); both
+    NaN where a is NaN. a: [B] float. Returns two [B] tensors of a's dtype.
     """
     k = (u_m - l_m) / (u_a - l_a)
     a_c = a.clamp(l_a, u_a)
-    inside = (a >= l_a) & (a <= u_a)
-    return l_m + k * (a_c - l_a), torch.where(inside, torch.full_like(a, k), torch.zeros_like(a))
+    outside = (a < l_a) | (a > u_a)
+    return l_m + k * (a_c - l_a), torch.where(outside, torch.zeros_like(a), k + 0.0 * a)  # 0·a: NaN for NaN a
 
 
 def regularizer(a: Tensor, l_a: float, u_a: float) -> Tuple[Tensor, Tensor]:
-    """MagFace's regularizer g(ã) = ã/u_a² + 1/ã and dg/da (0 outside [l_a, u_a]).
+    """MagFace's regularizer g(ã) = ã/u_a² + 1/ã and dg/da (0 outside [l_a, u_a]; both
+    NaN where a is NaN).
 
     a: [B] float. Returns two [B] tensors of a's dtype.
     """
     a_c = a.clamp(l_a, u_a)
-    inside = (a >= l_a) & (a <= u_a)
+    outside = (a < l_a) | (a > u_a)
     g = a_c / (u_a * u_a) + 1.0 / a_c
-    dg = torch.where(inside, 1.0 / (u_a * u_a) - 1.0 / (a_c * a_c), torch.zeros_like(a))
+    dg = torch.where(outside, torch.zeros_like(a), 1.0 / (u_a * u_a) - 1.0 / (a_c * a_c))
     return g, dg
 
 
@@ -295,11 +302,11 @@ def _combined_terms(c: Tensor, m1: float, m2, m3, easy: bool):
     # θ_t = (π − m2)/m1 ≤ π by MarginSpec's validation; the margin branch is θ < θ_t.
     theta_t = (math.pi - m2) / m1
     cos_t, sin_tt = torch.cos(theta_t), torch.sin(theta_t)
-    in_margin = c > cos_t
+    in_margin = ~(c <= cos_t)                   # a NaN c takes the margin branch (its formula keeps NaN)
     one = torch.ones_like(c)
     zero = torch.zeros_like(c)
     if easy:
-        keep = in_margin & (c > 0)
+        keep = in_margin & ~(c <= 0)
         return (torch.where(keep, psi, c), torch.where(keep, dpsi_dc, one),
                 torch.where(keep, dpsi_dm2, zero), torch.where(keep, dpsi_dm3, zero))
     a_term = (math.pi - theta_t) * sin_tt

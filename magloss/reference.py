@@ -13,6 +13,7 @@ That keeps the value exactly ψ, makes the gradient exactly the documented one
 
 from __future__ import annotations
 
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -21,8 +22,8 @@ from torch import Tensor
 from .margins import NORM_EPS, MarginSpec, margin_terms, regularizer
 
 __all__ = [
-    "compute_dtype", "first_true", "bad_labels", "is_autocast_pair", "check_values", "weight_operand",
-    "margin_ce_rows", "margin_ce_forward", "margin_ce_backward",
+    "compute_dtype", "first_true", "bad_labels", "is_autocast_pair", "input_check_mode", "check_values",
+    "weight_operand", "margin_ce_rows", "margin_ce_forward", "margin_ce_backward",
 ]
 
 
@@ -49,22 +50,43 @@ def is_autocast_pair(embeddings_dtype: torch.dtype, weight_dtype: torch.dtype) -
     return weight_dtype == torch.float32 and embeddings_dtype in (torch.float16, torch.bfloat16)
 
 
+def input_check_mode() -> str:
+    """``MAGLOSS_CHECK_INPUTS``, read at each call and parsed as the fused engine parses it:
+    'async' (unset, '', 'async' or '1'), 'sync', or 'off' ('off' or '0'). Raises ValueError
+    for anything else. The reference always checks synchronously; only 'off' changes it
+    (:func:`check_values`)."""
+    v = os.environ.get("MAGLOSS_CHECK_INPUTS", "")
+    if v in ("", "async", "1"):
+        return "async"
+    if v in ("sync", "off"):
+        return v
+    if v == "0":
+        return "off"
+    raise ValueError(f"MAGLOSS_CHECK_INPUTS: expected 'async' (default), 'sync' or 'off', got '{v}'")
+
+
 def check_values(embeddings: Tensor, weight: Tensor, labels: Tensor, ignore_index: int) -> None:
     """Value checks that need the data: label range and finiteness. Raises ValueError.
 
     The first bad label row, embedding row and class row are found on the device and read
     back together: one host synchronization per call. The reference pays that; the fused
     CUDA path checks on the device without waiting (docs/cuda.md).
+
+    With ``MAGLOSS_CHECK_INPUTS=off`` (:func:`input_check_mode`) the NaN/Inf check is skipped,
+    as in the fused engine: a NaN then gives NaN row statistics (NaN in, NaN out). The label
+    check always runs, since the reference indexes with the labels.
     """
     num_classes = weight.shape[0]
-    i, ie, iw = torch.stack([first_true(bad_labels(labels, num_classes, ignore_index)), first_true(~torch.isfinite(embeddings).all(dim=1)),
-                             first_true(~torch.isfinite(weight).all(dim=1))]).tolist()
+    firsts = [first_true(bad_labels(labels, num_classes, ignore_index))]
+    if input_check_mode() != "off":
+        firsts += [first_true(~torch.isfinite(embeddings).all(dim=1)), first_true(~torch.isfinite(weight).all(dim=1))]
+    i, *rows = torch.stack(firsts).tolist()
     if i < labels.shape[0]:
         raise ValueError(
             f"labels: expected class indices in [0, {num_classes}) or ignore_index={ignore_index}, "
             f"got {int(labels[i])} at row {i}"
         )
-    for name, t, j in (("embeddings", embeddings, ie), ("weight", weight, iw)):
+    for name, t, j in zip(("embeddings", "weight"), (embeddings, weight), rows):
         if j < t.shape[0]:
             raise ValueError(f"{name}: contains NaN or Inf (row {j})")
 
@@ -222,11 +244,12 @@ def margin_ce_backward(grad_lse, grad_zy, grad_reg, grad_norms, embeddings, weig
         g_xhat = gr @ w                              # ∂L/∂x̂  [B, D]
         gc_row = (g * cos).sum(1)                    # Σ_j G_ij c_ij
         unit = x / a.clamp_min(torch.finfo(ct).tiny).unsqueeze(1)
-        proj = torch.where((a >= NORM_EPS).unsqueeze(1), x_hat * gc_row.unsqueeze(1), torch.zeros_like(x))
+        # The ε branches test "< ε" so that a NaN norm keeps its (NaN) term.
+        proj = torch.where((a < NORM_EPS).unsqueeze(1), torch.zeros_like(x), x_hat * gc_row.unsqueeze(1))
         gx = (g_xhat - proj) * inv_a.unsqueeze(1) + grad_a.unsqueeze(1) * unit
 
         gc_col = (g * cos).sum(0)                    # Σ_i G_ij c_ij
-        col_proj = torch.where((w_norm >= NORM_EPS).unsqueeze(1), (r * r * gc_col).unsqueeze(1) * w,
-                               torch.zeros_like(w))
+        col_proj = torch.where((w_norm < NORM_EPS).unsqueeze(1), torch.zeros_like(w),
+                               (r * r * gc_col).unsqueeze(1) * w)
         gw = gr.t() @ x_hat - col_proj
     return gx.to(embeddings.dtype), gw.to(weight.dtype)

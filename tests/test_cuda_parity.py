@@ -619,3 +619,118 @@ def test_training_step_never_waits_for_the_gpu(monkeypatch, name, precision):
         step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+# =====================================================================================================
+# ---- NaN in, NaN out (docs/cuda.md, "NaN in, NaN out") ---------------------------------------------
+# A NaN in embedding row i makes row i's lse, zy, norm (reg for the MagFace families) NaN, its ∂x row
+# NaN and all of ∂W NaN; a NaN in class row j makes every lse NaN and zy NaN on the rows labelled j;
+# an ignored NaN row has lse NaN (never −inf) and zy 0, and its NaN reaches ∂W even with no incoming
+# gradient (0·NaN, as F.linear + F.cross_entropy). Everything else matches the float64 oracle as in
+# the fp32 parity tests. Checked with the input check off (no error, nothing else raises) and in
+# 'sync' mode (the reference's error in the call). Once, a merge of two online-softmax states with
+# max −inf dropped the NaN sum and clamp(NaN) gave −1: a labelled NaN row got loss 0, an ignored one
+# lse = −inf, and a chunk of NaN logits dropped out of the lse.
+# =====================================================================================================
+_NAN_B, _NAN_C, _NAN_D, _NAN_CHUNK = 37, 300, 100, 64      # 5 chunks, the last one ragged (44 columns)
+_NAN_ROW, _NAN_IGNORED, _NAN_LABEL_OF = 2, 5, 9
+
+
+def _nan_case(where, dtype=torch.float64):
+    """Inputs with NaN placed by ``where`` and the hand-derived NaN masks (CPU bool tensors)."""
+    x, w, y, grads = make_case(_NAN_B, _NAN_C, _NAN_D, seed=31, ignored=(_NAN_IGNORED,))
+    x, w = x.to(dtype), w.to(dtype)
+    rows = torch.zeros(_NAN_B, dtype=torch.bool)
+    labels = y.cpu()
+    zy_rows = torch.zeros(_NAN_B, dtype=torch.bool)
+    if where == "embedding":          # one entry of a labelled row
+        x[_NAN_ROW, 7] = float("nan")
+        rows[_NAN_ROW] = zy_rows[_NAN_ROW] = True
+    elif where == "ignored":          # one entry of an ignored row
+        x[_NAN_IGNORED, 11] = float("nan")
+        rows[_NAN_IGNORED] = True
+    elif where == "weight":           # one entry of one class row, in the ragged last chunk, the label of a row
+        j = _NAN_C - 10               # column 34 of 44: its lane's first merge partner (lane 50) has no column
+        y[_NAN_LABEL_OF] = j
+        labels = y.cpu()
+        w[j, 3] = float("nan")
+        zy_rows = labels == j
+    else:                             # "chunk": every logit of the second chunk is NaN
+        w[_NAN_CHUNK:2 * _NAN_CHUNK] = float("nan")
+        zy_rows = (labels >= _NAN_CHUNK) & (labels < 2 * _NAN_CHUNK)
+    all_rows = torch.ones(_NAN_B, dtype=torch.bool)
+    grads = [g.clone() for g in grads]
+    for g in grads[:2]:               # the losses give an ignored row no lse/zy gradient
+        g[_NAN_IGNORED] = 0.0
+    masks = {"lse": all_rows if where in ("weight", "chunk") else rows, "zy": zy_rows, "norms": rows,
+             "gx": (all_rows if where in ("weight", "chunk") else rows).unsqueeze(1), "gw": torch.ones(1, 1, dtype=torch.bool)}
+    return x, w, y, grads, masks
+
+
+def _assert_nan_parity(got, ref, mask, tol, what):
+    """NaN exactly at ``mask`` (and where the oracle has it), never ±inf; the rest within the
+    fp32 parity tolerance (max error over max |oracle|)."""
+    got, ref = got.detach().cpu().double(), ref.detach().cpu().double()
+    mask = mask.expand_as(got)
+    assert torch.equal(torch.isnan(got), mask), f"{what}: NaN at {torch.isnan(got).nonzero().tolist()}"
+    assert torch.equal(torch.isnan(ref), mask), f"{what}: the oracle disagrees with the hand-derived mask"
+    assert not torch.isinf(got).any(), f"{what}: ±inf"
+    keep = ~mask
+    if keep.any():
+        scale = ref[keep].abs().max().item()
+        err = (got[keep] - ref[keep]).abs().max().item()
+        assert err <= tol * max(scale, 1e-30) or (scale == 0 and err == 0), f"{what}: error {err:.3g} (scale {scale:.3g})"
+
+
+@pytest.mark.parametrize("where", ["embedding", "ignored", "weight", "chunk"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_nan_in_nan_out_checks_off(monkeypatch, family, where):
+    monkeypatch.setenv("MAGLOSS_CHECK_INPUTS", "off")
+    monkeypatch.setenv("MAGLOSS_CHUNK", str(_NAN_CHUNK))
+    spec, lam = FAMILIES[family]
+    lam_t = None if lam is None else torch.tensor(float(lam), device=DEV)
+    x, w, y, grads, m = _nan_case(where)
+    rows, (gx, gw) = fused(x.float(), w.float(), y, spec, -1, lam_t, grads)
+    ref_rows, (rgx, rgw) = oracle(x, w, y, spec, -1, lam_t, grads)
+    reg_mask = m["norms"] if spec.has_regularizer else torch.zeros_like(m["norms"])
+    for k, (name, mask) in enumerate([("lse", m["lse"]), ("zy", m["zy"]), ("reg", reg_mask), ("norms", m["norms"])]):
+        _assert_nan_parity(rows[k], ref_rows[k], mask, 1e-5, f"{family} {where} {name}")
+    assert rows[1][_NAN_IGNORED].item() == 0.0
+    _assert_nan_parity(gx, rgx, m["gx"], 1e-4, f"{family} {where} grad_embeddings")
+    _assert_nan_parity(gw, rgw, m["gw"], 1e-4, f"{family} {where} grad_weight")
+
+
+@pytest.mark.parametrize("where", ["embedding", "ignored", "chunk"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_nan_in_nan_out_half(monkeypatch, dtype, where):
+    """fp16/bf16 inputs (T and x̂ stored in half for the products): the same NaN masks."""
+    monkeypatch.setenv("MAGLOSS_CHECK_INPUTS", "off")
+    monkeypatch.setenv("MAGLOSS_CHUNK", str(_NAN_CHUNK))
+    spec, _ = FAMILIES["magface"]
+    x, w, y, grads, m = _nan_case(where)
+    rows, (gx, gw) = fused(x.to(dtype), w.to(dtype), y, spec, -1, None, grads)
+    for name, t, mask in [("lse", rows[0], m["lse"]), ("zy", rows[1], m["zy"]), ("reg", rows[2], m["norms"]),
+                          ("norms", rows[3], m["norms"]), ("grad_embeddings", gx, m["gx"]),
+                          ("grad_weight", gw, m["gw"])]:
+        got = torch.isnan(t).cpu()
+        assert torch.equal(got, mask.expand_as(got)), f"{dtype} {where} {name}: NaN at {got.nonzero().tolist()}"
+
+
+def test_nan_raises_in_the_call_with_sync_checks(monkeypatch):
+    monkeypatch.setenv("MAGLOSS_CHECK_INPUTS", "sync")
+    spec, _ = FAMILIES["arcface"]
+    x, w, y, _, _ = _nan_case("embedding", torch.float32)
+    with pytest.raises(ValueError, match=rf"embeddings: contains NaN or Inf \(row {_NAN_ROW}\)"):
+        OP(x, w, y, None, *spec.op_args(), -1)
+
+
+@needs_ext
+def test_nan_rows_are_nan_before_the_async_check_reports(monkeypatch):
+    """Default mode: the forward returns NaN rows (no host wait) and the error comes late."""
+    monkeypatch.setenv("MAGLOSS_CHECK_INPUTS", "async")
+    spec, _ = FAMILIES["arcface"]
+    x, w, y, _, m = _nan_case("ignored", torch.float32)
+    rows = OP(x, w, y, None, *spec.op_args(), -1)
+    with pytest.raises(ValueError, match=rf"embeddings: contains NaN or Inf \(row {_NAN_IGNORED}\).*reported late"):
+        magloss.flush_input_checks()
+    assert torch.equal(torch.isnan(rows[0]).cpu(), m["lse"])

@@ -250,6 +250,8 @@ class ShardedMarginLoss(nn.Module):
         lse, zy, reg, norms = ops.margin_ce(x_all, weight, local, lam, *self.spec.op_args(), _NO_LABEL)
         if self.last_sample is not None:   # the Partial FC step advances only once the op has run
             self.step.add_(1)
+        # torch.logsumexp keeps a NaN: a NaN on one shard makes the row's global lse NaN on every
+        # rank (no masked or max-shifted trick here that would drop it; tests/test_nan.py).
         lse = torch.logsumexp(gather_stats(lse, group), dim=0)
         zy = sum_stats(zy, group)
         if self.rank != 0:          # g(ã) and ‖x‖ are replicated: let one rank carry their gradient

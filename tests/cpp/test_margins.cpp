@@ -11,6 +11,12 @@ namespace {
 int g_failures = 0;
 int g_checks = 0;
 
+void expect_true(const char* what, bool ok) {
+  ++g_checks;
+  std::printf("%s %s\n", ok ? "  ok  " : "FAIL  ", what);
+  if (!ok) ++g_failures;
+}
+
 void expect_near(const char* what, double got, double want, double tol = 2e-5) {
   ++g_checks;
   const double err = std::fabs(got - want);
@@ -177,6 +183,58 @@ int main() {
     const float g2 = magloss::regularizer(200.0f, 10.0f, 110.0f, &dg);
     expect_near("regularizer g(200) = g(110)", g2, 110.0 / 12100.0 + 1.0 / 110.0);
     expect_near("regularizer g'(200) = 0", dg, 0.0);
+  }
+  // NaN in, NaN out: a NaN cosine gives NaN psi and dpsi/dc in every family and boundary policy
+  // (fmaxf/fminf would clamp it to -1, and a comparison would pick the constant branch); a NaN
+  // magnitude gives NaN m(a), dm/da, g, dg/da and, for the magnitude families, NaN psi and
+  // dpsi/da. Constants of the definitions stay: straight-through and MAGCOS dpsi/dc = 1.
+  {
+    const float nan = std::nanf("");
+    const struct { const char* name; magloss::MarginParams p; float lam; } fams[] = {
+        {"arcface", combined(64, 1, 0.5f, 0), 0.0f},
+        {"arcface easy", combined(64, 1, 0.5f, 0, true), 0.0f},
+        {"normface", combined(64, 1, 0, 0), 0.0f},
+        {"cosface", combined(64, 1, 0, 0.35f), 0.0f},
+        {"combined(0.9,0.4,0.15)", combined(64, 0.9f, 0.4f, 0.15f), 0.0f},
+        {"combined(2,0,0)", combined(64, 2, 0, 0), 0.0f},
+        {"sphereface m=4", sphere(4), 5.0f},
+        {"sphereface m=1", sphere(1), 0.0f},
+        {"magface easy", magnitude(magloss::MAGFACE, 0.45f, 0.8f, true), 0.0f},
+        {"magface threshold", magnitude(magloss::MAGFACE, 0.45f, 0.8f, false), 0.0f},
+        {"magcos", magnitude(magloss::MAGCOS, 0.35f, 0.8f, false), 0.0f},
+    };
+    char what[160];
+    for (const auto& f : fams) {
+      const auto t = margin_terms(nan, 60.0f, f.p, f.lam);
+      const bool dc_const = f.p.kind == magloss::MAGCOS;
+      std::snprintf(what, sizeof what, "%s: psi(c=NaN) is NaN", f.name);
+      expect_true(what, std::isnan(t.psi));
+      std::snprintf(what, sizeof what, "%s: dpsi/dc(c=NaN) is %s", f.name, dc_const ? "1" : "NaN");
+      expect_true(what, dc_const ? t.dc == 1.0f : std::isnan(t.dc));
+      auto st = f.p;
+      st.straight_through = true;
+      std::snprintf(what, sizeof what, "%s straight-through: psi(c=NaN) NaN, dpsi/dc = 1", f.name);
+      const auto u = margin_terms(nan, 60.0f, st, f.lam);
+      expect_true(what, std::isnan(u.psi) && u.dc == 1.0f);
+      if (f.p.kind == magloss::MAGFACE || f.p.kind == magloss::MAGCOS) {
+        const auto v = margin_terms(0.5f, nan, f.p, f.lam);
+        std::snprintf(what, sizeof what, "%s: psi and dpsi/da at a=NaN are NaN", f.name);
+        expect_true(what, std::isnan(v.psi) && std::isnan(v.da));
+      }
+    }
+    float d = 0.0f;
+    expect_true("magnitude_margin(a=NaN) and dm/da are NaN",
+                std::isnan(magloss::magnitude_margin(nan, 10.0f, 110.0f, 0.45f, 0.8f, &d)) && std::isnan(d));
+    expect_true("regularizer(a=NaN) and dg/da are NaN",
+                std::isnan(magloss::regularizer(nan, 10.0f, 110.0f, &d)) && std::isnan(d));
+    expect_true("maximum/minimum keep a NaN in either operand",
+                std::isnan(magloss::maximum(nan, 1.0f)) && std::isnan(magloss::maximum(-1.0f, nan)) &&
+                    std::isnan(magloss::minimum(nan, 1.0f)) && std::isnan(magloss::minimum(1.0f, nan)));
+    expect_true("maximum/minimum of numbers as fmaxf/fminf",
+                magloss::maximum(-2.0f, 3.0f) == 3.0f && magloss::minimum(-2.0f, 3.0f) == -2.0f &&
+                    magloss::maximum(-INFINITY, 1e-12f) == 1e-12f);
+    expect_true("clampf_(NaN, -1, 1) is NaN, clampf_(2, -1, 1) is 1",
+                std::isnan(magloss::clampf_(nan, -1.0f, 1.0f)) && magloss::clampf_(2.0f, -1.0f, 1.0f) == 1.0f);
   }
   std::printf("%d checks, %d failures\n", g_checks, g_failures);
   return g_failures == 0 ? 0 : 1;
