@@ -79,6 +79,14 @@ def _check_finite(name: str, value: float) -> float:
     return value
 
 
+def _degrees_hint(value: float) -> str:
+    """A hint for an angle that looks like degrees (margins are in radians)."""
+    if value >= math.pi / 2:
+        return (f" (margins are in radians; if {value} is in degrees, as pytorch-metric-learning's ArcFaceLoss "
+                f"takes it, pass math.radians({value}) = {math.radians(value):.4g})")
+    return ""
+
+
 @dataclass(frozen=True)
 class MarginSpec:
     """Validated hyperparameters of one margin family.
@@ -138,7 +146,7 @@ class MarginSpec:
         if m1 <= 0:
             raise ValueError(f"m1: expected a positive number, got {m1}")
         if m2 < 0 or m2 >= math.pi:
-            raise ValueError(f"m2: expected a number in [0, pi), got {m2}")
+            raise ValueError(f"m2: expected an angle in radians in [0, pi), got {m2}{_degrees_hint(m2)}")
         if m3 < 0:
             raise ValueError(f"m3: expected a non-negative number, got {m3}")
         if m2 < (1.0 - m1) * math.pi - 1e-12:
@@ -177,7 +185,7 @@ class MarginSpec:
         """MagFace: ψ = cos(θ + m(a)). Requires 0 < l_a < u_a, 0 ≤ l_m ≤ u_m < π/2."""
         l_a, u_a, l_m, u_m = cls._magnitude_args(l_a, u_a, l_m, u_m)
         if u_m >= math.pi / 2:
-            raise ValueError(f"u_m: expected an angular margin below pi/2, got {u_m}")
+            raise ValueError(f"u_m: expected an angular margin in radians below pi/2, got {u_m}{_degrees_hint(u_m)}")
         return cls(MAGFACE, cls._scale(scale), 1.0, 0.0, 0.0, l_a, u_a, l_m, u_m,
                    bool(easy_margin), bool(straight_through))
 
@@ -259,12 +267,14 @@ def magface_lambda_g_bound(scale: float, l_a: float, u_a: float, l_m: float, u_m
 
 
 def sphere_lambda(iteration: Tensor, base: float = 1000.0, gamma: float = 0.12,
-                  power: float = 1.0, lambda_min: float = 5.0) -> Tensor:
+                  power: float = 1.0, lambda_min: float = 5.0, dtype: torch.dtype = torch.float32) -> Tensor:
     """SphereFace's annealing weight λ = max(lambda_min, base·(1 + gamma·iter)^(−power)).
 
-    iteration: 0-d integer tensor. Returns a 0-d float32 tensor on the same device.
+    iteration: 0-d integer tensor (the original code advances its counter before
+    computing λ, so its first forward uses iter = 1). Returns a 0-d tensor of ``dtype``
+    (the loss's compute dtype: float64 for float64 inputs) on the same device.
     """
-    lam = base * (1.0 + gamma * iteration.to(torch.float32)).pow(-power)
+    lam = base * (1.0 + gamma * iteration.to(dtype)).pow(-power)
     return lam.clamp_min(lambda_min)
 
 

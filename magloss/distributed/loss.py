@@ -176,11 +176,14 @@ class ShardedMarginLoss(nn.Module):
         with torch.no_grad():
             self.weight.copy_(w)
 
-    def current_lambda(self) -> Optional[Tensor]:
-        """SphereFace's λ at ``iteration`` (0-d float32), None for other families."""
+    def current_lambda(self, dtype: torch.dtype = torch.float32) -> Optional[Tensor]:
+        """SphereFace's λ as forward uses it now (0-d tensor of ``dtype``; None for other
+        families): λ(iteration + 1) in training mode, λ(iteration) in eval mode, as
+        :meth:`magloss.SphereFaceLoss.current_lambda`."""
         if self.sphere_schedule is None:
             return None
-        return sphere_lambda(self.iteration, *self.sphere_schedule)
+        it = self.iteration + 1 if self.training else self.iteration
+        return sphere_lambda(it, *self.sphere_schedule, dtype=dtype)
 
     def _check_local(self, embeddings: Tensor, labels: Tensor) -> None:
         MF.check_types(embeddings=embeddings, labels=labels)
@@ -245,9 +248,11 @@ class ShardedMarginLoss(nn.Module):
         local = torch.where(on_shard, labels_all - self.shard_start, torch.full_like(labels_all, _NO_LABEL))
         weight, local = self._shard_weight(local, on_shard)
 
-        x_all, weight = MF._autocast(x_all, weight)     # after the gather: ∂x is summed over ranks in fp32
-        lam = self.current_lambda()
+        x_all, weight, up = MF._autocast(x_all, weight, self.spec)   # after the gather: ∂x summed in fp32
+        lam = self.current_lambda(x_all.dtype)
         lse, zy, reg, norms = ops.margin_ce(x_all, weight, local, lam, *self.spec.op_args(), _NO_LABEL)
+        if up is not None:
+            norms = norms * up.to(norms.dtype)
         if self.last_sample is not None:   # the Partial FC step advances only once the op has run
             self.step.add_(1)
         lse = torch.logsumexp(gather_stats(lse, group), dim=0)
