@@ -22,7 +22,7 @@ from .margins import NORM_EPS, MarginSpec, margin_terms, regularizer
 
 __all__ = [
     "compute_dtype", "first_true", "bad_labels", "is_autocast_pair", "check_values", "weight_operand",
-    "margin_ce_rows", "margin_ce_forward", "margin_ce_backward",
+    "margin_ce_rows", "margin_ce_forward", "margin_ce_backward", "saturating_cast",
 ]
 
 
@@ -192,7 +192,8 @@ def margin_ce_backward(grad_lse, grad_zy, grad_reg, grad_norms, embeddings, weig
 
     grad_*: [B]. Returns (∂/∂embeddings [B, D], ∂/∂weight [C, D]) in the dtypes of
     embeddings and weight (for a float32 weight with half embeddings: the float32 gradient
-    with respect to the rounded matrix of :func:`weight_operand`, never rounded to half).
+    with respect to the rounded matrix of :func:`weight_operand`, never rounded to half);
+    half gradients saturate at the dtype's largest finite value (:func:`saturating_cast`).
     """
     ct = compute_dtype(embeddings.dtype)
     with torch.no_grad(), torch.autocast(embeddings.device.type, enabled=False):
@@ -229,4 +230,14 @@ def margin_ce_backward(grad_lse, grad_zy, grad_reg, grad_norms, embeddings, weig
         col_proj = torch.where((w_norm >= NORM_EPS).unsqueeze(1), (r * r * gc_col).unsqueeze(1) * w,
                                torch.zeros_like(w))
         gw = gr.t() @ x_hat - col_proj
-    return gx.to(embeddings.dtype), gw.to(weight.dtype)
+    return saturating_cast(gx, embeddings.dtype), saturating_cast(gw, weight.dtype)
+
+
+def saturating_cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)``, with values beyond a float16/bfloat16 range clamped to its largest
+    finite value instead of becoming ±Inf (NaN stays NaN). A zero embedding row's gradient
+    is F.normalize's (∂L/∂x̂)/1e-12, finite in float32 but past float16's 65504."""
+    if dtype in (torch.float16, torch.bfloat16) and t.dtype != dtype:
+        big = torch.finfo(dtype).max
+        t = t.clamp(-big, big)
+    return t.to(dtype)
