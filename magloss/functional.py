@@ -15,7 +15,7 @@ Common arguments (all functions):
 
 The margin, softmax and reductions run in float32 (float64 for float64 inputs); the
 returned loss has that dtype. Logits: z_ij = s·c_ij, z_iy = s·ψ(c_iy, a_i), with
-c_ij = x̂_i·ŵ_j; CE_i = logsumexp_j z_ij − z_iy (shared/DESIGN.md §1).
+c_ij = x̂_i·ŵ_j; CE_i = logsumexp_j z_ij − z_iy (docs/math.md §1).
 """
 
 from __future__ import annotations

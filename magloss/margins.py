@@ -1,7 +1,7 @@
 """Margin functions ψ(c, a) of every loss family, with their exact derivatives.
 
 Every margin loss in magloss differs from plain normalized softmax only in the
-label column: z_iy = s·ψ(c_iy, a_i) instead of s·c_iy (see shared/DESIGN.md §1).
+label column: z_iy = s·ψ(c_iy, a_i) instead of s·c_iy (see docs/math.md §1).
 This module holds the per-row margin math in one place, in PyTorch, for the
 reference engine; the CUDA engine has one device function per family that must
 agree with these to float rounding.
@@ -30,7 +30,7 @@ being a penalty), for the COMBINED and MAGFACE families:
 * easy margin (``easy_margin=True``): apply the margin only where c > 0 (and
   m1·θ + m2 < π); elsewhere ψ = c.
 
-Numerics (DESIGN.md §1): ψ is evaluated at clamp(c, −1, 1), and ∂ψ/∂c is passed
+Numerics (docs/math.md §1): ψ is evaluated at clamp(c, −1, 1), and ∂ψ/∂c is passed
 through that clamp unchanged (a cosine of 1 + 1e-7 is rounding, not geometry).
 sin θ = sqrt(max(1 − c², 0)) in values and sqrt(max(1 − c², SIN_EPS)) wherever
 it divides. ``straight_through=True`` replaces ∂ψ/∂c by 1 (insightface's ArcFace,
@@ -66,7 +66,7 @@ MAGFACE = 1
 MAGCOS = 2
 SPHERE = 3
 
-#: Lower bound of 1 − c² wherever sin θ divides (DESIGN.md §1).
+#: Lower bound of 1 − c² wherever sin θ divides (docs/math.md §1).
 SIN_EPS = 1e-12
 #: Lower bound of ‖x_i‖ and ‖w_j‖ when normalizing, as F.normalize.
 NORM_EPS = 1e-12

@@ -1,6 +1,6 @@
 """The reference engine: every margin loss in plain PyTorch, the CPU path and the test oracle.
 
-It follows shared/DESIGN.md §1 literally: full B×C cosine matrix, the label column
+It follows docs/math.md §1 literally: full B×C cosine matrix, the label column
 replaced by s·ψ, log-sum-exp, per-row cross-entropy. All math runs in float32 for
 fp16/bf16/fp32 inputs and in float64 for float64 inputs (so tests can gradcheck it).
 
@@ -177,7 +177,7 @@ def margin_ce_forward(embeddings, weight, labels, spec, ignore_index=-1, sphere_
 def margin_ce_backward(grad_lse, grad_zy, grad_reg, grad_norms, embeddings, weight, labels, lse, spec,
                        ignore_index=-1, sphere_lambda=None):
     """Gradients of Σ_i (gl_i·lse_i + gz_i·zy_i + gr_i·reg_i + gn_i·norms_i), by the explicit
-    formulas of shared/DESIGN.md §2 (no autograd: custom-op kernels run below it).
+    formulas of docs/math.md §2 (no autograd: custom-op kernels run below it).
 
     ``lse`` is the forward's saved statistic: p_ij = exp(z_ij − lse_i). In a class-sharded
     head it is the global one, which makes the local gradient the exact share of the

@@ -111,6 +111,7 @@ def sharded_module(case, **kw):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
+        kw.setdefault("ddp_backbone", False)     # compared with ∂L/∂x of one process: no DDP here
         return getattr(mdist, "Sharded" + cls)(D, C_PFC if "rate" in extra else C, reduction=reduction,
                                               sample_rate=extra.get("rate", 1.0), dtype=case[3], **kwargs, **kw)
 
@@ -204,7 +205,7 @@ def _phase(rank, world, group, out_dir):
     lo = sum(sizes[:rank])
     single = single_module(case, C)
     single.weight.data.copy_(w)
-    head = mdist.shard(single, group=group)
+    head = mdist.shard(single, group=group, ddp_backbone=False)
     x_loc = x[lo: lo + sizes[rank]].clone().requires_grad_()
     out = run_forward(head, x_loc, y[lo: lo + sizes[rank]], case, rw)
     res["shard_converter"] = {"type": type(head).__name__, "loss": out.detach(), "gx": x_loc.grad,
@@ -240,19 +241,26 @@ def _phase(rank, world, group, out_dir):
     inputs = torch.randn(y.shape[0], 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     sizes = split_sizes(y.shape[0], world)
     lo = sum(sizes[:rank])
-    for undo in (True, False):
+    # the default head (ddp_backbone=True) compensates by itself; ddp_backbone=False with
+    # undo_ddp_average by hand is the same; ddp_backbone=False alone leaves DDP's average
+    for key, ddp_backbone, undo in (("ddp_grad_default", True, False), ("ddp_grad", False, True),
+                                    ("ddp_grad_averaged", False, False)):
         backbone = torch.nn.Linear(5, D, dtype=torch.float64)
         with torch.no_grad():
             backbone.weight.copy_(torch.linspace(-3, 3, 5 * D, dtype=torch.float64).view(D, 5))
             backbone.bias.fill_(0.5)
         ddp = DDP(backbone, process_group=group)
-        head = sharded_module(case, group=group)
+        head = sharded_module(case, group=group, ddp_backbone=ddp_backbone)
         head.weight.data.copy_(w[head.shard_start: head.shard_end])
         emb = ddp(inputs[lo: lo + sizes[rank]])
         if undo:
             emb = mdist.undo_ddp_average(emb, group)
         head(emb, y[lo: lo + sizes[rank]]).backward()
-        res["ddp_grad" if undo else "ddp_grad_averaged"] = backbone.weight.grad.clone()
+        res[key] = backbone.weight.grad.clone()
+    # compensating twice is refused, on every rank, before any communication
+    head = sharded_module(case, group=group, ddp_backbone=True)
+    emb = mdist.undo_ddp_average(inputs[lo: lo + sizes[rank], :1].expand(-1, D).clone(), group)
+    res["errors"]["ddp_compensated_twice"] = _record_error(lambda: head(emb, y[lo: lo + sizes[rank]]))
 
     # checkpoints: written by 2, read by 3 and re-written, read by 1
     ck2, ck3 = os.path.join(out_dir, "ck2"), os.path.join(out_dir, "ck3")
@@ -459,9 +467,13 @@ def test_ddp_backbone_gets_the_global_gradient(results, world):
     head.weight.data.copy_(w)
     head(backbone(inputs), y).backward()
     for r in range(world):
+        assert_close(res[(world, r)]["ddp_grad_default"], backbone.weight.grad, torch.float64,
+                     f"backbone grad with the default head, rank {r}")
         assert_close(res[(world, r)]["ddp_grad"], backbone.weight.grad, torch.float64, f"backbone grad, rank {r}")
         assert_close(res[(world, r)]["ddp_grad_averaged"], backbone.weight.grad / world, torch.float64,
-                     f"backbone grad without undo_ddp_average, rank {r}")
+                     f"backbone grad with ddp_backbone=False, rank {r}")
+        name, msg = res[(world, r)]["errors"]["ddp_compensated_twice"]
+        assert name == "ValueError" and msg.startswith("embeddings: they went through undo_ddp_average")
 
 
 def test_checkpoint_round_trip_2_3_1(results):
