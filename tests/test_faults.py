@@ -332,3 +332,27 @@ def test_ignore_index_inside_the_classes_warns():
         magloss.ArcFaceLoss(8, 7, ignore_index=-100)
         magloss.ArcFaceLoss(8, 7, ignore_index=7)
         MF.cosface_loss(x, w, y, ignore_index=-1)
+
+
+# -- Partial FC's sample count: exact ceiling (item 5's rule) --------------------------------------
+@pytest.mark.parametrize("num_local,rate,expected", [
+    (70, 0.1, 7), (75, 0.1, 8), (100, 0.29, 29), (10, 0.57, 6), (100, 0.57, 57), (3, 1e-6, 1), (9, 1.0, 9),
+])
+def test_partial_fc_sample_count_is_an_exact_ceiling(num_local, rate, expected):
+    from magloss.distributed.partial_fc import sample_count
+
+    assert sample_count(num_local, rate) == expected                 # by hand: ceil of the decimal product
+    assert sample_count(num_local, rate, num_positives=num_local) == num_local
+
+
+# -- 12. license ----------------------------------------------------------------------------------------
+def test_license_file_and_spdx_string():
+    import pathlib
+    import tomllib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    meta = tomllib.loads((root / "pyproject.toml").read_text())
+    assert meta["project"]["license"] == "MIT"                       # PEP 639: an SPDX string, not a table
+    text = (root / "LICENSE").read_text()
+    assert text.startswith("MIT License") and "WITHOUT WARRANTY OF ANY KIND" in text
+    assert "LICENSE" in meta["project"]["license-files"]
