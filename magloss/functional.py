@@ -176,7 +176,8 @@ def _autocasting(t: Tensor) -> bool:
 HALF_ROW_LIMIT = 2.0 ** 15
 
 
-def _autocast(embeddings: Tensor, weight: Tensor, spec: Optional[MarginSpec] = None):
+def _autocast(embeddings: Tensor, weight: Tensor, spec: Optional[MarginSpec] = None, *,
+              bound_factor: Optional[Tensor] = None, limit: float = HALF_ROW_LIMIT):
     """Under autocast (on the embeddings' device), cast the embeddings to the autocast
     dtype, as ``F.linear`` would, before the dtype check. A float32 weight is passed on
     as is: the op rounds it to the embeddings' dtype chunk by chunk and returns its
@@ -195,6 +196,9 @@ def _autocast(embeddings: Tensor, weight: Tensor, spec: Optional[MarginSpec] = N
     scales the logits (SphereFace with ``scale=None``), or MagFace's u_a > 2^14, the
     embeddings stay float32 under float16 autocast and the op runs its float32 path.
 
+    ``bound_factor`` (a float32 scalar tensor) and ``limit`` change the rule to "scale row
+    i when ‖x_i‖·bound_factor > limit" (the softmax baseline bounds its logits this way).
+
     Returns (embeddings, weight, u): u is the [B] float32 tensor of row scales, or None
     when nothing was scaled.
     """
@@ -207,7 +211,8 @@ def _autocast(embeddings: Tensor, weight: Tensor, spec: Optional[MarginSpec] = N
     if embeddings.is_floating_point() and embeddings.dtype not in (torch.float64, dt) and not keep:
         if dt == torch.float16:
             with torch.no_grad():
-                up = half_safe_rows(embeddings.detach().float().norm(dim=1), HALF_ROW_LIMIT)
+                bound = embeddings.detach().float().norm(dim=1)
+                up = half_safe_rows(bound if bound_factor is None else bound * bound_factor, limit)
             embeddings = embeddings * (1.0 / up).to(embeddings.dtype).unsqueeze(1)
         embeddings = embeddings.to(dt)
     if weight.is_floating_point() and weight.dtype not in (torch.float64, torch.float32):
@@ -292,35 +297,32 @@ def softmax_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, bias: Optio
     the fp32 answer instead of Inf/NaN (:func:`half_safe_rows`). ``return_parts=True``
     returns a :class:`LossParts` (reg = 0).
     """
-    autocast_dtype = torch.get_autocast_dtype(embeddings.device.type) if (
-        isinstance(embeddings, Tensor) and _autocasting(embeddings)) else None
+    bound_factor = None             # |z_ij| ≤ ‖x_i‖·max_j ‖w_j‖
+    if isinstance(embeddings, Tensor) and isinstance(weight, Tensor) and _autocasting(embeddings) \
+            and weight.dim() == 2 and weight.numel():
+        with torch.no_grad():
+            bound_factor = weight.detach().float().norm(dim=1).amax()
     raw = embeddings
-    embeddings, weight, _ = _autocast(embeddings, weight)
+    embeddings, weight, up = _autocast(embeddings, weight, bound_factor=bound_factor, limit=2.0 ** 14)
     check_inputs(embeddings, weight, labels)
     check_reduction(reduction)
     check_ignore_index(ignore_index, weight.shape[0], stacklevel=3)
+    check_values(embeddings, weight, labels, ignore_index)
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
         raise ValueError(f"bias: expected shape [{weight.shape[0]}], got {tuple(bias.shape)}")
     ct = compute_dtype(embeddings.dtype)
-    if autocast_dtype == torch.float16 and raw.dtype in (torch.float32, torch.float64) and embeddings is not raw:
-        # logits bounded by ‖x_i‖·max‖w_j‖: scale rows so the half product stays below 2^14
-        with torch.no_grad():
-            bound = raw.detach().float().norm(dim=1) * weight.detach().float().norm(dim=1).max()
-        up = half_safe_rows(bound, 2.0 ** 14)
-        embeddings = (raw * (1.0 / up).to(raw.dtype).unsqueeze(1)).to(torch.float16)
-        check_values(embeddings, weight, labels, ignore_index)
+    if up is None:
+        logits = F.linear(embeddings, weight, None if bias is None else bias.to(weight.dtype))
+    else:                           # the half product of the scaled rows, scaled back in float32
         with torch.autocast(embeddings.device.type, enabled=False):
-            logits = F.linear(embeddings, weight.to(torch.float16)).to(ct) * up.to(ct).unsqueeze(1)
+            logits = F.linear(embeddings, weight.to(embeddings.dtype)).to(ct) * up.to(ct).unsqueeze(1)
         if bias is not None:
             logits = logits + bias.to(ct)
-    else:
-        check_values(embeddings, weight, labels, ignore_index)
-        logits = F.linear(embeddings, weight, None if bias is None else bias.to(weight.dtype))
     rows = F.cross_entropy(logits.to(ct), labels.long(), ignore_index=ignore_index, reduction="none")
     valid = labels != ignore_index
     if not return_parts:
         return _reduce(rows, valid, reduction)
-    norms = raw.detach().to(ct).norm(dim=1) if isinstance(raw, Tensor) else embeddings.to(ct).norm(dim=1)
+    norms = raw.detach().to(ct).norm(dim=1)
     return reduce_rows(rows, torch.zeros_like(rows), norms, valid, None, reduction, 0.0, True)
 
 

@@ -96,6 +96,14 @@ def make_case(case):
     return x, w, y, row_weights
 
 
+def accuracy_labels(x, w, y):
+    """y with every other non-ignored row relabelled to its float64 cosine arg-max."""
+    best = ((x / x.norm(dim=1, keepdim=True)) @ (w / w.norm(dim=1, keepdim=True)).T).argmax(1)
+    y = y.clone()
+    y[::2] = torch.where(y[::2] >= 0, best[::2], y[::2])
+    return y
+
+
 def single_module(case, num_classes):
     _, cls, kwargs, _, _, _, _, reduction, _ = case
     import warnings
@@ -210,6 +218,16 @@ def _phase(rank, world, group, out_dir):
     out = run_forward(head, x_loc, y[lo: lo + sizes[rank]], case, rw)
     res["shard_converter"] = {"type": type(head).__name__, "loss": out.detach(), "gx": x_loc.grad,
                               "gw": head.weight.grad}
+
+    # training accuracy over the global batch: some labels set to the arg-max, so it is not 0
+    case = CASES[CASE_IDS.index("cosface")]
+    x, w, y, _ = make_case(case)
+    y = accuracy_labels(x, w, y)
+    sizes = batch_sizes(case[5], x.shape[0], world)
+    lo = sum(sizes[:rank])
+    head = sharded_module(case, group=group)
+    head.weight.data.copy_(w[head.shard_start: head.shard_end])
+    res["accuracy"] = head.accuracy(x[lo: lo + sizes[rank]], y[lo: lo + sizes[rank]])
 
     # reduce-scatter backward path (NCCL's) on gloo, where this torch supports it
     from magloss.distributed import comm
@@ -574,3 +592,15 @@ def test_torchrun_example_runs(tmp_path):
     weight, state = checkpoint.load_full(str(ck))
     assert weight.shape == (51, 16) and state["momentum_buffer"].shape == (51, 16)
     assert bool(torch.isfinite(weight).all())
+
+
+@pytest.mark.parametrize("world", WORLD_SIZES)
+def test_sharded_accuracy_is_the_global_cosine_argmax(results, world):
+    res, _ = results
+    x, w, y, _ = make_case(CASES[CASE_IDS.index("cosface")])
+    y = accuracy_labels(x, w, y)
+    best = ((x / x.norm(dim=1, keepdim=True)) @ (w / w.norm(dim=1, keepdim=True)).T).argmax(1)   # by hand
+    valid = y != -1
+    expected = int(((best == y) & valid).sum()) / int(valid.sum())
+    for r in range(world):
+        assert float(res[(world, r)]["accuracy"]) == expected

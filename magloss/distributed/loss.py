@@ -283,6 +283,33 @@ class ShardedMarginLoss(nn.Module):
             self.iteration.add_(1)
         return out
 
+    @torch.no_grad()
+    def accuracy(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        """Training accuracy over the global batch, the same 0-d tensor on every rank.
+
+        Collective (every rank calls it). Each rank finds, for every row of the global batch,
+        the arg-max of the plain cosine logits over its whole shard
+        (:func:`magloss.functional.cosine_argmax`, chunked: no B×C_r matrix, no sampling);
+        the per-rank winners ([B] values and global class indices) are all-gathered and
+        the best wins, ties going to the lowest class index as in the single-process
+        :meth:`magloss.MarginLoss.accuracy`, which this equals on the concatenated batch.
+        Rows labelled ``ignore_index`` are not counted; 0 when no row is.
+        """
+        self._check_local(embeddings, labels)
+        group = self.group
+        sizes = [size for size, _, _ in self._gather_header(labels, comm_device(group, embeddings.device))]
+        x_all = gather_rows(embeddings.detach(), sizes, group)
+        labels_all = gather_rows(labels.to(torch.int64), sizes, group)
+        best, arg = MF.cosine_argmax(x_all, self.weight)
+        dev = comm_device(group, embeddings.device)
+        vals = gather_stats(best.to(dev), group)                    # [world, B]
+        idx = gather_stats((arg + self.shard_start).to(dev), group)
+        winner = vals.argmax(dim=0, keepdim=True)                   # first max: the lowest rank, lowest class
+        pred = idx.gather(0, winner).squeeze(0).to(labels_all.device)
+        valid = labels_all != self.ignore_index
+        ct = best.dtype
+        return ((pred == labels_all) & valid).sum().to(ct) / valid.sum().clamp_min(1).to(ct)
+
     def extra_repr(self) -> str:
         s = self.spec
         return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
