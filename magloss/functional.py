@@ -12,6 +12,12 @@ Common arguments (all functions):
 * ``reduction``: ``"mean"`` (over non-ignored rows), ``"sum"`` or ``"none"`` ([B], 0 on
   ignored rows). A mean over zero rows (empty batch, or every row ignored) is 0 with
   zero gradients, where ``F.cross_entropy`` would return NaN.
+* ``return_parts``: return a :class:`LossParts` (loss, ce, reg, norms, reg_weighted)
+  instead of the loss tensor. Every loss has it.
+
+Errors are raised in the caller's words: TypeError/ValueError naming the argument (a
+weight in the [D, C] layout is named as transposed; ArcFace's and CosFace's ``margin``
+is named ``margin``, in radians). An ``ignore_index`` inside [0, C) warns.
 
 The margin, softmax and reductions run in float32 (float64 for float64 inputs); the
 returned loss has that dtype. Logits: z_ij = s·c_ij, z_iy = s·ψ(c_iy, a_i), with

@@ -137,7 +137,7 @@ class ShardedMarginLoss(nn.Module):
         if not isinstance(ddp_backbone, bool):
             raise TypeError(f"ddp_backbone: expected a bool, got {type(ddp_backbone).__name__}")
         self.ddp_backbone = ddp_backbone
-        self.ignore_index = MF.check_ignore_index(ignore_index)
+        self.ignore_index = MF.check_ignore_index(ignore_index)   # the named heads warned via their prototype
         self.reduction = MF.check_reduction(reduction)
         self.shard_start, self.shard_end = shard_range(num_classes, self.world_size, self.rank)
         self._check_consistent()
