@@ -72,6 +72,8 @@ FAMILIES = [
     ("cosface", lambda x, w, y, **k: MF.cosface_loss(x, w, y, **k)),
     ("magface", lambda x, w, y, **k: MF.magface_loss(x, w, y, **k)),
     ("magcosface", lambda x, w, y, **k: MF.magcosface_loss(x, w, y, **k)),
+    # u_a above 2^14: m(a) varies at the rescaled rows' magnitudes, so they must stay float32
+    ("magface_large_u_a", lambda x, w, y, **k: MF.magface_loss(x, w, y, l_a=10.0, u_a=1e5, u_m=1.2, **k)),
     ("sphereface_fixed_scale", lambda x, w, y, **k: MF.sphereface_loss(x, w, y, 4, 30.0, 100.0, **k)),
     ("sphereface_norm_scale", lambda x, w, y, **k: MF.sphereface_loss(x, w, y, 4, None, 100.0, **k)),
 ]
