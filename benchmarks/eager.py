@@ -22,7 +22,7 @@ Gradients are autograd's, i.e. the exact derivatives (not insightface's no_grad
 "straight-through" margin), which is also magloss' default: tests/test_benchmarks.py
 checks loss and gradients against :mod:`magloss.reference` in float64.
 
-Boundary policies, as upstream and as shared/DESIGN.md §1:
+Boundary policies, as upstream and as docs/math.md §1:
 * ArcFace: threshold form, ψ = c − m·sin m where θ + m > π (c ≤ cos(π − m)).
 * MagFace: easy margin, ψ = c where c ≤ 0.
 * CosFace: ψ = c − m everywhere.

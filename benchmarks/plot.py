@@ -7,7 +7,7 @@ For each batch size B in the run, four figures (rows: precision, columns: loss; 
 
 * ``<stem>_B<B>_time.png``        median time per call vs C, one line per provider
 * ``<stem>_B<B>_memory.png``      peak extra memory vs C (CUDA runs only)
-* ``<stem>_B<B>_ratio_eager.png`` time / eager time (same loss, precision, shape); DESIGN §6 targets dashed
+* ``<stem>_B<B>_ratio_eager.png`` time / eager time (same loss, precision, shape); the README's performance targets dashed
 * ``<stem>_B<B>_ratio_floor.png`` time / floor time (bare products of the same shapes)
 
 Plain-CE peers (Liger, CCE) and the floor do not depend on the loss and appear in every

@@ -23,7 +23,7 @@ bytes of the gradients of x and W (bwd, full). For bwd the peak is taken after t
 forward, so it includes the tensors the forward saved. On CPU it is null (no allocator
 statistics).
 
-Effective TFLOP/s counts 2·B·D·C flops per matrix product (shared/DESIGN.md §6) and
+Effective TFLOP/s counts 2·B·D·C flops per matrix product (the shape of record of the README's performance targets) and
 the minimal number of products: fwd 1 (X·Wᵀ), bwd 2 (G·W and Gᵀ·X), full 3, for every
 provider alike; work a provider does beyond that (recomputing logits, normalizations,
 elementwise passes) is not counted.
@@ -62,7 +62,7 @@ except ImportError:  # pragma: no cover
 MODES = ["fwd", "bwd", "full"]
 PRODUCTS = {"fwd": 1, "bwd": 2, "full": 3}
 SCHEMA = "magloss-bench/1"
-SHAPE_OF_RECORD = (512, 85742, 512)   # B, C, D (shared/DESIGN.md §6)
+SHAPE_OF_RECORD = (512, 85742, 512)   # B, C, D (README.md, Benchmarks)
 
 DEFAULT_PROVIDERS = ["magloss", "reference", "eager", "compile", "pml", "liger", "cce", "floor"]
 GRIDS: Dict[str, dict] = {

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""README-ready markdown from one results JSON: ratios and the shared/DESIGN.md §6 targets.
+"""README-ready markdown from one results JSON: ratios and the performance targets of README.md (Benchmarks).
 
     python benchmarks/summary.py benchmarks/results/RUN.json [--subject magloss] [--B 512 --C 85742 --D 512]
 
@@ -170,7 +170,7 @@ def targets(res: Results, subject: str, shape) -> List[str]:
         span = f"{Cs[-2]:,}→{Cs[-1]:,}" if len(Cs) >= 2 else "one C only"
         txt = ", ".join(f"{l} {'n/a' if v is None else f'slope {v:.2f}'}" for l, v in zip(losses, vals))
         add(f"time linear in C (log-log slope {span} ≤ 1.1), {prec}", (vals, txt), lambda v: v <= 1.1)
-    return ["| DESIGN §6 target | measured (B={}, C={:,}, D={}, forward+backward) | status |".format(B, C, D),
+    return ["| performance target | measured (B={}, C={:,}, D={}, forward+backward) | status |".format(B, C, D),
             "| --- | --- | --- |"] + rows
 
 
@@ -200,7 +200,7 @@ def summarize(doc: dict, subject: str = "magloss", shape=None) -> str:
     if subject == "magloss":
         out += ["", *targets(res, subject, shape)]
     else:
-        out += ["", "(The DESIGN §6 targets are the fused engine's; they are evaluated for `--subject magloss` only.)"]
+        out += ["", "(The performance targets are the fused engine's; they are evaluated for `--subject magloss` only.)"]
     return "\n".join(out)
 
 

@@ -5,7 +5,7 @@
 // around them. Each launcher enqueues exactly ONE kernel on `stream` and does not check
 // for launch errors: the caller runs C10_CUDA_KERNEL_LAUNCH_CHECK() right after it.
 //
-// Notation (shared/DESIGN.md §1-2): x [B, D] embeddings of element type `dtype`, W [C, D] class
+// Notation (docs/math.md §1-2): x [B, D] embeddings of element type `dtype`, W [C, D] class
 // matrix of element type `w_dtype` (both row-major contiguous). w_dtype is dtype, or F32 with
 // a half dtype (the autocast pair): then every kernel rounds each W element to dtype on load,
 // so the math sees exactly W rounded to dtype, and dL/dW is written as F32. a_i = ||x_i||, inv_a_i = 1/max(a_i, 1e-12),

@@ -3,7 +3,7 @@
 //
 // This file mirrors magloss/margins.py line by line (that module is the contract; keep
 // the two in step). Everything is float32: the CUDA engine runs all margin, softmax and
-// reduction math in fp32 whatever the input dtype (shared/DESIGN.md §1).
+// reduction math in fp32 whatever the input dtype (docs/math.md §1).
 //
 // Families (MarginParams::kind, the same integers as magloss.margins):
 //   0 COMBINED  psi = cos(m1*theta + m2) - m3   (m1 == 1 uses the acos-free closed form)

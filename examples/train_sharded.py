@@ -19,9 +19,10 @@ writes a checkpoint that ``--resume DIR`` reads back at any world size (the clas
 matrix and its optimizer state are resharded; see magloss.checkpoint).
 
 Gradient scale: the sharded loss is the global mean over every rank's rows and is the
-same on every rank. DDP averages the backbone's gradients over ranks, so the embeddings
-go through ``magloss.distributed.undo_ddp_average`` (gradient × world size): the
-backbone then receives exactly the gradient of the global mean loss, like the head.
+same on every rank. DDP averages the backbone's gradients over ranks; the sharded head
+compensates by default (``ddp_backbone=True``: it multiplies the embeddings' gradient by
+the world size), so the backbone receives exactly the gradient of the global mean loss,
+like the head.
 """
 
 from __future__ import annotations
@@ -145,7 +146,7 @@ def main(argv=None):
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=args.amp):
             embeddings = model(images)
-            loss = head(mdist.undo_ddp_average(embeddings), labels)
+            loss = head(embeddings, labels)        # the head compensates DDP's averaging
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()

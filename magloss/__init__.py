@@ -13,7 +13,7 @@ Quick start::
 
 from . import checkpoint, distributed, evaluation, functional, margins, ops, quality  # noqa: F401  (ops registers the custom ops)
 from ._ext import extension_status, flush_input_checks
-from .functional import MagFaceOutput
+from .functional import LossParts, MagFaceOutput
 from .interop import load_magface_weight
 from .losses import (
     ArcFaceLoss,
@@ -34,6 +34,7 @@ __all__ = [
     "ArcFaceLoss",
     "CombinedMarginLoss",
     "CosFaceLoss",
+    "LossParts",
     "MagCosFaceLoss",
     "MagFaceLoss",
     "MagFaceOutput",

@@ -11,13 +11,33 @@
 
 Decision rule everywhere: a pair is declared "same identity" when ``score > threshold``.
 
+Conventions shared by every function here and in :mod:`magloss.quality`:
+
+* Inputs: tensors (any device), numpy arrays or sequences. NaN or Inf in any score,
+  quality, magnitude or embedding is a ``ValueError`` naming the argument and the first
+  bad index (a NaN score has no place in a sorted list, and would silently count as
+  the best or the worst pair). Arguments that are lists of values (``fars``, ``topk``,
+  ``reject_fractions``) also accept a single number.
+* Counts derived from a fraction (the impostors allowed at an FMR, the pairs rejected
+  at a reject fraction, Partial FC's sample size) are exact: the fraction is read as
+  the decimal it prints as (``0.29`` is 29/100, not the binary double just below it),
+  see :func:`fraction_count`.
+* Returns: a scalar metric is a Python ``float`` computed in float64 from exact counts
+  (no float32 rounding); several metrics come as a ``dict`` of such floats; curves
+  (ROC) are numpy float64 arrays; per-sample values computed from embeddings
+  (:func:`cosine_scores`, and the magnitudes and quality scores of
+  :mod:`magloss.quality`) are torch tensors on the input's device.
+
 Core functions need only torch and numpy; ROC, TAR@FAR and clustering need
 scikit-learn (``pip install magloss[eval]``).
 """
 
 from __future__ import annotations
 
-from typing import Dict, Sequence
+import math
+import warnings
+from fractions import Fraction
+from typing import Dict, Sequence, Union
 
 import numpy as np
 import torch
@@ -33,7 +53,66 @@ __all__ = [
     "identification_topk",
     "cluster_embeddings",
     "clustering_scores",
+    "fraction_count",
+    "check_finite",
 ]
+
+
+def fraction_count(fraction: float, n: int, rounding: str = "floor") -> int:
+    """``floor(fraction·n)`` (or ``ceil``), computed exactly.
+
+    The fraction is read as the shortest decimal that prints as it (``repr``), so
+    ``fraction_count(0.29, 100) == 29`` and ``fraction_count(3e-4, 10000) == 3``, where
+    ``math.floor(0.29 * 100)`` gives 28 because the double nearest 0.29 times 100 rounds
+    to 28.999999999999996. Integer arithmetic on :class:`fractions.Fraction` from there.
+
+    Args:
+        fraction: a finite float (Python, numpy or 0-d tensor). n: a non-negative int.
+        rounding: ``"floor"`` (default) or ``"ceil"``.
+
+    Returns:
+        int.
+    """
+    f = Fraction(repr(float(fraction)))
+    q = f * int(n)
+    if rounding == "floor":
+        return math.floor(q)
+    if rounding == "ceil":
+        return math.ceil(q)
+    raise ValueError(f"rounding: expected 'floor' or 'ceil', got {rounding!r}")
+
+
+def check_finite(values: Union[np.ndarray, torch.Tensor], name: str) -> None:
+    """Raise ValueError naming ``name`` and the first index when ``values`` holds NaN or Inf."""
+    if isinstance(values, torch.Tensor):
+        bad = ~torch.isfinite(values.detach())
+        if bad.any():
+            idx = tuple(int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"{name}: expected finite values, got {values[idx].item()} at index "
+                             f"{idx[0] if len(idx) == 1 else idx}")
+        return
+    bad = ~np.isfinite(values)
+    if bad.any():
+        idx = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"{name}: expected finite values, got {values[idx]} at index "
+                         f"{idx[0] if len(idx) == 1 else idx}")
+
+
+def _as_list(values, name: str) -> list:
+    """A single number or a sequence of numbers -> a list (``fars=1e-3`` == ``fars=[1e-3]``)."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().reshape(-1).tolist()
+    elif isinstance(values, np.ndarray):
+        values = values.reshape(-1).tolist()
+    elif isinstance(values, (int, float, np.integer, np.floating)) and not isinstance(values, bool):
+        values = [values]
+    try:
+        out = list(values)
+    except TypeError:
+        raise TypeError(f"{name}: expected a number or a sequence of numbers, got {type(values).__name__}") from None
+    if not out:
+        raise ValueError(f"{name}: expected at least one value, got an empty sequence")
+    return out
 
 
 def _require_sklearn():
@@ -60,6 +139,8 @@ def _np1d(x, name: str, dtype=np.float64) -> np.ndarray:
         return a.astype(bool)
     if not np.issubdtype(a.dtype, np.number) and a.dtype != bool:
         raise TypeError(f"{name} must be numeric, got dtype {a.dtype}")
+    if np.issubdtype(a.dtype, np.floating):
+        check_finite(a, name)
     return a.astype(dtype)
 
 
@@ -70,8 +151,6 @@ def _scores_labels(scores, is_same):
         raise ValueError(f"scores and is_same must have one shape, got {s.shape} and {y.shape}")
     if s.size == 0:
         raise ValueError("scores must not be empty")
-    if not np.isfinite(s).all():
-        raise ValueError("scores must be finite")
     return s, y
 
 
@@ -88,6 +167,8 @@ def cosine_scores(emb_a, emb_b, eps: float = 1e-12) -> torch.Tensor:
     b = torch.as_tensor(emb_b)
     if a.dim() != 2 or a.shape != b.shape:
         raise ValueError(f"emb_a and emb_b must both be [P, D] of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    check_finite(a, "emb_a")
+    check_finite(b, "emb_b")
     a = a.float()
     b = b.float()
     a = a / torch.linalg.vector_norm(a, dim=1, keepdim=True).clamp_min(eps)
@@ -207,24 +288,48 @@ def threshold_at_fmr(impostor_scores, fmr: float) -> float:
     """Lowest threshold whose false-match rate on the impostor scores is at most ``fmr``.
 
     With the impostor scores sorted descending ``s_(1) >= s_(2) >= ...`` and
-    ``k = floor(fmr · n)``, the threshold is ``t = s_(k+1)``; pairs with ``score > t``
+    ``k = floor(fmr · n)`` (exact: :func:`fraction_count`), the threshold is ``t = s_(k+1)``; pairs with ``score > t``
     match, so at most ``k`` impostors do (fewer under ties), and any lower threshold
     would let ``k + 1`` through.
 
     Args:
-        impostor_scores: ``[n]`` float scores of different-identity pairs, ``n >= 1``.
+        impostor_scores: ``[n]`` finite float scores of different-identity pairs, ``n >= 1``.
         fmr: in ``(0, 1)``.
 
     Returns:
         the threshold as a Python float.
+
+    Raises:
+        ValueError: empty or non-finite ``impostor_scores``, ``fmr`` outside (0, 1).
+
+    Warns:
+        UserWarning when ``fmr < 1/n``: no impostor may pass, so the threshold is the
+        largest impostor score and the FMR it achieves (0) says nothing about ``fmr``.
     """
     s = _np1d(impostor_scores, "impostor_scores")
     if s.size == 0:
         raise ValueError("impostor_scores must not be empty")
-    if not (0.0 < float(fmr) < 1.0):
-        raise ValueError(f"fmr must be in (0, 1), got {fmr}")
-    k = int(np.floor(float(fmr) * s.size))
+    fmr = _check_rate(fmr, "fmr", upper_open=True)
+    k = fraction_count(fmr, s.size)
+    if k == 0:
+        _warn_unmeasurable("fmr", fmr, s.size)
     return float(np.sort(s)[::-1][k])
+
+
+def _check_rate(value, name: str, upper_open: bool) -> float:
+    """A rate in (0, 1) (or (0, 1] when not ``upper_open``), NaN rejected, as a float."""
+    v = float(value)
+    ok = 0.0 < v < 1.0 if upper_open else 0.0 < v <= 1.0
+    if not ok:
+        raise ValueError(f"{name}: expected a rate in (0, {'1)' if upper_open else '1]'}, got {value}")
+    return v
+
+
+def _warn_unmeasurable(name: str, rate: float, n_impostor: int) -> None:
+    warnings.warn(
+        f"{name}={rate:g} is below 1/{n_impostor} (one impostor pair of {n_impostor}): not measurable on this "
+        f"set; the operating point used lets no impostor pass. Use at least {math.ceil(1 / rate)} impostor "
+        "pairs to measure it", UserWarning, stacklevel=3)
 
 
 def roc(scores, is_same) -> Dict:
@@ -248,28 +353,34 @@ def roc(scores, is_same) -> Dict:
     return {"fpr": fpr, "tpr": tpr, "thresholds": thr, "auc": float(auc(fpr, tpr))}
 
 
-def tar_at_far(scores, is_same, fars: Sequence[float] = (1e-3, 1e-2, 1e-1)) -> Dict[float, float]:
+def tar_at_far(scores, is_same, fars: Union[float, Sequence[float]] = (1e-3, 1e-2, 1e-1)) -> Dict[float, float]:
     """True-accept rate at given false-accept rates, read off the scikit-learn ROC.
 
-    ``TAR@FAR(f) = max { tpr_t : fpr_t <= f }`` over the ROC operating points
-    (0 when no point qualifies). With few impostor pairs, FARs below ``1/n_impostor``
-    are only reachable at ``fpr = 0``.
+    ``TAR@FAR(f) = max { tpr_t : fp_t <= floor(f · n_impostor) }`` over the ROC
+    operating points, with the false-positive count ``fp_t`` compared as an integer
+    (:func:`fraction_count`; no float tolerance). The point ``fp = 0`` always exists.
 
     Args:
         scores: ``[P]`` float similarities. is_same: ``[P]`` bool.
-        fars: FARs in ``(0, 1]``; default ``(1e-3, 1e-2, 1e-1)``.
+        fars: one FAR or a sequence of FARs in ``(0, 1]``; default ``(1e-3, 1e-2, 1e-1)``.
 
     Returns:
-        dict ``{far: tar}`` (float keys, in the given order).
+        dict ``{far: tar}`` (float keys, in the given order), also for a single ``far``.
+
+    Warns:
+        UserWarning for each FAR below ``1/n_impostor``: not measurable with that few
+        impostor pairs; the value returned is the TAR at zero false accepts.
     """
+    fars = [_check_rate(f, "fars", upper_open=False) for f in _as_list(fars, "fars")]
     r = roc(scores, is_same)
+    n_imp = int(np.count_nonzero(~_np1d(is_same, "is_same", dtype=bool)))
+    fp = np.rint(r["fpr"] * n_imp).astype(np.int64)      # sklearn's fpr is fp / n_imp: exact back to counts
     out = {}
     for f in fars:
-        f = float(f)
-        if not (0.0 < f <= 1.0):
-            raise ValueError(f"fars must lie in (0, 1], got {f}")
-        ok = r["fpr"] <= f + 1e-12
-        out[f] = float(r["tpr"][ok].max()) if ok.any() else 0.0
+        allowed = fraction_count(f, n_imp)
+        if allowed == 0:
+            _warn_unmeasurable("fars", f, n_imp)
+        out[f] = float(r["tpr"][fp <= allowed].max())
     return out
 
 
@@ -286,7 +397,7 @@ def identification_topk(
     probe_labels,
     gallery,
     gallery_labels,
-    topk: Sequence[int] = (1, 5),
+    topk: Union[int, Sequence[int]] = (1, 5),
     backend: str = "auto",
     batch_size: int = 4096,
 ) -> Dict[str, float]:
@@ -301,13 +412,14 @@ def identification_topk(
     Args:
         probe: ``[Np, D]`` float; probe_labels: ``[Np]`` int.
         gallery: ``[Ng, D]`` float; gallery_labels: ``[Ng]`` int.
-        topk: the ``k`` values (positive ints); default ``(1, 5)``.
+        topk: one ``k`` or a sequence of them (positive ints); default ``(1, 5)``.
         backend: ``"torch"`` (default path: exact matrix product in chunks of
             ``batch_size`` probes), ``"faiss"`` (``IndexFlatIP``, exact; needs faiss),
             or ``"auto"`` (faiss when importable, else torch).
 
     Returns:
-        dict ``{"top{k}": accuracy}``.
+        dict ``{"top{k}": accuracy}`` (exact hits / probes, a Python float), also for a
+        single ``k``.
     """
     if backend not in ("auto", "torch", "faiss"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'faiss', got {backend!r}")
@@ -323,9 +435,12 @@ def identification_topk(
         raise ValueError(f"gallery_labels must have {g.shape[0]} entries, got {gl.numel()}")
     if g.shape[0] == 0 or p.shape[0] == 0:
         raise ValueError("probe and gallery must not be empty")
-    ks = [int(k) for k in topk]
-    if not ks or any(k < 1 for k in ks):
-        raise ValueError(f"topk must be positive integers, got {list(topk)}")
+    check_finite(p, "probe")
+    check_finite(g, "gallery")
+    ks = _as_list(topk, "topk")
+    if any(isinstance(k, bool) or int(k) != k or k < 1 for k in ks):
+        raise ValueError(f"topk: expected positive integers, got {ks}")
+    ks = [int(k) for k in ks]
     kmax = min(max(ks), g.shape[0])
     p = torch.nn.functional.normalize(p, dim=1)
     g = torch.nn.functional.normalize(g, dim=1)
@@ -348,7 +463,8 @@ def identification_topk(
             parts.append(sim.topk(kmax, dim=1).indices.cpu())
         idx = torch.cat(parts)
     hit = gl[idx] == pl[:, None]  # [Np, kmax]
-    return {f"top{k}": float(hit[:, : min(k, kmax)].any(dim=1).float().mean()) for k in ks}
+    n = hit.shape[0]
+    return {f"top{k}": int(hit[:, : min(k, kmax)].any(dim=1).sum()) / n for k in ks}
 
 
 def cluster_embeddings(features, n_clusters: int, method: str = "kmeans", seed: int = 0) -> np.ndarray:
@@ -369,6 +485,7 @@ def cluster_embeddings(features, n_clusters: int, method: str = "kmeans", seed: 
     x = torch.as_tensor(features).float()
     if x.dim() != 2:
         raise ValueError(f"features must be [N, D], got shape {tuple(x.shape)}")
+    check_finite(x, "features")
     n_clusters = int(n_clusters)
     if not (1 <= n_clusters <= x.shape[0]):
         raise ValueError(f"n_clusters must be in [1, {x.shape[0]}], got {n_clusters}")

@@ -12,26 +12,36 @@ Common arguments (all functions):
 * ``reduction``: ``"mean"`` (over non-ignored rows), ``"sum"`` or ``"none"`` ([B], 0 on
   ignored rows). A mean over zero rows (empty batch, or every row ignored) is 0 with
   zero gradients, where ``F.cross_entropy`` would return NaN.
+* ``return_parts``: return a :class:`LossParts` (loss, ce, reg, norms, reg_weighted)
+  instead of the loss tensor. Every loss has it.
+
+Errors are raised in the caller's words: TypeError/ValueError naming the argument (a
+weight in the [D, C] layout is named as transposed; ArcFace's and CosFace's ``margin``
+is named ``margin``, in radians). An ``ignore_index`` inside [0, C) warns.
 
 The margin, softmax and reductions run in float32 (float64 for float64 inputs); the
 returned loss has that dtype. Logits: z_ij = s·c_ij, z_iy = s·ψ(c_iy, a_i), with
-c_ij = x̂_i·ŵ_j; CE_i = logsumexp_j z_ij − z_iy (shared/DESIGN.md §1).
+c_ij = x̂_i·ŵ_j; CE_i = logsumexp_j z_ij − z_iy (docs/math.md §1).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+import warnings
+from typing import Dict, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
-from .reference import check_values, is_autocast_pair
-from .margins import MarginSpec, sphere_lambda as _sphere_lambda_schedule
+from .reference import check_values, compute_dtype, is_autocast_pair
+from .margins import NORM_EPS, MarginSpec, sphere_lambda as _sphere_lambda_schedule
 
 __all__ = [
+    "LossParts",
     "MagFaceOutput",
+    "accuracy",
+    "cosine_argmax",
     "margin_loss",
     "softmax_loss",
     "normface_loss",
@@ -48,19 +58,29 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INTS = (torch.int64, torch.int32)
 
 
-class MagFaceOutput(NamedTuple):
-    """What MagFace-style losses return with ``return_parts=True``.
+class LossParts(NamedTuple):
+    """What every loss returns with ``return_parts=True``, from the same pass.
 
-    loss: the total, ce + λ_g·reg (reduced as asked).
+    loss: the total, ``ce + reg_weighted`` (reduced as asked; what you backpropagate).
     ce: the reduced cross-entropy term.
-    reg: the reduced regularizer g(ã) (unweighted, as the MagFace code logs ``loss_g``).
-    norms: [B] the magnitudes a_i = ‖x_i‖ (float32, float64 for float64 input).
+    reg: the reduced regularizer g(ã), **unweighted** (as the MagFace code logs
+        ``loss_g``); 0 for losses without one.
+    norms: [B] the magnitudes a_i = ‖x_i‖ of the embeddings as given (float32, float64
+        for float64 input; detach before logging).
+    reg_weighted: λ_g·reg, the regularizer as it enters ``loss`` (0 without one).
+
+    The first four fields keep the order of the former ``MagFaceOutput`` (an alias).
     """
 
     loss: Tensor
     ce: Tensor
     reg: Tensor
     norms: Tensor
+    reg_weighted: Tensor
+
+
+#: The former name of :class:`LossParts` (MagFace losses only); same class.
+MagFaceOutput = LossParts
 
 
 def check_reduction(reduction: str) -> str:
@@ -70,11 +90,32 @@ def check_reduction(reduction: str) -> str:
     return reduction
 
 
-def check_ignore_index(ignore_index) -> int:
-    """Raise TypeError unless ``ignore_index`` is an int."""
+def check_ignore_index(ignore_index, num_classes: Optional[int] = None, stacklevel: int = 3) -> int:
+    """Raise TypeError unless ``ignore_index`` is an int. With ``num_classes``, warn
+    (UserWarning) when it is a class index in [0, num_classes): the rows of that class
+    would be dropped from the loss and the class never learned."""
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    if num_classes is not None and 0 <= ignore_index < num_classes:
+        warnings.warn(f"ignore_index={ignore_index} is a class index in [0, {num_classes}): rows labelled "
+                      f"{ignore_index} add nothing to the loss and class {ignore_index} is never learned. "
+                      "Use a negative value (the default is -1) unless that is what you mean",
+                      UserWarning, stacklevel=stacklevel)
     return ignore_index
+
+
+def named_spec(build, names: Dict[str, str], *args, **kwargs) -> MarginSpec:
+    """``build(*args, **kwargs)`` (a :class:`MarginSpec` constructor), with a ValueError about
+    one of the spec's own parameters re-worded in the caller's names (``names``, e.g.
+    ``{"m2": "margin"}`` for ArcFace, whose ``margin`` is the spec's m2)."""
+    try:
+        return build(*args, **kwargs)
+    except ValueError as exc:
+        msg = str(exc)
+        for spec_name, caller_name in names.items():
+            if msg.startswith(spec_name + ":"):
+                raise ValueError(caller_name + msg[len(spec_name):]) from None
+        raise
 
 
 def check_types(**tensors: Tensor) -> None:
@@ -106,6 +147,12 @@ def check_inputs(embeddings: Tensor, weight: Tensor, labels: Tensor) -> None:
         raise ValueError(f"labels: expected shape [B], got {tuple(labels.shape)}")
     if weight.shape[0] == 0:
         raise ValueError("weight: expected at least one class, got C = 0")
+    if embeddings.shape[1] != weight.shape[1] and embeddings.shape[1] == weight.shape[0]:
+        raise ValueError(
+            f"weight: expected the layout [C, D] (one row per class, as nn.Linear) with D = {embeddings.shape[1]} "
+            f"(the embeddings' size), got {tuple(weight.shape)}: it looks transposed, [D, C] as the MagFace code "
+            "and pytorch-metric-learning store it; pass weight.t() (or magloss.load_magface_weight for a checkpoint)"
+        )
     if embeddings.shape[1] != weight.shape[1]:
         raise ValueError(
             f"embeddings: expected embedding size D = {weight.shape[1]} (weight is {tuple(weight.shape)}), "
@@ -130,20 +177,53 @@ def _autocasting(t: Tensor) -> bool:
     return dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev)
 
 
-def _autocast(embeddings: Tensor, weight: Tensor):
+#: Under float16 autocast, rows with ‖x_i‖ above this are scaled down by a power of two
+#: before the cast (:func:`_autocast`); after scaling their magnitude lies in (2^14, 2^15].
+HALF_ROW_LIMIT = 2.0 ** 15
+
+
+def _autocast(embeddings: Tensor, weight: Tensor, spec: Optional[MarginSpec] = None, *,
+              bound_factor: Optional[Tensor] = None, limit: float = HALF_ROW_LIMIT):
     """Under autocast (on the embeddings' device), cast the embeddings to the autocast
     dtype, as ``F.linear`` would, before the dtype check. A float32 weight is passed on
     as is: the op rounds it to the embeddings' dtype chunk by chunk and returns its
     gradient in float32 (see :mod:`magloss.ops`), so no C×D half copy of W is made or
-    kept for the backward. Other weight dtypes are cast too. float64 is never cast."""
+    kept for the backward. Other weight dtypes are cast too. float64 is never cast.
+
+    float16 has a range of ±65504: a finite float32 embedding with a larger entry (or a
+    larger norm) would become Inf in the cast. So under float16 autocast each row's
+    magnitude a_i is computed in float32 first, and a row with a_i > 2^15 is divided by
+    a power of two u_i (exact: no rounding changes) so that its magnitude lies in
+    (2^14, 2^15]; rows within range are cast unchanged (u_i = 1). Cosines do not depend
+    on the scale; the op's ``norms`` are multiplied back by u_i by the caller, and the
+    gradient flows through the exact scaling. The magnitude-dependent terms see the
+    scaled magnitude, which changes nothing where they are clamped: MagFace's m(a) and
+    g(a) clamp at u_a, so this is exact when u_a ≤ 2^14. Where the magnitude itself
+    scales the logits (SphereFace with ``scale=None``), or MagFace's u_a > 2^14, the
+    embeddings stay float32 under float16 autocast and the op runs its float32 path.
+
+    ``bound_factor`` (a float32 scalar tensor) and ``limit`` change the rule to "scale row
+    i when ‖x_i‖·bound_factor > limit" (the softmax baseline bounds its logits this way).
+
+    Returns (embeddings, weight, u): u is the [B] float32 tensor of row scales, or None
+    when nothing was scaled.
+    """
     if not (isinstance(embeddings, Tensor) and isinstance(weight, Tensor)) or not _autocasting(embeddings):
-        return embeddings, weight          # check_inputs names the culprit
+        return embeddings, weight, None    # check_inputs names the culprit
     dt = torch.get_autocast_dtype(embeddings.device.type)
-    if embeddings.is_floating_point() and embeddings.dtype != torch.float64:
+    up = None
+    keep = dt == torch.float16 and spec is not None and (
+        spec.scale_by_norm or (spec.has_regularizer and spec.u_a > HALF_ROW_LIMIT / 2))
+    if embeddings.is_floating_point() and embeddings.dtype not in (torch.float64, dt) and not keep:
+        if dt == torch.float16:
+            with torch.no_grad():
+                bound = embeddings.detach().float().norm(dim=1)
+                up = half_safe_rows(bound if bound_factor is None else bound * bound_factor, limit)
+            embeddings = embeddings * (1.0 / up).to(embeddings.dtype).unsqueeze(1)
         embeddings = embeddings.to(dt)
     if weight.is_floating_point() and weight.dtype not in (torch.float64, torch.float32):
-        weight = weight.to(dt)
-    return embeddings, weight
+        weight = weight.to(torch.float32 if embeddings.dtype == torch.float32 else dt)
+    return embeddings, weight, up
 
 
 def _reduce(rows: Tensor, valid: Tensor, reduction: str) -> Tensor:
@@ -171,108 +251,157 @@ def margin_loss(
 
     Every named loss below is this with a particular spec. ``lambda_g`` weighs MagFace's
     regularizer (ignored by families without one). ``sphere_lambda`` is SphereFace's
-    annealing weight λ (a float or 0-d tensor). With ``return_parts=True`` returns a
-    :class:`MagFaceOutput` instead of the loss tensor.
+    annealing weight λ (a float, computed in the compute dtype, or a 0-d tensor). With
+    ``return_parts=True`` returns a :class:`LossParts` instead of the loss tensor.
     """
-    embeddings, weight = _autocast(embeddings, weight)
+    embeddings, weight, up = _autocast(embeddings, weight, spec)
     check_inputs(embeddings, weight, labels)
     check_reduction(reduction)
-    check_ignore_index(ignore_index)
+    check_ignore_index(ignore_index, weight.shape[0], stacklevel=4)
     if sphere_lambda is not None and not isinstance(sphere_lambda, Tensor):
-        sphere_lambda = torch.tensor(float(sphere_lambda), device=embeddings.device)
+        sphere_lambda = torch.tensor(float(sphere_lambda), dtype=compute_dtype(embeddings.dtype),
+                                     device=embeddings.device)
     lse, zy, reg_rows, norms = ops.margin_ce(embeddings, weight, labels, sphere_lambda,
                                              *spec.op_args(), ignore_index)
+    if up is not None:
+        norms = norms * up.to(norms.dtype)
     return reduce_rows(lse - zy, reg_rows, norms, labels != ignore_index, spec, reduction, lambda_g,
                        return_parts)
 
 
-def reduce_rows(ce_rows: Tensor, reg_rows: Tensor, norms: Tensor, valid: Tensor, spec: MarginSpec,
+def reduce_rows(ce_rows: Tensor, reg_rows: Tensor, norms: Tensor, valid: Tensor, spec: Optional[MarginSpec],
                 reduction: str, lambda_g: float, return_parts: bool):
     """Mask rows that are not ``valid`` to zero (value and gradient), reduce, and add λ_g·reg.
 
-    ce_rows, reg_rows, norms, valid: [B]. Shared by the single-process and sharded heads.
+    ce_rows, reg_rows, norms, valid: [B]; ``spec=None`` means no regularizer (softmax).
+    Shared by the single-process and sharded heads. Returns the loss, or a
+    :class:`LossParts` with ``return_parts``.
     """
     zero = torch.zeros_like(ce_rows)
     ce = _reduce(torch.where(valid, ce_rows, zero), valid, reduction)
-    if spec.has_regularizer:
+    if spec is not None and spec.has_regularizer:
         reg = _reduce(torch.where(valid, reg_rows, zero), valid, reduction)
-        loss = ce + lambda_g * reg
+        reg_weighted = lambda_g * reg
+        loss = ce + reg_weighted
     else:
         reg, loss = torch.zeros_like(ce), ce
+        reg_weighted = reg
     if return_parts:
-        return MagFaceOutput(loss, ce, reg, norms)
+        return LossParts(loss, ce, reg, norms, reg_weighted)
     return loss
 
 
 def softmax_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor] = None, *,
-                 ignore_index: int = -1, reduction: str = "mean") -> Tensor:
+                 ignore_index: int = -1, reduction: str = "mean", return_parts: bool = False):
     """Plain softmax cross-entropy, the unnormalized baseline: z = x·Wᵀ + b.
 
     bias: optional [C]. Runs on PyTorch's own F.linear/F.cross_entropy (no custom op,
     no fused kernel); the softmax is float32. Same checks and reduction rules as the
-    margin losses (mean over zero rows is 0, not NaN).
+    margin losses (mean over zero rows is 0, not NaN). Under float16 autocast, rows whose
+    logits could pass fp16's range (|z_ij| ≤ ‖x_i‖·max_j ‖w_j‖ > 2^14) are scaled down by a
+    power of two for the half product and scaled back in float32, so large logits give
+    the fp32 answer instead of Inf/NaN (:func:`half_safe_rows`). ``return_parts=True``
+    returns a :class:`LossParts` (reg = 0).
     """
-    embeddings, weight = _autocast(embeddings, weight)
+    bound_factor = None             # |z_ij| ≤ ‖x_i‖·max_j ‖w_j‖
+    if isinstance(embeddings, Tensor) and isinstance(weight, Tensor) and _autocasting(embeddings) \
+            and weight.dim() == 2 and weight.numel():
+        with torch.no_grad():
+            bound_factor = weight.detach().float().norm(dim=1).amax()
+    raw = embeddings
+    embeddings, weight, up = _autocast(embeddings, weight, bound_factor=bound_factor, limit=2.0 ** 14)
     check_inputs(embeddings, weight, labels)
     check_reduction(reduction)
-    check_ignore_index(ignore_index)
+    check_ignore_index(ignore_index, weight.shape[0], stacklevel=3)
     check_values(embeddings, weight, labels, ignore_index)
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
         raise ValueError(f"bias: expected shape [{weight.shape[0]}], got {tuple(bias.shape)}")
-    logits = F.linear(embeddings, weight, None if bias is None else bias.to(weight.dtype))
-    ct = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    ct = compute_dtype(embeddings.dtype)
+    if up is None:
+        logits = F.linear(embeddings, weight, None if bias is None else bias.to(weight.dtype))
+    else:                           # the half product of the scaled rows, scaled back in float32
+        with torch.autocast(embeddings.device.type, enabled=False):
+            logits = F.linear(embeddings, weight.to(embeddings.dtype)).to(ct) * up.to(ct).unsqueeze(1)
+        if bias is not None:
+            logits = logits + bias.to(ct)
     rows = F.cross_entropy(logits.to(ct), labels.long(), ignore_index=ignore_index, reduction="none")
-    return _reduce(rows, labels != ignore_index, reduction)
+    valid = labels != ignore_index
+    if not return_parts:
+        return _reduce(rows, valid, reduction)
+    norms = raw.detach().to(ct).norm(dim=1)
+    return reduce_rows(rows, torch.zeros_like(rows), norms, valid, None, reduction, 0.0, True)
+
+
+def half_safe_rows(bound: Tensor, limit: float) -> Tensor:
+    """Per-row powers of two u_i ≥ 1 with bound_i / u_i ≤ ``limit``: dividing row i by u_i
+    before a float16 cast (and multiplying the result back in float32) keeps values below
+    ``limit`` without changing any rounding (scaling by 2^k is exact). Rows already within
+    the limit get u_i = 1, i.e. are left bit for bit as they were. bound: [B] float32."""
+    e = torch.ceil(torch.log2(bound.clamp_min(limit) / limit))
+    return torch.exp2(e.nan_to_num(0.0, posinf=0.0))
 
 
 def normface_loss(embeddings, weight, labels, scale: float = 64.0, *, ignore_index: int = -1,
-                  reduction: str = "mean") -> Tensor:
+                  reduction: str = "mean", return_parts: bool = False):
     """NormFace / normalized softmax: ψ(c) = c, z = s·c. Default s = 64."""
     spec = MarginSpec.combined(scale, 1.0, 0.0, 0.0)
-    return margin_loss(embeddings, weight, labels, spec, ignore_index=ignore_index, reduction=reduction)
+    return margin_loss(embeddings, weight, labels, spec, ignore_index=ignore_index, reduction=reduction,
+                       return_parts=return_parts)
 
 
 def cosface_loss(embeddings, weight, labels, scale: float = 64.0, margin: float = 0.35, *,
-                 straight_through: bool = False, ignore_index: int = -1, reduction: str = "mean") -> Tensor:
+                 straight_through: bool = False, ignore_index: int = -1, reduction: str = "mean",
+                 return_parts: bool = False):
     """CosFace (LMCL): ψ(c) = c − m. Defaults s = 64, m = 0.35."""
-    spec = MarginSpec.combined(scale, 1.0, 0.0, margin, straight_through=straight_through)
-    return margin_loss(embeddings, weight, labels, spec, ignore_index=ignore_index, reduction=reduction)
+    spec = named_spec(MarginSpec.combined, {"m3": "margin"}, scale, 1.0, 0.0, margin,
+                         straight_through=straight_through)
+    return margin_loss(embeddings, weight, labels, spec, ignore_index=ignore_index, reduction=reduction,
+                       return_parts=return_parts)
 
 
 def arcface_loss(embeddings, weight, labels, scale: float = 64.0, margin: float = 0.5,
                  easy_margin: bool = False, *, straight_through: bool = False, ignore_index: int = -1,
-                 reduction: str = "mean") -> Tensor:
+                 reduction: str = "mean", return_parts: bool = False):
     """ArcFace: ψ(c) = cos(θ + m), threshold form c − m·sin m past θ = π − m (or
     ``easy_margin``: margin only where c > 0). Defaults s = 64, m = 0.5.
     ``straight_through=True`` reproduces insightface's no_grad margin (∂ψ/∂c = 1)."""
-    spec = MarginSpec.combined(scale, 1.0, margin, 0.0, easy_margin, straight_through)
-    return margin_loss(embeddings, weight, labels, spec, ignore_index=ignore_index, reduction=reduction)
+    spec = named_spec(MarginSpec.combined, {"m2": "margin"}, scale, 1.0, margin, 0.0, easy_margin,
+                         straight_through)
+    return margin_loss(embeddings, weight, labels, spec, ignore_index=ignore_index, reduction=reduction,
+                       return_parts=return_parts)
 
 
 def combined_margin_loss(embeddings, weight, labels, scale: float = 64.0, m1: float = 1.0, m2: float = 0.5,
                          m3: float = 0.0, easy_margin: bool = False, *, straight_through: bool = False,
-                         ignore_index: int = -1, reduction: str = "mean") -> Tensor:
+                         ignore_index: int = -1, reduction: str = "mean",
+                         return_parts: bool = False):
     """Combined margin: ψ(c) = cos(m1·θ + m2) − m3 (all three applied), with the boundary
     policy of :mod:`magloss.margins`. Defaults s = 64, (m1, m2, m3) = (1, 0.5, 0)."""
     spec = MarginSpec.combined(scale, m1, m2, m3, easy_margin, straight_through)
-    return margin_loss(embeddings, weight, labels, spec, ignore_index=ignore_index, reduction=reduction)
+    return margin_loss(embeddings, weight, labels, spec, ignore_index=ignore_index, reduction=reduction,
+                       return_parts=return_parts)
 
 
 def sphereface_loss(embeddings, weight, labels, margin: int = 4, scale: Optional[float] = None,
                     lambda_=0.0, *, iteration=None, straight_through: bool = False, ignore_index: int = -1,
-                    reduction: str = "mean") -> Tensor:
+                    reduction: str = "mean", return_parts: bool = False):
     """SphereFace (A-Softmax): ψ = (λ·c + (−1)^k cos(mθ) − 2k)/(1 + λ), θ ∈ [kπ/m, (k+1)π/m].
 
     ``margin``: integer m (default 4). ``scale=None`` scales every logit of row i by ‖x_i‖
     (original SphereFace); a float uses a fixed s. ``lambda_``: the annealing weight λ
     (float or 0-d tensor; 0 = pure A-Softmax target). If ``iteration`` (int or 0-d tensor)
-    is given, λ follows the original schedule max(5, 1000·(1 + 0.12·iter)^−1) instead.
+    is given, λ follows the original schedule max(5, 1000·(1 + 0.12·iter)^−1) instead, with
+    ``iter`` the counter as the original code holds it when it computes λ: it advances the
+    counter first, so its first forward uses iter = 1 (λ = 1000/1.12 = 892.857...), as
+    :class:`magloss.SphereFaceLoss` does. λ is computed in the compute dtype (float64 for
+    float64 inputs).
     """
     spec = MarginSpec.sphere(margin, scale, straight_through)
     if iteration is not None:
-        lambda_ = _sphere_lambda_schedule(torch.as_tensor(iteration, device=embeddings.device))
+        lambda_ = _sphere_lambda_schedule(torch.as_tensor(iteration, device=embeddings.device),
+                                          dtype=compute_dtype(embeddings.dtype))
     return margin_loss(embeddings, weight, labels, spec, ignore_index=ignore_index, reduction=reduction,
-                       sphere_lambda=lambda_)
+                       sphere_lambda=lambda_, return_parts=return_parts)
 
 
 def magface_loss(embeddings, weight, labels, scale: float = 64.0, l_a: float = 10.0, u_a: float = 110.0,
@@ -307,3 +436,63 @@ def _check_lambda_g(lambda_g) -> float:
     if not lambda_g >= 0 or lambda_g == float("inf"):
         raise ValueError(f"lambda_g: expected a finite non-negative weight, got {lambda_g}")
     return lambda_g
+
+
+#: Classes per chunk of :func:`cosine_argmax` (B × this many cosines in memory at once).
+ACCURACY_CHUNK_ELEMENTS = 1 << 22
+
+
+def cosine_argmax(embeddings: Tensor, weight: Tensor, *, bias: Optional[Tensor] = None, normalize: bool = True,
+                  chunk_classes: Optional[int] = None):
+    """Row-wise max and arg-max over classes of the plain logits, without a B×C matrix.
+
+    With ``normalize=True`` the logits are the cosines c_ij = x̂_i·ŵ_j (no margin, no
+    scale); otherwise z_ij = x_i·w_j (+ bias_j), the softmax baseline's. Classes are
+    processed in chunks of ``chunk_classes`` (default: about 4M cosines per chunk), in
+    float32 (float64 for float64 inputs) with autocast off, under no_grad. Ties go to
+    the lowest class index.
+
+    embeddings [B, D], weight [C, D]. Returns (values [B] float, indices [B] int64).
+    """
+    check_types(embeddings=embeddings, weight=weight)
+    ct = compute_dtype(embeddings.dtype)
+    B, C = embeddings.shape[0], weight.shape[0]
+    step = int(chunk_classes or max(1, ACCURACY_CHUNK_ELEMENTS // max(B, 1)))
+    if step < 1:
+        raise ValueError(f"chunk_classes: expected a positive int, got {chunk_classes}")
+    with torch.no_grad(), torch.autocast(embeddings.device.type, enabled=False):
+        x = embeddings.to(ct)
+        if normalize:
+            x = F.normalize(x, dim=1, eps=NORM_EPS)
+        best = torch.full((B,), -float("inf"), dtype=ct, device=x.device)
+        arg = torch.zeros(B, dtype=torch.int64, device=x.device)
+        for start in range(0, C, step):
+            w = weight[start:start + step].to(ct)
+            if normalize:
+                w = F.normalize(w, dim=1, eps=NORM_EPS)
+            z = x @ w.t()
+            if bias is not None:
+                z = z + bias[start:start + step].to(ct)
+            v, i = z.max(dim=1)
+            better = v > best
+            best = torch.where(better, v, best)
+            arg = torch.where(better, i + start, arg)
+    return best, arg
+
+
+def accuracy(embeddings: Tensor, weight: Tensor, labels: Tensor, *, ignore_index: int = -1,
+             bias: Optional[Tensor] = None, normalize: bool = True, chunk_classes: Optional[int] = None) -> Tensor:
+    """Training accuracy as users log it: the share of non-ignored rows whose arg-max over
+    the plain cosine logits (no margin) is the label, from :func:`cosine_argmax` (chunked
+    over classes: no B×C matrix). ``normalize=False`` and ``bias`` give the softmax
+    baseline's logits x·Wᵀ + b instead.
+
+    Returns a 0-d float32 tensor (float64 for float64 inputs) on the embeddings' device,
+    without a host synchronization; 0 when every row is ignored (as the loss).
+    """
+    check_inputs(embeddings, weight, labels)
+    _, pred = cosine_argmax(embeddings, weight, bias=bias, normalize=normalize, chunk_classes=chunk_classes)
+    valid = labels != ignore_index
+    hit = (pred == labels.long()) & valid
+    ct = compute_dtype(embeddings.dtype)
+    return hit.sum().to(ct) / valid.sum().clamp_min(1).to(ct)

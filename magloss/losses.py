@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from . import functional as MF
 from .margins import MarginSpec, magface_lambda_g_bound, sphere_lambda
+from .reference import compute_dtype
 
 __all__ = [
     "MarginLoss",
@@ -50,15 +51,32 @@ def _init_common(module: nn.Module, embedding_size, num_classes, ignore_index, r
     """Validate and store the arguments every loss module shares."""
     module.embedding_size = _positive_int("embedding_size", embedding_size)
     module.num_classes = _positive_int("num_classes", num_classes)
-    module.ignore_index = MF.check_ignore_index(ignore_index)
+    module.ignore_index = MF.check_ignore_index(ignore_index, module.num_classes, stacklevel=4)
     module.reduction = MF.check_reduction(reduction)
+
+
+def check_embedding_size(module: nn.Module, embeddings) -> None:
+    """Raise ValueError when ``embeddings`` is not [B, module.embedding_size]; when its width
+    is ``num_classes`` instead, say that the module was probably built with the arguments
+    in pytorch-metric-learning's order (num_classes, embedding_size)."""
+    if not isinstance(embeddings, Tensor) or embeddings.dim() != 2 or embeddings.shape[1] == module.embedding_size:
+        return                              # type and rank errors: the functional checks word them
+    hint = ""
+    if embeddings.shape[1] == module.num_classes:
+        hint = (f"; this module was built with embedding_size={module.embedding_size}, "
+                f"num_classes={module.num_classes}: the arguments are (embedding_size, num_classes), "
+                "pytorch-metric-learning's order is (num_classes, embedding_size)")
+    raise ValueError(f"embeddings: expected shape [B, {module.embedding_size}] (embedding_size), "
+                     f"got {tuple(embeddings.shape)}{hint}")
 
 
 class MarginLoss(nn.Module):
     """Base class: a class matrix ``weight`` [num_classes, embedding_size] and a :class:`MarginSpec`.
 
-    forward(embeddings [B, D], labels [B]) -> loss (0-d, or [B] for reduction='none'),
-    float32 (float64 for float64 inputs).
+    forward(embeddings [B, D], labels [B], return_parts=False) -> loss (0-d, or [B] for
+    reduction='none'), float32 (float64 for float64 inputs); with ``return_parts=True`` a
+    :class:`magloss.functional.LossParts` (loss, ce, reg, norms, reg_weighted) from the
+    same pass. :meth:`accuracy` gives the training accuracy to log.
     """
 
     def __init__(self, embedding_size: int, num_classes: int, spec: MarginSpec, *, ignore_index: int = -1,
@@ -76,11 +94,19 @@ class MarginLoss(nn.Module):
             self.weight.div_(self.weight.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
     def _loss(self, embeddings: Tensor, labels: Tensor, **kw):
+        check_embedding_size(self, embeddings)
         return MF.margin_loss(embeddings, self.weight, labels, self.spec, ignore_index=self.ignore_index,
                               reduction=self.reduction, **kw)
 
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        return self._loss(embeddings, labels)
+    def forward(self, embeddings: Tensor, labels: Tensor, return_parts: bool = False):
+        return self._loss(embeddings, labels, return_parts=return_parts)
+
+    def accuracy(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        """Share of non-ignored rows whose arg-max over the plain cosine logits (no margin)
+        is the label: :func:`magloss.functional.accuracy` (chunked over classes, no B×C
+        matrix, no host sync). 0-d float tensor."""
+        check_embedding_size(self, embeddings)
+        return MF.accuracy(embeddings, self.weight, labels, ignore_index=self.ignore_index)
 
     def extra_repr(self) -> str:
         s = self.spec
@@ -104,7 +130,8 @@ class CosFaceLoss(MarginLoss):
     def __init__(self, embedding_size: int, num_classes: int, scale: float = 64.0, margin: float = 0.35,
                  straight_through: bool = False, **kw) -> None:
         super().__init__(embedding_size, num_classes,
-                         MarginSpec.combined(scale, 1.0, 0.0, margin, straight_through=straight_through), **kw)
+                         MF.named_spec(MarginSpec.combined, {"m3": "margin"}, scale, 1.0, 0.0, margin,
+                         straight_through=straight_through), **kw)
 
 
 class ArcFaceLoss(MarginLoss):
@@ -118,7 +145,8 @@ class ArcFaceLoss(MarginLoss):
     def __init__(self, embedding_size: int, num_classes: int, scale: float = 64.0, margin: float = 0.5,
                  easy_margin: bool = False, straight_through: bool = False, **kw) -> None:
         super().__init__(embedding_size, num_classes,
-                         MarginSpec.combined(scale, 1.0, margin, 0.0, easy_margin, straight_through), **kw)
+                         MF.named_spec(MarginSpec.combined, {"m2": "margin"}, scale, 1.0, margin, 0.0, easy_margin,
+                         straight_through), **kw)
 
 
 class CombinedMarginLoss(MarginLoss):
@@ -141,8 +169,11 @@ class SphereFaceLoss(MarginLoss):
     ψ = (λ·c + (−1)^k cos(mθ) − 2k)/(1 + λ) for θ ∈ [kπ/m, (k+1)π/m], integer m (default 4).
     ``scale=None`` (default) scales row i's logits by ‖x_i‖ as the original; a float
     uses a fixed s instead. λ = max(lambda_min, lambda_base·(1 + lambda_gamma·it)^−lambda_power)
-    with defaults (1000, 0.12, 1, 5); ``it`` is the buffer ``iteration``, advanced by one
-    on every forward in training mode (it is saved in the state dict).
+    with defaults (1000, 0.12, 1, 5); ``it`` counts the training-mode forwards including
+    the current one, as upstream (which advances its counter before computing λ): the
+    first training forward uses λ(1) = 892.857. The buffer ``iteration`` (saved in the
+    state dict) holds the number of training forwards done; it advances only after a
+    successful forward. λ is computed in the compute dtype (float64 for float64 inputs).
     """
 
     def __init__(self, embedding_size: int, num_classes: int, margin: int = 4, scale: Optional[float] = None,
@@ -161,15 +192,22 @@ class SphereFaceLoss(MarginLoss):
     def margin(self) -> int:
         return int(self.spec.m1)
 
-    def current_lambda(self) -> Tensor:
-        """λ at the current iteration (0-d float32 tensor)."""
-        return sphere_lambda(self.iteration, *self.schedule)
+    def current_lambda(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """λ as :meth:`forward` uses it now (0-d tensor of ``dtype``).
 
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        loss = self._loss(embeddings, labels, sphere_lambda=self.current_lambda())
+        As the original code (Caffe layer, face.evoLVe, the PyTorch port), a training-mode
+        forward advances the counter *before* computing λ: the n-th training forward uses
+        λ(n), so the first uses λ(1) = 1000/1.12. In eval mode λ(iteration) is used, the λ
+        of the last training forward (λ(0) = lambda_base before any)."""
+        it = self.iteration + 1 if self.training else self.iteration
+        return sphere_lambda(it, *self.schedule, dtype=dtype)
+
+    def forward(self, embeddings: Tensor, labels: Tensor, return_parts: bool = False):
+        dtype = compute_dtype(embeddings.dtype) if isinstance(embeddings, Tensor) else torch.float32
+        out = self._loss(embeddings, labels, sphere_lambda=self.current_lambda(dtype), return_parts=return_parts)
         if self.training:
             self.iteration.add_(1)
-        return loss
+        return out
 
 
 class MagFaceLoss(MarginLoss):
@@ -181,7 +219,9 @@ class MagFaceLoss(MarginLoss):
     the paper's convergence guarantee (22.6 for the defaults).
 
     ``forward(embeddings, labels, return_parts=False)``; with ``return_parts=True`` returns a
-    :class:`magloss.functional.MagFaceOutput` (loss, ce, reg, norms) from the same pass.
+    :class:`magloss.functional.LossParts` (loss, ce, reg, norms, reg_weighted) from the same
+    pass: ``reg`` is g(ã) unweighted (the MagFace code's ``loss_g``), ``reg_weighted`` =
+    λ_g·reg, and ``loss = ce + reg_weighted``.
     """
 
     def __init__(self, embedding_size: int, num_classes: int, scale: float = 64.0, l_a: float = 10.0,
@@ -249,6 +289,14 @@ class SoftmaxLoss(nn.Module):
         self.weight = lin.weight
         self.bias = lin.bias
 
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+    def forward(self, embeddings: Tensor, labels: Tensor, return_parts: bool = False):
+        check_embedding_size(self, embeddings)
         return MF.softmax_loss(embeddings, self.weight, labels, self.bias, ignore_index=self.ignore_index,
-                               reduction=self.reduction)
+                               reduction=self.reduction, return_parts=return_parts)
+
+    def accuracy(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        """Share of non-ignored rows whose arg-max over this loss's logits x·Wᵀ + b is the
+        label (chunked over classes; :func:`magloss.functional.accuracy`). 0-d float tensor."""
+        check_embedding_size(self, embeddings)
+        return MF.accuracy(embeddings, self.weight, labels, ignore_index=self.ignore_index, bias=self.bias,
+                           normalize=False)

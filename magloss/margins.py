@@ -1,7 +1,7 @@
 """Margin functions ψ(c, a) of every loss family, with their exact derivatives.
 
 Every margin loss in magloss differs from plain normalized softmax only in the
-label column: z_iy = s·ψ(c_iy, a_i) instead of s·c_iy (see shared/DESIGN.md §1).
+label column: z_iy = s·ψ(c_iy, a_i) instead of s·c_iy (see docs/math.md §1).
 This module holds the per-row margin math in one place, in PyTorch, for the
 reference engine; the CUDA engine has one device function per family that must
 agree with these to float rounding.
@@ -30,7 +30,7 @@ being a penalty), for the COMBINED and MAGFACE families:
 * easy margin (``easy_margin=True``): apply the margin only where c > 0 (and
   m1·θ + m2 < π); elsewhere ψ = c.
 
-Numerics (DESIGN.md §1): ψ is evaluated at clamp(c, −1, 1), and ∂ψ/∂c is passed
+Numerics (docs/math.md §1): ψ is evaluated at clamp(c, −1, 1), and ∂ψ/∂c is passed
 through that clamp unchanged (a cosine of 1 + 1e-7 is rounding, not geometry).
 sin θ = sqrt(max(1 − c², 0)) in values and sqrt(max(1 − c², SIN_EPS)) wherever
 it divides. ``straight_through=True`` replaces ∂ψ/∂c by 1 (insightface's ArcFace,
@@ -72,7 +72,7 @@ MAGFACE = 1
 MAGCOS = 2
 SPHERE = 3
 
-#: Lower bound of 1 − c² wherever sin θ divides (DESIGN.md §1).
+#: Lower bound of 1 − c² wherever sin θ divides (docs/math.md §1).
 SIN_EPS = 1e-12
 #: Lower bound of ‖x_i‖ and ‖w_j‖ when normalizing, as F.normalize.
 NORM_EPS = 1e-12
@@ -83,6 +83,14 @@ def _check_finite(name: str, value: float) -> float:
     if not math.isfinite(value):
         raise ValueError(f"{name}: expected a finite number, got {value}")
     return value
+
+
+def _degrees_hint(value: float) -> str:
+    """A hint for an angle that looks like degrees (margins are in radians)."""
+    if value >= math.pi / 2:
+        return (f" (margins are in radians; if {value} is in degrees, as pytorch-metric-learning's ArcFaceLoss "
+                f"takes it, pass math.radians({value}) = {math.radians(value):.4g})")
+    return ""
 
 
 @dataclass(frozen=True)
@@ -144,7 +152,7 @@ class MarginSpec:
         if m1 <= 0:
             raise ValueError(f"m1: expected a positive number, got {m1}")
         if m2 < 0 or m2 >= math.pi:
-            raise ValueError(f"m2: expected a number in [0, pi), got {m2}")
+            raise ValueError(f"m2: expected an angle in radians in [0, pi), got {m2}{_degrees_hint(m2)}")
         if m3 < 0:
             raise ValueError(f"m3: expected a non-negative number, got {m3}")
         if m2 < (1.0 - m1) * math.pi - 1e-12:
@@ -183,7 +191,7 @@ class MarginSpec:
         """MagFace: ψ = cos(θ + m(a)). Requires 0 < l_a < u_a, 0 ≤ l_m ≤ u_m < π/2."""
         l_a, u_a, l_m, u_m = cls._magnitude_args(l_a, u_a, l_m, u_m)
         if u_m >= math.pi / 2:
-            raise ValueError(f"u_m: expected an angular margin below pi/2, got {u_m}")
+            raise ValueError(f"u_m: expected an angular margin in radians below pi/2, got {u_m}{_degrees_hint(u_m)}")
         return cls(MAGFACE, cls._scale(scale), 1.0, 0.0, 0.0, l_a, u_a, l_m, u_m,
                    bool(easy_margin), bool(straight_through))
 
@@ -266,12 +274,14 @@ def magface_lambda_g_bound(scale: float, l_a: float, u_a: float, l_m: float, u_m
 
 
 def sphere_lambda(iteration: Tensor, base: float = 1000.0, gamma: float = 0.12,
-                  power: float = 1.0, lambda_min: float = 5.0) -> Tensor:
+                  power: float = 1.0, lambda_min: float = 5.0, dtype: torch.dtype = torch.float32) -> Tensor:
     """SphereFace's annealing weight λ = max(lambda_min, base·(1 + gamma·iter)^(−power)).
 
-    iteration: 0-d integer tensor. Returns a 0-d float32 tensor on the same device.
+    iteration: 0-d integer tensor (the original code advances its counter before
+    computing λ, so its first forward uses iter = 1). Returns a 0-d tensor of ``dtype``
+    (the loss's compute dtype: float64 for float64 inputs) on the same device.
     """
-    lam = base * (1.0 + gamma * iteration.to(torch.float32)).pow(-power)
+    lam = base * (1.0 + gamma * iteration.to(dtype)).pow(-power)
     return lam.clamp_min(lambda_min)
 
 

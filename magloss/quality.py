@@ -7,7 +7,9 @@ Assessment", CVPR 2021). This module turns magnitudes into quality scores, aggre
 several embeddings of one identity into a template, and measures how well a quality
 score predicts recognition errors with the error-versus-reject curve (ERC).
 
-Everything here needs only torch and numpy.
+Everything here needs only torch and numpy. Input and return conventions (NaN/Inf
+rejected naming the argument, exact counts, scalars as Python floats, per-sample values
+as tensors) are those of :mod:`magloss.evaluation`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
+
+from .evaluation import _as_list, _np1d, check_finite, fraction_count
 
 __all__ = [
     "feature_magnitude",
@@ -43,6 +47,7 @@ def _as_float_tensor(x, name: str, ndim: Optional[int] = None) -> torch.Tensor:
         t = t.to(torch.float32)
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    check_finite(t, name)
     return t
 
 
@@ -84,6 +89,10 @@ def quality_score(
 
     Returns:
         ``[N]`` float tensor in ``[0, 1]``.
+
+    Raises:
+        ValueError: NaN or Inf in ``features`` or ``magnitudes`` (naming it), a missing
+        or invalid range.
     """
     if (features is None) == (magnitudes is None):
         raise ValueError("give exactly one of features or magnitudes")
@@ -203,7 +212,8 @@ def error_versus_reject(
        (:func:`magloss.evaluation.threshold_at_fmr`: a pair matches when
        ``score > t``).
     2. For each fraction ``r``, the ``floor(r·P)`` pairs of lowest ``quality`` are
-       rejected (ties broken by pair order, stably).
+       rejected (ties broken by pair order, stably); the count is exact
+       (:func:`magloss.evaluation.fraction_count`: r = 0.29 of 100 pairs rejects 29).
     3. ``FNMR(r)`` = share of the remaining genuine pairs with ``score <= t``.
 
     A useful quality score makes the curve fall as ``r`` grows.
@@ -214,34 +224,33 @@ def error_versus_reject(
         quality: ``[P]`` float pair quality (e.g. :func:`pair_quality` of the
             magnitudes).
         fmr: target false-match rate in ``(0, 1)``; default ``1e-3``.
-        reject_fractions: increasing fractions in ``[0, 1)``; default
-            ``0, 0.05, ..., 0.5``.
+        reject_fractions: one fraction or a sequence of fractions in ``[0, 1)``;
+            default ``0, 0.05, ..., 0.5``.
 
     Returns:
         dict with ``reject_fraction`` (list of float), ``fnmr`` (list of float, NaN
         where no genuine pair is left), ``threshold`` (float), ``fmr`` (float, the
         target) and ``achieved_fmr`` (float, impostor rate above ``threshold`` before
         rejection).
+
+    Raises:
+        ValueError: NaN or Inf in ``scores`` or ``quality`` (naming it), shapes that
+        differ, no genuine or no impostor pair, rates out of range.
     """
-    from .evaluation import threshold_at_fmr  # local import: evaluation imports nothing from here
+    from .evaluation import threshold_at_fmr
 
     s = _as_float_tensor(scores, "scores", ndim=1).detach().cpu().double().numpy()
     q = _as_float_tensor(quality, "quality", ndim=1).detach().cpu().double().numpy()
-    g = np.asarray(is_genuine.detach().cpu() if isinstance(is_genuine, torch.Tensor) else is_genuine)
-    if g.ndim != 1:
-        raise ValueError(f"is_genuine must be 1-D, got shape {g.shape}")
-    g = g.astype(bool)
+    g = _np1d(is_genuine, "is_genuine", dtype=bool)
     if not (s.shape == q.shape == g.shape):
         raise ValueError(f"scores, is_genuine and quality must have one shape, got {s.shape}, {g.shape}, {q.shape}")
-    if not (0.0 < float(fmr) < 1.0):
-        raise ValueError(f"fmr must be in (0, 1), got {fmr}")
     if g.all() or not g.any():
         raise ValueError("is_genuine must contain both genuine and impostor pairs")
     if reject_fractions is None:
         reject_fractions = [i / 20 for i in range(11)]
-    fr = [float(r) for r in reject_fractions]
+    fr = [float(r) for r in _as_list(reject_fractions, "reject_fractions")]
     if any(not (0.0 <= r < 1.0) for r in fr):
-        raise ValueError(f"reject_fractions must lie in [0, 1), got {fr}")
+        raise ValueError(f"reject_fractions: expected fractions in [0, 1), got {fr}")
 
     thr = threshold_at_fmr(s[~g], fmr)
     achieved = float(np.mean(s[~g] > thr))
@@ -249,7 +258,7 @@ def error_versus_reject(
     P = s.shape[0]
     fnmr = []
     for r in fr:
-        keep = order[int(math.floor(r * P)):]
+        keep = order[fraction_count(r, P):]
         gk = g[keep]
         if not gk.any():
             fnmr.append(float("nan"))

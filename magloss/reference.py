@@ -1,6 +1,6 @@
 """The reference engine: every margin loss in plain PyTorch, the CPU path and the test oracle.
 
-It follows shared/DESIGN.md §1 literally: full B×C cosine matrix, the label column
+It follows docs/math.md §1 literally: full B×C cosine matrix, the label column
 replaced by s·ψ, log-sum-exp, per-row cross-entropy. All math runs in float32 for
 fp16/bf16/fp32 inputs and in float64 for float64 inputs (so tests can gradcheck it).
 
@@ -23,7 +23,7 @@ from .margins import NORM_EPS, MarginSpec, margin_terms, regularizer
 
 __all__ = [
     "compute_dtype", "first_true", "bad_labels", "is_autocast_pair", "input_check_mode", "check_values",
-    "weight_operand", "margin_ce_rows", "margin_ce_forward", "margin_ce_backward",
+    "weight_operand", "margin_ce_rows", "margin_ce_forward", "margin_ce_backward", "saturating_cast",
 ]
 
 
@@ -199,7 +199,7 @@ def margin_ce_forward(embeddings, weight, labels, spec, ignore_index=-1, sphere_
 def margin_ce_backward(grad_lse, grad_zy, grad_reg, grad_norms, embeddings, weight, labels, lse, spec,
                        ignore_index=-1, sphere_lambda=None):
     """Gradients of Σ_i (gl_i·lse_i + gz_i·zy_i + gr_i·reg_i + gn_i·norms_i), by the explicit
-    formulas of shared/DESIGN.md §2 (no autograd: custom-op kernels run below it).
+    formulas of docs/math.md §2 (no autograd: custom-op kernels run below it).
 
     ``lse`` is the forward's saved statistic: p_ij = exp(z_ij − lse_i). In a class-sharded
     head it is the global one, which makes the local gradient the exact share of the
@@ -214,7 +214,8 @@ def margin_ce_backward(grad_lse, grad_zy, grad_reg, grad_norms, embeddings, weig
 
     grad_*: [B]. Returns (∂/∂embeddings [B, D], ∂/∂weight [C, D]) in the dtypes of
     embeddings and weight (for a float32 weight with half embeddings: the float32 gradient
-    with respect to the rounded matrix of :func:`weight_operand`, never rounded to half).
+    with respect to the rounded matrix of :func:`weight_operand`, never rounded to half);
+    half gradients saturate at the dtype's largest finite value (:func:`saturating_cast`).
     """
     ct = compute_dtype(embeddings.dtype)
     with torch.no_grad(), torch.autocast(embeddings.device.type, enabled=False):
@@ -252,4 +253,14 @@ def margin_ce_backward(grad_lse, grad_zy, grad_reg, grad_norms, embeddings, weig
         col_proj = torch.where((w_norm < NORM_EPS).unsqueeze(1), torch.zeros_like(w),
                                (r * r * gc_col).unsqueeze(1) * w)
         gw = gr.t() @ x_hat - col_proj
-    return gx.to(embeddings.dtype), gw.to(weight.dtype)
+    return saturating_cast(gx, embeddings.dtype), saturating_cast(gw, weight.dtype)
+
+
+def saturating_cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)``, with values beyond a float16/bfloat16 range clamped to its largest
+    finite value instead of becoming ±Inf (NaN stays NaN). A zero embedding row's gradient
+    is F.normalize's (∂L/∂x̂)/1e-12, finite in float32 but past float16's 65504."""
+    if dtype in (torch.float16, torch.bfloat16) and t.dtype != dtype:
+        big = torch.finfo(dtype).max
+        t = t.clamp(-big, big)
+    return t.to(dtype)

@@ -19,7 +19,8 @@ MODULES = [
      lambda x, w, y: MF.combined_margin_loss(x, w, y, 64.0, 0.9, 0.4, 0.15)),
     (magloss.MagFaceLoss, {}, lambda x, w, y: MF.magface_loss(x, w, y)),
     (magloss.MagCosFaceLoss, {}, lambda x, w, y: MF.magcosface_loss(x, w, y)),
-    (magloss.SphereFaceLoss, {}, lambda x, w, y: MF.sphereface_loss(x, w, y, 4, None, 1000.0)),
+    # the first training forward uses iteration 1, as upstream: λ = 1000/(1 + 0.12·1)
+    (magloss.SphereFaceLoss, {}, lambda x, w, y: MF.sphereface_loss(x, w, y, 4, None, 1000.0 / 1.12)),
 ]
 
 
@@ -62,12 +63,14 @@ def test_magface_parts_from_one_pass(cls):
 def test_sphereface_anneals_with_its_counter():
     crit = magloss.SphereFaceLoss(8, 5)
     x, _, y = make_inputs(4, 5, 8, dtype=torch.float32, norm_range=(1.0, 2.0))
-    assert float(crit.current_lambda()) == pytest.approx(1000.0)
+    # upstream advances the counter before computing λ: the first forward uses iteration 1
+    assert float(crit.current_lambda()) == pytest.approx(1000.0 / 1.12)
     crit(x, y)
     crit(x, y)
     assert int(crit.iteration) == 2
-    assert float(crit.current_lambda()) == pytest.approx(1000.0 / 1.24)
+    assert float(crit.current_lambda()) == pytest.approx(1000.0 / 1.36)   # the third forward's
     crit.eval()
+    assert float(crit.current_lambda()) == pytest.approx(1000.0 / 1.24)   # the last training forward's
     crit(x, y)
     assert int(crit.iteration) == 2
     state = crit.state_dict()
@@ -249,8 +252,8 @@ def test_load_magface_weight_layout_and_errors():
     torch.testing.assert_close(crit.weight.detach(), 2 * w_dc.t())
     with pytest.raises(ValueError, match=r"\[D, C\]"):
         magloss.load_magface_weight(crit, torch.randn(6, 4))
-    with pytest.raises(ValueError, match="fc.weight"):
-        magloss.load_magface_weight(crit, {"a.weight": w_dc})
+    with pytest.raises(ValueError, match="fc.weight"):          # no entry has the shape [D, C]
+        magloss.load_magface_weight(crit, {"a.fc.weight": torch.randn(6, 6)})
 
 
 def test_softmax_baseline_matches_linear_cross_entropy():

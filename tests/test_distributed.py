@@ -96,6 +96,14 @@ def make_case(case):
     return x, w, y, row_weights
 
 
+def accuracy_labels(x, w, y):
+    """y with every other non-ignored row relabelled to its float64 cosine arg-max."""
+    best = ((x / x.norm(dim=1, keepdim=True)) @ (w / w.norm(dim=1, keepdim=True)).T).argmax(1)
+    y = y.clone()
+    y[::2] = torch.where(y[::2] >= 0, best[::2], y[::2])
+    return y
+
+
 def single_module(case, num_classes):
     _, cls, kwargs, _, _, _, _, reduction, _ = case
     import warnings
@@ -111,6 +119,7 @@ def sharded_module(case, **kw):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
+        kw.setdefault("ddp_backbone", False)     # compared with ∂L/∂x of one process: no DDP here
         return getattr(mdist, "Sharded" + cls)(D, C_PFC if "rate" in extra else C, reduction=reduction,
                                               sample_rate=extra.get("rate", 1.0), dtype=case[3], **kwargs, **kw)
 
@@ -204,11 +213,21 @@ def _phase(rank, world, group, out_dir):
     lo = sum(sizes[:rank])
     single = single_module(case, C)
     single.weight.data.copy_(w)
-    head = mdist.shard(single, group=group)
+    head = mdist.shard(single, group=group, ddp_backbone=False)
     x_loc = x[lo: lo + sizes[rank]].clone().requires_grad_()
     out = run_forward(head, x_loc, y[lo: lo + sizes[rank]], case, rw)
     res["shard_converter"] = {"type": type(head).__name__, "loss": out.detach(), "gx": x_loc.grad,
                               "gw": head.weight.grad}
+
+    # training accuracy over the global batch: some labels set to the arg-max, so it is not 0
+    case = CASES[CASE_IDS.index("cosface")]
+    x, w, y, _ = make_case(case)
+    y = accuracy_labels(x, w, y)
+    sizes = batch_sizes(case[5], x.shape[0], world)
+    lo = sum(sizes[:rank])
+    head = sharded_module(case, group=group)
+    head.weight.data.copy_(w[head.shard_start: head.shard_end])
+    res["accuracy"] = head.accuracy(x[lo: lo + sizes[rank]], y[lo: lo + sizes[rank]])
 
     # reduce-scatter backward path (NCCL's) on gloo, where this torch supports it
     from magloss.distributed import comm
@@ -240,19 +259,26 @@ def _phase(rank, world, group, out_dir):
     inputs = torch.randn(y.shape[0], 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     sizes = split_sizes(y.shape[0], world)
     lo = sum(sizes[:rank])
-    for undo in (True, False):
+    # the default head (ddp_backbone=True) compensates by itself; ddp_backbone=False with
+    # undo_ddp_average by hand is the same; ddp_backbone=False alone leaves DDP's average
+    for key, ddp_backbone, undo in (("ddp_grad_default", True, False), ("ddp_grad", False, True),
+                                    ("ddp_grad_averaged", False, False)):
         backbone = torch.nn.Linear(5, D, dtype=torch.float64)
         with torch.no_grad():
             backbone.weight.copy_(torch.linspace(-3, 3, 5 * D, dtype=torch.float64).view(D, 5))
             backbone.bias.fill_(0.5)
         ddp = DDP(backbone, process_group=group)
-        head = sharded_module(case, group=group)
+        head = sharded_module(case, group=group, ddp_backbone=ddp_backbone)
         head.weight.data.copy_(w[head.shard_start: head.shard_end])
         emb = ddp(inputs[lo: lo + sizes[rank]])
         if undo:
             emb = mdist.undo_ddp_average(emb, group)
         head(emb, y[lo: lo + sizes[rank]]).backward()
-        res["ddp_grad" if undo else "ddp_grad_averaged"] = backbone.weight.grad.clone()
+        res[key] = backbone.weight.grad.clone()
+    # compensating twice is refused, on every rank, before any communication
+    head = sharded_module(case, group=group, ddp_backbone=True)
+    emb = mdist.undo_ddp_average(inputs[lo: lo + sizes[rank], :1].expand(-1, D).clone(), group)
+    res["errors"]["ddp_compensated_twice"] = _record_error(lambda: head(emb, y[lo: lo + sizes[rank]]))
 
     # checkpoints: written by 2, read by 3 and re-written, read by 1
     ck2, ck3 = os.path.join(out_dir, "ck2"), os.path.join(out_dir, "ck3")
@@ -459,9 +485,13 @@ def test_ddp_backbone_gets_the_global_gradient(results, world):
     head.weight.data.copy_(w)
     head(backbone(inputs), y).backward()
     for r in range(world):
+        assert_close(res[(world, r)]["ddp_grad_default"], backbone.weight.grad, torch.float64,
+                     f"backbone grad with the default head, rank {r}")
         assert_close(res[(world, r)]["ddp_grad"], backbone.weight.grad, torch.float64, f"backbone grad, rank {r}")
         assert_close(res[(world, r)]["ddp_grad_averaged"], backbone.weight.grad / world, torch.float64,
-                     f"backbone grad without undo_ddp_average, rank {r}")
+                     f"backbone grad with ddp_backbone=False, rank {r}")
+        name, msg = res[(world, r)]["errors"]["ddp_compensated_twice"]
+        assert name == "ValueError" and msg.startswith("embeddings: they went through undo_ddp_average")
 
 
 def test_checkpoint_round_trip_2_3_1(results):
@@ -562,3 +592,15 @@ def test_torchrun_example_runs(tmp_path):
     weight, state = checkpoint.load_full(str(ck))
     assert weight.shape == (51, 16) and state["momentum_buffer"].shape == (51, 16)
     assert bool(torch.isfinite(weight).all())
+
+
+@pytest.mark.parametrize("world", WORLD_SIZES)
+def test_sharded_accuracy_is_the_global_cosine_argmax(results, world):
+    res, _ = results
+    x, w, y, _ = make_case(CASES[CASE_IDS.index("cosface")])
+    y = accuracy_labels(x, w, y)
+    best = ((x / x.norm(dim=1, keepdim=True)) @ (w / w.norm(dim=1, keepdim=True)).T).argmax(1)   # by hand
+    valid = y != -1
+    expected = int(((best == y) & valid).sum()) / int(valid.sum())
+    for r in range(world):
+        assert float(res[(world, r)]["accuracy"]) == expected

@@ -88,8 +88,8 @@ HYPER = [
     (lambda: magloss.MagFaceLoss(8, 5, u_m=2.0), ["u_m"]),
     (lambda: magloss.ArcFaceLoss(8, 5, scale=-64.0), ["scale"]),
     (lambda: magloss.ArcFaceLoss(8, 5, scale=float("nan")), ["scale"]),
-    (lambda: magloss.ArcFaceLoss(8, 5, margin=-0.1), ["m2"]),
-    (lambda: magloss.CosFaceLoss(8, 5, margin=-0.1), ["m3"]),
+    (lambda: magloss.ArcFaceLoss(8, 5, margin=-0.1), ["margin", "radians"]),   # the caller's name
+    (lambda: magloss.CosFaceLoss(8, 5, margin=-0.1), ["margin"]),
     (lambda: magloss.CombinedMarginLoss(8, 5, m1=0.0), ["m1"]),
     (lambda: magloss.CombinedMarginLoss(8, 5, m1=0.5, m2=0.1), ["m1", "m2"]),
     (lambda: magloss.SphereFaceLoss(8, 5, margin=2.5), ["margin", "integer"]),

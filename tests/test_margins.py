@@ -127,7 +127,7 @@ def test_regularizer_and_bound_by_hand():
     g, dg = regularizer(a, 10.0, 110.0)
     assert g.tolist() == pytest.approx([10 / 110 ** 2 + 1 / 10, 50 / 110 ** 2 + 1 / 50, 110 / 110 ** 2 + 1 / 110])
     assert dg.tolist() == pytest.approx([0.0, 1 / 110 ** 2 - 1 / 50 ** 2, 0.0])
-    # DESIGN.md: 22.6 for the defaults
+    # docs/math.md: 22.6 for the defaults
     assert magface_lambda_g_bound(64, 10, 110, 0.45, 0.8) == pytest.approx(64 * 0.0035 * 110 ** 2 * 100 / (110 ** 2 - 100))
     assert round(magface_lambda_g_bound(64, 10, 110, 0.45, 0.8), 1) == 22.6
 

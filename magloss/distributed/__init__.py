@@ -4,12 +4,12 @@ Usage under torchrun (NCCL on GPUs, gloo on CPU; see docs/distributed.md)::
 
     torch.distributed.init_process_group("nccl")
     head = magloss.distributed.ShardedArcFaceLoss(512, 10_000_000, sample_rate=0.1).cuda()
-    loss = head(magloss.distributed.undo_ddp_average(ddp_backbone(images)), labels)
+    loss = head(ddp_backbone(images), labels)   # the head compensates DDP's gradient averaging
 
 Checkpoints that reshard across world sizes: :mod:`magloss.checkpoint`.
 """
 
-from .comm import gather_rows, gather_stats, sum_stats, undo_ddp_average
+from .comm import gather_rows, gather_stats, scale_grad, sum_stats, undo_ddp_average
 from .loss import (
     ShardedArcFaceLoss,
     ShardedCombinedMarginLoss,
@@ -37,6 +37,7 @@ __all__ = [
     "gather_stats",
     "sample_classes",
     "sample_count",
+    "scale_grad",
     "shard",
     "shard_range",
     "sum_stats",

@@ -10,8 +10,10 @@ module adds the autograd rules a sharded loss needs and nothing else.
   whose backward returns the own slice: valid because every rank computes the same
   scalar loss from the gathered values, so rank r already holds ∂L/∂(its slice).
 * :func:`sum_stats` — all-reduce sum whose backward is the identity, by the same argument.
-* :func:`undo_ddp_average` — identity whose backward multiplies by the world size
-  (see docs/distributed.md, "DDP and the loss scale").
+* :func:`scale_grad` — identity whose backward multiplies by a factor; the sharded heads
+  use it (factor = world size) to compensate DDP's gradient averaging by default, and
+  :func:`undo_ddp_average` is the same by hand (see docs/distributed.md, "DDP and the
+  loss scale").
 
 Contract for the last two: every rank must backpropagate the same scalar (the sharded
 loss, or one identical function of it). That holds for the losses of
@@ -35,6 +37,8 @@ __all__ = [
     "gather_stats",
     "sum_stats",
     "undo_ddp_average",
+    "scale_grad",
+    "DDP_UNDONE_MARK",
 ]
 
 #: Backends whose backward of :func:`gather_rows` uses ``dist.reduce_scatter``; the
@@ -186,16 +190,30 @@ class _ScaleGrad(torch.autograd.Function):
         return grad * ctx.factor, None
 
 
+#: Attribute set on the output of :func:`undo_ddp_average`, so that a head that already
+#: compensates for DDP (``ddp_backbone=True``) refuses to compensate twice.
+DDP_UNDONE_MARK = "_magloss_ddp_average_undone"
+
+
+def scale_grad(x: Tensor, factor: float) -> Tensor:
+    """Identity in the forward; multiplies the gradient by ``factor`` in the backward."""
+    return _ScaleGrad.apply(x, float(factor))
+
+
 def undo_ddp_average(embeddings: Tensor, group=None) -> Tensor:
     """Identity in the forward; multiplies the gradient by the world size in the backward.
 
     DistributedDataParallel averages parameter gradients over ranks. A sharded loss is
-    already the *global* loss on every rank, and its backward already returns rank r
-    ∂L/∂x_r exactly; DDP's averaging would then hand the backbone (1/world)·∂L/∂θ.
-    Feeding ``undo_ddp_average(backbone(images))`` to the sharded head makes DDP's
-    result exactly ∂L/∂θ of the global loss, while the head's own ∂L/∂W stays exact.
+    already the *global* loss on every rank, and its backward returns rank r ∂L/∂x_r;
+    DDP's averaging would then hand the backbone (1/world)·∂L/∂θ. The sharded heads
+    compensate by themselves by default (``ddp_backbone=True``, as insightface's
+    PartialFC_V2) and raise ValueError when fed this function's output, which would
+    compensate twice. Use it only with a head built with ``ddp_backbone=False`` whose
+    embeddings need the compensation on some paths and not on others.
 
     embeddings: [B_r, D] float. Returns a tensor equal to it.
     """
     group = require_group(group)
-    return _ScaleGrad.apply(embeddings, float(dist.get_world_size(group)))
+    out = scale_grad(embeddings, dist.get_world_size(group))
+    setattr(out, DDP_UNDONE_MARK, True)
+    return out

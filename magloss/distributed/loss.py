@@ -38,7 +38,8 @@ from .. import losses, ops
 from ..losses import _positive_int
 from ..margins import SPHERE, MarginSpec, sphere_lambda
 from ..reference import bad_labels, first_true
-from .comm import all_gather_ints, comm_device, gather_rows, gather_stats, require_group, sum_stats
+from .comm import (DDP_UNDONE_MARK, all_gather_ints, comm_device, gather_rows, gather_stats, require_group,
+                   scale_grad, sum_stats)
 from .partial_fc import check_sample_rate, sample_classes, sampling_generator
 
 __all__ = [
@@ -89,6 +90,12 @@ class ShardedMarginLoss(nn.Module):
             ceil(rate·C_r) classes (:mod:`magloss.distributed.partial_fc`), drawn from
             (seed, step, rank); in eval mode every class is used.
         seed: seeds both the weight initialisation and the Partial FC sampling.
+        ddp_backbone: True (default) when the embeddings come from a backbone under
+            DistributedDataParallel, which *averages* parameter gradients over ranks: the
+            head then returns each rank world_size·∂L/∂x_r, so that DDP's average is exactly
+            the gradient of the global loss (insightface's PartialFC_V2 does the same,
+            always). False returns the exact ∂L/∂x_r, for backbones whose gradients are
+            summed or not synchronized. See docs/distributed.md, "DDP and the loss scale".
         ignore_index, reduction: as the single-process losses.
         group: the process group (default: WORLD). It must be initialized.
         device, dtype: factory kwargs of ``weight``.
@@ -109,8 +116,8 @@ class ShardedMarginLoss(nn.Module):
 
     def __init__(self, embedding_size: int, num_classes: int, spec: MarginSpec, *, lambda_g: float = 0.0,
                  sphere_schedule: Optional[Tuple[float, float, float, float]] = None, sample_rate: float = 1.0,
-                 seed: int = 0, ignore_index: int = -1, reduction: str = "mean", group=None, device=None,
-                 dtype=None) -> None:
+                 seed: int = 0, ddp_backbone: bool = True, ignore_index: int = -1, reduction: str = "mean",
+                 group=None, device=None, dtype=None) -> None:
         super().__init__()
         self.group = require_group(group)
         self.world_size = dist.get_world_size(self.group)
@@ -127,7 +134,10 @@ class ShardedMarginLoss(nn.Module):
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
         self.seed = seed
-        self.ignore_index = MF.check_ignore_index(ignore_index)
+        if not isinstance(ddp_backbone, bool):
+            raise TypeError(f"ddp_backbone: expected a bool, got {type(ddp_backbone).__name__}")
+        self.ddp_backbone = ddp_backbone
+        self.ignore_index = MF.check_ignore_index(ignore_index)   # the named heads warned via their prototype
         self.reduction = MF.check_reduction(reduction)
         self.shard_start, self.shard_end = shard_range(num_classes, self.world_size, self.rank)
         self._check_consistent()
@@ -150,7 +160,8 @@ class ShardedMarginLoss(nn.Module):
         """One all-gather at construction: every rank must agree on the configuration."""
         s = self.spec
         fields = [("num_classes", self.num_classes), ("embedding_size", self.embedding_size),
-                  ("sample_rate", self.sample_rate), ("seed", self.seed), ("ignore_index", self.ignore_index),
+                  ("sample_rate", self.sample_rate), ("seed", self.seed), ("ddp_backbone", int(self.ddp_backbone)),
+                  ("ignore_index", self.ignore_index),
                   ("reduction", MF.REDUCTIONS.index(self.reduction)), ("lambda_g", self.lambda_g),
                   ("spec", hash(s.op_args()) % (1 << 50))]
         dev = comm_device(self.group)
@@ -176,14 +187,23 @@ class ShardedMarginLoss(nn.Module):
         with torch.no_grad():
             self.weight.copy_(w)
 
-    def current_lambda(self) -> Optional[Tensor]:
-        """SphereFace's λ at ``iteration`` (0-d float32), None for other families."""
+    def current_lambda(self, dtype: torch.dtype = torch.float32) -> Optional[Tensor]:
+        """SphereFace's λ as forward uses it now (0-d tensor of ``dtype``; None for other
+        families): λ(iteration + 1) in training mode, λ(iteration) in eval mode, as
+        :meth:`magloss.SphereFaceLoss.current_lambda`."""
         if self.sphere_schedule is None:
             return None
-        return sphere_lambda(self.iteration, *self.sphere_schedule)
+        it = self.iteration + 1 if self.training else self.iteration
+        return sphere_lambda(it, *self.sphere_schedule, dtype=dtype)
 
     def _check_local(self, embeddings: Tensor, labels: Tensor) -> None:
         MF.check_types(embeddings=embeddings, labels=labels)
+        if self.ddp_backbone and getattr(embeddings, DDP_UNDONE_MARK, False):
+            raise ValueError(
+                "embeddings: they went through undo_ddp_average, but this head already multiplies their "
+                "gradient by the world size for a DDP backbone (ddp_backbone=True, the default): the backbone "
+                "would get world_size times the right gradient. Drop undo_ddp_average, or build the head with "
+                "ddp_backbone=False")
         if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size:
             raise ValueError(f"embeddings: expected shape [B, {self.embedding_size}], got {tuple(embeddings.shape)}")
         if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
@@ -237,6 +257,8 @@ class ShardedMarginLoss(nn.Module):
         self._check_labels(table)
         sizes = [size for size, _, _ in table]
         self.last_batch_sizes = sizes
+        if self.ddp_backbone and self.world_size > 1:   # DDP divides by the world size: compensate
+            embeddings = scale_grad(embeddings, float(self.world_size))
         x_all = gather_rows(embeddings, sizes, group)
         labels_all = gather_rows(labels.to(torch.int64), sizes, group)
 
@@ -245,9 +267,11 @@ class ShardedMarginLoss(nn.Module):
         local = torch.where(on_shard, labels_all - self.shard_start, torch.full_like(labels_all, _NO_LABEL))
         weight, local = self._shard_weight(local, on_shard)
 
-        x_all, weight = MF._autocast(x_all, weight)     # after the gather: ∂x is summed over ranks in fp32
-        lam = self.current_lambda()
+        x_all, weight, up = MF._autocast(x_all, weight, self.spec)   # after the gather: ∂x summed in fp32
+        lam = self.current_lambda(x_all.dtype)
         lse, zy, reg, norms = ops.margin_ce(x_all, weight, local, lam, *self.spec.op_args(), _NO_LABEL)
+        if up is not None:
+            norms = norms * up.to(norms.dtype)
         if self.last_sample is not None:   # the Partial FC step advances only once the op has run
             self.step.add_(1)
         # torch.logsumexp keeps a NaN: a NaN on one shard makes the row's global lse NaN on every
@@ -261,30 +285,57 @@ class ShardedMarginLoss(nn.Module):
             self.iteration.add_(1)
         return out
 
+    @torch.no_grad()
+    def accuracy(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        """Training accuracy over the global batch, the same 0-d tensor on every rank.
+
+        Collective (every rank calls it). Each rank finds, for every row of the global batch,
+        the arg-max of the plain cosine logits over its whole shard
+        (:func:`magloss.functional.cosine_argmax`, chunked: no B×C_r matrix, no sampling);
+        the per-rank winners ([B] values and global class indices) are all-gathered and
+        the best wins, ties going to the lowest class index as in the single-process
+        :meth:`magloss.MarginLoss.accuracy`, which this equals on the concatenated batch.
+        Rows labelled ``ignore_index`` are not counted; 0 when no row is.
+        """
+        self._check_local(embeddings, labels)
+        group = self.group
+        sizes = [size for size, _, _ in self._gather_header(labels, comm_device(group, embeddings.device))]
+        x_all = gather_rows(embeddings.detach(), sizes, group)
+        labels_all = gather_rows(labels.to(torch.int64), sizes, group)
+        best, arg = MF.cosine_argmax(x_all, self.weight)
+        dev = comm_device(group, embeddings.device)
+        vals = gather_stats(best.to(dev), group)                    # [world, B]
+        idx = gather_stats((arg + self.shard_start).to(dev), group)
+        winner = vals.argmax(dim=0, keepdim=True)                   # first max: the lowest rank, lowest class
+        pred = idx.gather(0, winner).squeeze(0).to(labels_all.device)
+        valid = labels_all != self.ignore_index
+        ct = best.dtype
+        return ((pred == labels_all) & valid).sum().to(ct) / valid.sum().clamp_min(1).to(ct)
+
     def extra_repr(self) -> str:
         s = self.spec
         return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
                 f"shard=[{self.shard_start}, {self.shard_end}) of world {self.world_size}, kind={s.kind}, "
                 f"scale={s.scale}, m1={s.m1}, m2={s.m2}, m3={s.m3}, lambda_g={self.lambda_g}, "
-                f"sample_rate={self.sample_rate}, ignore_index={self.ignore_index}, reduction={self.reduction!r}")
+                f"sample_rate={self.sample_rate}, ddp_backbone={self.ddp_backbone}, ignore_index={self.ignore_index}, reduction={self.reduction!r}")
 
 
 # -- named losses: the single-process constructor validates, the shard keeps its spec ------------
 _SHARDED = {}
 
 
-def _from_prototype(cls, proto: losses.MarginLoss, *, sample_rate, seed, group, device, dtype):
+def _from_prototype(cls, proto: losses.MarginLoss, *, sample_rate, seed, ddp_backbone, group, device, dtype):
     self = cls.__new__(cls)
     ShardedMarginLoss.__init__(
         self, proto.embedding_size, proto.num_classes, proto.spec, lambda_g=getattr(proto, "lambda_g", 0.0),
         sphere_schedule=getattr(proto, "schedule", None), sample_rate=sample_rate, seed=seed,
-        ignore_index=proto.ignore_index, reduction=proto.reduction, group=group, device=device, dtype=dtype)
+        ddp_backbone=ddp_backbone, ignore_index=proto.ignore_index, reduction=proto.reduction, group=group, device=device, dtype=dtype)
     return self
 
 
 class _Named(ShardedMarginLoss):
     """Base of the named sharded losses: ``__init__`` takes exactly the arguments of the
-    single-process class ``_single`` plus ``sample_rate``, ``seed`` and ``group``."""
+    single-process class ``_single`` plus ``sample_rate``, ``seed``, ``ddp_backbone`` and ``group``."""
 
     _single = losses.MarginLoss
 
@@ -293,7 +344,7 @@ class _Named(ShardedMarginLoss):
         _SHARDED[cls._single] = cls
 
     def __init__(self, embedding_size: int, num_classes: int, *args, sample_rate: float = 1.0, seed: int = 0,
-                 group=None, device=None, dtype=None, **kwargs) -> None:
+                 ddp_backbone: bool = True, group=None, device=None, dtype=None, **kwargs) -> None:
         require_group(group)
         # Build the single-process module on the meta device: it validates every argument
         # (and warns, e.g. MagFace's λ_g bound) without allocating C×D.
@@ -301,7 +352,8 @@ class _Named(ShardedMarginLoss):
         ShardedMarginLoss.__init__(
             self, embedding_size, num_classes, proto.spec, lambda_g=getattr(proto, "lambda_g", 0.0),
             sphere_schedule=getattr(proto, "schedule", None), sample_rate=sample_rate, seed=seed,
-            ignore_index=proto.ignore_index, reduction=proto.reduction, group=group, device=device, dtype=dtype)
+            ddp_backbone=ddp_backbone, ignore_index=proto.ignore_index, reduction=proto.reduction, group=group,
+            device=device, dtype=dtype)
 
 
 class ShardedNormFaceLoss(_Named):
@@ -354,8 +406,8 @@ class ShardedMagCosFaceLoss(_Named):
     _single = losses.MagCosFaceLoss
 
 
-def shard(module: losses.MarginLoss, *, sample_rate: float = 1.0, seed: int = 0, group=None,
-          device=None) -> ShardedMarginLoss:
+def shard(module: losses.MarginLoss, *, sample_rate: float = 1.0, seed: int = 0, ddp_backbone: bool = True,
+          group=None, device=None) -> ShardedMarginLoss:
     """Convert a single-process margin loss into its sharded counterpart on this rank.
 
     module: any :class:`magloss.MarginLoss` (NormFace … MagCosFace) with the *global*
@@ -373,8 +425,8 @@ def shard(module: losses.MarginLoss, *, sample_rate: float = 1.0, seed: int = 0,
     if device is None:
         device = torch.device("cpu") if src.device.type == "meta" else src.device
     cls = _SHARDED.get(type(module), ShardedMarginLoss)
-    out = _from_prototype(cls, module, sample_rate=sample_rate, seed=seed, group=group, device=device,
-                          dtype=src.dtype)
+    out = _from_prototype(cls, module, sample_rate=sample_rate, seed=seed, ddp_backbone=ddp_backbone, group=group,
+                          device=device, dtype=src.dtype)
     if src.device.type != "meta":
         with torch.no_grad():
             out.weight.copy_(src[out.shard_start:out.shard_end])

@@ -13,10 +13,10 @@ reproducible, independent of timing and of the other ranks.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
+
+from ..evaluation import fraction_count
 
 __all__ = ["check_sample_rate", "sample_count", "sampling_generator", "sample_classes"]
 
@@ -34,9 +34,9 @@ def check_sample_rate(sample_rate) -> float:
 
 
 def sample_count(num_local: int, sample_rate: float, num_positives: int = 0) -> int:
-    """k = min(C_r, max(ceil(sample_rate · C_r), num_positives)); the ceil is taken after
-    rounding the product to 9 decimals, so 0.1 · 70 keeps 7 classes, not 8."""
-    k = math.ceil(round(sample_rate * num_local, 9))
+    """k = min(C_r, max(ceil(sample_rate · C_r), num_positives)), the ceiling computed exactly
+    (:func:`magloss.evaluation.fraction_count`: 0.1 · 70 keeps 7 classes, not 8)."""
+    k = fraction_count(sample_rate, num_local, "ceil")
     return min(num_local, max(k, num_positives))
 
 
