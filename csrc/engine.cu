@@ -40,6 +40,19 @@ template <> __device__ __forceinline__ float from_f<float>(float v) { return v; 
 template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
+// A gradient as stored: fp16/bf16 values past the type's range saturate to its largest finite
+// value instead of becoming Inf (a zero embedding row's gradient is (dL/dxhat)/1e-12, as with
+// F.normalize), NaN stays NaN. The reference does the same (magloss.reference.saturating_cast).
+template <typename T>
+__device__ __forceinline__ T store_grad(float v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else {
+    constexpr float big = std::is_same_v<T, __half> ? 65504.0f : 3.38953139e38f;
+    return from_f<T>(clampf_(v, -big, big));
+  }
+}
+
 // One element of W as the math sees it: stored as TW, rounded to the embeddings' type T when
 // TW is wider (fp32 W with half embeddings, see engine.cuh), then widened to fp32.
 template <typename T, typename TW>
@@ -321,7 +334,7 @@ __global__ void __launch_bounds__(kThreads) column_correction_kernel(const float
   const float rc = r[col];
   const float coef = wnorm[col] < NORM_EPS ? 0.0f : rc * rc * dot;  // a NaN norm keeps the term
   TW* grow = grad_w + col * D;
-  for (int64_t k = lane; k < D; k += kWarp) grow[k] = from_f<TW>(prow[k] - coef * load_w<T>(wrow + k));
+  for (int64_t k = lane; k < D; k += kWarp) grow[k] = store_grad<TW>(prow[k] - coef * load_w<T>(wrow + k));
 }
 
 // dL/dx_i; one warp per row.
@@ -340,7 +353,7 @@ __global__ void __launch_bounds__(kThreads) row_chain_kernel(const T* __restrict
   for (int64_t k = lane; k < D; k += kWarp) {
     const float xv = to_f(x[i * D + k]);
     const float gx = (g_xhat[i * D + k] - (xv * inv_a) * proj) * inv_a + ga * (xv / a_tiny);
-    grad_x[i * D + k] = from_f<T>(gx);
+    grad_x[i * D + k] = store_grad<T>(gx);
   }
 }
 
