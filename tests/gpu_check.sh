@@ -28,6 +28,7 @@
 # Env: OUT (default /tmp/magloss_gpu_check), PYTHON (python3), GIT_COMMIT (the device copy has
 # no .git), TORCH_CUDA_ARCH_LIST (9.0), CUDA_HOME (default: tools/prebuild_ext.py cuda-home),
 # GPU_CHECK_TESTS (test files; default every tests/test_*.py that uses the gpu mark).
+# The extension step replaces magloss/_C*.so; a dry run removes it again at the end.
 # Exit status: 0 only when every step is ok.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -137,10 +138,12 @@ def judge(s):
         rec["benchmark"] = {"complete": doc["complete"], "settings": doc["settings"], "grid": doc["grid"],
                             "skipped": doc.get("skipped", []), "results": res}
         bad = [r for r in res if r["status"] != "ok"]
-        good = rc == 0 and doc["complete"] and res and not bad and not doc.get("skipped")
+        missing = sorted({p for p in doc["grid"]["providers"] if not doc["providers"][p]["available"]}
+                         | {s["provider"] for s in doc.get("skipped", [])})
+        good = rc == 0 and doc["complete"] and res and not bad and not missing
         return ("ok" if good else "timeout" if timed_out else "failed"), (
             f"{len(res) - len(bad)}/{len(res)} figures ok, complete={doc['complete']}, "
-            f"skipped providers: {[s['provider'] for s in doc.get('skipped', [])] or 'none'}")
+            f"providers not run: {missing or 'none'}")
     return ("ok" if rc == 0 else "failed"), ""
 
 for s in steps:
@@ -214,10 +217,11 @@ versions() {  # one interpreter (importing torch is the slow part): versions.jso
 import json, os, platform, subprocess, sys
 import torch
 
-def first_line(cmd):
+def line_of(cmd, word=""):
+    """The last line of cmd's output that holds word (None if it cannot run)."""
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
-        lines = [l for l in (p.stdout + p.stderr).splitlines() if l.strip()]
+        lines = [l for l in (p.stdout + p.stderr).splitlines() if l.strip() and word in l]
         return lines[-1].strip() if lines else None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -236,10 +240,10 @@ v = {"python": platform.python_version(), "torch": torch.__version__, "torch_cud
      "cuda_available": cuda, "gpu": torch.cuda.get_device_name(0) if cuda else None,
      "capability": ".".join(map(str, torch.cuda.get_device_capability(0))) if cuda else None,
      "gpu_memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if cuda else None,
-     "driver": first_line(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]),
-     "cuda_home": home or None, "nvcc": first_line([f"{home}/bin/nvcc", "--version"]) if home else None,
+     "driver": line_of(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]),
+     "cuda_home": home or None, "nvcc": line_of([f"{home}/bin/nvcc", "--version"], "release") if home else None,
      "compute_sanitizer": san or None,
-     "compute_sanitizer_version": first_line([san, "--version"]) if san else None,
+     "compute_sanitizer_version": line_of([san, "--version"], "ersion") if san else None,
      "torch_cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST"), "cpus": os.cpu_count()}
 v["sanitizer_cases"] = len(sanitizer_cases.CASES)
 with open(os.path.join(os.environ["GPU_CHECK_WORK"], "versions.json"), "w") as f:
@@ -321,6 +325,9 @@ else
 fi
 
 rm -rf "$WORK"
+if [[ -z $GPU && -s $OUTDIR/extension.log ]]; then
+  rm -f magloss/_C*.so   # a dry run does not leave the GPU machine's extension in the package
+fi
 echo "== record: $OUTDIR/gpu_check.json ($((SECONDS - T0)) s)"
 cat "$OUTDIR/summary.txt"
 if "$PY" -c "import json,sys; sys.exit(0 if json.load(open('$OUTDIR/gpu_check.json'))['ok'] else 1)"; then
