@@ -220,7 +220,7 @@ import torch
 def line_of(cmd, word=""):
     """The last line of cmd's output that holds word (None if it cannot run)."""
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=5)
         lines = [l for l in (p.stdout + p.stderr).splitlines() if l.strip() and word in l]
         return lines[-1].strip() if lines else None
     except (OSError, subprocess.SubprocessError):
@@ -263,12 +263,12 @@ export CUDA_HOME=${CUDA_HOME:-$(jq_py cuda_home)}
 
 # ---- extension -------------------------------------------------------------------------------
 extension() {
+  local status="import json, magloss, magloss._C; print('extension_status:', json.dumps(magloss.extension_status()))"
   "$PY" tools/prebuild_ext.py install || return $?
-  if ! "$PY" -c "import magloss._C" 2>&1; then   # carried but unusable here (another glibc, say): rebuild
+  if ! "$PY" -c "$status"; then   # carried but unusable here (another glibc, say): rebuild
     echo "the prebuilt extension does not import here: rebuilding"
-    "$PY" tools/prebuild_ext.py build --force && "$PY" tools/prebuild_ext.py install || return $?
+    "$PY" tools/prebuild_ext.py build --force && "$PY" tools/prebuild_ext.py install && "$PY" -c "$status"
   fi
-  "$PY" -c "import json, magloss; print('extension_status:', json.dumps(magloss.extension_status()))"
 }
 export -f extension
 begin extension
@@ -304,8 +304,9 @@ for tool in memcheck racecheck; do
   if [[ $FUSED != 1 ]]; then skip $tool "the fused extension is not in use: no kernel of ours to check"; continue; fi
   args=(--tool "$tool" --print-limit 100 --error-exitcode 99)
   if [[ $tool == racecheck ]]; then   # our kernels only (namespace magloss): cuBLAS is not ours, and slow here
-    if "$SAN" --help 2>&1 | grep -q -- "--kernel-name "; then args+=(--kernel-name kns=magloss)
-    elif "$SAN" --help 2>&1 | grep -q -- "--filter "; then args+=(--filter kns=magloss); fi
+    help=$("$SAN" --help 2>&1)   # the option's name changed between versions
+    if [[ $help == *"--kernel-name "* ]]; then args+=(--kernel-name kns=magloss)
+    elif [[ $help == *"--filter "* ]]; then args+=(--filter kns=magloss); fi
   fi
   # without the caching allocator each buffer is its own allocation: an overrun is caught
   run_step $tool "$OUTDIR/$tool.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" "${args[@]}" \
