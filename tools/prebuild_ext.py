@@ -108,6 +108,18 @@ def _artefact(folder: Path) -> Path | None:
     return hits[0] if hits else None
 
 
+def _compile_seconds(build_dir: Path) -> dict:
+    """Wall seconds of each object file, from ninja's log (how long a build takes on more cores
+    is about the slowest one plus the link)."""
+    out = {}
+    for log in build_dir.glob("temp*/.ninja_log"):
+        for line in log.read_text().splitlines():
+            fields = line.split("\t")
+            if len(fields) >= 4 and not line.startswith("#"):
+                out[Path(fields[3]).name] = round((int(fields[1]) - int(fields[0])) / 1000, 1)
+    return out
+
+
 def build(force: bool = False) -> Path:
     """Compile the extension into ``<prebuilt>/<key>/`` and return that folder."""
     parts = key_parts()
@@ -142,19 +154,21 @@ def build(force: bool = False) -> Path:
         if rc != 0 or so is None:
             sys.stdout.write("".join(log.read_text(errors="replace").splitlines(True)[-40:]))
             raise RuntimeError(f"build failed (setup.py exit status {rc})")
+        steps = _compile_seconds(Path(tmp) / "build")
         staging = dest.with_name(dest.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         shutil.copy2(so, staging / so.name)
         seconds = round(time.monotonic() - t0, 1)
-        (staging / "key.json").write_text(json.dumps(dict(parts, key=k, cuda_home=str(home), build_seconds=seconds),
+        (staging / "key.json").write_text(json.dumps(dict(parts, key=k, cuda_home=str(home), build_seconds=seconds,
+                                                           max_jobs=int(env["MAX_JOBS"]), compile_seconds=steps),
                                                       indent=1) + "\n")
     for old in _prebuilt_dir().iterdir():       # stale keys (and a previous partial build of this one)
         if old.is_dir() and old.name != staging.name:
             shutil.rmtree(old)
     staging.rename(dest)
     size = sum(p.stat().st_size for p in dest.iterdir())
-    print(f"built {k} in {seconds} s: {dest} ({size / 2**20:.1f} MiB)")
+    print(f"built {k} in {seconds} s: {dest} ({size / 2**20:.1f} MiB); seconds per object: {steps}")
     return dest
 
 
