@@ -5,14 +5,14 @@
 #
 # Steps, each under its own deadline; the deadlines add up to 450 s (see CAPS below), and
 # time a step leaves unused passes to the next one:
-#   versions   GPU, driver, torch, CUDA, nvcc, compute-sanitizer, Python (30 s)
+#   versions   GPU, driver, torch, CUDA, nvcc, compute-sanitizer, Python (25 s)
 #   extension  the prebuilt magloss._C from .prebuilt/<key>/ if one was carried for this csrc/,
-#              torch and arch, else a build (tools/prebuild_ext.py install); then import it (130 s)
-#   pytest     pytest -m gpu on every test file that uses the gpu mark (110 s)
-#   memcheck   compute-sanitizer --tool memcheck python tests/sanitizer_cases.py (60 s)
-#   racecheck  the same with --tool racecheck, our kernels only (60 s)
+#              torch and arch, else a build (tools/prebuild_ext.py install); then import it (160 s)
+#   pytest     pytest -m gpu on every test file that uses the gpu mark (100 s)
+#   memcheck   compute-sanitizer --tool memcheck python tests/sanitizer_cases.py (55 s)
+#   racecheck  the same with --tool racecheck, our kernels only (55 s)
 #   bench      benchmarks/run.py: fused (magloss), eager and the bare products (floor), fp32 and
-#              bf16, B=512, C=85,742, D=512, every loss, fwd/bwd/full (60 s)
+#              bf16, B=512, C=85,742, D=512, every loss, fwd/bwd/full (55 s)
 #
 # As soon as a step ends, a line is appended to $OUT/summary.txt and the JSON record
 # $OUT/gpu_check.json is rewritten (GPU, driver, torch, CUDA, commit, command, each step's
@@ -45,7 +45,7 @@ export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export GIT_COMMIT=${GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo "unknown (no .git in this copy: pass GIT_COMMIT)")}
 export GPU_CHECK_COMMAND="bash tests/gpu_check.sh${*:+ $*}" GPU_CHECK_OUTDIR=$OUTDIR GPU_CHECK_WORK=$WORK
 export GPU_CHECK_START=$(date -u +%Y-%m-%dT%H:%M:%SZ)
-declare -A CAPS=([versions]=30 [extension]=130 [pytest]=110 [memcheck]=60 [racecheck]=60 [bench]=60)
+declare -A CAPS=([versions]=25 [extension]=160 [pytest]=100 [memcheck]=55 [racecheck]=55 [bench]=55)
 T0=$SECONDS
 CUM=0   # sum of the caps of the steps so far: step i must end by T0 + CUM
 
