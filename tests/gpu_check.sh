@@ -176,17 +176,18 @@ skip() {  # skip NAME REASON (after begin NAME)
   add_step "$1" "" 0 "$DL" skipped "$2" ""
 }
 
-run_step() {  # run_step NAME LOGFILE CMD... (after begin NAME): CMD under DL, output to LOGFILE
-  local name=$1 log=$2 dl=$DL t rc
+run_step() {  # [DESC=what] run_step NAME LOGFILE CMD... (after begin NAME): CMD under DL, output to LOGFILE
+  local name=$1 log=$2 dl=$DL t rc desc
   shift 2
-  echo "== $name (deadline $dl s): $*"
-  if ((dl < 10)); then add_step "$name" "" 0 "$dl" skipped "no time left" "$*"; return; fi
+  desc=${DESC:-$*}
+  echo "== $name (deadline $dl s): $desc"
+  if ((dl < 10)); then add_step "$name" "" 0 "$dl" skipped "no time left" "$desc"; return; fi
   t=$SECONDS
   # INT first (pytest still writes its junit XML, the harness keeps its JSON), KILL 5 s later
   timeout --signal=INT --kill-after=5 $((dl - 5)) "$@" >"$log" 2>&1
   rc=$?
   cap_log "$log"
-  add_step "$name" "$rc" $((SECONDS - t)) "$dl" ran "" "$*"
+  add_step "$name" "$rc" $((SECONDS - t)) "$dl" ran "" "$desc"
   if [[ $(tail -n 1 "$OUTDIR/summary.txt") != *" ok "* ]]; then tail -n 25 "$log"; fi
 }
 
@@ -253,7 +254,8 @@ PY
 }
 export -f versions find_sanitizer
 begin versions
-run_step versions "$WORK/versions.log" bash -c versions
+DESC="python: torch, torch.cuda, nvidia-smi, nvcc --version, compute-sanitizer --version" \
+  run_step versions "$WORK/versions.log" bash -c versions
 cat "$WORK/versions.log"
 jq_py() { "$PY" -c "import json,sys; v=json.load(open('$WORK/versions.json')); print(v.get('$1') or '')" 2>/dev/null; }
 GPU=$(jq_py cuda_available)
@@ -277,7 +279,8 @@ if [[ ! -s $WORK/versions.json ]]; then
 elif [[ -z $TORCH_CUDA ]]; then
   skip extension "this torch has no CUDA: nothing to build or load"
 else
-  run_step extension "$OUTDIR/extension.log" bash -c extension
+  DESC="python tools/prebuild_ext.py install; python -c 'import magloss._C'" \
+    run_step extension "$OUTDIR/extension.log" bash -c extension
 fi
 FUSED=$(grep -c '^extension_status: .*"fused": true' "$OUTDIR/extension.log" 2>/dev/null)
 
