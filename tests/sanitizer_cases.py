@@ -12,7 +12,7 @@ with the input check off (must stay in bounds), asynchronous (must be reported b
 magloss.flush_input_checks) and synchronous (must raise in the call). Each case prints one
 line, "sanitizer case i/N passed: ..." or "... FAILED: ..."; the exit status is non-zero if a
 case fails its own sanity check, and 2 if none could run (no GPU or no extension). The caller
-parses the sanitizer's error summary and counts the passed lines (``--count`` prints N).
+parses the sanitizer's error summary and compares the passed lines with ``len(CASES)``.
 """
 
 from __future__ import annotations
@@ -113,18 +113,13 @@ CASES = [
 ]
 
 
-def main(argv=None) -> int:
+def main() -> int:
     """Run every case, one line each; exit 0 only if all of them ran and passed.
 
-    ``--count`` prints the number of cases and exits (no GPU needed): the GPU check compares
-    it with the number of "sanitizer case i/N passed" lines, so a run whose cases did not all
-    run is never taken for a clean one. Without a GPU or the compiled extension nothing runs
-    and the exit status is 2.
+    The GPU check compares the number of "sanitizer case i/N passed" lines with ``len(CASES)``
+    (read before the run), so a run whose cases did not all run is never taken for a clean one.
+    Without a GPU or the compiled extension nothing runs and the exit status is 2.
     """
-    args = sys.argv[1:] if argv is None else argv
-    if args == ["--count"]:
-        print(len(CASES))
-        return 0
     status = _ext.extension_status()
     if not status["fused"]:
         print(f"sanitizer cases: cannot run ({status['reason']})")
