@@ -8,7 +8,8 @@
 #
 # 1. installs the peers' wheels from .whl/ if present (pytorch-metric-learning, liger-kernel,
 #    cut-cross-entropy; see benchmarks/README.md for the download command),
-# 2. builds magloss' CUDA extension in place (MAGLOSS_BUILD_CUDA=1) unless it is already built,
+# 2. installs magloss' CUDA extension unless it is already loaded: the prebuilt one carried in
+#    .prebuilt/ when it matches, else a build (tools/prebuild_ext.py install),
 # 3. runs benchmarks/run.py --resume, so calling it again continues the same JSON,
 # 4. copies the JSON (and the build log) to $OUT when run by the device tool.
 # Extra harness flags can be passed in BENCH_ARGS, e.g. BENCH_ARGS="--precisions bf16"; BENCH_DEVICE=cpu
@@ -28,9 +29,8 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 
 if ! $PY -c "import magloss, sys; sys.exit(0 if magloss.extension_status()['fused'] else 1)" 2>/dev/null; then
-  echo "building magloss._C ..."
-  MAGLOSS_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAGLOSS_NVCC_THREADS=${MAGLOSS_NVCC_THREADS:-4} \
-    $PY setup.py build_ext --inplace -j 8 >"$OUTDIR/build.log" 2>&1 || { tail -40 "$OUTDIR/build.log"; echo "BUILD FAILED: the magloss provider will be skipped"; }
+  echo "installing magloss._C (the carried .prebuilt/<key>/ if it matches, else a build; docs/cuda.md) ..."
+  $PY tools/prebuild_ext.py install >"$OUTDIR/build.log" 2>&1 || { tail -40 "$OUTDIR/build.log"; echo "BUILD FAILED: the magloss provider will be skipped"; }
 fi
 $PY -c "import magloss; print('extension_status:', magloss.extension_status())"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv 2>/dev/null || true

@@ -116,7 +116,7 @@ def environment(device: str, argv: List[str]) -> dict:
         "device": device,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "commit": _git("rev-parse", "HEAD"),
+        "commit": _git("rev-parse", "HEAD") or os.environ.get("GIT_COMMIT"),   # a copy without .git: the caller's
         "dirty": None if status is None else bool(status),
         "command": "python " + shlex.join(argv),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -9,8 +9,10 @@ The cases cover every kernel and launcher branch: irregular B, C, D (not multipl
 or block size), several class chunks with a partial last one (MAGLOSS_CHUNK), C = 1, ignored rows,
 int32 labels, every margin family, fp32/fp16/bf16, the forced SIMT path, an out-of-range label
 with the input check off (must stay in bounds), asynchronous (must be reported by
-magloss.flush_input_checks) and synchronous (must raise in the call). Exits non-zero if a
-case fails its own sanity check; the sanitizer's error summary is parsed by the caller.
+magloss.flush_input_checks) and synchronous (must raise in the call). Each case prints one
+line, "sanitizer case i/N passed: ..." or "... FAILED: ..."; the exit status is non-zero if a
+case fails its own sanity check, and 2 if none could run (no GPU or no extension). The caller
+parses the sanitizer's error summary and compares the passed lines with ``len(CASES)``.
 """
 
 from __future__ import annotations
@@ -112,18 +114,25 @@ CASES = [
 
 
 def main() -> int:
-    if not torch.cuda.is_available() or not _ext.extension_status()["fused"]:
-        print(f"sanitizer cases: skipped ({_ext.extension_status()['reason']})")
-        return 0
+    """Run every case, one line each; exit 0 only if all of them ran and passed.
+
+    The GPU check compares the number of "sanitizer case i/N passed" lines with ``len(CASES)``
+    (read before the run), so a run whose cases did not all run is never taken for a clean one.
+    Without a GPU or the compiled extension nothing runs and the exit status is 2.
+    """
+    status = _ext.extension_status()
+    if not status["fused"]:
+        print(f"sanitizer cases: cannot run ({status['reason']})")
+        return 2
     failures = 0
-    for case in CASES:
+    for i, case in enumerate(CASES, 1):
         try:
-            result = run_case(**case)
+            result = f"passed: {run_case(**case)}"
         except Exception as exc:  # report every case, then fail
             result = f"FAILED: {type(exc).__name__}: {exc}"
             failures += 1
-        print(f"{case}: {result}", flush=True)
-    print(f"sanitizer cases: {len(CASES) - failures}/{len(CASES)} ok")
+        print(f"sanitizer case {i}/{len(CASES)} {result}: {case}", flush=True)
+    print(f"sanitizer cases: {len(CASES) - failures}/{len(CASES)} passed")
     return 1 if failures else 0
 
 
