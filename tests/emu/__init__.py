@@ -1,1 +1,1 @@
-"""CPU emulation of the fused engine's CUDA kernels: cuda_emu.h, build.py, driver.py (see tests/test_engine_emulated.py)."""
+"""The CPU emulator of the fused CUDA engine: build.py, engine.py, cuda_emu.h (see docs/cuda.md)."""
