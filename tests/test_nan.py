@@ -248,7 +248,8 @@ def _sharded_phase(rank, world, group):
             if where == "weight":   # the NaN class on the last shard: only the lse combine carries it
                 w = w_clean.clone()
                 w[C - 1, 6] = NAN
-            head = getattr(mdist, "Sharded" + cls)(D, C, reduction="none", group=group, dtype=torch.float64)
+            head = getattr(mdist, "Sharded" + cls)(D, C, reduction="none", group=group,
+                                                          dtype=torch.float64, ddp_backbone=False)  # exact dL/dx
             head.weight.data.copy_(w[head.shard_start: head.shard_end])
             xl = x[lo: lo + sizes[rank]].clone().requires_grad_()
             loss = head(xl, y[lo: lo + sizes[rank]])

@@ -23,7 +23,9 @@ namespace {
 
 constexpr size_t kGuard = 256;  // bytes on each side; a multiple of 64 keeps torch's alignment
 
-void guarded_delete(void* base) {
+// The context is the caller's pointer (torch asserts data == context for CPU allocations).
+void guarded_delete(void* ptr) {
+  void* base = static_cast<char*>(ptr) - kGuard;
   cuda_emu::untrack_allocation(base);
   c10::free_cpu(base);
 }
@@ -33,8 +35,9 @@ struct GuardedAllocator final : c10::Allocator {
     auto* base = static_cast<char*>(c10::alloc_cpu(n + 2 * kGuard));
     std::memset(base, 0xff, n + 2 * kGuard);
     cuda_emu::track_allocation(base, kGuard, n, kGuard);
-    return {base + kGuard, base, &guarded_delete, c10::Device(c10::DeviceType::CPU)};
+    return {base + kGuard, base + kGuard, &guarded_delete, c10::Device(c10::DeviceType::CPU)};
   }
+  c10::DeleterFnPtr raw_deleter() const override { return &guarded_delete; }
   void copy_data(void* dest, const void* src, std::size_t count) const override { std::memcpy(dest, src, count); }
 };
 
