@@ -121,6 +121,20 @@ def test_emulator_accepts_the_legal_twins(selftest, schedule):
     assert torch.equal(out[8:24], expect) and torch.equal(out[24:40], expect)
 
 
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_engine_block_reductions_can_be_called_twice(selftest, schedule):
+    """engine.cu's block_sum2 and block_softmax_merge, each twice in a row in one block of 256
+    threads: no race (each ends with a barrier; without it the detector reports one, as for
+    reduction_reuse_race above) and the sums a GPU gives, against float64."""
+    out, err = _selftest_run(selftest, "engine_reductions_twice", schedule)
+    assert err is None, err
+    t = torch.arange(256, dtype=torch.float64)
+    expect = [256.0, t.sum(), 512.0, 256.0,
+              127.5, torch.exp(0.5 * t - 127.5).sum(), 0.0, 2.0 * torch.exp(-t).sum()]
+    torch.testing.assert_close(out[:8].double(), torch.tensor([float(e) for e in expect], dtype=torch.float64),
+                               rtol=1e-6, atol=0)
+
+
 # ---- the boundary on the emulated device -------------------------------------------------------------
 @pytest.fixture
 def routed():

@@ -126,13 +126,12 @@ def build(unit: str = "engine") -> Path:
     cuda_inc = cuda_include_dir()
     if cuda_inc is None:
         raise EmulatorUnavailable("CUDA headers (cuda_runtime.h, cuda_fp16.h, cuda_bf16.h) not found: set CUDA_HOME")
-    if unit == "engine":
-        cu = Path(os.environ.get("MAGLOSS_EMU_ENGINE_CU") or CSRC / "engine.cu").resolve()
-    elif unit == "selftest":
-        cu = HERE / "emu_selftest.cu"
-    else:
+    if unit not in ("engine", "selftest"):
         raise ValueError(f"unit: expected 'engine' or 'selftest', got {unit!r}")
+    cu = Path(os.environ.get("MAGLOSS_EMU_ENGINE_CU") or CSRC / "engine.cu").resolve()
     kernels = host_source(cu.read_text(), str(cu))
+    if unit == "selftest":  # engine.cu's device functions are in the same translation unit (its tests use them)
+        kernels += host_source((HERE / "emu_selftest.cu").read_text(), str(HERE / "emu_selftest.cu"))
     runtime = HERE / "cuda_emu_runtime.cpp"
     base = [cxx, *FLAGS, "-isystem", str(cuda_inc)]
     # (source, extra flags); the kernel TU is instrumented for the race and bounds detector.

@@ -292,6 +292,7 @@ std::string demangled(void* pc) {
   std::string f(fn), l(loc);
   while (!f.empty() && f.back() == '\n') f.pop_back();
   while (!l.empty() && l.back() == '\n') l.pop_back();
+  for (size_t at; (at = f.find("(anonymous namespace)::")) != std::string::npos;) f.erase(at, 23);
   const size_t paren = f.find('(');  // drop the parameter list
   if (paren != std::string::npos) f = f.substr(0, paren);
   return f + " (" + l + ")";

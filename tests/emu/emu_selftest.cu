@@ -136,9 +136,27 @@ __global__ void disjoint_kernel(float* out) {
   out[8 + blockIdx.x * 16 + threadIdx.x] = s[15 - threadIdx.x];
 }
 
+// engine.cu's own block reductions (this file is compiled after engine.cu, in one translation
+// unit), each called twice in a row by the block: safe only because each ends with a barrier.
+__global__ void engine_reductions_twice_kernel(float* out) {
+  using namespace magloss::engine;
+  const float t = static_cast<float>(threadIdx.x);
+  float a = 1.0f, b = t, a2 = 2.0f, b2 = 1.0f;
+  block_sum2(a, b);
+  block_sum2(a2, b2);
+  float m = 0.5f * t, l = 1.0f, m2 = -t, l2 = 2.0f;
+  block_softmax_merge(m, l);
+  block_softmax_merge(m2, l2);
+  if (threadIdx.x == 0) {
+    out[0] = a; out[1] = b; out[2] = a2; out[3] = b2;
+    out[4] = m; out[5] = l; out[6] = m2; out[7] = l2;
+  }
+}
+
 }  // namespace
 
 extern "C" {
+void selftest_engine_reductions_twice(float* out) { engine_reductions_twice_kernel<<<1, 256>>>(out); }
 void selftest_shared_race(float* out) { shared_race_kernel<<<1, 64>>>(out); }
 void selftest_reduction_reuse_race(float* out) { reduction_reuse_race_kernel<<<1, 64>>>(out); }
 void selftest_reduction_reuse_ok(float* out) { reduction_reuse_ok_kernel<<<1, 64>>>(out); }
