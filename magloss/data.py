@@ -42,6 +42,7 @@ import io
 import os
 import pickle
 import struct
+import warnings
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -175,8 +176,12 @@ class RecordIODataset(Dataset):
         self._pid = None
 
         index_keys, self._offsets = self._read_index(idx)
-        self._key_to_row = {int(k): i for i, k in enumerate(index_keys)} if not _is_range(index_keys) else None
-        self._first_key = int(index_keys[0]) if index_keys.size else 0
+        self._first_key = int(index_keys[0])
+        if _is_range(index_keys):  # the usual index: row = key - first key
+            self._sorted_keys = self._sorted_rows = None
+        else:
+            self._sorted_rows = np.argsort(index_keys, kind="stable")
+            self._sorted_keys = index_keys[self._sorted_rows]
 
         prop = os.path.join(folder, "property")
         self.image_size = None
@@ -186,7 +191,7 @@ class RecordIODataset(Dataset):
             self.image_size = (h, w)
 
         self.header = None
-        if index_keys.size and self._has_key(0):
+        if self._row(0) >= 0:
             flag, labels, _, _, _ = self.read_record(0)
             if flag > 0:
                 if labels.size < 2 or not np.all(np.isfinite(labels[:2])) or labels[0] < 1 or labels[1] < labels[0]:
@@ -217,34 +222,41 @@ class RecordIODataset(Dataset):
     # -- index ---------------------------------------------------------------------------
     @staticmethod
     def _read_index(idx: str) -> Tuple[np.ndarray, np.ndarray]:
-        keys: List[int] = []
-        offsets: List[int] = []
+        """``(keys, offsets)`` int64 arrays; numpy's C parser, the line-by-line one for the error."""
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # an empty file: reported below
+                table = np.loadtxt(idx, dtype=np.int64, delimiter="\t", comments=None, ndmin=2)
+            ok = table.shape[0] > 0 and table.shape[1] == 2 and (table[:, 1] >= 0).all()
+        except ValueError:
+            ok = False
+        if ok:
+            return table[:, 0].copy(), table[:, 1].copy()
         with open(idx, "r") as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
                 parts = line.split("\t")
                 try:
-                    if len(parts) != 2:
+                    if len(parts) != 2 or int(parts[1]) < 0:
                         raise ValueError
-                    k, o = int(parts[0]), int(parts[1])
-                    if o < 0:
-                        raise ValueError
+                    int(parts[0])
                 except ValueError:
                     raise ValueError(f"{idx}: line {lineno}: expected 'key<TAB>offset' (integers), got {line.rstrip()!r}") from None
-                keys.append(k)
-                offsets.append(o)
-        return np.asarray(keys, dtype=np.int64), np.asarray(offsets, dtype=np.int64)
+        raise ValueError(f"{idx}: the index is empty (expected lines 'key<TAB>offset')")
 
-    def _has_key(self, key: int) -> bool:
-        if self._key_to_row is None:
-            return 0 <= key - self._first_key < self._offsets.size
-        return key in self._key_to_row
+    def _row(self, key: int) -> int:
+        """Row of ``key`` in the index, -1 when absent."""
+        if self._sorted_keys is None:
+            row = key - self._first_key
+            return row if 0 <= row < self._offsets.size else -1
+        i = int(np.searchsorted(self._sorted_keys, key))
+        return int(self._sorted_rows[i]) if i < self._sorted_keys.size and self._sorted_keys[i] == key else -1
 
     def _offset(self, key: int) -> int:
-        if not self._has_key(key):
+        row = self._row(key)
+        if row < 0:
             raise ValueError(f"{self.idx_path}: record {key} has no index entry")
-        row = key - self._first_key if self._key_to_row is None else self._key_to_row[key]
         return int(self._offsets[row])
 
     # -- file handle ---------------------------------------------------------------------
@@ -349,8 +361,8 @@ class RecordIODataset(Dataset):
 
 
 def _is_range(keys: np.ndarray) -> bool:
-    """True when the keys are consecutive integers (the usual index): row = key - first."""
-    return keys.size == 0 or bool(np.array_equal(keys, np.arange(keys[0], keys[0] + keys.size)))
+    """True when the keys are consecutive increasing integers."""
+    return bool(np.array_equal(keys, np.arange(keys[0], keys[0] + keys.size)))
 
 
 class ImageFolderDataset(Dataset):

@@ -245,12 +245,18 @@ def test_label_not_whole(tmp_path):
         RecordIODataset(folder)[0]
 
 
-def test_missing_index_entry(tmp_path):
+@pytest.mark.parametrize("idx_order", [None, [8, 0, 5, 1, 7, 2, 6, 3, 4]])  # consecutive keys, then shuffled ones
+def test_missing_index_entry(tmp_path, idx_order):
     records, _ = insightface_set(np.random.default_rng(0))
     folder = str(tmp_path / "holes")
-    write_recordio(folder, records, prop=(3, 112, 112), skip_keys={3})
+    write_recordio(folder, records, prop=(3, 112, 112), idx_order=idx_order, skip_keys={3})
     with pytest.raises(ValueError, match=r"train\.idx: record 3 has no index entry"):
         RecordIODataset(folder)
+    write_recordio(folder, records, prop=(3, 112, 112), idx_order=idx_order, skip_keys={8})
+    ds = RecordIODataset(folder)  # an identity record is not needed to read the images
+    assert [int(ds[i][1]) for i in range(5)] == [0, 0, 1, 2, 2]
+    with pytest.raises(ValueError, match=r"train\.idx: record 8 has no index entry"):
+        ds.read_record(8)
 
 
 def test_bad_index_line_and_missing_files(rec_folder, tmp_path):
@@ -258,6 +264,9 @@ def test_bad_index_line_and_missing_files(rec_folder, tmp_path):
     with open(os.path.join(folder, "train.idx"), "a") as f:
         f.write("9 nonsense\n")
     with pytest.raises(ValueError, match=r"train\.idx: line 10"):
+        RecordIODataset(folder)
+    open(os.path.join(folder, "train.idx"), "w").close()
+    with pytest.raises(ValueError, match=r"train\.idx: the index is empty"):
         RecordIODataset(folder)
     with pytest.raises(FileNotFoundError, match="nowhere.*neither a folder nor a .rec file"):
         RecordIODataset(str(tmp_path / "nowhere"))
