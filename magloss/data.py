@@ -70,7 +70,7 @@ _IRHEADER = struct.Struct("<IfQQ")  # flag, label, id, id2
 def _pil_image():
     try:
         from PIL import Image
-    except ImportError as exc:  # pragma: no cover - depends on the environment
+    except ImportError as exc:
         raise ImportError("decoding images needs Pillow: pip install 'magloss[data]' (or pip install pillow)") from exc
     return Image
 
@@ -198,6 +198,9 @@ class RecordIODataset(Dataset):
                     raise ValueError(f"{rec}: record 0 (header): expected label [a, b] with 1 <= a <= b, got {labels.tolist()}")
                 self.header = (int(labels[0]), int(labels[1]))
         if self.header is not None:
+            if self.header[0] - 1 > index_keys.size:
+                raise ValueError(f"{rec}: record 0 (header) lists {self.header[0] - 1} image records, "
+                                 f"the index {idx} has {index_keys.size} entries")
             self.keys = np.arange(1, self.header[0], dtype=np.int64)
             missing = self.keys[~np.isin(self.keys, index_keys)]
             if missing.size:

@@ -252,6 +252,9 @@ def test_missing_index_entry(tmp_path, idx_order):
     write_recordio(folder, records, prop=(3, 112, 112), idx_order=idx_order, skip_keys={3})
     with pytest.raises(ValueError, match=r"train\.idx: record 3 has no index entry"):
         RecordIODataset(folder)
+    write_recordio(folder, records, prop=(3, 112, 112), idx_order=idx_order, skip_keys={2, 3, 4, 5, 6, 7, 8})
+    with pytest.raises(ValueError, match=r"record 0 \(header\) lists 5 image records, the index .*train\.idx has 2"):
+        RecordIODataset(folder)
     write_recordio(folder, records, prop=(3, 112, 112), idx_order=idx_order, skip_keys={8})
     ds = RecordIODataset(folder)  # an identity record is not needed to read the images
     assert [int(ds[i][1]) for i in range(5)] == [0, 0, 1, 2, 2]
@@ -403,3 +406,11 @@ def test_bin_evaluate(tmp_path, flip):
     want = evaluation.kfold_verification(res["scores"], issame, n_folds=10)
     assert res["accuracy_mean"] == want["accuracy_mean"] and res["thresholds"] == want["thresholds"]
     assert len(res["fold_accuracies"]) == 10
+
+
+def test_missing_pillow_names_the_extra(rec_folder, monkeypatch):
+    folder, _, _ = rec_folder
+    ds = RecordIODataset(folder)  # opening needs no Pillow
+    monkeypatch.setitem(__import__("sys").modules, "PIL", None)  # import PIL now fails
+    with pytest.raises(ImportError, match=r"pip install 'magloss\[data\]'"):
+        ds[0]
