@@ -172,8 +172,8 @@ class RecordIODataset(Dataset):
         self.rec_path = rec
         self.idx_path = idx
         self.transform = transform
-        self._fh = None
-        self._pid = None
+        self._fh = self._pid = None
+        self._size = 0
 
         index_keys, self._offsets = self._read_index(idx)
         self._first_key = int(index_keys[0])
@@ -268,12 +268,12 @@ class RecordIODataset(Dataset):
         if self._fh is None or self._pid != pid:
             self._fh = open(self.rec_path, "rb")  # a forked worker gets its own handle
             self._pid = pid
+            self._size = os.fstat(self._fh.fileno()).st_size
         return self._fh
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_fh"] = None
-        state["_pid"] = None
+        state["_fh"] = state["_pid"] = None
         return state
 
     def __del__(self):
@@ -303,10 +303,10 @@ class RecordIODataset(Dataset):
                 expected = "0 or 1 (a record's first part)" if first else "2 or 3 (a continuation part)"
                 raise ValueError(f"{where}: broken continuation: part at byte {pos} has cflag {cflag}, expected {expected}")
             padded = (length + 3) & ~3
-            body = f.read(padded)
-            if len(body) < padded:
+            if pos + 8 + padded > self._size:  # checked before reading: a damaged length may be huge
                 raise ValueError(f"{where}: truncated record (part at byte {pos} declares {length} bytes, "
-                                 f"the file holds {len(body)})")
+                                 f"the file holds {max(self._size - pos - 8, 0)} after its header)")
+            body = f.read(padded)
             parts.append(body[:length])
             pos += 8 + padded
             if cflag in (0, 3):

@@ -197,25 +197,36 @@ def _patch(path, offset, data):
         f.write(data)
 
 
-def test_truncated_record(rec_folder):
-    folder, _, _ = rec_folder
-    rec = os.path.join(folder, "train.rec")
-    offsets = dict((int(k), int(o)) for k, o in (l.split("\t") for l in open(os.path.join(folder, "train.idx"))))
+def _offsets(folder):
+    with open(os.path.join(folder, "train.idx")) as f:
+        return {int(k): int(o) for k, o in (line.split("\t") for line in f)}
+
+
+def _truncate_inside_5(rec, off):
     with open(rec, "r+b") as f:
-        f.truncate(offsets[5] + 20)  # inside record 5's payload
-    ds = RecordIODataset(folder)
-    with pytest.raises(ValueError, match=r"train\.rec: record 5: truncated record"):
-        ds[4]
-    assert int(ds[3][1]) == 2  # the records before it still read
+        f.truncate(off[5] + 20)  # inside record 5's payload
 
 
-def test_wrong_magic(rec_folder):
+DAMAGES = [
+    # (damage(rec path, offsets), sample index, message)
+    (_truncate_inside_5, 4, r"train\.rec: record 5: truncated record \(part at byte \d+ declares \d+ bytes"),
+    (lambda rec, off: _patch(rec, off[3], b"\x00\x11\x22\x33"), 2,
+     r"train\.rec: record 3: wrong magic number 0x33221100 at byte \d+ \(expected 0xced7230a\)"),
+    (lambda rec, off: _patch(rec, off[2] + 4, struct.pack("<I", (1 << 29) - 1)), 1,  # a huge length word
+     r"train\.rec: record 2: truncated record \(part at byte \d+ declares 536870911 bytes"),
+    (lambda rec, off: _patch(rec, off[4] + 4, struct.pack("<I", 3 << 29 | 8)), 3,  # first part flagged "last"
+     r"train\.rec: record 4: broken continuation: part at byte \d+ has cflag 3, expected 0 or 1"),
+]
+
+
+@pytest.mark.parametrize("damage,index,message", DAMAGES)
+def test_damaged_record(rec_folder, damage, index, message):
     folder, _, _ = rec_folder
-    offsets = dict((int(k), int(o)) for k, o in (l.split("\t") for l in open(os.path.join(folder, "train.idx"))))
-    _patch(os.path.join(folder, "train.rec"), offsets[3], b"\x00\x11\x22\x33")
+    damage(os.path.join(folder, "train.rec"), _offsets(folder))
     ds = RecordIODataset(folder)
-    with pytest.raises(ValueError, match=r"train\.rec: record 3: wrong magic number 0x33221100"):
-        ds[2]
+    with pytest.raises(ValueError, match=message):
+        ds[index]
+    assert int(ds[0][1]) == 0  # the other records still read
 
 
 def test_broken_continuation(tmp_path):
