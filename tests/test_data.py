@@ -1,0 +1,427 @@
+"""magloss.data: the readers of insightface's RecordIO sets, image folders and .bin sets.
+
+Every file is written here by an independent writer coded from the format description
+(MXNet recordio.py / dmlc-core recordio.cc, insightface's header record, Python 2 pickle
+opcodes), never with the reader's own code. Expected pixels: PNG is lossless (exact);
+JPEG is compared with Pillow's decoding of the same bytes.
+"""
+
+import io
+import os
+import pickle
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+PIL_Image = pytest.importorskip("PIL.Image")
+
+from magloss import evaluation  # noqa: E402
+from magloss.data import ImageFolderDataset, RecordIODataset, VerificationBin  # noqa: E402
+
+MAGIC = (0xCED7230A).to_bytes(4, "little")
+MAGIC_FLOAT = struct.unpack("<f", MAGIC)[0]  # a label value whose bytes are the magic word
+
+
+# ---------------------------------------------------------------- independent writers
+def encode(pixels: np.ndarray, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    PIL_Image.fromarray(pixels).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def rand_pixels(rng, h, w, grey=False):
+    return rng.integers(0, 256, size=(h, w) if grey else (h, w, 3), dtype=np.uint8)
+
+
+def image_record(label, image: bytes, rec_id=0) -> bytes:
+    """IRHeader 'IfQQ' (flag, label, id, id2), a vector label after it when flag > 0, the image."""
+    if isinstance(label, (list, tuple)):
+        head = struct.pack("<IfQQ", len(label), 0.0, rec_id, 0)
+        return head + b"".join(struct.pack("<f", v) for v in label) + image
+    return struct.pack("<IfQQ", 0, float(label), rec_id, 0) + image
+
+
+def frame(payload: bytes, corrupt_first_cflag=None) -> bytes:
+    """dmlc RecordIO framing: split at every 4-aligned magic word, cflag 0 / 1,2..,3, pad to 4."""
+    parts, start = [], 0
+    for i in range(0, len(payload) // 4 * 4, 4):
+        if payload[i:i + 4] == MAGIC:
+            parts.append(payload[start:i])
+            start = i + 4
+    parts.append(payload[start:])
+    out = b""
+    for j, part in enumerate(parts):
+        cflag = 0 if len(parts) == 1 else 1 if j == 0 else 3 if j == len(parts) - 1 else 2
+        if j == 0 and corrupt_first_cflag is not None:
+            cflag = corrupt_first_cflag
+        out += MAGIC + ((cflag << 29) | len(part)).to_bytes(4, "little") + part + b"\0" * (-len(part) % 4)
+    return out
+
+
+def write_recordio(folder, records, prop=None, idx_order=None, skip_keys=()):
+    """records: list of (key, payload). Writes train.rec, train.idx (key<TAB>offset), property."""
+    os.makedirs(folder, exist_ok=True)
+    offsets, blob = {}, b""
+    for key, payload in records:
+        offsets[key] = len(blob)
+        blob += frame(payload)
+    with open(os.path.join(folder, "train.rec"), "wb") as f:
+        f.write(blob)
+    keys = idx_order if idx_order is not None else [k for k, _ in records]
+    with open(os.path.join(folder, "train.idx"), "w") as f:
+        for k in keys:
+            if k not in skip_keys:
+                f.write(f"{k}\t{offsets[k]}\n")
+    if prop is not None:
+        with open(os.path.join(folder, "property"), "w") as f:
+            f.write(",".join(str(v) for v in prop))
+    return offsets
+
+
+def insightface_set(rng):
+    """Header record 0, five image records of 3 identities (scalar and vector labels, PNG,
+    grey PNG and JPEG, one record with the magic word twice inside: 3 parts), identity records."""
+    imgs = {
+        1: (rand_pixels(rng, 7, 5), "PNG", 0),
+        2: (rand_pixels(rng, 6, 9), "PNG", [0.0, 1.5]),
+        3: (rand_pixels(rng, 8, 8), "JPEG", 1),
+        4: (rand_pixels(rng, 5, 4), "PNG", [2.0, MAGIC_FLOAT, MAGIC_FLOAT, 9.0]),
+        5: (rand_pixels(rng, 3, 6, grey=True), "PNG", 2.0),
+    }
+    records = [(0, image_record([6.0, 9.0], b""))]
+    expected = {}
+    for key, (px, fmt, label) in imgs.items():
+        data = encode(px, fmt)
+        records.append((key, image_record(label, data, rec_id=100 + key)))
+        expected[key] = (px, fmt, label, data)
+    for ident, (a, b) in zip(range(6, 9), [(1, 3), (3, 4), (4, 6)]):
+        records.append((ident, image_record([float(a), float(b)], b"")))
+    return records, expected
+
+
+def expected_image(px, fmt, data):
+    if fmt == "JPEG":
+        px = np.asarray(PIL_Image.open(io.BytesIO(data)).convert("RGB"))
+    elif px.ndim == 2:
+        px = np.repeat(px[:, :, None], 3, axis=2)
+    return torch.from_numpy(np.array(px)).permute(2, 0, 1)
+
+
+@pytest.fixture
+def rec_folder(tmp_path):
+    records, expected = insightface_set(np.random.default_rng(0))
+    folder = str(tmp_path / "faces")
+    write_recordio(folder, records, prop=(3, 112, 112))
+    return folder, records, expected
+
+
+# ---------------------------------------------------------------- RecordIO round trip
+def test_writer_made_a_multipart_record(rec_folder):
+    folder, _, _ = rec_folder
+    blob = open(os.path.join(folder, "train.rec"), "rb").read()
+    flags = [int.from_bytes(blob[i + 4:i + 8], "little") >> 29 for i in range(0, len(blob) - 4, 4) if blob[i:i + 4] == MAGIC]
+    assert {1, 2, 3} <= set(flags)  # the continuation path is really exercised
+
+
+@pytest.mark.parametrize("use_rec_path", [False, True])
+def test_recordio_round_trip(rec_folder, use_rec_path):
+    folder, records, expected = rec_folder
+    ds = RecordIODataset(os.path.join(folder, "train.rec") if use_rec_path else folder)
+    assert len(ds) == 5 and ds.header == (6, 9) and ds.num_classes == 3 and ds.image_size == (112, 112)
+    assert ds.keys.tolist() == [1, 2, 3, 4, 5]
+    for i, key in enumerate(range(1, 6)):
+        px, fmt, label, data = expected[key]
+        flag, labels, rid, rid2, img_bytes = ds.read_record(key)
+        want_labels = np.asarray(label if isinstance(label, list) else [label], dtype=np.float32)
+        assert flag == (len(label) if isinstance(label, list) else 0)
+        assert labels.tobytes() == want_labels.tobytes()  # the magic-valued floats come back bit-exact
+        assert (rid, rid2) == (100 + key, 0) and img_bytes == data
+        assert ds.read_raw(key) == dict(records)[key]
+        image, lab = ds[i]
+        assert image.dtype == torch.uint8 and lab.dtype == torch.int64
+        assert int(lab) == int(want_labels[0])
+        assert torch.equal(image, expected_image(px, fmt, data))
+    with pytest.raises(IndexError):
+        ds[5]
+
+
+def test_recordio_without_header_and_unordered_index(tmp_path):
+    rng = np.random.default_rng(1)
+    pxs = {k: rand_pixels(rng, 4 + k % 3, 5) for k in (0, 3, 7, 10)}
+    records = [(k, image_record(k % 4, encode(px, "PNG"))) for k, px in pxs.items()]
+    folder = str(tmp_path / "plain")
+    write_recordio(folder, records, idx_order=[10, 0, 7, 3])  # no property file
+    ds = RecordIODataset(folder, transform=lambda x: x.float() / 255)
+    assert ds.header is None and ds.num_classes is None
+    assert ds.keys.tolist() == [10, 0, 7, 3]
+    for i, k in enumerate([10, 0, 7, 3]):
+        image, lab = ds[i]
+        assert int(lab) == k % 4
+        assert torch.equal(image, torch.from_numpy(pxs[k]).permute(2, 0, 1).float() / 255)
+
+
+def test_num_classes_argument_and_header_fallback(rec_folder):
+    folder, _, _ = rec_folder
+    os.remove(os.path.join(folder, "property"))
+    assert RecordIODataset(folder).num_classes == 3  # identity records 6..8
+    assert RecordIODataset(folder, num_classes=7).num_classes == 7
+    with pytest.raises(ValueError, match="num_classes"):
+        RecordIODataset(folder, num_classes=0)
+
+
+def _dataloader_items(ds, workers):
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=workers, collate_fn=list,
+                                         multiprocessing_context="fork" if workers else None)
+    return [item for batch in loader for item in batch]
+
+
+def test_dataloader_workers_read_the_same(rec_folder):
+    folder, _, _ = rec_folder
+    ds = RecordIODataset(folder)
+    ds[0]  # the parent opens its handle first: workers must not share it
+    a = _dataloader_items(ds, 0)
+    b = _dataloader_items(ds, 2)
+    assert len(a) == len(b) == 5
+    for (ia, la), (ib, lb) in zip(a, b):
+        assert torch.equal(ia, ib) and torch.equal(la, lb)
+    clone = pickle.loads(pickle.dumps(ds))  # spawn-style workers: the handle is not pickled
+    assert clone._fh is None and torch.equal(clone[3][0], ds[3][0])
+
+
+# ---------------------------------------------------------------- damaged RecordIO files
+def _patch(path, offset, data):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def _offsets(folder):
+    with open(os.path.join(folder, "train.idx")) as f:
+        return {int(k): int(o) for k, o in (line.split("\t") for line in f)}
+
+
+def _truncate_inside_5(rec, off):
+    with open(rec, "r+b") as f:
+        f.truncate(off[5] + 20)  # inside record 5's payload
+
+
+DAMAGES = [
+    # (damage(rec path, offsets), sample index, message)
+    (_truncate_inside_5, 4, r"train\.rec: record 5: truncated record \(part at byte \d+ declares \d+ bytes"),
+    (lambda rec, off: _patch(rec, off[3], b"\x00\x11\x22\x33"), 2,
+     r"train\.rec: record 3: wrong magic number 0x33221100 at byte \d+ \(expected 0xced7230a\)"),
+    (lambda rec, off: _patch(rec, off[2] + 4, struct.pack("<I", (1 << 29) - 1)), 1,  # a huge length word
+     r"train\.rec: record 2: truncated record \(part at byte \d+ declares 536870911 bytes"),
+    (lambda rec, off: _patch(rec, off[4] + 4, struct.pack("<I", 3 << 29 | 8)), 3,  # first part flagged "last"
+     r"train\.rec: record 4: broken continuation: part at byte \d+ has cflag 3, expected 0 or 1"),
+]
+
+
+@pytest.mark.parametrize("damage,index,message", DAMAGES)
+def test_damaged_record(rec_folder, damage, index, message):
+    folder, _, _ = rec_folder
+    damage(os.path.join(folder, "train.rec"), _offsets(folder))
+    ds = RecordIODataset(folder)
+    with pytest.raises(ValueError, match=message):
+        ds[index]
+    assert int(ds[0][1]) == 0  # the other records still read
+
+
+def test_broken_continuation(tmp_path):
+    folder = str(tmp_path / "broken")
+    os.makedirs(folder)
+    payload = image_record(0, encode(np.zeros((2, 2, 3), np.uint8), "PNG"))
+    with open(os.path.join(folder, "train.rec"), "wb") as f:
+        f.write(frame(payload, corrupt_first_cflag=2))  # a record may not start with a middle part
+    with open(os.path.join(folder, "train.idx"), "w") as f:
+        f.write("0\t0\n")
+    with pytest.raises(ValueError, match=r"record 0: broken continuation.*cflag 2"):
+        RecordIODataset(folder)  # key 0 is read to look for the header record
+
+
+def test_label_out_of_range(rec_folder):
+    folder, _, _ = rec_folder
+    ds = RecordIODataset(folder, num_classes=2)
+    assert int(ds[2][1]) == 1
+    with pytest.raises(ValueError, match=r"train\.rec: record 4: label 2 outside \[0, 2\)"):
+        ds[3]
+
+
+def test_label_not_whole(tmp_path):
+    folder = str(tmp_path / "frac")
+    write_recordio(folder, [(0, image_record(1.5, encode(np.zeros((2, 2, 3), np.uint8), "PNG")))])
+    with pytest.raises(ValueError, match=r"record 0: label 1.5 is not a whole number"):
+        RecordIODataset(folder)[0]
+
+
+@pytest.mark.parametrize("idx_order", [None, [8, 0, 5, 1, 7, 2, 6, 3, 4]])  # consecutive keys, then shuffled ones
+def test_missing_index_entry(tmp_path, idx_order):
+    records, _ = insightface_set(np.random.default_rng(0))
+    folder = str(tmp_path / "holes")
+    write_recordio(folder, records, prop=(3, 112, 112), idx_order=idx_order, skip_keys={3})
+    with pytest.raises(ValueError, match=r"train\.idx: record 3 has no index entry"):
+        RecordIODataset(folder)
+    write_recordio(folder, records, prop=(3, 112, 112), idx_order=idx_order, skip_keys={2, 3, 4, 5, 6, 7, 8})
+    with pytest.raises(ValueError, match=r"record 0 \(header\) lists 5 image records, the index .*train\.idx has 2"):
+        RecordIODataset(folder)
+    write_recordio(folder, records, prop=(3, 112, 112), idx_order=idx_order, skip_keys={8})
+    ds = RecordIODataset(folder)  # an identity record is not needed to read the images
+    assert [int(ds[i][1]) for i in range(5)] == [0, 0, 1, 2, 2]
+    with pytest.raises(ValueError, match=r"train\.idx: record 8 has no index entry"):
+        ds.read_record(8)
+
+
+def test_bad_index_line_and_missing_files(rec_folder, tmp_path):
+    folder, _, _ = rec_folder
+    with open(os.path.join(folder, "train.idx"), "a") as f:
+        f.write("9 nonsense\n")
+    with pytest.raises(ValueError, match=r"train\.idx: line 10"):
+        RecordIODataset(folder)
+    open(os.path.join(folder, "train.idx"), "w").close()
+    with pytest.raises(ValueError, match=r"train\.idx: the index is empty"):
+        RecordIODataset(folder)
+    with pytest.raises(FileNotFoundError, match="nowhere.*neither a folder nor a .rec file"):
+        RecordIODataset(str(tmp_path / "nowhere"))
+    os.remove(os.path.join(folder, "train.idx"))
+    with pytest.raises(FileNotFoundError, match=r"index file .*train\.idx"):
+        RecordIODataset(folder)
+
+
+# ---------------------------------------------------------------- image folders
+def test_image_folder(tmp_path):
+    rng = np.random.default_rng(2)
+    layout = {"bob/a.png": None, "alice/x/b.png": None, "alice/c.PNG": None, "carol/d.png": None}
+    pixels = {}
+    for rel in layout:
+        p = tmp_path / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        pixels[rel] = rand_pixels(rng, 3 + len(rel) % 4, 5)
+        p.write_bytes(encode(pixels[rel], "PNG"))
+    (tmp_path / "bob" / "notes.txt").write_text("not an image")
+    ds = ImageFolderDataset(str(tmp_path))
+    assert ds.classes == ["alice", "bob", "carol"] and ds.num_classes == 3
+    order = ["alice/c.PNG", "alice/x/b.png", "bob/a.png", "carol/d.png"]
+    assert [os.path.relpath(p, tmp_path) for p, _ in ds.samples] == order
+    for i, rel in enumerate(order):
+        image, lab = ds[i]
+        assert int(lab) == ["alice", "bob", "carol"].index(rel.split("/")[0])
+        assert torch.equal(image, torch.from_numpy(pixels[rel]).permute(2, 0, 1))
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no sub-folder"):
+        ImageFolderDataset(str(tmp_path))
+    (tmp_path / "dave").mkdir()
+    with pytest.raises(FileNotFoundError, match="dave.*holds no image"):
+        ImageFolderDataset(str(tmp_path))
+
+
+# ---------------------------------------------------------------- .bin verification sets
+def py2_pickle(images, issame) -> bytes:
+    """(list of str, list of bool) as Python 2's cPickle protocol 2 writes it (opcodes by hand)."""
+    out = b"\x80\x02]("  # PROTO 2, EMPTY_LIST, MARK
+    for b in images:
+        out += (b"U" + bytes([len(b)]) if len(b) < 256 else b"T" + struct.pack("<I", len(b))) + b
+    out += b"e]("  # APPENDS, EMPTY_LIST, MARK
+    out += b"".join(b"\x88" if s else b"\x89" for s in issame)  # NEWTRUE / NEWFALSE
+    return out + b"e\x86."  # APPENDS, TUPLE2, STOP
+
+
+def bin_set(rng, pairs=20, h=6, w=8):
+    """Pair k: two images of one colour family when same, else of two; PNG."""
+    issame = [bool(k % 2 == 0) for k in range(pairs)]
+    base = rng.integers(0, 256, size=(pairs * 2, 3))
+    pixels = []
+    for k in range(pairs):
+        a = np.clip(base[2 * k] + rng.integers(-10, 10, size=(h, w, 3)), 0, 255).astype(np.uint8)
+        src = base[2 * k] if issame[k] else base[2 * k + 1]
+        b = np.clip(src + rng.integers(-10, 10, size=(h, w, 3)), 0, 255).astype(np.uint8)
+        pixels += [a, b]
+    return pixels, issame
+
+
+@pytest.mark.parametrize("writer", ["python2", "python3_protocol2", "python3_numpy_flags"])
+def test_bin_round_trip(tmp_path, writer):
+    pixels, issame = bin_set(np.random.default_rng(3), pairs=6)
+    encoded = [encode(p, "PNG") for p in pixels]
+    if writer == "python2":
+        blob = py2_pickle(encoded, issame)
+    elif writer == "python3_protocol2":
+        blob = pickle.dumps((encoded, issame), protocol=2)
+    else:
+        blob = pickle.dumps((encoded, np.array(issame)), protocol=4)
+    path = tmp_path / "lfw.bin"
+    path.write_bytes(blob)
+    ds = VerificationBin(str(path), dtype=torch.uint8)
+    assert len(ds) == 6 and ds.name == "lfw" and ds.issame.tolist() == issame
+    for k in range(6):
+        a, b, same = ds[k]
+        assert same == issame[k]
+        assert torch.equal(a, torch.from_numpy(pixels[2 * k]).permute(2, 0, 1))
+        assert torch.equal(b, torch.from_numpy(pixels[2 * k + 1]).permute(2, 0, 1))
+    f = VerificationBin(str(path))[1][0]
+    want = (torch.from_numpy(pixels[2]).permute(2, 0, 1).double() - 127.5) / 127.5
+    assert f.dtype == torch.float32 and torch.allclose(f.double(), want, atol=1e-7, rtol=0)
+
+
+@pytest.mark.parametrize("n_images,n_pairs,pattern", [(3, 1, r"3 images for 1 pairs.*odd"), (2, 2, r"2 images for 2 pairs")])
+def test_bin_count_mismatch(tmp_path, n_images, n_pairs, pattern):
+    path = tmp_path / "agedb_30.bin"
+    path.write_bytes(py2_pickle([encode(np.zeros((2, 2, 3), np.uint8), "PNG")] * n_images, [True] * n_pairs))
+    with pytest.raises(ValueError, match=r"agedb_30\.bin: " + pattern):
+        VerificationBin(str(path))
+
+
+def test_bin_refuses_code(tmp_path):
+    path = tmp_path / "evil.bin"
+    path.write_bytes(pickle.dumps((os.getcwd, [True])))  # a global: could be os.system
+    with pytest.raises(ValueError, match=r"evil\.bin: not a verification .bin pickle.*refusing"):
+        VerificationBin(str(path))
+
+
+def test_bin_undecodable_image(tmp_path):
+    path = tmp_path / "cfp_fp.bin"
+    path.write_bytes(py2_pickle([encode(np.zeros((2, 2, 3), np.uint8), "PNG"), b"garbage!"], [False]))
+    with pytest.raises(ValueError, match=r"cfp_fp\.bin: image 1: cannot decode"):
+        VerificationBin(str(path))[0]
+
+
+def _half_means(x):
+    """Embedding [mean of the left half per channel, mean of the right half]: not flip-invariant."""
+    w = x.shape[-1] // 2
+    return torch.cat([x[..., :w].mean(dim=(2, 3)), x[..., w:].mean(dim=(2, 3))], dim=1)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_bin_evaluate(tmp_path, flip):
+    pixels, issame = bin_set(np.random.default_rng(4), pairs=20)
+    # give every image a left/right asymmetry so flip fusion changes the embeddings
+    pixels = [np.concatenate([p[:, :4], (p[:, 4:] // 2)], axis=1) for p in pixels]
+    path = tmp_path / "lfw.bin"
+    path.write_bytes(py2_pickle([encode(p, "PNG") for p in pixels], issame))
+    ds = VerificationBin(str(path))
+    res = ds.evaluate(_half_means, flip=flip, batch_size=7)
+    # expected, in float64 from the pixels: x = (p - 127.5) / 127.5, halves' channel means
+    emb = []
+    for p in pixels:
+        x = (p.astype(np.float64) - 127.5) / 127.5
+        left, right = x[:, :4].mean(axis=(0, 1)), x[:, 4:].mean(axis=(0, 1))
+        e = np.concatenate([left, right])
+        emb.append(e + np.concatenate([right, left]) if flip else e)
+    emb = np.array(emb)
+    a, b = emb[0::2], emb[1::2]
+    scores = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    np.testing.assert_allclose(res["scores"].numpy(), scores, atol=1e-5, rtol=0)
+    want = evaluation.kfold_verification(res["scores"], issame, n_folds=10)
+    assert res["accuracy_mean"] == want["accuracy_mean"] and res["thresholds"] == want["thresholds"]
+    assert len(res["fold_accuracies"]) == 10
+
+
+def test_missing_pillow_names_the_extra(rec_folder, monkeypatch):
+    folder, _, _ = rec_folder
+    ds = RecordIODataset(folder)  # opening needs no Pillow
+    monkeypatch.setitem(__import__("sys").modules, "PIL", None)  # import PIL now fails
+    with pytest.raises(ImportError, match=r"pip install 'magloss\[data\]'"):
+        ds[0]
