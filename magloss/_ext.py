@@ -48,25 +48,25 @@ def _spec_and_index(params):
 
 def _cuda_margin_ce(embeddings, weight, labels, sphere_lambda, *params):
     """"cuda" kernel of magloss::margin_ce: the fused engine for fp32/fp16/bf16, the
-    reference engine for float64 (the fused kernels are fp32-math only)."""
+    chunked PyTorch engine for float64 (the fused kernels are fp32-math only)."""
     if _is_f64(embeddings, weight):
-        from . import reference
+        from . import chunked
 
         spec, ignore_index = _spec_and_index(params)
-        outs = reference.margin_ce_forward(embeddings, weight, labels, spec, ignore_index, sphere_lambda)
+        outs = chunked.margin_ce_forward(embeddings, weight, labels, spec, ignore_index, sphere_lambda)
         return tuple(o.contiguous() for o in outs)
     return _C.margin_ce(embeddings, weight, labels, sphere_lambda, *params)
 
 
 def _cuda_margin_ce_backward(grad_lse, grad_zy, grad_reg, grad_norms, embeddings, weight, labels, lse, norms,
                              sphere_lambda, *params):
-    """"cuda" kernel of magloss::margin_ce_backward (float64 -> reference, as the forward)."""
+    """"cuda" kernel of magloss::margin_ce_backward (float64 -> the chunked engine, as the forward)."""
     if _is_f64(embeddings, weight):
-        from . import reference
+        from . import chunked
 
         spec, ignore_index = _spec_and_index(params)
-        return reference.margin_ce_backward(grad_lse, grad_zy, grad_reg, grad_norms, embeddings, weight, labels,
-                                            lse, spec, ignore_index, sphere_lambda)
+        return chunked.margin_ce_backward(grad_lse, grad_zy, grad_reg, grad_norms, embeddings, weight, labels,
+                                          lse, spec, ignore_index, sphere_lambda)
     return _C.margin_ce_backward(grad_lse, grad_zy, grad_reg, grad_norms, embeddings, weight, labels, lse, norms,
                                  sphere_lambda, *params)
 

@@ -47,6 +47,7 @@ result carries no error beyond the inputs' rounding.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import List, NamedTuple, Optional, Tuple
 
@@ -136,19 +137,18 @@ def _row_stage(embeddings, weight, labels, spec: MarginSpec, ignore_index: int, 
     return _Rows(x, a, inv_a, x_hat, scale, has, lab, w_y, r_y, wn_y, c_y, scale * psi, dpsi_dc, dpsi_da)
 
 
-def _label_groups(rows: _Rows, num_classes: int, n: int) -> List[Optional[Tuple[Tensor, Tensor]]]:
-    """For each chunk [j0, j0 + n): (row indices, local columns) of the rows whose label is in
-    it, or None. One host read-back of B integers (the forward has already synchronized in
-    its value check)."""
+def _label_groups(lab: Tensor, has: Tensor, num_classes: int, n: int) -> List[Optional[Tuple[Tensor, Tensor]]]:
+    """For each chunk [j0, j0 + n): (row indices, local columns) of the rows whose label
+    (``lab`` where ``has``) is in it, or None. One host read-back of a few integers (the
+    forward has already synchronized in its value check)."""
     groups: List[Optional[Tuple[Tensor, Tensor]]] = [None] * (-(-num_classes // n))
-    idx = rows.has.nonzero().squeeze(1)
+    idx = has.nonzero().squeeze(1)
     if idx.numel() == 0:
         return groups
-    lab = rows.lab[idx]
+    lab = lab[idx]
     order = lab.argsort()
     idx, lab = idx[order], lab[order]
-    chunk_of = lab // n
-    ids, counts = torch.unique_consecutive(chunk_of, return_counts=True)
+    ids, counts = torch.unique_consecutive(lab // n, return_counts=True)
     start = 0
     for k, cnt in zip(ids.tolist(), counts.tolist()):
         sel = slice(start, start + cnt)
@@ -163,10 +163,62 @@ def _column_stats(w_c: Tensor) -> Tuple[Tensor, Tensor]:
 
 
 def _check(embeddings: Tensor, weight: Tensor, labels: Tensor, ignore_index: int) -> None:
-    # The dtype pair check of weight_operand on zero rows (no C×D copy is made), then the
-    # reference's value checks on the operands as given.
+    """The reference's checks without a pass over W: the dtype pair (weight_operand on zero
+    rows: no copy), labels and embeddings (check_values with a finite stand-in of W's C rows).
+    W's own values are checked by the products themselves: see :func:`_check_weight`."""
     weight_operand(embeddings, weight[:0])
-    check_values(embeddings, weight, labels, ignore_index)
+    check_values(embeddings, weight.new_zeros((1, 1)).expand(weight.shape[0], 1), labels, ignore_index)
+
+
+def _check_weight(embeddings: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, lse: Tensor) -> None:
+    """A NaN or Inf anywhere in W makes every row's lse non-finite (its column is NaN in every
+    row: r_j = 0 or NaN times an infinite or NaN dot). Only then does the reference's full
+    check_values scan W, raising its error (and leaving the NaNs to the caller if it doesn't).
+    Costs one host read of a flag instead of a pass over C×D with C×D temporaries."""
+    if lse.numel() and not bool(torch.isfinite(lse).all()):
+        check_values(embeddings, weight, labels, ignore_index)
+
+
+def _low_sum(lse_minus_shift: Tensor, num_classes: int) -> Tensor:
+    """Rows whose Σ_j exp(z_ij − shift_i) may have lost accuracy to underflow: each of the C
+    terms may be off by up to the smallest normal number (flushed or subnormal), which is
+    within the dtype's eps of the sum only when sum ≥ C·tiny/eps (ln: ln C − 71.4 in float32)."""
+    fi = torch.finfo(lse_minus_shift.dtype)
+    return lse_minus_shift < math.log(max(num_classes, 1) * fi.tiny / fi.eps)
+
+
+def _lse(xs: Tensor, zl: Tensor, lab: Tensor, has: Tensor, weight: Tensor, x_dtype: torch.dtype, n_max: int,
+         shift: Optional[Tensor] = None) -> Tensor:
+    """Row log-sum-exp of the logits, chunk by chunk: Z = xs·W_chunkᵀ·r with the label logit
+    ``zl`` swapped in. With ``shift`` (an upper bound of every row's logits): one pass,
+    Σ exp(z − shift). Without: the online log-sum-exp (running max, rescaled running sum)."""
+    B, C = xs.shape[0], weight.shape[0]
+    groups = _label_groups(lab, has, C, n_max)
+    tile_store = xs.new_empty(B * n_max)
+    run_sum = xs.new_zeros(B)
+    run_max = xs.new_full((B,), -torch.inf) if shift is None else shift
+    neg_shift = None if shift is None else (-shift).unsqueeze(1)
+    for k, j0 in enumerate(range(0, C, n_max)):
+        n = min(n_max, C - j0)
+        w_c = _operand(weight.narrow(0, j0, n), x_dtype, xs.dtype)
+        _, r_c = _column_stats(w_c)
+        z = tile_store[: B * n].view(B, n)
+        torch.mm(xs, w_c.t(), out=z)
+        if shift is None:
+            z.mul_(r_c)
+            if groups[k] is not None:
+                z.index_put_(groups[k], zl[groups[k][0]])
+            m_new = torch.maximum(run_max, z.amax(1))     # NaN-propagating, unlike a masked max
+            z.sub_(m_new.unsqueeze(1))
+            run_sum = run_sum * torch.exp(run_max - m_new)
+            run_max = m_new
+        else:
+            torch.addcmul(neg_shift, z, r_c, out=z)
+            if groups[k] is not None:
+                ri = groups[k][0]
+                z.index_put_(groups[k], zl[ri] - shift[ri])
+        run_sum += z.exp_().sum(1)
+    return run_max + torch.log(run_sum)
 
 
 def margin_ce_forward(embeddings: Tensor, weight: Tensor, labels: Tensor, spec: MarginSpec,
@@ -186,29 +238,17 @@ def margin_ce_forward(embeddings: Tensor, weight: Tensor, labels: Tensor, spec: 
     _check(embeddings, weight, labels, ignore_index)
     with torch.no_grad(), torch.autocast(embeddings.device.type, enabled=False):
         rows = _row_stage(embeddings, weight, labels, spec, ignore_index, sphere_lambda)
-        ct = rows.x.dtype
-        B, C = embeddings.shape[0], weight.shape[0]
-        n_max = chunk_columns(B, C, chunk)
+        n_max = chunk_columns(embeddings.shape[0], weight.shape[0], chunk)
         xs = rows.x_hat * rows.scale.unsqueeze(1)
-        run_max = torch.full_like(rows.a, -torch.inf)
-        run_sum = torch.zeros_like(rows.a)
-        tile_store = rows.x.new_empty(B * n_max)
-        groups = _label_groups(rows, C, n_max)
-        for k, j0 in enumerate(range(0, C, n_max)):
-            n = min(n_max, C - j0)
-            w_c = _operand(weight.narrow(0, j0, n), embeddings.dtype, ct)
-            _, r_c = _column_stats(w_c)
-            z = tile_store[: B * n].view(B, n)
-            torch.mm(xs, w_c.t(), out=z)
-            z.mul_(r_c)
-            if groups[k] is not None:
-                ri, cj = groups[k]
-                z.index_put_((ri, cj), rows.zl[ri])
-            m_new = torch.maximum(run_max, z.amax(1))     # NaN-propagating, unlike a masked max
-            z.sub_(m_new.unsqueeze(1)).exp_()
-            run_sum = run_sum * torch.exp(run_max - m_new) + z.sum(1)
-            run_max = m_new
-        lse = run_max + torch.log(run_sum)
+        # Every logit of row i is at most scale_i (|c| <= 1 and psi <= c <= 1 for every family),
+        # so scale_i is a safe shift and needs no max pass. Rows whose sum is then too small to
+        # be accurate (every logit far below scale_i) are redone with the online max.
+        lse = _lse(xs, rows.zl, rows.lab, rows.has, weight, embeddings.dtype, n_max, rows.scale)
+        low = _low_sum(lse - rows.scale, weight.shape[0])
+        if bool(low.any()):
+            sub = low.nonzero().squeeze(1)
+            lse[sub] = _lse(xs[sub], rows.zl[sub], rows.lab[sub], rows.has[sub], weight, embeddings.dtype, n_max)
+        _check_weight(embeddings, weight, labels, ignore_index, lse)
         zero = torch.zeros_like(rows.a)
         zy = torch.where(rows.has, rows.zl, zero)
         reg = regularizer(rows.a, spec.l_a, spec.u_a)[0] if spec.has_regularizer else zero
@@ -259,7 +299,7 @@ def margin_ce_backward(grad_lse: Tensor, grad_zy: Tensor, grad_reg: Tensor, grad
         grad_w = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
         direct = grad_w.dtype == ct                  # else an fp32 chunk buffer, then one cast
         p_store = None if direct else rows.x.new_empty(n_max * weight.shape[1])
-        groups = _label_groups(rows, C, n_max)
+        groups = _label_groups(rows.lab, rows.has, C, n_max)
         for k, j0 in enumerate(range(0, C, n_max)):
             n = min(n_max, C - j0)
             w_c = _operand(weight.narrow(0, j0, n), embeddings.dtype, ct)
@@ -280,7 +320,7 @@ def margin_ce_backward(grad_lse: Tensor, grad_zy: Tensor, grad_reg: Tensor, grad
             torch.mul(w_c, coef.neg().unsqueeze(1), out=gw_c)
             gw_c.addmm_(u.t(), xg)
             if label is not None:
-                gw_c.index_add_(0, label[1], corr_w[label[0]])
+                gw_c.index_put_((label[1],), corr_w[label[0]], accumulate=True)   # (index_add_ is slow on CPU)
             if not direct:
                 grad_w.narrow(0, j0, n).copy_(gw_c)
 
