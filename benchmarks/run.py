@@ -353,12 +353,14 @@ def run_interleaved(cases: List["P.Case"], modes: List[str], args, timer: _Timer
                                  products=PRODUCTS[m], iters=0, error=f"{type(exc).__name__}: {exc}"[:300])
                             for m in modes]
     for mode in modes:
-        est = {}
-        for case, (runner, _, _) in runners.items():
-            with P.precision_context(case.precision, case.device):
-                est[case] = timer.measure(lambda ev: _one_call(runner, mode, ev), 1)[0] / 1e3
-        slowest = max(est.values(), default=1e-6)
-        n = int(min(args.iters, max(args.min_iters, args.case_seconds // slowest)))
+        n = args.min_iters
+        if args.case_seconds > 0:          # size the run from one call of each (case_seconds 0: min_iters)
+            est = {}
+            for case, (runner, _, _) in runners.items():
+                with P.precision_context(case.precision, case.device):
+                    est[case] = timer.measure(lambda ev: _one_call(runner, mode, ev), 1)[0] / 1e3
+            slowest = max(est.values(), default=1e-6)
+            n = int(min(args.iters, max(args.min_iters, args.case_seconds // slowest)))
         times = {case: [] for case in runners}
         for _ in range(n):
             for case, (runner, _, _) in runners.items():

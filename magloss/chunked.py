@@ -59,9 +59,9 @@ from .reference import check_values, compute_dtype, weight_operand
 
 __all__ = ["DEFAULT_TILE", "chunk_columns", "margin_ce_forward", "margin_ce_backward"]
 
-#: Elements of one B×N float tile the default chunk width aims at (256 KiB in float32):
+#: Elements of one B×N float tile the default chunk width aims at (2 MiB in float32):
 #: the tiles, and the class chunk the backward's three products share, stay in cache.
-DEFAULT_TILE = 1 << 16
+DEFAULT_TILE = 1 << 19
 #: Bounds of the default chunk width (columns).
 MIN_CHUNK, MAX_CHUNK = 256, 4096
 
