@@ -172,11 +172,12 @@ def _check(embeddings: Tensor, weight: Tensor, labels: Tensor, ignore_index: int
 
 def _check_weight(embeddings: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, lse: Tensor) -> None:
     """A NaN or Inf anywhere in W makes every row's lse non-finite (its column is NaN in every
-    row: r_j = 0 or NaN times an infinite or NaN dot). Only then does the reference's full
-    check_values scan W, raising its error (and leaving the NaNs to the caller if it doesn't).
+    row: r_j = 0 or NaN times an infinite or NaN dot; for the autocast pair, also a float32
+    value that overflows when rounded). Only then does the reference's full check_values scan
+    W as the math uses it, raising its error (and leaving the NaNs to the caller if it doesn't).
     Costs one host read of a flag instead of a pass over C×D with C×D temporaries."""
     if lse.numel() and not bool(torch.isfinite(lse).all()):
-        check_values(embeddings, weight, labels, ignore_index)
+        check_values(embeddings, weight_operand(embeddings, weight), labels, ignore_index)
 
 
 def _low_sum(lse_minus_shift: Tensor, num_classes: int) -> Tensor:
