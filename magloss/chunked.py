@@ -328,8 +328,8 @@ def margin_ce_backward(grad_lse: Tensor, grad_zy: Tensor, grad_reg: Tensor, grad
         g_xhat = acc * gs.unsqueeze(1) + delta.unsqueeze(1) * rows.w_y
         gc_row = (g_xhat * rows.x_hat).sum(1)                # Σ_j G_ij c_ij
         if spec.scale_by_norm:                               # + Σ_j ∂L/∂z_ij·z_ij / a_i
-            label = torch.where(rows.has, g_y * rows.c_y - dz_y * rows.zl, zero)
-            grad_a = grad_a + (gc_row - label) * rows.inv_a
+            label_term = torch.where(rows.has, g_y * rows.c_y - dz_y * rows.zl, zero)   # G_iy·c_iy ≠ ∂L/∂z_iy·z_iy
+            grad_a = grad_a + (gc_row - label_term) * rows.inv_a
         unit = rows.x / rows.a.clamp_min(torch.finfo(ct).tiny).unsqueeze(1)
         proj = torch.where((rows.a >= NORM_EPS).unsqueeze(1), rows.x_hat * gc_row.unsqueeze(1),
                            torch.zeros_like(rows.x))
