@@ -14,21 +14,23 @@ Forward:
 
 1. Row stage, O(B·D): a_i, x̂_i, the label cosine by a gather-dot with w_y, ψ_i, ∂ψ/∂c,
    ∂ψ/∂a (:func:`magloss.margins.margin_terms`), zy_i, reg_i.
-2. Per chunk of classes: r_j of the chunk, the tile Z = (scale·x̂)·W_chunkᵀ · r (one
-   product, one pass), the label logit swapped in for rows whose label is in the chunk,
-   and the online log-sum-exp merge (running row max, running sum of exp).
+2. Per chunk of classes: r_j of the chunk, the tile Z = (scale·x̂)·W_chunkᵀ (one product),
+   one pass Z·r − scale_i, the label logit swapped in for rows whose label is in the chunk,
+   exp and a row sum. scale_i bounds every logit of row i, so the shifted sum needs no max
+   pass; rows whose sum would lose accuracy to underflow are redone with the online
+   log-sum-exp (running row max, rescaled running sum).
 
 Backward, from the saved lse (p_ij = exp(z_ij − lse_i)), per chunk:
 
-1. The same tile, then U_ij = p_ij·r_j with the *unmargined* z at the label column;
+1. The same tile, then U_ij = p_ij·r_j, with 0 at the label column;
    G_ij = gs_i·p_ij off the label with gs_i = grad_lse_i·scale_i, so T = G·r = gs·U.
 2. ∂L/∂x̂ += U·W_chunk (the row factor gs_i is applied once at the end).
 3. The column correction, written straight into ∂W's chunk: the coefficient
    r_j²·Σ_i G_ij c_ij = r_j²·Σ_i T_ij (x̂_i·w_j) comes from the tile (a B-long GEMV), then
    ∂W_chunk = −coef·W_chunk + Uᵀ·(gs·x̂) (one product accumulating into the chunk).
-4. The label column's exact G_iy = scale_i·∂L/∂z_iy·∂ψ/∂c replaces the unmargined one by a
-   rank-one correction of row i's ∂L/∂x̂ and of class y_i's ∂W row (added to the chunk
-   that holds y_i before it is written).
+4. The label column's exact G_iy = scale_i·∂L/∂z_iy·∂ψ/∂c enters as a rank-one term of
+   row i's ∂L/∂x̂ and of class y_i's ∂W row (added to the chunk that holds y_i before the
+   loop leaves it).
 
 After the loop, the row chain: Σ_j G_ij c_ij = ∂L/∂x̂_i·x̂_i, and
 ∂L/∂x_i = (∂L/∂x̂_i − x̂_i·Σ_j G_ij c_ij)/a_i + ∂L/∂a_i·x̂_i.
