@@ -8,6 +8,10 @@ Providers (``PROVIDERS``), all timed on the same inputs:
 * ``magloss``: magloss' functional losses with the fused CUDA engine. Only when
   ``magloss.extension_status()["fused"]`` is true and the device is CUDA; otherwise
   Unavailable (a reference-engine run is never labelled "magloss").
+* ``chunked``: magloss' functional losses through the ops' default kernel, the chunked
+  PyTorch engine (:mod:`magloss.chunked`): what magloss runs on the CPU and, without the
+  extension, on CUDA. Unavailable where the fused kernels are the default (CUDA with the
+  extension built).
 * ``reference``: magloss' pure-PyTorch reference engine (``magloss.reference``) through
   autograd: what magloss runs without the extension (CPU, pure-Python installs).
 * ``eager``: the upstream way in plain PyTorch (:mod:`benchmarks.eager`).
@@ -43,9 +47,10 @@ except ImportError:  # pragma: no cover
 __all__ = ["PROVIDERS", "LABELS", "PLAIN_CE", "LOSS_FREE", "PRECISIONS", "LOSSES", "Case", "Runner",
            "Unavailable", "build", "precision_context", "make_inputs"]
 
-PROVIDERS = ["magloss", "reference", "eager", "eager-fullmatrix", "compile", "pml", "liger", "cce", "floor"]
+PROVIDERS = ["magloss", "chunked", "reference", "eager", "eager-fullmatrix", "compile", "pml", "liger", "cce", "floor"]
 LABELS = {
     "magloss": "magloss fused CUDA engine",
+    "chunked": "magloss chunked PyTorch engine (the ops' default kernel without the fused ones)",
     "reference": "magloss reference engine (pure PyTorch, autograd)",
     "eager": "eager upstream-style PyTorch (benchmarks/eager.py), margin on the label column",
     "eager-fullmatrix": "eager upstream-style PyTorch, margin over the full matrix (one-hot mix)",
@@ -169,8 +174,7 @@ def _magloss(case: Case) -> Runner:
                           "'reference' for magloss' CPU path)")
     if not st["fused"]:
         raise Unavailable(f"fused engine not active: {st['reason']}")
-    fn = {"arcface": magloss.functional.arcface_loss, "magface": magloss.functional.magface_loss,
-          "cosface": magloss.functional.cosface_loss}[case.loss]
+    fn = getattr(magloss.functional, _FUNCTIONAL[case.loss])
     x, w, y = make_inputs(case)
     notes = "magloss.functional, fused kernels"
     ext = getattr(magloss._ext, "_C", None)
@@ -183,6 +187,22 @@ def _magloss(case: Case) -> Runner:
     if ext is not None and hasattr(ext, "chunk_columns"):
         notes += f", chunk_columns={int(ext.chunk_columns(case.B, case.C))}"
     return Runner(lambda: fn(x, w, y), _loss_backward, [x, w], _autocast(case), notes=notes)
+
+
+_FUNCTIONAL = {"arcface": "arcface_loss", "magface": "magface_loss", "cosface": "cosface_loss"}
+
+
+def _chunked(case: Case) -> Runner:
+    import magloss
+    from magloss import functional as MF
+
+    if case.device.startswith("cuda") and magloss.extension_status()["fused"]:
+        raise Unavailable("the fused kernels are the default on this device (provider 'magloss')")
+    fn = getattr(MF, _FUNCTIONAL[case.loss])
+    x, w, y = make_inputs(case)
+    n = magloss.chunked.chunk_columns(case.B, case.C)
+    return Runner(lambda: fn(x, w, y), _loss_backward, [x, w], _autocast(case),
+                  notes=f"magloss.functional, default op kernel = magloss.chunked, chunk_columns={n}")
 
 
 def _reference(case: Case) -> Runner:
@@ -312,6 +332,7 @@ def _floor(case: Case) -> Runner:
 
 _BUILDERS: Dict[str, Callable[[Case], Runner]] = {
     "magloss": _magloss,
+    "chunked": _chunked,
     "reference": _reference,
     "eager": _eager,
     "eager-fullmatrix": lambda c: _eager(c, full_matrix=True),

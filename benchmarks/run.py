@@ -73,6 +73,9 @@ GRIDS: Dict[str, dict] = {
     # the shape of record only
     "quick": dict(B=[512], C=[85742], D=[512], precisions=P.PRECISIONS, losses=P.LOSSES,
                   providers=DEFAULT_PROVIDERS),
+    # the CPU record of the chunked engine (issue: ratios to the floor, PML and eager at D = 512)
+    "cpu": dict(B=[64, 256], C=[10000, 85742, 300000], D=[512], precisions=["fp32"], losses=["arcface"],
+                providers=["chunked", "reference", "eager", "pml", "floor"]),
     # CI-sized: runs on CPU in seconds
     "ci": dict(B=[16], C=[300, 1000], D=[32], precisions=["fp32", "bf16"], losses=P.LOSSES,
                providers=["magloss", "reference", "eager", "pml", "liger", "cce", "floor"]),
@@ -127,11 +130,15 @@ def environment(device: str, argv: List[str]) -> dict:
                                               "cut-cross-entropy")},
         "timer": "cuda-events" if cuda else "time.perf_counter",
         "threads": torch.get_num_threads(),
+        "loadavg": list(os.getloadavg()),
+        "cpu_count": os.cpu_count(),
         "flops": "2*B*D*C per matrix product; products counted: fwd 1 (X.W^T), bwd 2 (G.W, G^T.X), "
                  "full 3, for every provider",
         "peak_extra": ("max_memory_allocated after a peak reset minus memory allocated before the call "
                        "(inputs, W) minus the gradients of x and W (bwd, full)") if cuda
-                      else "null: no allocator statistics on CPU",
+                      else ("VmHWM - VmRSS before the call - gradients, fresh process per case "
+                            "(benchmarks/cpu_memory.py)" if "--cpu-memory" in argv
+                            else "null: no allocator statistics on CPU (see --cpu-memory)"),
     }
     if cuda:
         props = torch.cuda.get_device_properties(torch.device(device))
@@ -321,6 +328,65 @@ def run_case(case: "P.Case", modes: List[str], args, timer: _Timer) -> List[dict
     return records
 
 
+def run_interleaved(cases: List["P.Case"], modes: List[str], args, timer: _Timer):
+    """The cases of one shape (same precision, B, C, D), timed in rounds: each round makes one
+    call of every case in turn, so that a load change on a shared machine hits every provider
+    alike and the ratios of one run stay comparable. n rounds, n from the slowest case's
+    estimate as in :func:`run_case`. Returns (records, [(case, reason) of unavailable cases]).
+    Each record carries os.getloadavg() at its end (``loadavg``)."""
+    runners, records, skipped = {}, [], []
+    for case in cases:
+        base = {"provider": case.provider, "loss": case.loss, "precision": case.precision, "B": case.B,
+                "C": case.C, "D": case.D, "label": P.LABELS.get(case.provider, case.provider),
+                "plain_ce": case.provider in P.PLAIN_CE}
+        with P.precision_context(case.precision, case.device):
+            try:
+                runner = P.build(case)
+                t0 = time.perf_counter()
+                timer.measure(lambda ev: _one_call(runner, "full", ev), args.warmup)
+                runners[case] = (runner, base, time.perf_counter() - t0)
+            except P.Unavailable as exc:
+                skipped.append((case, str(exc)))
+            except Exception as exc:  # noqa: BLE001
+                records += [dict(base, mode=m, status="oom" if _is_oom(exc) else "error", median_ms=None,
+                                 p20_ms=None, p80_ms=None, peak_extra_mb=None, tflops=None,
+                                 products=PRODUCTS[m], iters=0, error=f"{type(exc).__name__}: {exc}"[:300])
+                            for m in modes]
+    for mode in modes:
+        n = args.min_iters
+        if args.case_seconds > 0:          # size the run from one call of each (case_seconds 0: min_iters)
+            est = {}
+            for case, (runner, _, _) in runners.items():
+                with P.precision_context(case.precision, case.device):
+                    est[case] = timer.measure(lambda ev: _one_call(runner, mode, ev), 1)[0] / 1e3
+            slowest = max(est.values(), default=1e-6)
+            n = int(min(args.iters, max(args.min_iters, args.case_seconds // slowest)))
+        times = {case: [] for case in runners}
+        for _ in range(n):
+            for case, (runner, _, _) in runners.items():
+                with P.precision_context(case.precision, case.device):
+                    times[case] += timer.measure(lambda ev: _one_call(runner, mode, ev), 1)
+        for case, (runner, base, warm_s) in runners.items():
+            ts = times[case]
+            med = _percentile(ts, 0.5)
+            peak = None
+            if args.cpu_memory and not timer.cuda:
+                from benchmarks import cpu_memory
+                peak = cpu_memory.fresh(case.provider, case.loss, case.precision, case.B, case.C, case.D, mode,
+                                        torch.get_num_threads())
+            elif timer.cuda:
+                peak = _peak_extra_mb(runner, mode, timer)
+            records.append(dict(
+                base, mode=mode, status="ok", median_ms=round(med, 5), p20_ms=round(_percentile(ts, 0.2), 5),
+                p80_ms=round(_percentile(ts, 0.8), 5), peak_extra_mb=peak,
+                tflops=float(f"{2.0 * case.B * case.D * case.C * PRODUCTS[mode] / (med * 1e-3) / 1e12:.4g}"),
+                products=PRODUCTS[mode], iters=n, warmup_s=round(warm_s, 3), notes=runner.notes,
+                interleaved=True, loadavg=list(os.getloadavg())))
+    runners.clear()
+    _free()
+    return records, skipped
+
+
 # -- grid -------------------------------------------------------------------------------------
 def _csv(s: Optional[str], cast=str) -> Optional[list]:
     if s is None:
@@ -438,6 +504,13 @@ def parse_args(argv=None):
     ap.add_argument("--resume", action="store_true", help="keep the records already in --out, run the rest")
     ap.add_argument("--shard", help="i/n: run only every n-th case starting at i (1-based)")
     ap.add_argument("--merge", nargs="+", help="merge these result JSONs into --out and print the table")
+    ap.add_argument("--interleave", action="store_true",
+                    help="time the providers of each shape in rounds (one call of each in turn), so that the "
+                         "ratios of a run on a shared machine are comparable; every runner of a shape is alive "
+                         "at once (memory!)")
+    ap.add_argument("--cpu-memory", action="store_true",
+                    help="CPU runs: peak extra memory of each case in a fresh process (benchmarks/cpu_memory.py; "
+                         "Linux); with --interleave only")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (CPU runs; default torch's)")
     ap.add_argument("--list", action="store_true", help="print the cases that would run (after --resume/--shard) "
                     "and exit")
@@ -529,6 +602,12 @@ def main(argv=None) -> dict:
 
     timer = _Timer(device)
     t_start = time.monotonic()
+    if args.interleave:
+        _main_interleaved(doc, todo, args, timer, out_path, t_start)
+        if not args.quiet:
+            print(markdown_table(doc["results"]))
+        print(f"\nwrote {out_path} ({len(doc['results'])} records, complete={doc['complete']})", file=sys.stderr)
+        return doc
     bar = _tqdm(total=len(todo), unit="case", dynamic_ncols=True, file=sys.stderr) if _tqdm else None
     skipped_keys = {(s["provider"], s.get("loss"), s.get("precision")) for s in doc["skipped"]}
     stopped = False
@@ -571,6 +650,34 @@ def main(argv=None) -> dict:
         print(markdown_table(doc["results"]))
     print(f"\nwrote {out_path} ({len(doc['results'])} records, complete={doc['complete']})", file=sys.stderr)
     return doc
+
+
+def _main_interleaved(doc, todo, args, timer, out_path, t_start) -> None:
+    groups: Dict[tuple, list] = {}
+    for case, missing in todo:
+        groups.setdefault((case.precision, case.B, case.C, case.D), []).append((case, missing))
+    stopped = False
+    doc["env"]["loadavg_start"] = list(os.getloadavg())
+    for k, (shape, items) in enumerate(groups.items()):
+        if args.max_seconds is not None and time.monotonic() - t_start > args.max_seconds:
+            stopped = True
+            print(f"--max-seconds {args.max_seconds:g} reached: {len(groups) - k} shapes left; rerun with --resume",
+                  file=sys.stderr)
+            break
+        print(f"[{k + 1}/{len(groups)}] {shape}: {', '.join(c.provider + '/' + c.loss for c, _ in items)}",
+              file=sys.stderr, flush=True)
+        modes = sorted({m for _, ms in items for m in ms}, key=MODES.index)
+        recs, skipped = run_interleaved([c for c, _ in items], modes, args, timer)
+        for case, reason in skipped:
+            doc["skipped"].append({"provider": case.provider, "loss": case.loss, "precision": case.precision,
+                                   "reason": reason})
+        keys = {record_key(r) for r in recs}
+        doc["results"] = [r for r in doc["results"] if record_key(r) not in keys] + recs
+        write_json(out_path, doc)
+    doc["env"]["loadavg_end"] = list(os.getloadavg())
+    doc["complete"] = not stopped and not args.shard
+    doc["elapsed_s"] = round(time.monotonic() - t_start, 1)
+    write_json(out_path, doc)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 """README-ready markdown from one results JSON: ratios and the performance targets of README.md (Benchmarks).
 
     python benchmarks/summary.py benchmarks/results/RUN.json [--subject magloss] [--B 512 --C 85742 --D 512]
+    python benchmarks/summary.py benchmarks/results/cpu_chunked_RUN.json --cpu-engine
 
 Prints (1) the ratio table of the subject (default ``magloss``, the fused engine) to eager,
 torch.compile, each peer and the floor, forward+backward, at the shape of record
@@ -204,6 +205,43 @@ def summarize(doc: dict, subject: str = "magloss", shape=None) -> str:
     return "\n".join(out)
 
 
+def cpu_engine_table(doc: dict, loss: str = "arcface", precision: str = "fp32") -> str:
+    """The chunked engine's CPU record: per (B, C), forward+backward, its time, its ratio to the
+    bare products (target ≤ 1.5×), how many times faster it is than eager and PML (target
+    ≥ 2×) and than the reference, and its peak extra memory beside the reference's (target at
+    the largest C: ≤ 5%)."""
+    res = Results(doc)
+    env = doc.get("env", {})
+    shapes = sorted({(r["B"], r["C"], r["D"]) for r in doc["results"] if r["provider"] == "chunked"})
+    out = [f"Run: {env.get('gpu')}, torch {env.get('torch')}, {env.get('threads')} thread(s), commit "
+           f"{str(env.get('commit'))[:10]}{' (dirty)' if env.get('dirty') else ''}, {env.get('date')}; "
+           f"load average at start {env.get('loadavg_start')}, end {env.get('loadavg_end')}; "
+           f"complete={doc.get('complete')}.", f"Command: `{env.get('command')}`", "",
+           "| B | C | chunked ms | × floor (≤ 1.5) | eager ÷ chunked (≥ 2) | PML ÷ chunked (≥ 2) "
+           "| reference ÷ chunked | chunked MB | reference MB | chunked ÷ reference memory |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for B, C, D in shapes:
+        t = res.ms("chunked", loss, precision, B, C, D)
+
+        def over(p):
+            return _x(_ratio(res.ms(p, loss, precision, B, C, D), t), "not run")
+
+        m, mr = res.mem("chunked", loss, precision, B, C, D), res.mem("reference", loss, precision, B, C, D)
+        share = "—" if m is None or not mr else f"{100 * m / mr:.1f}%"
+        out.append(f"| {B} | {C:,} | {_fmt_ms(t)} | {_x(_ratio(t, res.ms('floor', loss, precision, B, C, D)))} "
+                   f"| {over('eager')} | {over('pml')} | {over('reference')} | {_fmt_mb(m)} | {_fmt_mb(mr)} "
+                   f"| {share} |")
+    return "\n".join(out)
+
+
+def _fmt_ms(v: Optional[float]) -> str:
+    return "—" if v is None else f"{v:,.0f}" if v >= 100 else f"{v:.1f}"
+
+
+def _fmt_mb(v: Optional[float]) -> str:
+    return "—" if v is None else f"{v:,.1f}"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("json")
@@ -211,8 +249,13 @@ def main(argv=None):
     ap.add_argument("--B", type=int)
     ap.add_argument("--C", type=int)
     ap.add_argument("--D", type=int)
+    ap.add_argument("--cpu-engine", action="store_true",
+                    help="the chunked engine's CPU table (time vs floor, eager, PML, reference; memory)")
     args = ap.parse_args(argv)
     doc = json.loads(Path(args.json).read_text())
+    if args.cpu_engine:
+        print(cpu_engine_table(doc))
+        return
     print(summarize(doc, args.subject, pick_shape(doc, args.B, args.C, args.D)))
 
 

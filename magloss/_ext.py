@@ -1,7 +1,7 @@
 """The only importer of the compiled extension ``magloss._C``.
 
 The extension is optional: without it (a pure-Python install, a CPU-only torch, or
-``MAGLOSS_DISABLE_EXT=1``) every op runs the reference engine. :func:`extension_status`
+``MAGLOSS_DISABLE_EXT=1``) every op runs the chunked PyTorch engine (magloss.chunked). :func:`extension_status`
 says which path is in use and why.
 """
 
@@ -54,25 +54,25 @@ _ENGINES: Dict[str, Any] = {}
 
 def _cuda_margin_ce(engine, embeddings, weight, labels, sphere_lambda, *params):
     """Fused kernel of magloss::margin_ce: the fused engine for fp32/fp16/bf16, the
-    reference engine for float64 (the fused kernels are fp32-math only)."""
+    chunked PyTorch engine for float64 (the fused kernels are fp32-math only)."""
     if _is_f64(embeddings, weight):
-        from . import reference
+        from . import chunked
 
         spec, ignore_index = _spec_and_index(params)
-        outs = reference.margin_ce_forward(embeddings, weight, labels, spec, ignore_index, sphere_lambda)
+        outs = chunked.margin_ce_forward(embeddings, weight, labels, spec, ignore_index, sphere_lambda)
         return tuple(o.contiguous() for o in outs)
     return engine.margin_ce(embeddings, weight, labels, sphere_lambda, *params)
 
 
 def _cuda_margin_ce_backward(engine, grad_lse, grad_zy, grad_reg, grad_norms, embeddings, weight, labels, lse, norms,
                              sphere_lambda, *params):
-    """Fused kernel of magloss::margin_ce_backward (float64 -> reference, as the forward)."""
+    """Fused kernel of magloss::margin_ce_backward (float64 -> the chunked engine, as the forward)."""
     if _is_f64(embeddings, weight):
-        from . import reference
+        from . import chunked
 
         spec, ignore_index = _spec_and_index(params)
-        return reference.margin_ce_backward(grad_lse, grad_zy, grad_reg, grad_norms, embeddings, weight, labels,
-                                            lse, spec, ignore_index, sphere_lambda)
+        return chunked.margin_ce_backward(grad_lse, grad_zy, grad_reg, grad_norms, embeddings, weight, labels,
+                                          lse, spec, ignore_index, sphere_lambda)
     return engine.margin_ce_backward(grad_lse, grad_zy, grad_reg, grad_norms, embeddings, weight, labels, lse,
                                      norms, sphere_lambda, *params)
 
@@ -82,7 +82,7 @@ def register_kernels(fwd_op, bwd_op, engine: Optional[Any] = None, device_type: 
 
     ``engine`` defaults to the compiled extension magloss._C on "cuda". Returns True when
     registered; without the extension the default kernel stays in use and this returns False.
-    float64 inputs are routed to the reference engine by the registered wrappers (docs/cuda.md).
+    float64 inputs are routed to the chunked PyTorch engine by the registered wrappers (docs/cuda.md).
     The CPU emulator's build of the same sources (tests/emu) registers itself for "cpu".
     """
     engine = _C if engine is None else engine
@@ -112,7 +112,7 @@ def flush_input_checks() -> None:
     read-back finished, or by this function, which waits for every pending read-back (one
     host synchronization). Call it where a late error would be costly, e.g. before saving a
     checkpoint or at the end of an epoch. Each failure is raised once. Without the compiled
-    extension it does nothing: the reference engine raises in the offending call.
+    extension it does nothing: the chunked engine raises in the offending call.
 
     Raises:
         ValueError: the reference engine's message for the oldest failed check, marked
@@ -134,7 +134,7 @@ def extension_status() -> Dict[str, Any]:
     cuda = torch.cuda.is_available()
     compiled = _C is not None
     if compiled and not cuda:
-        reason = "compiled extension loaded, but no CUDA device is visible: reference engine in use"
+        reason = "compiled extension loaded, but no CUDA device is visible: chunked PyTorch engine in use"
     elif compiled:
         reason = "compiled extension loaded: CUDA tensors use the fused kernels"
     else:

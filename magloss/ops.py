@@ -25,10 +25,14 @@ engine serve the single-GPU losses, ignored rows and class-sharded heads: the Py
 layer forms CE = lse − zy, masks and reduces, and a sharded head combines lse across
 ranks by log-sum-exp and zy by a sum before doing the same.
 
-The reference engine is the default kernel (every device). When the compiled
+The chunked engine (:mod:`magloss.chunked`: the fused engine's algorithm in plain
+PyTorch, memory flat in C) is the default kernel, on every device. When the compiled
 extension is present its fused kernels are registered for "cuda" (see
-:mod:`magloss._ext`); fake (meta) kernels and the autograd formula are registered
-here, so ``torch.compile(fullgraph=True)`` and ``torch.library.opcheck`` work.
+:mod:`magloss._ext`). The reference engine (:mod:`magloss.reference`) is never the
+default: it is the tests' oracle, reachable by name (``reference.margin_ce_forward``,
+``reference.margin_ce_backward``, same arguments as the engine's). Fake (meta) kernels
+and the autograd formula are registered here, so ``torch.compile(fullgraph=True)`` and
+``torch.library.opcheck`` work.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _ext, reference
+from . import _ext, chunked, reference
 from .margins import MarginSpec
 
 __all__ = ["margin_ce", "margin_ce_backward"]
@@ -60,7 +64,7 @@ def margin_ce(
 ) -> _Rows:
     """Per-row statistics (lse, zy, reg, norms) of the margin softmax; see the module docstring."""
     spec = _spec(kind, scale, m1, m2, m3, l_a, u_a, l_m, u_m, easy_margin, straight_through)
-    outs = reference.margin_ce_forward(embeddings, weight, labels, spec, ignore_index, sphere_lambda)
+    outs = chunked.margin_ce_forward(embeddings, weight, labels, spec, ignore_index, sphere_lambda)
     return tuple(o.contiguous() for o in outs)
 
 
@@ -83,8 +87,8 @@ def margin_ce_backward(
     """(∂/∂embeddings, ∂/∂weight) of Σ_i grad_lse_i·lse_i + grad_zy_i·zy_i + grad_reg_i·reg_i
     + grad_norms_i·norms_i, given the forward's saved ``lse`` and ``norms``."""
     spec = _spec(kind, scale, m1, m2, m3, l_a, u_a, l_m, u_m, easy_margin, straight_through)
-    return reference.margin_ce_backward(grad_lse, grad_zy, grad_reg, grad_norms, embeddings, weight, labels,
-                                        lse, spec, ignore_index, sphere_lambda)
+    return chunked.margin_ce_backward(grad_lse, grad_zy, grad_reg, grad_norms, embeddings, weight, labels,
+                                      lse, spec, ignore_index, sphere_lambda)
 
 
 @margin_ce_backward.register_fake

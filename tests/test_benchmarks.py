@@ -171,3 +171,24 @@ def test_plots_and_summary(tiny_run, tmp_path):
     ref = summary.summarize(doc, subject="reference")
     assert "NOT magloss' fused numbers" in ref
     assert "| arcface | fp32 |" in ref
+
+
+@pytest.mark.skipif(not __import__("benchmarks.cpu_memory", fromlist=["supported"]).supported(),
+                    reason="needs Linux /proc/self/clear_refs")
+def test_interleaved_run_with_fresh_process_memory(tmp_path):
+    """--interleave times every provider of a shape in rounds (the same number of calls each,
+    the load average recorded); --cpu-memory measures each case in a fresh process: the
+    reference's extra memory holds B×C matrices, the chunked engine's does not grow with C."""
+    args = ["--device", "cpu", "--grid", "ci", "--providers", "chunked,reference", "--losses", "arcface",
+            "--precisions", "fp32", "--modes", "full", "--B", "32", "--C", "2000,20000", "--D", "16",
+            "--interleave", "--cpu-memory", "--threads", "1", "--min-iters", "2", "--case-seconds", "0",
+            "--warmup", "0", "--quiet", "--out", str(tmp_path / "i.json")]
+    doc = bench_run.main(args)
+    recs = {(r["provider"], r["C"]): r for r in doc["results"]}
+    assert set(recs) == {(p, c) for p in ("chunked", "reference") for c in (2000, 20000)}
+    assert all(r["status"] == "ok" and r["interleaved"] and r["iters"] == 2 and len(r["loadavg"]) == 3
+               for r in recs.values())
+    bxc_mb = 32 * 20000 * 4 / 2**20                    # one float32 B×C matrix at C = 20,000: 2.4 MB
+    assert recs[("reference", 20000)]["peak_extra_mb"] >= 2 * bxc_mb
+    assert recs[("chunked", 20000)]["peak_extra_mb"] < bxc_mb
+    assert recs[("chunked", 20000)]["peak_extra_mb"] - recs[("chunked", 2000)]["peak_extra_mb"] < 0.25 * bxc_mb
