@@ -213,7 +213,7 @@ def test_empty_batch():
     assert gx.shape == (0, 64) and torch.all(gw == 0) and gw.shape == (10, 64)
 
 
-def test_float64_routes_to_reference():
+def test_float64_routes_to_the_chunked_engine():
     spec, _ = FAMILIES["arcface"]
     x, w, y, grads = make_case(16, 100, 64, seed=4)
     rows = OP(x, w, y, None, *spec.op_args(), -1)
