@@ -57,7 +57,7 @@ import torch
 from torch import Tensor
 
 from .margins import NORM_EPS, MarginSpec, margin_terms, regularizer
-from .reference import check_values, compute_dtype, weight_operand
+from .reference import check_values, compute_dtype, saturating_cast, weight_operand
 
 __all__ = ["DEFAULT_TILE", "chunk_columns", "margin_ce_forward", "margin_ce_backward"]
 
@@ -289,7 +289,7 @@ def margin_ce_backward(grad_lse: Tensor, grad_zy: Tensor, grad_reg: Tensor, grad
         # term of row i's ∂L/∂x̂ and of class y_i's ∂W row. (Correcting the unmargined tile value
         # instead would cancel: exp(s·c_iy − lse_i) can exceed 1 by e^(s·m).)
         delta = torch.where(rows.has, g_y * rows.r_y, zero)
-        col_y = torch.where(rows.wn_y >= NORM_EPS, rows.r_y * rows.c_y, zero)
+        col_y = torch.where(rows.wn_y < NORM_EPS, zero, rows.r_y * rows.c_y)
         corr_w = delta.unsqueeze(1) * (rows.x_hat - col_y.unsqueeze(1) * rows.w_y)   # [B, D]
 
         n_max = chunk_columns(B, C, chunk)
@@ -318,14 +318,14 @@ def margin_ce_backward(grad_lse: Tensor, grad_zy: Tensor, grad_reg: Tensor, grad
             acc.addmm_(u, w_c)
             # coef_j = r_j²·Σ_i T_ij·(x̂_i·w_j) = r_j²·Σ_i gl_i·U_ij·z_ij (zeroed for ‖w_j‖ < ε)
             coef = torch.mv(z.mul_(u).t(), gl)
-            coef = torch.where(wn_c >= NORM_EPS, coef * r_c * r_c, torch.zeros_like(coef))
+            coef = torch.where(wn_c < NORM_EPS, torch.zeros_like(coef), coef * r_c * r_c)  # a NaN norm keeps it
             gw_c = grad_w.narrow(0, j0, n) if direct else p_store[: n * weight.shape[1]].view(n, -1)
             torch.mul(w_c, coef.neg().unsqueeze(1), out=gw_c)
             gw_c.addmm_(u.t(), xg)
             if label is not None:
                 gw_c.index_put_((label[1],), corr_w[label[0]], accumulate=True)   # (index_add_ is slow on CPU)
             if not direct:
-                grad_w.narrow(0, j0, n).copy_(gw_c)
+                grad_w.narrow(0, j0, n).copy_(saturating_cast(gw_c, grad_w.dtype))
 
         g_xhat = acc * gs.unsqueeze(1) + delta.unsqueeze(1) * rows.w_y
         gc_row = (g_xhat * rows.x_hat).sum(1)                # Σ_j G_ij c_ij
@@ -333,7 +333,7 @@ def margin_ce_backward(grad_lse: Tensor, grad_zy: Tensor, grad_reg: Tensor, grad
             label_term = torch.where(rows.has, g_y * rows.c_y - dz_y * rows.zl, zero)   # G_iy·c_iy ≠ ∂L/∂z_iy·z_iy
             grad_a = grad_a + (gc_row - label_term) * rows.inv_a
         unit = rows.x / rows.a.clamp_min(torch.finfo(ct).tiny).unsqueeze(1)
-        proj = torch.where((rows.a >= NORM_EPS).unsqueeze(1), rows.x_hat * gc_row.unsqueeze(1),
-                           torch.zeros_like(rows.x))
+        proj = torch.where((rows.a < NORM_EPS).unsqueeze(1), torch.zeros_like(rows.x),
+                           rows.x_hat * gc_row.unsqueeze(1))         # a NaN norm keeps the term
         grad_x = (g_xhat - proj) * rows.inv_a.unsqueeze(1) + grad_a.unsqueeze(1) * unit
-    return grad_x.to(embeddings.dtype), grad_w
+    return saturating_cast(grad_x, embeddings.dtype), grad_w
