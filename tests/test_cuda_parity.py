@@ -798,3 +798,38 @@ def test_fp32_weight_gradient_rounds_to_the_half_gradient(monkeypatch, dtype):
     _, (_, gw_half) = fused(x, w.to(dtype), y, spec, -1, None, grads)
     assert gw_mixed.dtype == torch.float32 and torch.isfinite(gw_mixed).all()
     assert torch.equal(gw_mixed.to(dtype), gw_half)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_products_round_once(dtype):
+    """The half backward products take T_ij = G_ij·r_j and x̂_i = x_i/‖x_i‖, each rounded ONCE to the
+    dtype. With one row and an fp32 W (dW stored in fp32, ŵ = W rounded), P_j = T_1j·x̂_1 exactly, so
+    dW_j = T_1j·u_j with u_j = x̂_1 − r_j²(ŵ_j·x̂_1)ŵ_j: the test recovers T_1j from dW_j (no residual
+    off u_j) and compares it with the float64 oracle's G_1j·r_j (its dW_j over the unrounded u_j)
+    rounded once. A column may differ where fp32 noise meets a rounding tie (≤ 1 %). Scale 16 and
+    incoming gradients × 64: every T_1j in the dtype's normal range (with s = 64 most underflow to 0).
+    Kills backward_out_double_rounding and normalize_rounds_inv_a."""
+    spec = MarginSpec.combined(16.0, 1.0, 0.5, 0.0)
+    x64, w64, y, grads = make_case(1, 500, 256, seed=43)
+    grads = [64 * g for g in grads]
+    xh, wh = x64.to(dtype), w64.float()
+    _, (_, gw) = fused(xh, wh, y, spec, -1, None, grads)
+    w_hat = wh.to(dtype).double().cpu()
+    _, (_, rgw) = oracle(xh.double(), w_hat.to(DEV), y, spec, -1, None, grads)
+    x1 = xh.double().cpu()[0]
+
+    def along_u(xhat):  # u_j for every class j, [C, D]
+        r2 = 1.0 / (w_hat * w_hat).sum(1, keepdim=True)
+        return xhat - r2 * (w_hat @ xhat).unsqueeze(1) * w_hat
+
+    u_half = along_u((x1 / x1.norm()).to(dtype).double())
+    u_ref = along_u(x1 / x1.norm())
+    gw, rgw = gw.double().cpu(), rgw.double().cpu()
+    t_fused = (gw * u_half).sum(1) / (u_half * u_half).sum(1)
+    t_ref = ((rgw * u_ref).sum(1) / (u_ref * u_ref).sum(1)).to(dtype).double()
+    assert t_ref.abs().min() >= torch.finfo(dtype).tiny
+    residual = (gw - t_fused.unsqueeze(1) * u_half).norm(dim=1) / gw.norm(dim=1)
+    assert residual.max() <= 1e-5, f"dW_j is not along u_j (x̂ rounded otherwise): {residual.max():.3g}"
+    ulp = torch.finfo(dtype).eps
+    differ = ((t_fused - t_ref).abs() > ulp / 8 * t_ref.abs()).sum().item()
+    assert differ <= 5, f"{differ} of 500 columns: T_1j is not G_1j·r_j rounded once"

@@ -230,6 +230,7 @@ ORDER = [
     "*",
     "tests/test_cuda_parity.py::test_several_bad_rows_report_the_first",
     "tests/test_cuda_parity.py::test_fp32_weight_gradient_rounds_to_the_half_gradient",
+    "tests/test_cuda_parity.py::test_half_products_round_once",
 ]
 _ORDER_ENV = "MAGLOSS_MUTATE_ORDER"
 
