@@ -340,7 +340,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     started = time.time()
     records: List[dict] = []
 
+    rank = {m.name: k for k, m in enumerate(MUTANTS)}
+
     def write_summary():
+        records.sort(key=lambda r: rank.get(r["name"], -1))  # the baseline, then the table's order
         killed = sum(r["status"] == "killed" for r in records if r["name"] != "(baseline)")
         valid = sum(r["status"] in ("killed", "survived") for r in records if r["name"] != "(baseline)")
         summary = {"engine": str(ENGINE_CU), "order": order, "killed": killed, "valid": valid,
