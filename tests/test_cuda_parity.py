@@ -751,3 +751,85 @@ def test_nan_rows_are_nan_before_the_async_check_reports(monkeypatch):
     with pytest.raises(ValueError, match=rf"embeddings: contains NaN or Inf \(row {_NAN_IGNORED}\).*reported late"):
         magloss.flush_input_checks()
     assert torch.equal(torch.isnan(rows[0]).cpu(), m["lse"])
+
+
+# =====================================================================================================
+# ---- Mutation check: bugs the tests above let through (docs/cuda.md, "Mutation check") -------------
+# tests/emu/mutate.py applies each mutant of its table (a realistic kernel bug) to csrc/engine.cu and
+# runs the emulated suites; every test here kills mutants that the suite above did not (named in
+# each docstring). Each checks a property of the math or of the contract, on both backends.
+# =====================================================================================================
+_BAD_ROWS = (11, 3, 5)  # rows of blocks 1, 0 and 0 of the warp-per-row kernels (8 rows a block); the first is 3
+
+
+@pytest.mark.parametrize("what", ["labels", "embeddings", "weight"])
+def test_several_bad_rows_report_the_first(monkeypatch, what):
+    """Bad rows in two blocks and two warps of one block: every one flags it at once; the flag keeps
+    the smallest row (the reference's message), whatever the order the blocks ran in, with no race.
+    Kills embeddings_flag_not_atomic, weight_flag_not_atomic, weight_flag_atomic_max."""
+    monkeypatch.setenv("MAGLOSS_CHECK_INPUTS", "sync")
+    spec, _ = FAMILIES["arcface"]
+    x, w, y, _ = make_case(20, 30, 40, seed=41)
+    x, w = x.float(), w.float()
+    for i in _BAD_ROWS:
+        if what == "labels":
+            y[i] = 30 + i
+        elif what == "embeddings":
+            x[i, i] = float("nan")
+        else:
+            w[i, i] = float("inf")
+    msg = {"labels": "got 33 at row 3", "embeddings": r"embeddings: contains NaN or Inf \(row 3\)",
+           "weight": r"weight: contains NaN or Inf \(row 3\)"}[what]
+    with pytest.raises(ValueError, match=msg):
+        OP(x, w, y, None, *spec.op_args(), -1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_fp32_weight_gradient_rounds_to_the_half_gradient(monkeypatch, dtype):
+    """(half x, fp32 W) computes dW_j = P_j − r_j² (ŵ_j·P_j) ŵ_j with ŵ = W rounded to x's dtype: the
+    fp32 value that the (half x, half W) path rounds once on store, so rounding it gives that path's
+    dW bit for bit (several chunks, a ragged one). Kills correction_w_unrounded (the correction's
+    ŵ_j read without the rounding: off by less than one half ulp, within the test above's bound)."""
+    monkeypatch.setenv("MAGLOSS_CHUNK", "256")
+    spec, _ = FAMILIES["arcface"]
+    x64, w64, y, grads = make_case(21, 600, 72, seed=42, ignored=(3,))
+    x, w = x64.to(dtype), w64.float()
+    _, (_, gw_mixed) = fused(x, w, y, spec, -1, None, grads)
+    _, (_, gw_half) = fused(x, w.to(dtype), y, spec, -1, None, grads)
+    assert gw_mixed.dtype == torch.float32 and torch.isfinite(gw_mixed).all()
+    assert torch.equal(gw_mixed.to(dtype), gw_half)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_products_round_once(dtype):
+    """The half backward products take T_ij = G_ij·r_j and x̂_i = x_i/‖x_i‖, each rounded ONCE to the
+    dtype. With one row and an fp32 W (dW stored in fp32, ŵ = W rounded), P_j = T_1j·x̂_1 exactly, so
+    dW_j = T_1j·u_j with u_j = x̂_1 − r_j²(ŵ_j·x̂_1)ŵ_j: the test recovers T_1j from dW_j (no residual
+    off u_j) and compares it with the float64 oracle's G_1j·r_j (its dW_j over the unrounded u_j)
+    rounded once. A column may differ where fp32 noise meets a rounding tie (≤ 1 %). Scale 16 and
+    incoming gradients × 64: every T_1j in the dtype's normal range (with s = 64 most underflow to 0).
+    Kills backward_out_double_rounding and normalize_rounds_inv_a."""
+    spec = MarginSpec.combined(16.0, 1.0, 0.5, 0.0)
+    x64, w64, y, grads = make_case(1, 500, 256, seed=43)
+    grads = [64 * g for g in grads]
+    xh, wh = x64.to(dtype), w64.float()
+    _, (_, gw) = fused(xh, wh, y, spec, -1, None, grads)
+    w_hat = wh.to(dtype).double().cpu()
+    _, (_, rgw) = oracle(xh.double(), w_hat.to(DEV), y, spec, -1, None, grads)
+    x1 = xh.double().cpu()[0]
+
+    def along_u(xhat):  # u_j for every class j, [C, D]
+        r2 = 1.0 / (w_hat * w_hat).sum(1, keepdim=True)
+        return xhat - r2 * (w_hat @ xhat).unsqueeze(1) * w_hat
+
+    u_half = along_u((x1 / x1.norm()).to(dtype).double())
+    u_ref = along_u(x1 / x1.norm())
+    gw, rgw = gw.double().cpu(), rgw.double().cpu()
+    t_fused = (gw * u_half).sum(1) / (u_half * u_half).sum(1)
+    t_ref = ((rgw * u_ref).sum(1) / (u_ref * u_ref).sum(1)).to(dtype).double()
+    assert t_ref.abs().min() >= torch.finfo(dtype).tiny
+    residual = (gw - t_fused.unsqueeze(1) * u_half).norm(dim=1) / gw.norm(dim=1)
+    assert residual.max() <= 1e-5, f"dW_j is not along u_j (x̂ rounded otherwise): {residual.max():.3g}"
+    ulp = torch.finfo(dtype).eps
+    differ = ((t_fused - t_ref).abs() > ulp / 8 * t_ref.abs()).sum().item()
+    assert differ <= 5, f"{differ} of 500 columns: T_1j is not G_1j·r_j rounded once"

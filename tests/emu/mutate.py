@@ -1,0 +1,394 @@
+"""Mutation check of the emulated suites: deliberately broken copies of csrc/engine.cu must fail them.
+
+Each mutant is one realistic kernel bug, written as a (name, kind, exact old snippet, new snippet)
+row of :data:`MUTANTS` and applied to the text of csrc/engine.cu (a snippet that no longer matches
+exactly once is an error: the table must follow the engine). For each mutant the tool writes the
+mutated file, builds it for the emulator (``MAGLOSS_EMU_ENGINE_CU``: only the kernel object is
+recompiled, tests/emu/build.py), runs the emulated suites with ``-x``, the tests named by
+:data:`ORDER` first (quick, broad ones) and records "killed" with the first failing test, or "survived", and the time.
+A build error is reported as "invalid" (the row is wrong, not the suite).
+
+    python tests/emu/mutate.py                      # every mutant, 2 at a time
+    python tests/emu/mutate.py --only NAME,NAME     # some of them
+    python tests/emu/mutate.py --list               # the table (each row checked against engine.cu)
+    python tests/emu/mutate.py --baseline           # first: the unmutated engine must pass
+
+The JSON summary (``--json``, default ``<cache>/mutants/summary.json``) lists each mutant's name,
+kind, status, first failing test and seconds, and the kill rate. The mutants are the bug kinds a
+kernel author makes: a dropped rescale in the online softmax, an accumulator overwritten instead of
+added to, a missing barrier between two uses of shared memory, a non-atomic update of a value
+several blocks write, a loop that stops one element short, a wrong normalization factor, a wrong
+index or stride, a wrong lane/warp index, a reduction over one warp too few, a missing thread guard,
+state used before it is initialized, swapped arguments, rounding on the wrong side, an early return
+that skips a barrier for some threads, a read of a buffer after an aliased write, label-code and
+flag mix-ups, dispatch macro slips.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, NamedTuple, Optional
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+ENGINE_CU = ROOT / "csrc" / "engine.cu"
+PY = sys.executable
+
+
+class Mutant(NamedTuple):
+    name: str
+    kind: str
+    old: str
+    new: str
+
+
+M = Mutant
+MUTANTS: List[Mutant] = [
+    # ---- online softmax ------------------------------------------------------------------------
+    M("epilogue_dropped_rescale", "dropped rescale",
+      "l = l * expf(m - z) + 1.0f;", "l = l + 1.0f;"),
+    M("merge_dropped_rescale", "dropped rescale",
+      "l = l * expf(m - mx) + l2 * expf(m2 - mx);", "l = l + l2 * expf(m2 - mx);"),
+    M("merge_swapped_rescale", "swapped arguments",
+      "l = l * expf(m - mx) + l2 * expf(m2 - mx);", "l = l * expf(m2 - mx) + l2 * expf(m - mx);"),
+    M("merge_keeps_old_max", "dropped update",
+      "  m = mx;\n}", "}"),
+    M("merge_empty_drops_nan", "NaN swallowed",
+      "l = l + l2;  // 0, or NaN", "l = 0.0f;"),
+    M("epilogue_run_state_overwritten", "accumulator overwritten",
+      "softmax_merge(rm, rl, m, l);", "rm = m;\n    rl = l;"),
+    M("finalize_drops_max", "wrong normalization factor",
+      "rows.run_max[i] + logf(rows.run_sum[i])", "logf(rows.run_sum[i])"),
+    M("warp_merge_skips_last_step", "reduction too short",
+      "  for (int off = kWarp / 2; off > 0; off >>= 1) {\n    const float m2", "  for (int off = kWarp / 2; off > 1; off >>= 1) {\n    const float m2"),
+    # ---- accumulators ----------------------------------------------------------------------------
+    M("gc_row_overwritten", "accumulator overwritten",
+      "rows.gc_row[i] += acc_gc;", "rows.gc_row[i] = acc_gc;"),
+    M("sph_overwritten", "accumulator overwritten",
+      "if (sbn) rows.sph[i] += acc_sph;", "if (sbn) rows.sph[i] = acc_sph;"),
+    M("acc_gc_overwritten", "accumulator overwritten",
+      "acc_gc += g * c;", "acc_gc = g * c;"),
+    M("col_norms_ss_overwritten", "accumulator overwritten",
+      "ss += v * v;", "ss = v * v;"),
+    M("correction_dot_overwritten", "accumulator overwritten",
+      "dot += load_w<T>(wrow + k) * prow[k];", "dot = load_w<T>(wrow + k) * prow[k];"),
+    M("grad_a_overwritten", "accumulator overwritten",
+      "ga += scale * dzy * da;", "ga = scale * dzy * da;"),
+    # ---- barriers, early exits, guards -----------------------------------------------------------
+    M("block_sum_missing_barrier", "missing barrier",
+      "  if (lane == 0) { sa[warp] = a; sb[warp] = b; }\n  __syncthreads();", "  if (lane == 0) { sa[warp] = a; sb[warp] = b; }"),
+    M("block_merge_missing_barrier", "missing barrier",
+      "  if (lane == 0) { sm[warp] = m; sl[warp] = l; }\n  __syncthreads();", "  if (lane == 0) { sm[warp] = m; sl[warp] = l; }"),
+    M("block_merge_barrier_too_early", "missing barrier",
+      "  warp_softmax_merge(m, l);\n  if (lane == 0) { sm[warp] = m; sl[warp] = l; }\n  __syncthreads();",
+      "  warp_softmax_merge(m, l);\n  __syncthreads();\n  if (lane == 0) { sm[warp] = m; sl[warp] = l; }"),
+    M("backward_early_return", "early return skips a barrier",
+      "  float acc_gc = 0.0f, acc_sph = 0.0f;\n", "  float acc_gc = 0.0f, acc_sph = 0.0f;\n  if (threadIdx.x >= n) return;\n"),
+    M("forward_early_return", "early return skips a barrier",
+      "  float m = -INFINITY, l = 0.0f;\n", "  float m = -INFINITY, l = 0.0f;\n  if (threadIdx.x >= n) return;\n"),
+    M("backward_missing_thread_guard", "missing thread guard",
+      "  if (threadIdx.x == 0) {\n    rows.gc_row[i] += acc_gc;", "  {\n    rows.gc_row[i] += acc_gc;"),
+    # ---- atomics and flags ---------------------------------------------------------------------
+    M("weight_flag_not_atomic", "non-atomic update",
+      "if (bad) atomicMin(&flags[FLAG_WEIGHT], static_cast<int32_t>(j));",
+      "if (bad && j < flags[FLAG_WEIGHT]) flags[FLAG_WEIGHT] = static_cast<int32_t>(j);"),
+    M("embeddings_flag_not_atomic", "non-atomic update",
+      "if (bad) atomicMin(&flags[FLAG_EMBEDDINGS], static_cast<int32_t>(i));",
+      "if (bad && i < flags[FLAG_EMBEDDINGS]) flags[FLAG_EMBEDDINGS] = static_cast<int32_t>(i);"),
+    M("label_flag_not_atomic", "non-atomic update",
+      "if (lab == LAB_BAD) atomicMin(&flags[FLAG_LABEL], static_cast<int32_t>(i));",
+      "if (lab == LAB_BAD) flags[FLAG_LABEL] = static_cast<int32_t>(i);"),
+    M("weight_flag_atomic_max", "wrong flag value",
+      "if (bad) atomicMin(&flags[FLAG_WEIGHT], static_cast<int32_t>(j));",
+      "if (bad) atomicMax(&flags[FLAG_WEIGHT], static_cast<int32_t>(j));"),
+    M("embeddings_flag_wrong_slot", "label/flag codes",
+      "atomicMin(&flags[FLAG_EMBEDDINGS],", "atomicMin(&flags[FLAG_LABEL],"),
+    # ---- label codes -----------------------------------------------------------------------------
+    M("label_upper_bound_inclusive", "label/flag codes",
+      "} else if (raw >= 0 && raw < C) {", "} else if (raw >= 0 && raw <= C) {"),
+    M("ignored_row_coded_bad", "label/flag codes",
+      "    lab = LAB_NONE;\n", "    lab = LAB_BAD;\n"),
+    M("finalize_nan_for_ignored", "label/flag codes",
+      "rows.lab[i] == LAB_BAD ? NAN", "rows.lab[i] < 0 ? NAN"),
+    M("ignored_rows_no_softmax_grad", "label/flag codes",
+      "dz = lab == LAB_BAD ? 0.0f :", "dz = lab < 0 ? 0.0f :"),
+    # ---- loops one short, grids, strides, indices -------------------------------------------------
+    M("forward_loop_one_short", "loop one short",
+      "  float m = -INFINITY, l = 0.0f;\n  for (int64_t j = threadIdx.x; j < n; j += kThreads) {",
+      "  float m = -INFINITY, l = 0.0f;\n  for (int64_t j = threadIdx.x; j < n - 1; j += kThreads) {"),
+    M("backward_loop_one_short", "loop one short",
+      "  float acc_gc = 0.0f, acc_sph = 0.0f;\n  for (int64_t j = threadIdx.x; j < n; j += kThreads) {",
+      "  float acc_gc = 0.0f, acc_sph = 0.0f;\n  for (int64_t j = threadIdx.x; j < n - 1; j += kThreads) {"),
+    M("col_norms_loop_one_short", "loop one short",
+      "  for (int64_t k = lane; k < D; k += kWarp) {\n    const float v", "  for (int64_t k = lane; k < D - 1; k += kWarp) {\n    const float v"),
+    M("correction_write_one_short", "loop one short",
+      "  for (int64_t k = lane; k < D; k += kWarp) grow[k]", "  for (int64_t k = lane; k < D - 1; k += kWarp) grow[k]"),
+    M("normalize_loop_one_short", "loop one short",
+      "e < total;", "e < total - 1;"),
+    M("warp_grid_floor", "wrong grid",
+      "return static_cast<unsigned>((rows + kWarpsPerBlock - 1) / kWarpsPerBlock);",
+      "return static_cast<unsigned>(rows / kWarpsPerBlock + (rows < kWarpsPerBlock));"),
+    M("col_norms_guard_off_by_one", "off-by-one bound",
+      "if (j >= C) return;  // whole warp", "if (j > C) return;  // whole warp"),
+    M("normalize_stride_per_block", "wrong stride",
+      "e += static_cast<int64_t>(gridDim.x) * blockDim.x", "e += static_cast<int64_t>(blockDim.x)"),
+    M("normalize_index_mod", "wrong index",
+      "inv_a[e / D]", "inv_a[e % B]"),
+    M("forward_r_local_index", "wrong index",
+      "s * (srow[j] * inv_a * r[col])", "s * (srow[j] * inv_a * r[j])"),
+    M("backward_label_local_index", "wrong index",
+      "    if (col == lab) {\n      c = cy;", "    if (j == lab) {\n      c = cy;"),
+    M("backward_out_global_index", "wrong index",
+      "out[i * n + j] = from_f<TO>(g * rj);", "out[i * n + col] = from_f<TO>(g * rj);"),
+    M("correction_w_local_index", "wrong index",
+      "const TW* wrow = w + col * D;", "const TW* wrow = w + j * D;"),
+    M("row_chain_stride_B", "wrong index",
+      "g_xhat[i * D + k]", "g_xhat[i * B + k]"),
+    M("row_chain_warp_index", "wrong lane/warp index",
+      "  const int64_t i = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;\n  if (i >= B) return;\n  const float a",
+      "  const int64_t i = static_cast<int64_t>(blockIdx.x) * kWarp + threadIdx.x / kWarp;\n  if (i >= B) return;\n  const float a"),
+    # ---- block / warp reductions ----------------------------------------------------------------
+    M("block_sum_reads_warp_slot", "wrong lane/warp index",
+      "a = lane < kWarpsPerBlock ? sa[lane] : 0.0f;", "a = lane < kWarpsPerBlock ? sa[warp] : 0.0f;"),
+    M("block_sum_one_warp_short", "reduction over one warp too few",
+      "    a = lane < kWarpsPerBlock ? sa[lane] : 0.0f;\n    b = lane < kWarpsPerBlock ? sb[lane] : 0.0f;",
+      "    a = lane < kWarpsPerBlock - 1 ? sa[lane] : 0.0f;\n    b = lane < kWarpsPerBlock - 1 ? sb[lane] : 0.0f;"),
+    M("block_merge_one_warp_short", "reduction over one warp too few",
+      "    m = lane < kWarpsPerBlock ? sm[lane] : -INFINITY;\n    l = lane < kWarpsPerBlock ? sl[lane] : 0.0f;",
+      "    m = lane < kWarpsPerBlock - 1 ? sm[lane] : -INFINITY;\n    l = lane < kWarpsPerBlock - 1 ? sl[lane] : 0.0f;"),
+    M("warp_sum_skips_last_step", "reduction too short",
+      "for (int off = kWarp / 2; off > 0; off >>= 1) v +=", "for (int off = kWarp / 2; off > 1; off >>= 1) v +="),
+    M("warp_sum_shfl_down", "wrong lane/warp index",
+      "v += __shfl_xor_sync(kFullMask, v, off);", "v += __shfl_down_sync(kFullMask, v, off);"),
+    # ---- normalization factors -------------------------------------------------------------------
+    M("inv_a_of_squared_norm", "wrong normalization factor",
+      "const float inv_a = 1.0f / maximum(a, NORM_EPS);", "const float inv_a = 1.0f / maximum(ss, NORM_EPS);"),
+    M("label_cosine_unnormalized_w", "wrong normalization factor",
+      "cy = dot * inv_a * r[lab];", "cy = dot * inv_a;"),
+    M("correction_single_r", "wrong normalization factor",
+      "rc * rc * dot;", "rc * dot;"),
+    M("row_chain_missing_inv_a", "wrong normalization factor",
+      "(xv * inv_a) * proj) * inv_a +", "(xv * inv_a) * proj) +"),
+    M("row_chain_sph_unscaled", "wrong normalization factor",
+      "(sbn ? rows.sph[i] * inv_a : 0.0f)", "(sbn ? rows.sph[i] : 0.0f)"),
+    M("sphere_scale_swapped", "swapped arguments",
+      "const float scale = sbn ? a : params.scale;", "const float scale = sbn ? params.scale : a;"),
+    M("col_norms_r_wnorm_swapped", "swapped arguments",
+      "(static_cast<const TW*>(w), C, D, r, wnorm,", "(static_cast<const TW*>(w), C, D, wnorm, r,"),
+    # ---- state used before it is initialized -----------------------------------------------------
+    M("run_max_not_initialized", "used before init",
+      "    rows.run_max[i] = -INFINITY;\n", ""),
+    M("gc_row_not_initialized", "used before init",
+      "    rows.gc_row[i] = 0.0f;\n", ""),
+    # ---- aliasing ----------------------------------------------------------------------------------
+    M("backward_rereads_aliased_tile", "read after aliased write",
+      "acc_gc += g * c;", "acc_gc += g * (col == lab ? c : tile[i * n + j] * inv_a * rj);"),
+    # ---- rounding, conversions ---------------------------------------------------------------------
+    M("load_w_no_rounding", "rounding on the wrong side",
+      "return to_f(from_f<T>(to_f(*p)));", "return to_f(*p);"),
+    M("correction_w_unrounded", "rounding on the wrong side",
+      "coef * load_w<T>(wrow + k));", "coef * load_w<TW>(wrow + k));"),
+    M("store_grad_no_saturation", "rounding on the wrong side",
+      "return from_f<T>(clampf_(v, -big, big));", "return from_f<T>(v);"),
+    M("normalize_rounds_inv_a", "rounding on the wrong side",
+      "from_f<TO>(to_f(x[e]) * inv_a[e / D])", "from_f<TO>(to_f(x[e]) * to_f(from_f<TO>(inv_a[e / D])))"),
+    M("backward_out_double_rounding", "rounding on the wrong side",
+      "from_f<TO>(g * rj);", "from_f<TO>(to_f(from_f<TO>(g)) * rj);"),
+    # ---- dispatch macros ----------------------------------------------------------------------------
+    M("dispatch_f16_as_bf16", "dispatch macro",
+      "    case DType::F16: {                          \\\n      using T = __half;",
+      "    case DType::F16: {                          \\\n      using T = __nv_bfloat16;"),
+    M("dispatch_missing_break", "dispatch macro",
+      "      using T = float;                          \\\n      __VA_ARGS__;                              \\\n      break;",
+      "      using T = float;                          \\\n      __VA_ARGS__;                              \\\n"),
+    M("dispatch_w_inverted", "dispatch macro",
+      "if ((WDT) == (DT)) {", "if ((WDT) != (DT)) {"),
+    M("dispatch_w_float_as_t", "dispatch macro",
+      "      using TW = float;                         \\", "      using TW = T;                             \\"),
+]
+
+SUITES = ["tests/test_cuda_parity.py", "tests/test_engine_emulated.py"]
+# The run order, as node-id prefixes: tests matching an earlier prefix run earlier, "*" stands for
+# every test no prefix matches (in file order). Quick, broad tests first; the tests added for the
+# mutants the suite once missed last, so a mutant first failed by one of them is one the rest misses.
+ORDER = [
+    "tests/test_cuda_parity.py::test_fp32_parity[",
+    "tests/test_cuda_parity.py::test_chunking",
+    "tests/test_cuda_parity.py::test_nan_in_nan_out_checks_off",
+    "tests/test_cuda_parity.py::test_bad_inputs_same_errors_as_cpu",
+    "tests/test_cuda_parity.py::test_bad_label_rows_are_nan_in_bounds_and_add_no_gradient",
+    "tests/test_cuda_parity.py::test_fp32_weight_with_half_embeddings",
+    "tests/test_cuda_parity.py::test_zero_embedding_row_half_gradient_saturates",
+    "*",
+    "tests/test_cuda_parity.py::test_several_bad_rows_report_the_first",
+    "tests/test_cuda_parity.py::test_fp32_weight_gradient_rounds_to_the_half_gradient",
+    "tests/test_cuda_parity.py::test_half_products_round_once",
+]
+_ORDER_ENV = "MAGLOSS_MUTATE_ORDER"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Loaded as a pytest plugin (-p emu.mutate) by the runs below: sorts the tests by ORDER."""
+    prefixes = [p for p in os.environ.get(_ORDER_ENV, "").split(",") if p]
+
+    rest = prefixes.index("*") if "*" in prefixes else len(prefixes)
+
+    def rank(item):
+        return next((k for k, p in enumerate(prefixes) if p != "*" and item.nodeid.startswith(p)), rest)
+
+    items.sort(key=rank)  # stable: file order within a rank
+
+
+def apply(text: str, m: Mutant) -> str:
+    """engine.cu's text with mutant m applied; ValueError unless m.old occurs exactly once."""
+    count = text.count(m.old)
+    if count != 1:
+        raise ValueError(f"mutant {m.name}: its snippet occurs {count} times in engine.cu (expected once):\n{m.old}")
+    if m.old == m.new:
+        raise ValueError(f"mutant {m.name}: the new snippet equals the old one")
+    return text.replace(m.old, m.new)
+
+
+def _env(cu: Optional[Path], order: List[str] = ()) -> Dict[str, str]:
+    env = dict(os.environ)
+    env.pop("MAGLOSS_EMU_ENGINE_CU", None)
+    if cu is not None:
+        env["MAGLOSS_EMU_ENGINE_CU"] = str(cu)
+    env[_ORDER_ENV] = ",".join(order)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parent), env.get("PYTHONPATH")]))
+    return env
+
+
+_BUILD = "import sys; sys.path.insert(0, 'tests'); from emu import build; build.build('engine')"
+_FIRST = re.compile(r"^(?:FAILED|ERROR) (\S+)", re.M)
+
+
+def run_one(name: str, kind: str, cu: Optional[Path], order: List[str], timeout: float) -> dict:
+    """Builds engine.cu (cu, or the real one) for the emulator and runs the suites with -x."""
+    rec = {"name": name, "kind": kind}
+    t0 = time.monotonic()
+    build = subprocess.run([PY, "-c", _BUILD],
+                           cwd=ROOT, env=_env(cu), capture_output=True, text=True)
+    rec["build_seconds"] = round(time.monotonic() - t0, 1)
+    if build.returncode != 0:
+        rec.update(status="invalid", detail=(build.stdout + build.stderr)[-2000:])
+        return rec
+    t1 = time.monotonic()
+    cmd = [PY, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p", "emu.mutate", *SUITES]
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=_env(cu, order), capture_output=True, text=True, timeout=timeout)
+        out, rc = proc.stdout + proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as exc:
+        out, rc = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or ""), None
+    rec["test_seconds"] = round(time.monotonic() - t1, 1)
+    first = _FIRST.search(out)
+    if rc == 0:
+        rec["status"] = "survived"
+    elif rc is None:
+        rec.update(status="killed", first_failure=f"timeout after {timeout:.0f} s")
+    else:
+        rec.update(status="killed", first_failure=first.group(1) if first else f"pytest exit {rc}")
+        err = re.findall(r"^E\s+(.*)$", out, re.M)
+        rec["detail"] = (err[0] if err else out.strip().splitlines()[-1] if out.strip() else "")[:300]
+    return rec
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", help="comma-separated mutant names (default: all)")
+    ap.add_argument("--list", action="store_true", help="print the table (each row checked) and exit")
+    ap.add_argument("--baseline", action="store_true", help="first run the unmutated engine (it must pass)")
+    ap.add_argument("--jobs", type=int, default=2, help="mutants run at once (default 2)")
+    ap.add_argument("--timeout", type=float, default=900, help="seconds per mutant's test run (default 900)")
+    ap.add_argument("--order", default=",".join(ORDER), help="comma-separated node-id prefixes run first, in order")
+    ap.add_argument("--json", type=Path, help="summary file (default <emulator cache>/mutants/summary.json)")
+    args = ap.parse_args(argv)
+
+    sys.path.insert(0, str(HERE.parent))
+    from emu import build  # noqa: E402  (the cache location)
+
+    text = ENGINE_CU.read_text()
+    chosen = MUTANTS
+    if args.only:
+        wanted = args.only.split(",")
+        unknown = sorted(set(wanted) - {m.name for m in MUTANTS})
+        if unknown:
+            ap.error(f"--only: unknown mutants {unknown}")
+        chosen = [m for m in MUTANTS if m.name in wanted]
+    names = [m.name for m in MUTANTS]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"duplicate mutant names: {dupes}")
+    mutated = {m.name: apply(text, m) for m in chosen}  # every row checked before anything runs
+    if args.list:
+        for m in chosen:
+            print(f"{m.name:34s} {m.kind}")
+        print(f"{len(chosen)} mutants, every snippet found once in {ENGINE_CU}")
+        return 0
+
+    work = build._cache_dir() / "mutants"
+    summary_path = args.json or work / "summary.json"
+    order = args.order.split(",")
+    started = time.time()
+    records: List[dict] = []
+
+    rank = {m.name: k for k, m in enumerate(MUTANTS)}
+
+    def write_summary():
+        records.sort(key=lambda r: rank.get(r["name"], -1))  # the baseline, then the table's order
+        killed = sum(r["status"] == "killed" for r in records if r["name"] != "(baseline)")
+        valid = sum(r["status"] in ("killed", "survived") for r in records if r["name"] != "(baseline)")
+        summary = {"engine": str(ENGINE_CU), "order": order, "killed": killed, "valid": valid,
+                   "kill_rate": round(killed / valid, 4) if valid else None,
+                   "seconds": round(time.time() - started, 1), "mutants": records}
+        summary_path.parent.mkdir(parents=True, exist_ok=True)
+        summary_path.write_text(json.dumps(summary, indent=1) + "\n")
+        return summary
+
+    if args.baseline:
+        rec = run_one("(baseline)", "none", None, order, args.timeout)
+        records.append(rec)
+        print(f"(baseline): {rec['status']} {rec.get('first_failure', '')}", flush=True)
+        if rec["status"] != "survived":
+            write_summary()
+            print("the unmutated engine fails the suites: fix that first", file=sys.stderr)
+            return 2
+
+    # The boundary's objects are shared by every mutant: build them once, not in parallel jobs.
+    pre = subprocess.run([PY, "-c", _BUILD], cwd=ROOT, env=_env(None), capture_output=True, text=True)
+    if pre.returncode != 0:
+        print(pre.stdout + pre.stderr, file=sys.stderr)
+        return 2
+
+    def job(m: Mutant) -> dict:
+        cu = work / m.name / "engine.cu"
+        cu.parent.mkdir(parents=True, exist_ok=True)
+        cu.write_text(mutated[m.name])
+        return run_one(m.name, m.kind, cu, order, args.timeout)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        for fut in concurrent.futures.as_completed([pool.submit(job, m) for m in chosen]):
+            rec = fut.result()
+            records.append(rec)
+            write_summary()
+            t = rec.get("build_seconds", 0) + rec.get("test_seconds", 0)
+            print(f"{rec['name']:34s} {rec['status']:9s} {t:7.1f} s  {rec.get('first_failure', '')}", flush=True)
+    summary = write_summary()
+    print(f"killed {summary['killed']} of {summary['valid']} ({100 * (summary['kill_rate'] or 0):.1f} %); "
+          f"summary: {summary_path}")
+    invalid = [r["name"] for r in records if r["status"] == "invalid"]
+    if invalid:
+        print(f"invalid (do not build): {invalid}", file=sys.stderr)
+    return 0 if not invalid else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
