@@ -52,7 +52,7 @@ def _spec_and_index(params):
 _ENGINES: Dict[str, Any] = {}
 
 
-def _cuda_margin_ce(engine, embeddings, weight, labels, sphere_lambda, *params):
+def _fused_margin_ce(engine, embeddings, weight, labels, sphere_lambda, *params):
     """Fused kernel of magloss::margin_ce: the fused engine for fp32/fp16/bf16, the
     chunked PyTorch engine for float64 (the fused kernels are fp32-math only)."""
     if _is_f64(embeddings, weight):
@@ -64,7 +64,7 @@ def _cuda_margin_ce(engine, embeddings, weight, labels, sphere_lambda, *params):
     return engine.margin_ce(embeddings, weight, labels, sphere_lambda, *params)
 
 
-def _cuda_margin_ce_backward(engine, grad_lse, grad_zy, grad_reg, grad_norms, embeddings, weight, labels, lse, norms,
+def _fused_margin_ce_backward(engine, grad_lse, grad_zy, grad_reg, grad_norms, embeddings, weight, labels, lse, norms,
                              sphere_lambda, *params):
     """Fused kernel of magloss::margin_ce_backward (float64 -> the chunked engine, as the forward)."""
     if _is_f64(embeddings, weight):
@@ -88,8 +88,8 @@ def register_kernels(fwd_op, bwd_op, engine: Optional[Any] = None, device_type: 
     engine = _C if engine is None else engine
     if engine is None or not hasattr(engine, "margin_ce"):
         return False
-    fwd_op.register_kernel(device_type)(functools.partial(_cuda_margin_ce, engine))
-    bwd_op.register_kernel(device_type)(functools.partial(_cuda_margin_ce_backward, engine))
+    fwd_op.register_kernel(device_type)(functools.partial(_fused_margin_ce, engine))
+    bwd_op.register_kernel(device_type)(functools.partial(_fused_margin_ce_backward, engine))
     _ENGINES[device_type] = engine
     return True
 
