@@ -72,14 +72,7 @@ from _parity_common import (ALL, FAMILIES, assert_fp32_parity, assert_rounded_fp
 
 def _default_cpu_kernels():
     """The CPU path users get (on the emulator backend the ops' CPU kernels are the fused engine)."""
-    if GPU:
-        return contextlib.nullcontext()
-    from magloss import ops
-
-    stack = contextlib.ExitStack()
-    for op in (ops.margin_ce, ops.margin_ce_backward):
-        stack.enter_context(op.set_kernel_enabled("cpu", False))
-    return stack
+    return contextlib.nullcontext() if GPU else emu_engine.default_cpu_kernels()
 
 
 def synchronize():

@@ -159,7 +159,6 @@ struct Emu {
   std::string error;
   int schedule = 0;                 // 0 ascending, 1 descending, 2 pseudo-random orders
   uint64_t rng = 0x9e3779b97f4a7c15ull;
-  uint64_t launches = 0;
   uint32_t launch_epoch = 0, block_epoch = 0;
   // CUDA runtime emulation
   cudaError_t last_error = cudaSuccess;
@@ -522,7 +521,6 @@ T atomic_rmw(T* addr, void* pc, F&& op) {
 void run_launch(const char* name, const LaunchConfig& cfg, void (*body)(void*), void* arg) {
   std::lock_guard<std::mutex> lock(g.mutex);
   if (g.failed) return;  // sticky error: later launches do nothing
-  ++g.launches;
   ++g.launch_epoch;
   g.kernel = name;
   if (!g.inject.empty()) {
@@ -712,7 +710,6 @@ cudaError_t cudaEventCreateWithFlags(cudaEvent_t* event, unsigned int) {
   *event = new CUevent_st();
   return cudaSuccess;
 }
-cudaError_t cudaEventCreate(cudaEvent_t* event) { return cudaEventCreateWithFlags(event, 0); }
 cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t) {
   event->not_ready = cuda_emu::g.event_delay;
   return cuda_emu::g.failed ? cudaErrorLaunchFailure : cudaSuccess;
@@ -739,7 +736,6 @@ cudaError_t cudaGetLastError() {
   if (!cuda_emu::g.failed) cuda_emu::g.last_error = cudaSuccess;  // a kernel failure is sticky
   return e;
 }
-cudaError_t cudaPeekAtLastError() { return cuda_emu::g.last_error; }
 const char* cudaGetErrorString(cudaError_t e) {
   if (e == cudaSuccess) return "no error";
   if (e == cudaErrorNotReady) return "device not ready";
@@ -751,8 +747,6 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
     *value = cuda_emu::g.cc_major;
   } else if (attr == cudaDevAttrComputeCapabilityMinor) {
     *value = cuda_emu::g.cc_minor;
-  } else if (attr == cudaDevAttrMultiProcessorCount) {
-    *value = 1;
   } else {
     return cudaErrorInvalidValue;
   }
@@ -767,7 +761,6 @@ void emu_set_schedule(int mode, uint64_t seed) {
   cuda_emu::g.schedule = mode;
   cuda_emu::g.rng = seed | 1;
 }
-uint64_t emu_launches() { return cuda_emu::g.launches; }
 void emu_set_event_delay(int queries) { cuda_emu::g.event_delay = queries; }
 uint64_t emu_host_waits() { return cuda_emu::g.host_waits; }
 void emu_set_compute_capability(int major, int minor) {
@@ -776,7 +769,6 @@ void emu_set_compute_capability(int major, int minor) {
 }
 void emu_set_capturing(int on) { cuda_emu::g.capturing = on != 0; }
 void emu_fail_next_launch(const char* message) { cuda_emu::g.inject = message; }
-void emu_track(void* base, uint64_t bytes) { cuda_emu::track_allocation(base, 0, bytes, 0); }
 void emu_track_guarded(void* base, uint64_t guard_lo, uint64_t bytes, uint64_t guard_hi) {
   cuda_emu::track_allocation(base, guard_lo, bytes, guard_hi);
 }

@@ -35,7 +35,6 @@ def _controls(path: str) -> ctypes.CDLL:
     lib = ctypes.CDLL(path)  # the handle of the module just imported: same globals
     lib.emu_error.restype = ctypes.c_char_p
     lib.emu_set_schedule.argtypes = [ctypes.c_int, ctypes.c_uint64]
-    lib.emu_launches.restype = ctypes.c_uint64
     lib.emu_host_waits.restype = ctypes.c_uint64
     lib.emu_fail_next_launch.argtypes = [ctypes.c_char_p]
     return lib
@@ -70,6 +69,16 @@ def host_waits() -> int:
 _disabled = None  # the never-exited "disabled" state of the ops' cpu kernels outside routed()
 
 
+def _cpu_kernels(enabled: bool) -> contextlib.ExitStack:
+    """Within the returned context the ops' registered "cpu" kernels are on (or off)."""
+    from magloss import ops
+
+    stack = contextlib.ExitStack()
+    for op in (ops.margin_ce, ops.margin_ce_backward):
+        stack.enter_context(op.set_kernel_enabled("cpu", enabled))
+    return stack
+
+
 @contextlib.contextmanager
 def routed():
     """Within: the magloss ops' CPU kernels are the emulated fused engine; outside: the default."""
@@ -78,10 +87,11 @@ def routed():
 
     if _disabled is None:
         _ext.register_kernels(ops.margin_ce, ops.margin_ce_backward, engine=module(), device_type="cpu")
-        _disabled = contextlib.ExitStack()
-        for op in (ops.margin_ce, ops.margin_ce_backward):
-            _disabled.enter_context(op.set_kernel_enabled("cpu", False))
-    with contextlib.ExitStack() as stack:
-        for op in (ops.margin_ce, ops.margin_ce_backward):
-            stack.enter_context(op.set_kernel_enabled("cpu", True))
+        _disabled = _cpu_kernels(False)
+    with _cpu_kernels(True):
         yield module()
+
+
+def default_cpu_kernels() -> contextlib.ExitStack:
+    """Within routed(): the CPU path users get (the ops' default kernel) for a moment."""
+    return _cpu_kernels(False)
