@@ -42,7 +42,7 @@ max over each class's K (the winner's index kept), and the logits are scale_i·f
 f(c) = c·(t + c) where c > τ_i (else c). The backward's G_ij = gs_i·p_ij·f'_ij (f' = t + 2c
 there, else 1) is written at the winning sub-center's column only, and the label class's
 correction goes to the row stage's winner among its K (found by a K-wide gather-dot). The
-shift is scale_i·max(1, 1 + t). Per-row margins (row_margins) only change the row stage.
+shift is scale_i·(1 + |t|) (c·(t + c) ≤ 1 + |t| on [−1, 1]). Per-row margins (row_margins) only change the row stage.
 
 Extra memory (beyond x, W and their gradients): two B×N tiles, O(B·D) row buffers, and for
 float16/bfloat16 inputs an N×D float32 copy of the chunk (plus an N×D float32 buffer for a
@@ -348,15 +348,15 @@ def margin_ce_forward(embeddings: Tensor, weight: Tensor, labels: Tensor, spec: 
         n_max = _chunk_classes(embeddings.shape[0], num_classes, spec.subcenters, chunk)
         features = _features(spec, rows.scale, neg_threshold, neg_t)
         # Every logit of row i is at most scale_i (|c| <= 1 and psi <= c <= 1 for every family),
-        # so scale_i is a safe shift and needs no max pass (scale_i·max(1, 1 + t) with
-        # CurricularFace's columns). Rows whose sum is then too small to be accurate (every
+        # so scale_i is a safe shift and needs no max pass (scale_i·(1 + |t|) with
+        # CurricularFace's columns: c·(t + c) reaches 1 − t at c = −1 when t < 0). Rows whose sum is then too small to be accurate (every
         # logit far below the shift) are redone with the online max.
         if features is None:
             xs, shift = rows.x_hat * rows.scale.unsqueeze(1), rows.scale
         else:
             xs, shift = rows.x_hat, rows.scale
             if neg_t is not None:
-                shift = rows.scale * torch.clamp_min(1.0 + neg_t.to(rows.scale.dtype), 1.0)
+                shift = rows.scale * (1.0 + neg_t.to(rows.scale.dtype).abs())
         lse = _lse(xs, rows.zl, rows.lab, rows.has, weight, embeddings.dtype, n_max, shift, features)
         low = _low_sum(lse - shift, num_classes)
         if bool(low.any()):

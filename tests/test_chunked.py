@@ -140,7 +140,7 @@ def test_features_low_precision_match_reference(name, dtype):
 
 def test_features_rows_far_below_the_shift_use_the_online_max():
     """Sub-centers with CurricularFace's columns at a large scale, every class pointing away from
-    rows 0..2: the shifted sum (shift scale·max(1, 1 + t)) underflows in float32 and those rows
+    rows 0..2: the shifted sum (shift scale·(1 + |t|)) underflows in float32 and those rows
     take the online max; all rows match the float64 reference."""
     x, w, y, spec, lam, rm, nt, t = feature_case("subcenter adaface curricular", 6, 5, 16, seed=2)
     spec = MarginSpec.combined(400.0, 1, 0, 0, boundary=spec.boundary).with_subcenters(3)
@@ -150,10 +150,28 @@ def test_features_rows_far_below_the_shift_use_the_online_max():
     f32 = [None if e is None else e.float() for e in (rm, nt, t)]
     rows, g = feature_engine(x.float(), w.float(), y, spec, None, f32, [gg.float() for gg in grads], 2)
     ref_rows, ref_g = feature_oracle(x.float().double(), w.float().double(), y, spec, None, (rm, nt, t), grads)
-    shift = 400.0 * max(1.0, 1.0 + float(t))
+    shift = 400.0 * (1.0 + abs(float(t)))
     assert (ref_rows[0][:3] - shift < math.log(5 * torch.finfo(torch.float32).tiny
                                                / torch.finfo(torch.float32).eps)).all(), "must exercise the fallback"
     assert rel(rows[0], ref_rows[0]) <= 1e-6 and torch.isfinite(rows[0]).all()
+    assert rel(g[0], ref_g[0]) <= 1e-4 and rel(g[1], ref_g[1]) <= 1e-4
+
+
+def test_curricular_negative_t_logits_above_the_scale_do_not_overflow():
+    """With t < 0, CurricularFace's c·(t + c) reaches 1 − t > 1 as c → −1: a shift of scale·max(1, 1 + t)
+    would sit below such logits by scale·|t| (here 100·0.9 = 90, and exp(90) is Inf in float32).
+    Every class points away from the rows (c ≈ −1) and every column is modulated (τ = −2)."""
+    x, w, y, spec, lam, rm, nt, t = feature_case("curricular", 5, 6, 16, seed=3)
+    spec = MarginSpec.combined(100.0, 1, 0.5, 0)
+    w[:] = -x[0] / x[0].norm() + 0.01 * w / w.norm(dim=1, keepdim=True)
+    x[:] = x[0] * torch.linspace(0.8, 1.2, 5, dtype=x.dtype).unsqueeze(1)
+    nt, t = torch.full_like(nt, -2.0), torch.tensor(-0.9, dtype=nt.dtype)
+    grads = list(torch.randn(4, 5, dtype=torch.float64))
+    f32 = [None, nt.float(), t.float()]
+    rows, g = feature_engine(x.float(), w.float(), y, spec, None, f32, [gg.float() for gg in grads], 4)
+    ref_rows, ref_g = feature_oracle(x.float().double(), w.float().double(), y, spec, None, (None, nt, t), grads)
+    assert (ref_rows[0] > 100.0 * 1.8).all(), "the logits must exceed the scale by far"
+    assert torch.isfinite(rows[0]).all() and rel(rows[0], ref_rows[0]) <= 1e-6
     assert rel(g[0], ref_g[0]) <= 1e-4 and rel(g[1], ref_g[1]) <= 1e-4
 
 
