@@ -49,7 +49,7 @@ from magloss import checkpoint as ckpt
 from magloss.backbones import ARCHITECTURES, build_backbone
 from magloss.distributed.comm import comm_device
 
-__all__ = ["LOSSES", "main", "build_parser", "Run"]
+__all__ = ["LOSSES", "Run", "build_parser", "load_model", "main", "parse"]
 
 #: --loss name -> loss class. The ONE table of losses: each class's constructor arguments
 #: (after embedding_size and num_classes) become the loss options of --help.
@@ -81,14 +81,18 @@ class UsageError(Exception):
 
 
 # ------------------------------------------------------------------------------------- options
+def _loss_params(cls: type) -> List[inspect.Parameter]:
+    """The hyperparameters of a loss class: its constructor's arguments after
+    (embedding_size, num_classes) that can be passed by position or name."""
+    params = list(inspect.signature(cls.__init__).parameters.values())[3:]   # self, D, C
+    return [p for p in params if p.kind is p.POSITIONAL_OR_KEYWORD]
+
+
 def _loss_options() -> Dict[str, dict]:
     """{constructor argument: {"type", "losses": [(loss name, default)]}} over LOSSES."""
     out: Dict[str, dict] = {}
     for lname, cls in LOSSES.items():
-        params = list(inspect.signature(cls.__init__).parameters.values())[3:]   # self, D, C
-        for p in params:
-            if p.kind is not p.POSITIONAL_OR_KEYWORD:
-                continue
+        for p in _loss_params(cls):
             d = p.default
             kind = bool if isinstance(d, bool) else int if isinstance(d, int) else float
             entry = out.setdefault(p.name, {"type": kind, "losses": []})
@@ -241,7 +245,7 @@ def _check_args(a: argparse.Namespace) -> None:
 
 def loss_kwargs(a: argparse.Namespace) -> Dict[str, object]:
     """The hyperparameters given for ``a.loss``; an option of another loss is an error."""
-    own = {n: d for n, spec in LOSS_OPTIONS.items() for ln, d in spec["losses"] if ln == a.loss}
+    own = {p.name: p.default for p in _loss_params(LOSSES[a.loss])}
     kw = {}
     for name in LOSS_OPTIONS:
         v = getattr(a, f"loss_{name}", None)
@@ -717,6 +721,12 @@ class Run:
     def _epochs_done(self) -> float:
         return self.epoch + self.position / self.n
 
+    def _next(self, per_step: int) -> Tuple[int, int]:
+        """(epoch, position) after one more step: the epoch ends when another global batch
+        would not fit (its remaining samples are dropped)."""
+        position = self.position + per_step
+        return (self.epoch + 1, 0) if position + per_step > self.n else (self.epoch, position)
+
     def _say(self, text: str) -> None:
         if not self.is_main:
             return
@@ -763,7 +773,8 @@ class Run:
                 flip = torch.rand(x.shape[0]) < 0.5
                 x = torch.where(flip.to(self.device)[:, None, None, None], x.flip(-1), x)
                 y = labels.to(self.device, non_blocking=True)
-                lr = self.schedule(self._epochs_done() + per_step / self.n)
+                epoch, position = self._next(per_step)
+                lr = self.schedule(epoch + position / self.n)
                 for grp in self.optimizer.param_groups:
                     grp["lr"] = lr
                 with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
@@ -779,9 +790,7 @@ class Run:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.step += 1
-                self.position += per_step
-                if self.position + per_step > self.n:
-                    self.epoch, self.position = self.epoch + 1, 0
+                self.epoch, self.position = epoch, position
                 if self._bar is not None:
                     self._bar.update(1)
                 last = self.step >= total
@@ -814,7 +823,8 @@ class Run:
         self._barrier()
 
     def _row(self, parts, acc, lr, speed) -> dict:
-        norms = parts.norms.detach().float()
+        parts = type(parts)(*(t.detach().float() for t in parts))
+        norms = parts.norms
         return {"step": self.step, "epoch": self._epochs_done(), "lr": lr, "loss": float(parts.loss),
                 "ce": float(parts.ce), "reg": float(parts.reg), "reg_weighted": float(parts.reg_weighted),
                 "magnitude_mean": float(norms.mean()), "magnitude_std": float(norms.std()) if norms.numel() > 1 else 0.0,
@@ -844,17 +854,21 @@ def load_model(path: str, map_location="cpu") -> nn.Module:
     return model.eval()
 
 
+def parse(argv: Sequence[str]) -> Tuple[argparse.Namespace, set]:
+    """(options, names of the options given explicitly) of a command line."""
+    args = build_parser().parse_args(list(argv))
+    return args, set(vars(build_parser(suppress_defaults=True).parse_args(list(argv))))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``python -m magloss.train``; returns 0, exits with status 2 and
     ``magloss.train: error: ...`` on a bad command line or data folder."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    explicit = set(vars(build_parser(suppress_defaults=True).parse_args(argv)))
+    args, explicit = parse(argv)
     try:
         run = Run(args, explicit)
     except UsageError as exc:
-        parser.error(str(exc))
+        build_parser().error(str(exc))
     try:
         run.train()
     finally:
