@@ -128,6 +128,15 @@ def _milestones(text: str) -> List[float]:
     return values
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except None ("unset": the help says what applies)."""
+
+    def _get_help_string(self, action):
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     """The command line. ``suppress_defaults=True`` leaves unset options out of the result
     (to tell which options a resumed run was given explicitly)."""
@@ -138,7 +147,7 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
                     "(train.rec/train.idx/property and *.bin verification sets) or an image folder "
                     "(one sub-folder per identity). Multi-GPU: torchrun --nproc_per_node N -m magloss.train ... "
                     "Walkthrough: docs/train.md.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kw)
+        formatter_class=_Help, **kw)
 
     def add(group, *names, **a):
         if suppress_defaults:
@@ -163,7 +172,8 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
 
     g = p.add_argument_group("loss", "--loss picks the loss; the options below are its hyperparameters "
                                      "(unset: the loss's own default, shown per loss)")
-    add(g, "--loss", choices=list(LOSSES), default="arcface", help="the margin loss")
+    add(g, "--loss", choices=list(LOSSES), default="arcface", help="the loss (margins in radians for arcface, "
+        "combined m2, magface)")
     for name, spec in LOSS_OPTIONS.items():
         used = ", ".join(f"{ln} ({d})" for ln, d in spec["losses"])
         flag = "--" + name.replace("_", "-")
