@@ -480,7 +480,9 @@ class Run:
     ``close()`` releases the process group and the log."""
 
     def __init__(self, args: argparse.Namespace, explicit: Optional[set] = None) -> None:
-        explicit = set(vars(args)) if explicit is None else explicit
+        if explicit is None:              # the options that differ from the command line's defaults
+            defaults = vars(build_parser().parse_args([args.data_dir]))
+            explicit = {k for k, v in vars(args).items() if v != defaults.get(k)}
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -528,8 +530,10 @@ class Run:
             if self.world > 1 and self.device.index is None:
                 self.device = torch.device("cuda", local_rank)
             torch.cuda.set_device(self.device)
-        self.amp = {"auto": ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if self.device.type == "cuda"
-                    else "off"}.get(args.amp, args.amp)
+        self.amp = args.amp
+        if self.amp == "auto":
+            on_gpu = self.device.type == "cuda"
+            self.amp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if on_gpu else "off"
         if self.amp == "fp16" and self.device.type != "cuda":
             raise UsageError("--amp fp16: float16 autocast needs a CUDA device; on the CPU use --amp bf16 or off")
         self.amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.amp)
@@ -555,7 +559,7 @@ class Run:
         if self.world > 1 or sharded:
             if not dist.is_initialized():
                 backend = "nccl" if self.device.type == "cuda" else "gloo"
-                if "MASTER_ADDR" in os.environ:
+                if "MASTER_ADDR" in os.environ:   # torchrun; the long timeout covers rank 0's evaluation
                     dist.init_process_group(backend, timeout=datetime.timedelta(minutes=60))
                 else:                     # one process with Partial FC: a group of one
                     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
@@ -568,13 +572,13 @@ class Run:
         try:
             proto = LOSSES[args.loss](args.embedding_size, self.num_classes, **kw,
                                       **({"device": "meta"} if sharded else {}))
+            if sharded:
+                self.head = magloss.distributed.shard(proto, sample_rate=args.sample_rate, seed=args.seed,
+                                                      ddp_backbone=True, device=self.device)
+            else:
+                self.head = proto.to(self.device)
         except (TypeError, ValueError) as exc:
             raise UsageError(f"--loss {args.loss}: {exc}") from None
-        if sharded:
-            self.head = magloss.distributed.shard(proto, sample_rate=args.sample_rate, seed=args.seed,
-                                                  ddp_backbone=True, device=self.device)
-        else:
-            self.head = proto.to(self.device)
         self.model = self.backbone
         if self.world > 1:
             self.model = nn.parallel.DistributedDataParallel(

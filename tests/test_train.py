@@ -118,11 +118,13 @@ def _lr(t, base=0.05, warmup=0.5, epochs=3.0):
 
 # ------------------------------------------------------------------------------ single process
 # MagFace under CPU bf16 autocast (loss parts with a regularizer); the softmax baseline in fp32
-# (its bias is a head parameter outside the class matrix: it travels in state.pt)
-@pytest.mark.parametrize("loss, amp, lambda_g", [("magface", "bf16", 35.0), ("softmax", "off", 0.0)])
-def test_single_process_run_logs_evaluates_and_resumes_bit_exact(faces, tmp_path, loss, amp, lambda_g):
+# (its bias is a head parameter outside the class matrix: it travels in state.pt); ArcFace with
+# Partial FC in one process (a sharded head in a group of one; its sampling step is resumed)
+@pytest.mark.parametrize("loss, extra, lambda_g", [("magface", ["--amp", "bf16"], 35.0), ("softmax", [], 0.0),
+                                                   ("arcface", ["--sample-rate", "0.5"], 0.0)])
+def test_single_process_run_logs_evaluates_and_resumes_bit_exact(faces, tmp_path, loss, extra, lambda_g):
     opts = ["--batch-size", "8", "--epochs", "3", "--warmup-epochs", "0.5", "--lr", "0.05", "--loss", loss,
-            "--eval-every", "3", "--save-every", "3", "--amp", amp]
+            "--eval-every", "3", "--save-every", "3", *extra]
     full, cut = tmp_path / "full", tmp_path / "cut"
     assert train.main(_common(faces, full, *opts, "--max-steps", "6")) == 0
     assert train.main(_common(faces, cut, *opts, "--max-steps", "3")) == 0
@@ -161,6 +163,8 @@ def test_single_process_run_logs_evaluates_and_resumes_bit_exact(faces, tmp_path
     _assert_same(a_shards, b_shards, "head")
     assert a_state["step"] == 6 and (a_state["epoch"], a_state["position"]) == (1, 16)
     assert ("bias" in a_state["head_state"]) == (loss == "softmax")
+    assert (a_meta["extra"].get("step"), b_meta["extra"].get("step")) == ((6, 6) if "--sample-rate" in extra
+                                                                          else (None, None))
     b_rows = _rows(cut / "train.csv")
     assert [int(r["step"]) for r in b_rows] == [1, 2, 3, 4, 5, 6]
     volatile = ("images_per_s", "time")
