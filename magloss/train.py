@@ -630,8 +630,8 @@ class Run:
         for k, v in vars(args).items():
             if k in explicit and k not in ("data_dir", "resume"):
                 if k in fixed and _norm(v) != _norm(saved.get(k)):
-                    clashes.append(f"--{k.removeprefix('loss_').replace('_', '-')} {v} (the checkpoint has "
-                                   f"{saved.get(k)})")
+                    had = "the loss's default" if saved.get(k) is None else saved.get(k)
+                    clashes.append(f"--{k.removeprefix('loss_').replace('_', '-')} {v} (the checkpoint has {had})")
                 merged[k] = v
         if clashes:
             raise UsageError("--resume: these options differ from the checkpoint's and would change the run: "

@@ -185,7 +185,7 @@ def test_resume_refuses_changed_options(faces, tmp_path, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "--resume: these options differ from the checkpoint's" in err
-    assert "--network r18 (the checkpoint has tiny)" in err and "--margin 0.3 (the checkpoint has None)" in err
+    assert "--network r18 (the checkpoint has tiny)" in err and "--margin 0.3 (the checkpoint has the loss's default)" in err
     with pytest.raises(SystemExit):                    # a finished run's folder is not overwritten silently
         train.main(_common(faces, out, "--batch-size", "8", "--max-steps", "1"))
     assert "already holds a run's checkpoints: pass --resume" in capsys.readouterr().err
