@@ -310,3 +310,38 @@ def test_bad_arguments_are_reported_in_the_callers_words(faces, tmp_path, no_pro
     err = capsys.readouterr().err
     assert "magloss.train: error:" in err and re.search(pattern, " ".join(err.split())), err
     assert not os.path.exists(tmp_path / "out" / "checkpoints")
+
+
+def test_image_folder_with_other_sizes_is_resized(tmp_path):
+    """An image folder (one sub-folder per identity), 20×24 images trained at --image-size 16, with
+    DataLoader workers: the first image's size is not a multiple of 16, --image-size resizes."""
+    rng = np.random.default_rng(1)
+    root = tmp_path / "people"
+    for c, name in enumerate(["ann", "bob", "cy"]):
+        (root / name).mkdir(parents=True)
+        for j in range(4):
+            px = np.clip(rng.integers(0, 256, size=3) + rng.integers(-20, 20, size=(20, 24, 3)), 0, 255)
+            (root / name / f"{j}.png").write_bytes(encode(px.astype(np.uint8), "PNG"))
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit):                   # 20x24 cannot enter the backbone as it is
+        train.main(_common(str(root), out, "--batch-size", "4"))
+    assert train.main(_common(str(root), out, "--batch-size", "4", "--image-size", "16", "--max-steps", "3",
+                              "--workers", "2", "--loss", "cosface")) == 0
+    assert [int(r["step"]) for r in _rows(out / "train.csv")] == [1, 2, 3]
+    cfg = json.load(open(out / "config.json"))
+    assert (cfg["input_size"], cfg["num_classes"], cfg["images"]) == ([16, 16], 3, 12)
+    assert not os.path.exists(out / "eval.csv")       # no .bin set in an image folder: nothing to evaluate
+    assert train.load_model(str(out / "model.pt"))(torch.zeros(2, 3, 16, 16)).shape == (2, 32)
+
+
+def test_resize_keeps_the_right_size_and_resizes_the_others():
+    i, j = torch.meshgrid(torch.arange(32), torch.arange(32), indexing="ij")
+    img = (2 * i + 4 * j).to(torch.uint8).expand(3, 32, 32).contiguous()    # a linear ramp
+    assert train.Resize((32, 32))(img) is img
+    out = train.Resize((16, 16))(img)
+    # any symmetric filter maps a ramp to its value at the output pixel's centre (2k + 0.5 in the
+    # input); away from the border, where the filter is not cut
+    k = torch.arange(16, dtype=torch.float64) * 2 + 0.5
+    want = 2 * k[:, None] + 4 * k[None, :]                   # whole numbers: no rounding tie
+    assert out.dtype == torch.uint8 and out.shape == (3, 16, 16)
+    assert torch.equal(out[:, 1:-1, 1:-1].double(), want[1:-1, 1:-1].expand(3, 14, 14))
