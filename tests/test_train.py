@@ -345,3 +345,28 @@ def test_resize_keeps_the_right_size_and_resizes_the_others():
     want = 2 * k[:, None] + 4 * k[None, :]                   # whole numbers: no rounding tie
     assert out.dtype == torch.uint8 and out.shape == (3, 16, 16)
     assert torch.equal(out[:, 1:-1, 1:-1].double(), want[1:-1, 1:-1].expand(3, 14, 14))
+
+
+def _overflow_case(rank, world, results_dir):
+    from magloss.train import _overflow_everywhere
+
+    head = torch.nn.Linear(3, 4, bias=False)
+    for case, bad_rank in (("one", 1), ("none", None)):
+        head.weight.grad = torch.full((4, 3), float(rank + 1))
+        if rank == bad_rank:
+            head.weight.grad[2, 1] = float("inf")
+        _overflow_everywhere(head, None)
+        torch.save(head.weight.grad.clone(), os.path.join(results_dir, f"{case}-{rank}.pt"))
+
+
+def test_fp16_overflow_on_one_shard_makes_every_rank_skip(tmp_path):
+    """GradScaler skips a step where *its* gradients overflow; with a sharded class matrix the
+    ranks must agree. The helper runs before unscale_: an overflow on rank 1 poisons rank 0."""
+    from _dist_utils import spawn
+
+    spawn(_overflow_case, 2, tmp_path, str(tmp_path))
+    one = [torch.load(tmp_path / f"one-{r}.pt") for r in range(2)]
+    assert torch.isinf(one[0]).all()                                   # rank 0 learned of rank 1's Inf
+    assert torch.isinf(one[1]).sum() == 1 and one[1][0, 0] == 2.0      # rank 1 left as it was
+    for r in range(2):                                                 # no overflow: nothing changes
+        assert torch.equal(torch.load(tmp_path / f"none-{r}.pt"), torch.full((4, 3), float(r + 1)))
