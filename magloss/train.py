@@ -83,9 +83,11 @@ class UsageError(Exception):
 # ------------------------------------------------------------------------------------- options
 def _loss_params(cls: type) -> List[inspect.Parameter]:
     """The hyperparameters of a loss class: its constructor's arguments after
-    (embedding_size, num_classes) that can be passed by position or name."""
+    (embedding_size, num_classes) that can be passed by position or name and whose default
+    is a number, a bool, a string or None (a number left to the loss, as SphereFace's scale)."""
     params = list(inspect.signature(cls.__init__).parameters.values())[3:]   # self, D, C
-    return [p for p in params if p.kind is p.POSITIONAL_OR_KEYWORD]
+    return [p for p in params if p.kind is p.POSITIONAL_OR_KEYWORD
+            and (p.default is None or isinstance(p.default, (bool, int, float, str)))]
 
 
 def _loss_options() -> Dict[str, dict]:
@@ -94,9 +96,9 @@ def _loss_options() -> Dict[str, dict]:
     for lname, cls in LOSSES.items():
         for p in _loss_params(cls):
             d = p.default
-            kind = bool if isinstance(d, bool) else int if isinstance(d, int) else float
+            kind = bool if isinstance(d, bool) else int if isinstance(d, int) else str if isinstance(d, str) else float
             entry = out.setdefault(p.name, {"type": kind, "losses": []})
-            if entry["type"] is not kind and bool not in (kind, entry["type"]):
+            if {entry["type"], kind} == {int, float}:
                 entry["type"] = float                        # int for one loss, float for another
             entry["losses"].append((lname, d))
     return out
