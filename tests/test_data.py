@@ -1,8 +1,8 @@
 """magloss.data: the readers of insightface's RecordIO sets, image folders and .bin sets.
 
-Every file is written here by an independent writer coded from the format description
-(MXNet recordio.py / dmlc-core recordio.cc, insightface's header record, Python 2 pickle
-opcodes), never with the reader's own code. Expected pixels: PNG is lossless (exact);
+Every file is written by the independent writers of tests/_insightface_files.py, coded
+from the format description (MXNet recordio.py / dmlc-core recordio.cc, insightface's
+header record, Python 2 pickle opcodes), never with the reader's own code. Expected pixels: PNG is lossless (exact);
 JPEG is compared with Pillow's decoding of the same bytes.
 """
 
