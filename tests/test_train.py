@@ -32,6 +32,8 @@ from _insightface_files import encode, image_record, py2_pickle, write_recordio 
 from magloss import train  # noqa: E402
 from magloss.data import VerificationBin  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES, PER_CLASS, SIZE, PAIRS = 6, 6, 16, 10
 N = CLASSES * PER_CLASS
@@ -65,14 +67,6 @@ def faces(tmp_path_factory):
     with open(os.path.join(folder, "lfw.bin"), "wb") as f:
         f.write(py2_pickle(images, issame))
     return folder
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _common(faces, out, *extra):
