@@ -328,8 +328,17 @@ def _mix(*values: int) -> int:
     return int(np.random.SeedSequence([int(v) & 0xFFFFFFFF for v in values]).generate_state(2, np.uint64)[0] >> 1)
 
 
+def resize(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """Float images ``[B, C, h, w]`` → ``[B, C, H, W]`` (bilinear, antialiased); ``x`` itself
+    when it has the size already."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="bilinear", antialias=True, align_corners=False)
+
+
 class Resize:
-    """uint8 ``[3, h, w]`` → uint8 ``[3, H, W]`` (bilinear, antialiased) when the size differs."""
+    """The datasets' transform: uint8 ``[3, h, w]`` → uint8 ``[3, H, W]`` by :func:`resize`
+    (rounded) when the size differs."""
 
     def __init__(self, size: Tuple[int, int]) -> None:
         self.size = tuple(size)
@@ -337,8 +346,7 @@ class Resize:
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
         if tuple(img.shape[-2:]) == self.size:
             return img
-        out = F.interpolate(img[None].float(), size=self.size, mode="bilinear", antialias=True, align_corners=False)
-        return out[0].round().clamp(0, 255).to(torch.uint8)
+        return resize(img[None].float(), self.size)[0].round().clamp(0, 255).to(torch.uint8)
 
 
 def open_data(data_dir: str, image_size: Optional[Tuple[int, int]]):
@@ -490,7 +498,7 @@ class Run:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.group = None
         self._own_group = False
-        self.log = None
+        self.log = self._bar = None
         try:
             self._setup(args, explicit, local_rank)
         except BaseException:
@@ -714,11 +722,8 @@ class Run:
         if self.is_main and self.bins:
             was = self.backbone.training
             self.backbone.eval()
-            size = self.image_size
             def embed(x):
-                if tuple(x.shape[-2:]) != size:
-                    x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
-                return self.backbone(x)
+                return self.backbone(resize(x, self.image_size))
 
             for b in self.bins:
                 r = b.evaluate(embed, flip=self.args.flip, batch_size=self.args.eval_batch_size, device=self.device)
@@ -746,7 +751,7 @@ class Run:
     def _say(self, text: str) -> None:
         if not self.is_main:
             return
-        if getattr(self, "_bar", None) is not None:
+        if self._bar is not None:
             self._bar.write(text)
         else:
             print(text, flush=True)
