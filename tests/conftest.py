@@ -26,6 +26,15 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: on shared cores, more threads spin and run many times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def make_inputs(B, C, D, *, dtype=torch.float64, norm_range=(20.0, 90.0), ignored=(), seed=0):
     """Random embeddings with magnitudes in ``norm_range``, a unit-row-norm-free weight
     (rows of varied norm, to exercise r_j), and labels with the given rows ignored (-1)."""
