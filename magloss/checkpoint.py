@@ -2,11 +2,12 @@
 
 Format: a directory holding one file per writing rank and an index::
 
-    path/meta.json                   {"format", "num_classes", "embedding_size", "world_size",
+    path/meta.json                   {"format", "num_classes", "subcenters", "embedding_size", "world_size",
                                       "shards": [{"file", "start", "end"}, ...], "extra": {...}}
-    path/shard-00000-of-00002.pt     {"start", "end", "weight": [C_r, D], "optim": {...}}
+    path/shard-00000-of-00002.pt     {"start", "end", "weight": [K·C_r, D], "optim": {...}}
 
-Each shard file holds the global rows [start, end) of W and, if an optimizer was given,
+Each shard file holds the global rows [start, end) of W (with K sub-centers per class, the
+K·C_r rows of its C_r classes: start and end count rows of W, not classes) and, if an optimizer was given,
 the optimizer state that belongs to ``weight``: per-class tensors (those shaped like
 ``weight``: SGD momentum, Adam's exp_avg / exp_avg_sq, ...) are sliced by rows like W;
 anything else (Adam's ``step``, ...) is replicated. Loading reads only the files that
@@ -37,23 +38,22 @@ _META = "meta.json"
 _EXTRA = ("step", "iteration", "batch_mean", "batch_std", "t")
 
 
-def _layout(head) -> Tuple[Tensor, int, int, int, int, int, object]:
-    """(weight, start, end, num_classes, rank, world, group) of a sharded or plain head."""
+def _layout(head) -> Tuple[Tensor, int, int, int, int, int, object, int]:
+    """(weight, start, end, num_classes, rank, world, group, K) of a sharded or plain head: this
+    process owns classes [start, end), i.e. W rows [start·K, end·K) with K sub-centers per class."""
     if isinstance(head, nn.Parameter):
         weight, n = head, head.shape[0]
-        return weight, 0, n, n, 0, 1, None
+        return weight, 0, n, n, 0, 1, None, 1
     weight = getattr(head, "weight", None)
     if not isinstance(weight, Tensor) or weight.dim() != 2:
         raise TypeError(f"head: expected a loss module with a 2-D `weight` (or the Parameter itself), "
                         f"got {type(head).__name__}")
     spec = getattr(head, "spec", None)
-    if spec is not None and spec.subcenters > 1:
-        raise ValueError(f"head: class-matrix checkpoints of sub-center heads (subcenters={spec.subcenters}) are "
-                         "not supported; save each rank's head.state_dict() instead")
+    k = 1 if spec is None else spec.subcenters
     if hasattr(head, "shard_start"):
-        return weight, head.shard_start, head.shard_end, head.num_classes, head.rank, head.world_size, head.group
-    n = weight.shape[0]
-    return weight, 0, n, n, 0, 1, None
+        return weight, head.shard_start, head.shard_end, head.num_classes, head.rank, head.world_size, head.group, k
+    n = weight.shape[0] // k
+    return weight, 0, n, n, 0, 1, None, k
 
 
 def _atomic_save(obj, path: str) -> None:
@@ -72,10 +72,10 @@ def save_class_matrix(path: str, head, optimizer: Optional[torch.optim.Optimizer
     saved (per-class tensors by rows, the rest replicated). Overwrites an earlier
     checkpoint in ``path``; stale shard files of another world size are ignored on load.
     """
-    weight, start, end, num_classes, rank, world, group = _layout(head)
+    weight, start, end, num_classes, rank, world, group, k = _layout(head)
     os.makedirs(path, exist_ok=True)
     name = f"shard-{rank:05d}-of-{world:05d}.pt"
-    entry = {"start": start, "end": end, "weight": weight.detach().cpu()}
+    entry = {"start": start * k, "end": end * k, "weight": weight.detach().cpu()}
     if optimizer is not None:
         state = optimizer.state.get(weight, {})
         entry["optim"] = {k: (v.detach().cpu() if isinstance(v, Tensor) else v) for k, v in state.items()}
@@ -89,9 +89,9 @@ def save_class_matrix(path: str, head, optimizer: Optional[torch.optim.Optimizer
         shards = []
         for r in range(world):
             s, e = shard_range(num_classes, world, r) if group is not None else (0, num_classes)
-            shards.append({"file": f"shard-{r:05d}-of-{world:05d}.pt", "start": s, "end": e})
+            shards.append({"file": f"shard-{r:05d}-of-{world:05d}.pt", "start": s * k, "end": e * k})
         extra = {k: getattr(head, k).item() for k in _EXTRA if isinstance(getattr(head, k, None), Tensor)}
-        meta = {"format": FORMAT, "num_classes": num_classes, "embedding_size": int(weight.shape[1]),
+        meta = {"format": FORMAT, "num_classes": num_classes, "subcenters": k, "embedding_size": int(weight.shape[1]),
                 "world_size": world, "has_optimizer": optimizer is not None, "shards": shards, "extra": extra}
         tmp = os.path.join(path, f"{_META}.tmp{os.getpid()}")
         with open(tmp, "w") as f:
@@ -148,16 +148,18 @@ def load_class_matrix(path: str, head, optimizer: Optional[torch.optim.Optimizer
     ValueError when num_classes or embedding_size differ, or when an optimizer is given
     but the checkpoint has no optimizer state.
     """
-    weight, start, end, num_classes, _, _, _ = _layout(head)
+    weight, start, end, num_classes, _, _, _, k = _layout(head)
     meta = _read_meta(path)
     if meta["num_classes"] != num_classes:
         raise ValueError(f"head: the checkpoint has num_classes={meta['num_classes']}, the head {num_classes}")
+    if meta.get("subcenters", 1) != k:
+        raise ValueError(f"head: the checkpoint has subcenters={meta.get('subcenters', 1)}, the head {k}")
     if meta["embedding_size"] != weight.shape[1]:
         raise ValueError(f"head: the checkpoint has embedding_size={meta['embedding_size']}, "
                          f"the head {weight.shape[1]}")
     if optimizer is not None and not meta.get("has_optimizer", False):
         raise ValueError(f"optimizer: the checkpoint at {path!r} holds no optimizer state")
-    rows, optim = _read_rows(path, meta, start, end, optimizer is not None)
+    rows, optim = _read_rows(path, meta, start * k, end * k, optimizer is not None)
     with torch.no_grad():
         weight.copy_(rows)
     if optimizer is not None:
@@ -170,7 +172,8 @@ def load_class_matrix(path: str, head, optimizer: Optional[torch.optim.Optimizer
 
 
 def load_full(path: str) -> Tuple[Tensor, Optional[Dict]]:
-    """The whole class matrix [C, D] (CPU, saved dtype) and the optimizer state for it
+    """The whole class matrix [C, D] ([K·C, D] with K sub-centers; CPU, saved dtype) and the optimizer state for it
     (full per-class tensors plus the replicated entries; None if none was saved)."""
     meta = _read_meta(path)
-    return _read_rows(path, meta, 0, meta["num_classes"], bool(meta.get("has_optimizer", False)))
+    rows = meta["num_classes"] * meta.get("subcenters", 1)
+    return _read_rows(path, meta, 0, rows, bool(meta.get("has_optimizer", False)))

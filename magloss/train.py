@@ -62,6 +62,11 @@ LOSSES: Dict[str, type] = {
     "sphereface": magloss.SphereFaceLoss,
     "magface": magloss.MagFaceLoss,
     "magcosface": magloss.MagCosFaceLoss,
+    "adaface": magloss.AdaFaceLoss,
+    "curricularface": magloss.CurricularFaceLoss,
+    "subcenter_arcface": magloss.SubCenterArcFaceLoss,
+    "elastic_arcface": magloss.ElasticArcFaceLoss,
+    "elastic_cosface": magloss.ElasticCosFaceLoss,
 }
 
 CHECKPOINT_FORMAT = "magloss.train/1"
@@ -96,7 +101,10 @@ def _loss_options() -> Dict[str, dict]:
     for lname, cls in LOSSES.items():
         for p in _loss_params(cls):
             d = p.default
-            kind = bool if isinstance(d, bool) else int if isinstance(d, int) else str if isinstance(d, str) else float
+            if d is None:   # a number left to the loss: its annotation says which kind
+                kind = int if "int" in str(p.annotation) and "float" not in str(p.annotation) else float
+            else:
+                kind = bool if isinstance(d, bool) else int if isinstance(d, int) else str if isinstance(d, str) else float
             entry = out.setdefault(p.name, {"type": kind, "losses": []})
             if {entry["type"], kind} == {int, float}:
                 entry["type"] = float                        # int for one loss, float for another
@@ -172,19 +180,12 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     add(g, "--embedding-size", type=int, default=512, help="embedding width D")
     add(g, "--dropout", type=float, default=0.0, help="dropout before the backbone's FC layer")
 
-    g = p.add_argument_group("loss", "--loss picks the loss; the options below are its hyperparameters "
-                                     "(unset: the loss's own default, shown per loss)")
+    loss_group = g = p.add_argument_group("loss", "--loss picks the loss; the options below are its hyperparameters "
+                                                  "(unset: the loss's own default, shown per loss; a name that a "
+                                                  "training option also has gets the prefix --loss-, as "
+                                                  "--loss-momentum)")
     add(g, "--loss", choices=list(LOSSES), default="arcface", help="the loss (margins in radians for arcface, "
         "combined m2, magface)")
-    for name, spec in LOSS_OPTIONS.items():
-        used = ", ".join(f"{ln} ({d})" for ln, d in spec["losses"])
-        flag = "--" + name.replace("_", "-")
-        if spec["type"] is bool:
-            add(g, flag, dest=f"loss_{name}", action=argparse.BooleanOptionalAction, default=None,
-                help=f"loss option of: {used}")
-        else:
-            add(g, flag, dest=f"loss_{name}", type=spec["type"], default=None, metavar="V",
-                help=f"loss option of: {used}")
     add(g, "--sample-rate", type=float, default=1.0, help="Partial FC: share of the classes per step, in (0, 1]")
 
     g = p.add_argument_group("optimization")
@@ -222,6 +223,17 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     add(g, "--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bar (when installed)")
     add(g, "--tensorboard", action=argparse.BooleanOptionalAction, default=True,
         help="also log to TensorBoard (when the tensorboard package is installed)")
+    for name, spec in LOSS_OPTIONS.items():     # last, so that a clash with a training option is known
+        used = ", ".join(f"{ln} ({d})" for ln, d in spec["losses"])
+        flag = "--" + name.replace("_", "-")
+        if flag in p._option_string_actions:
+            flag = "--loss-" + name.replace("_", "-")
+        if spec["type"] is bool:
+            add(loss_group, flag, dest=f"loss_{name}", action=argparse.BooleanOptionalAction, default=None,
+                help=f"loss option of: {used}")
+        else:
+            add(loss_group, flag, dest=f"loss_{name}", type=spec["type"], default=None, metavar="V",
+                help=f"loss option of: {used}")
     return p
 
 
@@ -663,11 +675,9 @@ class Run:
         except ValueError as exc:
             raise UsageError(f"--resume: {exc} (DATA_DIR {self.args.data_dir!r} has {self.num_classes} classes)") \
                 from None
-        own = self.head.state_dict()
-        with torch.no_grad():
-            for k, v in state["head_state"].items():
-                if k in own:
-                    own[k].copy_(v)
+        own = self.head.state_dict()     # buffers, and extra state such as ElasticFace's generator
+        own.update({k: v for k, v in state["head_state"].items() if k in own})
+        self.head.load_state_dict(own)
         if state.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.position = int(state["step"]), int(state["epoch"]), int(state["position"])

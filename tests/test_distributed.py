@@ -302,6 +302,18 @@ def _phase(rank, world, group, out_dir):
     res["ckpt"] = {"weight": head.weight.detach().clone(), "exp_avg": st["exp_avg"].clone(),
                    "exp_avg_sq": st["exp_avg_sq"].clone(), "step": st["step"].clone(),
                    "start": head.shard_start}
+    # the same with K = 3 sub-centers per class: shards hold whole classes (K rows each)
+    sc2, sc3 = os.path.join(out_dir, "sc2"), os.path.join(out_dir, "sc3")
+    head = mdist.ShardedSubCenterArcFaceLoss(D, C, subcenters=3, seed=world, group=group)
+    if world == 2:
+        head.weight.data.copy_(SUBCENTER_W[3 * head.shard_start: 3 * head.shard_end])
+        checkpoint.save_class_matrix(sc2, head)
+    elif world == 3:
+        checkpoint.load_class_matrix(sc2, head)
+        checkpoint.save_class_matrix(sc3, head)
+    else:
+        checkpoint.load_class_matrix(sc3, head)
+    res["subcenter_ckpt"] = (head.shard_start, head.weight.detach().clone())
 
     # bad configuration: every rank must raise the same clear error (no hang)
     g = dict(group=group)
@@ -518,6 +530,28 @@ def test_checkpoint_round_trip_2_3_1(results):
     opt.step()
     with pytest.raises(ValueError, match="num_classes"):
         checkpoint.load_class_matrix(os.path.join(out, "ck3"), magloss.ArcFaceLoss(D, C + 1))
+
+
+# A class matrix with 3 sub-centers per class whose every value names its row.
+SUBCENTER_W = torch.arange(3 * C * D, dtype=torch.float32).view(3 * C, D)
+
+
+def test_subcenter_checkpoint_round_trip_2_3_1(results):
+    """Written by 2 ranks, read and re-written by 3, read by 1, by a single-process module and
+    by load_full: every rank holds exactly the K rows of each of its classes."""
+    res, out = results
+    for world in (2, 3, 1):
+        for r in range(world):
+            start, weight = res[(world, r)]["subcenter_ckpt"]
+            assert torch.equal(weight, SUBCENTER_W[3 * start: 3 * start + weight.shape[0]]), f"rank {r} of {world}"
+    module = magloss.SubCenterArcFaceLoss(D, C, subcenters=3)
+    checkpoint.load_class_matrix(os.path.join(out, "sc3"), module)
+    assert torch.equal(module.weight.detach(), SUBCENTER_W)
+    assert torch.equal(checkpoint.load_full(os.path.join(out, "sc2"))[0], SUBCENTER_W)
+    with pytest.raises(ValueError, match="subcenters"):
+        checkpoint.load_class_matrix(os.path.join(out, "sc3"), magloss.SubCenterArcFaceLoss(D, C, subcenters=2))
+    with pytest.raises(ValueError, match="subcenters"):
+        checkpoint.load_class_matrix(os.path.join(out, "ck3"), magloss.SubCenterArcFaceLoss(D, C, subcenters=3))
 
 
 # Two labels per rank; the first bad one (smallest global row) is what every rank reports.

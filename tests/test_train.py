@@ -170,6 +170,32 @@ def test_single_process_run_logs_evaluates_and_resumes_bit_exact(faces, tmp_path
     assert not torch.equal(a_shards[0]["weight"], _checkpoint(full, 3)[2][0]["weight"])
 
 
+# The issue-14 losses through the command: their state (AdaFace's norm statistics, CurricularFace's
+# t, ElasticFace's generator, K sub-centers per class in the class-matrix checkpoint) must resume
+# exactly: interrupted at step 2 and resumed = uninterrupted, bit for bit.
+@pytest.mark.parametrize("loss, extra", [("adaface", []), ("curricularface", []),
+                                         ("subcenter_arcface", ["--subcenters", "2"]),
+                                         ("elastic_arcface", ["--plus"]), ("elastic_cosface", [])])
+def test_stateful_losses_resume_bit_exact(faces, tmp_path, loss, extra):
+    opts = ["--batch-size", "8", "--epochs", "2", "--warmup-epochs", "0.5", "--lr", "0.05", "--loss", loss,
+            "--eval-every", "0", "--save-every", "2", *extra]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert train.main(_common(faces, full, *opts, "--max-steps", "4")) == 0
+    assert train.main(_common(faces, cut, *opts, "--max-steps", "2")) == 0
+    assert train.main([faces, "--output", str(cut), "--resume", "--max-steps", "4", "--no-progress"]) == 0
+    a_state, a_meta, a_shards = _checkpoint(full, 4)
+    b_state, b_meta, b_shards = _checkpoint(cut, 4)
+    for k in ("backbone", "optimizer", "head_state"):
+        _assert_same(a_state[k], b_state[k], k)
+    _assert_same(a_shards, b_shards, "head")
+    assert a_meta["subcenters"] == (2 if loss == "subcenter_arcface" else 1)
+    assert a_shards[0]["weight"].shape[0] == CLASSES * a_meta["subcenters"]
+    # the state moved during training (else resuming it would prove nothing)
+    if loss != "subcenter_arcface":
+        with pytest.raises(AssertionError):
+            _assert_same(a_state["head_state"], _checkpoint(full, 2)[0]["head_state"])
+
+
 def test_resume_refuses_changed_options(faces, tmp_path, capsys):
     out = tmp_path / "run"
     assert train.main(_common(faces, out, "--batch-size", "8", "--max-steps", "1", "--eval-every", "0")) == 0
