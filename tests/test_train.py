@@ -110,6 +110,18 @@ def _lr(t, base=0.05, warmup=0.5, epochs=3.0):
     return base * 0.5 * (1 + math.cos(math.pi * min(1.0, (t - warmup) / (epochs - warmup))))
 
 
+def _full_and_resumed(faces, tmp_path, cut_at, steps, *opts):
+    """Two runs of the same options (batch 8, lr 0.05, warm-up 0.5 epoch, a checkpoint every
+    ``cut_at`` steps): ``full`` runs ``steps`` steps; ``cut`` stops at ``cut_at`` and is resumed
+    with only what changes (the rest, loss, schedule, amp, ..., comes from the checkpoint)."""
+    opts = ["--batch-size", "8", "--warmup-epochs", "0.5", "--lr", "0.05", "--save-every", str(cut_at), *opts]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert train.main(_common(faces, full, *opts, "--max-steps", str(steps))) == 0
+    assert train.main(_common(faces, cut, *opts, "--max-steps", str(cut_at))) == 0
+    assert train.main([faces, "--output", str(cut), "--resume", "--max-steps", str(steps), "--no-progress"]) == 0
+    return full, cut
+
+
 # ------------------------------------------------------------------------------ single process
 # MagFace under CPU bf16 autocast (loss parts with a regularizer); the softmax baseline in fp32
 # (its bias is a head parameter outside the class matrix: it travels in state.pt); ArcFace with
@@ -117,13 +129,7 @@ def _lr(t, base=0.05, warmup=0.5, epochs=3.0):
 @pytest.mark.parametrize("loss, extra, lambda_g", [("magface", ["--amp", "bf16"], 35.0), ("softmax", [], 0.0),
                                                    ("arcface", ["--sample-rate", "0.5"], 0.0)])
 def test_single_process_run_logs_evaluates_and_resumes_bit_exact(faces, tmp_path, loss, extra, lambda_g):
-    opts = ["--batch-size", "8", "--epochs", "3", "--warmup-epochs", "0.5", "--lr", "0.05", "--loss", loss,
-            "--eval-every", "3", "--save-every", "3", *extra]
-    full, cut = tmp_path / "full", tmp_path / "cut"
-    assert train.main(_common(faces, full, *opts, "--max-steps", "6")) == 0
-    assert train.main(_common(faces, cut, *opts, "--max-steps", "3")) == 0
-    # resumed with only what changes: the rest (loss, schedule, amp, ...) comes from the checkpoint
-    assert train.main([faces, "--output", str(cut), "--resume", "--max-steps", "6", "--no-progress"]) == 0
+    full, cut = _full_and_resumed(faces, tmp_path, 3, 6, "--epochs", "3", "--loss", loss, "--eval-every", "3", *extra)
 
     # the log: one row per step, the loss parts add up, the lr is the schedule's
     rows = _rows(full / "train.csv")
@@ -177,12 +183,7 @@ def test_single_process_run_logs_evaluates_and_resumes_bit_exact(faces, tmp_path
                                          ("subcenter_arcface", ["--subcenters", "2"]),
                                          ("elastic_arcface", ["--plus"]), ("elastic_cosface", [])])
 def test_stateful_losses_resume_bit_exact(faces, tmp_path, loss, extra):
-    opts = ["--batch-size", "8", "--epochs", "2", "--warmup-epochs", "0.5", "--lr", "0.05", "--loss", loss,
-            "--eval-every", "0", "--save-every", "2", *extra]
-    full, cut = tmp_path / "full", tmp_path / "cut"
-    assert train.main(_common(faces, full, *opts, "--max-steps", "4")) == 0
-    assert train.main(_common(faces, cut, *opts, "--max-steps", "2")) == 0
-    assert train.main([faces, "--output", str(cut), "--resume", "--max-steps", "4", "--no-progress"]) == 0
+    full, cut = _full_and_resumed(faces, tmp_path, 2, 4, "--epochs", "2", "--loss", loss, "--eval-every", "0", *extra)
     a_state, a_meta, a_shards = _checkpoint(full, 4)
     b_state, b_meta, b_shards = _checkpoint(cut, 4)
     for k in ("backbone", "optimizer", "head_state"):
