@@ -40,11 +40,11 @@ def _is_f64(*tensors) -> bool:
 
 
 def _spec_and_index(params):
-    # params = (kind, scale, m1, m2, m3, l_a, u_a, l_m, u_m, easy_margin, straight_through, ignore_index),
-    # produced by a validated MarginSpec (ops._spec does the same without re-validating).
+    # params = spec.op_args(ignore_index) = (kind, scale, m1, m2, m3, l_a, u_a, l_m, u_m, boundary,
+    # straight_through, ignore_index, subcenters), produced by a validated MarginSpec.
     from .margins import MarginSpec
 
-    return MarginSpec(*params[:11]), params[11]
+    return MarginSpec.from_op_args(params)
 
 
 #: device type -> the fused engine module whose kernels are registered for it ("cuda": magloss._C;
@@ -52,29 +52,31 @@ def _spec_and_index(params):
 _ENGINES: Dict[str, Any] = {}
 
 
-def _fused_margin_ce(engine, embeddings, weight, labels, sphere_lambda, *params):
+def _fused_margin_ce(engine, embeddings, weight, labels, sphere_lambda, row_margins, neg_threshold, neg_t, *params):
     """Fused kernel of magloss::margin_ce: the fused engine for fp32/fp16/bf16, the
     chunked PyTorch engine for float64 (the fused kernels are fp32-math only)."""
     if _is_f64(embeddings, weight):
         from . import chunked
 
         spec, ignore_index = _spec_and_index(params)
-        outs = chunked.margin_ce_forward(embeddings, weight, labels, spec, ignore_index, sphere_lambda)
+        outs = chunked.margin_ce_forward(embeddings, weight, labels, spec, ignore_index, sphere_lambda,
+                                         row_margins, neg_threshold, neg_t)
         return tuple(o.contiguous() for o in outs)
-    return engine.margin_ce(embeddings, weight, labels, sphere_lambda, *params)
+    return engine.margin_ce(embeddings, weight, labels, sphere_lambda, row_margins, neg_threshold, neg_t, *params)
 
 
 def _fused_margin_ce_backward(engine, grad_lse, grad_zy, grad_reg, grad_norms, embeddings, weight, labels, lse, norms,
-                             sphere_lambda, *params):
+                             sphere_lambda, row_margins, neg_threshold, neg_t, *params):
     """Fused kernel of magloss::margin_ce_backward (float64 -> the chunked engine, as the forward)."""
     if _is_f64(embeddings, weight):
         from . import chunked
 
         spec, ignore_index = _spec_and_index(params)
         return chunked.margin_ce_backward(grad_lse, grad_zy, grad_reg, grad_norms, embeddings, weight, labels,
-                                          lse, spec, ignore_index, sphere_lambda)
+                                          lse, spec, ignore_index, sphere_lambda, row_margins, neg_threshold,
+                                          neg_t)
     return engine.margin_ce_backward(grad_lse, grad_zy, grad_reg, grad_norms, embeddings, weight, labels, lse,
-                                     norms, sphere_lambda, *params)
+                                     norms, sphere_lambda, row_margins, neg_threshold, neg_t, *params)
 
 
 def register_kernels(fwd_op, bwd_op, engine: Optional[Any] = None, device_type: str = "cuda") -> bool:

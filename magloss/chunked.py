@@ -57,7 +57,8 @@ import torch
 from torch import Tensor
 
 from .margins import NORM_EPS, MarginSpec, margin_terms, regularizer
-from .reference import check_values, compute_dtype, saturating_cast, weight_operand
+from . import reference
+from .reference import check_extras, check_values, compute_dtype, saturating_cast, weight_operand
 
 __all__ = ["DEFAULT_TILE", "chunk_columns", "margin_ce_forward", "margin_ce_backward"]
 
@@ -122,7 +123,7 @@ def _operand(w: Tensor, x_dtype: torch.dtype, ct: torch.dtype) -> Tensor:
     return w.to(x_dtype).to(ct)
 
 
-def _row_stage(embeddings, weight, labels, spec: MarginSpec, ignore_index: int, lam) -> _Rows:
+def _row_stage(embeddings, weight, labels, spec: MarginSpec, ignore_index: int, lam, row_margins=None) -> _Rows:
     ct = compute_dtype(embeddings.dtype)
     x = embeddings.to(ct)
     a = x.norm(dim=1)
@@ -134,7 +135,7 @@ def _row_stage(embeddings, weight, labels, spec: MarginSpec, ignore_index: int, 
     wn_y = w_y.norm(dim=1)
     r_y = 1.0 / wn_y.clamp_min(NORM_EPS)
     c_y = (x_hat * w_y).sum(1) * r_y
-    psi, dpsi_dc, dpsi_da = margin_terms(c_y, a, spec, lam)
+    psi, dpsi_dc, dpsi_da = margin_terms(c_y, a, spec, lam, row_margins)
     scale = a if spec.scale_by_norm else torch.full_like(a, spec.scale)
     return _Rows(x, a, inv_a, x_hat, scale, has, lab, w_y, r_y, wn_y, c_y, scale * psi, dpsi_dc, dpsi_da)
 
@@ -225,7 +226,9 @@ def _lse(xs: Tensor, zl: Tensor, lab: Tensor, has: Tensor, weight: Tensor, x_dty
 
 
 def margin_ce_forward(embeddings: Tensor, weight: Tensor, labels: Tensor, spec: MarginSpec,
-                      ignore_index: int = -1, sphere_lambda: Optional[Tensor] = None, *,
+                      ignore_index: int = -1, sphere_lambda: Optional[Tensor] = None,
+                      row_margins: Optional[Tensor] = None, neg_threshold: Optional[Tensor] = None,
+                      neg_t: Optional[Tensor] = None, *,
                       chunk: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Checked, gradient-free forward: the default kernel of ``magloss::margin_ce``.
 
@@ -238,9 +241,13 @@ def margin_ce_forward(embeddings: Tensor, weight: Tensor, labels: Tensor, spec: 
         TypeError: embeddings and weight are not the same dtype (nor the autocast pair).
         ValueError: a label out of range, NaN/Inf in embeddings or weight (as the reference).
     """
+    check_extras(embeddings, spec, row_margins, neg_threshold, neg_t)
+    if spec.subcenters > 1 or neg_threshold is not None:   # TODO(step 2): chunked sub-centers/curricular
+        return reference.margin_ce_forward(embeddings, weight, labels, spec, ignore_index, sphere_lambda,
+                                           row_margins, neg_threshold, neg_t)
     _check(embeddings, weight, labels, ignore_index)
     with torch.no_grad(), torch.autocast(embeddings.device.type, enabled=False):
-        rows = _row_stage(embeddings, weight, labels, spec, ignore_index, sphere_lambda)
+        rows = _row_stage(embeddings, weight, labels, spec, ignore_index, sphere_lambda, row_margins)
         n_max = chunk_columns(embeddings.shape[0], weight.shape[0], chunk)
         xs = rows.x_hat * rows.scale.unsqueeze(1)
         # Every logit of row i is at most scale_i (|c| <= 1 and psi <= c <= 1 for every family),
@@ -260,7 +267,9 @@ def margin_ce_forward(embeddings: Tensor, weight: Tensor, labels: Tensor, spec: 
 
 def margin_ce_backward(grad_lse: Tensor, grad_zy: Tensor, grad_reg: Tensor, grad_norms: Tensor,
                        embeddings: Tensor, weight: Tensor, labels: Tensor, lse: Tensor, spec: MarginSpec,
-                       ignore_index: int = -1, sphere_lambda: Optional[Tensor] = None, *,
+                       ignore_index: int = -1, sphere_lambda: Optional[Tensor] = None,
+                       row_margins: Optional[Tensor] = None, neg_threshold: Optional[Tensor] = None,
+                       neg_t: Optional[Tensor] = None, *,
                        chunk: Optional[int] = None) -> Tuple[Tensor, Tensor]:
     """Gradients of Σ_i (gl_i·lse_i + gz_i·zy_i + gr_i·reg_i + gn_i·norms_i) from the saved
     ``lse``, class chunk by class chunk: the default kernel of ``magloss::margin_ce_backward``.
@@ -270,8 +279,13 @@ def margin_ce_backward(grad_lse: Tensor, grad_zy: Tensor, grad_reg: Tensor, grad
     and weight; for a float32 weight with half embeddings, the float32 gradient with respect
     to the rounded matrix. ∂W is written chunk by chunk, each row exactly once.
     """
+    check_extras(embeddings, spec, row_margins, neg_threshold, neg_t)
+    if spec.subcenters > 1 or neg_threshold is not None:   # TODO(step 2): chunked sub-centers/curricular
+        return reference.margin_ce_backward(grad_lse, grad_zy, grad_reg, grad_norms, embeddings, weight, labels,
+                                            lse, spec, ignore_index, sphere_lambda, row_margins, neg_threshold,
+                                            neg_t)
     with torch.no_grad(), torch.autocast(embeddings.device.type, enabled=False):
-        rows = _row_stage(embeddings, weight, labels, spec, ignore_index, sphere_lambda)
+        rows = _row_stage(embeddings, weight, labels, spec, ignore_index, sphere_lambda, row_margins)
         ct = rows.x.dtype
         B, C = embeddings.shape[0], weight.shape[0]
         zero = torch.zeros_like(rows.a)

@@ -261,8 +261,8 @@ def margin_loss(
     if sphere_lambda is not None and not isinstance(sphere_lambda, Tensor):
         sphere_lambda = torch.tensor(float(sphere_lambda), dtype=compute_dtype(embeddings.dtype),
                                      device=embeddings.device)
-    lse, zy, reg_rows, norms = ops.margin_ce(embeddings, weight, labels, sphere_lambda,
-                                             *spec.op_args(), ignore_index)
+    lse, zy, reg_rows, norms = ops.margin_ce(embeddings, weight, labels, sphere_lambda, None, None, None,
+                                             *spec.op_args(ignore_index))
     if up is not None:
         norms = norms * up.to(norms.dtype)
     return reduce_rows(lse - zy, reg_rows, norms, labels != ignore_index, spec, reduction, lambda_g,

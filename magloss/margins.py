@@ -20,15 +20,23 @@ Families (``MarginSpec.kind``):
 * ``SPHERE``: A-Softmax, ψ = (λ·c + (−1)^k cos(mθ) − 2k) / (1 + λ) for
   θ ∈ [kπ/m, (k+1)π/m], integer m; λ is the annealing weight.
 
-Boundary policies (where the angle plus margin passes π and the margin would stop
-being a penalty), for the COMBINED and MAGFACE families:
+Boundary policies (``MarginSpec.boundary``: where the angle plus margin passes π and the
+margin would stop being a penalty), for the COMBINED and MAGFACE families:
 
-* threshold (default, ``easy_margin=False``): with θ_t = (π − m2)/m1, for θ ≥ θ_t
+* ``THRESHOLD`` (0, default, ``easy_margin=False``): with θ_t = (π − m2)/m1, for θ ≥ θ_t
   use ψ = c − m3 − mm, mm = max((π − θ_t)·sin θ_t, 1 + cos θ_t). For ArcFace
   (m1 = 1) this is the classic c − m·sin m of insightface and the MagFace code;
   the max() only matters for large m1·θ_t and keeps ψ non-increasing in θ.
-* easy margin (``easy_margin=True``): apply the margin only where c > 0 (and
+* ``EASY`` (1, ``easy_margin=True``): apply the margin only where c > 0 (and
   m1·θ + m2 < π); elsewhere ψ = c.
+* ``CLIP`` (2, AdaFace's code; COMBINED only): θ = acos(clamp(c, −1 + ε, 1 − ε)),
+  ψ = cos(clamp(m1·θ + m2, ε, π − ε)) − m3 with ε = :data:`CLIP_EPS` = 1e-3; ∂ψ/∂c = 0
+  where either clamp is active (the autograd of the upstream formula).
+* ``NONE`` (3, ElasticFace's code; COMBINED only): ψ = cos(m1·θ + m2) − m3 for every θ,
+  no fallback.
+
+With per-row margins (the ``row_margins`` op input: AdaFace, ElasticFace) m2 and m3 are
+[B] tensors, and every policy uses each row's own m2_i, m3_i in its formula.
 
 Numerics (docs/math.md §1): ψ is evaluated at clamp(c, −1, 1), and ∂ψ/∂c is passed
 through that clamp unchanged (a cosine of 1 + 1e-7 is rounding, not geometry).
@@ -46,7 +54,7 @@ the test is written ``~(c <= cos θ_t)``). The constants of the definitions stay
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Tuple
 
 import torch
@@ -57,7 +65,13 @@ __all__ = [
     "MAGFACE",
     "MAGCOS",
     "SPHERE",
+    "THRESHOLD",
+    "EASY",
+    "CLIP",
+    "NONE",
+    "BOUNDARIES",
     "SIN_EPS",
+    "CLIP_EPS",
     "NORM_EPS",
     "MarginSpec",
     "margin_terms",
@@ -72,6 +86,16 @@ MAGFACE = 1
 MAGCOS = 2
 SPHERE = 3
 
+#: Boundary policies (``MarginSpec.boundary``; the same integers in csrc/margins.cuh).
+THRESHOLD = 0
+EASY = 1
+CLIP = 2
+NONE = 3
+#: Their names, by value.
+BOUNDARIES = ("threshold", "easy", "clip", "none")
+
+#: ε of the CLIP boundary (AdaFace's code): cosines clamped to [−1 + ε, 1 − ε], angles to [ε, π − ε].
+CLIP_EPS = 1e-3
 #: Lower bound of 1 − c² wherever sin θ divides (docs/math.md §1).
 SIN_EPS = 1e-12
 #: Lower bound of ‖x_i‖ and ‖w_j‖ when normalizing, as F.normalize.
@@ -107,8 +131,12 @@ class MarginSpec:
     * ``m1``, ``m2``, ``m3``: the combined-margin parameters (m1 = integer m for
       SPHERE; unused by MAGFACE/MAGCOS, where m(a) takes the place of m2/m3).
     * ``l_a``, ``u_a``, ``l_m``, ``u_m``: MagFace's magnitude bounds and margin range.
-    * ``easy_margin``: boundary policy (see module docstring).
+    * ``boundary``: the boundary policy, THRESHOLD, EASY, CLIP or NONE (see the module
+      docstring); ``easy_margin`` is ``boundary == EASY``.
     * ``straight_through``: ∂ψ/∂c := 1.
+    * ``subcenters``: K ≥ 1 sub-centers per class (Sub-center ArcFace): the class matrix has
+      K·C rows, row j·K + k is sub-center k of class j, and a class's cosine is the maximum
+      over its K (:meth:`with_subcenters`).
     """
 
     kind: int
@@ -120,8 +148,9 @@ class MarginSpec:
     u_a: float = 0.0
     l_m: float = 0.0
     u_m: float = 0.0
-    easy_margin: bool = False
+    boundary: int = THRESHOLD
     straight_through: bool = False
+    subcenters: int = 1
 
     # -- constructors --------------------------------------------------------------
     @staticmethod
@@ -140,12 +169,16 @@ class MarginSpec:
         m3: float = 0.0,
         easy_margin: bool = False,
         straight_through: bool = False,
+        boundary: Optional[int] = None,
     ) -> "MarginSpec":
         """ψ = cos(m1·θ + m2) − m3; NormFace, CosFace and ArcFace are special cases.
 
         Requires m1 > 0, m2 ≥ 0, m3 ≥ 0 and m2 ≥ (1 − m1)·π, which together make
-        the margin a penalty (ψ ≤ c) for every θ ∈ [0, π].
+        the margin a penalty (ψ ≤ c) for every θ ∈ [0, π]. ``boundary`` (THRESHOLD, EASY,
+        CLIP or NONE) takes precedence over ``easy_margin`` (which means EASY); the
+        default is THRESHOLD.
         """
+        boundary = cls._boundary(boundary, easy_margin)
         m1 = _check_finite("m1", m1)
         m2 = _check_finite("m2", m2)
         m3 = _check_finite("m3", m3)
@@ -161,7 +194,31 @@ class MarginSpec:
                 f"m2 >= (1 - m1)*pi = {(1.0 - m1) * math.pi:.4f}, got m2={m2}"
             )
         return cls(COMBINED, cls._scale(scale), m1, m2, m3,
-                   easy_margin=bool(easy_margin), straight_through=bool(straight_through))
+                   boundary=boundary, straight_through=bool(straight_through))
+
+    @staticmethod
+    def _boundary(boundary: Optional[int], easy_margin: bool) -> int:
+        if boundary is None:
+            return EASY if easy_margin else THRESHOLD
+        if isinstance(boundary, bool) or boundary not in range(len(BOUNDARIES)):
+            raise ValueError(f"boundary: expected one of THRESHOLD=0, EASY=1, CLIP=2, NONE=3, got {boundary!r}")
+        if easy_margin and boundary != EASY:
+            raise ValueError(f"easy_margin, boundary: easy_margin=True asks for boundary EASY, got "
+                             f"boundary={BOUNDARIES[boundary].upper()}")
+        return int(boundary)
+
+    def with_subcenters(self, subcenters: int) -> "MarginSpec":
+        """This spec with K = ``subcenters`` sub-centers per class (an integer ≥ 1).
+
+        Raises ValueError naming ``subcenters`` otherwise."""
+        if isinstance(subcenters, bool) or not isinstance(subcenters, int) or subcenters < 1:
+            raise ValueError(f"subcenters: expected an integer >= 1 (sub-centers per class), got {subcenters!r}")
+        return replace(self, subcenters=subcenters)
+
+    @property
+    def easy_margin(self) -> bool:
+        """True for the EASY boundary policy (margin only where c > 0)."""
+        return self.boundary == EASY
 
     @staticmethod
     def _magnitude_args(l_a: float, u_a: float, l_m: float, u_m: float):
@@ -193,7 +250,7 @@ class MarginSpec:
         if u_m >= math.pi / 2:
             raise ValueError(f"u_m: expected an angular margin in radians below pi/2, got {u_m}{_degrees_hint(u_m)}")
         return cls(MAGFACE, cls._scale(scale), 1.0, 0.0, 0.0, l_a, u_a, l_m, u_m,
-                   bool(easy_margin), bool(straight_through))
+                   EASY if easy_margin else THRESHOLD, bool(straight_through))
 
     @classmethod
     def magcos(
@@ -208,7 +265,7 @@ class MarginSpec:
         """Mag-CosFace: ψ = c − m(a). Requires 0 < l_a < u_a, 0 ≤ l_m ≤ u_m."""
         l_a, u_a, l_m, u_m = cls._magnitude_args(l_a, u_a, l_m, u_m)
         return cls(MAGCOS, cls._scale(scale), 1.0, 0.0, 0.0, l_a, u_a, l_m, u_m,
-                   False, bool(straight_through))
+                   THRESHOLD, bool(straight_through))
 
     @classmethod
     def sphere(cls, margin: int = 4, scale: Optional[float] = None,
@@ -232,11 +289,21 @@ class MarginSpec:
         """True for MagFace and Mag-CosFace, whose loss adds λ_g·g(a)."""
         return self.kind in (MAGFACE, MAGCOS)
 
-    def op_args(self) -> Tuple:
-        """The spec as the positional hyperparameters of ``torch.ops.magloss.margin_ce``:
-        (kind, scale, m1, m2, m3, l_a, u_a, l_m, u_m, easy_margin, straight_through)."""
+    def op_args(self, ignore_index: int) -> Tuple:
+        """The spec and ``ignore_index`` as the positional scalar arguments of
+        ``torch.ops.magloss.margin_ce`` (after its tensors): (kind, scale, m1, m2, m3,
+        l_a, u_a, l_m, u_m, boundary, straight_through, ignore_index, subcenters)."""
         return (self.kind, self.scale, self.m1, self.m2, self.m3, self.l_a, self.u_a,
-                self.l_m, self.u_m, self.easy_margin, self.straight_through)
+                self.l_m, self.u_m, self.boundary, self.straight_through, int(ignore_index), self.subcenters)
+
+    @staticmethod
+    def from_op_args(params: Tuple) -> Tuple["MarginSpec", int]:
+        """Inverse of :meth:`op_args`: (spec, ignore_index). The arguments were produced by a
+        validated spec, so they are not validated again."""
+        (kind, scale, m1, m2, m3, l_a, u_a, l_m, u_m, boundary, straight_through, ignore_index,
+         subcenters) = params
+        return MarginSpec(kind, scale, m1, m2, m3, l_a, u_a, l_m, u_m, boundary, straight_through,
+                          subcenters), ignore_index
 
 
 # -- magnitude terms --------------------------------------------------------------------
@@ -286,14 +353,17 @@ def sphere_lambda(iteration: Tensor, base: float = 1000.0, gamma: float = 0.12,
 
 
 # -- ψ and its derivatives ----------------------------------------------------------------
-def _combined_terms(c: Tensor, m1: float, m2, m3, easy: bool):
-    """ψ = cos(m1θ + m2) − m3 with the boundary policy; m2, m3 are floats or [B] tensors.
+def _combined_terms(c: Tensor, m1: float, m2, m3, boundary: int):
+    """ψ = cos(m1θ + m2) − m3 with the boundary policy; m2, m3 are floats or [B] tensors,
+    c is already clamped to [−1, 1].
 
     Returns ψ, ∂ψ/∂c, ∂ψ/∂m2 (∂ψ/∂m3 is −1 in the margin branch and 0 or −1 in the
     fallback; it is returned too).
     """
     m2 = torch.as_tensor(m2, dtype=c.dtype, device=c.device)
     m3 = torch.as_tensor(m3, dtype=c.dtype, device=c.device)
+    if boundary == CLIP:
+        return _clipped_terms(c, m1, m2, m3)
     one_minus_c2 = 1.0 - c * c
     sin_t = one_minus_c2.clamp_min(0.0).sqrt()
     sin_div = one_minus_c2.clamp_min(SIN_EPS).sqrt()
@@ -308,6 +378,8 @@ def _combined_terms(c: Tensor, m1: float, m2, m3, easy: bool):
     dpsi_dc = m1 * sin_body / sin_div
     dpsi_dm2 = -sin_body
     dpsi_dm3 = torch.full_like(c, -1.0)
+    if boundary == NONE:
+        return psi, dpsi_dc, dpsi_dm2, dpsi_dm3
 
     # θ_t = (π − m2)/m1 ≤ π by MarginSpec's validation; the margin branch is θ < θ_t.
     theta_t = (math.pi - m2) / m1
@@ -315,7 +387,7 @@ def _combined_terms(c: Tensor, m1: float, m2, m3, easy: bool):
     in_margin = ~(c <= cos_t)                   # a NaN c takes the margin branch (its formula keeps NaN)
     one = torch.ones_like(c)
     zero = torch.zeros_like(c)
-    if easy:
+    if boundary == EASY:
         keep = in_margin & ~(c <= 0)
         return (torch.where(keep, psi, c), torch.where(keep, dpsi_dc, one),
                 torch.where(keep, dpsi_dm2, zero), torch.where(keep, dpsi_dm3, zero))
@@ -330,6 +402,22 @@ def _combined_terms(c: Tensor, m1: float, m2, m3, easy: bool):
             torch.where(in_margin, dpsi_dm2, -dmm_dm2 * one), dpsi_dm3)
 
 
+def _clipped_terms(c: Tensor, m1: float, m2: Tensor, m3: Tensor):
+    """The CLIP boundary (AdaFace's code): θ = acos(clamp(c, −1 + ε, 1 − ε)),
+    ψ = cos(clamp(m1·θ + m2, ε, π − ε)) − m3, with the derivatives of that formula (0 where
+    a clamp is active; a NaN c fails every comparison and keeps its NaN derivative)."""
+    eps = CLIP_EPS
+    c_in = c.clamp(-1.0 + eps, 1.0 - eps)
+    arg = m1 * torch.acos(c_in) + m2
+    arg_in = arg.clamp(eps, math.pi - eps)
+    sin_arg = torch.sin(arg_in)
+    clamped = (c < -1.0 + eps) | (c > 1.0 - eps) | (arg < eps) | (arg > math.pi - eps)
+    zero = torch.zeros_like(c)
+    dpsi_dc = torch.where(clamped, zero, m1 * sin_arg / (1.0 - c_in * c_in).sqrt())
+    dpsi_dm2 = torch.where((arg < eps) | (arg > math.pi - eps), zero, -sin_arg)
+    return torch.cos(arg_in) - m3, dpsi_dc, dpsi_dm2, torch.full_like(c, -1.0)
+
+
 def _chebyshev(c: Tensor, m: int) -> Tuple[Tensor, Tensor]:
     """T_m(c) = cos(m·acos c) and its derivative m·U_{m−1}(c), by recurrence."""
     t_prev, t = torch.ones_like(c), c
@@ -342,23 +430,28 @@ def _chebyshev(c: Tensor, m: int) -> Tuple[Tensor, Tensor]:
     return t, m * u
 
 
-def margin_terms(c: Tensor, a: Tensor, spec: MarginSpec,
-                 lam: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+def margin_terms(c: Tensor, a: Tensor, spec: MarginSpec, lam: Optional[Tensor] = None,
+                 row_margins: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """ψ(c, a), ∂ψ/∂c and ∂ψ/∂a for one label cosine per row.
 
     c: [B] label cosines (any float dtype; clamped to [−1, 1] here), a: [B] magnitudes
     ‖x_i‖ of the same dtype, lam: SphereFace's 0-d annealing weight λ (required for
-    SPHERE). Returns three [B] tensors of c's dtype. Derivatives are exact (almost
-    everywhere) unless ``spec.straight_through``.
+    SPHERE), row_margins: None or [B, 2] per-row (m2_i, m3_i) of the COMBINED family
+    (AdaFace, ElasticFace; treated as constants: no derivative). Returns three [B] tensors
+    of c's dtype. Derivatives are exact (almost everywhere) unless ``spec.straight_through``.
     """
     c = c.clamp(-1.0, 1.0)
     zero = torch.zeros_like(c)
+    if row_margins is not None and spec.kind != COMBINED:
+        raise ValueError("row_margins: per-row margins need the COMBINED margin family")
     if spec.kind == COMBINED:
-        psi, dc, _, _ = _combined_terms(c, spec.m1, spec.m2, spec.m3, spec.easy_margin)
+        m2, m3 = (spec.m2, spec.m3) if row_margins is None else (row_margins[:, 0].to(c.dtype),
+                                                                 row_margins[:, 1].to(c.dtype))
+        psi, dc, _, _ = _combined_terms(c, spec.m1, m2, m3, spec.boundary)
         da = zero
     elif spec.kind == MAGFACE:
         m, dm = magnitude_margin(a, spec.l_a, spec.u_a, spec.l_m, spec.u_m)
-        psi, dc, dm2, _ = _combined_terms(c, 1.0, m, 0.0, spec.easy_margin)
+        psi, dc, dm2, _ = _combined_terms(c, 1.0, m, 0.0, spec.boundary)
         da = dm2 * dm
     elif spec.kind == MAGCOS:
         m, dm = magnitude_margin(a, spec.l_a, spec.u_a, spec.l_m, spec.u_m)

@@ -2,21 +2,30 @@
 
 Two ops, with one schema each:
 
-``magloss::margin_ce(embeddings, weight, labels, sphere_lambda, kind, scale, m1, m2, m3,
-l_a, u_a, l_m, u_m, easy_margin, straight_through, ignore_index) -> (lse, zy, reg, norms)``
+``magloss::margin_ce(embeddings, weight, labels, sphere_lambda, row_margins, neg_threshold, neg_t,
+kind, scale, m1, m2, m3, l_a, u_a, l_m, u_m, boundary, straight_through, ignore_index, subcenters)
+-> (lse, zy, reg, norms)``
 
 ``magloss::margin_ce_backward(grad_lse, grad_zy, grad_reg, grad_norms, embeddings, weight,
-labels, lse, norms, sphere_lambda, kind, ..., ignore_index) -> (grad_embeddings, grad_weight)``
+labels, lse, norms, sphere_lambda, row_margins, neg_threshold, neg_t, kind, ..., ignore_index,
+subcenters) -> (grad_embeddings, grad_weight)``
 
-Shapes: embeddings [B, D], weight [C, D] (same float dtype and device; or a float32
+The scalars after the tensors are ``spec.op_args(ignore_index)`` of a
+:class:`magloss.margins.MarginSpec`: ``ops.margin_ce(x, w, y, lam, row_margins, neg_threshold,
+neg_t, *spec.op_args(ignore_index))``.
+
+Shapes: embeddings [B, D], weight [K·C, D] (K = subcenters, 1 by default; same float dtype and device; or a float32
 weight with float16/bfloat16 embeddings, as autocast passes them: the math then uses W
 rounded to the embeddings' dtype, converted chunk by chunk by the fused engine, and
 ∂/∂weight is returned in float32), labels [B]
 int64/int32 in [0, C) or equal to ignore_index (no label column: the row is ignored, or
-its class lives on another shard), sphere_lambda a 0-d float tensor or None. Outputs
+its class lives on another shard), sphere_lambda a 0-d float tensor or None; the optional
+row_margins [B, 2] (per-row m2_i, m3_i of the COMBINED family: AdaFace, ElasticFace),
+neg_threshold [B] and neg_t 0-d (CurricularFace's τ_i and t) are in the compute dtype
+(float32; float64 for float64 inputs) and carry no gradient. Outputs
 are [B] in float32 (float64 for float64 inputs): lse_i = logsumexp_j z_ij, zy_i = z_iy,
 reg_i = g(ã_i), norms_i = ‖x_i‖; the cross-entropy is lse − zy. The hyperparameters are
-those of :class:`magloss.margins.MarginSpec` (``spec.op_args()``); see
+those of :class:`magloss.margins.MarginSpec` (``spec.op_args(ignore_index)``); see
 :func:`magloss.reference.margin_ce_rows` and :func:`magloss.reference.margin_ce_backward`
 for the exact math every kernel implements.
 
@@ -50,21 +59,19 @@ __all__ = ["margin_ce", "margin_ce_backward"]
 _Rows = Tuple[Tensor, Tensor, Tensor, Tensor]
 
 
-def _spec(kind, scale, m1, m2, m3, l_a, u_a, l_m, u_m, easy_margin, straight_through) -> MarginSpec:
-    # The op arguments were produced by a validated MarginSpec; rebuild it without re-validating.
-    return MarginSpec(kind, scale, m1, m2, m3, l_a, u_a, l_m, u_m, easy_margin, straight_through)
-
-
 @torch.library.custom_op("magloss::margin_ce", mutates_args=())
 def margin_ce(
     embeddings: Tensor, weight: Tensor, labels: Tensor, sphere_lambda: Optional[Tensor],
+    row_margins: Optional[Tensor], neg_threshold: Optional[Tensor], neg_t: Optional[Tensor],
     kind: int, scale: float, m1: float, m2: float, m3: float,
     l_a: float, u_a: float, l_m: float, u_m: float,
-    easy_margin: bool, straight_through: bool, ignore_index: int,
+    boundary: int, straight_through: bool, ignore_index: int, subcenters: int,
 ) -> _Rows:
     """Per-row statistics (lse, zy, reg, norms) of the margin softmax; see the module docstring."""
-    spec = _spec(kind, scale, m1, m2, m3, l_a, u_a, l_m, u_m, easy_margin, straight_through)
-    outs = chunked.margin_ce_forward(embeddings, weight, labels, spec, ignore_index, sphere_lambda)
+    spec, ignore_index = MarginSpec.from_op_args((kind, scale, m1, m2, m3, l_a, u_a, l_m, u_m, boundary,
+                                                  straight_through, ignore_index, subcenters))
+    outs = chunked.margin_ce_forward(embeddings, weight, labels, spec, ignore_index, sphere_lambda,
+                                     row_margins, neg_threshold, neg_t)
     return tuple(o.contiguous() for o in outs)
 
 
@@ -79,16 +86,18 @@ def _(embeddings, weight, labels, sphere_lambda, *args):
 def margin_ce_backward(
     grad_lse: Tensor, grad_zy: Tensor, grad_reg: Tensor, grad_norms: Tensor,
     embeddings: Tensor, weight: Tensor, labels: Tensor, lse: Tensor, norms: Tensor,
-    sphere_lambda: Optional[Tensor],
+    sphere_lambda: Optional[Tensor], row_margins: Optional[Tensor], neg_threshold: Optional[Tensor],
+    neg_t: Optional[Tensor],
     kind: int, scale: float, m1: float, m2: float, m3: float,
     l_a: float, u_a: float, l_m: float, u_m: float,
-    easy_margin: bool, straight_through: bool, ignore_index: int,
+    boundary: int, straight_through: bool, ignore_index: int, subcenters: int,
 ) -> Tuple[Tensor, Tensor]:
     """(∂/∂embeddings, ∂/∂weight) of Σ_i grad_lse_i·lse_i + grad_zy_i·zy_i + grad_reg_i·reg_i
     + grad_norms_i·norms_i, given the forward's saved ``lse`` and ``norms``."""
-    spec = _spec(kind, scale, m1, m2, m3, l_a, u_a, l_m, u_m, easy_margin, straight_through)
+    spec, ignore_index = MarginSpec.from_op_args((kind, scale, m1, m2, m3, l_a, u_a, l_m, u_m, boundary,
+                                                  straight_through, ignore_index, subcenters))
     return chunked.margin_ce_backward(grad_lse, grad_zy, grad_reg, grad_norms, embeddings, weight, labels,
-                                      lse, spec, ignore_index, sphere_lambda)
+                                      lse, spec, ignore_index, sphere_lambda, row_margins, neg_threshold, neg_t)
 
 
 @margin_ce_backward.register_fake
@@ -96,18 +105,21 @@ def _(grad_lse, grad_zy, grad_reg, grad_norms, embeddings, weight, *args):
     return torch.empty_like(embeddings), torch.empty_like(weight)
 
 
+_TENSORS = 7   # embeddings, weight, labels, sphere_lambda, row_margins, neg_threshold, neg_t
+
+
 def _setup_context(ctx, inputs, output):
-    embeddings, weight, labels, sphere_lambda = inputs[:4]
+    embeddings, weight, labels, *optional = inputs[:_TENSORS]
     lse, _, _, norms = output
-    ctx.save_for_backward(embeddings, weight, labels, lse, norms, sphere_lambda)
-    ctx.params = inputs[4:]
+    ctx.save_for_backward(embeddings, weight, labels, lse, norms, *optional)
+    ctx.params = inputs[_TENSORS:]
 
 
 def _backward(ctx, grad_lse, grad_zy, grad_reg, grad_norms):
-    embeddings, weight, labels, lse, norms, sphere_lambda = ctx.saved_tensors
+    embeddings, weight, labels, lse, norms, *optional = ctx.saved_tensors
     grads = (g.contiguous() for g in (grad_lse, grad_zy, grad_reg, grad_norms))
-    gx, gw = margin_ce_backward(*grads, embeddings, weight, labels, lse, norms, sphere_lambda, *ctx.params)
-    return (gx, gw) + (None,) * (2 + len(ctx.params))
+    gx, gw = margin_ce_backward(*grads, embeddings, weight, labels, lse, norms, *optional, *ctx.params)
+    return (gx, gw) + (None,) * (_TENSORS - 2 + len(ctx.params))
 
 
 margin_ce.register_autograd(_backward, setup_context=_setup_context)

@@ -19,10 +19,11 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .margins import NORM_EPS, MarginSpec, margin_terms, regularizer
+from .margins import BOUNDARIES, COMBINED, EASY, NORM_EPS, MarginSpec, margin_terms, regularizer
 
 __all__ = [
     "compute_dtype", "first_true", "bad_labels", "is_autocast_pair", "input_check_mode", "check_values",
+    "check_extras", "num_classes_of", "class_cosines", "curricular",
     "weight_operand", "margin_ce_rows", "margin_ce_forward", "margin_ce_backward", "saturating_cast",
 ]
 
@@ -65,7 +66,76 @@ def input_check_mode() -> str:
     raise ValueError(f"MAGLOSS_CHECK_INPUTS: expected 'async' (default), 'sync' or 'off', got '{v}'")
 
 
-def check_values(embeddings: Tensor, weight: Tensor, labels: Tensor, ignore_index: int) -> None:
+def num_classes_of(weight: Tensor, spec: MarginSpec) -> int:
+    """C = weight.shape[0] / K for K = ``spec.subcenters`` sub-centers per class.
+
+    Raises ValueError when the class matrix's rows are not a multiple of K."""
+    k = spec.subcenters
+    if weight.shape[0] % k:
+        raise ValueError(f"weight: expected K*C rows for subcenters K={k} (row j*K + k is sub-center k of "
+                         f"class j), got {weight.shape[0]} rows, not a multiple of {k}")
+    return weight.shape[0] // k
+
+
+def check_extras(embeddings: Tensor, spec: MarginSpec, row_margins: Optional[Tensor],
+                 neg_threshold: Optional[Tensor], neg_t: Optional[Tensor]) -> None:
+    """Shape, dtype and family checks of the optional op inputs (every engine runs them).
+
+    * row_margins: None or [B, 2] contiguous, in the compute dtype, on the embeddings'
+      device, only with the COMBINED family: per-row (m2_i, m3_i).
+    * neg_threshold, neg_t: both None or both given (CurricularFace): [B] and 0-d, compute
+      dtype, same device.
+    * boundary CLIP or NONE only with COMBINED.
+
+    Raises ValueError naming the argument.
+    """
+    if spec.boundary > EASY and spec.kind != COMBINED:
+        raise ValueError(f"boundary: {BOUNDARIES[spec.boundary].upper()} needs the COMBINED margin family "
+                         f"(kind 0), got kind {spec.kind}")
+    ct = compute_dtype(embeddings.dtype)
+    b = embeddings.shape[0]
+
+    def expect(name: str, t: Tensor, shape: Tuple[int, ...]) -> None:
+        if tuple(t.shape) != shape or t.dtype != ct or t.device != embeddings.device or not t.is_contiguous():
+            raise ValueError(f"{name}: expected a contiguous {list(shape)} {ct} tensor on {embeddings.device}, "
+                             f"got {'a non-contiguous ' if not t.is_contiguous() else ''}{list(t.shape)} "
+                             f"{t.dtype} on {t.device}")
+
+    if row_margins is not None:
+        if spec.kind != COMBINED:
+            raise ValueError(f"row_margins: per-row margins need the COMBINED margin family (kind 0), "
+                             f"got kind {spec.kind}")
+        expect("row_margins", row_margins, (b, 2))
+    if (neg_threshold is None) != (neg_t is None):
+        raise ValueError("neg_threshold, neg_t: expected both (CurricularFace's per-row threshold and t) or "
+                         f"neither, got {'neg_threshold' if neg_t is None else 'neg_t'} alone")
+    if neg_threshold is not None:
+        expect("neg_threshold", neg_threshold, (b,))
+        expect("neg_t", neg_t, ())
+
+
+def class_cosines(cos: Tensor, subcenters: int) -> Tuple[Tensor, Optional[Tensor]]:
+    """Sub-center cosines [B, K·C] -> class cosines [B, C], c_ij = max_k c_{i, jK+k}, and the
+    winning k [B, C] int64 (ties: the lowest k; None for K = 1, where ``cos`` is returned as
+    is). Autograd sends the gradient of c_ij to the winner only."""
+    if subcenters == 1:
+        return cos, None
+    return cos.unflatten(1, (-1, subcenters)).max(dim=2)
+
+
+def curricular(cos: Tensor, neg_threshold: Optional[Tensor], neg_t: Optional[Tensor]):
+    """CurricularFace's function of the non-label columns: f(c_ij) = c_ij·(t + c_ij) where
+    c_ij > τ_i, else c_ij; and f' = t + 2·c_ij there, else 1. cos: [B, N], neg_threshold
+    [B] (τ), neg_t 0-d (t). Returns (f, f'), or (cos, None) without the modulation."""
+    if neg_threshold is None:
+        return cos, None
+    hard = cos > neg_threshold.unsqueeze(1)
+    t = neg_t.to(cos.dtype)
+    return torch.where(hard, cos * (t + cos), cos), torch.where(hard, t + 2.0 * cos, torch.ones_like(cos))
+
+
+def check_values(embeddings: Tensor, weight: Tensor, labels: Tensor, ignore_index: int,
+                 num_classes: Optional[int] = None) -> None:
     """Value checks that need the data: label range and finiteness. Raises ValueError.
 
     The first bad label row, embedding row and class row are found on the device and read
@@ -113,9 +183,9 @@ def _label_index(labels: Tensor, ignore_index: int) -> Tuple[Tensor, Tensor]:
     return has, torch.where(has, labels, torch.zeros_like(labels)).long().unsqueeze(1)
 
 
-def _cosines(x: Tensor, w: Tensor, idx: Tensor, product_dtype: Optional[torch.dtype] = None):
-    """Row and column stages shared by forward and backward: a_i, x̂_i, ‖w_j‖, r_j, the
-    cosine matrix c [B, C] and the label cosine c_iy [B] (x̂ = x/max(a, ε), as F.normalize).
+def _cosines(x: Tensor, w: Tensor, product_dtype: Optional[torch.dtype] = None):
+    """Row and column stages shared by forward and backward: a_i, x̂_i, ‖w_j‖, r_j and the
+    cosine matrix c [B, rows of W] (x̂ = x/max(a, ε), as F.normalize).
     ``product_dtype`` runs the one B×C product x̂·Wᵀ in that dtype (an eager baseline in
     fp16/bf16); everything else stays in x's dtype."""
     a = x.norm(dim=1)
@@ -126,7 +196,7 @@ def _cosines(x: Tensor, w: Tensor, idx: Tensor, product_dtype: Optional[torch.dt
         cos = (x_hat @ w.t()) * r
     else:
         cos = (x_hat.to(product_dtype) @ w.to(product_dtype).t()).to(x.dtype) * r
-    return a, x_hat, w_norm, r, cos, cos.gather(1, idx).squeeze(1)
+    return a, x_hat, w_norm, r, cos
 
 
 def margin_ce_rows(
@@ -136,6 +206,9 @@ def margin_ce_rows(
     spec: MarginSpec,
     ignore_index: int = -1,
     sphere_lambda: Optional[Tensor] = None,
+    row_margins: Optional[Tensor] = None,
+    neg_threshold: Optional[Tensor] = None,
+    neg_t: Optional[Tensor] = None,
     *,
     product_dtype: Optional[torch.dtype] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -143,13 +216,20 @@ def margin_ce_rows(
 
     Args:
         embeddings: [B, D] float (fp16, bf16, fp32 or fp64), not normalized.
-        weight: [C, D], same dtype and device; or float32 with fp16/bf16 embeddings
-            (autocast), then rounded to their dtype (:func:`weight_operand`).
-        labels: [B] integer. A row whose label equals ``ignore_index`` has no label
-            column here: its logits are all s·c_ij (it is ignored by the loss, or, in a
-            class-sharded head, its class lives on another shard).
+        weight: [K·C, D], same dtype and device; or float32 with fp16/bf16 embeddings
+            (autocast), then rounded to their dtype (:func:`weight_operand`). K =
+            ``spec.subcenters`` (1: one row per class); row j·K + k is sub-center k of
+            class j, and the class cosine is c_ij = max_k c_{i, jK+k} (ties: the lowest k).
+        labels: [B] integer class indices in [0, C). A row whose label equals
+            ``ignore_index`` has no label column here: its logits are all those of
+            non-label columns (it is ignored by the loss, or, in a class-sharded head, its
+            class lives on another shard).
         spec: the margin family and hyperparameters.
         sphere_lambda: 0-d tensor, SphereFace's annealing weight λ (SPHERE only).
+        row_margins: None or [B, 2] in the compute dtype: per-row (m2_i, m3_i) replacing
+            the spec's m2, m3 (COMBINED only; AdaFace, ElasticFace). No gradient.
+        neg_threshold, neg_t: None, or [B] τ_i and 0-d t (CurricularFace): every non-label
+            column with c_ij > τ_i has the logit scale_i·c_ij·(t + c_ij). No gradient.
         product_dtype: run the cosine product in this dtype instead (default: the compute
             dtype). Only for building same-precision eager baselines in tests/benchmarks.
 
@@ -160,19 +240,24 @@ def margin_ce_rows(
         norms: a_i = ‖x_i‖.
     The per-row cross-entropy is CE_i = lse_i − zy_i.
     """
+    check_extras(embeddings, spec, row_margins, neg_threshold, neg_t)
+    num_classes_of(weight, spec)
     ct = compute_dtype(embeddings.dtype)
     x = embeddings.to(ct)
     w = weight_operand(embeddings, weight).to(ct)
     has, idx = _label_index(labels, ignore_index)
-    a, _, _, _, cos, c_y = _cosines(x, w, idx, product_dtype)
+    a, _, _, _, cos = _cosines(x, w, product_dtype)
+    cos = class_cosines(cos, spec.subcenters)[0]
+    c_y = cos.gather(1, idx).squeeze(1)
+    base = curricular(cos, neg_threshold, neg_t)[0]
 
-    psi, dpsi_dc, dpsi_da = margin_terms(c_y.detach(), a.detach(), spec, sphere_lambda)
+    psi, dpsi_dc, dpsi_da = margin_terms(c_y.detach(), a.detach(), spec, sphere_lambda, row_margins)
     psi = _linearized(_linearized(psi, dpsi_dc, c_y), dpsi_da, a)
-    psi = torch.where(has, psi, c_y)
+    psi = torch.where(has, psi, base.gather(1, idx).squeeze(1))
 
     scale = a if spec.scale_by_norm else torch.full_like(a, spec.scale)
     zy = scale * psi
-    logits = (scale.unsqueeze(1) * cos).scatter(1, idx, zy.unsqueeze(1))
+    logits = (scale.unsqueeze(1) * base).scatter(1, idx, zy.unsqueeze(1))
     lse = torch.logsumexp(logits, dim=1)
     zy = torch.where(has, zy, torch.zeros_like(zy))
 
@@ -184,20 +269,22 @@ def margin_ce_rows(
     return lse, zy, reg, a
 
 
-def margin_ce_forward(embeddings, weight, labels, spec, ignore_index=-1, sphere_lambda=None):
-    """Checked, gradient-free forward: the default kernel of ``magloss::margin_ce``.
+def margin_ce_forward(embeddings, weight, labels, spec, ignore_index=-1, sphere_lambda=None, row_margins=None,
+                      neg_threshold=None, neg_t=None):
+    """Checked, gradient-free forward (the oracle of ``magloss::margin_ce``).
 
     Same arguments and returns as :func:`margin_ce_rows`. Runs with autocast disabled so
     the fp32 math stays fp32.
     """
     weight = weight_operand(embeddings, weight)
-    check_values(embeddings, weight, labels, ignore_index)
+    check_values(embeddings, weight, labels, ignore_index, num_classes_of(weight, spec))
     with torch.no_grad(), torch.autocast(embeddings.device.type, enabled=False):
-        return margin_ce_rows(embeddings, weight, labels, spec, ignore_index, sphere_lambda)
+        return margin_ce_rows(embeddings, weight, labels, spec, ignore_index, sphere_lambda, row_margins,
+                              neg_threshold, neg_t)
 
 
 def margin_ce_backward(grad_lse, grad_zy, grad_reg, grad_norms, embeddings, weight, labels, lse, spec,
-                       ignore_index=-1, sphere_lambda=None):
+                       ignore_index=-1, sphere_lambda=None, row_margins=None, neg_threshold=None, neg_t=None):
     """Gradients of Σ_i (gl_i·lse_i + gz_i·zy_i + gr_i·reg_i + gn_i·norms_i), by the explicit
     formulas of docs/math.md §2 (no autograd: custom-op kernels run below it).
 
@@ -206,34 +293,45 @@ def margin_ce_backward(grad_lse, grad_zy, grad_reg, grad_norms, embeddings, weig
     global gradient. With ∂L/∂z_ij = gl_i·p_ij + gz_i·[j = y_i] and scale_i = s (or a_i for
     feature-norm SphereFace):
 
-    * G_ij = ∂L/∂c_ij = scale_i·∂L/∂z_ij off the label, scale_i·∂L/∂z_iy·∂ψ/∂c at it;
+    * G_ij = ∂L/∂c_ij = scale_i·∂L/∂z_ij·f'_ij off the label (f' = t + 2c_ij on
+      CurricularFace's modulated columns, else 1), scale_i·∂L/∂z_iy·∂ψ/∂c at it; with K
+      sub-centers, G of class j goes to its winning sub-center's row, 0 to the others;
     * ∂L/∂x̂_i = Σ_j G_ij r_j w_j;  ∂L/∂w_j = r_j Σ_i G_ij x̂_i − r_j² (Σ_i G_ij c_ij) w_j;
     * ∂L/∂a_i = scale_i·∂L/∂z_iy·∂ψ/∂a + gr_i·g'(a_i) + gn_i
       (+ Σ_j ∂L/∂z_ij·z_ij/a_i when scale_i = a_i);
     * ∂L/∂x_i = (∂L/∂x̂_i − x̂_i·Σ_j G_ij c_ij)/a_i + ∂L/∂a_i·x̂_i.
 
-    grad_*: [B]. Returns (∂/∂embeddings [B, D], ∂/∂weight [C, D]) in the dtypes of
+    grad_*: [B]. Returns (∂/∂embeddings [B, D], ∂/∂weight [K·C, D]) in the dtypes of
     embeddings and weight (for a float32 weight with half embeddings: the float32 gradient
     with respect to the rounded matrix of :func:`weight_operand`, never rounded to half);
     half gradients saturate at the dtype's largest finite value (:func:`saturating_cast`).
     """
+    check_extras(embeddings, spec, row_margins, neg_threshold, neg_t)
+    num_classes_of(weight, spec)
     ct = compute_dtype(embeddings.dtype)
     with torch.no_grad(), torch.autocast(embeddings.device.type, enabled=False):
         x = embeddings.to(ct)
         w = weight_operand(embeddings, weight).to(ct)
         has, idx = _label_index(labels, ignore_index)
-        a, x_hat, w_norm, r, cos, c_y = _cosines(x, w, idx)
+        a, x_hat, w_norm, r, cos_rows = _cosines(x, w)
+        cos, winner = class_cosines(cos_rows, spec.subcenters)
+        c_y = cos.gather(1, idx).squeeze(1)
+        base, slope = curricular(cos, neg_threshold, neg_t)
         inv_a = 1.0 / a.clamp_min(NORM_EPS)
-        psi, dpsi_dc, dpsi_da = margin_terms(c_y, a, spec, sphere_lambda)
+        psi, dpsi_dc, dpsi_da = margin_terms(c_y, a, spec, sphere_lambda, row_margins)
         zero = torch.zeros_like(a)
-        psi = torch.where(has, psi, c_y)
+        psi = torch.where(has, psi, base.gather(1, idx).squeeze(1))
         scale = a if spec.scale_by_norm else torch.full_like(a, spec.scale)
-        logits = (scale.unsqueeze(1) * cos).scatter(1, idx, (scale * psi).unsqueeze(1))
+        logits = (scale.unsqueeze(1) * base).scatter(1, idx, (scale * psi).unsqueeze(1))
         dz = torch.exp(logits - lse.to(ct).unsqueeze(1)) * grad_lse.to(ct).unsqueeze(1)
         dz_y = dz.gather(1, idx).squeeze(1) + torch.where(has, grad_zy.to(ct), zero)
         dz = dz.scatter(1, idx, dz_y.unsqueeze(1))               # ∂L/∂z
-        label_factor = torch.where(has, dpsi_dc, torch.ones_like(a))
-        g = (dz * scale.unsqueeze(1)).scatter(1, idx, (scale * dz_y * label_factor).unsqueeze(1))
+        off_label = torch.ones_like(a) if slope is None else slope.gather(1, idx).squeeze(1)
+        label_factor = torch.where(has, dpsi_dc, off_label)
+        g = dz * scale.unsqueeze(1)
+        if slope is not None:
+            g = g * slope
+        g = g.scatter(1, idx, (scale * dz_y * label_factor).unsqueeze(1))
 
         grad_a = torch.where(has, scale * dz_y * dpsi_da, zero) + grad_norms.to(ct)
         if spec.has_regularizer:
@@ -241,6 +339,10 @@ def margin_ce_backward(grad_lse, grad_zy, grad_reg, grad_norms, embeddings, weig
         if spec.scale_by_norm:
             grad_a = grad_a + (dz * logits).sum(1) * inv_a
 
+        if winner is not None:                       # G of class j -> its winning sub-center
+            g = torch.zeros_like(cos_rows).unflatten(1, (-1, spec.subcenters)).scatter(
+                2, winner.unsqueeze(2), g.unsqueeze(2)).flatten(1)
+        cos = cos_rows
         gr = g * r                                   # G_ij r_j
         g_xhat = gr @ w                              # ∂L/∂x̂  [B, D]
         gc_row = (g * cos).sum(1)                    # Σ_j G_ij c_ij

@@ -154,19 +154,19 @@ def test_autocast_weight_stays_float32_with_an_unrounded_gradient(half):
 
 def test_op_weight_dtype_pairs():
     x, w, y = make_inputs(3, 4, 8, dtype=torch.float32)
-    args = magloss.MarginSpec.combined(30.0, 1.0, 0.5, 0.0).op_args()
-    rows = torch.ops.magloss.margin_ce(x.bfloat16(), w, y, None, *args, -1)
-    want = torch.ops.magloss.margin_ce(x.bfloat16(), w.bfloat16(), y, None, *args, -1)
+    args = (None, None, None) + magloss.MarginSpec.combined(30.0, 1.0, 0.5, 0.0).op_args(-1)
+    rows = torch.ops.magloss.margin_ce(x.bfloat16(), w, y, None, *args)
+    want = torch.ops.magloss.margin_ce(x.bfloat16(), w.bfloat16(), y, None, *args)
     for got, ref in zip(rows, want):
         torch.testing.assert_close(got, ref, rtol=0, atol=0)
     w_big = w.clone()
     w_big[2, 5] = 1e5                  # finite in fp32, inf once rounded to fp16
     with pytest.raises(ValueError, match=r"weight: contains NaN or Inf \(row 2\)"):
-        torch.ops.magloss.margin_ce(x.half(), w_big, y, None, *args, -1)
+        torch.ops.magloss.margin_ce(x.half(), w_big, y, None, *args)
     with pytest.raises(TypeError, match="embeddings, weight: expected the same dtype"):
-        torch.ops.magloss.margin_ce(x.half(), w.bfloat16(), y, None, *args, -1)
+        torch.ops.magloss.margin_ce(x.half(), w.bfloat16(), y, None, *args)
     with pytest.raises(TypeError, match="embeddings, weight: expected the same dtype"):
-        torch.ops.magloss.margin_ce(x, w.bfloat16(), y, None, *args, -1)
+        torch.ops.magloss.margin_ce(x, w.bfloat16(), y, None, *args)
 
 
 SPECS = [
@@ -182,25 +182,25 @@ SPECS = [
 def test_opcheck(spec):
     x, w, y = make_inputs(5, 6, 8, dtype=torch.float32, ignored=(1,), norm_range=(1.0, 3.0) if spec.kind == 3 else (20.0, 90.0))
     lam = torch.tensor(2.0) if spec.kind == 3 else None
-    args = (x.requires_grad_(), w.requires_grad_(), y, lam, *spec.op_args(), -1)
+    args = (x.requires_grad_(), w.requires_grad_(), y, lam, None, None, None, *spec.op_args(-1))
     opcheck(torch.ops.magloss.margin_ce.default, args)
     with torch.no_grad():
         lse, zy, reg, norms = torch.ops.magloss.margin_ce(*args)
     grads = [torch.randn(5) for _ in range(4)]
-    bargs = (*grads, x.detach(), w.detach(), y, lse, norms, lam, *spec.op_args(), -1)
+    bargs = (*grads, x.detach(), w.detach(), y, lse, norms, lam, None, None, None, *spec.op_args(-1))
     opcheck(torch.ops.magloss.margin_ce_backward.default, bargs)
 
 
 def test_opcheck_half_embeddings_float32_weight():
     spec = magloss.MarginSpec.magface(30.0)
     x, w, y = make_inputs(5, 6, 8, dtype=torch.float32, ignored=(1,))
-    args = (x.bfloat16().requires_grad_(), w.requires_grad_(), y, None, *spec.op_args(), -1)
+    args = (x.bfloat16().requires_grad_(), w.requires_grad_(), y, None, None, None, None, *spec.op_args(-1))
     opcheck(torch.ops.magloss.margin_ce.default, args)
     with torch.no_grad():
         lse, zy, reg, norms = torch.ops.magloss.margin_ce(*args)
     grads = [torch.randn(5) for _ in range(4)]
     gx, gw = torch.ops.magloss.margin_ce_backward(*grads, args[0].detach(), w.detach(), y, lse, norms, None,
-                                                   *spec.op_args(), -1)
+                                                   None, None, None, *spec.op_args(-1))
     assert gx.dtype == torch.bfloat16 and gw.dtype == torch.float32
 
 

@@ -235,11 +235,11 @@ def test_opcheck_with_several_chunks(monkeypatch, family):
     spec, lam = FAMILIES[family]
     x, w, y, grads = make_case(5, 8, 6, seed=8, ignored=(1,), norm_range=(1.0, 3.0))
     x, w, lam_t = x.float(), w.float(), lam_tensor(lam)
-    args = (x.requires_grad_(), w.requires_grad_(), y, lam_t, *spec.op_args(), -1)
+    args = (x.requires_grad_(), w.requires_grad_(), y, lam_t, None, None, None, *spec.op_args(-1))
     torch.library.opcheck(torch.ops.magloss.margin_ce.default, args)
     with torch.no_grad():
         lse, _, _, norms = torch.ops.magloss.margin_ce(*args)
-    bargs = (*[g.float() for g in grads], x.detach(), w.detach(), y, lse, norms, lam_t, *spec.op_args(), -1)
+    bargs = (*[g.float() for g in grads], x.detach(), w.detach(), y, lse, norms, lam_t, None, None, None, *spec.op_args(-1))
     torch.library.opcheck(torch.ops.magloss.margin_ce_backward.default, bargs)
 
 

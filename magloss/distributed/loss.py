@@ -163,7 +163,7 @@ class ShardedMarginLoss(nn.Module):
                   ("sample_rate", self.sample_rate), ("seed", self.seed), ("ddp_backbone", int(self.ddp_backbone)),
                   ("ignore_index", self.ignore_index),
                   ("reduction", MF.REDUCTIONS.index(self.reduction)), ("lambda_g", self.lambda_g),
-                  ("spec", hash(s.op_args()) % (1 << 50))]
+                  ("spec", hash(s.op_args(self.ignore_index)) % (1 << 50))]
         dev = comm_device(self.group)
         mine = torch.tensor([float(v) for _, v in fields], dtype=torch.float64, device=dev)
         out = [torch.empty_like(mine) for _ in range(self.world_size)]
@@ -269,7 +269,8 @@ class ShardedMarginLoss(nn.Module):
 
         x_all, weight, up = MF._autocast(x_all, weight, self.spec)   # after the gather: ∂x summed in fp32
         lam = self.current_lambda(x_all.dtype)
-        lse, zy, reg, norms = ops.margin_ce(x_all, weight, local, lam, *self.spec.op_args(), _NO_LABEL)
+        lse, zy, reg, norms = ops.margin_ce(x_all, weight, local, lam, None, None, None,
+                                            *self.spec.op_args(_NO_LABEL))
         if up is not None:
             norms = norms * up.to(norms.dtype)
         if self.last_sample is not None:   # the Partial FC step advances only once the op has run
