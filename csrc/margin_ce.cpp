@@ -63,11 +63,14 @@
                    name ": expected an int64 or int32 tensor of class indices, got ", (t).scalar_type())
 #define CHECK_CONTIGUOUS(t, name) TORCH_CHECK((t).is_contiguous(), name ": internal error, expected contiguous")
 // The newer losses' tensor arguments (issue 14): fp32, the compute dtype of fp32/fp16/bf16 embeddings
-// (float64 inputs never reach this file: they run the chunked engine).
-#define CHECK_COMPUTE_DTYPE(t, name)                                                                           \
-  TORCH_CHECK_TYPE((t).scalar_type() == at::kFloat,                                                            \
-                   name ": expected a float32 tensor (the compute dtype of float32/float16/bfloat16 embeddings), " \
-                   "got ", (t).scalar_type())
+// (float64 inputs never reach this file: they run the chunked engine), contiguous. ValueError for every
+// one of these, as the reference engine's checks (magloss.reference.check_extras) raise.
+#define CHECK_COMPUTE_DTYPE(t, name)                                                                            \
+  TORCH_CHECK_VALUE((t).scalar_type() == at::kFloat,                                                            \
+                    name ": expected a float32 tensor (the compute dtype of float32/float16/bfloat16 embeddings), " \
+                    "got ", (t).scalar_type())
+#define CHECK_INPUT_CONTIGUOUS(t, name) \
+  TORCH_CHECK_VALUE((t).is_contiguous(), name ": expected a contiguous tensor, got strides ", (t).strides())
 #define CHECK_SCALAR_TENSOR(t, name) \
   TORCH_CHECK_VALUE((t).dim() == 0, name ": expected a 0-d tensor, got shape ", (t).sizes())
 #define CHECK_SHAPE2(t, d0, d1, name, shape)                                                                     \
@@ -157,8 +160,8 @@ void check_operands(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
                     " classes are supported, got ", w.size(0));
 }
 
-// The newer losses' inputs (per-row margins, curricular modulation, sub-centers), checked and made
-// contiguous; undefined tensors where absent.
+// The newer losses' inputs (per-row margins, curricular modulation, sub-centers), checked; undefined
+// tensors where absent.
 struct Features {
   at::Tensor row_margins, neg_threshold, neg_t;
   int64_t K = 1;
@@ -181,7 +184,8 @@ Features check_features(const at::Tensor& x, const at::Tensor& w, int64_t kind,
     CHECK_SAME_DEVICE(t, x, "row_margins");
     CHECK_COMPUTE_DTYPE(t, "row_margins");
     CHECK_SHAPE2(t, B, 2, "row_margins", "[B, 2]");
-    f.row_margins = t.contiguous();
+    CHECK_INPUT_CONTIGUOUS(t, "row_margins");
+    f.row_margins = t;
   }
   const bool has_tau = neg_threshold.has_value() && neg_threshold->defined();
   const bool has_t = neg_t.has_value() && neg_t->defined();
@@ -191,11 +195,12 @@ Features check_features(const at::Tensor& x, const at::Tensor& w, int64_t kind,
     CHECK_SAME_DEVICE(*neg_threshold, x, "neg_threshold");
     CHECK_COMPUTE_DTYPE(*neg_threshold, "neg_threshold");
     CHECK_SHAPE1(*neg_threshold, B, "neg_threshold", "[B]");
+    CHECK_INPUT_CONTIGUOUS(*neg_threshold, "neg_threshold");
     CHECK_SAME_DEVICE(*neg_t, x, "neg_t");
     CHECK_COMPUTE_DTYPE(*neg_t, "neg_t");
     CHECK_SCALAR_TENSOR(*neg_t, "neg_t");
-    f.neg_threshold = neg_threshold->contiguous();
-    f.neg_t = neg_t->reshape({1}).contiguous();
+    f.neg_threshold = *neg_threshold;
+    f.neg_t = *neg_t;  // 0-d: one element
   }
   return f;
 }

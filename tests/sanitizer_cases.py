@@ -62,7 +62,7 @@ def run_case(name, B, C, D, dtype=torch.float32, chunk=None, ignored=(), label_d
         y = y.to(label_dtype)
         lam_t = None if lam is None else torch.tensor(lam, device=dev)
         try:
-            lse, zy, reg, norms = OP(x, w, y, lam_t, *spec.op_args(), -1)
+            lse, zy, reg, norms = OP(x, w, y, lam_t, None, None, None, *spec.op_args(-1))
         except ValueError as exc:
             if bad_label and check == "sync" and "labels:" in str(exc):
                 return "raised as expected"
@@ -79,7 +79,7 @@ def run_case(name, B, C, D, dtype=torch.float32, chunk=None, ignored=(), label_d
             else:
                 raise AssertionError("an out-of-range label was not reported by flush_input_checks")
         grads = [torch.randn(B, device=dev, generator=g) for _ in range(4)]
-        gx, gw = OP_BWD(*grads, x, w, y, lse, norms, lam_t, *spec.op_args(), -1)
+        gx, gw = OP_BWD(*grads, x, w, y, lse, norms, lam_t, None, None, None, *spec.op_args(-1))
         torch.cuda.synchronize()
         finite = torch.isfinite(lse)
         if bad_label:
