@@ -320,7 +320,8 @@ _BUILD = "import sys; sys.path.insert(0, 'tests'); from emu import build; build.
 _FIRST = re.compile(r"^(?:FAILED|ERROR) (\S+)", re.M)
 
 
-def run_one(name: str, kind: str, cu: Optional[Path], order: List[str], timeout: float) -> dict:
+def run_one(name: str, kind: str, cu: Optional[Path], order: List[str], timeout: float,
+            deselect: List[str] = ()) -> dict:
     """Builds engine.cu (cu, or the real one) for the emulator and runs the suites with -x."""
     rec = {"name": name, "kind": kind}
     t0 = time.monotonic()
@@ -331,7 +332,8 @@ def run_one(name: str, kind: str, cu: Optional[Path], order: List[str], timeout:
         rec.update(status="invalid", detail=(build.stdout + build.stderr)[-2000:])
         return rec
     t1 = time.monotonic()
-    cmd = [PY, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p", "emu.mutate", *SUITES]
+    cmd = [PY, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p", "emu.mutate", *SUITES,
+           *(f"--deselect={d}" for d in deselect)]
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=_env(cu, order), capture_output=True, text=True, timeout=timeout)
         out, rc = proc.stdout + proc.stderr, proc.returncode
@@ -359,6 +361,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--timeout", type=float, default=900, help="seconds per mutant's test run (default 900)")
     ap.add_argument("--order", default=",".join(ORDER), help="comma-separated node-id prefixes run first, in order")
     ap.add_argument("--json", type=Path, help="summary file (default <emulator cache>/mutants/summary.json)")
+    ap.add_argument("--deselect", default="", help="comma-separated node-id prefixes left out of every run "
+                    "(tests that fail for reasons outside engine.cu, e.g. another engine's)")
     args = ap.parse_args(argv)
 
     sys.path.insert(0, str(HERE.parent))
@@ -386,6 +390,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     work = build._cache_dir() / "mutants"
     summary_path = args.json or work / "summary.json"
     order = args.order.split(",")
+    deselect = [d for d in args.deselect.split(",") if d]
     started = time.time()
     records: List[dict] = []
 
@@ -403,7 +408,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return summary
 
     if args.baseline:
-        rec = run_one("(baseline)", "none", None, order, args.timeout)
+        rec = run_one("(baseline)", "none", None, order, args.timeout, deselect)
         records.append(rec)
         print(f"(baseline): {rec['status']} {rec.get('first_failure', '')}", flush=True)
         if rec["status"] != "survived":
@@ -425,7 +430,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         cu.write_text(mutated[m.name] if m.file == "engine.cu" else texts["engine.cu"])
         if m.file == "margins.cuh":
             (cu.parent / "margins.cuh").write_text(mutated[m.name])
-        return run_one(m.name, m.kind, cu, order, args.timeout)
+        return run_one(m.name, m.kind, cu, order, args.timeout, deselect)
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         for fut in concurrent.futures.as_completed([pool.submit(job, m) for m in chosen]):
