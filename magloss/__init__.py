@@ -1,5 +1,6 @@
 """magloss: margin-based softmax losses for face recognition (MagFace, ArcFace, CosFace,
-SphereFace, combined margins, softmax baselines) with a fused CUDA engine and a
+SphereFace, combined margins, AdaFace, CurricularFace, Sub-center ArcFace, ElasticFace,
+softmax baselines) with a fused CUDA engine and a
 pure-PyTorch reference.
 
 Quick start::
@@ -11,29 +12,38 @@ Quick start::
 ``magloss.extension_status()`` tells whether the fused CUDA kernels are in use.
 """
 
-from . import checkpoint, distributed, evaluation, functional, margins, ops, quality  # noqa: F401  (ops registers the custom ops)
+from . import adaptive, checkpoint, distributed, evaluation, functional, margins, ops, quality, subcenter  # noqa: F401  (ops registers the custom ops)
 from ._ext import extension_status, flush_input_checks
 from .functional import LossParts, MagFaceOutput
 from .interop import load_magface_weight
 from .losses import (
+    AdaFaceLoss,
     ArcFaceLoss,
     CombinedMarginLoss,
     CosFaceLoss,
+    CurricularFaceLoss,
+    ElasticArcFaceLoss,
+    ElasticCosFaceLoss,
     MagCosFaceLoss,
     MagFaceLoss,
     MarginLoss,
     NormFaceLoss,
     SoftmaxLoss,
     SphereFaceLoss,
+    SubCenterArcFaceLoss,
 )
 from .margins import MarginSpec
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaFaceLoss",
     "ArcFaceLoss",
     "CombinedMarginLoss",
     "CosFaceLoss",
+    "CurricularFaceLoss",
+    "ElasticArcFaceLoss",
+    "ElasticCosFaceLoss",
     "LossParts",
     "MagCosFaceLoss",
     "MagFaceLoss",
@@ -43,6 +53,8 @@ __all__ = [
     "NormFaceLoss",
     "SoftmaxLoss",
     "SphereFaceLoss",
+    "SubCenterArcFaceLoss",
+    "adaptive",
     "checkpoint",
     "distributed",
     "evaluation",
@@ -52,4 +64,5 @@ __all__ = [
     "load_magface_weight",
     "margins",
     "quality",
+    "subcenter",
 ]

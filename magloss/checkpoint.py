@@ -32,7 +32,9 @@ __all__ = ["save_class_matrix", "load_class_matrix", "load_full"]
 
 FORMAT = "magloss.class_matrix/1"
 _META = "meta.json"
-_EXTRA = ("step", "iteration")
+#: Buffers saved with the matrix: Partial FC's step, SphereFace's iteration, AdaFace's norm
+#: statistics and CurricularFace's t (replicated on every rank).
+_EXTRA = ("step", "iteration", "batch_mean", "batch_std", "t")
 
 
 def _layout(head) -> Tuple[Tensor, int, int, int, int, int, object]:
@@ -44,6 +46,10 @@ def _layout(head) -> Tuple[Tensor, int, int, int, int, int, object]:
     if not isinstance(weight, Tensor) or weight.dim() != 2:
         raise TypeError(f"head: expected a loss module with a 2-D `weight` (or the Parameter itself), "
                         f"got {type(head).__name__}")
+    spec = getattr(head, "spec", None)
+    if spec is not None and spec.subcenters > 1:
+        raise ValueError(f"head: class-matrix checkpoints of sub-center heads (subcenters={spec.subcenters}) are "
+                         "not supported; save each rank's head.state_dict() instead")
     if hasattr(head, "shard_start"):
         return weight, head.shard_start, head.shard_end, head.num_classes, head.rank, head.world_size, head.group
     n = weight.shape[0]
@@ -84,7 +90,7 @@ def save_class_matrix(path: str, head, optimizer: Optional[torch.optim.Optimizer
         for r in range(world):
             s, e = shard_range(num_classes, world, r) if group is not None else (0, num_classes)
             shards.append({"file": f"shard-{r:05d}-of-{world:05d}.pt", "start": s, "end": e})
-        extra = {k: int(getattr(head, k)) for k in _EXTRA if isinstance(getattr(head, k, None), Tensor)}
+        extra = {k: getattr(head, k).item() for k in _EXTRA if isinstance(getattr(head, k, None), Tensor)}
         meta = {"format": FORMAT, "num_classes": num_classes, "embedding_size": int(weight.shape[1]),
                 "world_size": world, "has_optimizer": optimizer is not None, "shards": shards, "extra": extra}
         tmp = os.path.join(path, f"{_META}.tmp{os.getpid()}")

@@ -35,6 +35,15 @@ Backward, from the saved lse (p_ij = exp(z_ij − lse_i)), per chunk:
 After the loop, the row chain: Σ_j G_ij c_ij = ∂L/∂x̂_i·x̂_i, and
 ∂L/∂x_i = (∂L/∂x̂_i − x̂_i·Σ_j G_ij c_ij)/a_i + ∂L/∂a_i·x̂_i.
 
+The general tile (K > 1 sub-centers or CurricularFace's columns; the plain path above is
+untouched when neither is in use): a chunk is n whole classes, K·n rows of W, n =
+chunk_columns(B, K·C) // K. The tile holds the sub-center cosines, the class cosine is the
+max over each class's K (the winner's index kept), and the logits are scale_i·f(c_ij) with
+f(c) = c·(t + c) where c > τ_i (else c). The backward's G_ij = gs_i·p_ij·f'_ij (f' = t + 2c
+there, else 1) is written at the winning sub-center's column only, and the label class's
+correction goes to the row stage's winner among its K (found by a K-wide gather-dot). The
+shift is scale_i·max(1, 1 + t). Per-row margins (row_margins) only change the row stage.
+
 Extra memory (beyond x, W and their gradients): two B×N tiles, O(B·D) row buffers, and for
 float16/bfloat16 inputs an N×D float32 copy of the chunk (plus an N×D float32 buffer for a
 half-precision ∂W): independent of C. The products are 1 (forward) + 3 (backward), the
@@ -57,8 +66,8 @@ import torch
 from torch import Tensor
 
 from .margins import NORM_EPS, MarginSpec, margin_terms, regularizer
-from . import reference
-from .reference import check_extras, check_values, compute_dtype, saturating_cast, weight_operand
+from .reference import (check_extras, check_values, class_cosines, compute_dtype, curricular, num_classes_of,
+                        saturating_cast, weight_operand)
 
 __all__ = ["DEFAULT_TILE", "chunk_columns", "margin_ce_forward", "margin_ce_backward"]
 
@@ -106,13 +115,29 @@ class _Rows(NamedTuple):
     scale: Tensor    # [B] s, or a_i (feature-norm SphereFace)
     has: Tensor      # [B] bool: the row has a label column
     lab: Tensor      # [B] int64 label (0 where has is False)
-    w_y: Tensor      # [B, D] the label class rows as the math sees them (ct)
+    w_y: Tensor      # [B, D] the label class rows as the math sees them (ct); with K sub-centers, the winner's
     r_y: Tensor      # [B] r of the label class
     wn_y: Tensor     # [B] ‖w_y‖
     c_y: Tensor      # [B] label cosine
     zl: Tensor       # [B] label logit scale_i·ψ_i
     dpsi_dc: Tensor  # [B]
     dpsi_da: Tensor  # [B]
+    k_y: Optional[Tensor]  # [B] int64 winning sub-center of the label class (None for K = 1)
+
+
+class _Features(NamedTuple):
+    """What the general tile path needs beyond the plain one: K sub-centers per class and
+    CurricularFace's per-row threshold τ and t (None without the modulation)."""
+
+    subcenters: int
+    scale: Tensor                    # [B]
+    scale_by_norm: bool              # scale_i = a_i (feature-norm SphereFace)
+    neg_threshold: Optional[Tensor]  # [B]
+    neg_t: Optional[Tensor]          # 0-d
+
+    def rows(self, sub: Tensor) -> "_Features":
+        nt = None if self.neg_threshold is None else self.neg_threshold[sub]
+        return self._replace(scale=self.scale[sub], neg_threshold=nt)
 
 
 def _operand(w: Tensor, x_dtype: torch.dtype, ct: torch.dtype) -> Tensor:
@@ -131,13 +156,25 @@ def _row_stage(embeddings, weight, labels, spec: MarginSpec, ignore_index: int, 
     x_hat = x * inv_a.unsqueeze(1)
     has = labels != ignore_index
     lab = torch.where(has, labels, torch.zeros_like(labels)).long()
-    w_y = _operand(weight.index_select(0, lab), embeddings.dtype, ct)
-    wn_y = w_y.norm(dim=1)
-    r_y = 1.0 / wn_y.clamp_min(NORM_EPS)
-    c_y = (x_hat * w_y).sum(1) * r_y
+    K = spec.subcenters
+    k_y = None
+    if K == 1:
+        w_y = _operand(weight.index_select(0, lab), embeddings.dtype, ct)
+        wn_y = w_y.norm(dim=1)
+        r_y = 1.0 / wn_y.clamp_min(NORM_EPS)
+        c_y = (x_hat * w_y).sum(1) * r_y
+    else:   # the label class's K sub-centers; the one of largest cosine (ties: lowest k) is the label's
+        sub = (lab.unsqueeze(1) * K + torch.arange(K, device=lab.device)).flatten()
+        w_all = _operand(weight.index_select(0, sub), embeddings.dtype, ct).view(lab.shape[0], K, -1)
+        wn_all = w_all.norm(dim=2)
+        r_all = 1.0 / wn_all.clamp_min(NORM_EPS)
+        c_y, k_y = ((x_hat.unsqueeze(1) * w_all).sum(2) * r_all).max(dim=1)
+        pick = k_y.unsqueeze(1)
+        w_y = w_all.gather(1, pick.unsqueeze(2).expand(-1, 1, w_all.shape[2])).squeeze(1)
+        wn_y, r_y = wn_all.gather(1, pick).squeeze(1), r_all.gather(1, pick).squeeze(1)
     psi, dpsi_dc, dpsi_da = margin_terms(c_y, a, spec, lam, row_margins)
     scale = a if spec.scale_by_norm else torch.full_like(a, spec.scale)
-    return _Rows(x, a, inv_a, x_hat, scale, has, lab, w_y, r_y, wn_y, c_y, scale * psi, dpsi_dc, dpsi_da)
+    return _Rows(x, a, inv_a, x_hat, scale, has, lab, w_y, r_y, wn_y, c_y, scale * psi, dpsi_dc, dpsi_da, k_y)
 
 
 def _label_groups(lab: Tensor, has: Tensor, num_classes: int, n: int) -> List[Optional[Tuple[Tensor, Tensor]]]:
@@ -165,22 +202,23 @@ def _column_stats(w_c: Tensor) -> Tuple[Tensor, Tensor]:
     return wn, 1.0 / wn.clamp_min(NORM_EPS)
 
 
-def _check(embeddings: Tensor, weight: Tensor, labels: Tensor, ignore_index: int) -> None:
+def _check(embeddings: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, num_classes: int) -> None:
     """The reference's checks without a pass over W: the dtype pair (weight_operand on zero
     rows: no copy), labels and embeddings (check_values with a finite stand-in of W's C rows).
     W's own values are checked by the products themselves: see :func:`_check_weight`."""
     weight_operand(embeddings, weight[:0])
-    check_values(embeddings, weight.new_zeros((1, 1)).expand(weight.shape[0], 1), labels, ignore_index)
+    check_values(embeddings, weight.new_zeros((1, 1)).expand(weight.shape[0], 1), labels, ignore_index, num_classes)
 
 
-def _check_weight(embeddings: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, lse: Tensor) -> None:
+def _check_weight(embeddings: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, lse: Tensor,
+                  num_classes: int) -> None:
     """A NaN or Inf anywhere in W makes every row's lse non-finite (its column is NaN in every
     row: r_j = 0 or NaN times an infinite or NaN dot; for the autocast pair, also a float32
     value that overflows when rounded). Only then does the reference's full check_values scan
     W as the math uses it, raising its error (and leaving the NaNs to the caller if it doesn't).
     Costs one host read of a flag instead of a pass over C×D with C×D temporaries."""
     if lse.numel() and not bool(torch.isfinite(lse).all()):
-        check_values(embeddings, weight_operand(embeddings, weight), labels, ignore_index)
+        check_values(embeddings, weight_operand(embeddings, weight), labels, ignore_index, num_classes)
 
 
 def _low_sum(lse_minus_shift: Tensor, num_classes: int) -> Tensor:
@@ -191,12 +229,24 @@ def _low_sum(lse_minus_shift: Tensor, num_classes: int) -> Tensor:
     return lse_minus_shift < math.log(max(num_classes, 1) * fi.tiny / fi.eps)
 
 
+def _class_tile(x_hat: Tensor, w_c: Tensor, r_c: Tensor, features: _Features) -> Tuple[Tensor, Optional[Tensor]]:
+    """The general path's tile: class cosines c_ij = max_k (x̂_i·w_{jK+k})·r_{jK+k} [B, n] of a
+    chunk of n whole classes (w_c: its K·n rows) and the winning k (None for K = 1)."""
+    return class_cosines(torch.mm(x_hat, w_c.t()).mul_(r_c), features.subcenters)
+
+
 def _lse(xs: Tensor, zl: Tensor, lab: Tensor, has: Tensor, weight: Tensor, x_dtype: torch.dtype, n_max: int,
-         shift: Optional[Tensor] = None) -> Tensor:
+         shift: Optional[Tensor] = None, features: Optional[_Features] = None) -> Tensor:
     """Row log-sum-exp of the logits, chunk by chunk: Z = xs·W_chunkᵀ·r with the label logit
     ``zl`` swapped in. With ``shift`` (an upper bound of every row's logits): one pass,
-    Σ exp(z − shift). Without: the online log-sum-exp (running max, rescaled running sum)."""
-    B, C = xs.shape[0], weight.shape[0]
+    Σ exp(z − shift). Without: the online log-sum-exp (running max, rescaled running sum).
+
+    ``features`` (sub-centers, CurricularFace's columns) selects the general tile: ``xs`` is
+    then x̂ (unscaled), a chunk is n_max whole classes, and Z = scale_i·f(c_ij) with c the
+    class cosines of :func:`_class_tile` and f CurricularFace's function (or the identity)."""
+    B = xs.shape[0]
+    K = 1 if features is None else features.subcenters
+    C = weight.shape[0] // K
     groups = _label_groups(lab, has, C, n_max)
     tile_store = xs.new_empty(B * n_max)
     run_sum = xs.new_zeros(B)
@@ -204,12 +254,19 @@ def _lse(xs: Tensor, zl: Tensor, lab: Tensor, has: Tensor, weight: Tensor, x_dty
     neg_shift = None if shift is None else (-shift).unsqueeze(1)
     for k, j0 in enumerate(range(0, C, n_max)):
         n = min(n_max, C - j0)
-        w_c = _operand(weight.narrow(0, j0, n), x_dtype, xs.dtype)
+        w_c = _operand(weight.narrow(0, j0 * K, n * K), x_dtype, xs.dtype)
         _, r_c = _column_stats(w_c)
-        z = tile_store[: B * n].view(B, n)
-        torch.mm(xs, w_c.t(), out=z)
+        if features is None:
+            z = tile_store[: B * n].view(B, n)
+            torch.mm(xs, w_c.t(), out=z)
+        else:
+            cos = _class_tile(xs, w_c, r_c, features)[0]
+            z = curricular(cos, features.neg_threshold, features.neg_t)[0].mul_(features.scale.unsqueeze(1))
+            if shift is not None:
+                z.sub_(shift.unsqueeze(1))
         if shift is None:
-            z.mul_(r_c)
+            if features is None:
+                z.mul_(r_c)
             if groups[k] is not None:
                 z.index_put_(groups[k], zl[groups[k][0]])
             m_new = torch.maximum(run_max, z.amax(1))     # NaN-propagating, unlike a masked max
@@ -217,12 +274,54 @@ def _lse(xs: Tensor, zl: Tensor, lab: Tensor, has: Tensor, weight: Tensor, x_dty
             run_sum = run_sum * torch.exp(run_max - m_new)
             run_max = m_new
         else:
-            torch.addcmul(neg_shift, z, r_c, out=z)
+            if features is None:
+                torch.addcmul(neg_shift, z, r_c, out=z)
             if groups[k] is not None:
                 ri = groups[k][0]
                 z.index_put_(groups[k], zl[ri] - shift[ri])
         run_sum += z.exp_().sum(1)
     return run_max + torch.log(run_sum)
+
+
+def _general_tile(rows: _Rows, features: _Features, w_c: Tensor, r_c: Tensor, lse: Tensor, gs: Tensor,
+                  label: Optional[Tuple[Tensor, Tensor]], curved: Tensor) -> Tuple[Tensor, Tensor]:
+    """The backward's tile on the general path, for a chunk of n whole classes (w_c: K·n rows).
+
+    Returns U [B, K·n] with T = G·r = gs_i·U (each class's entry at its winning sub-center,
+    0 at the others and at the label column) and coef_j = r_j²·Σ_i T_ij·(x̂_i·w_j) [K·n].
+    G_ij = gs_i·p_ij·f'_ij off the label (f' = t + 2c on CurricularFace's columns). With a
+    feature-norm scale, adds Σ_{j≠y} p_ij·(f_ij − f'_ij·c_ij) to ``curved`` (in place)."""
+    cos_rows = torch.mm(rows.x_hat, w_c.t()).mul_(r_c)             # sub-center cosines [B, K·n]
+    cos, win = class_cosines(cos_rows, features.subcenters)
+    f, slope = curricular(cos, features.neg_threshold, features.neg_t)
+    p = torch.addcmul(lse.neg().unsqueeze(1), f, features.scale.unsqueeze(1)).exp_()
+    u = p if slope is None else p * slope
+    if label is not None:
+        u.index_put_(label, u.new_zeros(()))
+    if slope is not None and features.scale_by_norm:
+        bend = p * (f - slope * cos)
+        if label is not None:
+            bend.index_put_(label, bend.new_zeros(()))
+        curved += bend.sum(1)
+    if win is not None:
+        u = torch.zeros_like(cos_rows).unflatten(1, (-1, features.subcenters)).scatter_(
+            2, win.unsqueeze(2), u.unsqueeze(2)).flatten(1)
+    u.mul_(r_c)
+    return u, torch.mv((u * cos_rows).t(), gs) * r_c
+
+
+def _features(spec: MarginSpec, scale: Tensor, neg_threshold: Optional[Tensor],
+              neg_t: Optional[Tensor]) -> Optional[_Features]:
+    """The general path's features, or None for the plain path (K = 1, no curricular columns)."""
+    if spec.subcenters == 1 and neg_threshold is None:
+        return None
+    return _Features(spec.subcenters, scale, spec.scale_by_norm, neg_threshold, neg_t)
+
+
+def _chunk_classes(batch: int, num_classes: int, subcenters: int, chunk: Optional[int]) -> int:
+    """Classes per chunk: the width of :func:`chunk_columns` over the K·C class-matrix rows,
+    rounded down to whole classes (at least one)."""
+    return max(chunk_columns(batch, num_classes * subcenters, chunk) // subcenters, 1)
 
 
 def margin_ce_forward(embeddings: Tensor, weight: Tensor, labels: Tensor, spec: MarginSpec,
@@ -242,23 +341,29 @@ def margin_ce_forward(embeddings: Tensor, weight: Tensor, labels: Tensor, spec: 
         ValueError: a label out of range, NaN/Inf in embeddings or weight (as the reference).
     """
     check_extras(embeddings, spec, row_margins, neg_threshold, neg_t)
-    if spec.subcenters > 1 or neg_threshold is not None:   # TODO(step 2): chunked sub-centers/curricular
-        return reference.margin_ce_forward(embeddings, weight, labels, spec, ignore_index, sphere_lambda,
-                                           row_margins, neg_threshold, neg_t)
-    _check(embeddings, weight, labels, ignore_index)
+    num_classes = num_classes_of(weight, spec)
+    _check(embeddings, weight, labels, ignore_index, num_classes)
     with torch.no_grad(), torch.autocast(embeddings.device.type, enabled=False):
         rows = _row_stage(embeddings, weight, labels, spec, ignore_index, sphere_lambda, row_margins)
-        n_max = chunk_columns(embeddings.shape[0], weight.shape[0], chunk)
-        xs = rows.x_hat * rows.scale.unsqueeze(1)
+        n_max = _chunk_classes(embeddings.shape[0], num_classes, spec.subcenters, chunk)
+        features = _features(spec, rows.scale, neg_threshold, neg_t)
         # Every logit of row i is at most scale_i (|c| <= 1 and psi <= c <= 1 for every family),
-        # so scale_i is a safe shift and needs no max pass. Rows whose sum is then too small to
-        # be accurate (every logit far below scale_i) are redone with the online max.
-        lse = _lse(xs, rows.zl, rows.lab, rows.has, weight, embeddings.dtype, n_max, rows.scale)
-        low = _low_sum(lse - rows.scale, weight.shape[0])
+        # so scale_i is a safe shift and needs no max pass (scale_i·max(1, 1 + t) with
+        # CurricularFace's columns). Rows whose sum is then too small to be accurate (every
+        # logit far below the shift) are redone with the online max.
+        if features is None:
+            xs, shift = rows.x_hat * rows.scale.unsqueeze(1), rows.scale
+        else:
+            xs, shift = rows.x_hat, rows.scale
+            if neg_t is not None:
+                shift = rows.scale * torch.clamp_min(1.0 + neg_t.to(rows.scale.dtype), 1.0)
+        lse = _lse(xs, rows.zl, rows.lab, rows.has, weight, embeddings.dtype, n_max, shift, features)
+        low = _low_sum(lse - shift, num_classes)
         if bool(low.any()):
             sub = low.nonzero().squeeze(1)
-            lse[sub] = _lse(xs[sub], rows.zl[sub], rows.lab[sub], rows.has[sub], weight, embeddings.dtype, n_max)
-        _check_weight(embeddings, weight, labels, ignore_index, lse)
+            lse[sub] = _lse(xs[sub], rows.zl[sub], rows.lab[sub], rows.has[sub], weight, embeddings.dtype, n_max,
+                            None, None if features is None else features.rows(sub))
+        _check_weight(embeddings, weight, labels, ignore_index, lse, num_classes)
         zero = torch.zeros_like(rows.a)
         zy = torch.where(rows.has, rows.zl, zero)
         reg = regularizer(rows.a, spec.l_a, spec.u_a)[0] if spec.has_regularizer else zero
@@ -280,14 +385,13 @@ def margin_ce_backward(grad_lse: Tensor, grad_zy: Tensor, grad_reg: Tensor, grad
     to the rounded matrix. ∂W is written chunk by chunk, each row exactly once.
     """
     check_extras(embeddings, spec, row_margins, neg_threshold, neg_t)
-    if spec.subcenters > 1 or neg_threshold is not None:   # TODO(step 2): chunked sub-centers/curricular
-        return reference.margin_ce_backward(grad_lse, grad_zy, grad_reg, grad_norms, embeddings, weight, labels,
-                                            lse, spec, ignore_index, sphere_lambda, row_margins, neg_threshold,
-                                            neg_t)
+    K = spec.subcenters
+    C = num_classes_of(weight, spec)
     with torch.no_grad(), torch.autocast(embeddings.device.type, enabled=False):
         rows = _row_stage(embeddings, weight, labels, spec, ignore_index, sphere_lambda, row_margins)
+        features = _features(spec, rows.scale, neg_threshold, neg_t)
         ct = rows.x.dtype
-        B, C = embeddings.shape[0], weight.shape[0]
+        B = embeddings.shape[0]
         zero = torch.zeros_like(rows.a)
         gl, gz = grad_lse.to(ct), grad_zy.to(ct)
         lse = lse.to(ct)
@@ -306,46 +410,52 @@ def margin_ce_backward(grad_lse: Tensor, grad_zy: Tensor, grad_reg: Tensor, grad
         col_y = torch.where(rows.wn_y < NORM_EPS, zero, rows.r_y * rows.c_y)
         corr_w = delta.unsqueeze(1) * (rows.x_hat - col_y.unsqueeze(1) * rows.w_y)   # [B, D]
 
-        n_max = chunk_columns(B, C, chunk)
+        n_max = _chunk_classes(B, C, K, chunk)
         xs = rows.x_hat * rows.scale.unsqueeze(1)
         xg = rows.x_hat * gs.unsqueeze(1)
         neg_lse = (-lse).unsqueeze(1)
         u_store = rows.x.new_empty(B * n_max)
         z_store = rows.x.new_empty(B * n_max)
         acc = torch.zeros_like(rows.x)                                   # Σ_chunks U·W_chunk
+        curved = zero.clone()    # Σ_{j≠y} p_ij·(f_ij − f'_ij·c_ij): CurricularFace's share of Σ_j ∂L/∂z·z
         grad_w = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
         direct = grad_w.dtype == ct                  # else an fp32 chunk buffer, then one cast
-        p_store = None if direct else rows.x.new_empty(n_max * weight.shape[1])
+        p_store = None if direct else rows.x.new_empty(n_max * K * weight.shape[1])
         groups = _label_groups(rows.lab, rows.has, C, n_max)
         for k, j0 in enumerate(range(0, C, n_max)):
             n = min(n_max, C - j0)
-            w_c = _operand(weight.narrow(0, j0, n), embeddings.dtype, ct)
+            w_c = _operand(weight.narrow(0, j0 * K, n * K), embeddings.dtype, ct)
             wn_c, r_c = _column_stats(w_c)
-            z = z_store[: B * n].view(B, n)
-            u = u_store[: B * n].view(B, n)
-            torch.mm(xs, w_c.t(), out=z)                      # scale_i·x̂_i·w_j
-            torch.addcmul(neg_lse, z, r_c, out=u)             # z_ij − lse_i
-            u.exp_().mul_(r_c)                                # U = p·r
             label = groups[k]
-            if label is not None:
-                u.index_put_(label, u.new_zeros(()))         # the label column enters via delta
+            if features is None:
+                z = z_store[: B * n].view(B, n)
+                u = u_store[: B * n].view(B, n)
+                torch.mm(xs, w_c.t(), out=z)                      # scale_i·x̂_i·w_j
+                torch.addcmul(neg_lse, z, r_c, out=u)             # z_ij − lse_i
+                u.exp_().mul_(r_c)                                # U = p·r
+                if label is not None:
+                    u.index_put_(label, u.new_zeros(()))         # the label column enters via delta
+                # coef_j = r_j²·Σ_i T_ij·(x̂_i·w_j) = r_j²·Σ_i gl_i·U_ij·z_ij (zeroed for ‖w_j‖ < ε)
+                coef = torch.mv(z.mul_(u).t(), gl) * r_c * r_c
+                label_rows = None if label is None else label[1]
+            else:
+                u, coef = _general_tile(rows, features, w_c, r_c, lse, gs, label, curved)
+                label_rows = None if label is None else label[1] * K + (0 if K == 1 else rows.k_y[label[0]])
             acc.addmm_(u, w_c)
-            # coef_j = r_j²·Σ_i T_ij·(x̂_i·w_j) = r_j²·Σ_i gl_i·U_ij·z_ij (zeroed for ‖w_j‖ < ε)
-            coef = torch.mv(z.mul_(u).t(), gl)
-            coef = torch.where(wn_c < NORM_EPS, torch.zeros_like(coef), coef * r_c * r_c)  # a NaN norm keeps it
-            gw_c = grad_w.narrow(0, j0, n) if direct else p_store[: n * weight.shape[1]].view(n, -1)
+            coef = torch.where(wn_c < NORM_EPS, torch.zeros_like(coef), coef)  # a NaN norm keeps it
+            gw_c = grad_w.narrow(0, j0 * K, n * K) if direct else p_store[: n * K * weight.shape[1]].view(n * K, -1)
             torch.mul(w_c, coef.neg().unsqueeze(1), out=gw_c)
             gw_c.addmm_(u.t(), xg)
             if label is not None:
-                gw_c.index_put_((label[1],), corr_w[label[0]], accumulate=True)   # (index_add_ is slow on CPU)
+                gw_c.index_put_((label_rows,), corr_w[label[0]], accumulate=True)   # (index_add_ is slow on CPU)
             if not direct:
-                grad_w.narrow(0, j0, n).copy_(saturating_cast(gw_c, grad_w.dtype))
+                grad_w.narrow(0, j0 * K, n * K).copy_(saturating_cast(gw_c, grad_w.dtype))
 
         g_xhat = acc * gs.unsqueeze(1) + delta.unsqueeze(1) * rows.w_y
         gc_row = (g_xhat * rows.x_hat).sum(1)                # Σ_j G_ij c_ij
         if spec.scale_by_norm:                               # + Σ_j ∂L/∂z_ij·z_ij / a_i
             label_term = torch.where(rows.has, g_y * rows.c_y - dz_y * rows.zl, zero)   # G_iy·c_iy ≠ ∂L/∂z_iy·z_iy
-            grad_a = grad_a + (gc_row - label_term) * rows.inv_a
+            grad_a = grad_a + (gc_row - label_term + gs * curved) * rows.inv_a
         unit = rows.x / rows.a.clamp_min(torch.finfo(ct).tiny).unsqueeze(1)
         proj = torch.where((rows.a < NORM_EPS).unsqueeze(1), torch.zeros_like(rows.x),
                            rows.x_hat * gc_row.unsqueeze(1))         # a NaN norm keeps the term

@@ -26,6 +26,7 @@ c_ij = x̂_i·ŵ_j; CE_i = logsumexp_j z_ij − z_iy (docs/math.md §1).
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Dict, NamedTuple, Optional
 
@@ -34,8 +35,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
+from .adaptive import (ELASTIC_STD, _checked_margin, _checked_positive, adaface_row_margins, curricular_threshold,
+                       elastic_draws, elastic_row_margins, label_cosines)
 from .reference import check_values, compute_dtype, is_autocast_pair
-from .margins import NORM_EPS, MarginSpec, sphere_lambda as _sphere_lambda_schedule
+from .margins import CLIP, NONE, NORM_EPS, MarginSpec, sphere_lambda as _sphere_lambda_schedule
 
 __all__ = [
     "LossParts",
@@ -51,6 +54,11 @@ __all__ = [
     "sphereface_loss",
     "magface_loss",
     "magcosface_loss",
+    "subcenter_arcface_loss",
+    "adaface_loss",
+    "curricular_face_loss",
+    "elastic_arcface_loss",
+    "elastic_cosface_loss",
 ]
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -246,6 +254,9 @@ def margin_loss(
     lambda_g: float = 0.0,
     sphere_lambda: Optional[Tensor] = None,
     return_parts: bool = False,
+    row_margins: Optional[Tensor] = None,
+    neg_threshold: Optional[Tensor] = None,
+    neg_t: Optional[Tensor] = None,
 ):
     """The generic margin loss: reduce_i(CE_i) + λ_g·reduce_i(g(ã_i)) for a :class:`MarginSpec`.
 
@@ -253,16 +264,19 @@ def margin_loss(
     regularizer (ignored by families without one). ``sphere_lambda`` is SphereFace's
     annealing weight λ (a float, computed in the compute dtype, or a 0-d tensor). With
     ``return_parts=True`` returns a :class:`LossParts` instead of the loss tensor.
+    ``weight`` has K·C rows for ``spec.subcenters`` = K. The engine's optional inputs
+    (:mod:`magloss.ops`): ``row_margins`` [B, 2] per-row (m2_i, m3_i), ``neg_threshold`` [B]
+    and ``neg_t`` 0-d (CurricularFace), all in the compute dtype, without gradient.
     """
     embeddings, weight, up = _autocast(embeddings, weight, spec)
     check_inputs(embeddings, weight, labels)
     check_reduction(reduction)
-    check_ignore_index(ignore_index, weight.shape[0], stacklevel=4)
+    check_ignore_index(ignore_index, weight.shape[0] // spec.subcenters, stacklevel=4)
     if sphere_lambda is not None and not isinstance(sphere_lambda, Tensor):
         sphere_lambda = torch.tensor(float(sphere_lambda), dtype=compute_dtype(embeddings.dtype),
                                      device=embeddings.device)
-    lse, zy, reg_rows, norms = ops.margin_ce(embeddings, weight, labels, sphere_lambda, None, None, None,
-                                             *spec.op_args(ignore_index))
+    lse, zy, reg_rows, norms = ops.margin_ce(embeddings, weight, labels, sphere_lambda, row_margins, neg_threshold,
+                                             neg_t, *spec.op_args(ignore_index))
     if up is not None:
         norms = norms * up.to(norms.dtype)
     return reduce_rows(lse - zy, reg_rows, norms, labels != ignore_index, spec, reduction, lambda_g,
@@ -431,6 +445,109 @@ def magcosface_loss(embeddings, weight, labels, scale: float = 64.0, l_a: float 
                        lambda_g=_check_lambda_g(lambda_g), return_parts=return_parts)
 
 
+def subcenter_arcface_loss(embeddings, weight, labels, subcenters: int = 3, scale: float = 64.0,
+                           margin: float = 0.5, easy_margin: bool = False, *, straight_through: bool = False,
+                           ignore_index: int = -1, reduction: str = "mean", return_parts: bool = False):
+    """Sub-center ArcFace (Deng et al., ECCV 2020): ArcFace on c_ij = max_k cos θ_{i, jK+k}.
+
+    ``weight``: [K·C, D], row j·K + k is sub-center k of class j (insightface's layout);
+    labels index classes in [0, C). The margin (cos(θ + m), threshold form past π − m, or
+    ``easy_margin``) applies to the label class's best sub-center; the gradient of every
+    class cosine flows to its winning sub-center only (ties: the lowest k). Defaults from
+    the paper and insightface: K = 3, s = 64, m = 0.5 (radians).
+    """
+    spec = named_spec(MarginSpec.combined, {"m2": "margin"}, scale, 1.0, margin, 0.0, easy_margin,
+                      straight_through).with_subcenters(subcenters)
+    return margin_loss(embeddings, weight, labels, spec, ignore_index=ignore_index, reduction=reduction,
+                       return_parts=return_parts)
+
+
+def adaface_loss(embeddings, weight, labels, batch_mean, batch_std, scale: float = 64.0, margin: float = 0.4,
+                 h: float = 0.333, *, ignore_index: int = -1, reduction: str = "mean", return_parts: bool = False):
+    """AdaFace (Kim et al., CVPR 2022) with given norm statistics μ = ``batch_mean``,
+    σ = ``batch_std`` (floats or 0-d tensors; :class:`magloss.AdaFaceLoss` keeps them as
+    running averages and updates them before this call, as upstream).
+
+    ẑ_i = clip((a_i − μ)/(σ + 0.001)·h, −1, 1) with a_i = clip(‖x_i‖, 0.001, 100), detached;
+    label logit s·(cos(clip(θ_i − m·ẑ_i, ε, π − ε)) − (m·ẑ_i + m)), θ_i = acos(clip(c_iy, −1 + ε,
+    1 − ε)), ε = 0.001 (the CLIP boundary; no gradient through ẑ). Other logits s·c_ij.
+    Defaults m = 0.4 (radians), h = 0.333, s = 64 (paper and mk-minchul/AdaFace).
+    """
+    spec = MarginSpec.combined(scale, 1.0, 0.0, 0.0, boundary=CLIP)
+    margin, h = _checked_margin("margin", margin), _checked_positive("h", h)
+    check_types(embeddings=embeddings, weight=weight, labels=labels)
+    ct = compute_dtype(embeddings.dtype)
+    stats = [torch.as_tensor(v, dtype=ct, device=embeddings.device) for v in (batch_mean, batch_std)]
+    with torch.no_grad():
+        rm = adaface_row_margins(embeddings.detach().to(ct).norm(dim=1), *stats, margin, h)
+    return margin_loss(embeddings, weight, labels, spec, ignore_index=ignore_index, reduction=reduction,
+                       return_parts=return_parts, row_margins=rm)
+
+
+def curricular_face_loss(embeddings, weight, labels, t, scale: float = 64.0, margin: float = 0.5, *,
+                         ignore_index: int = -1, reduction: str = "mean", return_parts: bool = False):
+    """CurricularFace (Huang et al., CVPR 2020) with a given t (float or 0-d tensor;
+    :class:`magloss.CurricularFaceLoss` keeps it as a running average of the label cosines
+    and updates it before this call, as upstream).
+
+    Label logit: ArcFace's s·cos(θ + m), threshold form c − m·sin m past π − m. Other
+    columns: s·c_ij·(t + c_ij) where c_ij > τ_i = cos(θ_iy + m) (a "hard" negative), else
+    s·c_ij; the gradient there is s·(t + 2·c_ij); τ and t carry none. Defaults m = 0.5
+    (radians), s = 64 (paper and HuangYG123/CurricularFace).
+    """
+    spec = named_spec(MarginSpec.combined, {"m2": "margin"}, scale, 1.0, margin, 0.0)
+    check_types(embeddings=embeddings, weight=weight, labels=labels)
+    ct = compute_dtype(embeddings.dtype)
+    valid = labels != ignore_index
+    tau = curricular_threshold(label_cosines(embeddings, weight, labels, ignore_index), valid, spec.m2)
+    t = torch.as_tensor(t, dtype=ct, device=embeddings.device).detach().reshape(()).contiguous()
+    return margin_loss(embeddings, weight, labels, spec, ignore_index=ignore_index, reduction=reduction,
+                       return_parts=return_parts, neg_threshold=tau, neg_t=t)
+
+
+def _elastic(angular: bool, embeddings, weight, labels, scale, margin, std, plus, generator, ignore_index,
+             reduction, return_parts):
+    spec = MarginSpec.combined(scale, 1.0, 0.0, 0.0, boundary=NONE)
+    margin = _checked_margin("margin", margin, math.pi if angular else 2.0)
+    std = ELASTIC_STD[(angular, bool(plus))] if std is None else float(std)
+    if not (math.isfinite(std) and std >= 0):
+        raise ValueError(f"std: expected a finite non-negative standard deviation, got {std}")
+    check_types(embeddings=embeddings, weight=weight, labels=labels)
+    valid = labels != ignore_index
+    c_y = label_cosines(embeddings, weight, labels, ignore_index) if plus else None
+    rm = elastic_row_margins(elastic_draws(labels.shape[0], margin, std, generator), valid, angular,
+                             compute_dtype(embeddings.dtype), c_y)
+    return margin_loss(embeddings, weight, labels, spec, ignore_index=ignore_index, reduction=reduction,
+                       return_parts=return_parts, row_margins=rm)
+
+
+def elastic_arcface_loss(embeddings, weight, labels, scale: float = 64.0, margin: float = 0.5,
+                         std: Optional[float] = None, plus: bool = False, *,
+                         generator: Optional[torch.Generator] = None, ignore_index: int = -1,
+                         reduction: str = "mean", return_parts: bool = False):
+    """ElasticFace-Arc (Boutros et al., CVPRW 2022): label logit s·cos(θ_i + m_i), one
+    m_i ~ N(margin, std²) per row, drawn (float64, CPU) from ``generator`` (a CPU
+    torch.Generator; None: torch's global one). No fallback past π (as upstream).
+    ``plus=True`` (ElasticFace-Arc+): the draws are sorted and the largest goes to the row
+    with the lowest label cosine. Defaults s = 64, m = 0.5 (radians), σ = 0.05 (0.0175 for
+    "+"), from the upstream configs.
+    """
+    return _elastic(True, embeddings, weight, labels, scale, margin, std, plus, generator, ignore_index,
+                    reduction, return_parts)
+
+
+def elastic_cosface_loss(embeddings, weight, labels, scale: float = 64.0, margin: float = 0.35,
+                         std: Optional[float] = None, plus: bool = False, *,
+                         generator: Optional[torch.Generator] = None, ignore_index: int = -1,
+                         reduction: str = "mean", return_parts: bool = False):
+    """ElasticFace-Cos (Boutros et al., CVPRW 2022): label logit s·(c_iy − m_i), one
+    m_i ~ N(margin, std²) per row from ``generator``, as :func:`elastic_arcface_loss`.
+    Defaults s = 64, m = 0.35, σ = 0.05 (0.02 for "+").
+    """
+    return _elastic(False, embeddings, weight, labels, scale, margin, std, plus, generator, ignore_index,
+                    reduction, return_parts)
+
+
 def _check_lambda_g(lambda_g) -> float:
     lambda_g = float(lambda_g)
     if not lambda_g >= 0 or lambda_g == float("inf"):
@@ -481,17 +598,20 @@ def cosine_argmax(embeddings: Tensor, weight: Tensor, *, bias: Optional[Tensor] 
 
 
 def accuracy(embeddings: Tensor, weight: Tensor, labels: Tensor, *, ignore_index: int = -1,
-             bias: Optional[Tensor] = None, normalize: bool = True, chunk_classes: Optional[int] = None) -> Tensor:
+             bias: Optional[Tensor] = None, normalize: bool = True, chunk_classes: Optional[int] = None,
+             subcenters: int = 1) -> Tensor:
     """Training accuracy as users log it: the share of non-ignored rows whose arg-max over
     the plain cosine logits (no margin) is the label, from :func:`cosine_argmax` (chunked
     over classes: no B×C matrix). ``normalize=False`` and ``bias`` give the softmax
-    baseline's logits x·Wᵀ + b instead.
+    baseline's logits x·Wᵀ + b instead. With K = ``subcenters`` (weight [K·C, D]) the
+    prediction is the class of the best sub-center (a class's cosine is its max).
 
     Returns a 0-d float32 tensor (float64 for float64 inputs) on the embeddings' device,
     without a host synchronization; 0 when every row is ignored (as the loss).
     """
     check_inputs(embeddings, weight, labels)
     _, pred = cosine_argmax(embeddings, weight, bias=bias, normalize=normalize, chunk_classes=chunk_classes)
+    pred = pred // subcenters
     valid = labels != ignore_index
     hit = (pred == labels.long()) & valid
     ct = compute_dtype(embeddings.dtype)

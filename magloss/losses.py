@@ -18,6 +18,7 @@ a learning rate that means the same for every class at the start.
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Optional
 
@@ -25,8 +26,10 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as MF
-from .margins import MarginSpec, magface_lambda_g_bound, sphere_lambda
+from .adaptive import AdaFaceState, CurricularState, ElasticState, label_cosines
+from .margins import CLIP, NONE, MarginSpec, magface_lambda_g_bound, sphere_lambda
 from .reference import compute_dtype
+from .subcenter import dominant_subcenters, dominant_weight, far_from_class, subcenter_counts
 
 __all__ = [
     "MarginLoss",
@@ -38,6 +41,11 @@ __all__ = [
     "SphereFaceLoss",
     "MagFaceLoss",
     "MagCosFaceLoss",
+    "SubCenterArcFaceLoss",
+    "AdaFaceLoss",
+    "CurricularFaceLoss",
+    "ElasticArcFaceLoss",
+    "ElasticCosFaceLoss",
 ]
 
 
@@ -71,7 +79,8 @@ def check_embedding_size(module: nn.Module, embeddings) -> None:
 
 
 class MarginLoss(nn.Module):
-    """Base class: a class matrix ``weight`` [num_classes, embedding_size] and a :class:`MarginSpec`.
+    """Base class: a class matrix ``weight`` [num_classes, embedding_size] (K·num_classes rows
+    for K = ``spec.subcenters`` sub-centers per class) and a :class:`MarginSpec`.
 
     forward(embeddings [B, D], labels [B], return_parts=False) -> loss (0-d, or [B] for
     reduction='none'), float32 (float64 for float64 inputs); with ``return_parts=True`` a
@@ -84,7 +93,8 @@ class MarginLoss(nn.Module):
         super().__init__()
         _init_common(self, embedding_size, num_classes, ignore_index, reduction)
         self.spec = spec
-        self.weight = nn.Parameter(torch.empty(num_classes, embedding_size, device=device, dtype=dtype))
+        self.weight = nn.Parameter(torch.empty(num_classes * spec.subcenters, embedding_size, device=device,
+                                               dtype=dtype))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -106,7 +116,8 @@ class MarginLoss(nn.Module):
         is the label: :func:`magloss.functional.accuracy` (chunked over classes, no B×C
         matrix, no host sync). 0-d float tensor."""
         check_embedding_size(self, embeddings)
-        return MF.accuracy(embeddings, self.weight, labels, ignore_index=self.ignore_index)
+        return MF.accuracy(embeddings, self.weight, labels, ignore_index=self.ignore_index,
+                           subcenters=self.spec.subcenters)
 
     def extra_repr(self) -> str:
         s = self.spec
@@ -272,6 +283,168 @@ class MagCosFaceLoss(MagFaceLoss):
     @staticmethod
     def _make_spec(scale, l_a, u_a, l_m, u_m, easy_margin, straight_through) -> MarginSpec:
         return MarginSpec.magcos(scale, l_a, u_a, l_m, u_m, straight_through)
+
+
+class SubCenterArcFaceLoss(MarginLoss):
+    """Sub-center ArcFace (Deng et al., ECCV 2020): K sub-centers per class, ArcFace on the best.
+
+    ``weight`` is [K·num_classes, embedding_size], row j·K + k is sub-center k of class j
+    (insightface's layout). c_ij = max_k cos θ_{i, jK+k}; ψ = cos(θ_iy + m) on the label
+    class's best sub-center (threshold form past π − m, or ``easy_margin``); the gradient of
+    each class cosine flows to its winning sub-center only (ties: the lowest k). Defaults
+    K = 3, s = 64, m = 0.5 (radians), as the paper and insightface.
+
+    After training, as upstream: :meth:`subcenter_counts` over the training set (summed
+    over batches), then :meth:`drop_subcenters` keeps each class's dominant sub-center (an
+    :class:`ArcFaceLoss` to retrain with), and :meth:`far_from_class` flags the samples
+    more than 75° from it as likely label noise (:mod:`magloss.subcenter`).
+    """
+
+    def __init__(self, embedding_size: int, num_classes: int, subcenters: int = 3, scale: float = 64.0,
+                 margin: float = 0.5, easy_margin: bool = False, straight_through: bool = False, **kw) -> None:
+        spec = MF.named_spec(MarginSpec.combined, {"m2": "margin"}, scale, 1.0, margin, 0.0, easy_margin,
+                             straight_through).with_subcenters(subcenters)
+        super().__init__(embedding_size, num_classes, spec, **kw)
+
+    @property
+    def subcenters(self) -> int:
+        return self.spec.subcenters
+
+    def subcenter_counts(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        """[num_classes, K] int64: how many rows of each class pick each sub-center
+        (:func:`magloss.subcenter.subcenter_counts`); add the counts of several batches."""
+        return subcenter_counts(embeddings, self.weight, labels, self.subcenters, self.ignore_index)
+
+    def drop_subcenters(self, counts: Tensor) -> "ArcFaceLoss":
+        """An :class:`ArcFaceLoss` (same scale, margin, boundary, ignore_index, reduction) whose
+        ``weight`` [num_classes, D] holds each class's dominant sub-center (most rows in
+        ``counts``; ties and empty classes: the lowest k)."""
+        s = self.spec
+        out = ArcFaceLoss(self.embedding_size, self.num_classes, s.scale, s.m2, s.easy_margin, s.straight_through,
+                          ignore_index=self.ignore_index, reduction=self.reduction, device=self.weight.device,
+                          dtype=self.weight.dtype)
+        with torch.no_grad():
+            out.weight.copy_(dominant_weight(self.weight, dominant_subcenters(counts), self.subcenters))
+        return out
+
+    def far_from_class(self, embeddings: Tensor, labels: Tensor, counts: Tensor,
+                       threshold: float = math.radians(75.0)) -> Tensor:
+        """[B] bool: rows more than ``threshold`` radians (default 75°, as upstream) from their
+        class's dominant sub-center (likely label noise); False on ignored rows."""
+        class_weight = dominant_weight(self.weight, dominant_subcenters(counts), self.subcenters)
+        return far_from_class(embeddings, class_weight, labels, threshold, self.ignore_index)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", subcenters={self.subcenters}"
+
+
+class _StatefulMarginLoss(MarginLoss):
+    """A margin loss whose engine inputs come from a running state (AdaFace, CurricularFace,
+    ElasticFace; the state mixins of :mod:`magloss.adaptive`): the state gives the op's
+    ``row_margins``/``neg_threshold``/``neg_t`` for the batch and is committed only after the
+    loss has been computed (training mode only)."""
+
+    def forward(self, embeddings: Tensor, labels: Tensor, return_parts: bool = False):
+        check_embedding_size(self, embeddings)
+        MF.check_inputs(embeddings, self.weight, labels)
+        valid = labels != self.ignore_index
+        rm, nt, t, commit = self._extras(
+            embeddings, valid,
+            lambda: label_cosines(embeddings, self.weight, labels, self.ignore_index, self.spec.subcenters))
+        out = self._loss(embeddings, labels, return_parts=return_parts, row_margins=rm, neg_threshold=nt, neg_t=t)
+        if commit is not None:
+            commit()
+        return out
+
+
+class AdaFaceLoss(AdaFaceState, _StatefulMarginLoss):
+    """AdaFace (Kim et al., CVPR 2022): a margin adapted to image quality through the feature norm.
+
+    ẑ_i = clip((a_i − μ)/(σ + 0.001)·h, −1, 1), a_i = clip(‖x_i‖, 0.001, 100) (detached);
+    label logit s·(cos(clip(θ_i − m·ẑ_i, ε, π − ε)) − (m·ẑ_i + m)), θ_i = acos(clip(c_iy,
+    −1 + ε, 1 − ε)), ε = 0.001; other logits s·c_ij. μ, σ: buffers ``batch_mean`` (20 at
+    start) and ``batch_std`` (100), running averages of the batch's norm mean and (unbiased)
+    std with ``momentum`` 0.01, updated before use in each training forward, frozen in eval
+    mode. Defaults m = 0.4 (radians), h = 0.333, s = 64 (paper and mk-minchul/AdaFace).
+    See :func:`magloss.functional.adaface_loss` and docs/adaptive_losses.md.
+    """
+
+    def __init__(self, embedding_size: int, num_classes: int, scale: float = 64.0, margin: float = 0.4,
+                 h: float = 0.333, momentum: float = 0.01, **kw) -> None:
+        super().__init__(embedding_size, num_classes, MarginSpec.combined(scale, 1.0, 0.0, 0.0, boundary=CLIP), **kw)
+        self._init_state(margin, h, momentum, device=kw.get("device"), dtype=kw.get("dtype"))
+
+    def extra_repr(self) -> str:
+        return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, scale={self.spec.scale}, "
+                f"margin={self.margin}, h={self.h}, momentum={self.momentum}, ignore_index={self.ignore_index}, "
+                f"reduction={self.reduction!r}")
+
+
+class CurricularFaceLoss(CurricularState, _StatefulMarginLoss):
+    """CurricularFace (Huang et al., CVPR 2020): ArcFace on the label, hard negatives re-weighted.
+
+    Label logit s·cos(θ + m) (threshold form c − m·sin m past π − m); a non-label column with
+    c_ij > τ_i = cos(θ_iy + m) has the logit s·c_ij·(t + c_ij) (gradient s·(t + 2c_ij)),
+    others s·c_ij. t: buffer ``t`` (0 at start), t ← momentum·mean_i(c_iy) + (1 − momentum)·t
+    before use in each training forward (momentum 0.01), frozen in eval mode. Defaults
+    m = 0.5 (radians), s = 64 (paper and HuangYG123/CurricularFace).
+    See :func:`magloss.functional.curricular_face_loss`.
+    """
+
+    def __init__(self, embedding_size: int, num_classes: int, scale: float = 64.0, margin: float = 0.5,
+                 momentum: float = 0.01, **kw) -> None:
+        super().__init__(embedding_size, num_classes,
+                         MF.named_spec(MarginSpec.combined, {"m2": "margin"}, scale, 1.0, margin, 0.0), **kw)
+        self._init_state(momentum, device=kw.get("device"), dtype=kw.get("dtype"))
+
+    def extra_repr(self) -> str:
+        return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, scale={self.spec.scale}, "
+                f"margin={self.spec.m2}, momentum={self.momentum}, ignore_index={self.ignore_index}, "
+                f"reduction={self.reduction!r}")
+
+
+class _ElasticLoss(ElasticState, _StatefulMarginLoss):
+    _angular = True
+
+    def __init__(self, embedding_size: int, num_classes: int, scale: float, margin: float, std: Optional[float],
+                 plus: bool, seed: Optional[int], **kw) -> None:
+        super().__init__(embedding_size, num_classes, MarginSpec.combined(scale, 1.0, 0.0, 0.0, boundary=NONE), **kw)
+        self._init_state(self._angular, margin, std, plus, seed)
+
+    def extra_repr(self) -> str:
+        return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, scale={self.spec.scale}, "
+                f"margin={self.margin}, std={self.std}, plus={self.plus}, seed={self.seed}, "
+                f"ignore_index={self.ignore_index}, reduction={self.reduction!r}")
+
+
+class ElasticArcFaceLoss(_ElasticLoss):
+    """ElasticFace-Arc (Boutros et al., CVPRW 2022): ArcFace with a random margin per row.
+
+    Label logit s·cos(θ_i + m_i), m_i ~ N(margin, std²) drawn per row in each training
+    forward from ``generator`` (CPU, seeded by ``seed``; None: a seed from torch's global
+    generator at construction); no fallback past π, as upstream. ``plus=True``
+    (ElasticFace-Arc+): the sorted draws go to the rows by label cosine, the largest to
+    the row farthest from its class centre. Eval mode uses m_i = margin. Defaults s = 64,
+    m = 0.5 (radians), std = 0.05 (0.0175 with ``plus``), from the upstream configs.
+    """
+
+    def __init__(self, embedding_size: int, num_classes: int, scale: float = 64.0, margin: float = 0.5,
+                 std: Optional[float] = None, plus: bool = False, seed: Optional[int] = None, **kw) -> None:
+        super().__init__(embedding_size, num_classes, scale, margin, std, plus, seed, **kw)
+
+
+class ElasticCosFaceLoss(_ElasticLoss):
+    """ElasticFace-Cos (Boutros et al., CVPRW 2022): CosFace with a random margin per row.
+
+    Label logit s·(c_iy − m_i), m_i ~ N(margin, std²) as :class:`ElasticArcFaceLoss`.
+    Defaults s = 64, m = 0.35, std = 0.05 (0.02 with ``plus``).
+    """
+
+    _angular = False
+
+    def __init__(self, embedding_size: int, num_classes: int, scale: float = 64.0, margin: float = 0.35,
+                 std: Optional[float] = None, plus: bool = False, seed: Optional[int] = None, **kw) -> None:
+        super().__init__(embedding_size, num_classes, scale, margin, std, plus, seed, **kw)
 
 
 class SoftmaxLoss(nn.Module):

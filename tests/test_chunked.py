@@ -3,6 +3,8 @@
 * every margin family and option, float64, values and both gradients, at chunk widths that
   split the classes unevenly (C = 1, 7, 1000 with widths 1, 3, 256, 4096, ...), with ignored
   rows, a non-default ignore_index and int32 labels;
+* issue 14's features (per-row margins, CurricularFace's columns, K sub-centers with chunks of
+  whole classes, and their combinations), float64, values and both gradients, uneven chunks;
 * rows whose logits all lie far below the scale (the shifted sum would underflow: the
   online-max pass takes over), in float32 against float64;
 * NaN and bad input: the same outcome as the reference, and a NaN reaching the math never
@@ -24,6 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import magloss
 import magloss.functional as MF
+from _feature_cases import FEATURES, feature_case
 from _parity_common import (ALL, FAMILIES, assert_within_eager, eager_lowp, lam_tensor, make_case, oracle, rel)
 from magloss import chunked, reference
 from magloss.margins import MarginSpec
@@ -92,6 +95,75 @@ def test_float64_degenerate_rows_and_columns():
     rows, g = engine(x[:0], w, y[:0], spec, -1, None, e, 4)
     assert [t.shape for t in rows] == [(0,)] * 4
     assert g[0].shape == (0, 8) and torch.equal(g[1], torch.zeros_like(w))
+
+
+# ---- issue 14's features: per-row margins, CurricularFace's columns, sub-centers -------------------
+# (B, C classes, D, chunk columns): with K sub-centers a chunk is chunk // K whole classes (at
+# least one): C = 7 one class per chunk, 3+3+1 or 2+2+2+1 classes, all in one, and C = 100 split
+# unevenly (7 columns: 7, 3 or 2 classes per chunk), plus the default width.
+FEATURE_SHAPES = [(4, 7, 16, 1), (9, 7, 16, 7), (5, 7, 33, 256), (11, 100, 32, 7), (13, 100, 40, None)]
+
+
+def feature_engine(x, w, y, spec, lam, extras, grads, chunk):
+    rows = chunked.margin_ce_forward(x, w, y, spec, -1, lam, *extras, chunk=chunk)
+    g = chunked.margin_ce_backward(*grads, x, w, y, rows[0], spec, -1, lam, *extras, chunk=chunk)
+    return rows, g
+
+
+def feature_oracle(x, w, y, spec, lam, extras, grads):
+    rows = reference.margin_ce_forward(x, w, y, spec, -1, lam, *extras)
+    return rows, reference.margin_ce_backward(*grads, x, w, y, rows[0], spec, -1, lam, *extras)
+
+
+@pytest.mark.parametrize("name", list(FEATURES))
+@pytest.mark.parametrize("B,C,D,chunk", FEATURE_SHAPES)
+def test_features_float64_match_reference(name, B, C, D, chunk):
+    x, w, y, spec, lam, *extras = feature_case(name, B, C, D, seed=B + C, ignored=(1, 4))
+    grads = list(torch.randn(4, B, dtype=torch.float64))
+    rows, g = feature_engine(x, w, y, spec, lam, extras, grads, chunk)
+    assert_matches_oracle(rows, g, *feature_oracle(x, w, y, spec, lam, extras, grads), **TIGHT)
+
+
+def test_features_rows_far_below_the_shift_use_the_online_max():
+    """Sub-centers with CurricularFace's columns at a large scale, every class pointing away from
+    rows 0..2: the shifted sum (shift scale·max(1, 1 + t)) underflows in float32 and those rows
+    take the online max; all rows match the float64 reference."""
+    x, w, y, spec, lam, rm, nt, t = feature_case("subcenter adaface curricular", 6, 5, 16, seed=2)
+    spec = MarginSpec.combined(400.0, 1, 0, 0, boundary=spec.boundary).with_subcenters(3)
+    w[:] = -x[0] / x[0].norm() + 0.05 * w / w.norm(dim=1, keepdim=True)
+    x[1], x[2] = x[0] * 0.9, x[0] * 1.1
+    grads = list(torch.randn(4, 6, dtype=torch.float64))
+    f32 = [None if e is None else e.float() for e in (rm, nt, t)]
+    rows, g = feature_engine(x.float(), w.float(), y, spec, None, f32, [gg.float() for gg in grads], 2)
+    ref_rows, ref_g = feature_oracle(x.float().double(), w.float().double(), y, spec, None, (rm, nt, t), grads)
+    shift = 400.0 * max(1.0, 1.0 + float(t))
+    assert (ref_rows[0][:3] - shift < math.log(5 * torch.finfo(torch.float32).tiny
+                                               / torch.finfo(torch.float32).eps)).all(), "must exercise the fallback"
+    assert rel(rows[0], ref_rows[0]) <= 1e-6 and torch.isfinite(rows[0]).all()
+    assert rel(g[0], ref_g[0]) <= 1e-4 and rel(g[1], ref_g[1]) <= 1e-4
+
+
+def test_features_nan_row_stays_in_its_row(monkeypatch):
+    monkeypatch.setattr(chunked, "check_values", lambda *a, **k: None)
+    x, w, y, spec, lam, *extras = feature_case("subcenter adaface curricular", 7, 9, 8, seed=5)
+    x[4, 1] = float("nan")
+    grads = list(torch.ones(4, 7, dtype=torch.float64))
+    rows, (gx, gw) = feature_engine(x, w, y, spec, lam, extras, grads, 6)
+    assert torch.isnan(rows[0]).tolist() == [i == 4 for i in range(7)]
+    assert torch.isnan(gx).any(1).tolist() == [i == 4 for i in range(7)]
+
+
+def test_opcheck_with_features(monkeypatch):
+    monkeypatch.setenv("MAGLOSS_CHUNK", "4")
+    x, w, y, spec, lam, rm, nt, t = feature_case("subcenter adaface curricular", 5, 6, 6, seed=8,
+                                                 dtype=torch.float32)
+    args = (x.requires_grad_(), w.requires_grad_(), y, lam, rm, nt, t, *spec.op_args(-1))
+    torch.library.opcheck(torch.ops.magloss.margin_ce.default, args)
+    with torch.no_grad():
+        lse, _, _, norms = torch.ops.magloss.margin_ce(*args)
+    grads = list(torch.randn(4, 5))
+    bargs = (*grads, x.detach(), w.detach(), y, lse, norms, lam, rm, nt, t, *spec.op_args(-1))
+    torch.library.opcheck(torch.ops.magloss.margin_ce_backward.default, bargs)
 
 
 # ---- the shifted sum's underflow fallback ----------------------------------------------------------

@@ -16,6 +16,7 @@ import torch
 from magloss import reference
 from magloss.margins import CLIP, EASY, NONE, THRESHOLD, MarginSpec, margin_terms
 from conftest import make_inputs
+from _feature_cases import FEATURES, feature_case
 
 pi = math.pi
 EPS = 1e-3   # AdaFace's ε
@@ -125,54 +126,9 @@ def test_hand_subcenter_row():
     assert nonzero == [False, True, False, False, True, False]   # only the winners (lowest k on the tie)
 
 
-# Feature combinations: (name, spec, row margins kind, curricular?, ignored rows)
-def _row_margins(kind, B, g):
-    if kind is None:
-        return None
-    if kind == "adaface":          # m2 = −m·ẑ, m3 = m·ẑ + m with ẑ in [−1, 1]
-        zhat = torch.rand(B, generator=g, dtype=torch.float64) * 2 - 1
-        return torch.stack([-0.4 * zhat, 0.4 * zhat + 0.4], 1).contiguous()
-    if kind == "elastic_arc":
-        return torch.stack([0.5 + 0.05 * torch.randn(B, generator=g, dtype=torch.float64),
-                            torch.zeros(B, dtype=torch.float64)], 1).contiguous()
-    return torch.stack([torch.zeros(B, dtype=torch.float64),
-                        0.35 + 0.05 * torch.randn(B, generator=g, dtype=torch.float64)], 1).contiguous()
-
-
-CASES = [
-    ("adaface", MarginSpec.combined(8, 1, 0, 0, boundary=CLIP), "adaface", False, 1),
-    ("elastic arc", MarginSpec.combined(8, 1, 0, 0, boundary=NONE), "elastic_arc", False, 1),
-    ("elastic cos", MarginSpec.combined(8, 1, 0, 0, boundary=NONE), "elastic_cos", False, 1),
-    ("threshold row margins", MarginSpec.combined(8, 1, 0.5, 0), "elastic_arc", False, 1),
-    ("curricular", MarginSpec.combined(8, 1, 0.5, 0), None, True, 1),
-    ("subcenter arcface", MarginSpec.combined(8, 1, 0.5, 0), None, False, 3),
-    ("subcenter magface", MarginSpec.magface(8.0), None, False, 2),
-    ("subcenter adaface curricular", MarginSpec.combined(8, 1, 0, 0, boundary=CLIP), "adaface", True, 3),
-    ("sphere feature-norm curricular", MarginSpec.sphere(3), None, True, 2),
-]
-
-
-def _case(spec, rm_kind, curr, K, B=6, C=5, D=4, seed=0):
-    norm_range = (0.5, 3.0) if spec.scale_by_norm else (15.0, 60.0)
-    x, w, y = make_inputs(B, C * K, D, norm_range=norm_range, ignored=(2,), seed=seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    y = torch.where(y >= 0, y % C, y)
-    spec = spec.with_subcenters(K)
-    rm = _row_margins(rm_kind, B, g)
-    lam = torch.tensor(2.0, dtype=torch.float64) if spec.kind == 3 else None
-    if curr:
-        # τ_i from the label cosine as CurricularFace does (+inf for the ignored row), t in (0, 1)
-        tau = torch.rand(B, generator=g, dtype=torch.float64) * 1.2 - 0.6
-        tau[2] = math.inf
-        nt, t = tau, torch.tensor(0.35, dtype=torch.float64)
-    else:
-        nt = t = None
-    return x, w, y, spec, lam, rm, nt, t
-
-
-@pytest.mark.parametrize("name,spec,rm_kind,curr,K", CASES, ids=[c[0] for c in CASES])
-def test_gradcheck_rows(name, spec, rm_kind, curr, K):
-    x, w, y, spec, lam, rm, nt, t = _case(spec, rm_kind, curr, K)
+@pytest.mark.parametrize("name", list(FEATURES))
+def test_gradcheck_rows(name):
+    x, w, y, spec, lam, rm, nt, t = feature_case(name, 6, 5, 4, seed=0)
     coef = torch.randn(4, x.shape[0], dtype=torch.float64)
 
     def f(x, w):
@@ -182,9 +138,9 @@ def test_gradcheck_rows(name, spec, rm_kind, curr, K):
     assert torch.autograd.gradcheck(f, (x.requires_grad_(), w.requires_grad_()), eps=1e-6, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name,spec,rm_kind,curr,K", CASES, ids=[c[0] for c in CASES])
-def test_explicit_backward_is_autograd(name, spec, rm_kind, curr, K):
-    x, w, y, spec, lam, rm, nt, t = _case(spec, rm_kind, curr, K, B=9, C=7, D=5, seed=3)
+@pytest.mark.parametrize("name", list(FEATURES))
+def test_explicit_backward_is_autograd(name):
+    x, w, y, spec, lam, rm, nt, t = feature_case(name, 9, 7, 5, seed=3)
     grads = torch.randn(4, x.shape[0], dtype=torch.float64)
     xa, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
     rows = reference.margin_ce_rows(xa, wa, y, spec, -1, lam, rm, nt, t)

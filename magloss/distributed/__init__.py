@@ -11,28 +11,38 @@ Checkpoints that reshard across world sizes: :mod:`magloss.checkpoint`.
 
 from .comm import gather_rows, gather_stats, scale_grad, sum_stats, undo_ddp_average
 from .loss import (
+    ShardedAdaFaceLoss,
     ShardedArcFaceLoss,
     ShardedCombinedMarginLoss,
     ShardedCosFaceLoss,
+    ShardedCurricularFaceLoss,
+    ShardedElasticArcFaceLoss,
+    ShardedElasticCosFaceLoss,
     ShardedMagCosFaceLoss,
     ShardedMagFaceLoss,
     ShardedMarginLoss,
     ShardedNormFaceLoss,
     ShardedSphereFaceLoss,
+    ShardedSubCenterArcFaceLoss,
     shard,
     shard_range,
 )
 from .partial_fc import sample_classes, sample_count
 
 __all__ = [
+    "ShardedAdaFaceLoss",
     "ShardedArcFaceLoss",
     "ShardedCombinedMarginLoss",
     "ShardedCosFaceLoss",
+    "ShardedCurricularFaceLoss",
+    "ShardedElasticArcFaceLoss",
+    "ShardedElasticCosFaceLoss",
     "ShardedMagCosFaceLoss",
     "ShardedMagFaceLoss",
     "ShardedMarginLoss",
     "ShardedNormFaceLoss",
     "ShardedSphereFaceLoss",
+    "ShardedSubCenterArcFaceLoss",
     "gather_rows",
     "gather_stats",
     "sample_classes",

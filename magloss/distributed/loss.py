@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from .. import functional as MF
 from .. import losses, ops
+from ..adaptive import AdaFaceState, CurricularState, ElasticState, Extras, label_cosines
 from ..losses import _positive_int
 from ..margins import SPHERE, MarginSpec, sphere_lambda
 from ..reference import bad_labels, first_true
@@ -52,6 +53,11 @@ __all__ = [
     "ShardedSphereFaceLoss",
     "ShardedMagFaceLoss",
     "ShardedMagCosFaceLoss",
+    "ShardedSubCenterArcFaceLoss",
+    "ShardedAdaFaceLoss",
+    "ShardedCurricularFaceLoss",
+    "ShardedElasticArcFaceLoss",
+    "ShardedElasticCosFaceLoss",
     "shard",
 ]
 
@@ -100,7 +106,10 @@ class ShardedMarginLoss(nn.Module):
         group: the process group (default: WORLD). It must be initialized.
         device, dtype: factory kwargs of ``weight``.
 
-    Attributes: ``weight`` [C_r, D] (this rank's shard), ``shard_start``/``shard_end``
+    With K = ``spec.subcenters`` > 1 (Sub-center ArcFace) a shard holds its classes' K·C_r
+    rows (row j·K + k: sub-center k of local class j) and Partial FC samples whole classes.
+
+    Attributes: ``weight`` [K·C_r, D] (this rank's shard), ``shard_start``/``shard_end``
     (global rows [start, end)), ``step`` (buffer: Partial FC steps taken),
     ``last_sample`` (global class indices kept by the last sampled forward, sorted int64,
     or None), ``last_batch_sizes`` (rows per rank of the last forward).
@@ -141,7 +150,8 @@ class ShardedMarginLoss(nn.Module):
         self.reduction = MF.check_reduction(reduction)
         self.shard_start, self.shard_end = shard_range(num_classes, self.world_size, self.rank)
         self._check_consistent()
-        self.weight = nn.Parameter(torch.empty(self.num_local, embedding_size, device=device, dtype=dtype))
+        self.weight = nn.Parameter(torch.empty(self.num_local * spec.subcenters, embedding_size, device=device,
+                                               dtype=dtype))
         self.register_buffer("step", torch.zeros((), dtype=torch.long, device=device))
         self.sphere_schedule = None
         if spec.kind == SPHERE:
@@ -248,7 +258,14 @@ class ShardedMarginLoss(nn.Module):
         remap[index] = torch.arange(index.numel(), device=local.device)
         local = torch.where(on_shard, remap[local.clamp_min(0)], local)
         self.last_sample = index + self.shard_start
-        return self.weight.index_select(0, index), local
+        k = self.spec.subcenters
+        rows = index if k == 1 else (index.unsqueeze(1) * k + torch.arange(k, device=index.device)).flatten()
+        return self.weight.index_select(0, rows), local
+
+    def _extras(self, embeddings: Tensor, valid: Tensor, label_cosine) -> Extras:
+        """The op's optional inputs from the loss's state (none for the plain families; the
+        AdaFace, CurricularFace and ElasticFace twins override it with their state mixin)."""
+        return None, None, None, None
 
     def forward(self, embeddings: Tensor, labels: Tensor, return_parts: bool = False):
         self._check_local(embeddings, labels)
@@ -267,10 +284,13 @@ class ShardedMarginLoss(nn.Module):
         local = torch.where(on_shard, labels_all - self.shard_start, torch.full_like(labels_all, _NO_LABEL))
         weight, local = self._shard_weight(local, on_shard)
 
+        # The state's inputs come from the global batch, identical on every rank; the label cosine
+        # of a row is computed by the rank that owns its class and shared by a sum.
+        rm, nt, t, commit = self._extras(x_all, valid, lambda: sum_stats(
+            label_cosines(x_all, weight, local, _NO_LABEL, self.spec.subcenters), group))
         x_all, weight, up = MF._autocast(x_all, weight, self.spec)   # after the gather: ∂x summed in fp32
         lam = self.current_lambda(x_all.dtype)
-        lse, zy, reg, norms = ops.margin_ce(x_all, weight, local, lam, None, None, None,
-                                            *self.spec.op_args(_NO_LABEL))
+        lse, zy, reg, norms = ops.margin_ce(x_all, weight, local, lam, rm, nt, t, *self.spec.op_args(_NO_LABEL))
         if up is not None:
             norms = norms * up.to(norms.dtype)
         if self.last_sample is not None:   # the Partial FC step advances only once the op has run
@@ -284,6 +304,8 @@ class ShardedMarginLoss(nn.Module):
         out = MF.reduce_rows(lse - zy, reg, norms, valid, self.spec, self.reduction, self.lambda_g, return_parts)
         if self.training and self.sphere_schedule is not None:
             self.iteration.add_(1)
+        if commit is not None:
+            commit()
         return out
 
     @torch.no_grad()
@@ -306,7 +328,7 @@ class ShardedMarginLoss(nn.Module):
         best, arg = MF.cosine_argmax(x_all, self.weight)
         dev = comm_device(group, embeddings.device)
         vals = gather_stats(best.to(dev), group)                    # [world, B]
-        idx = gather_stats((arg + self.shard_start).to(dev), group)
+        idx = gather_stats((arg // self.spec.subcenters + self.shard_start).to(dev), group)
         winner = vals.argmax(dim=0, keepdim=True)                   # first max: the lowest rank, lowest class
         pred = idx.gather(0, winner).squeeze(0).to(labels_all.device)
         valid = labels_all != self.ignore_index
@@ -331,7 +353,21 @@ def _from_prototype(cls, proto: losses.MarginLoss, *, sample_rate, seed, ddp_bac
         self, proto.embedding_size, proto.num_classes, proto.spec, lambda_g=getattr(proto, "lambda_g", 0.0),
         sphere_schedule=getattr(proto, "schedule", None), sample_rate=sample_rate, seed=seed,
         ddp_backbone=ddp_backbone, ignore_index=proto.ignore_index, reduction=proto.reduction, group=group, device=device, dtype=dtype)
+    _init_state_from(self, proto, seed, device, dtype)
     return self
+
+
+def _init_state_from(self, proto: losses.MarginLoss, seed: int, device, dtype) -> None:
+    """The state of a stateful loss (AdaFace, CurricularFace, ElasticFace) on the sharded twin,
+    with the prototype's hyperparameters. ElasticFace's margin generator is seeded by the
+    sharded ``seed`` (the same on every rank, checked at construction), so that every rank
+    draws the same margins for the global batch."""
+    if not hasattr(proto, "_state_kwargs"):
+        return
+    kwargs = proto._state_kwargs()
+    if "seed" in kwargs:
+        kwargs["seed"] = seed
+    self._init_state(**kwargs, device=device, dtype=dtype)
 
 
 class _Named(ShardedMarginLoss):
@@ -349,12 +385,15 @@ class _Named(ShardedMarginLoss):
         require_group(group)
         # Build the single-process module on the meta device: it validates every argument
         # (and warns, e.g. MagFace's λ_g bound) without allocating C×D.
+        if issubclass(self._single, ElasticState):
+            kwargs["seed"] = seed           # (the prototype would otherwise draw one from the global RNG)
         proto = self._single(embedding_size, num_classes, *args, device="meta", **kwargs)
         ShardedMarginLoss.__init__(
             self, embedding_size, num_classes, proto.spec, lambda_g=getattr(proto, "lambda_g", 0.0),
             sphere_schedule=getattr(proto, "schedule", None), sample_rate=sample_rate, seed=seed,
             ddp_backbone=ddp_backbone, ignore_index=proto.ignore_index, reduction=proto.reduction, group=group,
             device=device, dtype=dtype)
+        _init_state_from(self, proto, seed, device, dtype)
 
 
 class ShardedNormFaceLoss(_Named):
@@ -407,6 +446,46 @@ class ShardedMagCosFaceLoss(_Named):
     _single = losses.MagCosFaceLoss
 
 
+class ShardedSubCenterArcFaceLoss(_Named):
+    """Sharded :class:`magloss.SubCenterArcFaceLoss`: each rank holds the K sub-centers of its
+    classes ([K·C_r, D]); Partial FC samples whole classes. Arguments: those of
+    SubCenterArcFaceLoss, plus ``sample_rate``, ``seed``, ``group``."""
+
+    _single = losses.SubCenterArcFaceLoss
+
+
+class ShardedAdaFaceLoss(AdaFaceState, _Named):
+    """Sharded :class:`magloss.AdaFaceLoss`: the norm statistics (buffers ``batch_mean``,
+    ``batch_std``) are those of the global batch, identical on every rank. Arguments: those
+    of AdaFaceLoss, plus ``sample_rate``, ``seed``, ``group``."""
+
+    _single = losses.AdaFaceLoss
+
+
+class ShardedCurricularFaceLoss(CurricularState, _Named):
+    """Sharded :class:`magloss.CurricularFaceLoss`: each row's label cosine is computed by the
+    rank that owns its class and shared (one all-reduce of [B]), so τ_i and the buffer ``t``
+    are those of the global batch on every rank. Arguments: those of CurricularFaceLoss, plus
+    ``sample_rate``, ``seed``, ``group``."""
+
+    _single = losses.CurricularFaceLoss
+
+
+class ShardedElasticArcFaceLoss(ElasticState, _Named):
+    """Sharded :class:`magloss.ElasticArcFaceLoss`: the margin generator is seeded by ``seed``
+    (the same on every rank), so every rank draws the same margins for the global batch.
+    Arguments: those of ElasticArcFaceLoss (``seed`` is the sharded one), plus
+    ``sample_rate``, ``group``."""
+
+    _single = losses.ElasticArcFaceLoss
+
+
+class ShardedElasticCosFaceLoss(ElasticState, _Named):
+    """Sharded :class:`magloss.ElasticCosFaceLoss`, as :class:`ShardedElasticArcFaceLoss`."""
+
+    _single = losses.ElasticCosFaceLoss
+
+
 def shard(module: losses.MarginLoss, *, sample_rate: float = 1.0, seed: int = 0, ddp_backbone: bool = True,
           group=None, device=None) -> ShardedMarginLoss:
     """Convert a single-process margin loss into its sharded counterpart on this rank.
@@ -429,8 +508,14 @@ def shard(module: losses.MarginLoss, *, sample_rate: float = 1.0, seed: int = 0,
     out = _from_prototype(cls, module, sample_rate=sample_rate, seed=seed, ddp_backbone=ddp_backbone, group=group,
                           device=device, dtype=src.dtype)
     if src.device.type != "meta":
+        k = module.spec.subcenters
         with torch.no_grad():
-            out.weight.copy_(src[out.shard_start:out.shard_end])
+            out.weight.copy_(src[out.shard_start * k:out.shard_end * k])
+            for name, buf in module.named_buffers():    # AdaFace's statistics, CurricularFace's t
+                if name in ("batch_mean", "batch_std", "t"):
+                    getattr(out, name).copy_(buf)
+    if hasattr(module, "generator"):                    # ElasticFace: continue the module's draws
+        out.generator.set_state(module.generator.get_state())
     if out.sphere_schedule is not None and hasattr(module, "iteration"):
         out.iteration.copy_(module.iteration)
     return out

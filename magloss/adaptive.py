@@ -1,0 +1,283 @@
+"""Per-row margin inputs and running state of AdaFace, CurricularFace and ElasticFace.
+
+These losses feed the engine (``magloss::margin_ce``) tensors computed from the batch and
+from a running state: per-row margins ``row_margins`` [B, 2] = (m2_i, m3_i) of
+ψ_i = cos(θ_i + m2_i) − m3_i (AdaFace, ElasticFace), and CurricularFace's per-row threshold
+τ_i and scalar t (``neg_threshold``, ``neg_t``). This module computes them, in the compute
+dtype, without gradient, and holds the state logic shared by the single-process losses
+(:mod:`magloss.losses`) and their class-sharded twins (:mod:`magloss.distributed`) as
+mixins: the state lives in module buffers (saved in the ``state_dict``), is updated only
+in training mode, and only after the loss was computed without error (no half-changed
+state); in eval mode it is frozen.
+
+AdaFace (Kim et al., CVPR 2022; mk-minchul/AdaFace ``head.py``). With the detached norms
+a_i = clip(‖x_i‖, 0.001, 100) of the non-ignored rows, training mode first updates
+μ ← α·mean(a) + (1 − α)·μ and σ ← α·std(a) + (1 − α)·σ (unbiased std, as torch.std;
+α = 0.01; μ₀ = 20, σ₀ = 100), then ẑ_i = clip((a_i − μ)/(σ + ε)·h, −1, 1) (ε = 1e-3,
+h = 0.333), m2_i = −m·ẑ_i, m3_i = m·ẑ_i + m (m = 0.4), with the CLIP boundary.
+
+CurricularFace (Huang et al., CVPR 2020; HuangYG123/CurricularFace ``head/metrics.py``).
+With the label cosines c_i (clamped to [−1, 1]): training mode first updates
+t ← α·mean_i(c_i) + (1 − α)·t (α = 0.01, t₀ = 0), then τ_i = cos(θ_i + m) =
+c_i·cos m − sqrt(1 − c_i²)·sin m (m = 0.5; +∞ for ignored rows: no modulation).
+
+ElasticFace (Boutros et al., CVPRW 2022; fdbtrs/ElasticFace ``utils/losses.py``). In
+training mode one margin per non-ignored row is drawn from N(m, σ²) with the module's
+``torch.Generator`` (CPU, float64, so every device and rank draws the same numbers);
+ElasticArcFace uses it as m2_i (m3_i = 0), ElasticCosFace as m3_i (m2_i = 0), with the
+NONE boundary (no fallback past π, as upstream). "+" (plus): the draws are sorted and
+given out by the label cosine, the largest margin to the row farthest from its class
+(lowest c_i), the smallest to the closest, as the paper describes. In eval mode every
+row gets m.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .margins import NORM_EPS
+from .reference import compute_dtype
+
+__all__ = [
+    "ADAFACE_EPS",
+    "ADAFACE_NORM_CLIP",
+    "label_cosines",
+    "adaface_statistics",
+    "adaface_row_margins",
+    "curricular_t",
+    "curricular_threshold",
+    "elastic_draws",
+    "elastic_row_margins",
+    "ELASTIC_STD",
+    "AdaFaceState",
+    "CurricularState",
+    "ElasticState",
+]
+
+#: AdaFace's ε: added to σ in ẑ (the CLIP boundary's ε is magloss.margins.CLIP_EPS, the same 1e-3).
+ADAFACE_EPS = 1e-3
+#: AdaFace's "safe norms": ‖x_i‖ clipped to this range before the statistics and ẑ.
+ADAFACE_NORM_CLIP = (1e-3, 100.0)
+
+#: (row_margins, neg_threshold, neg_t, commit): what a loss's state gives the engine for one
+#: forward; commit() stores the new state once the loss has been computed.
+Extras = Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Callable[[], None]]]
+
+
+def _checked_positive(name: str, value, upper: Optional[float] = None, inclusive: bool = False) -> float:
+    v = float(value)
+    if not math.isfinite(v) or v <= 0 or (upper is not None and (v > upper if inclusive else v >= upper)):
+        rng = f"(0, {upper}{']' if inclusive else ')'}" if upper is not None else "a positive finite number"
+        raise ValueError(f"{name}: expected {rng}, got {value!r}")
+    return v
+
+
+def _checked_margin(name: str, value, upper: float = math.pi / 2) -> float:
+    v = float(value)
+    if not math.isfinite(v) or v < 0 or v >= upper:
+        hint = f" (radians; {v} looks like degrees: math.radians({v}) = {math.radians(v):.4g})" if v >= upper else ""
+        raise ValueError(f"{name}: expected a margin in radians in [0, {upper:.4g}), got {value!r}{hint}")
+    return v
+
+
+def label_cosines(embeddings: Tensor, weight: Tensor, labels: Tensor, ignore_index: int = -1,
+                  subcenters: int = 1) -> Tensor:
+    """c_i = cos θ_{i, y_i} = x̂_i·ŵ_{y_i} for every row (max over the label class's K
+    sub-centers), detached, in the compute dtype; 0 for rows labelled ``ignore_index``.
+
+    embeddings [B, D], weight [K·C, D], labels [B]. A gather-dot, O(B·K·D): no B×C matrix.
+    Out-of-range labels are clamped here (the engine raises the error)."""
+    ct = compute_dtype(embeddings.dtype)
+    with torch.no_grad(), torch.autocast(embeddings.device.type, enabled=False):
+        has = labels != ignore_index
+        num_classes = max(weight.shape[0] // subcenters, 1)
+        lab = torch.where(has, labels, torch.zeros_like(labels)).long().clamp(0, num_classes - 1)
+        x = embeddings.detach().to(ct)
+        x = x / x.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
+        rows = (lab.unsqueeze(1) * subcenters + torch.arange(subcenters, device=lab.device)).flatten()
+        w = weight.detach().index_select(0, rows).to(embeddings.dtype).to(ct).view(lab.shape[0], subcenters, -1)
+        w = w / w.norm(dim=2, keepdim=True).clamp_min(NORM_EPS)
+        c = (x.unsqueeze(1) * w).sum(2).amax(1)
+        return torch.where(has, c, torch.zeros_like(c))
+
+
+# -- AdaFace --------------------------------------------------------------------------------------------
+def _safe_norms(norms: Tensor) -> Tensor:
+    return norms.clamp(*ADAFACE_NORM_CLIP)
+
+
+def adaface_statistics(norms: Tensor, valid: Tensor, batch_mean: Tensor, batch_std: Tensor,
+                       momentum: float) -> Tuple[Tensor, Tensor]:
+    """The running (μ, σ) after one training batch: μ ← α·mean(a) + (1 − α)·μ,
+    σ ← α·std(a) + (1 − α)·σ over the non-ignored rows' clipped norms a (unbiased std).
+    μ is kept when no row is valid, σ when fewer than two are (a one-row std is undefined).
+    norms, valid: [B]; batch_mean, batch_std: 0-d. Returns new 0-d tensors of their dtype."""
+    a = _safe_norms(norms.detach())[valid].to(batch_mean.dtype)
+    n = a.shape[0]
+    mean = momentum * a.mean() + (1 - momentum) * batch_mean if n >= 1 else batch_mean.clone()
+    std = momentum * a.std() + (1 - momentum) * batch_std if n >= 2 else batch_std.clone()
+    return mean, std
+
+
+def adaface_row_margins(norms: Tensor, batch_mean: Tensor, batch_std: Tensor, margin: float, h: float) -> Tensor:
+    """[B, 2] (m2_i, m3_i) = (−m·ẑ_i, m·ẑ_i + m), ẑ_i = clip((a_i − μ)/(σ + ε)·h, −1, 1),
+    a_i = clip(norms_i, 0.001, 100); in norms' dtype, contiguous, no gradient."""
+    a = _safe_norms(norms.detach())
+    z = ((a - batch_mean.to(a.dtype)) / (batch_std.to(a.dtype) + ADAFACE_EPS) * h).clamp(-1.0, 1.0)
+    return torch.stack([-margin * z, margin * z + margin], dim=1).contiguous()
+
+
+# -- CurricularFace ---------------------------------------------------------------------------------------
+def curricular_t(c_y: Tensor, valid: Tensor, t: Tensor, momentum: float) -> Tensor:
+    """t after one training batch: α·mean(c_i over valid rows) + (1 − α)·t (kept when no row
+    is valid). c_y, valid: [B]; t: 0-d. Returns a new 0-d tensor of t's dtype."""
+    c = c_y.detach().clamp(-1.0, 1.0)[valid].to(t.dtype)
+    return momentum * c.mean() + (1 - momentum) * t if c.shape[0] else t.clone()
+
+
+def curricular_threshold(c_y: Tensor, valid: Tensor, margin: float) -> Tensor:
+    """τ_i = cos(θ_i + m) = c_i·cos m − sqrt(1 − c_i²)·sin m (c clamped to [−1, 1]), as
+    CurricularFace's ``cos_theta_m``; +∞ for rows that are not ``valid``. [B], c_y's dtype."""
+    c = c_y.detach().clamp(-1.0, 1.0)
+    tau = c * math.cos(margin) - (1.0 - c * c).sqrt() * math.sin(margin)
+    return torch.where(valid, tau, torch.full_like(tau, math.inf)).contiguous()
+
+
+# -- ElasticFace --------------------------------------------------------------------------------------------
+def elastic_draws(count: int, mean: float, std: float, generator: Optional[torch.Generator]) -> Tensor:
+    """``count`` draws of N(mean, std²): float64 on the CPU from ``generator`` (None: torch's
+    global CPU generator), so that the numbers do not depend on the device. One draw per
+    batch row (ignored rows included, their draw unused): no host synchronization."""
+    return torch.randn(count, generator=generator, dtype=torch.float64) * std + mean
+
+
+def elastic_row_margins(draws: Tensor, valid: Tensor, angular: bool, dtype: torch.dtype,
+                        c_y: Optional[Tensor] = None) -> Tensor:
+    """[B, 2] row margins from the rows' draws [B]: (m_i, 0) for ElasticArcFace
+    (``angular``), (0, m_i) for ElasticCosFace; 0 on rows that are not ``valid``.
+
+    With ``c_y`` (the "+" variant) the valid rows' draws are sorted ascending and handed out
+    by the label cosines in descending order (ties: the earlier row first): the row closest
+    to its class centre gets the smallest margin, the farthest the largest."""
+    m = draws.to(dtype=dtype, device=valid.device)
+    if c_y is not None:
+        idx = valid.nonzero().squeeze(1)
+        order = torch.sort(c_y.detach()[idx].to(torch.float64), descending=True, stable=True).indices
+        m = m.index_copy(0, idx.index_select(0, order), torch.sort(m[idx]).values)
+    col = torch.where(valid, m, torch.zeros_like(m))
+    zero = torch.zeros_like(col)
+    return torch.stack([col, zero] if angular else [zero, col], dim=1).contiguous()
+
+
+# -- the state of the losses: mixins of the single-process and sharded modules --------------------------
+def _buffer_dtype(dtype) -> torch.dtype:
+    return dtype if dtype is not None and dtype.is_floating_point else torch.float32
+
+
+class AdaFaceState:
+    """AdaFace's running norm statistics: buffers ``batch_mean`` (μ, starts at 20) and
+    ``batch_std`` (σ, starts at 100), 0-d, in the module's float dtype."""
+
+    def _init_state(self, margin: float = 0.4, h: float = 0.333, momentum: float = 0.01, *, device=None,
+                    dtype=None) -> None:
+        self.margin = _checked_margin("margin", margin)
+        self.h = _checked_positive("h", h)
+        self.momentum = _checked_positive("momentum", momentum, 1.0, inclusive=True)
+        bdt = _buffer_dtype(dtype)
+        self.register_buffer("batch_mean", torch.full((), 20.0, dtype=bdt, device=device))
+        self.register_buffer("batch_std", torch.full((), 100.0, dtype=bdt, device=device))
+
+    def _state_kwargs(self) -> dict:
+        return dict(margin=self.margin, h=self.h, momentum=self.momentum)
+
+    def _extras(self, embeddings: Tensor, valid: Tensor, label_cosine: Callable[[], Tensor]) -> Extras:
+        ct = compute_dtype(embeddings.dtype)
+        with torch.no_grad():
+            norms = embeddings.detach().to(ct).norm(dim=1)
+            mean, std, commit = self.batch_mean, self.batch_std, None
+            if self.training:
+                mean, std = adaface_statistics(norms, valid, mean, std, self.momentum)
+
+                def commit():
+                    self.batch_mean.copy_(mean)
+                    self.batch_std.copy_(std)
+            return adaface_row_margins(norms, mean, std, self.margin, self.h), None, None, commit
+
+
+class CurricularState:
+    """CurricularFace's running t: buffer ``t`` (0-d, starts at 0, the module's float dtype)."""
+
+    def _init_state(self, momentum: float = 0.01, *, device=None, dtype=None) -> None:
+        self.momentum = _checked_positive("momentum", momentum, 1.0, inclusive=True)
+        self.register_buffer("t", torch.zeros((), dtype=_buffer_dtype(dtype), device=device))
+
+    def _state_kwargs(self) -> dict:
+        return dict(momentum=self.momentum)
+
+    def _extras(self, embeddings: Tensor, valid: Tensor, label_cosine: Callable[[], Tensor]) -> Extras:
+        ct = compute_dtype(embeddings.dtype)
+        with torch.no_grad():
+            c = label_cosine()
+            t, commit = self.t, None
+            if self.training:
+                t = curricular_t(c, valid, t, self.momentum)
+
+                def commit():
+                    self.t.copy_(t)
+            tau = curricular_threshold(c, valid, self.spec.m2)
+            return None, tau, t.to(device=embeddings.device, dtype=ct).reshape(()).contiguous(), commit
+
+
+class ElasticState:
+    """ElasticFace's margin source: ``generator`` (a CPU torch.Generator, seeded with ``seed``
+    or, when None, from torch's global generator at construction). Its state is saved in the
+    state_dict (``get_extra_state``), so a resumed run draws the margins it would have drawn."""
+
+    def _init_state(self, angular: bool = True, margin: float = 0.5, std: Optional[float] = None,
+                    plus: bool = False, seed: Optional[int] = None, *, device=None, dtype=None) -> None:
+        self.angular = bool(angular)
+        self.margin = _checked_margin("margin", margin, math.pi if angular else 2.0)
+        if not isinstance(plus, bool):
+            raise TypeError(f"plus: expected a bool, got {type(plus).__name__}")
+        self.plus = plus
+        if std is None:
+            std = ELASTIC_STD[(self.angular, plus)]
+        s = float(std)
+        if not math.isfinite(s) or s < 0:
+            raise ValueError(f"std: expected a finite non-negative standard deviation, got {std!r}")
+        self.std = s
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"seed: expected an int or None, got {type(seed).__name__}")
+        self.seed = int(torch.randint(0, 2 ** 62, ())) if seed is None else seed
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+    def _state_kwargs(self) -> dict:
+        return dict(angular=self.angular, margin=self.margin, std=self.std, plus=self.plus, seed=self.seed)
+
+    def get_extra_state(self):
+        return {"generator": self.generator.get_state()}
+
+    def set_extra_state(self, state) -> None:
+        self.generator.set_state(state["generator"])
+
+    def _extras(self, embeddings: Tensor, valid: Tensor, label_cosine: Callable[[], Tensor]) -> Extras:
+        ct = compute_dtype(embeddings.dtype)
+        with torch.no_grad():
+            b = valid.shape[0]
+            if not self.training:       # eval: every row gets the mean margin
+                return elastic_row_margins(torch.full((b,), self.margin, dtype=torch.float64), valid,
+                                           self.angular, ct), None, None, None
+            g = torch.Generator()
+            g.set_state(self.generator.get_state())
+            draws = elastic_draws(b, self.margin, self.std, g)
+            rm = elastic_row_margins(draws, valid, self.angular, ct, label_cosine() if self.plus else None)
+            return rm, None, None, lambda: self.generator.set_state(g.get_state())
+
+
+#: ElasticFace's σ by (angular, plus), from the upstream configs (config/config.py):
+#: Arc 0.05, Cos 0.05, Arc+ 0.0175, Cos+ 0.02.
+ELASTIC_STD = {(True, False): 0.05, (False, False): 0.05, (True, True): 0.0175, (False, True): 0.02}
