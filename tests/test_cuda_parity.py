@@ -225,6 +225,12 @@ MODULES = {
     "sphereface": lambda: magloss.SphereFaceLoss(100, 1000),
     "magface": lambda: magloss.MagFaceLoss(100, 1000),
     "magcos": lambda: magloss.MagCosFaceLoss(100, 1000),
+    # the issue-14 losses (fresh modules: the same initial state, updated from the same batch)
+    "subcenter_arcface": lambda: magloss.SubCenterArcFaceLoss(100, 1000),
+    "adaface": lambda: magloss.AdaFaceLoss(100, 1000),
+    "curricular": lambda: magloss.CurricularFaceLoss(100, 1000),
+    "elastic_arc_plus": lambda: magloss.ElasticArcFaceLoss(100, 1000, plus=True, seed=3),
+    "elastic_cos": lambda: magloss.ElasticCosFaceLoss(100, 1000, seed=4),
 }
 
 

@@ -165,16 +165,18 @@ def build(unit: str = "engine") -> Path:
     key.update(str(cuda_inc).encode())
     key.update(Path(__file__).read_text().encode())
     headers = [HERE / "cuda_emu.h", *sorted(CSRC.glob("*.h")), *sorted(CSRC.glob("*.cuh")), *sorted(SHIM.rglob("*.h"))]
-    if cu.parent != CSRC:
-        headers += sorted(cu.parent.glob("*.cuh"))
     for h in headers:
         key.update(h.read_bytes())
+    # Headers next to another engine.cu (a mutant's margins.cuh) reach the kernels only.
+    kernel_headers = b"".join(h.read_bytes() for h in sorted(cu.parent.glob("*.cuh"))) if cu.parent != CSRC else b""
     cache = _cache_dir()
     (cache / "obj").mkdir(parents=True, exist_ok=True)
     objs, todo = [], []
     for src, extra in units:
         text = kernels if src == "kernels.cpp" else Path(src).read_text()
         k = key.copy()
+        if src == "kernels.cpp":
+            k.update(kernel_headers)
         k.update(text.encode())
         k.update(" ".join(extra).encode())
         obj = cache / "obj" / f"{Path(src).stem}-{k.hexdigest()[:20]}.o"

@@ -425,11 +425,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     def job(m: Mutant) -> dict:
         cu = work / m.name / "engine.cu"
         cu.parent.mkdir(parents=True, exist_ok=True)
-        # A margins.cuh mutant: the real engine.cu with the mutated header next to it (build.py
-        # includes the kernel directory first).
+        # A margins.cuh mutant: the real engine.cu with the mutated header (and engine.cuh, which
+        # includes it) next to it; build.py puts the kernel's directory first on the include path.
         cu.write_text(mutated[m.name] if m.file == "engine.cu" else texts["engine.cu"])
-        if m.file == "margins.cuh":
+        if m.file == "margins.cuh":  # engine.cuh too: its quoted include must find the mutant's margins.cuh
             (cu.parent / "margins.cuh").write_text(mutated[m.name])
+            (cu.parent / "engine.cuh").write_text((ENGINE_CU.parent / "engine.cuh").read_text())
         return run_one(m.name, m.kind, cu, order, args.timeout, deselect)
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
