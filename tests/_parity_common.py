@@ -171,7 +171,7 @@ def make_feature_case(B, C, D, K=1, *, seed=0, ignored=(), ignore_index=-1, devi
     random k, so the winner varies), row 1 of every 4 turned away from it (θ_iy near π: past π − m2, where
     THRESHOLD falls back, NONE does not, CLIP clamps the angle), row 2 of every 8 put next to it
     (c = 0.9993 > 1 − 1e-3: CLIP's cosine clamp; not closer, where ∂ψ/∂c of the other policies,
-    ∝ 1/sin θ, is ill-conditioned in fp32)."""
+    ∝ 1/sin θ, is ill-conditioned in fp32), row 3 of every 8 at θ = 0.2."""
     x, w, y_rows, grads = make_case(B, K * C, D, seed=seed, device=device)
     g = torch.Generator().manual_seed(seed + 1000)
     x, w, y_rows = x.cpu(), w.cpu(), y_rows.cpu()
@@ -184,10 +184,13 @@ def make_feature_case(B, C, D, K=1, *, seed=0, ignored=(), ignore_index=-1, devi
         elif i % 4 == 1:
             noise = 0.25 * torch.randn(D, generator=g, dtype=torch.float64) / D ** 0.5
             x[i] = (-w_hat[y_rows[i]] + noise) / (-w_hat[y_rows[i]] + noise).norm() * mags[i]
-        elif i % 8 == 2:  # c_iy = 0.9993: θ = 0.037, clamped by CLIP, well-conditioned elsewhere
+        elif i % 8 in (2, 3):
+            # row 2: c_iy = 0.9993 (θ = 0.037): CLIP clamps the cosine, the others stay well-conditioned;
+            # row 3: θ_iy = 0.2, where AdaFace's angle θ − 0.4·ẑ goes below ε for ẑ > 0.5
+            c = 0.9993 if i % 8 == 2 else math.cos(0.2)
             u = torch.randn(D, generator=g, dtype=torch.float64)
             u = u - (u @ w_hat[y_rows[i]]) * w_hat[y_rows[i]]
-            x[i] = (0.9993 * w_hat[y_rows[i]] + (1 - 0.9993 ** 2) ** 0.5 * u / u.norm()) * mags[i]
+            x[i] = (c * w_hat[y_rows[i]] + (1 - c * c) ** 0.5 * u / u.norm()) * mags[i]
     y = y_rows // K
     for i in ignored:
         if i < B:
@@ -205,12 +208,13 @@ def label_cosines(x, w, y, K, ignore_index=-1):
 
 
 def _adaface_margins(x, y, g, m=0.4):
-    """AdaFace's (m2_i, m3_i) = (−m·ẑ_i, m·ẑ_i + m), ẑ_i in [−1, 1] with both ends present."""
+    """AdaFace's (m2_i, m3_i) = (−m·ẑ_i, m·ẑ_i + m), ẑ_i in [−1, 1] with both ends present
+    (rows 1 and 3 put CLIP's angle clamp to work: see make_feature_case)."""
     B = x.shape[0]
     z = (0.8 * torch.randn(B, generator=g, dtype=torch.float64)).clamp(-1.0, 1.0)
     z[0] = 1.0
-    if B > 3:
-        z[3] = -1.0
+    if B > 3:  # the angle clamped on both sides: row 1 (θ near π) below, row 3 (θ = 0.2) above
+        z[1], z[3] = -1.0, 1.0
     return torch.stack([-m * z, m * z + m], 1)
 
 
