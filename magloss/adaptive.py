@@ -22,8 +22,8 @@ t ← α·mean_i(c_i) + (1 − α)·t (α = 0.01, t₀ = 0), then τ_i = cos(θ_
 c_i·cos m − sqrt(1 − c_i²)·sin m (m = 0.5; +∞ for ignored rows: no modulation).
 
 ElasticFace (Boutros et al., CVPRW 2022; fdbtrs/ElasticFace ``utils/losses.py``). In
-training mode one margin per non-ignored row is drawn from N(m, σ²) with the module's
-``torch.Generator`` (CPU, float64, so every device and rank draws the same numbers);
+training mode one margin per batch row (ignored rows' unused) is drawn from N(m, σ²) with
+the module's ``torch.Generator`` (CPU, float64, so every device and rank draws the same numbers);
 ElasticArcFace uses it as m2_i (m3_i = 0), ElasticCosFace as m3_i (m2_i = 0), with the
 NONE boundary (no fallback past π, as upstream). "+" (plus): the draws are sorted and
 given out by the label cosine, the largest margin to the row farthest from its class

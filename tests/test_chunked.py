@@ -99,9 +99,9 @@ def test_float64_degenerate_rows_and_columns():
 
 # ---- issue 14's features: per-row margins, CurricularFace's columns, sub-centers -------------------
 # (B, C classes, D, chunk columns): with K sub-centers a chunk is chunk // K whole classes (at
-# least one): C = 7 one class per chunk, 3+3+1 or 2+2+2+1 classes, all in one, and C = 100 split
+# least one): C = 7 one class per chunk, all in one (K = 1) or 2+2+2+1 classes (K = 3), C = 100 split
 # unevenly (7 columns: 7, 3 or 2 classes per chunk), plus the default width.
-FEATURE_SHAPES = [(4, 7, 16, 1), (9, 7, 16, 7), (5, 7, 33, 256), (11, 100, 32, 7), (13, 100, 40, None)]
+FEATURE_SHAPES = [(4, 7, 16, 1), (9, 7, 16, 7), (11, 100, 32, 7), (13, 100, 40, None)]
 
 
 def feature_engine(x, w, y, spec, lam, extras, grads, chunk):
@@ -122,6 +122,20 @@ def test_features_float64_match_reference(name, B, C, D, chunk):
     grads = list(torch.randn(4, B, dtype=torch.float64))
     rows, g = feature_engine(x, w, y, spec, lam, extras, grads, chunk)
     assert_matches_oracle(rows, g, *feature_oracle(x, w, y, spec, lam, extras, grads), **TIGHT)
+
+
+@pytest.mark.parametrize("name", ["adaface", "curricular", "subcenter adaface curricular"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_features_low_precision_match_reference(name, dtype):
+    """Half and float32 inputs: the engine and the reference both compute in float32 on the
+    same rounded operands, so they agree to float32 rounding."""
+    x, w, y, spec, lam, *extras = feature_case(name, 7, 30, 16, seed=4, dtype=dtype)
+    grads = list(torch.randn(4, 7))
+    rows, g = feature_engine(x, w, y, spec, lam, extras, grads, 8)
+    ref_rows, ref_g = feature_oracle(x, w, y, spec, lam, extras, grads)
+    for got, want in zip((*rows, *g), (*ref_rows, *ref_g)):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-5, atol=2e-5)
 
 
 def test_features_rows_far_below_the_shift_use_the_online_max():
