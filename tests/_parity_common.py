@@ -21,6 +21,7 @@ import math
 
 import torch
 
+from _feature_cases import row_margins
 from magloss import reference
 from magloss.margins import MarginSpec
 
@@ -207,28 +208,15 @@ def label_cosines(x, w, y, K, ignore_index=-1):
     return torch.where(y.cpu() == ignore_index, torch.zeros(()), cos.gather(1, yc[:, None])[:, 0].double())
 
 
-def _adaface_margins(x, y, g, m=0.4):
-    """AdaFace's (m2_i, m3_i) = (−m·ẑ_i, m·ẑ_i + m), ẑ_i in [−1, 1] with both ends present
-    (rows 1 and 3 put CLIP's angle clamp to work: see make_feature_case)."""
-    B = x.shape[0]
-    z = (0.8 * torch.randn(B, generator=g, dtype=torch.float64)).clamp(-1.0, 1.0)
-    z[0] = 1.0
-    if B > 3:  # the angle clamped on both sides: row 1 (θ near π) below, row 3 (θ = 0.2) above
-        z[1], z[3] = -1.0, 1.0
-    return torch.stack([-m * z, m * z + m], 1)
-
-
-def _elastic_margins(x, y, g, column, mean, sigma):
-    B = x.shape[0]
-    rm = torch.zeros(B, 2, dtype=torch.float64)
-    rm[:, column] = (mean + sigma * torch.randn(B, generator=g, dtype=torch.float64)).clamp_min(0.0)
+def _row_margins(kind, B, g):
+    """The per-row (m2_i, m3_i) of tests/_feature_cases.py (AdaFace's, ElasticFace's); for AdaFace
+    ẑ = −1 on row 1 and ẑ = 1 on row 3, so CLIP's angle clamp is active on both sides (row 1 has
+    θ near π, row 3 θ = 0.2: see make_feature_case)."""
+    rm = row_margins(kind, B, g)
+    if kind == "adaface" and B > 3:
+        rm[1] = torch.tensor([0.4, 0.0], dtype=rm.dtype)      # ẑ = −1: (−m·ẑ, m·ẑ + m)
+        rm[3] = torch.tensor([-0.4, 0.8], dtype=rm.dtype)     # ẑ = 1
     return rm
-
-
-def _uniform_margins(x, y, g):
-    B = x.shape[0]
-    return torch.stack([0.2 + 0.6 * torch.rand(B, generator=g, dtype=torch.float64),
-                        0.2 * torch.rand(B, generator=g, dtype=torch.float64)], 1)
 
 
 def _curricular_inputs(x, w, y, K, ignore_index, m=0.5, t=0.25):
@@ -243,22 +231,20 @@ def _arc(boundary=0):
     return MarginSpec.combined(64.0, 1.0, 0.5, 0.0, boundary=boundary)
 
 
-# name -> (spec, sphere lambda or None, K, row margins maker or None, curricular on/off)
+# name -> (spec, sphere lambda or None, K, kind of row margins (tests/_feature_cases.py) or None, curricular on/off)
 FEATURES = {
-    "adaface_clip": (MarginSpec.combined(64.0, 1.0, 0.0, 0.0, boundary=2), None, 1, _adaface_margins, False),
-    "elastic_arc_none": (MarginSpec.combined(64.0, 1.0, 0.5, 0.0, boundary=3), None, 1,
-                         lambda x, y, g: _elastic_margins(x, y, g, 0, 0.5, 0.15), False),
-    "elastic_cos_none": (MarginSpec.combined(64.0, 1.0, 0.0, 0.35, boundary=3), None, 1,
-                         lambda x, y, g: _elastic_margins(x, y, g, 1, 0.35, 0.1), False),
-    "rowm_threshold": (_arc(0), None, 1, _uniform_margins, False),
-    "rowm_easy_m1": (MarginSpec.combined(32.0, 0.9, 0.4, 0.1, boundary=1), None, 1, _uniform_margins, False),
+    "adaface_clip": (MarginSpec.combined(64.0, 1.0, 0.0, 0.0, boundary=2), None, 1, "adaface", False),
+    "elastic_arc_none": (MarginSpec.combined(64.0, 1.0, 0.5, 0.0, boundary=3), None, 1, "elastic_arc", False),
+    "elastic_cos_none": (MarginSpec.combined(64.0, 1.0, 0.0, 0.35, boundary=3), None, 1, "elastic_cos", False),
+    "rowm_threshold": (_arc(0), None, 1, "elastic_arc", False),
+    "rowm_easy_m1": (MarginSpec.combined(32.0, 0.9, 0.4, 0.1, boundary=1), None, 1, "elastic_arc", False),
     "curricular": (_arc(0), None, 1, None, True),
     "sphere_curricular": (MarginSpec.sphere(4), 5.0, 1, None, True),
     "subcenter_arc": (_arc(0).with_subcenters(3), None, 3, None, False),
     "subcenter_magface": (MarginSpec.magface().with_subcenters(3), None, 3, None, False),
     "subcenter_sphere_curricular": (MarginSpec.sphere(3).with_subcenters(2), 5.0, 2, None, True),
     "subcenter_adaface_curricular": (MarginSpec.combined(64.0, 1.0, 0.0, 0.0, boundary=2).with_subcenters(3), None, 3,
-                                     _adaface_margins, True),
+                                     "adaface", True),
 }
 
 
@@ -269,7 +255,7 @@ def feature_inputs(name, B, C, D, *, seed=0, ignored=(), ignore_index=-1, device
     x, w, y, grads = make_feature_case(B, C, D, K, seed=seed, ignored=ignored, ignore_index=ignore_index,
                                        device=device)
     g = torch.Generator().manual_seed(seed + 2000)
-    rm = None if margins is None else margins(x, y, g).float().to(device)
+    rm = None if margins is None else _row_margins(margins, B, g).float().to(device)
     tau = t = None
     if curr:
         tau, t = _curricular_inputs(x, w, y, K, ignore_index)
