@@ -13,17 +13,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "magloss fused CUDA engine: normalized linear + margin + softmax cross-entropy (docs/cuda.md)";
   m.def("margin_ce", &magloss::margin_ce_cuda,
         "Fused forward: (lse, zy, reg, norms), each [B] float32. See magloss.reference.margin_ce_rows.",
-        py::arg("embeddings"), py::arg("weight"), py::arg("labels"), py::arg("sphere_lambda"), py::arg("kind"),
-        py::arg("scale"), py::arg("m1"), py::arg("m2"), py::arg("m3"), py::arg("l_a"), py::arg("u_a"),
-        py::arg("l_m"), py::arg("u_m"), py::arg("easy_margin"), py::arg("straight_through"),
-        py::arg("ignore_index"));
+        py::arg("embeddings"), py::arg("weight"), py::arg("labels"), py::arg("sphere_lambda"),
+        py::arg("row_margins"), py::arg("neg_threshold"), py::arg("neg_t"), py::arg("kind"), py::arg("scale"),
+        py::arg("m1"), py::arg("m2"), py::arg("m3"), py::arg("l_a"), py::arg("u_a"), py::arg("l_m"), py::arg("u_m"),
+        py::arg("boundary"), py::arg("straight_through"), py::arg("ignore_index"), py::arg("subcenters"));
   m.def("margin_ce_backward", &magloss::margin_ce_backward_cuda,
         "Fused backward: (grad_embeddings, grad_weight). See magloss.reference.margin_ce_backward.",
         py::arg("grad_lse"), py::arg("grad_zy"), py::arg("grad_reg"), py::arg("grad_norms"), py::arg("embeddings"),
         py::arg("weight"), py::arg("labels"), py::arg("lse"), py::arg("norms"), py::arg("sphere_lambda"),
-        py::arg("kind"), py::arg("scale"), py::arg("m1"), py::arg("m2"), py::arg("m3"), py::arg("l_a"),
-        py::arg("u_a"), py::arg("l_m"), py::arg("u_m"), py::arg("easy_margin"), py::arg("straight_through"),
-        py::arg("ignore_index"));
+        py::arg("row_margins"), py::arg("neg_threshold"), py::arg("neg_t"), py::arg("kind"), py::arg("scale"),
+        py::arg("m1"), py::arg("m2"), py::arg("m3"), py::arg("l_a"), py::arg("u_a"), py::arg("l_m"), py::arg("u_m"),
+        py::arg("boundary"), py::arg("straight_through"), py::arg("ignore_index"), py::arg("subcenters"));
   m.def("chunk_columns", &magloss::chunk_columns,
         "Class-chunk width used for B rows and C classes (MAGLOSS_CHUNK or the default tile bound).", py::arg("B"),
         py::arg("C"));

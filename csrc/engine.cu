@@ -166,8 +166,8 @@ __global__ void __launch_bounds__(kThreads) col_norms_kernel(const TW* __restric
 template <typename T, typename TW, typename L>
 __global__ void __launch_bounds__(kThreads) row_stage_kernel(const T* __restrict__ x, const TW* __restrict__ w,
                                                              const L* __restrict__ labels, int64_t B, int64_t C,
-                                                             int64_t D, int64_t ignore_index, MarginParams params,
-                                                             const float* __restrict__ lam_ptr,
+                                                             int64_t K, int64_t D, int64_t ignore_index,
+                                                             MarginParams params, const float* __restrict__ lam_ptr,
                                                              const float* __restrict__ r, RowState rows,
                                                              bool backward, int32_t* __restrict__ flags) {
   const int lane = threadIdx.x % kWarp;
@@ -183,7 +183,7 @@ __global__ void __launch_bounds__(kThreads) row_stage_kernel(const T* __restrict
     lab = LAB_BAD;  // never dereferenced: treated as "no label column"
   }
   const T* xrow = x + i * D;
-  const TW* wrow = w + (lab >= 0 ? lab : 0) * D;  // only read when lab >= 0
+  const TW* wrow = w + (lab >= 0 ? lab * K : 0) * D;  // only read when lab >= 0 (sub-center 0 of the class)
   float ss = 0.0f, dot = 0.0f;
   bool bad = false;
   for (int64_t k = lane; k < D; k += kWarp) {
@@ -195,6 +195,25 @@ __global__ void __launch_bounds__(kThreads) row_stage_kernel(const T* __restrict
   ss = warp_sum(ss);
   dot = warp_sum(dot);
   bad = __any_sync(kFullMask, bad);
+  // Sub-centers: the label class's cosine is the max over its K weight rows (ties: the lowest k);
+  // `dot` becomes the winner's raw dot, so cy below is bitwise the winning cosine.
+  int32_t ksub = 0;
+  if (K > 1 && lab >= 0) {  // uniform over the warp (one row)
+    const float inv_a_w = 1.0f / maximum(sqrtf(ss), NORM_EPS);
+    float best = dot * inv_a_w * r[lab * K];
+    for (int32_t sk = 1; sk < K; ++sk) {
+      const TW* wk = w + (lab * K + sk) * D;
+      float d = 0.0f;
+      for (int64_t k = lane; k < D; k += kWarp) d += to_f(xrow[k]) * load_w<T>(wk + k);
+      d = warp_sum(d);
+      const float ck = d * inv_a_w * r[lab * K + sk];
+      if (replaces_max(ck, best)) {
+        best = ck;
+        dot = d;
+        ksub = sk;
+      }
+    }
+  }
   if (lane != 0) return;
 
   if (bad) atomicMin(&flags[FLAG_EMBEDDINGS], static_cast<int32_t>(i));
@@ -204,10 +223,15 @@ __global__ void __launch_bounds__(kThreads) row_stage_kernel(const T* __restrict
   const bool sbn = scale_by_norm(params);
   const float scale = sbn ? a : params.scale;
   const float lam = lam_ptr != nullptr ? *lam_ptr : 0.0f;
+  MarginParams p = params;
+  if (rows.row_margins != nullptr) {  // per-row (m2_i, m3_i), COMBINED only
+    p.m2 = rows.row_margins[2 * i];
+    p.m3 = rows.row_margins[2 * i + 1];
+  }
   float cy = 0.0f, zl = 0.0f, dc = 1.0f, da = 0.0f;
   if (lab >= 0) {
-    cy = dot * inv_a * r[lab];
-    const MarginTerms t = margin_terms(cy, a, params, lam);
+    cy = dot * inv_a * r[lab * K + ksub];
+    const MarginTerms t = margin_terms(cy, a, p, lam);
     zl = scale * t.psi;
     dc = t.dc;
     da = t.da;
@@ -220,6 +244,7 @@ __global__ void __launch_bounds__(kThreads) row_stage_kernel(const T* __restrict
   rows.dpsi_dc[i] = dc;
   rows.dpsi_da[i] = da;
   rows.lab[i] = lab;
+  if (rows.label_sub != nullptr) rows.label_sub[i] = ksub;
   float dg = 0.0f, g = 0.0f;
   if (has_regularizer(params)) g = regularizer(a, params.l_a, params.u_a, &dg);
   if (!backward) {
@@ -243,18 +268,66 @@ __global__ void __launch_bounds__(kThreads) row_stage_kernel(const T* __restrict
   }
 }
 
+// The cosine of class `cls` for one row from the raw dots s[0..K) of its K weight rows: the max
+// over the sub-centers (ties: the lowest k; a NaN wins), *kbest = the winner. K = 1: s[0]*inv_a*r[cls].
+__device__ __forceinline__ float class_cosine(const float* s, int64_t cls, int64_t K, float inv_a,
+                                              const float* __restrict__ r, int32_t* kbest) {
+  float best = s[0] * inv_a * r[cls * K];
+  int32_t kb = 0;
+  for (int32_t k = 1; k < K; ++k) {
+    const float ck = s[k] * inv_a * r[cls * K + k];
+    if (replaces_max(ck, best)) {
+      best = ck;
+      kb = k;
+    }
+  }
+  *kbest = kb;
+  return best;
+}
+
+// The curricular modulation of row i, if any (uniform over the block).
+struct Curricular {
+  bool on;
+  float tau, t;
+  __device__ __forceinline__ Curricular(const RowState& rows, int64_t i, bool enabled)
+      : on(enabled && rows.neg_t != nullptr), tau(on ? rows.neg_threshold[i] : 0.0f), t(on ? *rows.neg_t : 0.0f) {}
+  // z / scale_i of a non-label cosine and its derivative d(z / scale_i)/dc.
+  __device__ __forceinline__ float apply(float c, float* df) const {
+    if (!on) {
+      *df = 1.0f;
+      return c;
+    }
+    return curricular(c, tau, t, df);
+  }
+};
+
 // Forward chunk epilogue: one block per row i, merges the chunk's softmax state into the running one.
+// kGeneral = false: the plain losses' kernel (K = 1, no modulation); true: sub-centers (the tile holds
+// K columns per class, chunk = classes [j0, j0 + n)) and/or the curricular modulation off the label.
+template <bool kGeneral>
 __global__ void __launch_bounds__(kThreads) forward_epilogue_kernel(const float* __restrict__ tile, int64_t n,
-                                                                    int64_t j0, const float* __restrict__ r,
-                                                                    RowState rows) {
+                                                                    int64_t j0, int64_t K,
+                                                                    const float* __restrict__ r, RowState rows) {
   const int64_t i = blockIdx.x;
-  const float* srow = tile + i * n;
+  const float* srow = tile + i * n * K;
   const float inv_a = rows.inv_a[i], s = rows.scale[i], zl = rows.zlab[i];
   const int64_t lab = rows.lab[i];
   float m = -INFINITY, l = 0.0f;
+  const Curricular cur(rows, i, kGeneral);  // off (and never read) in the plain kernel
   for (int64_t j = threadIdx.x; j < n; j += kThreads) {
     const int64_t col = j0 + j;
-    const float z = (col == lab) ? zl : s * (srow[j] * inv_a * r[col]);
+    float z;
+    if constexpr (!kGeneral) {
+      z = (col == lab) ? zl : s * (srow[j] * inv_a * r[col]);
+    } else {
+      if (col == lab) {
+        z = zl;
+      } else {
+        int32_t kb;
+        float df;
+        z = s * cur.apply(class_cosine(srow + j * K, col, K, inv_a, r, &kb), &df);
+      }
+    }
     if (z > m) {
       l = l * expf(m - z) + 1.0f;
       m = z;
@@ -279,35 +352,66 @@ __global__ void forward_finalize_kernel(int64_t B, RowState rows, float* lse) {
 }
 
 // Backward chunk epilogue: one block per row. `out` may alias `tile` (TO = float): each element
-// is read and then written by the same thread.
-template <typename TO>
+// is read and then written by the same thread (with sub-centers: the K columns of one class).
+// kGeneral as in the forward epilogue.
+template <typename TO, bool kGeneral>
 __global__ void __launch_bounds__(kThreads) backward_epilogue_kernel(const float* tile, TO* out, int64_t n,
-                                                                     int64_t j0, const float* __restrict__ r,
-                                                                     RowState rows, bool sbn) {
+                                                                     int64_t j0, int64_t K,
+                                                                     const float* __restrict__ r, RowState rows,
+                                                                     bool sbn) {
   const int64_t i = blockIdx.x;
   const float inv_a = rows.inv_a[i], s = rows.scale[i];
   const float lse = rows.lse[i], gl = rows.grad_lse[i];
   const float zl = rows.zlab[i], dzy = rows.dz_y[i], gy = rows.g_y[i], cy = rows.cy[i];
   const int64_t lab = rows.lab[i];
   float acc_gc = 0.0f, acc_sph = 0.0f;
-  for (int64_t j = threadIdx.x; j < n; j += kThreads) {
-    const int64_t col = j0 + j;
-    const float rj = r[col];
-    float c, z, dz, g;
-    if (col == lab) {
-      c = cy;
-      z = zl;
-      dz = dzy;
-      g = gy;
-    } else {
-      c = tile[i * n + j] * inv_a * rj;
-      z = s * c;
-      dz = lab == LAB_BAD ? 0.0f : gl * expf(z - lse);  // a bad-label row (lse = NaN) adds no gradient
-      g = s * dz;
+  if constexpr (!kGeneral) {
+    for (int64_t j = threadIdx.x; j < n; j += kThreads) {
+      const int64_t col = j0 + j;
+      const float rj = r[col];
+      float c, z, dz, g;
+      if (col == lab) {
+        c = cy;
+        z = zl;
+        dz = dzy;
+        g = gy;
+      } else {
+        c = tile[i * n + j] * inv_a * rj;
+        z = s * c;
+        dz = lab == LAB_BAD ? 0.0f : gl * expf(z - lse);  // a bad-label row (lse = NaN) adds no gradient
+        g = s * dz;
+      }
+      out[i * n + j] = from_f<TO>(g * rj);
+      acc_gc += g * c;
+      if (sbn) acc_sph += dz * z;
     }
-    out[i * n + j] = from_f<TO>(g * rj);
-    acc_gc += g * c;
-    if (sbn) acc_sph += dz * z;
+  } else {
+    const Curricular cur(rows, i, true);
+    const int32_t ksub = (K > 1 && lab >= 0) ? rows.label_sub[i] : 0;
+    for (int64_t j = threadIdx.x; j < n; j += kThreads) {
+      const int64_t col = j0 + j;
+      const int64_t e = (i * n + j) * K;  // the class's first column in the tile
+      float c, z, dz, g;
+      int32_t kb;
+      if (col == lab) {
+        c = cy;
+        z = zl;
+        dz = dzy;
+        g = gy;
+        kb = ksub;
+      } else {
+        c = class_cosine(tile + e, col, K, inv_a, r, &kb);
+        float df;
+        z = s * cur.apply(c, &df);
+        dz = lab == LAB_BAD ? 0.0f : gl * expf(z - lse);
+        g = s * dz * df;  // dL/dc_ij: (t + 2c) on the modulated columns
+      }
+      for (int32_t k = 0; k < K; ++k) {  // the gradient reaches the winning sub-center only
+        out[e + k] = from_f<TO>(k == kb ? g * r[col * K + k] : 0.0f);
+      }
+      acc_gc += g * c;
+      if (sbn) acc_sph += dz * z;
+    }
   }
   block_sum2(acc_gc, acc_sph);
   if (threadIdx.x == 0) {
@@ -409,27 +513,35 @@ void launch_col_norms(DType dtype, DType w_dtype, const void* w, int64_t C, int6
 }
 
 void launch_row_stage(DType dtype, DType w_dtype, const void* x, const void* w, const void* labels, bool labels64,
-                      int64_t B, int64_t C, int64_t D, int64_t ignore_index, const MarginParams& params,
+                      int64_t B, int64_t C, int64_t K, int64_t D, int64_t ignore_index, const MarginParams& params,
                       const float* lam, const float* r, RowState rows, bool backward, int32_t* flags,
                       cudaStream_t stream) {
   if (B <= 0) return;
   MAGLOSS_DISPATCH_W(dtype, w_dtype, T, TW, {
     if (labels64) {
       row_stage_kernel<T, TW, int64_t><<<warp_grid(B), kThreads, 0, stream>>>(
-          static_cast<const T*>(x), static_cast<const TW*>(w), static_cast<const int64_t*>(labels), B, C, D,
+          static_cast<const T*>(x), static_cast<const TW*>(w), static_cast<const int64_t*>(labels), B, C, K, D,
           ignore_index, params, lam, r, rows, backward, flags);
     } else {
       row_stage_kernel<T, TW, int32_t><<<warp_grid(B), kThreads, 0, stream>>>(
-          static_cast<const T*>(x), static_cast<const TW*>(w), static_cast<const int32_t*>(labels), B, C, D,
+          static_cast<const T*>(x), static_cast<const TW*>(w), static_cast<const int32_t*>(labels), B, C, K, D,
           ignore_index, params, lam, r, rows, backward, flags);
     }
   });
 }
 
-void launch_forward_epilogue(const float* tile, int64_t B, int64_t n, int64_t j0, const float* r, RowState rows,
-                             cudaStream_t stream) {
+// The general epilogues serve sub-centers and the curricular modulation; every other loss keeps
+// the original kernels (kGeneral = false), bit for bit.
+static bool general_epilogue(int64_t K, const RowState& rows) { return K > 1 || rows.neg_t != nullptr; }
+
+void launch_forward_epilogue(const float* tile, int64_t B, int64_t n, int64_t j0, int64_t K, const float* r,
+                             RowState rows, cudaStream_t stream) {
   if (B <= 0 || n <= 0) return;
-  forward_epilogue_kernel<<<static_cast<unsigned>(B), kThreads, 0, stream>>>(tile, n, j0, r, rows);
+  if (general_epilogue(K, rows)) {
+    forward_epilogue_kernel<true><<<static_cast<unsigned>(B), kThreads, 0, stream>>>(tile, n, j0, K, r, rows);
+  } else {
+    forward_epilogue_kernel<false><<<static_cast<unsigned>(B), kThreads, 0, stream>>>(tile, n, j0, 1, r, rows);
+  }
 }
 
 void launch_forward_finalize(int64_t B, RowState rows, float* lse, cudaStream_t stream) {
@@ -438,12 +550,19 @@ void launch_forward_finalize(int64_t B, RowState rows, float* lse, cudaStream_t 
                                                                                                          lse);
 }
 
-void launch_backward_epilogue(float* tile, void* out, DType out_dtype, int64_t B, int64_t n, int64_t j0,
+void launch_backward_epilogue(float* tile, void* out, DType out_dtype, int64_t B, int64_t n, int64_t j0, int64_t K,
                               const float* r, RowState rows, bool scale_by_norm, cudaStream_t stream) {
   if (B <= 0 || n <= 0) return;
-  MAGLOSS_DISPATCH_DTYPE(out_dtype, TO,
-      backward_epilogue_kernel<TO><<<static_cast<unsigned>(B), kThreads, 0, stream>>>(
-          tile, static_cast<TO*>(out), n, j0, r, rows, scale_by_norm));
+  const bool general = general_epilogue(K, rows);
+  MAGLOSS_DISPATCH_DTYPE(out_dtype, TO, {
+    if (general) {
+      backward_epilogue_kernel<TO, true><<<static_cast<unsigned>(B), kThreads, 0, stream>>>(
+          tile, static_cast<TO*>(out), n, j0, K, r, rows, scale_by_norm);
+    } else {
+      backward_epilogue_kernel<TO, false><<<static_cast<unsigned>(B), kThreads, 0, stream>>>(
+          tile, static_cast<TO*>(out), n, j0, 1, r, rows, scale_by_norm);
+    }
+  });
 }
 
 void launch_column_correction(DType dtype, DType w_dtype, const float* p, const void* w, const float* r,

@@ -74,7 +74,21 @@ struct RowState {
   float* grad_a;    // dL/da_i without the feature-norm-scale term (added by the row chain)
   float* gc_row;    // sum_j G_ij c_ij, initialized to 0, accumulated per chunk
   float* sph;       // sum_j dL/dz_ij * z_ij (feature-norm SphereFace only), initialized to 0
+  // Features of the newer losses (issue 14), all inputs without gradient; nullptr when unused:
+  const float* row_margins;    // [B, 2]: (m2_i, m3_i) replacing the scalars m2, m3 (COMBINED only)
+  const float* neg_threshold;  // [B]: tau_i of the curricular modulation (with neg_t)
+  const float* neg_t;          // [1]: t of the curricular modulation (with neg_threshold)
+  int32_t* label_sub;          // [B], with sub-centers (K > 1) only: the winning sub-center k of the
+                               // label class (row stage), used by the backward epilogue
 };
+
+/// The launch-wide shape of the class matrix: K sub-centers per class (weight has K*C rows,
+/// row j*K + k is sub-center k of class j); K = 1 is the plain class matrix.
+/// With K > 1 a class's cosine is c_ij = max_k c_{i,jK+k} (ties: the lowest k), and only the
+/// winning sub-center's weight row receives gradient (docs/cuda.md, "Sub-centers").
+/// Curricular modulation (RowState::neg_threshold/neg_t set): every column j that is not the
+/// row's label column has z_ij = scale_i * c_ij * (t + c_ij) where c_ij > tau_i, else scale_i * c_ij.
+
 
 /// r_j and ||w_j|| for all C classes (one warp per class), plus the finiteness check of W
 /// (flags[FLAG_WEIGHT] = first class with a NaN/Inf after the rounding). w: [C, D] of w_dtype.
@@ -82,20 +96,23 @@ void launch_col_norms(DType dtype, DType w_dtype, const void* w, int64_t C, int6
                       int32_t* flags, cudaStream_t stream);
 
 /// Row stage (one warp per row): a_i, inv_a_i, scale_i, the label cosine by a gather-dot
-/// with w_y, psi and derivatives, label codes and the label/finiteness checks; in the
+/// with w_y (the max over the K sub-centers of class y, winner into rows.label_sub), psi and
+/// derivatives (with row i's (m2_i, m3_i) when rows.row_margins is set), label codes and the label/finiteness checks; in the
 /// forward also zy, reg and the online-softmax init; in the backward dz_y, G_y, grad_a and the
 /// accumulator init. `backward` selects which RowState outputs are written.
-/// labels: [B] int64 (labels64) or int32. lam: device pointer to SphereFace's lambda or nullptr.
+/// labels: [B] int64 (labels64) or int32, classes in [0, C); w: [K*C, D].
+/// lam: device pointer to SphereFace's lambda or nullptr.
 void launch_row_stage(DType dtype, DType w_dtype, const void* x, const void* w, const void* labels, bool labels64,
-                      int64_t B, int64_t C, int64_t D, int64_t ignore_index, const MarginParams& params,
+                      int64_t B, int64_t C, int64_t K, int64_t D, int64_t ignore_index, const MarginParams& params,
                       const float* lam, const float* r, RowState rows, bool backward, int32_t* flags,
                       cudaStream_t stream);
 
 /// Forward chunk epilogue (one block per row): z_ij from the tile (label logit swapped in),
 /// then the online-softmax merge of the chunk's (max, sum-exp) into run_max/run_sum.
-/// tile: [B, n] fp32 raw dots of columns [j0, j0 + n).
-void launch_forward_epilogue(const float* tile, int64_t B, int64_t n, int64_t j0, const float* r, RowState rows,
-                             cudaStream_t stream);
+/// tile: [B, n*K] fp32 raw dots of the weight rows of classes [j0, j0 + n) (whole classes).
+/// Plain losses (K = 1, no curricular modulation) take the original kernel unchanged.
+void launch_forward_epilogue(const float* tile, int64_t B, int64_t n, int64_t j0, int64_t K, const float* r,
+                             RowState rows, cudaStream_t stream);
 
 /// lse_i = run_max_i + log(run_sum_i); NaN for LAB_BAD rows.
 void launch_forward_finalize(int64_t B, RowState rows, float* lse, cudaStream_t stream);
@@ -104,7 +121,9 @@ void launch_forward_finalize(int64_t B, RowState rows, float* lse, cudaStream_t 
 /// tile and the SAVED lse, forms G_ij and writes T_ij = G_ij * r_j into `out` ([B, n],
 /// element type out_dtype; may alias `tile` when out_dtype is F32), and accumulates
 /// gc_row += sum_j G_ij c_ij (and sph += sum_j dz_ij z_ij when scale_by_norm).
-void launch_backward_epilogue(float* tile, void* out, DType out_dtype, int64_t B, int64_t n, int64_t j0,
+/// With K > 1, tile/out are [B, n*K] over classes [j0, j0 + n): T is G_ij * r at the winning
+/// sub-center of class j and 0 at the others.
+void launch_backward_epilogue(float* tile, void* out, DType out_dtype, int64_t B, int64_t n, int64_t j0, int64_t K,
                               const float* r, RowState rows, bool scale_by_norm, cudaStream_t stream);
 
 /// Column correction of one chunk (one warp per class): with P_j = sum_i T_ij xhat_i

@@ -6,7 +6,7 @@
 // issues the class-chunked cuBLAS products through ATen and launches the torch-free kernels
 // of engine.cu in between (C10_CUDA_KERNEL_LAUNCH_CHECK after each launch).
 //
-// Per call, with chunk width n <= N (chunk_columns):
+// Per call, with chunks of n <= N whole classes (chunk_classes; N*K weight rows with K sub-centers):
 //   forward : col_norms(W) -> row_stage -> [input check] -> for each chunk:
 //               S = x @ W_chunk^T (fp32 out) ; forward_epilogue(S)   -> finalize(lse)
 //   backward: col_norms(W) -> row_stage(bwd) -> for each chunk:
@@ -62,6 +62,24 @@
   TORCH_CHECK_TYPE((t).scalar_type() == at::kLong || (t).scalar_type() == at::kInt,                    \
                    name ": expected an int64 or int32 tensor of class indices, got ", (t).scalar_type())
 #define CHECK_CONTIGUOUS(t, name) TORCH_CHECK((t).is_contiguous(), name ": internal error, expected contiguous")
+// The newer losses' tensor arguments (issue 14): fp32, the compute dtype of fp32/fp16/bf16 embeddings
+// (float64 inputs never reach this file: they run the chunked engine), contiguous. ValueError for every
+// one of these, as the reference engine's checks (magloss.reference.check_extras) raise.
+#define CHECK_COMPUTE_DTYPE(t, name)                                                                            \
+  TORCH_CHECK_VALUE((t).scalar_type() == at::kFloat,                                                            \
+                    name ": expected a float32 tensor (the compute dtype of float32/float16/bfloat16 embeddings), " \
+                    "got ", (t).scalar_type())
+#define CHECK_INPUT_CONTIGUOUS(t, name) \
+  TORCH_CHECK_VALUE((t).is_contiguous(), name ": expected a contiguous tensor, got strides ", (t).strides())
+#define CHECK_SCALAR_TENSOR(t, name) \
+  TORCH_CHECK_VALUE((t).dim() == 0, name ": expected a 0-d tensor, got shape ", (t).sizes())
+#define CHECK_SHAPE2(t, d0, d1, name, shape)                                                                     \
+  TORCH_CHECK_VALUE((t).dim() == 2 && (t).size(0) == (d0) && (t).size(1) == (d1),                                \
+                    name ": expected shape " shape " = [", (d0), ", ", (d1), "], got ", (t).sizes())
+#define CHECK_SHAPE1(t, d0, name, shape) \
+  TORCH_CHECK_VALUE((t).dim() == 1 && (t).size(0) == (d0), name ": expected shape " shape " = [", (d0), "], got ", (t).sizes())
+#define CHECK_NEEDS_COMBINED(kind, what)                                                                      \
+  TORCH_CHECK_VALUE((kind) == COMBINED, what " only with kind COMBINED (0), got kind ", (kind))
 
 namespace magloss {
 namespace {
@@ -97,8 +115,13 @@ bool env_flag(const char* name, bool dflt) {
 }
 
 MarginParams make_params(int64_t kind, double scale, double m1, double m2, double m3, double l_a, double u_a,
-                         double l_m, double u_m, bool easy_margin, bool straight_through) {
+                         double l_m, double u_m, int64_t boundary, bool straight_through) {
   TORCH_CHECK_VALUE(kind >= 0 && kind <= 3, "kind: unknown margin family ", kind);
+  TORCH_CHECK_VALUE(boundary >= THRESHOLD && boundary <= NONE,
+                    "boundary: expected 0 (THRESHOLD), 1 (EASY), 2 (CLIP) or 3 (NONE), got ", boundary);
+  if (boundary == CLIP || boundary == NONE) {
+    CHECK_NEEDS_COMBINED(kind, "boundary: the CLIP (2) and NONE (3) policies are defined");
+  }
   MarginParams p;
   p.kind = static_cast<int>(kind);
   p.scale = static_cast<float>(scale);
@@ -109,7 +132,7 @@ MarginParams make_params(int64_t kind, double scale, double m1, double m2, doubl
   p.u_a = static_cast<float>(u_a);
   p.l_m = static_cast<float>(l_m);
   p.u_m = static_cast<float>(u_m);
-  p.easy_margin = easy_margin;
+  p.boundary = static_cast<int>(boundary);
   p.straight_through = straight_through;
   return p;
 }
@@ -135,6 +158,66 @@ void check_operands(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
                     " rows are supported, got ", x.size(0));
   TORCH_CHECK_VALUE(w.size(0) < engine::FLAG_CLEAR, "weight: at most ", engine::FLAG_CLEAR - 1,
                     " classes are supported, got ", w.size(0));
+}
+
+// The newer losses' inputs (per-row margins, curricular modulation, sub-centers), checked; undefined
+// tensors where absent.
+struct Features {
+  at::Tensor row_margins, neg_threshold, neg_t;
+  int64_t K = 1;
+  int64_t classes = 0;  // C = weight rows / K
+};
+
+Features check_features(const at::Tensor& x, const at::Tensor& w, int64_t kind,
+                        const std::optional<at::Tensor>& row_margins, const std::optional<at::Tensor>& neg_threshold,
+                        const std::optional<at::Tensor>& neg_t, int64_t subcenters) {
+  const int64_t B = x.size(0);
+  Features f;
+  TORCH_CHECK_VALUE(subcenters >= 1, "subcenters: expected K >= 1 sub-centers per class, got ", subcenters);
+  TORCH_CHECK_VALUE(w.size(0) % subcenters == 0, "weight: expected K*C rows for subcenters K = ", subcenters,
+                    ", got ", w.size(0), " rows (not a multiple of ", subcenters, ")");
+  f.K = subcenters;
+  f.classes = w.size(0) / subcenters;
+  if (row_margins.has_value() && row_margins->defined()) {
+    const at::Tensor& t = *row_margins;
+    CHECK_NEEDS_COMBINED(kind, "row_margins: per-row margins are defined");
+    CHECK_SAME_DEVICE(t, x, "row_margins");
+    CHECK_COMPUTE_DTYPE(t, "row_margins");
+    CHECK_SHAPE2(t, B, 2, "row_margins", "[B, 2]");
+    CHECK_INPUT_CONTIGUOUS(t, "row_margins");
+    f.row_margins = t;
+  }
+  const bool has_tau = neg_threshold.has_value() && neg_threshold->defined();
+  const bool has_t = neg_t.has_value() && neg_t->defined();
+  TORCH_CHECK_VALUE(has_tau == has_t, "neg_threshold, neg_t: expected both (the curricular modulation) or neither, "
+                    "got ", has_tau ? "neg_threshold without neg_t" : "neg_t without neg_threshold");
+  if (has_tau) {
+    CHECK_SAME_DEVICE(*neg_threshold, x, "neg_threshold");
+    CHECK_COMPUTE_DTYPE(*neg_threshold, "neg_threshold");
+    CHECK_SHAPE1(*neg_threshold, B, "neg_threshold", "[B]");
+    CHECK_INPUT_CONTIGUOUS(*neg_threshold, "neg_threshold");
+    CHECK_SAME_DEVICE(*neg_t, x, "neg_t");
+    CHECK_COMPUTE_DTYPE(*neg_t, "neg_t");
+    CHECK_SCALAR_TENSOR(*neg_t, "neg_t");
+    f.neg_threshold = *neg_threshold;
+    f.neg_t = *neg_t;  // 0-d: one element
+  }
+  return f;
+}
+
+// Points the RowState's feature inputs at f's tensors (nullptr where absent) and, with sub-centers,
+// at a [B] int32 buffer for the label class's winning sub-center (returned, to keep it alive).
+at::Tensor attach_features(const Features& f, engine::RowState& rows, const at::Tensor& x) {
+  rows.row_margins = f.row_margins.defined() ? f.row_margins.data_ptr<float>() : nullptr;
+  rows.neg_threshold = f.neg_threshold.defined() ? f.neg_threshold.data_ptr<float>() : nullptr;
+  rows.neg_t = f.neg_t.defined() ? f.neg_t.data_ptr<float>() : nullptr;
+  if (f.K == 1) {
+    rows.label_sub = nullptr;
+    return at::Tensor();
+  }
+  at::Tensor sub = at::empty({x.size(0)}, x.options().dtype(at::kInt));
+  rows.label_sub = sub.data_ptr<int32_t>();
+  return sub;
 }
 
 // SphereFace's lambda as a device float scalar (kept alive by the returned tensor), or undefined.
@@ -242,16 +325,17 @@ struct ColumnStats {
 };
 
 // col_norms(W), then the row stage (forward or backward outputs of `rows`).
-ColumnStats row_stages(const Operands& o, int64_t ignore_index, const MarginParams& params,
+// C = classes (weight rows / K); r_j and ||w_j|| are per weight row.
+ColumnStats row_stages(const Operands& o, int64_t C, int64_t K, int64_t ignore_index, const MarginParams& params,
                        const engine::RowState& rows, bool backward) {
-  const int64_t B = o.x.size(0), D = o.x.size(1), C = o.w.size(0);
-  ColumnStats cs{at::empty({2, C}, o.x.options().dtype(at::kFloat)),
+  const int64_t B = o.x.size(0), D = o.x.size(1), rows_w = o.w.size(0);
+  ColumnStats cs{at::empty({2, rows_w}, o.x.options().dtype(at::kFloat)),
                  at::full({engine::NUM_FLAGS}, engine::FLAG_CLEAR, o.x.options().dtype(at::kInt))};
-  engine::launch_col_norms(o.dt, o.wdt, o.w.data_ptr(), C, D, cs.r(), cs.wnorm(), cs.flags.data_ptr<int32_t>(),
+  engine::launch_col_norms(o.dt, o.wdt, o.w.data_ptr(), rows_w, D, cs.r(), cs.wnorm(), cs.flags.data_ptr<int32_t>(),
                            o.stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   engine::launch_row_stage(o.dt, o.wdt, o.x.data_ptr(), o.w.data_ptr(), o.labels.data_ptr(),
-                           o.labels.scalar_type() == at::kLong, B, C, D, ignore_index, params,
+                           o.labels.scalar_type() == at::kLong, B, C, K, D, ignore_index, params,
                            o.lam.defined() ? o.lam.data_ptr<float>() : nullptr, cs.r(), rows, backward,
                            cs.flags.data_ptr<int32_t>(), o.stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -284,6 +368,10 @@ int64_t chunk_columns(int64_t B, int64_t C) {
   return std::max<int64_t>(std::min<int64_t>(n, C), 1);
 }
 
+int64_t chunk_classes(int64_t B, int64_t C, int64_t K) {
+  return std::max<int64_t>(chunk_columns(B, K * C) / K, 1);
+}
+
 bool simt_path(int64_t device_index) {
   if (env_flag("MAGLOSS_FORCE_SIMT", false)) return true;
   int major = 0;
@@ -293,17 +381,20 @@ bool simt_path(int64_t device_index) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_ce_cuda(
     const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& labels,
-    const std::optional<at::Tensor>& sphere_lambda, int64_t kind, double scale, double m1, double m2, double m3,
-    double l_a, double u_a, double l_m, double u_m, bool easy_margin, bool straight_through, int64_t ignore_index) {
+    const std::optional<at::Tensor>& sphere_lambda, const std::optional<at::Tensor>& row_margins,
+    const std::optional<at::Tensor>& neg_threshold, const std::optional<at::Tensor>& neg_t, int64_t kind,
+    double scale, double m1, double m2, double m3, double l_a, double u_a, double l_m, double u_m, int64_t boundary,
+    bool straight_through, int64_t ignore_index, int64_t subcenters) {
   poll_input_checks(/*wait=*/false);  // an earlier call's failed input check is raised first
   check_operands(embeddings, weight, labels);
-  const MarginParams params = make_params(kind, scale, m1, m2, m3, l_a, u_a, l_m, u_m, easy_margin, straight_through);
+  const MarginParams params = make_params(kind, scale, m1, m2, m3, l_a, u_a, l_m, u_m, boundary, straight_through);
+  const Features feat = check_features(embeddings, weight, kind, row_margins, neg_threshold, neg_t, subcenters);
   const c10::cuda::CUDAGuard device_guard(embeddings.device());
   // Internal products must be neither recorded by autograd nor re-cast by autocast.
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
 
-  const int64_t B = embeddings.size(0), C = weight.size(0);
+  const int64_t B = embeddings.size(0), C = feat.classes, K = feat.K;
   const auto fopt = embeddings.options().dtype(at::kFloat);
   at::Tensor lse = at::empty({B}, fopt), zy = at::empty({B}, fopt), reg = at::empty({B}, fopt),
              norms = at::empty({B}, fopt);
@@ -327,8 +418,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_ce_cuda(
   rows.lab = ws.lab.data_ptr<int64_t>();
   rows.zy = zy.data_ptr<float>();
   rows.reg = reg.data_ptr<float>();
+  const at::Tensor label_sub = attach_features(feat, rows, x);
 
-  const ColumnStats cs = row_stages(o, ignore_index, params, rows, /*backward=*/false);
+  const ColumnStats cs = row_stages(o, C, K, ignore_index, params, rows, /*backward=*/false);
   const float* r = cs.r();
 
   // Input check (docs/cuda.md, "Label and value checks"): the flags and labels are copied to
@@ -341,13 +433,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_ce_cuda(
   const bool simt = use_simt(o);
   SimtScope simt_scope(simt);
   const at::Tensor x_gemm = simt ? x.to(at::kFloat) : x;
-  const int64_t N = chunk_columns(B, C);
-  at::Tensor tile_store = at::empty({B * N}, fopt);
+  // Chunks of N whole classes: N*K weight rows, the tile's columns.
+  const int64_t N = chunk_classes(B, C, K);
+  at::Tensor tile_store = at::empty({B * N * K}, fopt);
   for (int64_t j0 = 0; j0 < C; j0 += N) {
     const int64_t n = std::min<int64_t>(N, C - j0);
-    at::Tensor tile = tile_store.narrow(0, 0, B * n).view({B, n});
-    raw_dots(tile, x_gemm, chunk_operand(o.w.narrow(0, j0, n), x.scalar_type(), simt));
-    engine::launch_forward_epilogue(tile.data_ptr<float>(), B, n, j0, r, rows, o.stream);
+    at::Tensor tile = tile_store.narrow(0, 0, B * n * K).view({B, n * K});
+    raw_dots(tile, x_gemm, chunk_operand(o.w.narrow(0, j0 * K, n * K), x.scalar_type(), simt));
+    engine::launch_forward_epilogue(tile.data_ptr<float>(), B, n, j0, K, r, rows, o.stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   engine::launch_forward_finalize(B, rows, lse.data_ptr<float>(), o.stream);
@@ -359,12 +452,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_ce_cuda(
 std::tuple<at::Tensor, at::Tensor> margin_ce_backward_cuda(
     const at::Tensor& grad_lse, const at::Tensor& grad_zy, const at::Tensor& grad_reg, const at::Tensor& grad_norms,
     const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& lse,
-    const at::Tensor& norms, const std::optional<at::Tensor>& sphere_lambda, int64_t kind, double scale, double m1,
-    double m2, double m3, double l_a, double u_a, double l_m, double u_m, bool easy_margin, bool straight_through,
-    int64_t ignore_index) {
+    const at::Tensor& norms, const std::optional<at::Tensor>& sphere_lambda,
+    const std::optional<at::Tensor>& row_margins, const std::optional<at::Tensor>& neg_threshold,
+    const std::optional<at::Tensor>& neg_t, int64_t kind, double scale, double m1, double m2, double m3, double l_a,
+    double u_a, double l_m, double u_m, int64_t boundary, bool straight_through, int64_t ignore_index,
+    int64_t subcenters) {
   poll_input_checks(/*wait=*/false);
   check_operands(embeddings, weight, labels);
-  const int64_t B = embeddings.size(0), D = embeddings.size(1), C = weight.size(0);
+  const Features feat = check_features(embeddings, weight, kind, row_margins, neg_threshold, neg_t, subcenters);
+  const int64_t B = embeddings.size(0), D = embeddings.size(1), C = feat.classes, K = feat.K;
   const std::pair<const at::Tensor*, const char*> row_args[] = {
       {&grad_lse, "grad_lse"}, {&grad_zy, "grad_zy"}, {&grad_reg, "grad_reg"},
       {&grad_norms, "grad_norms"}, {&lse, "lse"}, {&norms, "norms"}};
@@ -374,13 +470,13 @@ std::tuple<at::Tensor, at::Tensor> margin_ce_backward_cuda(
                       t->device());
     TORCH_CHECK_TYPE(t->is_floating_point(), name, ": expected a float tensor, got ", t->scalar_type());
   }
-  const MarginParams params = make_params(kind, scale, m1, m2, m3, l_a, u_a, l_m, u_m, easy_margin, straight_through);
+  const MarginParams params = make_params(kind, scale, m1, m2, m3, l_a, u_a, l_m, u_m, boundary, straight_through);
   const c10::cuda::CUDAGuard device_guard(embeddings.device());
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
 
   if (B == 0) {
-    return {at::empty({0, D}, embeddings.options()), at::zeros({C, D}, weight.options())};
+    return {at::empty({0, D}, embeddings.options()), at::zeros({C * K, D}, weight.options())};
   }
   const Operands o = prepare(embeddings, weight, labels, sphere_lambda, kind);
   const at::Tensor &x = o.x, &w = o.w;
@@ -413,9 +509,10 @@ std::tuple<at::Tensor, at::Tensor> margin_ce_backward_cuda(
   rows.grad_reg = gr.data_ptr<float>();
   rows.grad_norms = gn.data_ptr<float>();
   rows.lse = lse_f.data_ptr<float>();
+  const at::Tensor label_sub = attach_features(feat, rows, x);
 
   // The saved `norms` is not read: a_i is recomputed from x, exactly as the reference does.
-  const ColumnStats cs = row_stages(o, ignore_index, params, rows, /*backward=*/true);
+  const ColumnStats cs = row_stages(o, C, K, ignore_index, params, rows, /*backward=*/true);
   const float *r = cs.r(), *wnorm = cs.wnorm();
 
   const bool simt = use_simt(o);
@@ -429,20 +526,22 @@ std::tuple<at::Tensor, at::Tensor> margin_ce_backward_cuda(
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   at::Tensor g_xhat = at::zeros({B, D}, fopt);
-  at::Tensor grad_w = at::empty({C, D}, w.options());  // every row is written exactly once below
-  const bool grad_w_f32 = o.wdt == DType::F32;             // P is computed in place in grad_w
-  const int64_t N = chunk_columns(B, C);
-  at::Tensor tile_store = at::empty({B * N}, fopt);
-  at::Tensor t_store = half_products ? at::empty({B * N}, x.options()) : at::Tensor();
-  at::Tensor p_store = grad_w_f32 ? at::Tensor() : at::empty({N * D}, fopt);  // fp32 P for half grad_w
+  at::Tensor grad_w = at::empty({C * K, D}, w.options());  // every row is written exactly once below
+  const bool grad_w_f32 = o.wdt == DType::F32;                 // P is computed in place in grad_w
+  // Chunks of N whole classes, as the forward; below n, j0 count classes, nw, w0 weight rows.
+  const int64_t N = chunk_classes(B, C, K);
+  at::Tensor tile_store = at::empty({B * N * K}, fopt);
+  at::Tensor t_store = half_products ? at::empty({B * N * K}, x.options()) : at::Tensor();
+  at::Tensor p_store = grad_w_f32 ? at::Tensor() : at::empty({N * K * D}, fopt);  // fp32 P for half grad_w
   for (int64_t j0 = 0; j0 < C; j0 += N) {
     const int64_t n = std::min<int64_t>(N, C - j0);
-    const at::Tensor w_op = chunk_operand(w.narrow(0, j0, n), x.scalar_type(), simt);
-    at::Tensor tile = tile_store.narrow(0, 0, B * n).view({B, n});
+    const int64_t nw = n * K, w0 = j0 * K;
+    const at::Tensor w_op = chunk_operand(w.narrow(0, w0, nw), x.scalar_type(), simt);
+    at::Tensor tile = tile_store.narrow(0, 0, B * nw).view({B, nw});
     raw_dots(tile, x_gemm, w_op);
-    at::Tensor t = half_products ? t_store.narrow(0, 0, B * n).view({B, n}) : tile;  // T = G * r
+    at::Tensor t = half_products ? t_store.narrow(0, 0, B * nw).view({B, nw}) : tile;  // T = G * r
     engine::launch_backward_epilogue(tile.data_ptr<float>(), t.data_ptr(), half_products ? dt : DType::F32, B, n,
-                                     j0, r, rows, sbn, stream);
+                                     j0, K, r, rows, sbn, stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     // dL/dxhat += T @ W_chunk  ([B, n] @ [n, D]), fp32 accumulation into g_xhat.
     if (half_products) {
@@ -451,13 +550,13 @@ std::tuple<at::Tensor, at::Tensor> margin_ce_backward_cuda(
       g_xhat.addmm_(t, w_op);
     }
     // P = T^T @ xhat ([n, B] @ [B, D]) -> fp32, then the column correction writes dW_chunk.
-    at::Tensor p = grad_w_f32 ? grad_w.narrow(0, j0, n) : p_store.narrow(0, 0, n * D).view({n, D});
+    at::Tensor p = grad_w_f32 ? grad_w.narrow(0, w0, nw) : p_store.narrow(0, 0, nw * D).view({nw, D});
     if (half_products) {
       at::mm_out(p, t.t(), xhat, at::kFloat);
     } else {
       at::mm_out(p, t.t(), xhat);
     }
-    engine::launch_column_correction(dt, o.wdt, p.data_ptr<float>(), w.data_ptr(), r, wnorm, n, j0, D,
+    engine::launch_column_correction(dt, o.wdt, p.data_ptr<float>(), w.data_ptr(), r, wnorm, nw, w0, D,
                                      grad_w.data_ptr(), stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }

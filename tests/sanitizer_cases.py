@@ -7,7 +7,8 @@ is caught instead of landing in a neighbouring block of the pool).
 
 The cases cover every kernel and launcher branch: irregular B, C, D (not multiples of the warp
 or block size), several class chunks with a partial last one (MAGLOSS_CHUNK), C = 1, ignored rows,
-int32 labels, every margin family, fp32/fp16/bf16, the forced SIMT path, an out-of-range label
+int32 labels, every margin family, fp32/fp16/bf16, the forced SIMT path, sub-centers with per-row
+margins and the curricular modulation, an out-of-range label
 with the input check off (must stay in bounds), asynchronous (must be reported by
 magloss.flush_input_checks) and synchronous (must raise in the call). Each case prints one
 line, "sanitizer case i/N passed: ..." or "... FAILED: ..."; the exit status is non-zero if a
@@ -35,11 +36,13 @@ SPECS = {
     "sphereface": (MarginSpec.sphere(4), 5.0),
     "magface": (MarginSpec.magface(), None),
     "magcos": (MarginSpec.magcos(), None),
+    "adaface": (MarginSpec.combined(64.0, 1.0, 0.0, 0.0, boundary=2), None),  # CLIP, per-row margins
 }
 
 
 def run_case(name, B, C, D, dtype=torch.float32, chunk=None, ignored=(), label_dtype=torch.int64, simt=False,
-             bad_label=False, check="async", w_dtype=None):
+             bad_label=False, check="async", w_dtype=None, K=1, features=False):
+    """features: the curricular modulation, plus per-row margins for the COMBINED family; K sub-centers."""
     env = {"MAGLOSS_CHUNK": str(chunk) if chunk else None, "MAGLOSS_FORCE_SIMT": "1" if simt else None,
            "MAGLOSS_CHECK_INPUTS": check}
     saved = {k: os.environ.get(k) for k in env}
@@ -50,10 +53,11 @@ def run_case(name, B, C, D, dtype=torch.float32, chunk=None, ignored=(), label_d
             os.environ[k] = v
     try:
         spec, lam = SPECS[name]
+        spec = spec.with_subcenters(K) if K > 1 else spec
         dev = torch.device("cuda")
         g = torch.Generator(device=dev).manual_seed(B * 7919 + C)
         x = (torch.randn(B, D, device=dev, generator=g) * 30).to(dtype)
-        w = torch.randn(C, D, device=dev, generator=g).to(w_dtype or dtype)   # fp32 W + half x: autocast pair
+        w = torch.randn(K * C, D, device=dev, generator=g).to(w_dtype or dtype)   # fp32 W + half x: autocast pair
         y = torch.randint(0, C, (B,), device=dev, generator=g)
         for i in ignored:
             y[i] = -1
@@ -61,8 +65,13 @@ def run_case(name, B, C, D, dtype=torch.float32, chunk=None, ignored=(), label_d
             y[B // 2] = C + 3
         y = y.to(label_dtype)
         lam_t = None if lam is None else torch.tensor(lam, device=dev)
+        extras = (None, None, None)
+        if features:
+            z = torch.rand(B, device=dev, generator=g) * 2 - 1
+            rm = torch.stack([-0.4 * z, 0.4 * z + 0.4], 1) if spec.kind == 0 else None
+            extras = (rm, torch.rand(B, device=dev, generator=g) - 0.5, torch.tensor(0.2, device=dev))
         try:
-            lse, zy, reg, norms = OP(x, w, y, lam_t, *spec.op_args(), -1)
+            lse, zy, reg, norms = OP(x, w, y, lam_t, *extras, *spec.op_args(-1))
         except ValueError as exc:
             if bad_label and check == "sync" and "labels:" in str(exc):
                 return "raised as expected"
@@ -79,7 +88,7 @@ def run_case(name, B, C, D, dtype=torch.float32, chunk=None, ignored=(), label_d
             else:
                 raise AssertionError("an out-of-range label was not reported by flush_input_checks")
         grads = [torch.randn(B, device=dev, generator=g) for _ in range(4)]
-        gx, gw = OP_BWD(*grads, x, w, y, lse, norms, lam_t, *spec.op_args(), -1)
+        gx, gw = OP_BWD(*grads, x, w, y, lse, norms, lam_t, *extras, *spec.op_args(-1))
         torch.cuda.synchronize()
         finite = torch.isfinite(lse)
         if bad_label:
@@ -110,6 +119,11 @@ CASES = [
     dict(name="arcface", B=10, C=50, D=20, bad_label=True, check="off", chunk=16),
     dict(name="arcface", B=10, C=50, D=20, bad_label=True, check="async", chunk=16),
     dict(name="arcface", B=10, C=50, D=20, bad_label=True, check="sync"),
+    # the issue-14 features: sub-centers (whole-class chunks, ragged), per-row margins, curricular
+    dict(name="adaface", B=9, C=70, D=33, K=3, chunk=32, features=True, ignored=(2,)),
+    dict(name="arcface", B=12, C=41, D=40, K=2, dtype=torch.bfloat16, w_dtype=torch.float32, chunk=16, features=True),
+    dict(name="sphereface", B=7, C=50, D=65, K=3, dtype=torch.float16, simt=True, chunk=20, features=True),
+    dict(name="adaface", B=10, C=50, D=20, K=3, bad_label=True, check="off", chunk=16, features=True),
 ]
 
 

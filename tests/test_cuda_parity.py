@@ -66,7 +66,7 @@ OP_BWD = torch.ops.magloss.margin_ce_backward
 
 # ---- families, oracle, tolerances: tests/_parity_common.py ----------------------------------------
 import _parity_common  # noqa: E402
-from _parity_common import (ALL, FAMILIES, assert_fp32_parity, assert_rounded_fp32_parity,  # noqa: E402
+from _parity_common import (ALL, FAMILIES, NO_EXTRAS, assert_fp32_parity, assert_rounded_fp32_parity,  # noqa: E402
                             assert_within_eager, eager_lowp, oracle, rel, tf32)
 
 
@@ -116,19 +116,20 @@ def lam_tensor(lam):
     return _parity_common.lam_tensor(lam, DEV)
 
 
-def fused(x, w, y, spec, ii, lam, grads):
-    """The fused op and its backward op, called directly (float32 row statistics)."""
-    rows = OP(x, w, y, lam, *spec.op_args(), ii)
+def fused(x, w, y, spec, ii, lam, grads, extras=NO_EXTRAS):
+    """The fused op and its backward op, called directly (float32 row statistics). extras: the
+    optional (row_margins, neg_threshold, neg_t), float32 (the compute dtype) or None."""
+    rows = OP(x, w, y, lam, *extras, *spec.op_args(ii))
     g32 = [g.float() for g in grads]
-    gx, gw = OP_BWD(*g32, x, w, y, rows[0], rows[3], lam, *spec.op_args(), ii)
+    gx, gw = OP_BWD(*g32, x, w, y, rows[0], rows[3], lam, *extras, *spec.op_args(ii))
     return rows, (gx, gw)
 
 
-def check_fp32(x, w, y, spec, ii, lam_t, grads, what=""):
+def check_fp32(x, w, y, spec, ii, lam_t, grads, what="", extras=NO_EXTRAS):
     """Fused op in strict fp32 (TF32 off) against the float64 oracle; returns the fused rows."""
     with tf32(False):
-        rows, gr = fused(x.float(), w.float(), y, spec, ii, lam_t, grads)
-    ref_rows, ref_grads = oracle(x, w, y, spec, ii, lam_t, grads)
+        rows, gr = fused(x.float(), w.float(), y, spec, ii, lam_t, grads, extras)
+    ref_rows, ref_grads = oracle(x, w, y, spec, ii, lam_t, grads, extras)
     assert_fp32_parity(rows, gr, ref_rows, ref_grads, what)
     return rows
 
@@ -199,17 +200,17 @@ def test_empty_batch():
     x = torch.zeros(0, 64, device=DEV)
     w = torch.randn(10, 64, device=DEV)
     y = torch.zeros(0, dtype=torch.long, device=DEV)
-    rows = OP(x, w, y, None, *spec.op_args(), -1)
+    rows = OP(x, w, y, None, None, None, None, *spec.op_args(-1))
     assert all(r.shape == (0,) and r.dtype == torch.float32 for r in rows)
     z = torch.zeros(0, device=DEV)
-    gx, gw = OP_BWD(z, z, z, z, x, w, y, rows[0], rows[3], None, *spec.op_args(), -1)
+    gx, gw = OP_BWD(z, z, z, z, x, w, y, rows[0], rows[3], None, None, None, None, *spec.op_args(-1))
     assert gx.shape == (0, 64) and torch.all(gw == 0) and gw.shape == (10, 64)
 
 
 def test_float64_routes_to_the_chunked_engine():
     spec, _ = FAMILIES["arcface"]
     x, w, y, grads = make_case(16, 100, 64, seed=4)
-    rows = OP(x, w, y, None, *spec.op_args(), -1)
+    rows = OP(x, w, y, None, None, None, None, *spec.op_args(-1))
     ref = reference.margin_ce_rows(x, w, y, spec, -1)
     assert rows[0].dtype == torch.float64
     torch.testing.assert_close(rows[0], ref[0], rtol=1e-12, atol=1e-12)
@@ -224,6 +225,12 @@ MODULES = {
     "sphereface": lambda: magloss.SphereFaceLoss(100, 1000),
     "magface": lambda: magloss.MagFaceLoss(100, 1000),
     "magcos": lambda: magloss.MagCosFaceLoss(100, 1000),
+    # the issue-14 losses (fresh modules: the same initial state, updated from the same batch)
+    "subcenter_arcface": lambda: magloss.SubCenterArcFaceLoss(100, 1000),
+    "adaface": lambda: magloss.AdaFaceLoss(100, 1000),
+    "curricular": lambda: magloss.CurricularFaceLoss(100, 1000),
+    "elastic_arc_plus": lambda: magloss.ElasticArcFaceLoss(100, 1000, plus=True, seed=3),
+    "elastic_cos": lambda: magloss.ElasticCosFaceLoss(100, 1000, seed=4),
 }
 
 
@@ -371,7 +378,7 @@ def test_dtype_mismatch_is_a_type_error():
     w = torch.randn(10, 64, device=DEV, dtype=torch.float16)
     y = torch.zeros(4, dtype=torch.long, device=DEV)
     with pytest.raises(TypeError, match="embeddings, weight: expected the same dtype"):
-        OP(x, w, y, None, *spec.op_args(), -1)
+        OP(x, w, y, None, None, None, None, *spec.op_args(-1))
     with pytest.raises(TypeError, match="embeddings, weight"):
         magloss.functional.arcface_loss(x, w, y)
 
@@ -382,11 +389,11 @@ def test_shape_errors_name_the_argument():
     w = torch.randn(10, 32, device=DEV)
     y = torch.zeros(4, dtype=torch.long, device=DEV)
     with pytest.raises(ValueError, match="embeddings"):
-        OP(x, w, y, None, *spec.op_args(), -1)
+        OP(x, w, y, None, None, None, None, *spec.op_args(-1))
     with pytest.raises(ValueError, match="labels"):
-        OP(x, torch.randn(10, 64, device=DEV), y[:3], None, *spec.op_args(), -1)
+        OP(x, torch.randn(10, 64, device=DEV), y[:3], None, None, None, None, *spec.op_args(-1))
     with pytest.raises(ValueError, match="sphere_lambda"):
-        OP(x, torch.randn(10, 64, device=DEV), y, None, *MarginSpec.sphere(4).op_args(), -1)
+        OP(x, torch.randn(10, 64, device=DEV), y, None, None, None, None, *MarginSpec.sphere(4).op_args(-1))
 
 
 @pytest.mark.parametrize("mode", ["async", "off"])
@@ -402,24 +409,24 @@ def test_bad_label_rows_are_nan_in_bounds_and_add_no_gradient(monkeypatch, mode)
     bad = y.clone()
     bad[5] = 10 ** 9
     bad[6] = -7
-    rows = OP(x, w, bad, None, *spec.op_args(), -1)
+    rows = OP(x, w, bad, None, None, None, None, *spec.op_args(-1))
     synchronize()  # an illegal access would surface here
     if mode == "async":  # raised late (here, by the flush), once
         with pytest.raises(ValueError, match="got 1000000000 at row 5 .*reported late"):
             magloss.flush_input_checks()
-    gx, gw = OP_BWD(*g32, x, w, bad, rows[0], rows[3], None, *spec.op_args(), -1)
+    gx, gw = OP_BWD(*g32, x, w, bad, rows[0], rows[3], None, None, None, None, *spec.op_args(-1))
     synchronize()
     assert torch.isnan(rows[0][5]) and torch.isnan(rows[0][6])
     ok = torch.ones(16, dtype=torch.bool, device=DEV)
     ok[5] = ok[6] = False
     ignored = y.clone()
     ignored[5] = ignored[6] = -1
-    good = OP(x, w, ignored, None, *spec.op_args(), -1)
+    good = OP(x, w, ignored, None, None, None, None, *spec.op_args(-1))
     assert torch.equal(rows[0][ok], good[0][ok])
     g_ign = [g.clone() for g in g32]
     g_ign[0][~ok] = 0.0  # no incoming gradient on the ignored rows' lse and zy
     g_ign[1][~ok] = 0.0
-    gx_ref, gw_ref = OP_BWD(*g_ign, x, w, ignored, good[0], good[3], None, *spec.op_args(), -1)
+    gx_ref, gw_ref = OP_BWD(*g_ign, x, w, ignored, good[0], good[3], None, None, None, None, *spec.op_args(-1))
     assert torch.isfinite(gx).all() and torch.isfinite(gw).all()
     assert torch.equal(gx, gx_ref) and torch.equal(gw, gw_ref)
 
@@ -451,7 +458,7 @@ def test_check_mode_variable_is_validated(monkeypatch):
     monkeypatch.setenv("MAGLOSS_CHECK_INPUTS", "sometimes")
     x, w, y, _ = make_case(4, 10, 64, seed=13)
     with pytest.raises(ValueError, match="MAGLOSS_CHECK_INPUTS: expected 'async'"):
-        OP(x.float(), w.float(), y, None, *FAMILIES["arcface"][0].op_args(), -1)
+        OP(x.float(), w.float(), y, None, None, None, None, *FAMILIES["arcface"][0].op_args(-1))
 
 
 # ---- determinism ---------------------------------------------------------------------------------------
@@ -483,10 +490,10 @@ def test_opcheck_cuda(family):
     x = x.float().requires_grad_()
     w = w.float().requires_grad_()
     lam_t = lam_tensor(lam)
-    torch.library.opcheck(OP, (x, w, y, lam_t, *spec.op_args(), -1))
-    rows = OP(x.detach(), w.detach(), y, lam_t, *spec.op_args(), -1)
+    torch.library.opcheck(OP, (x, w, y, lam_t, None, None, None, *spec.op_args(-1)))
+    rows = OP(x.detach(), w.detach(), y, lam_t, None, None, None, *spec.op_args(-1))
     torch.library.opcheck(OP_BWD, (*[g.float() for g in grads], x.detach(), w.detach(), y, rows[0], rows[3], lam_t,
-                                   *spec.op_args(), -1))
+                                   None, None, None, *spec.op_args(-1)))
 
 
 def test_compile_fullgraph_training_step():
@@ -732,7 +739,7 @@ def test_nan_raises_in_the_call_with_sync_checks(monkeypatch):
     spec, _ = FAMILIES["arcface"]
     x, w, y, _, _ = _nan_case("embedding", torch.float32)
     with pytest.raises(ValueError, match=rf"embeddings: contains NaN or Inf \(row {_NAN_ROW}\)"):
-        OP(x, w, y, None, *spec.op_args(), -1)
+        OP(x, w, y, None, None, None, None, *spec.op_args(-1))
 
 
 def test_nan_rows_are_nan_before_the_async_check_reports(monkeypatch):
@@ -740,7 +747,7 @@ def test_nan_rows_are_nan_before_the_async_check_reports(monkeypatch):
     monkeypatch.setenv("MAGLOSS_CHECK_INPUTS", "async")
     spec, _ = FAMILIES["arcface"]
     x, w, y, _, m = _nan_case("ignored", torch.float32)
-    rows = OP(x, w, y, None, *spec.op_args(), -1)
+    rows = OP(x, w, y, None, None, None, None, *spec.op_args(-1))
     with pytest.raises(ValueError, match=rf"embeddings: contains NaN or Inf \(row {_NAN_IGNORED}\).*reported late"):
         magloss.flush_input_checks()
     assert torch.equal(torch.isnan(rows[0]).cpu(), m["lse"])
@@ -774,7 +781,7 @@ def test_several_bad_rows_report_the_first(monkeypatch, what):
     msg = {"labels": "got 33 at row 3", "embeddings": r"embeddings: contains NaN or Inf \(row 3\)",
            "weight": r"weight: contains NaN or Inf \(row 3\)"}[what]
     with pytest.raises(ValueError, match=msg):
-        OP(x, w, y, None, *spec.op_args(), -1)
+        OP(x, w, y, None, None, None, None, *spec.op_args(-1))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -826,3 +833,248 @@ def test_half_products_round_once(dtype):
     ulp = torch.finfo(dtype).eps
     differ = ((t_fused - t_ref).abs() > ulp / 8 * t_ref.abs()).sum().item()
     assert differ <= 5, f"{differ} of 500 columns: T_1j is not G_1j·r_j rounded once"
+
+
+# =====================================================================================================
+# ---- The newer losses' engine features (issue 14; docs/cuda.md, "Per-row margins, curricular
+# modulation, sub-centers"): per-row margins with the CLIP/NONE policies, the curricular
+# modulation of the non-label columns, K sub-centers, alone and combined, against the float64
+# oracle with the same inputs. Shapes: B = 1, odd B, 5 row blocks; C·K wider than a block.
+# =====================================================================================================
+from _parity_common import FEATURES, feature_inputs  # noqa: E402
+
+FEATURE_SHAPES = [(1, 7, 40), (5, 13, 33), (37, 300, 72)]
+
+
+def feature_case(name, B, C, D, **kw):
+    return feature_inputs(name, B, C, D, device=DEV, **kw)
+
+
+@pytest.mark.parametrize("shape", FEATURE_SHAPES, ids=lambda s: "B%d-C%d-D%d" % s)
+@pytest.mark.parametrize("feature", list(FEATURES))
+def test_feature_fp32_parity(feature, shape):
+    x, w, y, grads, spec, lam, extras = feature_case(feature, *shape, seed=51, ignored=(4, 9))
+    check_fp32(x, w, y, spec, -1, lam, grads, f"{feature} {shape}", extras)
+
+
+# Chunks of whole classes: MAGLOSS_CHUNK weight rows rounded down to whole classes (1 class a chunk,
+# 2 classes with a ragged last one, 21 classes: 64 rows with K = 3, ragged), labels in every chunk.
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+@pytest.mark.parametrize("feature", ["curricular", "subcenter_arc", "subcenter_adaface_curricular"])
+def test_feature_chunking(monkeypatch, feature, chunk):
+    monkeypatch.setenv("MAGLOSS_CHUNK", str(chunk))
+    x, w, y, grads, spec, lam, extras = feature_case(feature, 9, 51, 40, seed=52, ignored=(3,))
+    check_fp32(x, w, y, spec, -1, lam, grads, f"{feature} chunk={chunk}", extras)
+
+
+@pytest.mark.parametrize("feature", ["adaface_clip", "curricular", "subcenter_adaface_curricular"])
+@pytest.mark.parametrize("precision", ["tf32", "fp16", "bf16"])
+def test_feature_low_precision_vs_eager(precision, feature):
+    x64, w64, y, grads, spec, lam, extras = feature_case(feature, 37, 200, 72, seed=53, ignored=(1,))
+    dt = _parity_common.PRECISION_DTYPES[precision]
+    x64, w64 = x64.to(dt).double(), w64.to(dt).double()
+    ref_rows, ref_grads = oracle(x64, w64, y, spec, -1, lam, grads, extras)
+    eager_rows, eager_grads = eager_lowp(x64, w64, y, spec, -1, lam, grads, precision, extras)
+    with tf32(precision == "tf32"):
+        rows, gr = fused(x64.to(dt), w64.to(dt), y, spec, -1, lam, grads, extras)
+    assert gr[0].dtype == dt and gr[1].dtype == dt
+    assert_within_eager([
+        ("loss", rows[0] - rows[1], eager_rows[0] - eager_rows[1], ref_rows[0] - ref_rows[1]),
+        ("grad_embeddings", gr[0], eager_grads[0], ref_grads[0]),
+        ("grad_weight", gr[1], eager_grads[1], ref_grads[1]),
+    ], f"{precision} {feature}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_feature_fp32_weight_with_half_embeddings(monkeypatch, dtype):
+    """The autocast pair with every feature on: (half x, fp32 W) is (half x, W rounded): row
+    statistics and dx bit for bit, dW in fp32 within one rounding (chunks of 5 classes, ragged)."""
+    monkeypatch.setenv("MAGLOSS_CHUNK", "15")
+    x64, w64, y, grads, spec, lam, extras = feature_case("subcenter_adaface_curricular", 21, 52, 40, seed=54,
+                                                         ignored=(3,))
+    x, w = x64.to(dtype), w64.float()
+    rows_m, (gx_m, gw_m) = fused(x, w, y, spec, -1, lam, grads, extras)
+    rows_h, (gx_h, gw_h) = fused(x, w.to(dtype), y, spec, -1, lam, grads, extras)
+    assert gw_m.dtype == torch.float32 and gx_m.dtype == dtype
+    for u, v in zip(rows_m + (gx_m,), rows_h + (gx_h,)):
+        assert torch.equal(u, v)
+    assert rel(gw_m.to(dtype), gw_h) <= torch.finfo(dtype).eps
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_feature_forced_simt_path(monkeypatch, dtype):
+    monkeypatch.setenv("MAGLOSS_FORCE_SIMT", "1")
+    x64, w64, y, grads, spec, lam, extras = feature_case("subcenter_adaface_curricular", 37, 100, 72, seed=55,
+                                                         ignored=(0,))
+    x64, w64 = x64.to(dtype).double(), w64.to(dtype).double()
+    ref_rows, ref_grads = oracle(x64, w64, y, spec, -1, lam, grads, extras)
+    with tf32(True):
+        rows, gr = fused(x64.to(dtype), w64.to(dtype), y, spec, -1, lam, grads, extras)
+    if dtype == torch.float32:
+        assert_fp32_parity(rows, gr, ref_rows, ref_grads, "simt features")
+    else:
+        assert_rounded_fp32_parity(rows, gr, ref_rows, ref_grads, dtype)
+
+
+def test_feature_repeatable_bitwise(monkeypatch):
+    """Every feature on, several chunks: the same bits under another block/thread visiting order."""
+    monkeypatch.setenv("MAGLOSS_CHUNK", "64")
+    x, w, y, grads, spec, lam, extras = feature_case("subcenter_adaface_curricular", 37, 100, 72, seed=56,
+                                                     ignored=(3,))
+    a = fused(x.float(), w.float(), y, spec, -1, lam, grads, extras)
+    if EMU:
+        emu_engine.reset(schedule=2, seed=4242)
+    b = fused(x.float(), w.float(), y, spec, -1, lam, grads, extras)
+    for u, v in zip(a[0] + a[1], b[0] + b[1]):
+        assert torch.equal(u, v)
+
+
+def test_feature_opcheck():
+    x, w, y, grads, spec, lam, extras = feature_case("subcenter_adaface_curricular", 8, 20, 40, seed=57, ignored=(2,))
+    x, w = x.float().requires_grad_(), w.float().requires_grad_()
+    torch.library.opcheck(OP, (x, w, y, lam, *extras, *spec.op_args(-1)))
+    rows = OP(x.detach(), w.detach(), y, lam, *extras, *spec.op_args(-1))
+    torch.library.opcheck(OP_BWD, (*[g.float() for g in grads], x.detach(), w.detach(), y, rows[0], rows[3], lam,
+                                   *extras, *spec.op_args(-1)))
+
+
+# ---- the plain losses' paths are untouched: features that reduce to them give the same bits ----------
+@pytest.mark.parametrize("boundary", [0, 1, 2, 3], ids=["threshold", "easy", "clip", "none"])
+def test_constant_row_margins_equal_the_scalars(boundary):
+    """row_margins filled with the spec's (m2, m3) gives exactly the scalar path's bits."""
+    spec = MarginSpec.combined(64.0, 1.0, 0.45, 0.1, boundary=boundary)
+    x, w, y, grads = _parity_common.make_feature_case(37, 300, 72, seed=58, ignored=(4,), device=DEV)
+    x, w = x.float(), w.float()
+    rm = torch.tensor([[0.45, 0.1]], device=DEV).expand(37, 2).contiguous()
+    a = fused(x, w, y, spec, -1, None, grads)
+    b = fused(x, w, y, spec, -1, None, grads, (rm, None, None))
+    for u, v in zip(a[0] + a[1], b[0] + b[1]):
+        assert torch.equal(u, v)
+
+
+def test_curricular_with_infinite_thresholds_equals_the_plain_kernels(monkeypatch):
+    """τ_i = +inf modulates nothing: the general epilogues give the plain kernels' bits."""
+    monkeypatch.setenv("MAGLOSS_CHUNK", "128")
+    spec, _ = FAMILIES["arcface"]
+    x, w, y, grads = make_case(37, 300, 72, seed=59, ignored=(4,))
+    x, w = x.float(), w.float()
+    tau = torch.full((37,), float("inf"), device=DEV)
+    a = fused(x, w, y, spec, -1, None, grads)
+    b = fused(x, w, y, spec, -1, None, grads, (None, tau, torch.tensor(0.3, device=DEV)))
+    for u, v in zip(a[0] + a[1], b[0] + b[1]):
+        assert torch.equal(u, v)
+
+
+def test_duplicate_subcenters_tie_to_the_first():
+    """K = 3 identical copies of every class row: each class cosine is a 3-way tie, won by k = 0 (the
+    lowest), so the result is the K = 1 loss and only sub-center 0 of each class gets gradient
+    (exact zeros elsewhere), curricular modulation included."""
+    spec1 = MarginSpec.combined(64.0, 1.0, 0.5, 0.0)
+    x, w, y, grads = make_case(21, 40, 40, seed=60, ignored=(3,))
+    x, w = x.float(), w.float()
+    tau = torch.linspace(-0.2, 0.3, 21, device=DEV)
+    extras = (None, tau, torch.tensor(0.2, device=DEV))
+    w3 = w.repeat_interleave(3, dim=0)
+    r1, (gx1, gw1) = fused(x, w, y, spec1, -1, None, grads, extras)
+    r3, (gx3, gw3) = fused(x, w3, y, spec1.with_subcenters(3), -1, None, grads, extras)
+    gw3 = gw3.view(40, 3, 40)
+    assert torch.all(gw3[:, 1:] == 0)
+    assert gw3[:, 0].abs().max() > 0
+    for u, v in zip(r3 + (gx3, gw3[:, 0]), r1 + (gx1, gw1)):
+        assert rel(u, v) <= 1e-6
+
+
+# ---- NaN in, NaN out with the features --------------------------------------------------------------
+def test_feature_nan_subcenter_row_reaches_every_row(monkeypatch):
+    """A NaN in one sub-center row of class 5 (not the winner's) makes class 5's cosine NaN for
+    every row (the max keeps a NaN), so every lse is NaN and the labelled rows of class 5 get a NaN
+    zy; checks off, as the oracle."""
+    monkeypatch.setenv("MAGLOSS_CHECK_INPUTS", "off")
+    x, w, y, grads, spec, lam, extras = feature_case("subcenter_adaface_curricular", 13, 20, 40, seed=61,
+                                                     ignored=(4,))
+    y[6] = 5
+    w[5 * 3 + 2, 7] = float("nan")
+    rows, (gx, gw) = fused(x.float(), w.float(), y, spec, -1, lam, grads, extras)
+    ref_rows, _ = oracle(x, w, y, spec, -1, lam, grads, extras)
+    assert torch.isnan(rows[0]).all() and torch.isnan(ref_rows[0]).all()
+    assert torch.equal(torch.isnan(rows[1]), torch.isnan(ref_rows[1]))
+    assert torch.isnan(rows[1][6]) and not torch.isnan(rows[1][y != 5]).any()
+
+
+def test_feature_nan_embedding_row(monkeypatch):
+    monkeypatch.setenv("MAGLOSS_CHECK_INPUTS", "off")
+    x, w, y, grads, spec, lam, extras = feature_case("subcenter_adaface_curricular", 13, 20, 40, seed=62,
+                                                     ignored=(4,))
+    x[2, 5] = float("nan")
+    rows, (gx, gw) = fused(x.float(), w.float(), y, spec, -1, lam, grads, extras)
+    ref_rows, (rgx, rgw) = oracle(x, w, y, spec, -1, lam, grads, extras)
+    for k, name in enumerate(["lse", "zy", "reg", "norms"]):
+        assert torch.equal(torch.isnan(rows[k]), torch.isnan(ref_rows[k])), name
+    ok = torch.arange(13, device=DEV) != 2
+    assert torch.isnan(rows[0][2]) and torch.isnan(gx[2]).all() and not torch.isnan(gx[ok]).any()
+    assert rel(rows[0][ok] - rows[1][ok], ref_rows[0][ok] - ref_rows[1][ok]) <= 1e-5
+    assert rel(gx[ok], rgx[ok]) <= 1e-4
+
+
+# ---- bad new inputs: the errors name the argument, as the reference engine's -----------------------------
+def _bad_feature_args():
+    x, w, y, _ = make_case(6, 12, 40, seed=63)
+    x, w = x.float(), w.float()
+    rm = torch.zeros(6, 2, device=DEV)
+    tau, t = torch.zeros(6, device=DEV), torch.tensor(0.1, device=DEV)
+    arc = MarginSpec.combined(64.0, 1.0, 0.5, 0.0)
+    clip_args = list(arc.op_args(-1))
+    clip_args[9] = 2                                # boundary CLIP ...
+    mag_clip = list(MarginSpec.magface().op_args(-1))
+    mag_clip[9] = 2                                 # ... with kind MAGFACE
+    bad_boundary = list(clip_args)
+    bad_boundary[9] = 7
+    k0 = list(arc.op_args(-1))
+    k0[12] = 0
+    k5 = list(arc.op_args(-1))
+    k5[12] = 5                                      # 12 weight rows, K = 5
+    k3 = list(arc.op_args(-1))
+    k3[12] = 3                                      # 12 rows = 4 classes of 3: label 7 is out of range
+    y7 = y.clone()
+    y7[2] = 7
+    a = arc.op_args(-1)
+    # name -> (op args, argument named in the error)
+    return {
+        "row_margins_shape": ((x, w, y, None, rm[:, :1], None, None, *clip_args), "row_margins"),
+        "row_margins_rows": ((x, w, y, None, rm[:5], None, None, *clip_args), "row_margins"),
+        "row_margins_dtype": ((x, w, y, None, rm.double(), None, None, *clip_args), "row_margins"),
+        "row_margins_non_contiguous": ((x, w, y, None, torch.zeros(2, 6, device=DEV).t(), None, None, *clip_args),
+                                       "row_margins"),
+        "row_margins_kind": ((x, w, y, None, rm, None, None, *MarginSpec.magface().op_args(-1)), "row_margins"),
+        "clip_kind": ((x, w, y, None, None, None, None, *mag_clip), "boundary"),
+        "boundary_range": ((x, w, y, None, None, None, None, *bad_boundary), "boundary"),
+        "neg_t_missing": ((x, w, y, None, None, tau, None, *a), "neg_threshold, neg_t"),
+        "neg_threshold_missing": ((x, w, y, None, None, None, t, *a), "neg_threshold, neg_t"),
+        "neg_threshold_shape": ((x, w, y, None, None, tau[:5], t, *a), "neg_threshold"),
+        "neg_threshold_dtype": ((x, w, y, None, None, tau.half(), t, *a), "neg_threshold"),
+        "neg_t_shape": ((x, w, y, None, None, tau, t.reshape(1), *a), "neg_t"),
+        "subcenters_zero": ((x, w, y, None, None, None, None, *k0), "subcenters"),
+        "subcenters_not_dividing": ((x, w, y, None, None, None, None, *k5), "weight"),
+        "label_past_classes": ((x, w, y7, None, None, None, None, *k3), "labels"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_feature_args()))
+def test_bad_feature_inputs_name_the_argument(monkeypatch, case):
+    """The fused engine raises ValueError whose message starts with the argument's name."""
+    monkeypatch.setenv("MAGLOSS_CHECK_INPUTS", "sync")
+    args, name = _bad_feature_args()[case]
+    with pytest.raises(ValueError) as fused_err:
+        OP(*args)
+    assert str(fused_err.value).startswith(name + ":"), str(fused_err.value)
+
+
+@pytest.mark.parametrize("case", list(_bad_feature_args()))
+def test_bad_feature_inputs_cpu_engine_agrees(monkeypatch, case):
+    """The default CPU engine (the users' CPU path) raises ValueError naming the same argument."""
+    monkeypatch.setenv("MAGLOSS_CHECK_INPUTS", "sync")
+    args, name = _bad_feature_args()[case]
+    cpu_args = tuple(a.cpu() if isinstance(a, torch.Tensor) else a for a in args)
+    with pytest.raises(ValueError) as cpu_err, _default_cpu_kernels():
+        OP(*cpu_args)
+    assert name.split(",")[0] in str(cpu_err.value), str(cpu_err.value)

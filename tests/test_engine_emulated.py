@@ -209,8 +209,8 @@ def test_gpu_without_tensor_cores_takes_the_plain_fp32_path(routed, monkeypatch,
     g32 = [g.float() for g in grads]
 
     def run():
-        rows = torch.ops.magloss.margin_ce(x, w, y, None, *spec.op_args(), -1)
-        return rows + torch.ops.magloss.margin_ce_backward(*g32, x, w, y, rows[0], rows[3], None, *spec.op_args(), -1)
+        rows = torch.ops.magloss.margin_ce(x, w, y, None, None, None, None, *spec.op_args(-1))
+        return rows + torch.ops.magloss.margin_ce_backward(*g32, x, w, y, rows[0], rows[3], None, None, None, None, *spec.op_args(-1))
 
     monkeypatch.setenv("MAGLOSS_CHUNK", "256")
     emu_engine.controls().emu_set_compute_capability(6, 1)
@@ -240,7 +240,7 @@ def test_kernel_errors_reach_the_caller_as_cuda_errors(routed):
     """A failed kernel is a sticky CUDA error: the boundary's launch check raises it as a
     RuntimeError naming the kernel, and every later call raises it too until the context is reset."""
     x, w, y, _ = make_case(3, 10, 40, seed=33)
-    args = (x.float(), w.float(), y, None, *FAMILIES["arcface"][0].op_args(), -1)
+    args = (x.float(), w.float(), y, None, None, None, None, *FAMILIES["arcface"][0].op_args(-1))
     emu_engine.controls().emu_fail_next_launch(b"injected fault")
     with pytest.raises(RuntimeError, match="CUDA error: cuda_emu: injected fault in col_norms_kernel"):
         torch.ops.magloss.margin_ce(*args)

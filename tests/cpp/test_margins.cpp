@@ -27,14 +27,15 @@ void expect_near(const char* what, double got, double want, double tol = 2e-5) {
 
 constexpr double kPi = 3.14159265358979323846;
 
-magloss::MarginParams combined(float s, float m1, float m2, float m3, bool easy = false, bool st = false) {
+magloss::MarginParams combined(float s, float m1, float m2, float m3, int boundary = magloss::THRESHOLD,
+                               bool st = false) {
   magloss::MarginParams p{};
   p.kind = magloss::COMBINED;
   p.scale = s;
   p.m1 = m1;
   p.m2 = m2;
   p.m3 = m3;
-  p.easy_margin = easy;
+  p.boundary = boundary;
   p.straight_through = st;
   return p;
 }
@@ -48,7 +49,7 @@ magloss::MarginParams magnitude(int kind, float l_m, float u_m, bool easy) {
   p.u_a = 110.0f;
   p.l_m = l_m;
   p.u_m = u_m;
-  p.easy_margin = easy;
+  p.boundary = easy ? magloss::EASY : magloss::THRESHOLD;
   return p;
 }
 
@@ -84,10 +85,10 @@ int main() {
   }
   // Easy margin: no margin where c <= 0 (theta = 2.0, c = cos 2 < 0); margin where c > 0.
   {
-    const auto t = margin_terms(static_cast<float>(std::cos(2.0)), a, combined(64, 1, 0.5f, 0, true), 0.0f);
+    const auto t = margin_terms(static_cast<float>(std::cos(2.0)), a, combined(64, 1, 0.5f, 0, magloss::EASY), 0.0f);
     expect_near("arcface easy psi(theta=2) = c", t.psi, std::cos(2.0));
     expect_near("arcface easy dpsi/dc = 1", t.dc, 1.0);
-    const auto u = margin_terms(0.5f, a, combined(64, 1, 0.5f, 0, true), 0.0f);
+    const auto u = margin_terms(0.5f, a, combined(64, 1, 0.5f, 0, magloss::EASY), 0.0f);
     expect_near("arcface easy psi(theta=pi/3) = cos(pi/3+0.5)", u.psi, std::cos(kPi / 3 + 0.5));
   }
   // CosFace m = 0.35: psi = c - 0.35, dpsi/dc = 1 (m2 = 0 never reaches the threshold: theta_t = pi).
@@ -126,7 +127,7 @@ int main() {
   }
   // Straight-through: dpsi/dc := 1, psi unchanged.
   {
-    const auto t = margin_terms(0.5f, a, combined(64, 1, 0.5f, 0, false, true), 0.0f);
+    const auto t = margin_terms(0.5f, a, combined(64, 1, 0.5f, 0, magloss::THRESHOLD, true), 0.0f);
     expect_near("straight-through psi = cos(pi/3+0.5)", t.psi, std::cos(kPi / 3 + 0.5));
     expect_near("straight-through dpsi/dc = 1", t.dc, 1.0);
   }
@@ -184,6 +185,96 @@ int main() {
     expect_near("regularizer g(200) = g(110)", g2, 110.0 / 12100.0 + 1.0 / 110.0);
     expect_near("regularizer g'(200) = 0", dg, 0.0);
   }
+  // ---- boundary policies CLIP (AdaFace) and NONE (ElasticFace), per-row margins, curricular, sub-center max ----
+  // CLIP, AdaFace m = 0.4 at z = 0.5: m2 = -0.2, m3 = 0.4*0.5 + 0.4 = 0.6. theta = 1: the angle 0.8 is inside
+  // [eps, pi - eps], so psi = cos(0.8) - 0.6, dpsi/dc = sin(0.8)/sin(1).
+  {
+    const auto t = margin_terms(static_cast<float>(std::cos(1.0)), a, combined(64, 1, -0.2f, 0.6f, magloss::CLIP), 0.0f);
+    expect_near("clip psi(theta=1, m2=-0.2, m3=0.6) = cos(0.8) - 0.6", t.psi, std::cos(0.8) - 0.6);
+    expect_near("clip dpsi/dc = sin(0.8)/sin(1)", t.dc, std::sin(0.8) / std::sin(1.0));
+  }
+  // CLIP with m1 = 0.9, m2 = 0.4, m3 = 0.15 at theta = 1: angle 1.3, psi = cos(1.3) - 0.15, dpsi/dc = 0.9 sin(1.3)/sin(1).
+  {
+    const auto t = margin_terms(static_cast<float>(std::cos(1.0)), a, combined(64, 0.9f, 0.4f, 0.15f, magloss::CLIP), 0.0f);
+    expect_near("clip m1=0.9 psi(theta=1) = cos(1.3) - 0.15", t.psi, std::cos(1.3) - 0.15);
+    expect_near("clip m1=0.9 dpsi/dc = 0.9 sin(1.3)/sin(1)", t.dc, 0.9 * std::sin(1.3) / std::sin(1.0));
+  }
+  // CLIP, the angle clamp active below: z = 1 (m2 = -0.4, m3 = 0.8) at theta = 0.3: angle -0.1 -> eps = 1e-3,
+  // psi = cos(1e-3) - 0.8, dpsi/dc = 0 (the clamp's gradient).
+  {
+    const auto t = margin_terms(static_cast<float>(std::cos(0.3)), a, combined(64, 1, -0.4f, 0.8f, magloss::CLIP), 0.0f);
+    expect_near("clip angle -0.1 -> eps: psi = cos(1e-3) - 0.8", t.psi, std::cos(1e-3) - 0.8);
+    expect_near("clip angle clamped below: dpsi/dc = 0", t.dc, 0.0);
+  }
+  // CLIP, the angle clamp active above: m2 = 0.5 at theta = 3: angle 3.5 -> pi - 1e-3, psi = cos(pi - 1e-3), dpsi/dc = 0.
+  {
+    const auto t = margin_terms(static_cast<float>(std::cos(3.0)), a, combined(64, 1, 0.5f, 0, magloss::CLIP), 0.0f);
+    expect_near("clip angle 3.5 -> pi - eps: psi = cos(pi - 1e-3)", t.psi, std::cos(kPi - 1e-3));
+    expect_near("clip angle clamped above: dpsi/dc = 0", t.dc, 0.0);
+  }
+  // CLIP, the cosine clamp active: c = 1 -> 0.999 (theta = acos 0.999 = 0.044725), m2 = 0.5:
+  // psi = cos(acos(0.999) + 0.5), dpsi/dc = 0; c = -1 -> -0.999, m2 = -0.4: psi = cos(acos(-0.999) - 0.4), 0.
+  {
+    const auto t = margin_terms(1.0f, a, combined(64, 1, 0.5f, 0, magloss::CLIP), 0.0f);
+    expect_near("clip c=1 -> 0.999: psi = cos(acos(0.999) + 0.5)", t.psi, std::cos(std::acos(0.999) + 0.5));
+    expect_near("clip c=1 (cosine clamped): dpsi/dc = 0", t.dc, 0.0);
+    const auto u = margin_terms(-1.0f, a, combined(64, 1, -0.4f, 0.0f, magloss::CLIP), 0.0f);
+    expect_near("clip c=-1 -> -0.999: psi = cos(acos(-0.999) - 0.4)", u.psi, std::cos(std::acos(-0.999) - 0.4));
+    expect_near("clip c=-1 (cosine clamped): dpsi/dc = 0", u.dc, 0.0);
+  }
+  // NONE (ElasticArcFace, m2 = 0.55): no fallback past pi. theta = 3: psi = cos(3.55) = -0.9182,
+  // dpsi/dc = sin(3.55)/sin(3) < 0 (THRESHOLD would give c - m sin m, dpsi/dc = 1).
+  {
+    const auto t = margin_terms(static_cast<float>(std::cos(3.0)), a, combined(64, 1, 0.55f, 0, magloss::NONE), 0.0f);
+    expect_near("none psi(theta=3, m2=0.55) = cos(3.55)", t.psi, std::cos(3.55));
+    expect_near("none dpsi/dc = sin(3.55)/sin(3)", t.dc, std::sin(3.55) / std::sin(3.0), 1e-4);
+    const auto u = margin_terms(static_cast<float>(std::cos(1.0)), a, combined(64, 1, 0.55f, 0, magloss::NONE), 0.0f);
+    expect_near("none psi(theta=1) = cos(1.55)", u.psi, std::cos(1.55));
+    expect_near("none dpsi/dc(theta=1) = sin(1.55)/sin(1)", u.dc, std::sin(1.55) / std::sin(1.0));
+  }
+  // NONE with m1 = 0.9, m2 = 0.4, m3 = 0.15 at theta = 3: angle 3.1, psi = cos(3.1) - 0.15,
+  // dpsi/dc = 0.9 sin(3.1)/sin(3); ElasticCosFace (m2 = 0, m3 = 0.37) at theta = 2.5: psi = c - 0.37, dpsi/dc = 1.
+  {
+    const auto t = margin_terms(static_cast<float>(std::cos(3.0)), a, combined(64, 0.9f, 0.4f, 0.15f, magloss::NONE), 0.0f);
+    expect_near("none m1=0.9 psi(theta=3) = cos(3.1) - 0.15", t.psi, std::cos(3.1) - 0.15);
+    expect_near("none m1=0.9 dpsi/dc = 0.9 sin(3.1)/sin(3)", t.dc, 0.9 * std::sin(3.1) / std::sin(3.0), 1e-4);
+    const auto u = margin_terms(static_cast<float>(std::cos(2.5)), a, combined(64, 1, 0, 0.37f, magloss::NONE), 0.0f);
+    expect_near("elastic cosface none psi(theta=2.5) = cos 2.5 - 0.37", u.psi, std::cos(2.5) - 0.37);
+    expect_near("elastic cosface none dpsi/dc = 1", u.dc, 1.0);
+  }
+  // The per-row (m2_i, m3_i) of the THRESHOLD policy: m2_i = 0.3 at theta = 3 > theta_t = pi - 0.3, so
+  // psi = c - m3_i - mm, mm = max(0.3 sin 0.3, 1 - cos 0.3) = 0.3 sin 0.3 (the row's own theta_t).
+  {
+    const auto t = margin_terms(static_cast<float>(std::cos(3.0)), a, combined(64, 1, 0.3f, 0.1f), 0.0f);
+    expect_near("threshold with m2_i=0.3, m3_i=0.1: psi = cos 3 - 0.1 - 0.3 sin 0.3", t.psi,
+                std::cos(3.0) - 0.1 - 0.3 * std::sin(0.3));
+  }
+  // Curricular modulation f(c) = c (t + c) above tau, else c; df/dc = t + 2c or 1.
+  {
+    float df = 0.0f;
+    const float f = magloss::curricular(0.6f, 0.5f, 0.2f, &df);
+    expect_near("curricular f(0.6; tau=0.5, t=0.2) = 0.6*0.8", f, 0.48);
+    expect_near("curricular df/dc = t + 2c = 1.4", df, 1.4);
+    const float g = magloss::curricular(0.4f, 0.5f, 0.2f, &df);
+    expect_true("curricular below tau: f = c, df/dc = 1", g == 0.4f && df == 1.0f);
+    const float h = magloss::curricular(0.5f, 0.5f, 0.2f, &df);
+    expect_true("curricular at c == tau: not modulated (strict >)", h == 0.5f && df == 1.0f);
+    const float k = magloss::curricular(0.99f, INFINITY, 0.7f, &df);
+    expect_true("curricular tau = +inf (ignored row): f = c", k == 0.99f && df == 1.0f);
+    const float n = magloss::curricular(-0.3f, -0.5f, -0.1f, &df);
+    expect_near("curricular f(-0.3; tau=-0.5, t=-0.1) = -0.3*(-0.4)", n, 0.12);
+    expect_near("curricular df/dc = -0.1 - 0.6", df, -0.7);
+    expect_true("curricular f(NaN) is NaN", std::isnan(magloss::curricular(std::nanf(""), 0.5f, 0.2f, &df)));
+  }
+  // Sub-center running max: ties keep the first (lowest k), a NaN candidate wins and then stays.
+  {
+    const float nan = std::nanf("");
+    expect_true("replaces_max: larger replaces", magloss::replaces_max(0.5f, 0.4f));
+    expect_true("replaces_max: a tie keeps the lowest k", !magloss::replaces_max(0.4f, 0.4f));
+    expect_true("replaces_max: smaller does not replace", !magloss::replaces_max(0.3f, 0.4f));
+    expect_true("replaces_max: a NaN candidate replaces", magloss::replaces_max(nan, 0.4f));
+    expect_true("replaces_max: nothing replaces a NaN", !magloss::replaces_max(0.9f, nan) && !magloss::replaces_max(nan, nan));
+  }
   // NaN in, NaN out: a NaN cosine gives NaN psi and dpsi/dc in every family and boundary policy
   // (fmaxf/fminf would clamp it to -1, and a comparison would pick the constant branch); a NaN
   // magnitude gives NaN m(a), dm/da, g, dg/da and, for the magnitude families, NaN psi and
@@ -197,6 +288,10 @@ int main() {
         {"cosface", combined(64, 1, 0, 0.35f), 0.0f},
         {"combined(0.9,0.4,0.15)", combined(64, 0.9f, 0.4f, 0.15f), 0.0f},
         {"combined(2,0,0)", combined(64, 2, 0, 0), 0.0f},
+        {"adaface clip", combined(64, 1, -0.2f, 0.6f, magloss::CLIP), 0.0f},
+        {"clip m1=0.9", combined(64, 0.9f, 0.4f, 0.15f, magloss::CLIP), 0.0f},
+        {"elastic arcface none", combined(64, 1, 0.55f, 0, magloss::NONE), 0.0f},
+        {"none m1=0.9", combined(64, 0.9f, 0.4f, 0.15f, magloss::NONE), 0.0f},
         {"sphereface m=4", sphere(4), 5.0f},
         {"sphereface m=1", sphere(1), 0.0f},
         {"magface easy", magnitude(magloss::MAGFACE, 0.45f, 0.8f, true), 0.0f},

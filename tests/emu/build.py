@@ -19,7 +19,8 @@ Kernel translation units are compiled with ``-fsanitize=thread`` and linked with
 ThreadSanitizer's runtime: the runtime's own race and bounds detector serves the hooks.
 
 ``MAGLOSS_EMU_ENGINE_CU=path`` builds another copy of engine.cu instead (mutation checks: a
-deliberately broken kernel must make the emulated suites fail).
+deliberately broken kernel must make the emulated suites fail); a ``margins.cuh`` next to it is
+included by the kernels instead of csrc's (the boundary keeps csrc's).
 """
 
 from __future__ import annotations
@@ -136,8 +137,9 @@ def build(unit: str = "engine") -> Path:
     base = [cxx, *FLAGS, "-isystem", str(cuda_inc)]
     # (source, extra flags); the kernel TU is instrumented for the race and bounds detector.
     # -g: the detector's reports name the kernel's source line (addr2line).
+    # The kernel's own directory comes before csrc/: a mutant may bring its own margins.cuh (mutate.py).
     units = [("kernels.cpp", ["-fsanitize=thread", "-g", *(f"-D{d}" for d in KERNEL_DEFINES), f"-I{HERE}",
-                              f"-I{CSRC}", f"-I{cu.parent}"]),
+                              f"-I{cu.parent}", f"-I{CSRC}"]),
              (str(runtime), [f"-I{HERE}"])]
     link: List[str] = []
     suffix = ".so"
@@ -165,12 +167,16 @@ def build(unit: str = "engine") -> Path:
     headers = [HERE / "cuda_emu.h", *sorted(CSRC.glob("*.h")), *sorted(CSRC.glob("*.cuh")), *sorted(SHIM.rglob("*.h"))]
     for h in headers:
         key.update(h.read_bytes())
+    # Headers next to another engine.cu (a mutant's margins.cuh) reach the kernels only.
+    kernel_headers = b"".join(h.read_bytes() for h in sorted(cu.parent.glob("*.cuh"))) if cu.parent != CSRC else b""
     cache = _cache_dir()
     (cache / "obj").mkdir(parents=True, exist_ok=True)
     objs, todo = [], []
     for src, extra in units:
         text = kernels if src == "kernels.cpp" else Path(src).read_text()
         k = key.copy()
+        if src == "kernels.cpp":
+            k.update(kernel_headers)
         k.update(text.encode())
         k.update(" ".join(extra).encode())
         obj = cache / "obj" / f"{Path(src).stem}-{k.hexdigest()[:20]}.o"

@@ -40,6 +40,7 @@ from typing import Dict, List, NamedTuple, Optional
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 ENGINE_CU = ROOT / "csrc" / "engine.cu"
+MARGINS_CUH = ROOT / "csrc" / "margins.cuh"
 PY = sys.executable
 
 
@@ -48,6 +49,7 @@ class Mutant(NamedTuple):
     kind: str
     old: str
     new: str
+    file: str = "engine.cu"  # or "margins.cuh" (the device functions engine.cu includes)
 
 
 M = Mutant
@@ -75,7 +77,8 @@ MUTANTS: List[Mutant] = [
     M("sph_overwritten", "accumulator overwritten",
       "if (sbn) rows.sph[i] += acc_sph;", "if (sbn) rows.sph[i] = acc_sph;"),
     M("acc_gc_overwritten", "accumulator overwritten",
-      "acc_gc += g * c;", "acc_gc = g * c;"),
+      "acc_gc += g * c;\n      if (sbn) acc_sph += dz * z;\n    }\n  } else {",
+      "acc_gc = g * c;\n      if (sbn) acc_sph += dz * z;\n    }\n  } else {"),
     M("col_norms_ss_overwritten", "accumulator overwritten",
       "ss += v * v;", "ss = v * v;"),
     M("correction_dot_overwritten", "accumulator overwritten",
@@ -119,14 +122,14 @@ MUTANTS: List[Mutant] = [
     M("finalize_nan_for_ignored", "label/flag codes",
       "rows.lab[i] == LAB_BAD ? NAN", "rows.lab[i] < 0 ? NAN"),
     M("ignored_rows_no_softmax_grad", "label/flag codes",
-      "dz = lab == LAB_BAD ? 0.0f :", "dz = lab < 0 ? 0.0f :"),
+      "dz = lab == LAB_BAD ? 0.0f : gl * expf(z - lse);  // a bad-label row", "dz = lab < 0 ? 0.0f : gl * expf(z - lse);  // a bad-label row"),
     # ---- loops one short, grids, strides, indices -------------------------------------------------
     M("forward_loop_one_short", "loop one short",
-      "  float m = -INFINITY, l = 0.0f;\n  for (int64_t j = threadIdx.x; j < n; j += kThreads) {",
-      "  float m = -INFINITY, l = 0.0f;\n  for (int64_t j = threadIdx.x; j < n - 1; j += kThreads) {"),
+      "in the plain kernel\n  for (int64_t j = threadIdx.x; j < n; j += kThreads) {",
+      "in the plain kernel\n  for (int64_t j = threadIdx.x; j < n - 1; j += kThreads) {"),
     M("backward_loop_one_short", "loop one short",
-      "  float acc_gc = 0.0f, acc_sph = 0.0f;\n  for (int64_t j = threadIdx.x; j < n; j += kThreads) {",
-      "  float acc_gc = 0.0f, acc_sph = 0.0f;\n  for (int64_t j = threadIdx.x; j < n - 1; j += kThreads) {"),
+      "  if constexpr (!kGeneral) {\n    for (int64_t j = threadIdx.x; j < n; j += kThreads) {",
+      "  if constexpr (!kGeneral) {\n    for (int64_t j = threadIdx.x; j < n - 1; j += kThreads) {"),
     M("col_norms_loop_one_short", "loop one short",
       "  for (int64_t k = lane; k < D; k += kWarp) {\n    const float v", "  for (int64_t k = lane; k < D - 1; k += kWarp) {\n    const float v"),
     M("correction_write_one_short", "loop one short",
@@ -145,7 +148,8 @@ MUTANTS: List[Mutant] = [
     M("forward_r_local_index", "wrong index",
       "s * (srow[j] * inv_a * r[col])", "s * (srow[j] * inv_a * r[j])"),
     M("backward_label_local_index", "wrong index",
-      "    if (col == lab) {\n      c = cy;", "    if (j == lab) {\n      c = cy;"),
+      "      if (col == lab) {\n        c = cy;\n        z = zl;\n        dz = dzy;\n        g = gy;\n      } else {\n        c = tile",
+      "      if (j == lab) {\n        c = cy;\n        z = zl;\n        dz = dzy;\n        g = gy;\n      } else {\n        c = tile"),
     M("backward_out_global_index", "wrong index",
       "out[i * n + j] = from_f<TO>(g * rj);", "out[i * n + col] = from_f<TO>(g * rj);"),
     M("correction_w_local_index", "wrong index",
@@ -172,7 +176,7 @@ MUTANTS: List[Mutant] = [
     M("inv_a_of_squared_norm", "wrong normalization factor",
       "const float inv_a = 1.0f / maximum(a, NORM_EPS);", "const float inv_a = 1.0f / maximum(ss, NORM_EPS);"),
     M("label_cosine_unnormalized_w", "wrong normalization factor",
-      "cy = dot * inv_a * r[lab];", "cy = dot * inv_a;"),
+      "cy = dot * inv_a * r[lab * K + ksub];", "cy = dot * inv_a;"),
     M("correction_single_r", "wrong normalization factor",
       "rc * rc * dot;", "rc * dot;"),
     M("row_chain_missing_inv_a", "wrong normalization factor",
@@ -190,7 +194,8 @@ MUTANTS: List[Mutant] = [
       "    rows.gc_row[i] = 0.0f;\n", ""),
     # ---- aliasing ----------------------------------------------------------------------------------
     M("backward_rereads_aliased_tile", "read after aliased write",
-      "acc_gc += g * c;", "acc_gc += g * (col == lab ? c : tile[i * n + j] * inv_a * rj);"),
+      "acc_gc += g * c;\n      if (sbn) acc_sph += dz * z;\n    }\n  } else {",
+      "acc_gc += g * (col == lab ? c : tile[i * n + j] * inv_a * rj);\n      if (sbn) acc_sph += dz * z;\n    }\n  } else {"),
     # ---- rounding, conversions ---------------------------------------------------------------------
     M("load_w_no_rounding", "rounding on the wrong side",
       "return to_f(from_f<T>(to_f(*p)));", "return to_f(*p);"),
@@ -213,6 +218,50 @@ MUTANTS: List[Mutant] = [
       "if ((WDT) == (DT)) {", "if ((WDT) != (DT)) {"),
     M("dispatch_w_float_as_t", "dispatch macro",
       "      using TW = float;                         \\", "      using TW = T;                             \\"),
+    # ---- the newer losses' features (issue 14): per-row margins, CLIP/NONE, curricular, sub-centers ----
+    M("row_margins_wrong_stride", "wrong index or stride",
+      "p.m2 = rows.row_margins[2 * i];\n    p.m3 = rows.row_margins[2 * i + 1];",
+      "p.m2 = rows.row_margins[i];\n    p.m3 = rows.row_margins[i + 1];"),
+    M("row_margins_swapped", "swapped arguments",
+      "p.m2 = rows.row_margins[2 * i];\n    p.m3 = rows.row_margins[2 * i + 1];",
+      "p.m2 = rows.row_margins[2 * i + 1];\n    p.m3 = rows.row_margins[2 * i];"),
+    M("clip_missing_derivative_zeroing", "missing clamp derivative",
+      "*dc = (c_clamped || arg_clamped) ? 0.0f : m1 * sinf(argc) / sin_c;", "*dc = m1 * sinf(argc) / sin_c;",
+      "margins.cuh"),
+    M("clip_angle_clamp_derivative_kept", "missing clamp derivative",
+      "*dc = (c_clamped || arg_clamped) ? 0.0f", "*dc = c_clamped ? 0.0f", "margins.cuh"),
+    M("none_policy_falls_back", "dispatch slip",
+      "  if (boundary == NONE) {\n    float sin_body;", "  if (boundary == NONE && false) {\n    float sin_body;",
+      "margins.cuh"),
+    M("curricular_slope_t_plus_c", "wrong derivative",
+      "*df = t + 2.0f * c;", "*df = t + c;", "margins.cuh"),
+    M("curricular_slope_dropped", "wrong derivative",
+      "g = s * dz * df;  // dL/dc_ij", "g = s * dz;  // dL/dc_ij"),
+    M("curricular_on_label_column", "label column not skipped",
+      "      if (col == lab) {\n        z = zl;\n      } else {\n        int32_t kb;",
+      "      if (col == lab && !cur.on) {\n        z = zl;\n      } else {\n        int32_t kb;"),
+    M("curricular_label_gradient_modulated", "label column not skipped",
+      "        g = gy;\n        kb = ksub;",
+      "        g = cur.on && c > cur.tau ? gy * (cur.t + 2.0f * c) : gy;\n        kb = ksub;"),
+    M("curricular_threshold_of_row_0", "wrong index or stride",
+      "tau(on ? rows.neg_threshold[i] : 0.0f)", "tau(on ? rows.neg_threshold[0] : 0.0f)"),
+    M("curricular_not_dispatched", "dispatch slip",
+      "return K > 1 || rows.neg_t != nullptr;", "return K > 1;"),
+    M("subcenter_grad_to_all_k", "gradient to every sub-center",
+      "from_f<TO>(k == kb ? g * r[col * K + k] : 0.0f)", "from_f<TO>(g * r[col * K + k])"),
+    M("subcenter_tie_to_highest_k", "wrong tie rule",
+      "    const float ck = s[k] * inv_a * r[cls * K + k];\n    if (replaces_max(ck, best)) {",
+      "    const float ck = s[k] * inv_a * r[cls * K + k];\n    if (!(ck < best)) {"),
+    M("subcenter_max_drops_nan", "NaN swallowed",
+      "return !(best != best) && (cand > best || cand != cand);", "return cand > best;", "margins.cuh"),
+    M("subcenter_label_winner_ignored", "state not used",
+      "const int32_t ksub = (K > 1 && lab >= 0) ? rows.label_sub[i] : 0;", "const int32_t ksub = 0;"),
+    M("subcenter_label_row_stride", "wrong index or stride",
+      "w + (lab >= 0 ? lab * K : 0) * D;", "w + (lab >= 0 ? lab : 0) * D;"),
+    M("subcenter_tile_row_stride", "wrong index or stride",
+      "const float* srow = tile + i * n * K;", "const float* srow = tile + i * n;"),
+    M("subcenter_norm_index", "wrong index or stride",
+      "  float best = s[0] * inv_a * r[cls * K];", "  float best = s[0] * inv_a * r[cls];"),
 ]
 
 SUITES = ["tests/test_cuda_parity.py", "tests/test_engine_emulated.py"]
@@ -248,10 +297,10 @@ def pytest_collection_modifyitems(config, items):
 
 
 def apply(text: str, m: Mutant) -> str:
-    """engine.cu's text with mutant m applied; ValueError unless m.old occurs exactly once."""
+    """m.file's text with mutant m applied; ValueError unless m.old occurs exactly once."""
     count = text.count(m.old)
     if count != 1:
-        raise ValueError(f"mutant {m.name}: its snippet occurs {count} times in engine.cu (expected once):\n{m.old}")
+        raise ValueError(f"mutant {m.name}: its snippet occurs {count} times in {m.file} (expected once):\n{m.old}")
     if m.old == m.new:
         raise ValueError(f"mutant {m.name}: the new snippet equals the old one")
     return text.replace(m.old, m.new)
@@ -271,7 +320,8 @@ _BUILD = "import sys; sys.path.insert(0, 'tests'); from emu import build; build.
 _FIRST = re.compile(r"^(?:FAILED|ERROR) (\S+)", re.M)
 
 
-def run_one(name: str, kind: str, cu: Optional[Path], order: List[str], timeout: float) -> dict:
+def run_one(name: str, kind: str, cu: Optional[Path], order: List[str], timeout: float,
+            deselect: List[str] = ()) -> dict:
     """Builds engine.cu (cu, or the real one) for the emulator and runs the suites with -x."""
     rec = {"name": name, "kind": kind}
     t0 = time.monotonic()
@@ -282,7 +332,8 @@ def run_one(name: str, kind: str, cu: Optional[Path], order: List[str], timeout:
         rec.update(status="invalid", detail=(build.stdout + build.stderr)[-2000:])
         return rec
     t1 = time.monotonic()
-    cmd = [PY, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p", "emu.mutate", *SUITES]
+    cmd = [PY, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p", "emu.mutate", *SUITES,
+           *(f"--deselect={d}" for d in deselect)]
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=_env(cu, order), capture_output=True, text=True, timeout=timeout)
         out, rc = proc.stdout + proc.stderr, proc.returncode
@@ -310,12 +361,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--timeout", type=float, default=900, help="seconds per mutant's test run (default 900)")
     ap.add_argument("--order", default=",".join(ORDER), help="comma-separated node-id prefixes run first, in order")
     ap.add_argument("--json", type=Path, help="summary file (default <emulator cache>/mutants/summary.json)")
+    ap.add_argument("--deselect", default="", help="comma-separated node-id prefixes left out of every run "
+                    "(tests that fail for reasons outside engine.cu, e.g. another engine's)")
     args = ap.parse_args(argv)
 
     sys.path.insert(0, str(HERE.parent))
     from emu import build  # noqa: E402  (the cache location)
 
-    text = ENGINE_CU.read_text()
+    texts = {"engine.cu": ENGINE_CU.read_text(), "margins.cuh": MARGINS_CUH.read_text()}
     chosen = MUTANTS
     if args.only:
         wanted = args.only.split(",")
@@ -327,16 +380,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ValueError(f"duplicate mutant names: {dupes}")
-    mutated = {m.name: apply(text, m) for m in chosen}  # every row checked before anything runs
+    mutated = {m.name: apply(texts[m.file], m) for m in chosen}  # every row checked before anything runs
     if args.list:
         for m in chosen:
             print(f"{m.name:34s} {m.kind}")
-        print(f"{len(chosen)} mutants, every snippet found once in {ENGINE_CU}")
+        print(f"{len(chosen)} mutants, every snippet found once in {ENGINE_CU} or {MARGINS_CUH}")
         return 0
 
     work = build._cache_dir() / "mutants"
     summary_path = args.json or work / "summary.json"
     order = args.order.split(",")
+    deselect = [d for d in args.deselect.split(",") if d]
     started = time.time()
     records: List[dict] = []
 
@@ -354,7 +408,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return summary
 
     if args.baseline:
-        rec = run_one("(baseline)", "none", None, order, args.timeout)
+        rec = run_one("(baseline)", "none", None, order, args.timeout, deselect)
         records.append(rec)
         print(f"(baseline): {rec['status']} {rec.get('first_failure', '')}", flush=True)
         if rec["status"] != "survived":
@@ -371,8 +425,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     def job(m: Mutant) -> dict:
         cu = work / m.name / "engine.cu"
         cu.parent.mkdir(parents=True, exist_ok=True)
-        cu.write_text(mutated[m.name])
-        return run_one(m.name, m.kind, cu, order, args.timeout)
+        # A margins.cuh mutant: the real engine.cu with the mutated header (and engine.cuh, which
+        # includes it) next to it; build.py puts the kernel's directory first on the include path.
+        cu.write_text(mutated[m.name] if m.file == "engine.cu" else texts["engine.cu"])
+        if m.file == "margins.cuh":  # engine.cuh too: its quoted include must find the mutant's margins.cuh
+            (cu.parent / "margins.cuh").write_text(mutated[m.name])
+            (cu.parent / "engine.cuh").write_text((ENGINE_CU.parent / "engine.cuh").read_text())
+        return run_one(m.name, m.kind, cu, order, args.timeout, deselect)
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         for fut in concurrent.futures.as_completed([pool.submit(job, m) for m in chosen]):
