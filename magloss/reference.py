@@ -87,8 +87,16 @@ def check_extras(embeddings: Tensor, spec: MarginSpec, row_margins: Optional[Ten
       dtype, same device.
     * boundary CLIP or NONE only with COMBINED.
 
+    * boundary one of THRESHOLD, EASY, CLIP, NONE; subcenters K >= 1 (the op's integers
+      come unvalidated from C++/torch.library callers).
+
     Raises ValueError naming the argument.
     """
+    if spec.boundary not in range(len(BOUNDARIES)):
+        raise ValueError(f"boundary: expected one of {list(range(len(BOUNDARIES)))} "
+                         f"({', '.join(BOUNDARIES)}), got {spec.boundary}")
+    if spec.subcenters < 1:
+        raise ValueError(f"subcenters: expected K >= 1 sub-centers per class, got {spec.subcenters}")
     if spec.boundary > EASY and spec.kind != COMBINED:
         raise ValueError(f"boundary: {BOUNDARIES[spec.boundary].upper()} needs the COMBINED margin family "
                          f"(kind 0), got kind {spec.kind}")
@@ -146,7 +154,7 @@ def check_values(embeddings: Tensor, weight: Tensor, labels: Tensor, ignore_inde
     as in the fused engine: a NaN then gives NaN row statistics (NaN in, NaN out). The label
     check always runs, since the reference indexes with the labels.
     """
-    num_classes = weight.shape[0]
+    num_classes = weight.shape[0] if num_classes is None else num_classes
     firsts = [first_true(bad_labels(labels, num_classes, ignore_index))]
     if input_check_mode() != "off":
         firsts += [first_true(~torch.isfinite(embeddings).all(dim=1)), first_true(~torch.isfinite(weight).all(dim=1))]
