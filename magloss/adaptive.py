@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from .margins import NORM_EPS
-from .reference import compute_dtype
+from .reference import compute_dtype, label_subcenters
 
 __all__ = [
     "ADAFACE_EPS",
@@ -98,10 +98,7 @@ def label_cosines(embeddings: Tensor, weight: Tensor, labels: Tensor, ignore_ind
         lab = torch.where(has, labels, torch.zeros_like(labels)).long().clamp(0, num_classes - 1)
         x = embeddings.detach().to(ct)
         x = x / x.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
-        rows = (lab.unsqueeze(1) * subcenters + torch.arange(subcenters, device=lab.device)).flatten()
-        w = weight.detach().index_select(0, rows).to(embeddings.dtype).to(ct).view(lab.shape[0], subcenters, -1)
-        w = w / w.norm(dim=2, keepdim=True).clamp_min(NORM_EPS)
-        c = (x.unsqueeze(1) * w).sum(2).amax(1)
+        c = label_subcenters(x, weight.detach(), lab, subcenters, embeddings.dtype)[3].amax(1)
         return torch.where(has, c, torch.zeros_like(c))
 
 

@@ -66,8 +66,8 @@ import torch
 from torch import Tensor
 
 from .margins import NORM_EPS, MarginSpec, margin_terms, regularizer
-from .reference import (check_extras, check_values, class_cosines, compute_dtype, curricular, num_classes_of,
-                        saturating_cast, weight_operand)
+from .reference import (check_extras, check_values, class_cosines, compute_dtype, curricular, label_subcenters,
+                        num_classes_of, saturating_cast, weight_operand)
 
 __all__ = ["DEFAULT_TILE", "chunk_columns", "margin_ce_forward", "margin_ce_backward"]
 
@@ -164,11 +164,8 @@ def _row_stage(embeddings, weight, labels, spec: MarginSpec, ignore_index: int, 
         r_y = 1.0 / wn_y.clamp_min(NORM_EPS)
         c_y = (x_hat * w_y).sum(1) * r_y
     else:   # the label class's K sub-centers; the one of largest cosine (ties: lowest k) is the label's
-        sub = (lab.unsqueeze(1) * K + torch.arange(K, device=lab.device)).flatten()
-        w_all = _operand(weight.index_select(0, sub), embeddings.dtype, ct).view(lab.shape[0], K, -1)
-        wn_all = w_all.norm(dim=2)
-        r_all = 1.0 / wn_all.clamp_min(NORM_EPS)
-        c_y, k_y = ((x_hat.unsqueeze(1) * w_all).sum(2) * r_all).max(dim=1)
+        w_all, wn_all, r_all, c_all = label_subcenters(x_hat, weight, lab, K, embeddings.dtype)
+        c_y, k_y = c_all.max(dim=1)
         pick = k_y.unsqueeze(1)
         w_y = w_all.gather(1, pick.unsqueeze(2).expand(-1, 1, w_all.shape[2])).squeeze(1)
         wn_y, r_y = wn_all.gather(1, pick).squeeze(1), r_all.gather(1, pick).squeeze(1)

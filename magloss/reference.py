@@ -131,6 +131,20 @@ def class_cosines(cos: Tensor, subcenters: int) -> Tuple[Tensor, Optional[Tensor
     return cos.unflatten(1, (-1, subcenters)).max(dim=2)
 
 
+def label_subcenters(x_hat: Tensor, weight: Tensor, lab: Tensor, subcenters: int,
+                     x_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The K rows of each row's label class (row lab_i·K + k of ``weight``) as the math sees
+    them: w [B, K, D] in x_hat's dtype (first rounded to ``x_dtype``: the autocast pair), their
+    norms ‖w‖ [B, K], r = 1/max(‖w‖, ε) [B, K] and the cosines x̂_i·w·r [B, K]. A gather-dot,
+    O(B·K·D). x_hat [B, D] unit rows, lab [B] int64 in [0, C)."""
+    rows = (lab.unsqueeze(1) * subcenters + torch.arange(subcenters, device=lab.device)).flatten()
+    w = weight.index_select(0, rows)
+    w = (w if x_dtype is None else w.to(x_dtype)).to(x_hat.dtype).view(lab.shape[0], subcenters, -1)
+    wn = w.norm(dim=2)
+    r = 1.0 / wn.clamp_min(NORM_EPS)
+    return w, wn, r, (x_hat.unsqueeze(1) * w).sum(2) * r
+
+
 def curricular(cos: Tensor, neg_threshold: Optional[Tensor], neg_t: Optional[Tensor]):
     """CurricularFace's function of the non-label columns: f(c_ij) = c_ij·(t + c_ij) where
     c_ij > τ_i, else c_ij; and f' = t + 2·c_ij there, else 1. cos: [B, N], neg_threshold

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .margins import NORM_EPS
-from .reference import compute_dtype
+from .reference import compute_dtype, label_subcenters
 
 __all__ = ["subcenter_counts", "dominant_subcenters", "dominant_weight", "far_from_class"]
 
@@ -57,9 +57,7 @@ def subcenter_counts(embeddings: Tensor, weight: Tensor, labels: Tensor, subcent
     with torch.no_grad():
         lab = labels[valid].long()
         x = _unit(embeddings[valid], ct)
-        rows = (lab.unsqueeze(1) * subcenters + torch.arange(subcenters, device=lab.device)).flatten()
-        w = _unit(weight.index_select(0, rows).view(lab.shape[0], subcenters, -1), ct)
-        k = (x.unsqueeze(1) * w).sum(2).argmax(1)
+        k = label_subcenters(x, weight.detach(), lab, subcenters)[3].argmax(1)
         counts = torch.zeros(num_classes * subcenters, dtype=torch.int64, device=weight.device)
         counts.index_add_(0, lab * subcenters + k, torch.ones_like(k))
     return counts.view(num_classes, subcenters)
