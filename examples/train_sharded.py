@@ -42,17 +42,10 @@ try:
 except ImportError:        # running from a source checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import magloss.distributed as mdist  # noqa: E402
-from magloss import checkpoint  # noqa: E402
+from magloss import checkpoint, registry  # noqa: E402
 
-LOSSES = {
-    "normface": mdist.ShardedNormFaceLoss,
-    "cosface": mdist.ShardedCosFaceLoss,
-    "arcface": mdist.ShardedArcFaceLoss,
-    "combined": mdist.ShardedCombinedMarginLoss,
-    "sphereface": mdist.ShardedSphereFaceLoss,
-    "magface": mdist.ShardedMagFaceLoss,
-    "magcosface": mdist.ShardedMagCosFaceLoss,
-}
+#: every loss that has a class-sharded twin, by its registry name
+LOSSES = {name: registry.sharded(name) for name in registry.LOSSES if registry.sharded(name) is not None}
 
 
 def parse_args(argv=None):

@@ -12,7 +12,7 @@ Quick start::
 ``magloss.extension_status()`` tells whether the fused CUDA kernels are in use.
 """
 
-from . import adaptive, checkpoint, distributed, evaluation, functional, margins, ops, quality, subcenter  # noqa: F401  (ops registers the custom ops)
+from . import adaptive, checkpoint, distributed, evaluation, functional, margins, ops, quality, registry, subcenter  # noqa: F401  (ops registers the custom ops)
 from ._ext import extension_status, flush_input_checks
 from .functional import LossParts, MagFaceOutput
 from .interop import load_magface_weight
@@ -64,5 +64,6 @@ __all__ = [
     "load_magface_weight",
     "margins",
     "quality",
+    "registry",
     "subcenter",
 ]

@@ -46,28 +46,15 @@ from torch import nn
 
 import magloss
 from magloss import checkpoint as ckpt
+from magloss import registry
 from magloss.backbones import ARCHITECTURES, build_backbone
 from magloss.distributed.comm import comm_device
 
 __all__ = ["LOSSES", "Run", "build_parser", "load_model", "main", "parse"]
 
-#: --loss name -> loss class. The ONE table of losses: each class's constructor arguments
-#: (after embedding_size and num_classes) become the loss options of --help.
-LOSSES: Dict[str, type] = {
-    "softmax": magloss.SoftmaxLoss,
-    "normface": magloss.NormFaceLoss,
-    "cosface": magloss.CosFaceLoss,
-    "arcface": magloss.ArcFaceLoss,
-    "combined": magloss.CombinedMarginLoss,
-    "sphereface": magloss.SphereFaceLoss,
-    "magface": magloss.MagFaceLoss,
-    "magcosface": magloss.MagCosFaceLoss,
-    "adaface": magloss.AdaFaceLoss,
-    "curricularface": magloss.CurricularFaceLoss,
-    "subcenter_arcface": magloss.SubCenterArcFaceLoss,
-    "elastic_arcface": magloss.ElasticArcFaceLoss,
-    "elastic_cosface": magloss.ElasticCosFaceLoss,
-}
+#: --loss name -> loss class, from the one registry (magloss.registry): each class's constructor
+#: arguments (after embedding_size and num_classes) become the loss options of --help.
+LOSSES: Dict[str, type] = registry.LOSSES
 
 CHECKPOINT_FORMAT = "magloss.train/1"
 
