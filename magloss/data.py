@@ -147,11 +147,16 @@ class RecordIODataset(Dataset):
 
     Raises:
         FileNotFoundError: a missing ``.rec`` or ``.idx``.
-        ValueError (naming the file and the record key): a malformed index line, an
-        image key of the header's range missing from the index, wrong magic,
-        truncated record, broken continuation flags, a payload shorter than its
-        header, a label that is not a whole number in ``[0, num_classes)``, an image
-        that does not decode.
+        ValueError (naming the file at fault and the record key): a malformed index
+        line, an image key of the header's range missing from the index, an index
+        offset past the end of the .rec (names the .idx), a ``property`` class count
+        other than the header record's identity count (names ``property``), wrong
+        magic, truncated record, broken continuation flags, a payload shorter than its
+        header, a label that is not a whole number in ``[0, num_classes)`` (names where
+        the count came from), an image that does not decode. Checked when the dataset
+        is opened (cheap, no full read): the index offsets, the framing of the records
+        at the first and the last offset, the header record against ``property``; the
+        rest when a record is read.
 
     Source: MXNet ``recordio.py`` (``MXIndexedRecordIO``, ``unpack``), dmlc-core
     ``recordio.cc``, insightface ``arcface_torch/dataset.py`` (``MXFaceDataset``).
@@ -176,6 +181,7 @@ class RecordIODataset(Dataset):
         self._size = 0
 
         index_keys, self._offsets = self._read_index(idx)
+        self._index_keys = index_keys
         self._first_key = int(index_keys[0])
         if _is_range(index_keys):  # the usual index: row = key - first key
             self._sorted_keys = self._sorted_rows = None
@@ -190,6 +196,7 @@ class RecordIODataset(Dataset):
             prop_classes, h, w = read_property(prop)
             self.image_size = (h, w)
 
+        self._check_framing()
         self.header = None
         if self._row(0) >= 0:
             flag, labels, _, _, _ = self.read_record(0)
@@ -211,14 +218,24 @@ class RecordIODataset(Dataset):
         else:
             self.keys = index_keys.astype(np.int64)
 
+        identities = self.header[1] - self.header[0] if self.header is not None else 0
+        #: where the class count comes from, for the label error: the argument, property or the header
+        self.num_classes_source = None
         if num_classes is not None:
             self.num_classes = int(num_classes)
             if self.num_classes <= 0:
                 raise ValueError(f"num_classes: expected a positive integer, got {num_classes}")
+            self.num_classes_source = "the num_classes argument"
         elif prop_classes is not None:
+            if identities and prop_classes != identities:
+                raise ValueError(f"{prop}: says {prop_classes} classes, but the header record of {rec} lists "
+                                 f"{identities} identities (records {self.header[0]} .. {self.header[1] - 1}): "
+                                 f"correct the first number of {prop} to {identities}")
             self.num_classes = prop_classes
-        elif self.header is not None and self.header[1] > self.header[0]:
-            self.num_classes = self.header[1] - self.header[0]
+            self.num_classes_source = prop
+        elif identities:
+            self.num_classes = identities
+            self.num_classes_source = f"the header record of {rec}"
         else:
             self.num_classes = None
 
@@ -256,6 +273,30 @@ class RecordIODataset(Dataset):
         i = int(np.searchsorted(self._sorted_keys, key))
         return int(self._sorted_rows[i]) if i < self._sorted_keys.size and self._sorted_keys[i] == key else -1
 
+    def _past_end(self, key: int, pos: int) -> str:
+        """The message of an index offset that lies outside the .rec: the index's fault."""
+        return (f"{self.idx_path}: record {key}: offset {pos} lies past the end of {self.rec_path} "
+                f"({self._size} bytes): this index does not belong to that file")
+
+    def _check_framing(self) -> None:
+        """Open-time check, without reading the whole file: every offset of the index lies
+        inside the .rec, and the records at the smallest and the largest offset frame
+        correctly (magic, continuation flags, lengths within the file). A .rec cut short
+        (its last record runs past its end, or offsets past the end follow a record cut
+        inside) is reported as the .rec's fault; offsets past the end of a .rec whose last
+        record frames correctly as the index's."""
+        self._file()
+        rows = np.flatnonzero(self._offsets >= self._size)
+        inside = np.flatnonzero(self._offsets < self._size)
+        if inside.size:
+            last = int(inside[np.argmax(self._offsets[inside])])
+            self.read_raw(int(self._index_keys[last]))            # a cut inside it names the .rec
+            self.read_raw(int(self._index_keys[int(inside[np.argmin(self._offsets[inside])])]))
+        if rows.size:
+            row = int(rows[np.argmin(self._offsets[rows])])
+            raise ValueError(self._past_end(int(self._index_keys[row]), int(self._offsets[row]))
+                             + f" ({rows.size} of its {self._offsets.size} entries do)")
+
     def _offset(self, key: int) -> int:
         row = self._row(key)
         if row < 0:
@@ -291,6 +332,8 @@ class RecordIODataset(Dataset):
         f.seek(pos)
         parts: List[bytes] = []
         first = True
+        if pos >= self._size:
+            raise ValueError(self._past_end(key, pos))
         while True:
             head = f.read(8)
             if len(head) < 8:
@@ -343,7 +386,8 @@ class RecordIODataset(Dataset):
             raise ValueError(f"{where}: label {v} is not a whole number")
         lab = int(v)
         if lab < 0 or (self.num_classes is not None and lab >= self.num_classes):
-            bound = f"[0, {self.num_classes})" if self.num_classes is not None else ">= 0"
+            bound = (f"[0, {self.num_classes}) (the class count of {self.num_classes_source})"
+                     if self.num_classes is not None else ">= 0")
             raise ValueError(f"{where}: label {lab} outside {bound}")
         return lab
 

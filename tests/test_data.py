@@ -152,7 +152,6 @@ def _truncate_inside_5(rec, off):
 
 DAMAGES = [
     # (damage(rec path, offsets), sample index, message)
-    (_truncate_inside_5, 4, r"train\.rec: record 5: truncated record \(part at byte \d+ declares \d+ bytes"),
     (lambda rec, off: _patch(rec, off[3], b"\x00\x11\x22\x33"), 2,
      r"train\.rec: record 3: wrong magic number 0x33221100 at byte \d+ \(expected 0xced7230a\)"),
     (lambda rec, off: _patch(rec, off[2] + 4, struct.pack("<I", (1 << 29) - 1)), 1,  # a huge length word
@@ -358,3 +357,68 @@ def test_missing_pillow_names_the_extra(rec_folder, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "PIL", None)  # import PIL now fails
     with pytest.raises(ImportError, match=r"pip install 'magloss\[data\]'"):
         ds[0]
+
+
+# ---------------------------------------------------------------- checks when the set is opened
+def _cut(at):
+    """Truncate the .rec ``at(offsets, size)`` bytes long."""
+    def damage(folder):
+        rec = os.path.join(folder, "train.rec")
+        with open(rec, "r+b") as f:
+            f.truncate(at(_offsets(folder), os.path.getsize(rec)))
+    return damage
+
+
+def _idx_offset(key, at):
+    """Rewrite the .idx with record ``key``'s offset replaced by ``at(size of the .rec)``."""
+    def damage(folder):
+        off = _offsets(folder)
+        off[key] = at(os.path.getsize(os.path.join(folder, "train.rec")))
+        with open(os.path.join(folder, "train.idx"), "w") as f:
+            f.writelines(f"{k}\t{o}\n" for k, o in off.items())
+    return damage
+
+
+def _property(*values):
+    def damage(folder):
+        with open(os.path.join(folder, "property"), "w") as f:
+            f.write(",".join(map(str, values)))
+    return damage
+
+
+OPEN_DAMAGES = [
+    # a .rec cut inside record 5's payload: the identity records 6..8 after it point past the end
+    (_cut(lambda off, size: off[5] + 20), r"train\.rec: record 5: truncated record \(part at byte \d+ declares"),
+    (_cut(lambda off, size: size - 4), r"train\.rec: record 8: truncated record"),        # the last record cut
+    (_cut(lambda off, size: off[8] + 5), r"train\.rec: record 8: truncated record \(file ends inside the record "
+                                         r"header"),
+    # a .rec whose records are whole, an index that points past it: the index is at fault
+    (_idx_offset(8, lambda size: size + 100), r"train\.idx: record 8: offset \d+ lies past the end of .*train\.rec "
+                                              r"\(\d+ bytes\): this index does not belong to that file \(1 of its 9"),
+    (_idx_offset(3, lambda size: size), r"train\.idx: record 3: offset \d+ lies past the end of .*train\.rec"),
+    # property against the header record's identity count (records 6..8: 3 identities)
+    (_property(60, 112, 112), r"property: says 60 classes, but the header record of .*train\.rec lists 3 identities "
+                              r"\(records 6 \.\. 8\): correct the first number of .*property to 3"),
+    (_property(2, 112, 112), r"property: says 2 classes, but the header record .* lists 3 identities"),
+]
+
+
+@pytest.mark.parametrize("damage, message", OPEN_DAMAGES)
+def test_damage_found_when_opened(rec_folder, damage, message):
+    folder, _, _ = rec_folder
+    damage(folder)
+    with pytest.raises(ValueError, match=message):
+        RecordIODataset(folder)
+
+
+def test_label_error_names_where_the_class_count_comes_from(tmp_path):
+    folder = str(tmp_path / "plain")
+    px = encode(np.zeros((2, 2, 3), np.uint8), "PNG")
+    write_recordio(folder, [(0, image_record(0, px)), (1, image_record(3, px))], prop=(3, 2, 2))  # no header
+    ds = RecordIODataset(folder)
+    assert int(ds[0][1]) == 0
+    with pytest.raises(ValueError, match=r"train\.rec: record 1: label 3 outside \[0, 3\) \(the class count of "
+                                         r".*plain/property\)"):
+        ds[1]
+    with pytest.raises(ValueError, match=r"label 3 outside \[0, 2\) \(the class count of the num_classes argument\)"):
+        RecordIODataset(folder, num_classes=2)[1]
