@@ -27,14 +27,18 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import datetime
 import glob
 import inspect
 import json
 import math
 import os
+import shlex
 import shutil
+import signal
 import sys
+import threading
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -50,7 +54,7 @@ from magloss import registry
 from magloss.backbones import ARCHITECTURES, build_backbone
 from magloss.distributed.comm import comm_device
 
-__all__ = ["LOSSES", "Run", "build_parser", "load_model", "main", "parse"]
+__all__ = ["LOSSES", "DevicePlan", "Run", "build_parser", "decide_device", "load_model", "main", "parse"]
 
 #: --loss name -> loss class, from the one registry (magloss.registry): each class's constructor
 #: arguments (after embedding_size and num_classes) become the loss options of --help.
@@ -68,8 +72,21 @@ _TRAIN_FIELDS = ("step", "epoch", "lr", "loss", "ce", "reg", "reg_weighted", "ma
 _EVAL_FIELDS = ("step", "epoch", "set", "pairs", "accuracy_mean", "accuracy_std", "flip", "time")
 
 
+#: Folds of the verification protocol (insightface's 10-fold): a .bin needs at least this many pairs.
+EVAL_FOLDS = 10
+
+
 class UsageError(Exception):
-    """A bad command line or data folder: reported as ``magloss.train: error: ...``."""
+    """A bad command line or data folder: reported as ``magloss.train: error: ...`` (exit 2)."""
+
+
+class Stopped(Exception):
+    """Training stopped before its end with its finished steps saved: a data error found during
+    training (``code`` 2) or Ctrl-C (``code`` 130). The message is the one line printed."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 # ------------------------------------------------------------------------------------- options
@@ -225,17 +242,30 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
 
 
 def _check_args(a: argparse.Namespace) -> None:
-    """Value checks argparse cannot do, in the option's words."""
-    positive = {"batch_size": a.batch_size, "embedding_size": a.embedding_size, "log_every": a.log_every,
-                "eval_batch_size": a.eval_batch_size, "keep_checkpoints": a.keep_checkpoints}
+    """Value checks argparse cannot do, in the option's words (every option, before anything runs)."""
+    positive = {"embedding_size": a.embedding_size, "log_every": a.log_every,
+                "eval_batch_size": a.eval_batch_size, "keep_checkpoints": a.keep_checkpoints, "max_steps": a.max_steps}
     for k, v in positive.items():
-        if v < 1:
+        if v is not None and v < 1:
             raise UsageError(f"--{k.replace('_', '-')}: expected a positive integer, got {v}")
+    if a.batch_size < 2:
+        raise UsageError(f"--batch-size: expected at least 2 (BatchNorm needs two images per process and step), "
+                         f"got {a.batch_size}")
     for k in ("workers", "eval_every", "save_every"):
         if getattr(a, k) < 0:
             raise UsageError(f"--{k.replace('_', '-')}: expected an integer >= 0, got {getattr(a, k)}")
-    if a.max_steps is not None and a.max_steps < 0:
-        raise UsageError(f"--max-steps: expected an integer >= 0, got {a.max_steps}")
+    for k in ("lr", "weight_decay", "momentum", "dropout", "epochs", "warmup_epochs", "gamma", "clip_grad_norm",
+              "sample_rate"):
+        v = getattr(a, k)
+        if v is not None and not math.isfinite(v):
+            raise UsageError(f"--{k.replace('_', '-')}: expected a finite number, got {v}")
+    if not 0.0 <= a.momentum < 1.0:
+        raise UsageError(f"--momentum: expected a number in [0, 1), got {a.momentum}")
+    if not 0.0 <= a.dropout < 1.0:
+        raise UsageError(f"--dropout: expected a probability in [0, 1), got {a.dropout}")
+    if not 0.0 < a.gamma <= 1.0:
+        raise UsageError(f"--gamma: expected a decay factor in (0, 1] (the lr is multiplied by it at each "
+                         f"milestone), got {a.gamma}")
     if not 0.0 < a.sample_rate <= 1.0:
         raise UsageError(f"--sample-rate: expected a share of the classes in (0, 1], got {a.sample_rate}")
     if not a.epochs > 0 or not 0 <= a.warmup_epochs < a.epochs:
@@ -272,6 +302,83 @@ def loss_kwargs(a: argparse.Namespace) -> Dict[str, object]:
             v = int(v)
         kw[name] = v
     return kw
+
+
+# ------------------------------------------------------------------------------------- device
+@dataclasses.dataclass(frozen=True)
+class DevicePlan:
+    """The device-specific choices of a training process (:func:`decide_device`).
+
+    Attributes:
+        device: ``cpu`` or ``cuda:N`` (always with its index on CUDA).
+        backend: process-group backend, ``"nccl"`` on CUDA, ``"gloo"`` on the CPU.
+        amp: ``"off"``, ``"fp16"`` or ``"bf16"`` (``--amp auto`` resolved).
+        amp_dtype: the autocast dtype (``torch.float16``/``torch.bfloat16``) or None (no autocast).
+        scaler: whether the gradient scaler is enabled (fp16 only: bf16 has fp32's exponent range).
+        pin_memory: the DataLoader's pin_memory (only worth it for copies to a GPU).
+        ddp_device_ids: DistributedDataParallel's ``device_ids`` (``[N]`` on ``cuda:N`` under
+            torchrun, None on the CPU or in one process).
+    """
+
+    device: torch.device
+    backend: str
+    amp: str
+    amp_dtype: Optional[torch.dtype]
+    scaler: bool
+    pin_memory: bool
+    ddp_device_ids: Optional[List[int]]
+
+
+def decide_device(device_arg: Optional[str], amp: str, cuda_available: bool, device_count: int,
+                  bf16_supported: bool, local_rank: int, world: int) -> DevicePlan:
+    """Every choice of the training command that depends on the device, as a pure function of
+    what the machine offers (so that the CUDA branches are tested on a CPU-only machine).
+
+    Args:
+        device_arg: ``--device`` (None: ``cuda:LOCAL_RANK`` when CUDA is available, else ``cpu``;
+            ``cuda`` without an index: ``cuda:LOCAL_RANK``).
+        amp: ``--amp``: ``auto`` (bf16 on a GPU that supports it, else fp16; off on the CPU), ``off``,
+            ``fp16`` (CUDA only), ``bf16``.
+        cuda_available, device_count, bf16_supported: ``torch.cuda.is_available()``,
+            ``torch.cuda.device_count()``, ``torch.cuda.is_bf16_supported()`` (False without CUDA).
+        local_rank, world: ``LOCAL_RANK`` and ``WORLD_SIZE`` (0 and 1 in one process).
+
+    Returns:
+        a :class:`DevicePlan`.
+
+    Raises:
+        UsageError: ``--device`` not ``cpu``/``cuda[:N]``, CUDA asked for but absent, an index
+        past the devices, ``--amp fp16`` off CUDA, ``--amp bf16`` on a GPU without bfloat16.
+    """
+    if device_arg is None:
+        device_arg = "cuda" if cuda_available else "cpu"
+    try:
+        device = torch.device(device_arg)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device: expected cpu or cuda[:N], got {device_arg!r}")
+    on_gpu = device.type == "cuda"
+    if on_gpu:
+        if not cuda_available:
+            raise UsageError(f"--device {device_arg}: no CUDA device is available (use --device cpu)")
+        device = torch.device("cuda", local_rank if device.index is None else device.index)
+        if device.index >= device_count:
+            raise UsageError(f"--device {device_arg}: cuda:{device.index} does not exist (this process sees "
+                             f"{device_count} CUDA device{'s' if device_count != 1 else ''})")
+    elif device.index not in (None, 0):
+        raise UsageError(f"--device: expected cpu or cuda[:N], got {device_arg!r}")
+    else:
+        device = torch.device("cpu")
+    if amp == "auto":
+        amp = ("bf16" if bf16_supported else "fp16") if on_gpu else "off"
+    if amp == "fp16" and not on_gpu:
+        raise UsageError("--amp fp16: float16 autocast needs a CUDA device; on the CPU use --amp bf16 or off")
+    if amp == "bf16" and on_gpu and not bf16_supported:
+        raise UsageError(f"--amp bf16: {device} has no bfloat16 support; use --amp fp16 (or auto)")
+    return DevicePlan(device=device, backend="nccl" if on_gpu else "gloo", amp=amp,
+                      amp_dtype={"fp16": torch.float16, "bf16": torch.bfloat16}.get(amp), scaler=amp == "fp16",
+                      pin_memory=on_gpu, ddp_device_ids=[device.index] if on_gpu and world > 1 else None)
 
 
 # ------------------------------------------------------------------------------------- schedule
@@ -370,6 +477,8 @@ def open_data(data_dir: str, image_size: Optional[Tuple[int, int]]):
                                  f"sub-folders (an image folder, one sub-folder per identity)")
             ds = data.ImageFolderDataset(data_dir)
             size = image_size or tuple(ds[0][0].shape[-2:])
+        if len(ds):                   # the first and the last sample decode, their labels are in range
+            ds[0], ds[len(ds) - 1]
     except (FileNotFoundError, ValueError, ImportError) as exc:
         if isinstance(exc, UsageError):
             raise
@@ -382,6 +491,37 @@ def open_data(data_dir: str, image_size: Optional[Tuple[int, int]]):
     ds.transform = Resize(size)
     bins = sorted(glob.glob(os.path.join(data_dir, "*.bin")))
     return ds, int(ds.num_classes), tuple(size), bins
+
+
+def _inside(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or lies below it (symbolic links resolved)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+class _Guarded(torch.utils.data.Dataset):
+    """The training dataset, with a reader error turned into data: ``(image, label, error)``,
+    ``error`` "" or the reader's message (naming the file and the record), the image then zeros
+    of the input size. A damaged record stops the run in the main process, between steps,
+    whatever the number of workers (a worker's exception would arrive as a traceback)."""
+
+    def __init__(self, dataset, size: Tuple[int, int]) -> None:
+        self.dataset, self.size = dataset, tuple(size)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        try:
+            image, label = self.dataset[i]
+            return image, label, ""
+        except (ValueError, OSError) as exc:
+            return torch.zeros((3, *self.size), dtype=torch.uint8), torch.tensor(-1), str(exc)
+
+
+def _ignore_sigint(worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C to the main process (which stops cleanly between steps)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 # ------------------------------------------------------------------------------------- logging
@@ -464,10 +604,35 @@ def _find_checkpoint(resume: str, output: str) -> str:
     latest = os.path.join(path, "checkpoints", "latest")
     if os.path.isfile(latest):
         with open(latest) as f:
-            return os.path.join(path, "checkpoints", f.read().strip())
+            name = f.read().strip()
+        found = os.path.join(path, "checkpoints", name)
+        old = os.path.join(path, "checkpoints", ".old-" + name)   # killed while replacing a checkpoint of that step
+        return old if not os.path.isfile(os.path.join(found, "state.pt")) and \
+            os.path.isfile(os.path.join(old, "state.pt")) else found
     where = f"--output {output!r}" if resume == "auto" else f"--resume {resume!r}"
     raise UsageError(f"{where}: no checkpoint there (expected a checkpoint folder with state.pt, or a run folder "
                      f"with checkpoints/latest)")
+
+
+def _check_writable(folder: str) -> None:
+    """Create ``folder`` (--output) and write a file into it; UsageError naming --output."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".write-test-{os.getpid()}")
+        with open(probe, "wb") as f:
+            f.write(b"x")
+        os.remove(probe)
+    except OSError as exc:
+        raise UsageError(f"--output: cannot write into {folder!r}: {exc.strerror or exc}") from None
+
+
+def _write_atomically(path: str, write) -> None:
+    """``write(binary file)`` into a temporary file beside ``path``, then renamed onto it: a
+    reader (or a resumed run) sees the old file or the whole new one, never a part."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)
 
 
 def _overflow_everywhere(head: nn.Module, group) -> None:
@@ -497,7 +662,9 @@ class Run:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.group = None
         self._own_group = False
-        self.log = self._bar = None
+        self.log = self._bar = self._interrupted = None
+        self.saved_step = None
+        self.eval_failures = 0
         try:
             self._setup(args, explicit, local_rank)
         except BaseException:
@@ -510,8 +677,11 @@ class Run:
         ck_dir = None
         if args.resume is not None:
             ck_dir = _find_checkpoint(args.resume, args.output)
-            state = torch.load(os.path.join(ck_dir, "state.pt"), map_location="cpu", weights_only=True)
-            if state.get("format") != CHECKPOINT_FORMAT:
+            try:
+                state = torch.load(os.path.join(ck_dir, "state.pt"), map_location="cpu", weights_only=True)
+            except Exception as exc:          # a damaged file: torch raises RuntimeError, pickle's errors...
+                raise UsageError(f"--resume: cannot read {os.path.join(ck_dir, 'state.pt')!r}: {exc}") from None
+            if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
                 raise UsageError(f"--resume: {ck_dir!r} is not a magloss.train checkpoint")
             args = self._merge(args, explicit, state["args"])
         _check_args(args)
@@ -525,29 +695,19 @@ class Run:
         self.args = args
         kw = loss_kwargs(args)
 
-        if args.device is None:
-            args_device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-        else:
-            args_device = args.device
-        try:
-            self.device = torch.device(args_device)
-        except RuntimeError:
-            raise UsageError(f"--device: expected cpu or cuda[:N], got {args_device!r}") from None
+        cuda = torch.cuda.is_available()
+        self.plan = decide_device(args.device, args.amp, cuda, torch.cuda.device_count() if cuda else 0,
+                                  cuda and torch.cuda.is_bf16_supported(), local_rank, self.world)
+        self.device, self.amp, self.amp_dtype = self.plan.device, self.plan.amp, self.plan.amp_dtype
         if self.device.type == "cuda":
-            if not torch.cuda.is_available():
-                raise UsageError("--device cuda: no CUDA device is available (use --device cpu)")
-            if self.world > 1 and self.device.index is None:
-                self.device = torch.device("cuda", local_rank)
-            torch.cuda.set_device(self.device)
-        self.amp = args.amp
-        if self.amp == "auto":
-            on_gpu = self.device.type == "cuda"
-            self.amp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if on_gpu else "off"
-        if self.amp == "fp16" and self.device.type != "cuda":
-            raise UsageError("--amp fp16: float16 autocast needs a CUDA device; on the CPU use --amp bf16 or off")
-        self.amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.amp)
+            torch.cuda.set_device(self.device)    # GPU-only: NCCL and the default CUDA stream of this rank
 
-        self.dataset, self.num_classes, self.image_size, bins = open_data(args.data_dir, args.image_size)
+        dataset, self.num_classes, self.image_size, bins = open_data(args.data_dir, args.image_size)
+        if not os.path.isfile(os.path.join(args.data_dir, "train.rec")) and _inside(args.output, args.data_dir):
+            raise UsageError(f"--output: {args.output!r} lies inside the image folder DATA_DIR {args.data_dir!r}, "
+                             f"where its folders would become identities (and the run could not be resumed): "
+                             f"choose an --output outside DATA_DIR")
+        self.dataset = _Guarded(dataset, self.image_size)
         self.n = len(self.dataset)
         if self.n < self.world * args.batch_size:
             raise UsageError(f"--batch-size: {args.batch_size} x {self.world} processes = "
@@ -567,7 +727,7 @@ class Run:
 
         if self.world > 1 or sharded:
             if not dist.is_initialized():
-                backend = "nccl" if self.device.type == "cuda" else "gloo"
+                backend = self.plan.backend
                 if "MASTER_ADDR" in os.environ:   # torchrun; the long timeout covers rank 0's evaluation
                     dist.init_process_group(backend, timeout=datetime.timedelta(minutes=60))
                 else:                     # one process with Partial FC: a group of one
@@ -591,8 +751,7 @@ class Run:
         self.model = self.backbone
         if self.world > 1:
             self.model = nn.parallel.DistributedDataParallel(
-                self.backbone, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False)
+                self.backbone, device_ids=self.plan.ddp_device_ids, broadcast_buffers=False)
 
         bb_params = [p for p in self.backbone.parameters() if p.requires_grad]
         groups = [{"params": bb_params}, {"params": list(self.head.parameters())}]
@@ -602,32 +761,68 @@ class Run:
             self.optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
         self._head_index = len(bb_params)     # the class matrix's index in the optimizer's state_dict
         self.schedule = Schedule(args.schedule, args.lr, args.epochs, args.warmup_epochs, args.milestones, args.gamma)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == "fp16")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.plan.scaler)
 
         self.step, self.epoch, self.position = 0, 0, 0
         if state is not None:
             self._load(ck_dir, state)
+        self.total = self._total_steps()
+        self.saved_step = self.step if state is not None else None     # the step of the newest checkpoint
         self.bins, failure = [], None
-        if self.is_main:               # only rank 0 evaluates; the other ranks learn of a failure below
+        if self.is_main:               # only rank 0 evaluates and writes; the other ranks learn of a failure below
             try:
-                from magloss.data import VerificationBin
-                self.bins = [VerificationBin(b) for b in bins]
-            except (ValueError, ImportError) as exc:
-                failure = UsageError(f"DATA_DIR: {exc}")
+                self.bins = self._open_bins(bins)
+                _check_writable(args.output)
+            except UsageError as exc:
+                failure = exc
         if self.group is not None:
             flag = torch.tensor(float(failure is not None), device=comm_device(self.group))
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
             if flag.item() and failure is None:
-                failure = UsageError("rank 0 could not read the .bin verification sets (see its error)")
+                failure = UsageError("rank 0 found a .bin set or --output unusable (see its error)")
         if failure is not None:
             raise failure
-        if self.is_main:
-            os.makedirs(args.output, exist_ok=True)
         self.log = Log(args.output, self.is_main, args.tensorboard, self.step if state is not None else None)
         if self.is_main:
-            with open(os.path.join(args.output, "config.json"), "w") as f:
-                json.dump({**vars(args), "world_size": self.world, "num_classes": self.num_classes,
-                           "input_size": list(self.image_size), "amp": self.amp, "images": self.n}, f, indent=1)
+            _write_atomically(os.path.join(args.output, "config.json"), lambda f: f.write(json.dumps(
+                {**vars(args), "world_size": self.world, "num_classes": self.num_classes,
+                 "input_size": list(self.image_size), "amp": self.amp, "images": self.n}, indent=1).encode()))
+
+    @staticmethod
+    def _open_bins(paths: List[str]) -> list:
+        """The .bin sets, each with enough pairs for the folds; UsageError naming the file."""
+        try:
+            from magloss.data import VerificationBin
+            sets = [VerificationBin(b) for b in paths]
+        except (ValueError, ImportError) as exc:
+            raise UsageError(f"DATA_DIR: {exc}") from None
+        for b in sets:
+            if len(b) < EVAL_FOLDS:
+                others = [o.name for o in sets if len(o) >= EVAL_FOLDS]
+                raise UsageError(f"DATA_DIR: {b.path}: {len(b)} pairs, the {EVAL_FOLDS}-fold verification needs at "
+                                 f"least {EVAL_FOLDS}: repair it, or leave it out with --eval-sets "
+                                 f"{','.join(others) if others else chr(39) * 2} (the sets to evaluate)")
+        return sets
+
+    def _total_steps(self) -> int:
+        """The step the run ends at (--epochs, capped by --max-steps); UsageError when the run
+        would train no step."""
+        a = self.args
+        per_step = self.world * a.batch_size
+        steps_per_epoch = self.n // per_step
+        full = int(a.epochs)              # a fractional --epochs ends inside the last epoch
+        target = full * steps_per_epoch + int((a.epochs - full) * steps_per_epoch)
+        total = self.step + max(0, target - self.epoch * steps_per_epoch - self.position // per_step)
+        if a.max_steps is not None:
+            total = min(total, a.max_steps)
+        if total > self.step:
+            return total
+        if self.step:
+            raise UsageError(f"--resume: the checkpoint is at step {self.step} and the run ends at step {total} "
+                             f"({'--max-steps' if a.max_steps is not None and a.max_steps <= total else '--epochs'}): "
+                             f"nothing left to train (pass a larger --max-steps)")
+        raise UsageError(f"--epochs: {a.epochs} epochs of {steps_per_epoch} steps ({self.n} images, {per_step} per "
+                         f"step) is less than one step: the run would train nothing")
 
     @staticmethod
     def _merge(args, explicit, saved: dict) -> argparse.Namespace:
@@ -636,10 +831,15 @@ class Run:
         fixed = set(_FIXED) | {f"loss_{n}" for n in LOSS_OPTIONS}
         merged = dict(saved)
         clashes = []
+        # a loss option saved as None ran with the loss's own default: that value is the one to compare
+        own = {f"loss_{p.name}": p.default for p in _loss_params(LOSSES[saved["loss"]])} \
+            if saved.get("loss") in LOSSES else {}
         for k, v in vars(args).items():
             if k in explicit and k not in ("data_dir", "resume"):
-                if k in fixed and _norm(v) != _norm(saved.get(k)):
-                    had = "the loss's default" if saved.get(k) is None else saved.get(k)
+                used = own.get(k) if saved.get(k) is None else saved.get(k)
+                if k in fixed and _norm(v) != _norm(used):
+                    had = ("the loss's default" + ("" if used is None else f" {used}")) if saved.get(k) is None \
+                        else saved.get(k)
                     clashes.append(f"--{k.removeprefix('loss_').replace('_', '-')} {v} (the checkpoint has {had})")
                 merged[k] = v
         if clashes:
@@ -654,9 +854,13 @@ class Run:
         return argparse.Namespace(**merged)
 
     def _load(self, ck_dir: str, state: dict) -> None:
-        self.backbone.load_state_dict(state["backbone"])
-        opt = state["optimizer"]
-        self.optimizer.load_state_dict(opt)
+        try:
+            self.backbone.load_state_dict(state["backbone"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise UsageError(f"--resume: the checkpoint {ck_dir!r} does not fit this model (input size "
+                             f"{self.image_size[0]}x{self.image_size[1]} from DATA_DIR; another data set?): "
+                             f"{str(exc).splitlines()[0]}") from None
         try:
             ckpt.load_class_matrix(os.path.join(ck_dir, "head"), self.head, self.optimizer)
         except ValueError as exc:
@@ -678,14 +882,26 @@ class Run:
             dist.barrier(group=self.group)
 
     def save(self) -> str:
-        """Write checkpoints/step-XXXXXXXX (collective); returns its folder."""
+        """Write checkpoints/step-XXXXXXXX (collective); returns its folder.
+
+        Never half-written where ``--resume`` looks: every file goes into the temporary folder
+        ``checkpoints/.tmp-step-XXXXXXXX`` (the class-matrix shards by their ranks, then
+        ``state.pt`` by rank 0), which is renamed to ``step-XXXXXXXX`` when complete; only then
+        is ``checkpoints/latest`` replaced (atomically) by its name. A process killed at any
+        point leaves the previous checkpoint and ``latest`` as they were; the next save
+        removes the leftovers."""
         root = os.path.join(self.args.output, "checkpoints")
         name = f"step-{self.step:08d}"
         path = os.path.join(root, name)
+        work = os.path.join(root, ".tmp-" + name)
         if self.is_main:
-            os.makedirs(path, exist_ok=True)
+            os.makedirs(root, exist_ok=True)
+            for d in os.listdir(root):        # leftovers of a process killed while saving
+                if d.startswith((".tmp-", ".old-")):
+                    shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+            os.makedirs(work)
         self._barrier()
-        ckpt.save_class_matrix(os.path.join(path, "head"), self.head, self.optimizer)
+        ckpt.save_class_matrix(os.path.join(work, "head"), self.head, self.optimizer)
         if self.is_main:
             opt = self.optimizer.state_dict()
             opt["state"] = {k: v for k, v in opt["state"].items() if k != self._head_index}
@@ -697,33 +913,43 @@ class Run:
                 "schedule": self.schedule.state_dict(),
                 "head_state": {k: v for k, v in self.head.state_dict().items() if k != "weight"},
             }
-            tmp = os.path.join(path, f"state.pt.tmp{os.getpid()}")
-            torch.save(state, tmp)
-            os.replace(tmp, os.path.join(path, "state.pt"))
-            tmp = os.path.join(root, "latest.tmp")
-            with open(tmp, "w") as f:
-                f.write(name + "\n")
-            os.replace(tmp, os.path.join(root, "latest"))
+            torch.save(state, os.path.join(work, "state.pt"))
+            if os.path.exists(path):          # the same step saved before (a resume from an older checkpoint)
+                os.rename(path, os.path.join(root, ".old-" + name))
+            os.rename(work, path)
+            _write_atomically(os.path.join(root, "latest"), lambda f: f.write(f"{name}\n".encode()))
             done = sorted(d for d in os.listdir(root) if d.startswith("step-")
                           and os.path.isfile(os.path.join(root, d, "state.pt")))
             for old in done[:-self.args.keep_checkpoints]:
                 if old != name:
                     shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+            shutil.rmtree(os.path.join(root, ".old-" + name), ignore_errors=True)
         self._barrier()
+        self.saved_step = self.step
         return path
 
     # -- evaluation --------------------------------------------------------------------------
     def evaluate(self) -> List[dict]:
-        """Every .bin set on rank 0 (the others wait); rows also go to the log."""
+        """Every .bin set on rank 0 (the others wait); rows also go to the log. A set whose
+        evaluation fails is reported (one line, naming it) and skipped: training goes on."""
         rows = []
         if self.is_main and self.bins:
             was = self.backbone.training
             self.backbone.eval()
+
             def embed(x):
                 return self.backbone(resize(x, self.image_size))
 
             for b in self.bins:
-                r = b.evaluate(embed, flip=self.args.flip, batch_size=self.args.eval_batch_size, device=self.device)
+                try:
+                    r = b.evaluate(embed, flip=self.args.flip, batch_size=self.args.eval_batch_size,
+                                   device=self.device, n_folds=EVAL_FOLDS)
+                except Exception as exc:          # an evaluation never costs the run
+                    self.eval_failures += 1
+                    self._say(f"magloss.train: warning: step {self.step}: evaluation of {b.path} failed, "
+                              f"skipped: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                              err=True)
+                    continue
                 row = {"step": self.step, "epoch": self._epochs_done(), "set": b.name, "pairs": len(b),
                        "accuracy_mean": r["accuracy_mean"], "accuracy_std": r["accuracy_std"],
                        "flip": self.args.flip, "time": time.time()}
@@ -745,30 +971,67 @@ class Run:
         position = self.position + per_step
         return (self.epoch + 1, 0) if position + per_step > self.n else (self.epoch, position)
 
-    def _say(self, text: str) -> None:
+    def _say(self, text: str, err: bool = False) -> None:
         if not self.is_main:
             return
         if self._bar is not None:
-            self._bar.write(text)
+            self._bar.write(text, file=sys.stderr if err else None)
         else:
-            print(text, flush=True)
+            print(text, flush=True, file=sys.stderr if err else sys.stdout)
 
     def _loader(self):
         sampler = GlobalBatchSampler(self.n, self.args.batch_size, self.world, self.rank, self.args.seed,
                                      self.epoch, self.position)
         return torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.args.workers,
-                                           pin_memory=self.device.type == "cuda")
+                                           pin_memory=self.plan.pin_memory, worker_init_fn=_ignore_sigint)
+
+    def _on_sigint(self, signum, frame) -> None:
+        """Ctrl-C: the run stops after the step in progress (checkpoint, exit 130). Another
+        Ctrl-C a second or more later stops at once; one sooner is the same keypress delivered
+        twice (the terminal and torchrun both send it)."""
+        now = time.monotonic()
+        if self._interrupted is not None and now - self._interrupted >= 1.0:
+            raise KeyboardInterrupt
+        if self._interrupted is None:
+            self._interrupted = now
+
+    def _agree(self, data_error: Optional[str]) -> Tuple[bool, bool]:
+        """(some rank's batch has a damaged record, some rank was interrupted): one small
+        all-reduce under torchrun, so that every rank stops at the same step."""
+        flags = [float(data_error is not None), float(self._interrupted is not None)]
+        if self.group is not None and self.world > 1:
+            t = torch.tensor(flags, device=comm_device(self.group))
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+            flags = t.tolist()
+        return flags[0] > 0, flags[1] > 0
+
+    def _stop(self, reason: str, code: int) -> None:
+        """Save the finished steps (when any since the last checkpoint) and raise Stopped."""
+        if self.saved_step != self.step:
+            self.save()
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        a = self.args
+        if self.saved_step is None:
+            where = "no step was finished, nothing saved"
+        else:
+            where = (f"checkpoint of step {self.saved_step} in {os.path.join(a.output, 'checkpoints')}; resume with: "
+                     f"python -m magloss.train {shlex.quote(a.data_dir)} --output {shlex.quote(a.output)} --resume")
+        raise Stopped(f"{reason}; {where}", code)
 
     def train(self) -> None:
+        """Train to ``self.total`` steps, save the checkpoint and ``model.pt``, then evaluate.
+
+        Raises:
+            Stopped: a damaged record in a batch (code 2) or Ctrl-C (code 130), after saving
+            the finished steps.
+        """
         a = self.args
         per_step = self.world * a.batch_size
-        steps_per_epoch = self.n // per_step
-        full = int(a.epochs)              # a fractional --epochs ends inside the last epoch
-        target = full * steps_per_epoch + int((a.epochs - full) * steps_per_epoch)
-        total = self.step + max(0, target - self.epoch * steps_per_epoch - self.position // per_step)
-        if a.max_steps is not None:
-            total = min(total, a.max_steps)
+        total = self.total
         self._bar = None
+        self._interrupted = None
         if self.is_main and a.progress:
             try:
                 from tqdm import tqdm
@@ -778,14 +1041,42 @@ class Run:
                 self._bar = None
         self._say(f"magloss.train: {self.n} images, {self.num_classes} classes, {a.network} "
                   f"{self.image_size[0]}x{self.image_size[1]} -> {a.embedding_size}, loss {a.loss}, world {self.world}, "
-                  f"global batch {per_step}, {steps_per_epoch} steps/epoch, amp {self.amp}, device {self.device}"
+                  f"global batch {per_step}, {self.n // per_step} steps/epoch, amp {self.amp}, device {self.device}"
                   + (f", resumed at step {self.step}" if self.step else ""))
+        handler = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, self._on_sigint) if handler else None
+        try:
+            self._steps(total, per_step)
+        finally:
+            if handler:
+                signal.signal(signal.SIGINT, previous)
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self.saved_step != self.step:
+            self.save()
+        if self.is_main:              # the outputs exist before any evaluation can fail or hang
+            _write_atomically(os.path.join(a.output, "model.pt"), lambda f: torch.save(
+                {"network": a.network, "embedding_size": a.embedding_size, "input_size": list(self.image_size),
+                 "dropout": a.dropout, "state_dict": self.backbone.state_dict()}, f))
+        self._barrier()
+        self.evaluate()
+
+    def _steps(self, total: int, per_step: int) -> None:
+        a = self.args
         tick, tick_step = time.perf_counter(), self.step
         bb_params = self.optimizer.param_groups[0]["params"]
         self.backbone.train()
         self.head.train()
         while self.step < total:
-            for images, labels in self._loader():
+            for images, labels, errors in self._loader():
+                bad = next((e for e in errors if e), None)
+                data_error, interrupted = self._agree(bad)
+                if data_error:
+                    self._stop(f"{bad or 'another rank read a damaged record'} (training stopped before step "
+                               f"{self.step + 1})", 2)
+                if interrupted:
+                    self._stop(f"interrupted at step {self.step}", 130)
                 torch.manual_seed(_mix(a.seed, self.step, self.rank))
                 x = (images.to(self.device, non_blocking=True).float() - 127.5) / 127.5
                 flip = torch.rand(x.shape[0]) < 0.5
@@ -798,6 +1089,11 @@ class Run:
                 with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                     emb = self.model(x)
                     parts = self.head(emb, y, return_parts=True)
+                last = self.step + 1 >= total
+                log = (self.step + 1) % a.log_every == 0 or last
+                if log:   # what this step saw: its embeddings against the class matrix before the update
+                    with torch.no_grad():
+                        acc = self.head.accuracy(emb.detach().float(), y)     # collective when sharded
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scaler.scale(parts.loss).backward()
                 if self.scaler.is_enabled() and self.world > 1:
@@ -811,9 +1107,7 @@ class Run:
                 self.epoch, self.position = epoch, position
                 if self._bar is not None:
                     self._bar.update(1)
-                last = self.step >= total
-                if self.step % a.log_every == 0 or last:
-                    acc = self.head.accuracy(emb.detach().float(), y)        # collective when sharded
+                if log:
                     now = time.perf_counter()
                     row = self._row(parts, acc, lr, (self.step - tick_step) * per_step / max(now - tick, 1e-9))
                     tick, tick_step = now, self.step
@@ -824,21 +1118,16 @@ class Run:
                     elif self.is_main:
                         print(f"step {self.step} epoch {row['epoch']:.3f} loss {row['loss']:.4f} "
                               f"acc {row['accuracy']:.3f} |x| {row['magnitude_mean']:.2f} lr {lr:.4g}", flush=True)
-                if (a.eval_every and self.step % a.eval_every == 0) or last:
-                    self.evaluate()
-                if (a.save_every and self.step % a.save_every == 0) or (not a.save_every and self.position == 0) \
-                        or last:
+                if last:
+                    return                # the last checkpoint, model.pt and the evaluation: train()
+                if (a.save_every and self.step % a.save_every == 0) or (not a.save_every and self.position == 0):
                     self.save()
-                if last or self.position == 0:
+                if a.eval_every and self.step % a.eval_every == 0:
+                    self.evaluate()
+                if self.position == 0:
                     break
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-        if self.is_main:
-            torch.save({"network": a.network, "embedding_size": a.embedding_size, "input_size": list(self.image_size),
-                        "dropout": a.dropout, "state_dict": self.backbone.state_dict()},
-                       os.path.join(a.output, "model.pt"))
-        self._barrier()
+        if self._interrupted is not None:
+            self._stop(f"interrupted at step {self.step}", 130)
 
     def _row(self, parts, acc, lr, speed) -> dict:
         parts = type(parts)(*(t.detach().float() for t in parts))
@@ -879,16 +1168,29 @@ def parse(argv: Sequence[str]) -> Tuple[argparse.Namespace, set]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of ``python -m magloss.train``; returns 0, exits with status 2 and
-    ``magloss.train: error: ...`` on a bad command line or data folder."""
+    """Entry point of ``python -m magloss.train``; returns 0 (the outputs written; a failed
+    evaluation is a warning). Exits with status 2 and ``magloss.train: error: ...`` on a bad
+    command line or data folder (before training) or a damaged record found during training
+    (after saving the finished steps); with status 130 and one line on Ctrl-C (a checkpoint
+    of the finished steps written when Ctrl-C came during training)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args, explicit = parse(argv)
+    parser = build_parser()
     try:
         run = Run(args, explicit)
     except UsageError as exc:
-        build_parser().error(str(exc))
+        parser.error(str(exc))
+    except KeyboardInterrupt:
+        print("magloss.train: interrupted before training started; nothing written", file=sys.stderr, flush=True)
+        sys.exit(130)
     try:
         run.train()
+    except Stopped as exc:
+        parser.exit(exc.code, f"magloss.train: {'error: ' if exc.code == 2 else ''}{exc}\n")
+    except KeyboardInterrupt:
+        print(f"magloss.train: interrupted at step {run.step} (a second Ctrl-C, or after the last step); "
+              f"the newest checkpoint is that of step {run.saved_step}", file=sys.stderr, flush=True)
+        sys.exit(130)
     finally:
         run.close()
     return 0

@@ -206,7 +206,7 @@ def test_resume_refuses_changed_options(faces, tmp_path, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "--resume: these options differ from the checkpoint's" in err
-    assert "--network r18 (the checkpoint has tiny)" in err and "--margin 0.3 (the checkpoint has the loss's default)" in err
+    assert "--network r18 (the checkpoint has tiny)" in err and "--margin 0.3 (the checkpoint has the loss's default 0.5)" in err
     with pytest.raises(SystemExit):                    # a finished run's folder is not overwritten silently
         train.main(_common(faces, out, "--batch-size", "8", "--max-steps", "1"))
     assert "already holds a run's checkpoints: pass --resume" in capsys.readouterr().err
@@ -303,7 +303,8 @@ BAD = [
     (lambda f, t: [f, "--sample-rate", "0"], r"--sample-rate: expected a share of the classes in \(0, 1\]"),
     (lambda f, t: [f, "--batch-size", "40"], r"--batch-size: 40 x 1 processes = 40 images per step, but DATA_DIR "
                                              r"holds 36"),
-    (lambda f, t: [f, "--batch-size", "0"], r"--batch-size: expected a positive integer, got 0"),
+    (lambda f, t: [f, "--batch-size", "0"], r"--batch-size: expected at least 2 \(BatchNorm needs two images"),
+    (lambda f, t: [f, "--batch-size", "1"], r"--batch-size: expected at least 2 .*got 1"),
     (lambda f, t: [f, "--image-size", "20"], r"--image-size: expected multiples of 16"),
     (lambda f, t: [f, "--image-size", "big"], r"argument --image-size: expected H or HxW"),
     (lambda f, t: [f, "--amp", "fp16", "--device", "cpu"], r"--amp fp16: float16 autocast needs a CUDA device"),
