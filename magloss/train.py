@@ -805,8 +805,9 @@ class Run:
         return sets
 
     def _total_steps(self) -> int:
-        """The step the run ends at (--epochs, capped by --max-steps); UsageError when the run
-        would train no step."""
+        """The step the run ends at (--epochs, capped by --max-steps); UsageError when a new run
+        would train no step. A resumed run with no step left is a finished run (killed, say,
+        before it wrote model.pt): it trains nothing, writes model.pt and evaluates."""
         a = self.args
         per_step = self.world * a.batch_size
         steps_per_epoch = self.n // per_step
@@ -815,12 +816,8 @@ class Run:
         total = self.step + max(0, target - self.epoch * steps_per_epoch - self.position // per_step)
         if a.max_steps is not None:
             total = min(total, a.max_steps)
-        if total > self.step:
-            return total
-        if self.step:
-            raise UsageError(f"--resume: the checkpoint is at step {self.step} and the run ends at step {total} "
-                             f"({'--max-steps' if a.max_steps is not None and a.max_steps <= total else '--epochs'}): "
-                             f"nothing left to train (pass a larger --max-steps)")
+        if total > self.step or self.step:
+            return max(total, self.step)
         raise UsageError(f"--epochs: {a.epochs} epochs of {steps_per_epoch} steps ({self.n} images, {per_step} per "
                          f"step) is less than one step: the run would train nothing")
 
@@ -1042,7 +1039,8 @@ class Run:
         self._say(f"magloss.train: {self.n} images, {self.num_classes} classes, {a.network} "
                   f"{self.image_size[0]}x{self.image_size[1]} -> {a.embedding_size}, loss {a.loss}, world {self.world}, "
                   f"global batch {per_step}, {self.n // per_step} steps/epoch, amp {self.amp}, device {self.device}"
-                  + (f", resumed at step {self.step}" if self.step else ""))
+                  + (f", resumed at step {self.step}" if self.step else "")
+                  + (" (the run is finished: nothing left to train)" if self.step >= total else ""))
         handler = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGINT, self._on_sigint) if handler else None
         try:

@@ -309,6 +309,18 @@ BAD = [
     (lambda f, t: [f, "--image-size", "big"], r"argument --image-size: expected H or HxW"),
     (lambda f, t: [f, "--amp", "fp16", "--device", "cpu"], r"--amp fp16: float16 autocast needs a CUDA device"),
     (lambda f, t: [f, "--epochs", "2", "--warmup-epochs", "2"], r"--epochs/--warmup-epochs"),
+    # every option in its own words, before any step
+    (lambda f, t: [f, "--gamma", "-1", "--schedule", "step"], r"--gamma: expected a decay factor in \(0, 1\]"),
+    (lambda f, t: [f, "--gamma", "0"], r"--gamma: expected a decay factor in \(0, 1\] .*got 0\.0"),
+    (lambda f, t: [f, "--momentum", "-0.1"], r"--momentum: expected a number in \[0, 1\), got -0\.1"),
+    (lambda f, t: [f, "--momentum", "1"], r"--momentum: expected a number in \[0, 1\), got 1\.0"),
+    (lambda f, t: [f, "--dropout", "1.5"], r"--dropout: expected a probability in \[0, 1\), got 1\.5"),
+    (lambda f, t: [f, "--lr", "inf"], r"--lr: expected a finite number, got inf"),
+    (lambda f, t: [f, "--epochs", "nan"], r"--epochs: expected a finite number, got nan"),
+    (lambda f, t: [f, "--max-steps", "0"], r"--max-steps: expected a positive integer, got 0"),
+    (lambda f, t: [f, "--epochs", "0.1", "--warmup-epochs", "0"], r"--epochs: 0\.1 epochs of 4 steps \(36 images, 8 per step\) is less than "
+                                          r"one step: the run would train nothing"),
+    (lambda f, t: [f, "--device", "tpu"], r"--device: expected cpu or cuda\[:N\], got 'tpu'"),
     (lambda f, t: [f, "--milestones", "18,10"], r"argument --milestones: expected increasing positive epochs"),
     (lambda f, t: [f, "--eval-sets", "lfw,cfp_fp"], r"--eval-sets: cfp_fp not in DATA_DIR \(it has: lfw\)"),
     (lambda f, t: [f, "--resume", str(t)], r"--resume '.*': no checkpoint there"),
