@@ -364,7 +364,7 @@ def decide_device(device_arg: Optional[str], amp: str, cuda_available: bool, dev
             raise UsageError(f"--device {device_arg}: no CUDA device is available (use --device cpu)")
         device = torch.device("cuda", local_rank if device.index is None else device.index)
         if device.index >= device_count:
-            raise UsageError(f"--device {device_arg}: cuda:{device.index} does not exist (this process sees "
+            raise UsageError(f"--device: cuda:{device.index} does not exist (this process sees "
                              f"{device_count} CUDA device{'s' if device_count != 1 else ''})")
     elif device.index not in (None, 0):
         raise UsageError(f"--device: expected cpu or cuda[:N], got {device_arg!r}")

@@ -45,9 +45,12 @@ def _pixels(rng, colour):
 
 @pytest.fixture(scope="module")
 def faces(tmp_path_factory):
+    return write_faces(str(tmp_path_factory.mktemp("faces")))
+
+
+def write_faces(folder):
     """36 PNG faces of 6 identities (one colour family each), insightface's header and identity
     records, labels alternating scalar / vector form; lfw.bin: 10 pairs, every other one same."""
-    folder = str(tmp_path_factory.mktemp("faces"))
     rng = np.random.default_rng(0)
     colours = rng.integers(0, 256, size=(CLASSES, 3))
     records = [(0, image_record([float(N + 1), float(N + 1 + CLASSES)], b""))]

@@ -1,0 +1,386 @@
+"""python -m magloss.train never loses a run, and fails before it starts.
+
+What can be checked is checked before the first step (damaged data written with the
+independent writers of tests/_insightface_files.py, a .bin too small for the folds, options,
+the output folder); what goes wrong during a run (a record damaged in the middle of the
+file, Ctrl-C, SIGKILL at any point, a failing evaluation) keeps the finished steps, and a
+resumed run equals the uninterrupted one bit for bit (see tests/test_train.py for why
+equality is the right test at one world size).
+
+Kill points are deterministic: the command runs in a subprocess under a small driver that
+wraps one function (the optimizer's step, ``torch.save``, ``os.rename``, ``os.replace``) and
+sends the process a signal at its K-th call (before or after the call).
+"""
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("PIL.Image")
+
+from _insightface_files import encode, py2_pickle  # noqa: E402
+from magloss import train  # noqa: E402
+from test_train import N, _assert_same, _checkpoint, _common, _pixels, _rows, write_faces  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def faces(tmp_path_factory):
+    """test_train.py's tiny insightface folder (36 faces of 6 identities, 16x16, a 10-pair lfw.bin)."""
+    return write_faces(str(tmp_path_factory.mktemp("faces")))
+
+
+def _copy(faces, tmp_path, name="data"):
+    d = tmp_path / name
+    shutil.copytree(faces, d)
+    return d
+
+
+def _offsets(folder):
+    with open(os.path.join(folder, "train.idx")) as f:
+        return {int(k): int(o) for k, o in (line.split("\t") for line in f)}
+
+
+def _fails(argv, capsys, code=2):
+    """Runs the command in this process; returns its stderr after the expected exit."""
+    with pytest.raises(SystemExit) as exc:
+        train.main(argv)
+    assert exc.value.code == code
+    return " ".join(capsys.readouterr().err.split())
+
+
+# ------------------------------------------------------------------------ found before the first step
+def _truncate(d):
+    rec = d / "train.rec"
+    with open(rec, "r+b") as f:
+        f.truncate(os.path.getsize(rec) - 10)
+
+
+def _idx_past_end(d):
+    off = _offsets(d)
+    last = max(off, key=off.get)
+    off[last] = os.path.getsize(d / "train.rec") + 64
+    (d / "train.idx").write_text("".join(f"{k}\t{o}\n" for k, o in off.items()))
+
+
+def _small_bin(d):
+    rng = np.random.default_rng(5)
+    imgs = [encode(_pixels(rng, np.array([100, 100, 100])), "PNG") for _ in range(16)]
+    (d / "tiny.bin").write_bytes(py2_pickle(imgs, [k % 2 == 0 for k in range(8)]))
+
+
+BEFORE = [
+    # (damage, message): each was a traceback during (or after) training
+    (_truncate, r"magloss.train: error: DATA_DIR: .*data/train\.rec: record \d+: truncated record"),
+    (_idx_past_end, r"magloss.train: error: DATA_DIR: .*data/train\.idx: record \d+: offset \d+ lies past the end "
+                    r"of .*data/train\.rec"),
+    (lambda d: (d / "property").write_text("3,16,16"), r"DATA_DIR: .*data/property: says 3 classes, but the header "
+                                                         r"record of .*train\.rec lists 6 identities"),
+    (lambda d: (d / "property").write_text("60,16,16"), r"DATA_DIR: .*data/property: says 60 classes"),
+    (_small_bin, r"DATA_DIR: .*data/tiny\.bin: 8 pairs, the 10-fold verification needs at least 10: repair it, or "
+                 r"leave it out with --eval-sets lfw"),
+]
+
+
+@pytest.mark.parametrize("damage, message", BEFORE, ids=["truncated-rec", "idx-past-end", "property-3", "property-60",
+                                                         "bin-8-pairs"])
+def test_damaged_data_is_refused_before_the_first_step(faces, tmp_path, capsys, damage, message):
+    d = _copy(faces, tmp_path)
+    damage(d)
+    out = tmp_path / "run"
+    err = _fails(_common(str(d), out, "--batch-size", "8", "--max-steps", "2"), capsys)
+    assert re.search(message, err), err
+    assert not (out / "checkpoints").exists() and not (out / "train.csv").exists()
+
+
+def test_a_small_bin_can_be_left_out(faces, tmp_path):
+    d = _copy(faces, tmp_path)
+    _small_bin(d)
+    for sets, evaluated in (("lfw", ["lfw"]), ("", [])):
+        out = tmp_path / f"run-{sets}"
+        assert train.main(_common(str(d), out, "--batch-size", "8", "--max-steps", "2", "--eval-sets", sets)) == 0
+        assert (out / "model.pt").exists()
+        assert [e["set"] for e in _rows(out / "eval.csv")] == evaluated if evaluated else not (out / "eval.csv").exists()
+
+
+def test_output_inside_an_image_folder_is_refused(tmp_path, capsys):
+    rng = np.random.default_rng(3)
+    root = tmp_path / "people"
+    for name in ("ann", "bob"):
+        (root / name).mkdir(parents=True)
+        for j in range(3):
+            (root / name / f"{j}.png").write_bytes(encode(_pixels(rng, rng.integers(0, 256, 3)), "PNG"))
+    for out in (root / "run", root, root / "ann" / "run"):
+        err = _fails(_common(str(root), out, "--batch-size", "2", "--max-steps", "1"), capsys)
+        assert re.search(r"--output: '.*' lies inside the image folder DATA_DIR '.*people', where its folders would "
+                         r"become identities", err), err
+    assert sorted(os.listdir(root)) == ["ann", "bob"] and sorted(os.listdir(root / "ann")) == ["0.png", "1.png", "2.png"]
+    assert train.main(_common(str(root), tmp_path / "outside", "--batch-size", "2", "--max-steps", "1")) == 0
+
+
+def test_unwritable_output_is_refused(faces, tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    err = _fails(_common(faces, tmp_path / "file" / "run", "--batch-size", "8"), capsys)
+    assert re.search(r"--output: cannot write into '.*file/run'", err), err
+
+
+def test_resume_accepts_the_value_the_run_used(faces, tmp_path, capsys):
+    """The checkpoint stores --margin unset (None = the loss's default, 0.5 for ArcFace): giving
+    0.5 again is no change; 0.3 is."""
+    out = tmp_path / "run"
+    assert train.main(_common(faces, out, "--batch-size", "8", "--max-steps", "1", "--eval-every", "0")) == 0
+    err = _fails([faces, "--output", str(out), "--resume", "--margin", "0.3"], capsys)
+    assert "--margin 0.3 (the checkpoint has the loss's default 0.5)" in err
+    assert train.main([faces, "--output", str(out), "--resume", "--margin", "0.5", "--max-steps", "2",
+                       "--no-progress"]) == 0
+    assert [int(r["step"]) for r in _rows(out / "train.csv")] == [1, 2]
+
+
+# ------------------------------------------------------------------------ the logged accuracy
+def test_logged_accuracy_is_that_of_the_step_before_its_update(faces, tmp_path):
+    """Step 1's accuracy: its embeddings against the initial class matrix. The learning rate only
+    acts in the update, so a huge and a tiny one log the same accuracy; it equals an
+    independent float64 arg-max on the initial weights and the first batch."""
+    opts = ["--batch-size", "8", "--max-steps", "1", "--warmup-epochs", "0", "--eval-every", "0"]
+    acc = {}
+    for lr in ("100", "1e-12"):
+        out = tmp_path / f"lr{lr}"
+        assert train.main(_common(faces, out, *opts, "--lr", lr)) == 0
+        acc[lr] = float(_rows(out / "train.csv")[0]["accuracy"])
+
+    args, explicit = train.parse(_common(faces, tmp_path / "fresh", *opts))
+    run = train.Run(args, explicit)
+    try:
+        images, labels, errors = next(iter(run._loader()))
+        torch.manual_seed(train._mix(0, 0, 0))               # step 0's flips, as the run draws them
+        x = (images.float() - 127.5) / 127.5
+        x = torch.where((torch.rand(x.shape[0]) < 0.5)[:, None, None, None], x.flip(-1), x)
+        run.backbone.train()
+        with torch.no_grad():
+            emb = run.backbone(x).double()
+        w = run.head.weight.detach().double()
+    finally:
+        run.close()
+    cos = (emb / emb.norm(dim=1, keepdim=True)) @ (w / w.norm(dim=1, keepdim=True)).T
+    want = (cos.argmax(dim=1) == labels).double().mean().item()
+    assert list(errors) == [""] * 8
+    assert acc["100"] == acc["1e-12"] == pytest.approx(want, abs=1e-12)
+
+
+# ------------------------------------------------------------------------ during the run
+DRIVER = textwrap.dedent("""
+    import os, signal, sys
+    import torch
+    from magloss import train
+
+    # MAGLOSS_TEST_HOOK = "what:K:when:signal[:substring]": signal at the K-th call of what (whose
+    # first arguments contain substring, when given), before or after the call
+    what, k, when, sig, *sub = os.environ["MAGLOSS_TEST_HOOK"].split(":")
+    owner, name = {"step": (torch.optim.SGD, "step"), "save": (torch, "save"), "rename": (os, "rename"),
+                   "replace": (os, "replace")}[what]
+    original, calls = getattr(owner, name), [0]
+
+    def hooked(*a, **kw):
+        hit = not sub or any(sub[0] in str(v) for v in a[:2])
+        calls[0] += hit
+        fire = hit and calls[0] == int(k)
+        if fire and when == "before":
+            os.kill(os.getpid(), getattr(signal, sig))
+        out = original(*a, **kw)
+        if fire and when == "after":
+            os.kill(os.getpid(), getattr(signal, sig))
+        return out
+
+    setattr(owner, name, hooked)
+    torch.set_num_threads(1)
+    sys.exit(train.main(sys.argv[1:]))
+""")
+
+
+def _hooked(tmp_path, argv, hook):
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
+               MAGLOSS_TEST_HOOK=hook)
+    return subprocess.run([sys.executable, str(driver), *argv], env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+RUN = ["--batch-size", "8", "--epochs", "3", "--warmup-epochs", "0.5", "--lr", "0.05", "--save-every", "2",
+       "--eval-every", "3", "--max-steps", "6", "--keep-checkpoints", "3"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(faces, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full") / "run"
+    torch.set_num_threads(1)
+    assert train.main(_common(faces, out, *RUN)) == 0
+    return out
+
+
+def _same_as_uninterrupted(full, run):
+    a_state, _, a_shards = _checkpoint(full, 6)
+    b_state, _, b_shards = _checkpoint(run, 6)
+    for k in ("step", "epoch", "position", "backbone", "optimizer", "head_state", "schedule"):
+        _assert_same(a_state[k], b_state[k], k)
+    _assert_same(a_shards, b_shards, "head")
+    _assert_same(torch.load(full / "model.pt", weights_only=True), torch.load(run / "model.pt", weights_only=True),
+                 "model.pt")
+    volatile = ("images_per_s", "time")
+    assert [{k: v for k, v in r.items() if k not in volatile} for r in _rows(run / "train.csv")] == \
+           [{k: v for k, v in r.items() if k not in volatile} for r in _rows(full / "train.csv")]
+    assert [(e["step"], e["accuracy_mean"]) for e in _rows(run / "eval.csv")] == \
+           [(e["step"], e["accuracy_mean"]) for e in _rows(full / "eval.csv")]
+    assert not [d for d in os.listdir(run / "checkpoints") if d.startswith(".")]   # no leftover of the kill
+
+
+KILLS = [
+    # torch.save calls: step 2's checkpoint (1 head shard, 2 state.pt), step 4's (3, 4), step 6's (5, 6), model.pt (7)
+    ("step:3:after:SIGKILL", 2),          # between checkpoints: steps 3 is lost, redone
+    ("save:3:before:SIGKILL", 2),         # step 4's checkpoint begun: nothing of it written
+    ("save:4:before:SIGKILL", 2),         # step 4's class matrix written, its state.pt not
+    ("save:4:after:SIGKILL", 2),          # step 4's files complete in the temporary folder, not renamed
+    ("rename:2:after:SIGKILL", 2),        # step 4's folder in place, `latest` still says step 2
+    ("replace:2:after:SIGKILL:latest", 4),  # `latest` says step 4, old checkpoints not yet removed
+    ("save:7:before:SIGKILL", 6),         # every checkpoint written, model.pt not
+    ("save:1:before:SIGKILL", None),      # killed in the first checkpoint: nothing to resume, start again
+]
+
+
+@pytest.mark.parametrize("hook, resumed_at", KILLS, ids=[h for h, _ in KILLS])
+def test_killed_anywhere_then_resumed_equals_the_uninterrupted_run(faces, tmp_path, uninterrupted, hook, resumed_at):
+    out = tmp_path / "run"
+    proc = _hooked(tmp_path, _common(faces, out, *RUN), hook)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    latest = out / "checkpoints" / "latest"
+    if resumed_at is None:
+        assert not latest.exists()
+        assert train.main(_common(faces, out, *RUN)) == 0
+    else:
+        assert latest.read_text().strip() == f"step-{resumed_at:08d}"
+        assert train.main([faces, "--output", str(out), "--resume", "--no-progress"]) == 0
+    _same_as_uninterrupted(uninterrupted, out)
+
+
+def test_ctrl_c_saves_the_finished_steps_and_says_how_to_resume(faces, tmp_path, uninterrupted):
+    out = tmp_path / "run"
+    proc = _hooked(tmp_path, _common(faces, out, *RUN), "step:3:before:SIGINT")   # Ctrl-C during step 3
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert re.fullmatch(r"magloss\.train: interrupted at step 3; checkpoint of step 3 in .*run/checkpoints; resume "
+                        r"with: python -m magloss\.train .* --output .*run --resume", lines[0]), lines[0]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-00000003"
+    assert not (out / "model.pt").exists()
+    assert train.main([faces, "--output", str(out), "--resume", "--no-progress"]) == 0
+    _same_as_uninterrupted(uninterrupted, out)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_record_damaged_mid_file_stops_cleanly_with_the_finished_steps(faces, tmp_path, capsys, uninterrupted,
+                                                                         workers):
+    """A record that only a full read would find (wrong magic word in the middle of the .rec),
+    drawn in step 3's batch: exit 2 naming the file and the record, steps 1-2 saved (equal to the
+    uninterrupted run's step-2 checkpoint), and the repaired folder resumes to the same end."""
+    sampler = train.GlobalBatchSampler(N, 8, 1, 0, 0, 0, 0)
+    index = [i for i in list(sampler)[2] if i not in (0, N - 1)][0]    # the first and last are read at open
+    key = index + 1                                                     # image keys 1 .. N
+    d = _copy(faces, tmp_path)
+    rec = d / "train.rec"
+    good = rec.read_bytes()
+    pos = _offsets(d)[key]
+    rec.write_bytes(good[:pos] + b"\0\1\2\3" + good[pos + 4:])
+    out = tmp_path / "run"
+    err = _fails(_common(str(d), out, *RUN, "--workers", str(workers)), capsys)
+    assert re.search(rf"magloss.train: error: .*data/train\.rec: record {key}: wrong magic number 0x03020100 .* "
+                     rf"\(training stopped before step 3\); checkpoint of step 2 in .*run/checkpoints; resume with", err)
+    assert "Traceback" not in err
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-00000002"
+    a_state, _, a_shards = _checkpoint(uninterrupted, 2)
+    b_state, _, b_shards = _checkpoint(out, 2)
+    _assert_same(a_state["backbone"], b_state["backbone"], "backbone")
+    _assert_same(a_shards, b_shards, "head")
+    rec.write_bytes(good)
+    assert train.main([str(d), "--output", str(out), "--resume", "--no-progress"]) == 0
+    _same_as_uninterrupted(uninterrupted, out)
+
+
+def test_a_failing_evaluation_is_reported_and_the_outputs_stay(faces, tmp_path, capsys, monkeypatch):
+    from magloss.data import VerificationBin
+
+    def broken(self, *a, **kw):
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(VerificationBin, "evaluate", broken)
+    out = tmp_path / "run"
+    assert train.main(_common(faces, out, "--batch-size", "8", "--max-steps", "2", "--eval-every", "1")) == 0
+    err = capsys.readouterr().err
+    assert err.count("magloss.train: warning: step 1: evaluation of") == 1
+    assert re.search(r"step 2: evaluation of .*lfw\.bin failed, skipped: RuntimeError: out of memory \(simulated\)",
+                     err)
+    assert (out / "model.pt").exists() and (out / "checkpoints" / "step-00000002" / "state.pt").exists()
+
+
+# ------------------------------------------------------------------------ device decisions (pure)
+DEVICE_CASES = [
+    # (device_arg, amp, cuda_available, count, bf16, local_rank, world) -> device, backend, amp, scaler, pin, ids
+    ((None, "auto", False, 0, False, 0, 1), ("cpu", "gloo", "off", False, False, None)),
+    ((None, "auto", True, 1, True, 0, 1), ("cuda:0", "nccl", "bf16", False, True, None)),
+    ((None, "auto", True, 1, False, 0, 1), ("cuda:0", "nccl", "fp16", True, True, None)),      # a V100, a T4
+    ((None, "auto", True, 2, True, 1, 2), ("cuda:1", "nccl", "bf16", False, True, [1])),
+    ((None, "auto", True, 2, False, 1, 2), ("cuda:1", "nccl", "fp16", True, True, [1])),
+    (("cuda", "off", True, 2, True, 1, 2), ("cuda:1", "nccl", "off", False, True, [1])),
+    (("cuda:1", "auto", True, 2, True, 0, 1), ("cuda:1", "nccl", "bf16", False, True, None)),
+    (("cpu", "auto", True, 2, True, 1, 2), ("cpu", "gloo", "off", False, False, None)),         # torchrun on CPUs
+    (("cpu", "bf16", False, 0, False, 0, 2), ("cpu", "gloo", "bf16", False, False, None)),
+    ((None, "fp16", True, 1, True, 0, 1), ("cuda:0", "nccl", "fp16", True, True, None)),
+]
+
+
+@pytest.mark.parametrize("given, want", DEVICE_CASES)
+def test_decide_device(given, want):
+    plan = train.decide_device(*given)
+    dtype = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}[want[2]]
+    assert (str(plan.device), plan.backend, plan.amp, plan.scaler, plan.pin_memory, plan.ddp_device_ids) == want
+    assert plan.amp_dtype == dtype
+
+
+DEVICE_ERRORS = [
+    (("cuda", "auto", False, 0, False, 0, 1), r"--device cuda: no CUDA device is available \(use --device cpu\)"),
+    (("cuda:2", "auto", True, 2, True, 0, 1), r"--device: cuda:2 does not exist \(this process sees 2 CUDA "
+                                              r"devices\)"),
+    ((None, "auto", True, 1, True, 1, 2), r"--device: cuda:1 does not exist \(this process sees 1 CUDA device\)"),
+    (("cpu", "fp16", True, 1, True, 0, 1), r"--amp fp16: float16 autocast needs a CUDA device"),
+    ((None, "fp16", False, 0, False, 0, 1), r"--amp fp16: float16 autocast needs a CUDA device"),
+    ((None, "bf16", True, 1, False, 0, 1), r"--amp bf16: cuda:0 has no bfloat16 support"),
+    (("tpu", "auto", False, 0, False, 0, 1), r"--device: expected cpu or cuda\[:N\], got 'tpu'"),
+    (("cpu:1", "auto", False, 0, False, 0, 1), r"--device: expected cpu or cuda\[:N\], got 'cpu:1'"),
+    (("mps", "auto", False, 0, False, 0, 1), r"--device: expected cpu or cuda\[:N\], got 'mps'"),
+]
+
+
+@pytest.mark.parametrize("given, message", DEVICE_ERRORS)
+def test_decide_device_errors(given, message):
+    with pytest.raises(train.UsageError, match=message):
+        train.decide_device(*given)
+
+
+def test_the_cpu_run_uses_a_cpu_gradient_scaler(faces, tmp_path):
+    args, explicit = train.parse(_common(faces, tmp_path / "run", "--batch-size", "8", "--device", "cpu"))
+    run = train.Run(args, explicit)
+    try:
+        assert run.plan == train.decide_device("cpu", "auto", False, 0, False, 0, 1)
+        assert run.scaler._device == "cpu" and not run.scaler.is_enabled()
+    finally:
+        run.close()
