@@ -719,6 +719,15 @@ def _jsonable(o):
     return o
 
 
+class UsageError(ValueError):
+    """A bad option or data folder, found before any training: ``python -m magloss.demo`` reports
+    it as ``magloss.demo: error: ...`` (exit 2); :func:`main` raises it (a ValueError)."""
+
+
+#: Folds of the balanced verification accuracy: the held-out pairs of every seed must fill them.
+FOLDS = 10
+
+
 def _check_args(args) -> None:
     checks = [
         (args.steps >= 1, f"--steps must be >= 1, got {args.steps}"),
@@ -735,10 +744,48 @@ def _check_args(args) -> None:
         (args.embedding_size >= 2, f"--embedding-size must be >= 2, got {args.embedding_size}"),
         (args.width >= 1, f"--width must be >= 1, got {args.width}"),
         (args.holdout_classes is None or args.holdout_classes >= 1, f"--holdout-classes must be >= 1, got {args.holdout_classes}"),
+        (args.max_per_class is None or args.max_per_class >= 2,
+         f"--max-per-class must be >= 2 (an enrolled and a probe image per identity), got {args.max_per_class}"),
+        (math.isfinite(args.lr) and args.lr > 0, f"--lr must be a positive number, got {args.lr}"),
+        (math.isfinite(args.weight_decay) and args.weight_decay >= 0, f"--weight-decay must be >= 0, got {args.weight_decay}"),
+        (0.0 <= args.dropout < 1.0, f"--dropout must be in [0, 1), got {args.dropout}"),
+        (args.shift >= 0, f"--shift must be >= 0, got {args.shift}"),
+        (math.isfinite(args.init_magnitude) and args.init_magnitude > 0,
+         f"--init-magnitude must be a positive number, got {args.init_magnitude}"),
     ]
     for ok, msg in checks:
         if not ok:
-            raise ValueError(msg)
+            raise UsageError(msg)
+
+
+def _check_before_training(args, tasks: List[Dict], names: List[str], in_channels: int, image_size: int) -> None:
+    """What the runs would otherwise find after training: the model and the losses build with
+    these options (their own checks, in the option's words), the held-out pairs of every seed
+    fill the verification folds, and --out takes files."""
+    try:
+        SmallCNN(in_channels, image_size, args.embedding_size, args.width, args.dropout, args.init_magnitude)
+    except ValueError as exc:
+        raise UsageError(f"the model options: {exc}") from None
+    for name in names:
+        try:
+            make_loss(name, args, args.embedding_size, tasks[0]["train"][2])
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"the {name} loss options: {exc}") from None
+    for t in tasks:
+        labels = t["held"][1].numpy()
+        _, _, _, balanced = open_set_pairs(labels, args.max_genuine_pairs, args.impostor_ratio, t["seed"] + 7)
+        if balanced.sum() < FOLDS:
+            raise UsageError(
+                f"seed {t['seed']}: the {int(labels.max()) + 1} held-out identities give {int(balanced.sum())} balanced "
+                f"verification pairs; the {FOLDS}-fold verification needs at least {FOLDS}: hold out more identities "
+                f"(--holdout-classes) or use more images per identity")
+    try:
+        probe = os.path.join(args.out, f".write-test-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("x")
+        os.remove(probe)
+    except OSError as exc:
+        raise UsageError(f"--out: cannot write into {args.out!r}: {exc.strerror or exc}") from None
 
 
 def load_data(args):
@@ -758,21 +805,36 @@ def load_data(args):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
-    """Run the demo; returns the report dict (also written to ``<out>/report.json``)."""
+    """Run the demo; returns the report dict (also written to ``<out>/report.json``).
+
+    Raises:
+        UsageError (a ValueError): a bad option, data folder or ``--out``, found before any
+        training (:func:`_check_args`, :func:`_check_before_training`).
+        ImportError: a missing extra (``pip install 'magloss[demo]'``).
+    """
     args = build_parser().parse_args(argv)
     _require_extras()
     t_start, c_start = time.perf_counter(), time.process_time()
     _check_args(args)
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise UsageError(f"--device: expected cpu or cuda[:N], got {args.device!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda given but torch.cuda.is_available() is False")
-    os.makedirs(args.out, exist_ok=True)
+        raise UsageError("--device cuda given but torch.cuda.is_available() is False")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--out: cannot create {args.out!r}: {exc.strerror or exc}") from None
 
     def phase(msg):
         if args.progress:
             print(f"{msg}  [{time.perf_counter() - t_start:.0f} s]", flush=True)
 
-    images, labels, class_names, dataset, default_hold = load_data(args)
+    try:
+        images, labels, class_names, dataset, default_hold = load_data(args)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     n_hold = args.holdout_classes or default_hold
     phase(f"load     : {dataset['name']}: {images.shape[0]} images of {len(class_names)} identities, "
           f"{tuple(images.shape[1:])}" + (f", {dataset['repaired_files']} repaired, {len(dataset['dropped_files'])} dropped"
@@ -784,7 +846,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     names = ["magface"] + ([] if args.no_arcface else ["arcface"])
     tasks, splits = [], {}
     for s in seeds:
-        train_cls, held_cls = dd.split_classes(len(class_names), n_hold, s)
+        try:
+            train_cls, held_cls = dd.split_classes(len(class_names), n_hold, s)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
         tr_x, tr_y = dd.subset(images, labels, train_cls)
         he_x, he_y = dd.subset(images, labels, held_cls)
         splits[s] = {"held_out": [class_names[c] for c in held_cls], "train_images": int(tr_x.shape[0]),
@@ -792,6 +857,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         for name in names:
             tasks.append({"name": name, "seed": s, "args": args, "train": (tr_x, tr_y, len(train_cls)),
                           "held": (he_x, he_y), "levels": levels, "device": args.device})
+    _check_before_training(args, tasks, names, int(images.shape[1]), int(images.shape[-1]))
     if device.type == "cuda":
         import magloss
 
@@ -839,5 +905,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     return report
 
 
+def cli(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m magloss.demo``: :func:`main`, with a bad option, data folder or missing extra
+    reported as ``magloss.demo: error: ...`` and exit status 2 (before any training)."""
+    try:
+        main(argv)
+    except (UsageError, ImportError) as exc:
+        build_parser().exit(2, f"magloss.demo: error: {exc}\n")
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())
