@@ -893,8 +893,13 @@ class Run:
         work = os.path.join(root, ".tmp-" + name)
         if self.is_main:
             os.makedirs(root, exist_ok=True)
+            try:
+                with open(os.path.join(root, "latest")) as f:
+                    pointed = ".old-" + f.read().strip()    # what --resume would take until `latest` moves on
+            except OSError:
+                pointed = None
             for d in os.listdir(root):        # leftovers of a process killed while saving
-                if d.startswith((".tmp-", ".old-")):
+                if d.startswith((".tmp-", ".old-")) and d != pointed:
                     shutil.rmtree(os.path.join(root, d), ignore_errors=True)
             os.makedirs(work)
         self._barrier()
@@ -920,7 +925,9 @@ class Run:
             for old in done[:-self.args.keep_checkpoints]:
                 if old != name:
                     shutil.rmtree(os.path.join(root, old), ignore_errors=True)
-            shutil.rmtree(os.path.join(root, ".old-" + name), ignore_errors=True)
+            for d in os.listdir(root):        # `latest` names a complete folder now: no fallback is needed
+                if d.startswith(".old-"):
+                    shutil.rmtree(os.path.join(root, d), ignore_errors=True)
         self._barrier()
         self.saved_step = self.step
         return path

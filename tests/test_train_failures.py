@@ -273,6 +273,23 @@ def test_killed_anywhere_then_resumed_equals_the_uninterrupted_run(faces, tmp_pa
     _same_as_uninterrupted(uninterrupted, out)
 
 
+def test_killed_while_replacing_a_checkpoint_of_the_same_step(faces, tmp_path, uninterrupted):
+    """A run resumed from an older checkpoint into its own folder saves step 4 again: the
+    complete step-4 folder is moved aside before the new one takes its name. Killed between
+    the two renames, `latest` names a folder that is not there: --resume takes the one moved
+    aside, and the run still ends as the uninterrupted one."""
+    out = tmp_path / "run"
+    assert train.main(_common(faces, out, *RUN[:-4], "--max-steps", "4", "--keep-checkpoints", "3")) == 0
+    again = [faces, "--output", str(out), "--resume", str(out / "checkpoints" / "step-00000002"), "--max-steps", "4",
+             "--no-progress"]
+    proc = _hooked(tmp_path, again, "rename:1:after:SIGKILL:step-00000004")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert not (out / "checkpoints" / "step-00000004").exists()
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-00000004"
+    assert train.main([faces, "--output", str(out), "--resume", "--max-steps", "6", "--no-progress"]) == 0
+    _same_as_uninterrupted(uninterrupted, out)
+
+
 def test_ctrl_c_saves_the_finished_steps_and_says_how_to_resume(faces, tmp_path, uninterrupted):
     out = tmp_path / "run"
     proc = _hooked(tmp_path, _common(faces, out, *RUN), "step:3:before:SIGINT")   # Ctrl-C during step 3
