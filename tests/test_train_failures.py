@@ -147,6 +147,20 @@ def test_resume_accepts_the_value_the_run_used(faces, tmp_path, capsys):
     assert [int(r["step"]) for r in _rows(out / "train.csv")] == [1, 2]
 
 
+def test_resume_that_does_not_fit_is_refused(faces, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main(_common(faces, out, "--batch-size", "8", "--max-steps", "1", "--eval-every", "0")) == 0
+    d = _copy(faces, tmp_path)
+    (d / "property").write_text("6,32,32")             # another input size: the backbone's FC layer differs
+    err = _fails([str(d), "--output", str(out), "--resume", "--no-progress"], capsys)
+    assert re.search(r"--resume: the checkpoint '.*step-00000001' does not fit this model \(input size 32x32 from "
+                     r"DATA_DIR; another data set\?\)", err), err
+    state = out / "checkpoints" / "step-00000001" / "state.pt"
+    state.write_bytes(state.read_bytes()[:100])          # a damaged checkpoint file
+    err = _fails([faces, "--output", str(out), "--resume", "--no-progress"], capsys)
+    assert re.search(r"--resume: cannot read '.*step-00000001/state\.pt'", err), err
+
+
 # ------------------------------------------------------------------------ the logged accuracy
 def test_logged_accuracy_is_that_of_the_step_before_its_update(faces, tmp_path):
     """Step 1's accuracy: its embeddings against the initial class matrix. The learning rate only
