@@ -1011,7 +1011,7 @@ class Run:
 
     def _stop(self, reason: str, code: int) -> None:
         """Save the finished steps (when any since the last checkpoint) and raise Stopped."""
-        if self.saved_step != self.step:
+        if self.step > 0 and self.saved_step != self.step:
             self.save()
         if self._bar is not None:
             self._bar.close()
@@ -1052,6 +1052,11 @@ class Run:
         previous = signal.signal(signal.SIGINT, self._on_sigint) if handler else None
         try:
             self._steps(total, per_step)
+        except KeyboardInterrupt:         # a second Ctrl-C: the bar ends its line before main's one line
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
+            raise
         finally:
             if handler:
                 signal.signal(signal.SIGINT, previous)

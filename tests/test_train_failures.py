@@ -347,6 +347,21 @@ def test_a_record_damaged_mid_file_stops_cleanly_with_the_finished_steps(faces, 
     _same_as_uninterrupted(uninterrupted, out)
 
 
+def test_a_damaged_record_in_the_first_batch_saves_nothing(faces, tmp_path, capsys):
+    index = [i for i in list(train.GlobalBatchSampler(N, 8, 1, 0, 0, 0, 0))[0] if i not in (0, N - 1)][0]
+    d = _copy(faces, tmp_path)
+    rec = d / "train.rec"
+    data = bytearray(rec.read_bytes())
+    pos = _offsets(d)[index + 1]
+    data[pos:pos + 4] = b"\0\1\2\3"
+    rec.write_bytes(bytes(data))
+    out = tmp_path / "run"
+    err = _fails(_common(str(d), out, *RUN), capsys)
+    assert re.search(rf"train\.rec: record {index + 1}: wrong magic number .* \(training stopped before step 1\); no "
+                     rf"step was finished, nothing saved$", err), err
+    assert not (out / "checkpoints").exists()
+
+
 def test_a_failing_evaluation_is_reported_and_the_outputs_stay(faces, tmp_path, capsys, monkeypatch):
     from magloss.data import VerificationBin
 
