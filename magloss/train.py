@@ -82,11 +82,12 @@ class UsageError(Exception):
 
 class Stopped(Exception):
     """Training stopped before its end with its finished steps saved: a data error found during
-    training (``code`` 2) or Ctrl-C (``code`` 130). The message is the one line printed."""
+    training (``code`` 2) or Ctrl-C (``code`` 130). The message is the one line printed, by rank 0
+    and by a rank that read the damaged record (``show``)."""
 
-    def __init__(self, message: str, code: int) -> None:
+    def __init__(self, message: str, code: int, show: bool = True) -> None:
         super().__init__(message)
-        self.code = code
+        self.code, self.show = code, show
 
 
 # ------------------------------------------------------------------------------------- options
@@ -1009,7 +1010,7 @@ class Run:
             flags = t.tolist()
         return flags[0] > 0, flags[1] > 0
 
-    def _stop(self, reason: str, code: int) -> None:
+    def _stop(self, reason: str, code: int, mine: bool = False) -> None:
         """Save the finished steps (when any since the last checkpoint) and raise Stopped."""
         if self.step > 0 and self.saved_step != self.step:
             self.save()
@@ -1022,7 +1023,7 @@ class Run:
         else:
             where = (f"checkpoint of step {self.saved_step} in {os.path.join(a.output, 'checkpoints')}; resume with: "
                      f"python -m magloss.train {shlex.quote(a.data_dir)} --output {shlex.quote(a.output)} --resume")
-        raise Stopped(f"{reason}; {where}", code)
+        raise Stopped(f"{reason}; {where}", code, show=self.is_main or mine)
 
     def train(self) -> None:
         """Train to ``self.total`` steps, save the checkpoint and ``model.pt``, then evaluate.
@@ -1084,7 +1085,7 @@ class Run:
                 data_error, interrupted = self._agree(bad)
                 if data_error:
                     self._stop(f"{bad or 'another rank read a damaged record'} (training stopped before step "
-                               f"{self.step + 1})", 2)
+                               f"{self.step + 1})", 2, mine=bad is not None)
                 if interrupted:
                     self._stop(f"interrupted at step {self.step}", 130)
                 torch.manual_seed(_mix(a.seed, self.step, self.rank))
@@ -1196,10 +1197,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         run.train()
     except Stopped as exc:
-        parser.exit(exc.code, f"magloss.train: {'error: ' if exc.code == 2 else ''}{exc}\n")
+        parser.exit(exc.code, f"magloss.train: {'error: ' if exc.code == 2 else ''}{exc}\n" if exc.show else None)
     except KeyboardInterrupt:
-        print(f"magloss.train: interrupted at step {run.step} (a second Ctrl-C, or after the last step); "
-              f"the newest checkpoint is that of step {run.saved_step}", file=sys.stderr, flush=True)
+        if run.is_main:
+            print(f"magloss.train: interrupted at step {run.step} (a second Ctrl-C, or after the last step); "
+                  f"the newest checkpoint is that of step {run.saved_step}", file=sys.stderr, flush=True)
         sys.exit(130)
     finally:
         run.close()

@@ -362,6 +362,32 @@ def test_a_damaged_record_in_the_first_batch_saves_nothing(faces, tmp_path, caps
     assert not (out / "checkpoints").exists()
 
 
+def test_a_damaged_record_on_one_rank_stops_every_rank_at_the_same_step(faces, tmp_path):
+    """torchrun, 2 processes of 3 images: rank 1's batch of step 2 holds the damaged record. Both
+    ranks stop before step 2 (no hang in a collective), step 1 is saved, rank 1 names the record."""
+    index = [i for i in list(train.GlobalBatchSampler(N, 3, 2, 1, 0, 0, 0))[1] if i not in (0, N - 1)][0]
+    d = _copy(faces, tmp_path)
+    rec = d / "train.rec"
+    data = bytearray(rec.read_bytes())
+    pos = _offsets(d)[index + 1]
+    data[pos:pos + 4] = b"\0\1\2\3"
+    rec.write_bytes(bytes(data))
+    out = tmp_path / "w2"
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "magloss.train", *_common(str(d), out, "--batch-size", "3", "--max-steps", "4", "--eval-every", "0",
+                                     "--sample-rate", "0.5")]
+    proc = subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=240)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert re.search(rf"magloss.train: error: .*train\.rec: record {index + 1}: wrong magic number .* \(training "
+                     rf"stopped before step 2\); checkpoint of step 1", text), text[-3000:]
+    assert "magloss.train: error: another rank read a damaged record (training stopped before step 2)" in text
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-00000001"
+    state, meta, _ = _checkpoint(out, 1)
+    assert (state["step"], meta["world_size"]) == (1, 2)
+
+
 def test_a_failing_evaluation_is_reported_and_the_outputs_stay(faces, tmp_path, capsys, monkeypatch):
     from magloss.data import VerificationBin
 
