@@ -21,6 +21,12 @@ Decisions (also in docs/train.md):
   dropout): no RNG state to save, and resuming at the same world size is bit-exact.
 * One process with ``--sample-rate 1`` uses the plain loss module; under ``torchrun`` (or
   with Partial FC) the head is :func:`magloss.distributed.shard` of it.
+* Everything checkable is checked before the first step (``magloss.train: error: ...``, exit
+  2). During a run, nothing finished is lost: checkpoints are written into a temporary folder
+  and renamed, the last checkpoint and ``model.pt`` come before the final evaluation (whose
+  failure is a warning), and a damaged record or Ctrl-C stops between two steps after saving
+  the finished ones (exit 2 or 130, one line saying how to resume).
+* The device-specific choices are one pure function, :func:`decide_device`.
 """
 
 from __future__ import annotations
