@@ -238,8 +238,12 @@ RUN = ["--batch-size", "8", "--epochs", "3", "--warmup-epochs", "0.5", "--lr", "
 @pytest.fixture(scope="module")
 def uninterrupted(faces, tmp_path_factory):
     out = tmp_path_factory.mktemp("full") / "run"
-    torch.set_num_threads(1)
-    assert train.main(_common(faces, out, *RUN)) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)                  # as the killed runs (OMP_NUM_THREADS=1): the same arithmetic
+    try:
+        assert train.main(_common(faces, out, *RUN)) == 0
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 
