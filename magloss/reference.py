@@ -139,7 +139,7 @@ def label_subcenters(x_hat: Tensor, weight: Tensor, lab: Tensor, subcenters: int
     O(B·K·D). x_hat [B, D] unit rows, lab [B] int64 in [0, C)."""
     rows = (lab.unsqueeze(1) * subcenters + torch.arange(subcenters, device=lab.device)).flatten()
     w = weight.index_select(0, rows)
-    w = (w if x_dtype is None else w.to(x_dtype)).to(x_hat.dtype).view(lab.shape[0], subcenters, -1)
+    w = (w if x_dtype is None else w.to(x_dtype)).to(x_hat.dtype).view(lab.shape[0], subcenters, weight.shape[1])
     wn = w.norm(dim=2)
     r = 1.0 / wn.clamp_min(NORM_EPS)
     return w, wn, r, (x_hat.unsqueeze(1) * w).sum(2) * r

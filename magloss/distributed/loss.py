@@ -514,8 +514,8 @@ def shard(module: losses.MarginLoss, *, sample_rate: float = 1.0, seed: int = 0,
             for name, buf in module.named_buffers():    # AdaFace's statistics, CurricularFace's t
                 if name in ("batch_mean", "batch_std", "t"):
                     getattr(out, name).copy_(buf)
-    if hasattr(module, "generator"):                    # ElasticFace: continue the module's draws
-        out.generator.set_state(module.generator.get_state())
-    if out.sphere_schedule is not None and hasattr(module, "iteration"):
+    if isinstance(module, ElasticState):                # ElasticFace: continue the module's draws
+        out.rng_state.copy_(module.rng_state)
+    if out.sphere_schedule is not None and src.device.type != "meta":   # a meta prototype has no counter value
         out.iteration.copy_(module.iteration)
     return out
