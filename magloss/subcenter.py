@@ -10,19 +10,19 @@ no_grad in float32 (float64 for float64 inputs) and never form a B×C matrix.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .margins import NORM_EPS
+from .margins import NORM_EPS, check_int
 from .reference import compute_dtype, label_subcenters
 
 __all__ = ["subcenter_counts", "dominant_subcenters", "dominant_weight", "far_from_class"]
 
 
 def _check_subcenters(weight: Tensor, subcenters: int) -> int:
-    if isinstance(subcenters, bool) or not isinstance(subcenters, int) or subcenters < 1:
-        raise ValueError(f"subcenters: expected an integer >= 1, got {subcenters!r}")
+    subcenters = check_int("subcenters", subcenters, 1)
     if weight.dim() != 2 or weight.shape[0] % subcenters:
         raise ValueError(f"weight: expected [K*C, D] with K={subcenters}, got {tuple(weight.shape)}")
     return weight.shape[0] // subcenters
@@ -63,11 +63,18 @@ def subcenter_counts(embeddings: Tensor, weight: Tensor, labels: Tensor, subcent
     return counts.view(num_classes, subcenters)
 
 
-def dominant_subcenters(counts: Tensor) -> Tensor:
+def dominant_subcenters(counts: Tensor, num_classes: Optional[int] = None, subcenters: Optional[int] = None) -> Tensor:
     """[C] int64: the dominant sub-center of each class, the one most of its rows picked
-    (``counts`` [C, K] from :func:`subcenter_counts`; ties and classes without rows: the lowest k)."""
-    if counts.dim() != 2:
-        raise ValueError(f"counts: expected [C, K], got {tuple(counts.shape)}")
+    (``counts`` [C, K] from :func:`subcenter_counts`; ties and classes without rows: the lowest k).
+    With ``num_classes``/``subcenters`` given, ``counts`` must be [num_classes, subcenters].
+    Raises ValueError naming ``counts``."""
+    if not isinstance(counts, Tensor):
+        raise TypeError(f"counts: expected a [C, K] tensor of counts, got {type(counts).__name__}")
+    want = (num_classes, subcenters)
+    if counts.dim() != 2 or any(w is not None and n != w for n, w in zip(counts.shape, want)):
+        shape = ", ".join("CK"[i] if w is None else str(w) for i, w in enumerate(want))
+        raise ValueError(f"counts: expected [{shape}] (classes x sub-centers, from subcenter_counts), "
+                         f"got {tuple(counts.shape)}")
     return counts.argmax(dim=1)
 
 
