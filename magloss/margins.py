@@ -291,9 +291,8 @@ class MarginSpec:
     def sphere(cls, margin: int = 4, scale: Optional[float] = None,
                straight_through: bool = False) -> "MarginSpec":
         """A-Softmax with integer margin ``margin`` ≥ 1; ``scale=None`` scales by ‖x_i‖."""
-        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or margin != int(margin):
-            raise ValueError(f"margin: SphereFace needs an integer margin >= 1, got {margin!r}")
-        if int(margin) < 1:
+        if (isinstance(margin, bool) or not isinstance(margin, (numbers.Integral, float))
+                or not math.isfinite(margin) or margin != int(margin) or int(margin) < 1):
             raise ValueError(f"margin: SphereFace needs an integer margin >= 1, got {margin!r}")
         s = 0.0 if scale is None else cls._scale(scale)
         return cls(SPHERE, s, float(int(margin)), straight_through=check_bool("straight_through", straight_through))
