@@ -147,7 +147,10 @@ def functorch_unsupported(name: str, *tensors) -> None:
     torch.compile (dynamo never wraps tensors in functorch levels there)."""
     if torch.compiler.is_compiling():
         return
-    if any(isinstance(t, Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
+    wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    if wrapped is None:
+        return
+    if any(isinstance(t, Tensor) and wrapped(t) for t in tensors):
         raise RuntimeError(
             f"{name}: torch.func transforms (torch.func.grad, vmap, jacrev, functional_call under grad ...) "
             "are not supported by magloss's losses. Supported: loss.backward() and torch.autograd.grad "
