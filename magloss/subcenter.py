@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .functional import check_types
 from .margins import NORM_EPS, check_int
 from .reference import compute_dtype, label_subcenters
 
@@ -28,7 +29,8 @@ def _check_subcenters(weight: Tensor, subcenters: int) -> int:
     return weight.shape[0] // subcenters
 
 
-def _valid_labels(labels: Tensor, num_classes: int, ignore_index: int) -> Tensor:
+def _valid_labels(labels: Tensor, num_classes: int, ignore_index: int, **tensors: Tensor) -> Tensor:
+    check_types(labels=labels, **tensors)        # float labels: a TypeError naming labels
     valid = labels != ignore_index
     bad = valid & ((labels < 0) | (labels >= num_classes))
     if bool(bad.any()):
@@ -52,7 +54,7 @@ def subcenter_counts(embeddings: Tensor, weight: Tensor, labels: Tensor, subcent
     embeddings [B, D], weight [K·C, D], labels [B]. Raises ValueError for a weight whose rows
     are not a multiple of K or a label outside [0, C)."""
     num_classes = _check_subcenters(weight, subcenters)
-    valid = _valid_labels(labels, num_classes, ignore_index)
+    valid = _valid_labels(labels, num_classes, ignore_index, embeddings=embeddings, weight=weight)
     ct = compute_dtype(embeddings.dtype)
     with torch.no_grad():
         lab = labels[valid].long()
@@ -98,7 +100,8 @@ def far_from_class(embeddings: Tensor, class_weight: Tensor, labels: Tensor, thr
         raise ValueError(f"threshold: expected an angle in radians in (0, pi), got {threshold}"
                          + (f" (math.radians({threshold}) = {math.radians(threshold):.4g})" if threshold >= math.pi
                             else ""))
-    valid = _valid_labels(labels, class_weight.shape[0], ignore_index)
+    valid = _valid_labels(labels, class_weight.shape[0], ignore_index, embeddings=embeddings,
+                          class_weight=class_weight)
     ct = compute_dtype(embeddings.dtype)
     with torch.no_grad():
         lab = torch.where(valid, labels, torch.zeros_like(labels)).long()

@@ -261,6 +261,15 @@ def test_bad_labels_are_errors_naming_labels_and_change_nothing(name, group, one
         _same_state(_state(m), before)
 
 
+def test_subcenter_helpers_refuse_float_labels():
+    m = magloss.SubCenterArcFaceLoss(D, C, subcenters=3)
+    x, y = _batch()
+    counts = m.subcenter_counts(x, y)
+    for call in (lambda: m.subcenter_counts(x, y.float()), lambda: m.far_from_class(x, y.double(), counts)):
+        with pytest.raises(TypeError, match=r"^labels: .*int64"):
+            call()
+
+
 def test_sharded_labels_on_no_shard_are_the_range_error(group):
     """Every valid label lies in [0, C) and so on exactly one shard: a batch whose labels match
     no class on any shard is the range ValueError on every rank (with Partial FC too), never a
