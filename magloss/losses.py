@@ -115,7 +115,8 @@ class MarginLoss(nn.Module):
     def accuracy(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """Share of non-ignored rows whose arg-max over the plain cosine logits (no margin)
         is the label: :func:`magloss.functional.accuracy` (chunked over classes, no B×C
-        matrix, no host sync). 0-d float tensor."""
+        matrix). 0-d float tensor. A label outside [0, C) or a NaN/Inf embedding is the
+        loss's ValueError (NaN out with ``MAGLOSS_CHECK_INPUTS=off``)."""
         check_embedding_size(self, embeddings)
         return MF.accuracy(embeddings, self.weight, labels, ignore_index=self.ignore_index,
                            subcenters=self.spec.subcenters)
