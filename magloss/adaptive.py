@@ -39,6 +39,7 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
+from . import ops
 from .margins import NORM_EPS
 from .reference import compute_dtype, label_subcenters
 
@@ -53,6 +54,7 @@ __all__ = [
     "elastic_draws",
     "elastic_row_margins",
     "ELASTIC_STD",
+    "state_dtype",
     "AdaFaceState",
     "CurricularState",
     "ElasticState",
@@ -107,16 +109,28 @@ def _safe_norms(norms: Tensor) -> Tensor:
     return norms.clamp(*ADAFACE_NORM_CLIP)
 
 
+def _masked_moments(values: Tensor, valid: Tensor, dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
+    """(n, mean, unbiased std) of ``values`` over the ``valid`` rows, in ``dtype``, as
+    ``values[valid].mean()`` and ``.std()`` would give them but without the boolean index
+    (no data-dependent shape: ``torch.compile(fullgraph=True)`` traces it). mean and std are
+    0 where undefined (n < 1, n < 2); the callers keep their state there."""
+    v = torch.where(valid, values.to(dtype), torch.zeros((), dtype=dtype, device=values.device))
+    n = valid.sum().to(dtype)
+    mean = v.sum() / n.clamp_min(1)
+    dev = torch.where(valid, v - mean, torch.zeros_like(v))
+    std = ((dev * dev).sum() / (n - 1).clamp_min(1)).sqrt()
+    return n, mean, std
+
+
 def adaface_statistics(norms: Tensor, valid: Tensor, batch_mean: Tensor, batch_std: Tensor,
                        momentum: float) -> Tuple[Tensor, Tensor]:
     """The running (μ, σ) after one training batch: μ ← α·mean(a) + (1 − α)·μ,
     σ ← α·std(a) + (1 − α)·σ over the non-ignored rows' clipped norms a (unbiased std).
     μ is kept when no row is valid, σ when fewer than two are (a one-row std is undefined).
     norms, valid: [B]; batch_mean, batch_std: 0-d. Returns new 0-d tensors of their dtype."""
-    a = _safe_norms(norms.detach())[valid].to(batch_mean.dtype)
-    n = a.shape[0]
-    mean = momentum * a.mean() + (1 - momentum) * batch_mean if n >= 1 else batch_mean.clone()
-    std = momentum * a.std() + (1 - momentum) * batch_std if n >= 2 else batch_std.clone()
+    n, mean, std = _masked_moments(_safe_norms(norms.detach()), valid, batch_mean.dtype)
+    mean = torch.where(n >= 1, momentum * mean + (1 - momentum) * batch_mean, batch_mean)
+    std = torch.where(n >= 2, momentum * std.to(batch_std.dtype) + (1 - momentum) * batch_std, batch_std)
     return mean, std
 
 
@@ -132,8 +146,8 @@ def adaface_row_margins(norms: Tensor, batch_mean: Tensor, batch_std: Tensor, ma
 def curricular_t(c_y: Tensor, valid: Tensor, t: Tensor, momentum: float) -> Tensor:
     """t after one training batch: α·mean(c_i over valid rows) + (1 − α)·t (kept when no row
     is valid). c_y, valid: [B]; t: 0-d. Returns a new 0-d tensor of t's dtype."""
-    c = c_y.detach().clamp(-1.0, 1.0)[valid].to(t.dtype)
-    return momentum * c.mean() + (1 - momentum) * t if c.shape[0] else t.clone()
+    n, mean, _ = _masked_moments(c_y.detach().clamp(-1.0, 1.0), valid, t.dtype)
+    return torch.where(n >= 1, momentum * mean + (1 - momentum) * t, t)
 
 
 def curricular_threshold(c_y: Tensor, valid: Tensor, margin: float) -> Tensor:
@@ -162,29 +176,68 @@ def elastic_row_margins(draws: Tensor, valid: Tensor, angular: bool, dtype: torc
     to its class centre gets the smallest margin, the farthest the largest."""
     m = draws.to(dtype=dtype, device=valid.device)
     if c_y is not None:
-        idx = valid.nonzero().squeeze(1)
-        order = torch.sort(c_y.detach()[idx].to(torch.float64), descending=True, stable=True).indices
-        m = m.index_copy(0, idx.index_select(0, order), torch.sort(m[idx]).values)
+        # Without a boolean index (no data-dependent shape, for torch.compile): the valid rows
+        # come first in both sorts, the n valid draws ascending meet the rows by descending
+        # cosine; the ignored rows' slots (last) receive +inf and are zeroed below.
+        c = torch.where(valid, c_y.detach().to(torch.float64), torch.full_like(c_y, -math.inf, dtype=torch.float64))
+        order = torch.sort(c, descending=True, stable=True).indices
+        ranked = torch.sort(torch.where(valid, m, torch.full_like(m, math.inf))).values
+        m = m.scatter(0, order, ranked)
     col = torch.where(valid, m, torch.zeros_like(m))
     zero = torch.zeros_like(col)
     return torch.stack([col, zero] if angular else [zero, col], dim=1).contiguous()
 
 
 # -- the state of the losses: mixins of the single-process and sharded modules --------------------------
-def _buffer_dtype(dtype) -> torch.dtype:
-    return dtype if dtype is not None and dtype.is_floating_point else torch.float32
+#: The floating dtypes a loss's running state never takes: an update of α·(x − μ) with α = 0.01
+#: is below half a unit in the last place of bfloat16/float16 and would round away.
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-class AdaFaceState:
+def state_dtype(dtype) -> torch.dtype:
+    """The dtype of a loss's running state for a module of ``dtype``: float64 for float64,
+    float32 for anything else (float32, float16, bfloat16, None)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class _KeptState:
+    """Keeps the buffers named in ``_float_state`` in float32 (float64 in a float64 module)
+    through ``.half()``, ``.bfloat16()`` and ``.to(dtype)``, and the buffers named in
+    ``_cpu_state`` on the CPU through ``.to(device)``/``.cuda()``: both override
+    :meth:`torch.nn.Module._apply`, which all of those go through. A state buffer converted to
+    a low-precision dtype is replaced by its previous value in float32 (no rounding through
+    the low-precision dtype). The state_dict round trip is unchanged (loading copies into
+    the existing buffer, whatever the checkpoint's dtype)."""
+
+    _float_state: Tuple[str, ...] = ()
+    _cpu_state: Tuple[str, ...] = ()
+
+    def _apply(self, fn, recurse=True):
+        names = self._float_state + self._cpu_state
+        old = {n: self._buffers[n] for n in names if self._buffers.get(n) is not None}
+        out = super()._apply(fn, recurse)
+        for n, before in old.items():
+            now = self._buffers[n]
+            if n in self._cpu_state and now.device.type != "cpu":
+                self._buffers[n] = before
+            elif n in self._float_state and now.dtype in _LOW_PRECISION:
+                self._buffers[n] = before.to(device=now.device, dtype=torch.float32)
+        return out
+
+
+class AdaFaceState(_KeptState):
     """AdaFace's running norm statistics: buffers ``batch_mean`` (μ, starts at 20) and
-    ``batch_std`` (σ, starts at 100), 0-d, in the module's float dtype."""
+    ``batch_std`` (σ, starts at 100), 0-d, float32 (float64 in a float64 module) whatever
+    the module's dtype (:class:`_KeptState`)."""
+
+    _float_state = ("batch_mean", "batch_std")
 
     def _init_state(self, margin: float = 0.4, h: float = 0.333, momentum: float = 0.01, *, device=None,
                     dtype=None) -> None:
         self.margin = _checked_margin("margin", margin)
         self.h = _checked_positive("h", h)
         self.momentum = _checked_positive("momentum", momentum, 1.0, inclusive=True)
-        bdt = _buffer_dtype(dtype)
+        bdt = state_dtype(dtype)
         self.register_buffer("batch_mean", torch.full((), 20.0, dtype=bdt, device=device))
         self.register_buffer("batch_std", torch.full((), 100.0, dtype=bdt, device=device))
 
@@ -205,12 +258,15 @@ class AdaFaceState:
             return adaface_row_margins(norms, mean, std, self.margin, self.h), None, None, commit
 
 
-class CurricularState:
-    """CurricularFace's running t: buffer ``t`` (0-d, starts at 0, the module's float dtype)."""
+class CurricularState(_KeptState):
+    """CurricularFace's running t: buffer ``t`` (0-d, starts at 0), float32 (float64 in a
+    float64 module) whatever the module's dtype (:class:`_KeptState`)."""
+
+    _float_state = ("t",)
 
     def _init_state(self, momentum: float = 0.01, *, device=None, dtype=None) -> None:
         self.momentum = _checked_positive("momentum", momentum, 1.0, inclusive=True)
-        self.register_buffer("t", torch.zeros((), dtype=_buffer_dtype(dtype), device=device))
+        self.register_buffer("t", torch.zeros((), dtype=state_dtype(dtype), device=device))
 
     def _state_kwargs(self) -> dict:
         return dict(momentum=self.momentum)
@@ -229,10 +285,16 @@ class CurricularState:
             return None, tau, t.to(device=embeddings.device, dtype=ct).reshape(()).contiguous(), commit
 
 
-class ElasticState:
-    """ElasticFace's margin source: ``generator`` (a CPU torch.Generator, seeded with ``seed``
-    or, when None, from torch's global generator at construction). Its state is saved in the
-    state_dict (``get_extra_state``), so a resumed run draws the margins it would have drawn."""
+class ElasticState(_KeptState):
+    """ElasticFace's margin source: the state of a CPU ``torch.Generator`` (seeded with ``seed``
+    or, when None, from torch's global generator at construction), held in the non-persistent
+    uint8 buffer ``rng_state`` (kept on the CPU) and saved in the state_dict through
+    ``get_extra_state``, so a resumed run draws the margins it would have drawn. The draws go
+    through the op ``magloss::normal_draws`` (traceable by torch.compile). ``generator`` is a
+    snapshot: a new Generator in the current state (setting its state changes nothing here;
+    use ``load_state_dict`` or ``rng_state.copy_``)."""
+
+    _cpu_state = ("rng_state",)
 
     def _init_state(self, angular: bool = True, margin: float = 0.5, std: Optional[float] = None,
                     plus: bool = False, seed: Optional[int] = None, *, device=None, dtype=None) -> None:
@@ -250,16 +312,22 @@ class ElasticState:
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise TypeError(f"seed: expected an int or None, got {type(seed).__name__}")
         self.seed = int(torch.randint(0, 2 ** 62, ())) if seed is None else seed
-        self.generator = torch.Generator().manual_seed(self.seed)
+        self.register_buffer("rng_state", torch.Generator().manual_seed(self.seed).get_state(), persistent=False)
+
+    @property
+    def generator(self) -> torch.Generator:
+        g = torch.Generator()
+        g.set_state(self.rng_state.cpu())
+        return g
 
     def _state_kwargs(self) -> dict:
         return dict(angular=self.angular, margin=self.margin, std=self.std, plus=self.plus, seed=self.seed)
 
     def get_extra_state(self):
-        return {"generator": self.generator.get_state()}
+        return {"generator": self.rng_state.clone()}
 
     def set_extra_state(self, state) -> None:
-        self.generator.set_state(state["generator"])
+        self.rng_state.copy_(state["generator"])
 
     def _extras(self, embeddings: Tensor, valid: Tensor, label_cosine: Callable[[], Tensor]) -> Extras:
         ct = compute_dtype(embeddings.dtype)
@@ -268,11 +336,9 @@ class ElasticState:
             if not self.training:       # eval: every row gets the mean margin
                 return elastic_row_margins(torch.full((b,), self.margin, dtype=torch.float64), valid,
                                            self.angular, ct), None, None, None
-            g = torch.Generator()
-            g.set_state(self.generator.get_state())
-            draws = elastic_draws(b, self.margin, self.std, g)
+            draws, after = ops.normal_draws(self.rng_state, b, self.margin, self.std)
             rm = elastic_row_margins(draws, valid, self.angular, ct, label_cosine() if self.plus else None)
-            return rm, None, None, lambda: self.generator.set_state(g.get_state())
+            return rm, None, None, lambda: self.rng_state.copy_(after)
 
 
 #: ElasticFace's σ by (angular, plus), from the upstream configs (config/config.py):

@@ -93,6 +93,8 @@ def save_class_matrix(path: str, head, optimizer: Optional[torch.optim.Optimizer
         extra = {k: getattr(head, k).item() for k in _EXTRA if isinstance(getattr(head, k, None), Tensor)}
         meta = {"format": FORMAT, "num_classes": num_classes, "subcenters": k, "embedding_size": int(weight.shape[1]),
                 "world_size": world, "has_optimizer": optimizer is not None, "shards": shards, "extra": extra}
+        if optimizer is not None:
+            meta["optimizer"] = type(optimizer).__name__
         tmp = os.path.join(path, f"{_META}.tmp{os.getpid()}")
         with open(tmp, "w") as f:
             json.dump(meta, f, indent=1)
@@ -136,6 +138,41 @@ def _read_rows(path: str, meta: Dict, start: int, end: int, with_optim: bool):
     return weight, optim
 
 
+def _state_keys(optimizer: torch.optim.Optimizer, weight: Tensor):
+    """The state keys ``optimizer`` keeps for ``weight``: those of a one-element parameter after
+    one step of a fresh optimizer of the same class and hyperparameters (weight's group), or
+    None when that cannot be built (a custom optimizer with other constructor arguments)."""
+    group = next((g for g in optimizer.param_groups if any(p is weight for p in g["params"])), None)
+    if group is None:
+        return None
+    kwargs = {k: group[k] for k in optimizer.defaults if k in group}
+    probe = torch.zeros(1, requires_grad=True)
+    try:
+        fresh = type(optimizer)([probe], **kwargs)
+        probe.grad = torch.zeros(1)
+        fresh.step()
+    except Exception:               # not constructible like that: nothing to compare with
+        return None
+    return {k for k, v in fresh.state[probe].items() if v is not None}
+
+
+def _check_optimizer_kind(path: str, meta: Dict, optimizer: torch.optim.Optimizer, weight: Tensor,
+                          saved: Dict) -> None:
+    """ValueError when the checkpoint's optimizer state is not the kind ``optimizer`` keeps
+    (e.g. SGD's momentum_buffer loaded into Adam, whose first step would then fail with
+    KeyError: 'exp_avg'). A checkpoint saved before any step (no state) fits any optimizer."""
+    have = {k for k, v in saved.items() if v is not None}
+    want = _state_keys(optimizer, weight)
+    if not have or want is None or have == want:
+        return
+    wrote = meta.get("optimizer", "an optimizer")
+    raise ValueError(
+        f"optimizer: the checkpoint at {path!r} holds {wrote} state for the class matrix "
+        f"({', '.join(sorted(have))}), but this {type(optimizer).__name__} keeps "
+        f"{', '.join(sorted(want)) or 'no state'}; build the optimizer the checkpoint was written with "
+        "(same class and options), or load without optimizer= to start its state afresh")
+
+
 def load_class_matrix(path: str, head, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
     """Load the rows this process owns from a checkpoint of :func:`save_class_matrix`,
     whatever world size wrote it.
@@ -145,8 +182,9 @@ def load_class_matrix(path: str, head, optimizer: Optional[torch.optim.Optimizer
     needs no process group). ``head.weight`` is overwritten in place (its dtype and
     device are kept). optimizer: if given, its state for ``head.weight`` is replaced by the
     checkpoint's (rows sliced the same way, moved to the weight's device). Raises
-    ValueError when num_classes or embedding_size differ, or when an optimizer is given
-    but the checkpoint has no optimizer state.
+    ValueError when num_classes or embedding_size differ, when an optimizer is given but
+    the checkpoint has no optimizer state, or when its state is of another kind than the
+    given optimizer keeps (SGD's momentum_buffer into Adam, ...); nothing is changed then.
     """
     weight, start, end, num_classes, _, _, _, k = _layout(head)
     meta = _read_meta(path)
@@ -160,6 +198,8 @@ def load_class_matrix(path: str, head, optimizer: Optional[torch.optim.Optimizer
     if optimizer is not None and not meta.get("has_optimizer", False):
         raise ValueError(f"optimizer: the checkpoint at {path!r} holds no optimizer state")
     rows, optim = _read_rows(path, meta, start * k, end * k, optimizer is not None)
+    if optimizer is not None:
+        _check_optimizer_kind(path, meta, optimizer, weight, optim)
     with torch.no_grad():
         weight.copy_(rows)
     if optimizer is not None:

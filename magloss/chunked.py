@@ -229,7 +229,7 @@ def _low_sum(lse_minus_shift: Tensor, num_classes: int) -> Tensor:
 def _class_tile(x_hat: Tensor, w_c: Tensor, r_c: Tensor, features: _Features) -> Tuple[Tensor, Optional[Tensor]]:
     """The general path's tile: class cosines c_ij = max_k (x̂_i·w_{jK+k})·r_{jK+k} [B, n] of a
     chunk of n whole classes (w_c: its K·n rows) and the winning k (None for K = 1)."""
-    return class_cosines(torch.mm(x_hat, w_c.t()).mul_(r_c), features.subcenters)
+    return class_cosines(torch.mm(x_hat, w_c.t()).mul_(r_c), features.subcenters, x_hat, w_c, r_c)
 
 
 def _lse(xs: Tensor, zl: Tensor, lab: Tensor, has: Tensor, weight: Tensor, x_dtype: torch.dtype, n_max: int,
@@ -289,7 +289,7 @@ def _general_tile(rows: _Rows, features: _Features, w_c: Tensor, r_c: Tensor, ls
     G_ij = gs_i·p_ij·f'_ij off the label (f' = t + 2c on CurricularFace's columns). With a
     feature-norm scale, adds Σ_{j≠y} p_ij·(f_ij − f'_ij·c_ij) to ``curved`` (in place)."""
     cos_rows = torch.mm(rows.x_hat, w_c.t()).mul_(r_c)             # sub-center cosines [B, K·n]
-    cos, win = class_cosines(cos_rows, features.subcenters)
+    cos, win = class_cosines(cos_rows, features.subcenters, rows.x_hat, w_c, r_c)
     f, slope = curricular(cos, features.neg_threshold, features.neg_t)
     p = torch.addcmul(lse.neg().unsqueeze(1), f, features.scale.unsqueeze(1)).exp_()
     u = p if slope is None else p * slope

@@ -268,6 +268,7 @@ def margin_loss(
     (:mod:`magloss.ops`): ``row_margins`` [B, 2] per-row (m2_i, m3_i), ``neg_threshold`` [B]
     and ``neg_t`` 0-d (CurricularFace), all in the compute dtype, without gradient.
     """
+    ops.functorch_unsupported("magloss.functional.margin_loss", embeddings, weight)
     embeddings, weight, up = _autocast(embeddings, weight, spec)
     check_inputs(embeddings, weight, labels)
     check_reduction(reduction)
@@ -327,7 +328,7 @@ def softmax_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, bias: Optio
     check_inputs(embeddings, weight, labels)
     check_reduction(reduction)
     check_ignore_index(ignore_index, weight.shape[0], stacklevel=3)
-    check_values(embeddings, weight, labels, ignore_index)
+    labels = ops.checked_labels(embeddings, weight, labels, ignore_index, weight.shape[0])   # int64
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
         raise ValueError(f"bias: expected shape [{weight.shape[0]}], got {tuple(bias.shape)}")
     ct = compute_dtype(embeddings.dtype)
@@ -338,7 +339,7 @@ def softmax_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, bias: Optio
             logits = F.linear(embeddings, weight.to(embeddings.dtype)).to(ct) * up.to(ct).unsqueeze(1)
         if bias is not None:
             logits = logits + bias.to(ct)
-    rows = F.cross_entropy(logits.to(ct), labels.long(), ignore_index=ignore_index, reduction="none")
+    rows = F.cross_entropy(logits.to(ct), labels, ignore_index=ignore_index, reduction="none")
     valid = labels != ignore_index
     if not return_parts:
         return _reduce(rows, valid, reduction)
@@ -606,13 +607,27 @@ def accuracy(embeddings: Tensor, weight: Tensor, labels: Tensor, *, ignore_index
     baseline's logits x·Wᵀ + b instead. With K = ``subcenters`` (weight [K·C, D]) the
     prediction is the class of the best sub-center (a class's cosine is its max).
 
-    Returns a 0-d float32 tensor (float64 for float64 inputs) on the embeddings' device,
-    without a host synchronization; 0 when every row is ignored (as the loss).
+    Returns a 0-d float32 tensor (float64 for float64 inputs) on the embeddings' device;
+    0 when every row is ignored (as the loss). Bad input is an error as in the loss: a label
+    outside [0, C) other than ``ignore_index`` and a non-finite embedding or weight row are a
+    ValueError naming ``labels``/``embeddings``/``weight`` (:func:`magloss.reference.check_values`:
+    one host synchronization). With ``MAGLOSS_CHECK_INPUTS=off`` the NaN/Inf check is skipped
+    and a non-finite score on a counted row makes the accuracy NaN (NaN in, NaN out), never a
+    number of hits.
     """
     check_inputs(embeddings, weight, labels)
-    _, pred = cosine_argmax(embeddings, weight, bias=bias, normalize=normalize, chunk_classes=chunk_classes)
-    pred = pred // subcenters
-    valid = labels != ignore_index
+    check_values(embeddings, weight, labels, ignore_index, weight.shape[0] // subcenters)
+    best, pred = cosine_argmax(embeddings, weight, bias=bias, normalize=normalize, chunk_classes=chunk_classes)
+    return hit_rate(pred // subcenters, best, labels, labels != ignore_index)
+
+
+def hit_rate(pred: Tensor, best: Tensor, labels: Tensor, valid: Tensor) -> Tensor:
+    """Share of the ``valid`` rows whose prediction ``pred`` [B] (class indices) equals
+    ``labels`` [B], in ``best``'s dtype; 0 without valid rows; NaN when the winning score
+    ``best`` [B] of a valid row is not finite (a NaN row would otherwise count as class 0).
+    Shared by :func:`accuracy` and the sharded heads' ``accuracy``."""
+    ct = best.dtype
     hit = (pred == labels.long()) & valid
-    ct = compute_dtype(embeddings.dtype)
-    return hit.sum().to(ct) / valid.sum().clamp_min(1).to(ct)
+    acc = hit.sum().to(ct) / valid.sum().clamp_min(1).to(ct)
+    broken = (valid & ~torch.isfinite(best)).any()
+    return torch.where(broken, torch.full_like(acc, math.nan), acc)

@@ -26,8 +26,9 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as MF
+from . import ops
 from .adaptive import AdaFaceState, CurricularState, ElasticState, label_cosines
-from .margins import CLIP, NONE, MarginSpec, magface_lambda_g_bound, sphere_lambda
+from .margins import CLIP, NONE, MarginSpec, check_bool, check_int, magface_lambda_g_bound, sphere_lambda
 from .reference import compute_dtype
 from .subcenter import dominant_subcenters, dominant_weight, far_from_class, subcenter_counts
 
@@ -50,9 +51,7 @@ __all__ = [
 
 
 def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name}: expected a positive int, got {value!r}")
-    return value
+    return check_int(name, value, 1)
 
 
 def _init_common(module: nn.Module, embedding_size, num_classes, ignore_index, reduction) -> None:
@@ -66,7 +65,9 @@ def _init_common(module: nn.Module, embedding_size, num_classes, ignore_index, r
 def check_embedding_size(module: nn.Module, embeddings) -> None:
     """Raise ValueError when ``embeddings`` is not [B, module.embedding_size]; when its width
     is ``num_classes`` instead, say that the module was probably built with the arguments
-    in pytorch-metric-learning's order (num_classes, embedding_size)."""
+    in pytorch-metric-learning's order (num_classes, embedding_size). Raise RuntimeError
+    naming the loss under a ``torch.func`` transform (:func:`magloss.ops.functorch_unsupported`)."""
+    ops.functorch_unsupported(type(module).__name__, embeddings, module.weight)
     if not isinstance(embeddings, Tensor) or embeddings.dim() != 2 or embeddings.shape[1] == module.embedding_size:
         return                              # type and rank errors: the functional checks word them
     hint = ""
@@ -93,8 +94,8 @@ class MarginLoss(nn.Module):
         super().__init__()
         _init_common(self, embedding_size, num_classes, ignore_index, reduction)
         self.spec = spec
-        self.weight = nn.Parameter(torch.empty(num_classes * spec.subcenters, embedding_size, device=device,
-                                               dtype=dtype))
+        self.weight = nn.Parameter(torch.empty(self.num_classes * spec.subcenters, self.embedding_size,
+                                               device=device, dtype=dtype))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -114,7 +115,8 @@ class MarginLoss(nn.Module):
     def accuracy(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """Share of non-ignored rows whose arg-max over the plain cosine logits (no margin)
         is the label: :func:`magloss.functional.accuracy` (chunked over classes, no B×C
-        matrix, no host sync). 0-d float tensor."""
+        matrix). 0-d float tensor. A label outside [0, C) or a NaN/Inf embedding is the
+        loss's ValueError (NaN out with ``MAGLOSS_CHECK_INPUTS=off``)."""
         check_embedding_size(self, embeddings)
         return MF.accuracy(embeddings, self.weight, labels, ignore_index=self.ignore_index,
                            subcenters=self.spec.subcenters)
@@ -315,6 +317,9 @@ class SubCenterArcFaceLoss(MarginLoss):
         (:func:`magloss.subcenter.subcenter_counts`); add the counts of several batches."""
         return subcenter_counts(embeddings, self.weight, labels, self.subcenters, self.ignore_index)
 
+    def _dominant(self, counts: Tensor) -> Tensor:
+        return dominant_subcenters(counts, self.num_classes, self.subcenters)
+
     def drop_subcenters(self, counts: Tensor) -> "ArcFaceLoss":
         """An :class:`ArcFaceLoss` (same scale, margin, boundary, ignore_index, reduction) whose
         ``weight`` [num_classes, D] holds each class's dominant sub-center (most rows in
@@ -324,14 +329,14 @@ class SubCenterArcFaceLoss(MarginLoss):
                           ignore_index=self.ignore_index, reduction=self.reduction, device=self.weight.device,
                           dtype=self.weight.dtype)
         with torch.no_grad():
-            out.weight.copy_(dominant_weight(self.weight, dominant_subcenters(counts), self.subcenters))
+            out.weight.copy_(dominant_weight(self.weight, self._dominant(counts), self.subcenters))
         return out
 
     def far_from_class(self, embeddings: Tensor, labels: Tensor, counts: Tensor,
                        threshold: float = math.radians(75.0)) -> Tensor:
         """[B] bool: rows more than ``threshold`` radians (default 75°, as upstream) from their
         class's dominant sub-center (likely label noise); False on ignored rows."""
-        class_weight = dominant_weight(self.weight, dominant_subcenters(counts), self.subcenters)
+        class_weight = dominant_weight(self.weight, self._dominant(counts), self.subcenters)
         return far_from_class(embeddings, class_weight, labels, threshold, self.ignore_index)
 
     def extra_repr(self) -> str:
@@ -458,7 +463,8 @@ class SoftmaxLoss(nn.Module):
                  reduction: str = "mean", device=None, dtype=None) -> None:
         super().__init__()
         _init_common(self, embedding_size, num_classes, ignore_index, reduction)
-        lin = nn.Linear(embedding_size, num_classes, bias=bias, device=device, dtype=dtype)
+        lin = nn.Linear(self.embedding_size, self.num_classes, bias=check_bool("bias", bias), device=device,
+                        dtype=dtype)
         self.weight = lin.weight
         self.bias = lin.bias
 

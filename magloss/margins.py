@@ -54,6 +54,7 @@ the test is written ``~(c <= cos θ_t)``). The constants of the definitions stay
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, replace
 from typing import Optional, Tuple
 
@@ -98,6 +99,8 @@ BOUNDARIES = ("threshold", "easy", "clip", "none")
 CLIP_EPS = 1e-3
 #: Lower bound of 1 − c² wherever sin θ divides (docs/math.md §1).
 SIN_EPS = 1e-12
+#: The largest finite float32: a scale above it overflows the float32 logits.
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 #: Lower bound of ‖x_i‖ and ‖w_j‖ when normalizing, as F.normalize.
 NORM_EPS = 1e-12
 
@@ -106,6 +109,23 @@ def _check_finite(name: str, value: float) -> float:
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"{name}: expected a finite number, got {value}")
+    return value
+
+
+def check_int(name: str, value, minimum: int, what: str = "") -> int:
+    """``value`` as an int when it is an integer (Python or numpy, not bool) ≥ ``minimum``;
+    ValueError naming ``name`` otherwise (floats such as 3.0 included: a count is an int)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        kind = "a positive int" if minimum == 1 and not what else f"an integer >= {minimum}{what}"
+        raise ValueError(f"{name}: expected {kind}, got {value!r}")
+    return int(value)
+
+
+def check_bool(name: str, value) -> bool:
+    """``value`` when it is a bool; TypeError naming ``name`` otherwise (a string such as
+    'no' is truthy: taking it as True would silently do the opposite of what was meant)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool (True or False), got {value!r}")
     return value
 
 
@@ -156,8 +176,9 @@ class MarginSpec:
     @staticmethod
     def _scale(scale: float) -> float:
         scale = _check_finite("scale", scale)
-        if scale <= 0:
-            raise ValueError(f"scale: expected a positive number, got {scale}")
+        if scale <= 0 or scale > _FLOAT32_MAX:
+            raise ValueError(f"scale: expected a positive number at most {_FLOAT32_MAX:.4g} (the logits are "
+                             f"float32), got {scale}")
         return scale
 
     @classmethod
@@ -178,7 +199,7 @@ class MarginSpec:
         CLIP or NONE) takes precedence over ``easy_margin`` (which means EASY); the
         default is THRESHOLD.
         """
-        boundary = cls._boundary(boundary, easy_margin)
+        boundary = cls._boundary(boundary, check_bool("easy_margin", easy_margin))
         m1 = _check_finite("m1", m1)
         m2 = _check_finite("m2", m2)
         m3 = _check_finite("m3", m3)
@@ -194,7 +215,7 @@ class MarginSpec:
                 f"m2 >= (1 - m1)*pi = {(1.0 - m1) * math.pi:.4f}, got m2={m2}"
             )
         return cls(COMBINED, cls._scale(scale), m1, m2, m3,
-                   boundary=boundary, straight_through=bool(straight_through))
+                   boundary=boundary, straight_through=check_bool("straight_through", straight_through))
 
     @staticmethod
     def _boundary(boundary: Optional[int], easy_margin: bool) -> int:
@@ -211,9 +232,7 @@ class MarginSpec:
         """This spec with K = ``subcenters`` sub-centers per class (an integer ≥ 1).
 
         Raises ValueError naming ``subcenters`` otherwise."""
-        if isinstance(subcenters, bool) or not isinstance(subcenters, int) or subcenters < 1:
-            raise ValueError(f"subcenters: expected an integer >= 1 (sub-centers per class), got {subcenters!r}")
-        return replace(self, subcenters=subcenters)
+        return replace(self, subcenters=check_int("subcenters", subcenters, 1, " (sub-centers per class)"))
 
     @property
     def easy_margin(self) -> bool:
@@ -246,11 +265,12 @@ class MarginSpec:
         straight_through: bool = False,
     ) -> "MarginSpec":
         """MagFace: ψ = cos(θ + m(a)). Requires 0 < l_a < u_a, 0 ≤ l_m ≤ u_m < π/2."""
+        check_bool("easy_margin", easy_margin)
         l_a, u_a, l_m, u_m = cls._magnitude_args(l_a, u_a, l_m, u_m)
         if u_m >= math.pi / 2:
             raise ValueError(f"u_m: expected an angular margin in radians below pi/2, got {u_m}{_degrees_hint(u_m)}")
         return cls(MAGFACE, cls._scale(scale), 1.0, 0.0, 0.0, l_a, u_a, l_m, u_m,
-                   EASY if easy_margin else THRESHOLD, bool(straight_through))
+                   EASY if easy_margin else THRESHOLD, check_bool("straight_through", straight_through))
 
     @classmethod
     def magcos(
@@ -265,18 +285,17 @@ class MarginSpec:
         """Mag-CosFace: ψ = c − m(a). Requires 0 < l_a < u_a, 0 ≤ l_m ≤ u_m."""
         l_a, u_a, l_m, u_m = cls._magnitude_args(l_a, u_a, l_m, u_m)
         return cls(MAGCOS, cls._scale(scale), 1.0, 0.0, 0.0, l_a, u_a, l_m, u_m,
-                   THRESHOLD, bool(straight_through))
+                   THRESHOLD, check_bool("straight_through", straight_through))
 
     @classmethod
     def sphere(cls, margin: int = 4, scale: Optional[float] = None,
                straight_through: bool = False) -> "MarginSpec":
         """A-Softmax with integer margin ``margin`` ≥ 1; ``scale=None`` scales by ‖x_i‖."""
-        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or margin != int(margin):
-            raise ValueError(f"margin: SphereFace needs an integer margin >= 1, got {margin!r}")
-        if int(margin) < 1:
+        if (isinstance(margin, bool) or not isinstance(margin, (numbers.Integral, float))
+                or not math.isfinite(margin) or margin != int(margin) or int(margin) < 1):
             raise ValueError(f"margin: SphereFace needs an integer margin >= 1, got {margin!r}")
         s = 0.0 if scale is None else cls._scale(scale)
-        return cls(SPHERE, s, float(int(margin)), straight_through=bool(straight_through))
+        return cls(SPHERE, s, float(int(margin)), straight_through=check_bool("straight_through", straight_through))
 
     # -- helpers ---------------------------------------------------------------------
     @property

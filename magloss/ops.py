@@ -54,7 +54,7 @@ from torch import Tensor
 from . import _ext, chunked, reference
 from .margins import MarginSpec
 
-__all__ = ["margin_ce", "margin_ce_backward"]
+__all__ = ["margin_ce", "margin_ce_backward", "normal_draws", "checked_labels"]
 
 _Rows = Tuple[Tensor, Tensor, Tensor, Tensor]
 
@@ -123,5 +123,72 @@ def _backward(ctx, grad_lse, grad_zy, grad_reg, grad_norms):
 
 
 margin_ce.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _no_double_backward(ctx, *grads):
+    spec, _ = MarginSpec.from_op_args(ctx.params)
+    raise RuntimeError(
+        f"magloss margin loss ({spec}): second-order gradients are not supported (a backward "
+        "through the gradient, e.g. torch.autograd.grad(..., create_graph=True) then .backward() on it). "
+        "Supported: first-order gradients (loss.backward(), torch.autograd.grad), under torch.compile too")
+
+
+def _setup_double(ctx, inputs, output):
+    ctx.params = inputs[13:]
+
+
+margin_ce_backward.register_autograd(_no_double_backward, setup_context=_setup_double)
+
+
+def functorch_unsupported(name: str, *tensors) -> None:
+    """Raise a RuntimeError naming the loss ``name`` when called under a ``torch.func``
+    transform (grad, vmap, jacrev, ...): the custom ops' autograd formulas are registered
+    with ``torch.library`` and do not compose with those transforms. A no-op under
+    torch.compile (dynamo never wraps tensors in functorch levels there)."""
+    if torch.compiler.is_compiling():
+        return
+    wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    if wrapped is None:
+        return
+    if any(isinstance(t, Tensor) and wrapped(t) for t in tensors):
+        raise RuntimeError(
+            f"{name}: torch.func transforms (torch.func.grad, vmap, jacrev, functional_call under grad ...) "
+            "are not supported by magloss's losses. Supported: loss.backward() and torch.autograd.grad "
+            "(first order), torch.compile(fullgraph=True)")
+
+
+@torch.library.custom_op("magloss::normal_draws", mutates_args=())
+def normal_draws(rng_state: Tensor, count: int, mean: float, std: float) -> Tuple[Tensor, Tensor]:
+    """``count`` draws of N(mean, std²), float64 on the CPU, from a CPU ``torch.Generator`` whose
+    state is ``rng_state`` (uint8, ``Generator.get_state()``); returns (draws [count], the
+    generator's state after the draws). The draws equal ``torch.randn(count, generator=g,
+    dtype=torch.float64) * std + mean`` for a generator g in that state. An op (not a
+    Generator call in the forward) so that ``torch.compile(fullgraph=True)`` traces ElasticFace."""
+    g = torch.Generator()
+    g.set_state(rng_state.detach().cpu())
+    draws = torch.randn(count, generator=g, dtype=torch.float64) * std + mean
+    return draws, g.get_state()
+
+
+@normal_draws.register_fake
+def _(rng_state, count, mean, std):
+    return rng_state.new_empty((count,), dtype=torch.float64, device="cpu"), \
+        torch.empty_like(rng_state, device="cpu")
+
+
+@torch.library.custom_op("magloss::checked_labels", mutates_args=())
+def checked_labels(embeddings: Tensor, weight: Tensor, labels: Tensor, ignore_index: int,
+                   num_classes: int) -> Tensor:
+    """:func:`magloss.reference.check_values` (label range, NaN/Inf; ValueError naming the
+    argument) as an op, returning the labels as a new int64 tensor: the check then runs
+    inside a ``torch.compile(fullgraph=True)`` graph (an op, not a data-dependent branch),
+    and the result's use keeps it from being dropped."""
+    reference.check_values(embeddings, weight, labels, ignore_index, num_classes)
+    return labels.to(torch.int64, copy=True)
+
+
+@checked_labels.register_fake
+def _(embeddings, weight, labels, ignore_index, num_classes):
+    return torch.empty_like(labels, dtype=torch.int64)
 
 _ext.register_kernels(margin_ce, margin_ce_backward)

@@ -122,13 +122,43 @@ def check_extras(embeddings: Tensor, spec: MarginSpec, row_margins: Optional[Ten
         expect("neg_t", neg_t, ())
 
 
-def class_cosines(cos: Tensor, subcenters: int) -> Tuple[Tensor, Optional[Tensor]]:
-    """Sub-center cosines [B, K·C] -> class cosines [B, C], c_ij = max_k c_{i, jK+k}, and the
-    winning k [B, C] int64 (ties: the lowest k; None for K = 1, where ``cos`` is returned as
-    is). Autograd sends the gradient of c_ij to the winner only."""
+def class_cosines(cos: Tensor, subcenters: int, x_hat: Optional[Tensor] = None, w: Optional[Tensor] = None,
+                  r: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
+    """Sub-center cosines [B, K·C] -> class cosines [B, C], c_ij = c_{i, jK+k*}, and the
+    winning k* [B, C] int64 (None for K = 1, where ``cos`` is returned as is). Autograd sends
+    the gradient of c_ij to the winner only.
+
+    k* is the sub-center of largest cosine; ties go to the lowest k. A matrix product rounds
+    a column's dot product in a way that depends on the column's position, so two
+    bitwise-identical sub-centers can get cosines one rounding step apart, and which copy
+    "wins" would depend on the chunking. Given the operands of ``cos`` (x_hat [B, D] unit
+    rows, w [K·C, D], r [K·C] = 1/‖w‖), the tie is settled on position-independent values:
+    where several sub-centers lie within the product's rounding bound (D + 2)·eps of the
+    largest, their cosines are recomputed by one gather-dot each (the same summation order
+    for every k) and the lowest k among the largest of those wins. So identical sub-centers
+    always send the gradient to the lowest k, on the reference and the chunked engine alike."""
     if subcenters == 1:
         return cos, None
-    return cos.unflatten(1, (-1, subcenters)).max(dim=2)
+    tiles = cos.unflatten(1, (-1, subcenters))
+    best, win = tiles.detach().max(dim=2)
+    if x_hat is not None:
+        win = _settle_ties(tiles.detach(), best, win, x_hat.detach(), w.detach(), r.detach(), subcenters)
+    return tiles.gather(2, win.unsqueeze(2)).squeeze(2), win
+
+
+def _settle_ties(tiles: Tensor, best: Tensor, win: Tensor, x_hat: Tensor, w: Tensor, r: Tensor, k: int) -> Tensor:
+    """The winners of :func:`class_cosines` with near-ties decided on gather-dot cosines."""
+    tol = (x_hat.shape[1] + 2) * torch.finfo(tiles.dtype).eps
+    near = tiles >= (best - tol).unsqueeze(2)                       # [B, n, K]; NaN rows: none near
+    rows, cls = (near.sum(2) > 1).nonzero(as_tuple=True)
+    if rows.numel() == 0:
+        return win
+    wk = w.to(x_hat.dtype).view(-1, k, w.shape[1]).index_select(0, cls)      # [N, K, D]
+    exact = (x_hat.index_select(0, rows).unsqueeze(1) * wk).sum(2) * r.to(x_hat.dtype).view(-1, k).index_select(0, cls)
+    exact = torch.where(near[rows, cls], exact, torch.full_like(exact, -torch.inf))
+    win = win.clone()
+    win[rows, cls] = exact.argmax(1)
+    return win
 
 
 def label_subcenters(x_hat: Tensor, weight: Tensor, lab: Tensor, subcenters: int,
@@ -139,7 +169,7 @@ def label_subcenters(x_hat: Tensor, weight: Tensor, lab: Tensor, subcenters: int
     O(B·K·D). x_hat [B, D] unit rows, lab [B] int64 in [0, C)."""
     rows = (lab.unsqueeze(1) * subcenters + torch.arange(subcenters, device=lab.device)).flatten()
     w = weight.index_select(0, rows)
-    w = (w if x_dtype is None else w.to(x_dtype)).to(x_hat.dtype).view(lab.shape[0], subcenters, -1)
+    w = (w if x_dtype is None else w.to(x_dtype)).to(x_hat.dtype).view(lab.shape[0], subcenters, weight.shape[1])
     wn = w.norm(dim=2)
     r = 1.0 / wn.clamp_min(NORM_EPS)
     return w, wn, r, (x_hat.unsqueeze(1) * w).sum(2) * r
@@ -268,8 +298,8 @@ def margin_ce_rows(
     x = embeddings.to(ct)
     w = weight_operand(embeddings, weight).to(ct)
     has, idx = _label_index(labels, ignore_index)
-    a, _, _, _, cos = _cosines(x, w, product_dtype)
-    cos = class_cosines(cos, spec.subcenters)[0]
+    a, x_hat, _, r, cos = _cosines(x, w, product_dtype)
+    cos = class_cosines(cos, spec.subcenters, x_hat, w, r)[0]
     c_y = cos.gather(1, idx).squeeze(1)
     base = curricular(cos, neg_threshold, neg_t)[0]
 
@@ -336,7 +366,7 @@ def margin_ce_backward(grad_lse, grad_zy, grad_reg, grad_norms, embeddings, weig
         w = weight_operand(embeddings, weight).to(ct)
         has, idx = _label_index(labels, ignore_index)
         a, x_hat, w_norm, r, cos_rows = _cosines(x, w)
-        cos, winner = class_cosines(cos_rows, spec.subcenters)
+        cos, winner = class_cosines(cos_rows, spec.subcenters, x_hat, w, r)
         c_y = cos.gather(1, idx).squeeze(1)
         base, slope = curricular(cos, neg_threshold, neg_t)
         inv_a = 1.0 / a.clamp_min(NORM_EPS)

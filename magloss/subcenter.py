@@ -10,25 +10,27 @@ no_grad in float32 (float64 for float64 inputs) and never form a B×C matrix.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .margins import NORM_EPS
+from .functional import check_types
+from .margins import NORM_EPS, check_int
 from .reference import compute_dtype, label_subcenters
 
 __all__ = ["subcenter_counts", "dominant_subcenters", "dominant_weight", "far_from_class"]
 
 
 def _check_subcenters(weight: Tensor, subcenters: int) -> int:
-    if isinstance(subcenters, bool) or not isinstance(subcenters, int) or subcenters < 1:
-        raise ValueError(f"subcenters: expected an integer >= 1, got {subcenters!r}")
+    subcenters = check_int("subcenters", subcenters, 1)
     if weight.dim() != 2 or weight.shape[0] % subcenters:
         raise ValueError(f"weight: expected [K*C, D] with K={subcenters}, got {tuple(weight.shape)}")
     return weight.shape[0] // subcenters
 
 
-def _valid_labels(labels: Tensor, num_classes: int, ignore_index: int) -> Tensor:
+def _valid_labels(labels: Tensor, num_classes: int, ignore_index: int, **tensors: Tensor) -> Tensor:
+    check_types(labels=labels, **tensors)        # float labels: a TypeError naming labels
     valid = labels != ignore_index
     bad = valid & ((labels < 0) | (labels >= num_classes))
     if bool(bad.any()):
@@ -52,7 +54,7 @@ def subcenter_counts(embeddings: Tensor, weight: Tensor, labels: Tensor, subcent
     embeddings [B, D], weight [K·C, D], labels [B]. Raises ValueError for a weight whose rows
     are not a multiple of K or a label outside [0, C)."""
     num_classes = _check_subcenters(weight, subcenters)
-    valid = _valid_labels(labels, num_classes, ignore_index)
+    valid = _valid_labels(labels, num_classes, ignore_index, embeddings=embeddings, weight=weight)
     ct = compute_dtype(embeddings.dtype)
     with torch.no_grad():
         lab = labels[valid].long()
@@ -63,11 +65,18 @@ def subcenter_counts(embeddings: Tensor, weight: Tensor, labels: Tensor, subcent
     return counts.view(num_classes, subcenters)
 
 
-def dominant_subcenters(counts: Tensor) -> Tensor:
+def dominant_subcenters(counts: Tensor, num_classes: Optional[int] = None, subcenters: Optional[int] = None) -> Tensor:
     """[C] int64: the dominant sub-center of each class, the one most of its rows picked
-    (``counts`` [C, K] from :func:`subcenter_counts`; ties and classes without rows: the lowest k)."""
-    if counts.dim() != 2:
-        raise ValueError(f"counts: expected [C, K], got {tuple(counts.shape)}")
+    (``counts`` [C, K] from :func:`subcenter_counts`; ties and classes without rows: the lowest k).
+    With ``num_classes``/``subcenters`` given, ``counts`` must be [num_classes, subcenters].
+    Raises ValueError naming ``counts``."""
+    if not isinstance(counts, Tensor):
+        raise TypeError(f"counts: expected a [C, K] tensor of counts, got {type(counts).__name__}")
+    want = (num_classes, subcenters)
+    if counts.dim() != 2 or any(w is not None and n != w for n, w in zip(counts.shape, want)):
+        shape = ", ".join("CK"[i] if w is None else str(w) for i, w in enumerate(want))
+        raise ValueError(f"counts: expected [{shape}] (classes x sub-centers, from subcenter_counts), "
+                         f"got {tuple(counts.shape)}")
     return counts.argmax(dim=1)
 
 
@@ -91,7 +100,8 @@ def far_from_class(embeddings: Tensor, class_weight: Tensor, labels: Tensor, thr
         raise ValueError(f"threshold: expected an angle in radians in (0, pi), got {threshold}"
                          + (f" (math.radians({threshold}) = {math.radians(threshold):.4g})" if threshold >= math.pi
                             else ""))
-    valid = _valid_labels(labels, class_weight.shape[0], ignore_index)
+    valid = _valid_labels(labels, class_weight.shape[0], ignore_index, embeddings=embeddings,
+                          class_weight=class_weight)
     ct = compute_dtype(embeddings.dtype)
     with torch.no_grad():
         lab = torch.where(valid, labels, torch.zeros_like(labels)).long()

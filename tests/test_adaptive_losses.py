@@ -313,3 +313,37 @@ BAD = [
 def test_bad_arguments(cls, kw, word):
     with pytest.raises((ValueError, TypeError), match=rf"^{word}"):
         cls(D, C, **kw)
+
+
+@pytest.mark.parametrize("engine", ["chunked", "reference"])
+@pytest.mark.parametrize("chunk", ["7", "16", ""])
+@pytest.mark.parametrize("k,b", [(2, 1), (3, 1), (3, 9)])
+def test_identical_subcenters_send_the_gradient_to_the_lowest_k(engine, chunk, k, b, monkeypatch):
+    """K bitwise-identical copies of each class row: a tie everywhere, which the docs give to the
+    lowest k. Then the loss and the gradient of copy 0 are ArcFace's on the single rows, and the
+    other copies get none, whatever the chunking (the matrix product rounds a column by its
+    position in the chunk; B = 1 took the matrix-vector path, which sent it to k > 0)."""
+    from magloss import reference
+
+    monkeypatch.setenv("MAGLOSS_CHUNK", chunk)
+    c, d = 257, 64
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(c, d, generator=g)
+    x = torch.randn(b, d, generator=g) * 10
+    y = torch.randint(0, c, (b,), generator=g)
+    spec = magloss.MarginSpec.combined(16.0, 1.0, 0.5, 0.0)
+    grads = []
+    for kk, w in ((1, base.clone()), (k, base.repeat_interleave(k, 0))):
+        w.requires_grad_()
+        s = spec.with_subcenters(kk)
+        if engine == "chunked":
+            loss = MF.margin_loss(x, w, y, s, reduction="sum")
+        else:
+            lse, zy, _, _ = reference.margin_ce_rows(x, w, y, s)
+            loss = (lse - zy).sum()
+        loss.backward()
+        grads.append((loss.detach(), w.grad.view(c, kk, d)))
+    (l1, g1), (lk, gk) = grads
+    assert torch.equal(gk[:, 1:], torch.zeros_like(gk[:, 1:]))
+    torch.testing.assert_close(lk, l1, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gk[:, 0], g1[:, 0], rtol=1e-5, atol=1e-7)

@@ -638,3 +638,23 @@ def test_sharded_accuracy_is_the_global_cosine_argmax(results, world):
     expected = int(((best == y) & valid).sum()) / int(valid.sum())
     for r in range(world):
         assert float(res[(world, r)]["accuracy"]) == expected
+
+
+def test_load_class_matrix_refuses_another_optimizers_state(tmp_path):
+    """SGD's momentum loaded into Adam made its first step fail with KeyError: 'exp_avg'; now the
+    load is a ValueError naming both optimizers, and nothing (weight, optimizer) is changed."""
+    m = magloss.ArcFaceLoss(8, 5)
+    sgd = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    m(torch.randn(4, 8) * 5, torch.tensor([0, 1, 2, 3])).backward()
+    sgd.step()
+    checkpoint.save_class_matrix(str(tmp_path / "ck"), m, sgd)
+    other = magloss.ArcFaceLoss(8, 5)
+    before = other.weight.detach().clone()
+    adam = torch.optim.Adam(other.parameters())
+    with pytest.raises(ValueError, match=r"^optimizer: .*SGD state .*momentum_buffer.*Adam keeps exp_avg"):
+        checkpoint.load_class_matrix(str(tmp_path / "ck"), other, adam)
+    assert torch.equal(other.weight, before) and not adam.state
+    same = torch.optim.SGD(other.parameters(), lr=0.1, momentum=0.9)    # the kind it was written with loads
+    checkpoint.load_class_matrix(str(tmp_path / "ck"), other, same)
+    assert torch.equal(other.weight, m.weight)
+    assert torch.equal(same.state[other.weight]["momentum_buffer"], sgd.state[m.weight]["momentum_buffer"])

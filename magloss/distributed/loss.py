@@ -150,7 +150,7 @@ class ShardedMarginLoss(nn.Module):
         self.reduction = MF.check_reduction(reduction)
         self.shard_start, self.shard_end = shard_range(num_classes, self.world_size, self.rank)
         self._check_consistent()
-        self.weight = nn.Parameter(torch.empty(self.num_local * spec.subcenters, embedding_size, device=device,
+        self.weight = nn.Parameter(torch.empty(self.num_local * spec.subcenters, self.embedding_size, device=device,
                                                dtype=dtype))
         self.register_buffer("step", torch.zeros((), dtype=torch.long, device=device))
         self.sphere_schedule = None
@@ -207,6 +207,7 @@ class ShardedMarginLoss(nn.Module):
         return sphere_lambda(it, *self.sphere_schedule, dtype=dtype)
 
     def _check_local(self, embeddings: Tensor, labels: Tensor) -> None:
+        ops.functorch_unsupported(type(self).__name__, embeddings, self.weight)
         MF.check_types(embeddings=embeddings, labels=labels)
         if self.ddp_backbone and getattr(embeddings, DDP_UNDONE_MARK, False):
             raise ValueError(
@@ -318,11 +319,15 @@ class ShardedMarginLoss(nn.Module):
         the per-rank winners ([B] values and global class indices) are all-gathered and
         the best wins, ties going to the lowest class index as in the single-process
         :meth:`magloss.MarginLoss.accuracy`, which this equals on the concatenated batch.
-        Rows labelled ``ignore_index`` are not counted; 0 when no row is.
+        Rows labelled ``ignore_index`` are not counted; 0 when no row is. A label outside
+        [0, C) is the ValueError of :meth:`forward`; a non-finite embedding on a counted row
+        makes the accuracy NaN (:func:`magloss.functional.hit_rate`).
         """
         self._check_local(embeddings, labels)
         group = self.group
-        sizes = [size for size, _, _ in self._gather_header(labels, comm_device(group, embeddings.device))]
+        table = self._gather_header(labels, comm_device(group, embeddings.device))
+        self._check_labels(table)
+        sizes = [size for size, _, _ in table]
         x_all = gather_rows(embeddings.detach(), sizes, group)
         labels_all = gather_rows(labels.to(torch.int64), sizes, group)
         best, arg = MF.cosine_argmax(x_all, self.weight)
@@ -331,9 +336,8 @@ class ShardedMarginLoss(nn.Module):
         idx = gather_stats((arg // self.spec.subcenters + self.shard_start).to(dev), group)
         winner = vals.argmax(dim=0, keepdim=True)                   # first max: the lowest rank, lowest class
         pred = idx.gather(0, winner).squeeze(0).to(labels_all.device)
-        valid = labels_all != self.ignore_index
-        ct = best.dtype
-        return ((pred == labels_all) & valid).sum().to(ct) / valid.sum().clamp_min(1).to(ct)
+        best_all = vals.gather(0, winner).squeeze(0).to(labels_all.device)
+        return MF.hit_rate(pred, best_all, labels_all, labels_all != self.ignore_index)
 
     def extra_repr(self) -> str:
         s = self.spec
@@ -514,8 +518,8 @@ def shard(module: losses.MarginLoss, *, sample_rate: float = 1.0, seed: int = 0,
             for name, buf in module.named_buffers():    # AdaFace's statistics, CurricularFace's t
                 if name in ("batch_mean", "batch_std", "t"):
                     getattr(out, name).copy_(buf)
-    if hasattr(module, "generator"):                    # ElasticFace: continue the module's draws
-        out.generator.set_state(module.generator.get_state())
-    if out.sphere_schedule is not None and hasattr(module, "iteration"):
+    if isinstance(module, ElasticState):                # ElasticFace: continue the module's draws
+        out.rng_state.copy_(module.rng_state)
+    if out.sphere_schedule is not None and src.device.type != "meta":   # a meta prototype has no counter value
         out.iteration.copy_(module.iteration)
     return out
