@@ -33,7 +33,8 @@ and insightface's ``recognition/arcface_torch/dataset.py``):
 
 Images are decoded by Pillow (``pip install 'magloss[data]'``), imported when the first
 image is decoded, to a uint8 tensor ``[3, H, W]`` in RGB order (grey images are
-expanded to RGB, as MXNet's ``imdecode`` does by default).
+expanded to RGB, as MXNet's ``imdecode`` does by default); deeper images are scaled to 8 bits as
+OpenCV's ``imread(IMREAD_COLOR)`` does (:func:`decode_image`).
 """
 
 from __future__ import annotations
@@ -75,8 +76,48 @@ def _pil_image():
     return Image
 
 
+#: Pillow modes of 16-bit samples (grey PNG, TIFF): scaled to 8 bits by keeping the high byte.
+_MODES_16BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _pixels_8bit(im, where: str) -> np.ndarray:
+    """``[H, W, 3]`` uint8 RGB of an opened Pillow image, every bit depth scaled to 8 bits
+    as OpenCV's ``imread(IMREAD_COLOR)`` (hence MXNet's ``imdecode``) does.
+
+    * 8-bit modes (``L``, ``P``, ``RGB``, ``RGBA``, ``CMYK``, ``1``, ...): Pillow's
+      ``convert("RGB")``.
+    * 16-bit samples (modes ``I;16*``, and mode ``I`` of a PNG, which older Pillow uses
+      for 16-bit grey): ``v >> 8``, the high byte (OpenCV asks libpng for
+      ``png_set_strip_16``; Pillow itself reads 48-bit RGB PNGs to ``RGB`` the same way).
+    * float samples (mode ``F``): ``round(255 · v)`` (half to even, as OpenCV's
+      ``saturate_cast``) when every value lies in ``[0, 1]``; anything else is an error.
+    * 32-bit integer samples (mode ``I`` of a TIFF, ...): an error, there is no agreed
+      scale to 8 bits.
+    """
+    mode = im.mode
+    if mode in _MODES_16BIT or (mode == "I" and im.format == "PNG"):
+        grey = (np.asarray(im).astype(np.uint32) >> 8).astype(np.uint8)
+    elif mode == "F":
+        v = np.asarray(im, dtype=np.float64)
+        if v.size and not (np.isfinite(v).all() and v.min() >= 0.0 and v.max() <= 1.0):
+            raise ValueError(f"{where}: float pixels (Pillow mode 'F') must lie in [0, 1] to be scaled to 8 bits, "
+                             f"got values in [{np.nanmin(v):g}, {np.nanmax(v):g}]"
+                             + (" and NaN or Inf" if not np.isfinite(v).all() else ""))
+        grey = np.rint(v * 255.0).astype(np.uint8)
+    elif mode.startswith("I"):
+        raise ValueError(f"{where}: 32-bit integer pixels (Pillow mode {mode!r}) have no standard scale to "
+                         "8 bits; save the image with 8 or 16 bits per sample")
+    else:
+        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    return np.repeat(grey[:, :, None], 3, axis=2)
+
+
 def decode_image(data: bytes, where: str = "image") -> torch.Tensor:
-    """Decode an encoded image (JPEG, PNG, ... anything Pillow reads) to RGB.
+    """Decode an encoded image (JPEG, PNG, TIFF, ... anything Pillow reads) to 8-bit RGB.
+
+    Images of more than 8 bits per sample are scaled to 8 bits as OpenCV's
+    ``imread(IMREAD_COLOR)`` and MXNet's ``imdecode`` do: 16-bit samples keep their
+    high byte (``v >> 8``), float samples in ``[0, 1]`` become ``round(255 · v)``.
 
     Args:
         data: the encoded bytes. where: the file and record, for the error message.
@@ -85,15 +126,18 @@ def decode_image(data: bytes, where: str = "image") -> torch.Tensor:
         uint8 tensor ``[3, H, W]``, RGB (grey and palette images converted to RGB).
 
     Raises:
-        ValueError: the bytes are not an image Pillow can decode (names ``where``).
+        ValueError (naming ``where``): the bytes are not an image Pillow can decode;
+        float pixels outside ``[0, 1]`` (or NaN); 32-bit integer pixels.
         ImportError: Pillow is not installed (the ``data`` extra).
     """
     Image = _pil_image()
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            a = np.asarray(im.convert("RGB"), dtype=np.uint8)
+        im = Image.open(io.BytesIO(data))
+        im.load()
     except Exception as exc:  # Pillow raises UnidentifiedImageError, OSError, SyntaxError...
         raise ValueError(f"{where}: cannot decode the image ({len(data)} bytes): {exc}") from None
+    with im:
+        a = _pixels_8bit(im, where)
     return torch.from_numpy(a.copy()).permute(2, 0, 1).contiguous()
 
 
