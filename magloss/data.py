@@ -474,6 +474,17 @@ class _BinUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} (a .bin holds only images and flags)")
 
 
+def _embedding(e, batch: int) -> torch.Tensor:
+    """The output of ``embed_fn`` when it is one tensor; a TypeError naming ``embed_fn`` otherwise."""
+    if isinstance(e, torch.Tensor):
+        return e
+    hint = ""
+    if isinstance(e, (tuple, list, dict)):
+        hint = (f" of {len(e)} outputs; pass a callable that returns the embeddings alone, e.g. "
+                "lambda x: model(x)[0] when the first output is the embedding")
+    raise TypeError(f"embed_fn: expected a [{batch}, D] tensor of embeddings, got a {type(e).__name__}{hint}")
+
+
 class VerificationBin(Dataset):
     """An insightface ``.bin`` verification set (``lfw.bin``, ``cfp_fp.bin``, ...).
 
@@ -551,7 +562,9 @@ class VerificationBin(Dataset):
         """Embeddings of all ``2·P`` images, ``[2P, D]`` float32 on the CPU.
 
         ``embed_fn`` gets batches ``[B, 3, H, W]`` in the dataset's dtype (on ``device``
-        when given) and returns ``[B, D]``. With ``flip`` the embedding of an image is
+        when given) and must return one ``[B, D]`` tensor; a model that returns several
+        outputs (a tuple, a dict) is a TypeError saying so: wrap it, e.g.
+        ``lambda x: model(x)[0]`` (which output is the embedding is the model's to say). With ``flip`` the embedding of an image is
         ``embed_fn(x) + embed_fn(x mirrored left-right)`` (feature fusion by sum, as
         insightface's ``verification.py``). Runs under ``torch.no_grad()``.
         """
@@ -568,9 +581,9 @@ class VerificationBin(Dataset):
                 x = torch.stack(imgs)
                 if device is not None:
                     x = x.to(device)
-                e = embed_fn(x)
+                e = _embedding(embed_fn(x), x.shape[0])
                 if flip:
-                    e = e + embed_fn(torch.flip(x, dims=[3]))
+                    e = e + _embedding(embed_fn(torch.flip(x, dims=[3])), x.shape[0])
                 if e.dim() != 2 or e.shape[0] != x.shape[0]:
                     raise ValueError(f"embed_fn: expected [{x.shape[0]}, D] embeddings, got {tuple(e.shape)}")
                 out.append(e.detach().float().cpu())
