@@ -450,3 +450,17 @@ def test_image_folder_reads_16bit_png(tmp_path):
     (tmp_path / "ann" / "a.png").write_bytes(_png(v.shape[1], v.shape[0], 16, 0, v.astype(">u2").tobytes()))
     image, _ = ImageFolderDataset(str(tmp_path))[0]
     assert torch.equal(image, torch.from_numpy(np.repeat((v // 256).astype(np.uint8)[None], 3, axis=0)))
+
+
+@pytest.mark.parametrize("output, pattern", [
+    (lambda e: (e, e.norm(dim=1)), r"embed_fn: expected a \[4, D\] tensor of embeddings, got a tuple of 2 outputs.*"
+                                   r"lambda x: model\(x\)\[0\]"),
+    (lambda e: {"emb": e}, r"embed_fn: .*got a dict of 1 outputs"),
+    (lambda e: e.numpy(), r"embed_fn: expected a \[4, D\] tensor of embeddings, got a ndarray$"),
+])
+def test_bin_evaluate_model_returning_several_outputs(tmp_path, output, pattern):
+    pixels, issame = bin_set(np.random.default_rng(35), pairs=2)
+    path = tmp_path / "lfw.bin"
+    path.write_bytes(py2_pickle([encode(p, "PNG") for p in pixels], issame))
+    with pytest.raises(TypeError, match=pattern):
+        VerificationBin(str(path)).evaluate(lambda x: output(_half_means(x)), n_folds=2)
