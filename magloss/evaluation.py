@@ -66,6 +66,7 @@ __all__ = [
     "clustering_scores",
     "fraction_count",
     "check_finite",
+    "check_number",
     "float_tensor",
     "labels_array",
 ]
@@ -85,9 +86,16 @@ def fraction_count(fraction: float, n: int, rounding: str = "floor") -> int:
 
     Returns:
         int.
+
+    Raises:
+        TypeError / ValueError naming ``fraction`` (not a finite number) or ``n`` (not an
+        integer ``>= 0``).
     """
-    f = Fraction(repr(float(fraction)))
-    q = f * int(n)
+    fraction = check_number(fraction, "fraction")
+    if not math.isfinite(fraction):
+        raise ValueError(f"fraction: expected a finite number, got {fraction}")
+    f = Fraction(repr(fraction))
+    q = f * _check_int(n, "n", 0)
     if rounding == "floor":
         return math.floor(q)
     if rounding == "ceil":
@@ -128,14 +136,28 @@ def _as_list(values, name: str) -> list:
     return out
 
 
-def _check_int(value, name: str, minimum: int = 1) -> int:
-    """An integer argument (Python, numpy or 0-d integer tensor; not bool) ``>= minimum``."""
+def check_number(value, name: str) -> float:
+    """A real number (Python, numpy or 0-d tensor; not bool or str) as a Python float; TypeError naming ``name``."""
+    if isinstance(value, (bool, str, bytes)):
+        raise TypeError(f"{name}: expected a number, got {value!r}")
     try:
-        if isinstance(value, bool):
-            raise TypeError
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}: expected a number, got {value!r}") from None
+
+
+def _check_int(value, name: str, minimum: int = 1) -> int:
+    """A whole number ``>= minimum`` as an int: Python or numpy integers, 0-d integer tensors and
+    whole floats (``10.0``) pass; ``2.5`` is a ValueError, a bool or a non-number a TypeError."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name}: expected an integer, got {value!r}")
+    try:
         v = operator.index(value)
     except TypeError:
-        raise TypeError(f"{name}: expected an integer, got {value!r}") from None
+        f = check_number(value, name)
+        if not f.is_integer():
+            raise ValueError(f"{name}: expected an integer, got {value!r}") from None
+        v = int(f)
     if v < minimum:
         raise ValueError(f"{name}: expected an integer >= {minimum}, got {v}")
     return v
@@ -400,7 +422,7 @@ def threshold_at_fmr(impostor_scores, fmr: float) -> float:
 
 def _check_rate(value, name: str, upper_open: bool) -> float:
     """A rate in (0, 1) (or (0, 1] when not ``upper_open``), NaN rejected, as a float."""
-    v = float(value)
+    v = check_number(value, name)
     ok = 0.0 < v < 1.0 if upper_open else 0.0 < v <= 1.0
     if not ok:
         raise ValueError(f"{name}: expected a rate in (0, {'1)' if upper_open else '1]'}, got {value}")
@@ -549,10 +571,7 @@ def identification_topk(
         raise ValueError(f"gallery_labels must have {g.shape[0]} entries, got {gl.numel()}")
     batch_size = _check_int(batch_size, "batch_size")
     gallery_batch_size = _check_int(gallery_batch_size, "gallery_batch_size")
-    ks = _as_list(topk, "topk")
-    if any(isinstance(k, bool) or int(k) != k or k < 1 for k in ks):
-        raise ValueError(f"topk: expected positive integers, got {ks}")
-    ks = [int(k) for k in ks]
+    ks = [_check_int(k, "topk") for k in _as_list(topk, "topk")]
     kmax = min(max(ks), g.shape[0])
     dtype = torch.promote_types(p.dtype, g.dtype)
     p = torch.nn.functional.normalize(p.to(dtype), dim=1)

@@ -21,7 +21,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .evaluation import _as_list, _np1d, float_tensor, fraction_count, labels_array
+from .evaluation import _as_list, _np1d, check_number, float_tensor, fraction_count, labels_array
 
 __all__ = [
     "feature_magnitude",
@@ -91,7 +91,7 @@ def quality_score(
         u_a = loss_u_a if u_a is None else u_a
     if l_a is None or u_a is None:
         raise ValueError("l_a and u_a are required (pass them or pass loss=<MagFaceLoss>)")
-    l_a, u_a = float(l_a), float(u_a)
+    l_a, u_a = check_number(l_a, "l_a"), check_number(u_a, "u_a")
     if not (math.isfinite(l_a) and math.isfinite(u_a)) or u_a <= l_a:
         raise ValueError(f"need finite l_a < u_a, got l_a={l_a}, u_a={u_a}")
     return (a.clamp(l_a, u_a) - l_a) / (u_a - l_a)
@@ -250,7 +250,7 @@ def error_versus_reject(
         raise ValueError("is_genuine must contain both genuine and impostor pairs")
     if reject_fractions is None:
         reject_fractions = [i / 20 for i in range(11)]
-    fr = [float(r) for r in _as_list(reject_fractions, "reject_fractions")]
+    fr = [check_number(r, "reject_fractions") for r in _as_list(reject_fractions, "reject_fractions")]
     if any(not (0.0 <= r < 1.0) for r in fr):
         raise ValueError(f"reject_fractions: expected fractions in [0, 1), got {fr}")
 

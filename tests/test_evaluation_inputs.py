@@ -218,10 +218,17 @@ def test_empty_inputs_are_errors_naming_the_argument(name, call):
 MESSAGES = [
     (lambda: ev.identification_topk(**_ident_args(batch_size=0)), ValueError, r"^batch_size: expected an integer >= 1, got 0"),
     (lambda: ev.identification_topk(**_ident_args(gallery_batch_size=-2)), ValueError, r"^gallery_batch_size: .* got -2"),
-    (lambda: ev.identification_topk(**_ident_args(batch_size=2.5)), TypeError, r"^batch_size: expected an integer, got 2.5"),
+    (lambda: ev.identification_topk(**_ident_args(batch_size=2.5)), ValueError, r"^batch_size: expected an integer, got 2.5"),
+    (lambda: ev.identification_topk(**_ident_args(topk="5")), TypeError, r"^topk: expected a number, got '5'"),
     (lambda: ev.kfold_verification([0.3], [True]), ValueError, r"^scores: need at least n_folds=10 pairs .*got 1$"),
     (lambda: ev.kfold_verification([0.3, 0.1], [1, 0], n_folds=1), ValueError, r"^n_folds: expected an integer >= 2, got 1"),
-    (lambda: ev.kfold_verification([0.3, 0.1], [1, 0], n_folds=2.0), TypeError, r"^n_folds: expected an integer"),
+    (lambda: ev.kfold_verification([0.3, 0.1], [1, 0], n_folds=True), TypeError, r"^n_folds: expected an integer"),
+    (lambda: ev.fraction_count(float("nan"), 10), ValueError, r"^fraction: expected a finite number, got nan"),
+    (lambda: ev.fraction_count(0.5, -1), ValueError, r"^n: expected an integer >= 0, got -1"),
+    (lambda: ev.threshold_at_fmr([0.1, 0.2], "1e-3"), TypeError, r"^fmr: expected a number, got '1e-3'"),
+    (lambda: mq.error_versus_reject([0.1, 0.2], [1, 0], [1.0, 2.0], reject_fractions=["a"]), TypeError,
+     r"^reject_fractions: expected a number"),
+    (lambda: mq.quality_score(magnitudes=[1.0], l_a="10", u_a=110), TypeError, r"^l_a: expected a number, got '10'"),
     (lambda: ev.sample_pairs([0, 0, 1], 1), ValueError, r"^num_pairs: expected an integer >= 2, got 1"),
     (lambda: ev.cluster_embeddings(np.eye(3), 0), ValueError, r"^n_clusters: expected an integer >= 1"),
     (lambda: ev.cosine_scores([["a"]], [["b"]]), TypeError, r"^emb_a: expected a tensor or array of real numbers"),
@@ -248,3 +255,9 @@ def test_quality_score_reads_the_range_of_a_magface_loss(cls, l_a, u_a):
     assert mq.quality_score(magnitudes=mags, loss=loss).tolist() == [0.0, 0.5, 1.0]
     # explicit bounds win; a plain object with numeric l_a/u_a still works
     assert mq.quality_score(magnitudes=[l_a], loss=loss, l_a=l_a - 10).tolist() == pytest.approx([10 / (u_a - l_a + 10)])
+
+
+def test_whole_float_counts_are_accepted():
+    scores, same = _verification_set()
+    assert ev.kfold_verification(scores, same, n_folds=4.0) == ev.kfold_verification(scores, same, n_folds=4)
+    assert ev.fraction_count(0.29, np.int64(100)) == 29
