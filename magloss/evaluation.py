@@ -194,14 +194,17 @@ def labels_array(x, name: str) -> np.ndarray:
     not 1-D or is empty.
     """
     if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    a = np.asarray(x)
+        dtype, integer = x.dtype, not (x.is_floating_point() or x.is_complex() or x.dtype == torch.bool)
+        a = x.detach().cpu().numpy() if integer else x.detach().cpu()     # numpy has no bfloat16
+    else:
+        a = np.asarray(x)
+        dtype, integer = a.dtype, np.issubdtype(a.dtype, np.integer)
     if a.ndim != 1:
-        raise ValueError(f"{name} must be 1-D, got shape {a.shape}")
-    if a.size == 0:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(a.shape)}")
+    if a.shape[0] == 0:
         raise ValueError(f"{name}: expected at least one label, got none")
-    if not np.issubdtype(a.dtype, np.integer):
-        raise TypeError(f"{name}: expected integer labels, got dtype {a.dtype} (float labels would be truncated, "
+    if not integer:
+        raise TypeError(f"{name}: expected integer labels, got dtype {dtype} (float labels would be truncated, "
                         "merging e.g. 0.4 and 0.6 into one identity: map them to integers first)")
     return a.astype(np.int64)
 

@@ -180,6 +180,7 @@ FLOAT_LABEL_CALLS = [
     ("labels_pred", lambda: ev.clustering_scores([0, 1], np.array([0.0, 1.0]))),
     ("template_ids", lambda: mq.aggregate_templates(torch.ones(2, 2), [0.4, 0.6])),
     ("template_ids", lambda: mq.aggregate_templates(torch.ones(2, 2), torch.tensor([True, False]))),
+    ("labels_true", lambda: ev.clustering_scores(torch.tensor([0, 1], dtype=torch.bfloat16), [0, 1])),
 ]
 
 
