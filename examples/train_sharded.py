@@ -62,8 +62,8 @@ from magloss.distributed.partial_fc import sampling_generator  # noqa: E402
 LOSSES = {name: registry.sharded(name) for name in registry.LOSSES if registry.sharded(name) is not None}
 #: what --save writes besides the sharded class matrix
 BACKBONE_FILE, TRAINER_FILE = "backbone.pt", "trainer.pt"
-#: the options a resumed run must repeat (the class count and embedding size are checked by magloss.checkpoint)
-RESUME_MUST_MATCH = ("loss", "seed", "sample_rate")
+#: the options a resumed run must repeat
+RESUME_MUST_MATCH = ("loss", "num_classes", "embedding_size", "seed", "sample_rate")
 #: keeps the data streams apart from Partial FC's sampling streams, seeded by (seed, step, rank) too
 _DATA_SALT = 0x5EEDDA7A
 
@@ -120,8 +120,9 @@ def save_trainer(path: str, step: int, args, head, backbone, optimizer, scaler) 
                 "options": {k: getattr(args, k) for k in RESUME_MUST_MATCH}}, os.path.join(path, TRAINER_FILE))
 
 
-def resume(path: str, args, head, backbone, optimizer, scaler, device) -> int:
-    """Load a ``--save`` directory into the modules and the optimizer; return the step to continue from."""
+def read_trainer(path: str, args) -> dict:
+    """``trainer.pt`` of a ``--save`` directory, checked against this run's options (before any process
+    group exists, so that a wrong ``--resume`` stops every rank with one clear message)."""
     files = [os.path.join(path, f) for f in (BACKBONE_FILE, TRAINER_FILE)]
     missing = [f for f in files if not os.path.isfile(f)]
     if missing:
@@ -131,7 +132,13 @@ def resume(path: str, args, head, backbone, optimizer, scaler, device) -> int:
         if saved != getattr(args, k):
             raise SystemExit(f"--resume {path}: the checkpoint was trained with --{k.replace('_', '-')} {saved}, "
                              f"this run asks for {getattr(args, k)}")
-    backbone.load_state_dict(torch.load(files[0], map_location=device, weights_only=True))
+    return state
+
+
+def resume(path: str, state: dict, head, backbone, optimizer, scaler, device) -> int:
+    """Load a ``--save`` directory (``state``: its :func:`read_trainer`) into the modules and the
+    optimizer; return the step to continue from."""
+    backbone.load_state_dict(torch.load(os.path.join(path, BACKBONE_FILE), map_location=device, weights_only=True))
     checkpoint.load_class_matrix(path, head, optimizer)        # weight rows and their momentum, resharded
     missing, unexpected = head.load_state_dict(state["head_state"], strict=False)
     if unexpected or missing != ["weight"]:
@@ -153,6 +160,7 @@ def setup():
 
 def main(argv=None):
     args = parse_args(argv)
+    trainer_state = read_trainer(args.resume, args) if args.resume else None
     local_rank = setup()
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     if use_cuda:
@@ -175,7 +183,7 @@ def main(argv=None):
     scaler = torch.amp.GradScaler("cuda", enabled=args.amp and use_cuda)
     start = 0
     if args.resume:
-        start = resume(args.resume, args, head, backbone, optimizer, scaler, device)
+        start = resume(args.resume, trainer_state, head, backbone, optimizer, scaler, device)
         if rank == 0:
             print(f"resumed from {args.resume} at step {start}", flush=True)
 
