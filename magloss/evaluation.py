@@ -289,14 +289,14 @@ def sample_pairs(labels, num_pairs: int, seed: int = 0):
     Args:
         labels: ``[N]`` integer identity labels.
         num_pairs: total number of pairs (``num_pairs // 2`` genuine, the rest impostor).
-        seed: seed of the numpy generator (deterministic).
+        seed: seed of the numpy generator (an integer >= 0; deterministic).
 
     Returns:
         ``(idx_a, idx_b, is_same)``: two ``[num_pairs]`` int64 arrays and one bool array.
     """
     lab = labels_array(labels, "labels")
     num_pairs = _check_int(num_pairs, "num_pairs", 2)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(_check_int(seed, "seed", 0))
     classes, counts = np.unique(lab, return_counts=True)
     multi = classes[counts >= 2]
     if multi.size == 0:
@@ -374,7 +374,7 @@ def kfold_verification(scores, is_same, n_folds: int = 10, shuffle: bool = False
         raise ValueError(f"scores: need at least n_folds={n_folds} pairs (one per fold), got {s.size}")
     order = np.arange(s.size)
     if shuffle:
-        order = np.random.default_rng(seed).permutation(s.size)
+        order = np.random.default_rng(_check_int(seed, "seed", 0)).permutation(s.size)
     folds = np.array_split(order, n_folds)
     accs, thrs = [], []
     for k, test in enumerate(folds):
@@ -622,7 +622,7 @@ def cluster_embeddings(features, n_clusters: int, method: str = "kmeans", seed: 
     if method == "kmeans":
         from sklearn.cluster import KMeans
 
-        return KMeans(n_clusters=n_clusters, n_init=10, random_state=seed).fit_predict(x).astype(np.int64)
+        return KMeans(n_clusters=n_clusters, n_init=10, random_state=_check_int(seed, "seed", 0)).fit_predict(x).astype(np.int64)
     if method == "agglomerative":
         from sklearn.cluster import AgglomerativeClustering
 
