@@ -33,7 +33,8 @@ and insightface's ``recognition/arcface_torch/dataset.py``):
 
 Images are decoded by Pillow (``pip install 'magloss[data]'``), imported when the first
 image is decoded, to a uint8 tensor ``[3, H, W]`` in RGB order (grey images are
-expanded to RGB, as MXNet's ``imdecode`` does by default).
+expanded to RGB, as MXNet's ``imdecode`` does by default); deeper images are scaled to 8 bits as
+OpenCV's ``imread(IMREAD_COLOR)`` does (:func:`decode_image`).
 """
 
 from __future__ import annotations
@@ -75,8 +76,48 @@ def _pil_image():
     return Image
 
 
+#: Pillow modes of 16-bit samples (grey PNG, TIFF): scaled to 8 bits by keeping the high byte.
+_MODES_16BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _pixels_8bit(im, where: str) -> np.ndarray:
+    """``[H, W, 3]`` uint8 RGB of an opened Pillow image, every bit depth scaled to 8 bits
+    as OpenCV's ``imread(IMREAD_COLOR)`` (hence MXNet's ``imdecode``) does.
+
+    * 8-bit modes (``L``, ``P``, ``RGB``, ``RGBA``, ``CMYK``, ``1``, ...): Pillow's
+      ``convert("RGB")``.
+    * 16-bit samples (modes ``I;16*``, and mode ``I`` of a PNG, which older Pillow uses
+      for 16-bit grey): ``v >> 8``, the high byte (OpenCV asks libpng for
+      ``png_set_strip_16``; Pillow itself reads 48-bit RGB PNGs to ``RGB`` the same way).
+    * float samples (mode ``F``): ``round(255 · v)`` (half to even, as OpenCV's
+      ``saturate_cast``) when every value lies in ``[0, 1]``; anything else is an error.
+    * 32-bit integer samples (mode ``I`` of a TIFF, ...): an error, there is no agreed
+      scale to 8 bits.
+    """
+    mode = im.mode
+    if mode in _MODES_16BIT or (mode == "I" and im.format == "PNG"):
+        grey = (np.asarray(im).astype(np.uint32) >> 8).astype(np.uint8)
+    elif mode == "F":
+        v = np.asarray(im, dtype=np.float64)
+        if v.size and not (np.isfinite(v).all() and v.min() >= 0.0 and v.max() <= 1.0):
+            raise ValueError(f"{where}: float pixels (Pillow mode 'F') must lie in [0, 1] to be scaled to 8 bits, "
+                             f"got values in [{np.nanmin(v):g}, {np.nanmax(v):g}]"
+                             + (" and NaN or Inf" if not np.isfinite(v).all() else ""))
+        grey = np.rint(v * 255.0).astype(np.uint8)
+    elif mode.startswith("I"):
+        raise ValueError(f"{where}: 32-bit integer pixels (Pillow mode {mode!r}) have no standard scale to "
+                         "8 bits; save the image with 8 or 16 bits per sample")
+    else:
+        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    return np.repeat(grey[:, :, None], 3, axis=2)
+
+
 def decode_image(data: bytes, where: str = "image") -> torch.Tensor:
-    """Decode an encoded image (JPEG, PNG, ... anything Pillow reads) to RGB.
+    """Decode an encoded image (JPEG, PNG, TIFF, ... anything Pillow reads) to 8-bit RGB.
+
+    Images of more than 8 bits per sample are scaled to 8 bits as OpenCV's
+    ``imread(IMREAD_COLOR)`` and MXNet's ``imdecode`` do: 16-bit samples keep their
+    high byte (``v >> 8``), float samples in ``[0, 1]`` become ``round(255 · v)``.
 
     Args:
         data: the encoded bytes. where: the file and record, for the error message.
@@ -85,15 +126,18 @@ def decode_image(data: bytes, where: str = "image") -> torch.Tensor:
         uint8 tensor ``[3, H, W]``, RGB (grey and palette images converted to RGB).
 
     Raises:
-        ValueError: the bytes are not an image Pillow can decode (names ``where``).
+        ValueError (naming ``where``): the bytes are not an image Pillow can decode;
+        float pixels outside ``[0, 1]`` (or NaN); 32-bit integer pixels.
         ImportError: Pillow is not installed (the ``data`` extra).
     """
     Image = _pil_image()
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            a = np.asarray(im.convert("RGB"), dtype=np.uint8)
+        im = Image.open(io.BytesIO(data))
+        im.load()
     except Exception as exc:  # Pillow raises UnidentifiedImageError, OSError, SyntaxError...
         raise ValueError(f"{where}: cannot decode the image ({len(data)} bytes): {exc}") from None
+    with im:
+        a = _pixels_8bit(im, where)
     return torch.from_numpy(a.copy()).permute(2, 0, 1).contiguous()
 
 
@@ -474,6 +518,17 @@ class _BinUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} (a .bin holds only images and flags)")
 
 
+def _embedding(e, batch: int) -> torch.Tensor:
+    """The output of ``embed_fn`` when it is one tensor; a TypeError naming ``embed_fn`` otherwise."""
+    if isinstance(e, torch.Tensor):
+        return e
+    hint = ""
+    if isinstance(e, (tuple, list, dict)):
+        hint = (f" of {len(e)} outputs; pass a callable that returns the embeddings alone, e.g. "
+                "lambda x: model(x)[0] when the first output is the embedding")
+    raise TypeError(f"embed_fn: expected a [{batch}, D] tensor of embeddings, got a {type(e).__name__}{hint}")
+
+
 class VerificationBin(Dataset):
     """An insightface ``.bin`` verification set (``lfw.bin``, ``cfp_fp.bin``, ...).
 
@@ -551,7 +606,9 @@ class VerificationBin(Dataset):
         """Embeddings of all ``2·P`` images, ``[2P, D]`` float32 on the CPU.
 
         ``embed_fn`` gets batches ``[B, 3, H, W]`` in the dataset's dtype (on ``device``
-        when given) and returns ``[B, D]``. With ``flip`` the embedding of an image is
+        when given) and must return one ``[B, D]`` tensor; a model that returns several
+        outputs (a tuple, a dict) is a TypeError saying so: wrap it, e.g.
+        ``lambda x: model(x)[0]`` (which output is the embedding is the model's to say). With ``flip`` the embedding of an image is
         ``embed_fn(x) + embed_fn(x mirrored left-right)`` (feature fusion by sum, as
         insightface's ``verification.py``). Runs under ``torch.no_grad()``.
         """
@@ -568,9 +625,9 @@ class VerificationBin(Dataset):
                 x = torch.stack(imgs)
                 if device is not None:
                     x = x.to(device)
-                e = embed_fn(x)
+                e = _embedding(embed_fn(x), x.shape[0])
                 if flip:
-                    e = e + embed_fn(torch.flip(x, dims=[3]))
+                    e = e + _embedding(embed_fn(torch.flip(x, dims=[3])), x.shape[0])
                 if e.dim() != 2 or e.shape[0] != x.shape[0]:
                     raise ValueError(f"embed_fn: expected [{x.shape[0]}, D] embeddings, got {tuple(e.shape)}")
                 out.append(e.detach().float().cpu())

@@ -22,6 +22,14 @@ Conventions shared by every function here and in :mod:`magloss.quality`:
   at a reject fraction, Partial FC's sample size) are exact: the fraction is read as
   the decimal it prints as (``0.29`` is 29/100, not the binary double just below it),
   see :func:`fraction_count`.
+* Precision: float16 and bfloat16 inputs (and integer embeddings) are computed in
+  float32 and per-sample results come back in float32 (half precision overflows at
+  65504 and rounds cosines at 2^-11); float64 inputs are computed and returned in
+  float64.
+* Labels and ids (``labels``, ``probe_labels``, ``gallery_labels``, ``labels_true``,
+  ``labels_pred``, ``template_ids``) must have an integer dtype: float labels are a
+  ``TypeError`` naming the argument (truncating them would merge 0.4 and 0.6 into one
+  identity). Empty inputs are a ``ValueError`` naming the argument.
 * Returns: a scalar metric is a Python ``float`` computed in float64 from exact counts
   (no float32 rounding); several metrics come as a ``dict`` of such floats; curves
   (ROC) are numpy float64 arrays; per-sample values computed from embeddings
@@ -35,12 +43,15 @@ scikit-learn (``pip install magloss[eval]``).
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 from fractions import Fraction
-from typing import Dict, Sequence, Union
+from typing import Dict, Optional, Sequence, Union
 
 import numpy as np
 import torch
+
+from .reference import compute_dtype
 
 __all__ = [
     "cosine_scores",
@@ -55,6 +66,9 @@ __all__ = [
     "clustering_scores",
     "fraction_count",
     "check_finite",
+    "check_number",
+    "float_tensor",
+    "labels_array",
 ]
 
 
@@ -72,9 +86,16 @@ def fraction_count(fraction: float, n: int, rounding: str = "floor") -> int:
 
     Returns:
         int.
+
+    Raises:
+        TypeError / ValueError naming ``fraction`` (not a finite number) or ``n`` (not an
+        integer ``>= 0``).
     """
-    f = Fraction(repr(float(fraction)))
-    q = f * int(n)
+    fraction = check_number(fraction, "fraction")
+    if not math.isfinite(fraction):
+        raise ValueError(f"fraction: expected a finite number, got {fraction}")
+    f = Fraction(repr(fraction))
+    q = f * _check_int(n, "n", 0)
     if rounding == "floor":
         return math.floor(q)
     if rounding == "ceil":
@@ -115,6 +136,79 @@ def _as_list(values, name: str) -> list:
     return out
 
 
+def check_number(value, name: str) -> float:
+    """A real number (Python, numpy or 0-d tensor; not bool or str) as a Python float; TypeError naming ``name``."""
+    if isinstance(value, (bool, str, bytes)):
+        raise TypeError(f"{name}: expected a number, got {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}: expected a number, got {value!r}") from None
+
+
+def _check_int(value, name: str, minimum: int = 1) -> int:
+    """A whole number ``>= minimum`` as an int: Python or numpy integers, 0-d integer tensors and
+    whole floats (``10.0``) pass; ``2.5`` is a ValueError, a bool or a non-number a TypeError."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name}: expected an integer, got {value!r}")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        f = check_number(value, name)
+        if not f.is_integer():
+            raise ValueError(f"{name}: expected an integer, got {value!r}") from None
+        v = int(f)
+    if v < minimum:
+        raise ValueError(f"{name}: expected an integer >= {minimum}, got {v}")
+    return v
+
+
+def float_tensor(x, name: str, ndim: Optional[int] = None) -> torch.Tensor:
+    """``x`` as a tensor to compute with: float64 stays float64, every other real dtype
+    (float16, bfloat16, integers) becomes float32; on ``x``'s device when it is a tensor.
+
+    Raises TypeError naming ``name`` for non-numeric or bool input, ValueError for a
+    rank other than ``ndim`` or NaN/Inf (:func:`check_finite`).
+    """
+    if isinstance(x, torch.Tensor):
+        t = x.detach()
+    else:
+        try:
+            t = torch.as_tensor(np.asarray(x))
+        except Exception:
+            raise TypeError(f"{name}: expected a tensor or array of real numbers, got {type(x).__name__}") from None
+    if t.dtype == torch.bool or t.is_complex():
+        raise TypeError(f"{name}: expected real numbers, got dtype {t.dtype}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    t = t.to(compute_dtype(t.dtype))
+    check_finite(t, name)
+    return t
+
+
+def labels_array(x, name: str) -> np.ndarray:
+    """``[N]`` identity labels (or ids) as an int64 numpy array.
+
+    Raises TypeError naming ``name`` when the dtype is not an integer one (float labels
+    would be truncated: 0.4 and 0.6 would become one identity), ValueError when ``x`` is
+    not 1-D or is empty.
+    """
+    if isinstance(x, torch.Tensor):
+        dtype, integer = x.dtype, not (x.is_floating_point() or x.is_complex() or x.dtype == torch.bool)
+        a = x.detach().cpu().numpy() if integer else x.detach().cpu()     # numpy has no bfloat16
+    else:
+        a = np.asarray(x)
+        dtype, integer = a.dtype, np.issubdtype(a.dtype, np.integer)
+    if a.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(a.shape)}")
+    if a.shape[0] == 0:
+        raise ValueError(f"{name}: expected at least one label, got none")
+    if not integer:
+        raise TypeError(f"{name}: expected integer labels, got dtype {dtype} (float labels would be truncated, "
+                        "merging e.g. 0.4 and 0.6 into one identity: map them to integers first)")
+    return a.astype(np.int64)
+
+
 def _require_sklearn():
     try:
         import sklearn  # noqa: F401
@@ -126,7 +220,10 @@ def _require_sklearn():
 
 def _np1d(x, name: str, dtype=np.float64) -> np.ndarray:
     if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
+        x = x.detach()
+        if x.is_floating_point():
+            x = x.to(compute_dtype(x.dtype))    # numpy has no bfloat16
+        x = x.cpu().numpy()
     a = np.asarray(x)
     if a.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {a.shape}")
@@ -158,19 +255,26 @@ def cosine_scores(emb_a, emb_b, eps: float = 1e-12) -> torch.Tensor:
     """Cosine similarity of paired rows: ``s_k = <a_k, b_k> / (||a_k|| ||b_k||)``.
 
     Args:
-        emb_a, emb_b: ``[P, D]`` float tensors (any scale; they are normalized here).
+        emb_a, emb_b: ``[P, D]`` real tensors or arrays (any scale; they are normalized
+            here), ``D >= 1``.
+        eps: floor on the norms (a zero row scores 0).
 
     Returns:
-        ``[P]`` float tensor in ``[-1, 1]``.
+        ``[P]`` tensor in ``[-1, 1]``: float64 when either input is float64, else float32
+        (float16/bfloat16 are computed in float32).
+
+    Raises:
+        ValueError: shapes that differ or are not ``[P, D]`` with ``D >= 1``; NaN/Inf
+        (naming ``emb_a`` or ``emb_b``). TypeError: non-numeric input.
     """
-    a = torch.as_tensor(emb_a)
-    b = torch.as_tensor(emb_b)
+    a = float_tensor(emb_a, "emb_a")
+    b = float_tensor(emb_b, "emb_b")
     if a.dim() != 2 or a.shape != b.shape:
         raise ValueError(f"emb_a and emb_b must both be [P, D] of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
-    check_finite(a, "emb_a")
-    check_finite(b, "emb_b")
-    a = a.float()
-    b = b.float()
+    if a.shape[1] == 0:
+        raise ValueError("emb_a and emb_b: expected at least one feature per row (D >= 1), got D = 0")
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    a, b = a.to(dtype), b.to(dtype)
     a = a / torch.linalg.vector_norm(a, dim=1, keepdim=True).clamp_min(eps)
     b = b / torch.linalg.vector_norm(b, dim=1, keepdim=True).clamp_min(eps)
     return (a * b).sum(dim=1)
@@ -185,15 +289,14 @@ def sample_pairs(labels, num_pairs: int, seed: int = 0):
     Args:
         labels: ``[N]`` integer identity labels.
         num_pairs: total number of pairs (``num_pairs // 2`` genuine, the rest impostor).
-        seed: seed of the numpy generator (deterministic).
+        seed: seed of the numpy generator (an integer >= 0; deterministic).
 
     Returns:
         ``(idx_a, idx_b, is_same)``: two ``[num_pairs]`` int64 arrays and one bool array.
     """
-    lab = _np1d(labels, "labels", dtype=np.int64)
-    if int(num_pairs) < 2:
-        raise ValueError(f"num_pairs must be >= 2, got {num_pairs}")
-    rng = np.random.default_rng(seed)
+    lab = labels_array(labels, "labels")
+    num_pairs = _check_int(num_pairs, "num_pairs", 2)
+    rng = np.random.default_rng(_check_int(seed, "seed", 0))
     classes, counts = np.unique(lab, return_counts=True)
     multi = classes[counts >= 2]
     if multi.size == 0:
@@ -253,8 +356,12 @@ def kfold_verification(scores, is_same, n_folds: int = 10, shuffle: bool = False
 
     Args:
         scores: ``[P]`` float similarities. is_same: ``[P]`` bool.
-        n_folds: number of folds, ``2 <= n_folds <= P``; default 10.
+        n_folds: number of folds, an integer ``2 <= n_folds <= P``; default 10.
         shuffle, seed: permute the pairs before splitting.
+
+    Raises:
+        ValueError: fewer than ``n_folds`` pairs, ``n_folds < 2``, shapes that differ,
+        NaN/Inf scores, ``is_same`` not 0/1. TypeError: a non-integer ``n_folds``.
 
     Returns:
         dict: ``accuracy_mean``, ``accuracy_std`` (population std over folds, as
@@ -262,12 +369,12 @@ def kfold_verification(scores, is_same, n_folds: int = 10, shuffle: bool = False
         per fold), ``fold_indices`` (list of int lists, the test pairs of each fold).
     """
     s, y = _scores_labels(scores, is_same)
-    n_folds = int(n_folds)
-    if n_folds < 2 or n_folds > s.size:
-        raise ValueError(f"n_folds must be in [2, {s.size}], got {n_folds}")
+    n_folds = _check_int(n_folds, "n_folds", 2)
+    if s.size < n_folds:
+        raise ValueError(f"scores: need at least n_folds={n_folds} pairs (one per fold), got {s.size}")
     order = np.arange(s.size)
     if shuffle:
-        order = np.random.default_rng(seed).permutation(s.size)
+        order = np.random.default_rng(_check_int(seed, "seed", 0)).permutation(s.size)
     folds = np.array_split(order, n_folds)
     accs, thrs = [], []
     for k, test in enumerate(folds):
@@ -318,7 +425,7 @@ def threshold_at_fmr(impostor_scores, fmr: float) -> float:
 
 def _check_rate(value, name: str, upper_open: bool) -> float:
     """A rate in (0, 1) (or (0, 1] when not ``upper_open``), NaN rejected, as a float."""
-    v = float(value)
+    v = check_number(value, name)
     ok = 0.0 < v < 1.0 if upper_open else 0.0 < v <= 1.0
     if not ok:
         raise ValueError(f"{name}: expected a rate in (0, {'1)' if upper_open else '1]'}, got {value}")
@@ -392,6 +499,26 @@ def _faiss_available() -> bool:
     return True
 
 
+def _topk_chunked(p: torch.Tensor, g: torch.Tensor, k: int, probe_batch: int, gallery_batch: int) -> torch.Tensor:
+    """Indices ``[Np, k]`` of each probe's ``k`` largest ``<p_i, g_j>``, best first, computed block by
+    block: a ``[probe_batch, gallery_batch]`` block of products at a time, its top-k merged into the
+    running top-k of the probes (top-k of the union of two candidate lists is the top-k of the union
+    of their sources). Peak extra memory: one block plus ``O(probe_batch · k)``, whatever ``Ng``."""
+    out = []
+    for i in range(0, p.shape[0], probe_batch):
+        q = p[i:i + probe_batch]
+        best_v = q.new_empty((q.shape[0], 0))
+        best_i = torch.empty((q.shape[0], 0), dtype=torch.int64, device=q.device)
+        for j in range(0, g.shape[0], gallery_batch):
+            block = g[j:j + gallery_batch]
+            v, ix = (q @ block.T).topk(min(k, block.shape[0]), dim=1)
+            v, ix = torch.cat([best_v, v], dim=1), torch.cat([best_i, ix + j], dim=1)
+            best_v, pos = v.topk(min(k, v.shape[1]), dim=1)
+            best_i = ix.gather(1, pos)
+        out.append(best_i.cpu())
+    return torch.cat(out)
+
+
 def identification_topk(
     probe,
     probe_labels,
@@ -400,6 +527,7 @@ def identification_topk(
     topk: Union[int, Sequence[int]] = (1, 5),
     backend: str = "auto",
     batch_size: int = 4096,
+    gallery_batch_size: int = 8192,
 ) -> Dict[str, float]:
     """1:N identification: top-k accuracy of probes searched against a gallery.
 
@@ -407,43 +535,50 @@ def identification_topk(
     ``k`` when one of its ``k`` most similar gallery rows has the probe's label:
     ``acc@k = mean_p 1[ y_p ∈ { g_label[j] : j ∈ top_k(p) } ]``. With one gallery row
     per identity this is the rank-k identification rate. ``k`` larger than the gallery
-    is clipped to the gallery size.
+    is clipped to the gallery size. Ties in similarity are broken in an unspecified order.
 
     Args:
-        probe: ``[Np, D]`` float; probe_labels: ``[Np]`` int.
-        gallery: ``[Ng, D]`` float; gallery_labels: ``[Ng]`` int.
+        probe: ``[Np, D]`` real; probe_labels: ``[Np]`` integer.
+        gallery: ``[Ng, D]`` real; gallery_labels: ``[Ng]`` integer.
+            Computed in float64 when either embedding input is float64, else float32.
         topk: one ``k`` or a sequence of them (positive ints); default ``(1, 5)``.
-        backend: ``"torch"`` (default path: exact matrix product in chunks of
-            ``batch_size`` probes), ``"faiss"`` (``IndexFlatIP``, exact; needs faiss),
-            or ``"auto"`` (faiss when importable, else torch).
+        backend: ``"torch"`` (exact matrix products by blocks, see below), ``"faiss"``
+            (``IndexFlatIP``, exact, float32; needs faiss), or ``"auto"`` (faiss when
+            importable, else torch).
+        batch_size, gallery_batch_size: the torch backend's block: ``batch_size`` probes
+            against ``gallery_batch_size`` gallery rows at a time (positive ints; defaults
+            4096 and 8192). Besides the normalized copies of probe and gallery, its peak
+            memory is one block, ``batch_size · gallery_batch_size`` similarities (128 MB in
+            float32 at the defaults), plus the running top-k of ``batch_size`` probes, whatever
+            the gallery size.
 
     Returns:
         dict ``{"top{k}": accuracy}`` (exact hits / probes, a Python float), also for a
         single ``k``.
+
+    Raises:
+        ValueError: shapes, empty inputs, non-positive ``topk``/batch sizes, NaN/Inf (each
+        naming the argument). TypeError: non-integer labels or batch sizes.
     """
     if backend not in ("auto", "torch", "faiss"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'faiss', got {backend!r}")
-    p = torch.as_tensor(probe).float()
-    g = torch.as_tensor(gallery).float()
-    if p.dim() != 2 or g.dim() != 2 or p.shape[1] != g.shape[1]:
-        raise ValueError(f"probe and gallery must be [N, D] with one D, got {tuple(p.shape)} and {tuple(g.shape)}")
-    pl = torch.as_tensor(_np1d(probe_labels, "probe_labels", dtype=np.int64))
-    gl = torch.as_tensor(_np1d(gallery_labels, "gallery_labels", dtype=np.int64))
+    p = float_tensor(probe, "probe")
+    g = float_tensor(gallery, "gallery")
+    if p.dim() != 2 or g.dim() != 2 or p.shape[1] != g.shape[1] or p.shape[1] == 0:
+        raise ValueError(f"probe and gallery must be [N, D] with one D >= 1, got {tuple(p.shape)} and {tuple(g.shape)}")
+    pl = torch.as_tensor(labels_array(probe_labels, "probe_labels"))
+    gl = torch.as_tensor(labels_array(gallery_labels, "gallery_labels"))
     if pl.numel() != p.shape[0]:
         raise ValueError(f"probe_labels must have {p.shape[0]} entries, got {pl.numel()}")
     if gl.numel() != g.shape[0]:
         raise ValueError(f"gallery_labels must have {g.shape[0]} entries, got {gl.numel()}")
-    if g.shape[0] == 0 or p.shape[0] == 0:
-        raise ValueError("probe and gallery must not be empty")
-    check_finite(p, "probe")
-    check_finite(g, "gallery")
-    ks = _as_list(topk, "topk")
-    if any(isinstance(k, bool) or int(k) != k or k < 1 for k in ks):
-        raise ValueError(f"topk: expected positive integers, got {ks}")
-    ks = [int(k) for k in ks]
+    batch_size = _check_int(batch_size, "batch_size")
+    gallery_batch_size = _check_int(gallery_batch_size, "gallery_batch_size")
+    ks = [_check_int(k, "topk") for k in _as_list(topk, "topk")]
     kmax = min(max(ks), g.shape[0])
-    p = torch.nn.functional.normalize(p, dim=1)
-    g = torch.nn.functional.normalize(g, dim=1)
+    dtype = torch.promote_types(p.dtype, g.dtype)
+    p = torch.nn.functional.normalize(p.to(dtype), dim=1)
+    g = torch.nn.functional.normalize(g.to(dtype), dim=1)
 
     use_faiss = backend == "faiss" or (backend == "auto" and _faiss_available())
     if use_faiss:
@@ -456,12 +591,7 @@ def identification_topk(
         _, idx = index.search(np.ascontiguousarray(p.cpu().numpy(), dtype=np.float32), kmax)
         idx = torch.as_tensor(idx, dtype=torch.int64)
     else:
-        parts = []
-        gd = g.to(p.device)
-        for start in range(0, p.shape[0], int(batch_size)):
-            sim = p[start : start + int(batch_size)] @ gd.T
-            parts.append(sim.topk(kmax, dim=1).indices.cpu())
-        idx = torch.cat(parts)
+        idx = _topk_chunked(p, g.to(p.device), kmax, batch_size, gallery_batch_size)
     hit = gl[idx] == pl[:, None]  # [Np, kmax]
     n = hit.shape[0]
     return {f"top{k}": int(hit[:, : min(k, kmax)].any(dim=1).sum()) / n for k in ks}
@@ -482,18 +612,17 @@ def cluster_embeddings(features, n_clusters: int, method: str = "kmeans", seed: 
         ``[N]`` int64 numpy array of cluster ids.
     """
     _require_sklearn()
-    x = torch.as_tensor(features).float()
-    if x.dim() != 2:
-        raise ValueError(f"features must be [N, D], got shape {tuple(x.shape)}")
-    check_finite(x, "features")
-    n_clusters = int(n_clusters)
+    x = float_tensor(features, "features")
+    if x.dim() != 2 or x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"features must be [N, D] with N, D >= 1, got shape {tuple(x.shape)}")
+    n_clusters = _check_int(n_clusters, "n_clusters")
     if not (1 <= n_clusters <= x.shape[0]):
         raise ValueError(f"n_clusters must be in [1, {x.shape[0]}], got {n_clusters}")
-    x = torch.nn.functional.normalize(x, dim=1).cpu().numpy()
+    x = torch.nn.functional.normalize(x, dim=1).cpu().numpy()      # float32, or float64 for float64 input
     if method == "kmeans":
         from sklearn.cluster import KMeans
 
-        return KMeans(n_clusters=n_clusters, n_init=10, random_state=seed).fit_predict(x).astype(np.int64)
+        return KMeans(n_clusters=n_clusters, n_init=10, random_state=_check_int(seed, "seed", 0)).fit_predict(x).astype(np.int64)
     if method == "agglomerative":
         from sklearn.cluster import AgglomerativeClustering
 
@@ -513,17 +642,20 @@ def clustering_scores(labels_true, labels_pred) -> Dict[str, float]:
     ``nmi = normalized_mutual_info_score(labels_true, labels_pred)``.
 
     Args:
-        labels_true, labels_pred: ``[N]`` int labels.
+        labels_true, labels_pred: ``[N]`` integer labels, ``N >= 1``.
 
     Returns:
         dict with ``precision``, ``recall``, ``f_score``, ``nmi`` (floats).
+
+    Raises:
+        ValueError: empty or differently shaped labels. TypeError: non-integer labels.
     """
     _require_sklearn()
     from sklearn.metrics import normalized_mutual_info_score
     from sklearn.metrics.cluster import pair_confusion_matrix
 
-    t = _np1d(labels_true, "labels_true", dtype=np.int64)
-    p = _np1d(labels_pred, "labels_pred", dtype=np.int64)
+    t = labels_array(labels_true, "labels_true")
+    p = labels_array(labels_pred, "labels_pred")
     if t.shape != p.shape:
         raise ValueError(f"labels_true and labels_pred must have one shape, got {t.shape} and {p.shape}")
     c = pair_confusion_matrix(t, p).astype(np.float64)  # ordered pairs: every count is doubled

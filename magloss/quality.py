@@ -8,8 +8,9 @@ several embeddings of one identity into a template, and measures how well a qual
 score predicts recognition errors with the error-versus-reject curve (ERC).
 
 Everything here needs only torch and numpy. Input and return conventions (NaN/Inf
-rejected naming the argument, exact counts, scalars as Python floats, per-sample values
-as tensors) are those of :mod:`magloss.evaluation`.
+rejected naming the argument, float16/bfloat16 computed and returned in float32, float64
+kept, integer ids required, exact counts, scalars as Python floats, per-sample values as
+tensors) are those of :mod:`magloss.evaluation`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .evaluation import _as_list, _np1d, check_finite, fraction_count
+from .evaluation import _as_list, _np1d, check_number, float_tensor, fraction_count, labels_array
 
 __all__ = [
     "feature_magnitude",
@@ -33,24 +34,6 @@ __all__ = [
 ArrayLike = Union[torch.Tensor, np.ndarray, Sequence[float]]
 
 
-def _as_float_tensor(x, name: str, ndim: Optional[int] = None) -> torch.Tensor:
-    if isinstance(x, torch.Tensor):
-        t = x
-    else:
-        try:
-            t = torch.as_tensor(np.asarray(x))
-        except Exception as exc:  # pragma: no cover - message only
-            raise TypeError(f"{name} must be a tensor or array-like, got {type(x).__name__}") from exc
-    if not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8)):
-        raise TypeError(f"{name} must hold real numbers, got dtype {t.dtype}")
-    if not t.is_floating_point():
-        t = t.to(torch.float32)
-    if ndim is not None and t.dim() != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
-    check_finite(t, name)
-    return t
-
-
 def feature_magnitude(features: ArrayLike) -> torch.Tensor:
     """Raw quality score: the L2 norm of each un-normalized embedding.
 
@@ -61,10 +44,10 @@ def feature_magnitude(features: ArrayLike) -> torch.Tensor:
             outputs them (NOT normalized).
 
     Returns:
-        ``[N]`` tensor of magnitudes, same floating dtype as ``features``
-        (float32 for integer input).
+        ``[N]`` tensor of magnitudes: float64 for float64 ``features``, float32 otherwise
+        (float16/bfloat16 are computed in float32: their squares overflow at 65504).
     """
-    x = _as_float_tensor(features, "features", ndim=2)
+    x = float_tensor(features, "features", ndim=2)
     return torch.linalg.vector_norm(x, dim=1)
 
 
@@ -82,33 +65,52 @@ def quality_score(
     lower bound ``l_a`` of MagFace's magnitude range and ``q = 1`` at or above ``u_a``.
 
     Give exactly one of ``features`` (``[N, D]``, magnitudes are computed) or
-    ``magnitudes`` (``[N]``). Give the range either as ``l_a``/``u_a`` or as ``loss``,
-    any object with ``l_a`` and ``u_a`` attributes (e.g. ``magloss.MagFaceLoss``);
-    explicit ``l_a``/``u_a`` win over ``loss``. Defaults when neither is given: none,
-    the range is required.
+    ``magnitudes`` (``[N]``). Give the range either as ``l_a``/``u_a`` or as ``loss``:
+    a loss instance with a magnitude range (``magloss.MagFaceLoss(...)``,
+    ``MagCosFaceLoss(...)``, their sharded twins) or any object with numeric ``l_a`` and
+    ``u_a`` attributes; explicit ``l_a``/``u_a`` win over ``loss``. Defaults when
+    neither is given: none, the range is required.
 
     Returns:
-        ``[N]`` float tensor in ``[0, 1]``.
+        ``[N]`` tensor in ``[0, 1]`` (float64 for float64 input, else float32).
 
     Raises:
         ValueError: NaN or Inf in ``features`` or ``magnitudes`` (naming it), a missing
-        or invalid range.
+        or invalid range. TypeError: ``loss`` is a class rather than an instance, or a
+        loss without a magnitude range (ArcFace, CosFace, ...).
     """
     if (features is None) == (magnitudes is None):
         raise ValueError("give exactly one of features or magnitudes")
     if features is not None:
         a = feature_magnitude(features)
     else:
-        a = _as_float_tensor(magnitudes, "magnitudes", ndim=1)
-    if loss is not None:
-        l_a = getattr(loss, "l_a") if l_a is None else l_a
-        u_a = getattr(loss, "u_a") if u_a is None else u_a
+        a = float_tensor(magnitudes, "magnitudes", ndim=1)
+    if loss is not None and (l_a is None or u_a is None):
+        loss_l_a, loss_u_a = _magnitude_range(loss)
+        l_a = loss_l_a if l_a is None else l_a
+        u_a = loss_u_a if u_a is None else u_a
     if l_a is None or u_a is None:
         raise ValueError("l_a and u_a are required (pass them or pass loss=<MagFaceLoss>)")
-    l_a, u_a = float(l_a), float(u_a)
+    l_a, u_a = check_number(l_a, "l_a"), check_number(u_a, "u_a")
     if not (math.isfinite(l_a) and math.isfinite(u_a)) or u_a <= l_a:
         raise ValueError(f"need finite l_a < u_a, got l_a={l_a}, u_a={u_a}")
     return (a.clamp(l_a, u_a) - l_a) / (u_a - l_a)
+
+
+def _magnitude_range(loss):
+    """``(l_a, u_a)`` of a loss instance with MagFace's magnitude range, else TypeError naming ``loss``."""
+    from .margins import MAGCOS, MAGFACE
+
+    name = loss.__name__ if isinstance(loss, type) else type(loss).__name__
+    if isinstance(loss, type):
+        raise TypeError(f"loss: expected a loss instance such as MagFaceLoss(...), got the class {name}")
+    spec = getattr(loss, "spec", None)
+    if spec is not None and getattr(spec, "kind", None) in (MAGFACE, MAGCOS):
+        return spec.l_a, spec.u_a                  # single-process and sharded MagFace heads
+    if spec is None and all(isinstance(getattr(loss, k, None), (int, float)) for k in ("l_a", "u_a")):
+        return loss.l_a, loss.u_a
+    raise TypeError(f"loss: {name} has no magnitude range (l_a, u_a); quality scores need a MagFace-type loss "
+                    "(MagFaceLoss, MagCosFaceLoss) or explicit l_a and u_a")
 
 
 def pair_quality(quality_a: ArrayLike, quality_b: ArrayLike) -> torch.Tensor:
@@ -121,13 +123,14 @@ def pair_quality(quality_a: ArrayLike, quality_b: ArrayLike) -> torch.Tensor:
             (raw magnitudes or ``quality_score`` output), one entry per pair.
 
     Returns:
-        ``[P]`` float tensor.
+        ``[P]`` tensor (float64 when either input is float64, else float32).
     """
-    qa = _as_float_tensor(quality_a, "quality_a", ndim=1)
-    qb = _as_float_tensor(quality_b, "quality_b", ndim=1)
+    qa = float_tensor(quality_a, "quality_a", ndim=1)
+    qb = float_tensor(quality_b, "quality_b", ndim=1)
     if qa.shape != qb.shape:
         raise ValueError(f"quality_a and quality_b must have the same shape, got {tuple(qa.shape)} and {tuple(qb.shape)}")
-    return torch.minimum(qa, qb.to(qa.dtype))
+    dtype = torch.promote_types(qa.dtype, qb.dtype)
+    return torch.minimum(qa.to(dtype), qb.to(dtype))
 
 
 def aggregate_templates(
@@ -160,11 +163,13 @@ def aggregate_templates(
         eps: floor on norms before dividing.
 
     Returns:
-        ``(templates, ids)``: ``templates`` is ``[T, D]`` (same dtype as ``features``),
+        ``(templates, ids)``: ``templates`` is ``[T, D]`` (float64 for float64
+        ``features``, else float32: float16/bfloat16 are computed in float32, where a
+        zero row or magnitudes summing past 65504 would make the template NaN),
         one row per distinct id in ascending order; ``ids`` is the ``[T]`` int64 tensor
         of those ids (``tensor([0])`` when ``template_ids`` is ``None``).
     """
-    x = _as_float_tensor(features, "features", ndim=2)
+    x = float_tensor(features, "features", ndim=2)
     if method not in ("mean", "magnitude"):
         raise ValueError(f"method must be 'mean' or 'magnitude', got {method!r}")
     n = x.shape[0]
@@ -173,12 +178,9 @@ def aggregate_templates(
     if template_ids is None:
         ids = torch.zeros(n, dtype=torch.int64, device=x.device)
     else:
-        ids = torch.as_tensor(np.asarray(template_ids) if not isinstance(template_ids, torch.Tensor) else template_ids)
-        if ids.is_floating_point() or ids.dtype == torch.bool:
-            raise TypeError(f"template_ids must be integers, got dtype {ids.dtype}")
+        ids = torch.as_tensor(labels_array(template_ids, "template_ids"), device=x.device)
         if ids.shape != (n,):
             raise ValueError(f"template_ids must have shape [{n}], got {tuple(ids.shape)}")
-        ids = ids.to(device=x.device, dtype=torch.int64)
     uniq, inverse = torch.unique(ids, sorted=True, return_inverse=True)
     mags = torch.linalg.vector_norm(x, dim=1, keepdim=True)
     unit = x / mags.clamp_min(eps)
@@ -239,8 +241,8 @@ def error_versus_reject(
     """
     from .evaluation import threshold_at_fmr
 
-    s = _as_float_tensor(scores, "scores", ndim=1).detach().cpu().double().numpy()
-    q = _as_float_tensor(quality, "quality", ndim=1).detach().cpu().double().numpy()
+    s = float_tensor(scores, "scores", ndim=1).detach().cpu().double().numpy()
+    q = float_tensor(quality, "quality", ndim=1).detach().cpu().double().numpy()
     g = _np1d(is_genuine, "is_genuine", dtype=bool)
     if not (s.shape == q.shape == g.shape):
         raise ValueError(f"scores, is_genuine and quality must have one shape, got {s.shape}, {g.shape}, {q.shape}")
@@ -248,7 +250,7 @@ def error_versus_reject(
         raise ValueError("is_genuine must contain both genuine and impostor pairs")
     if reject_fractions is None:
         reject_fractions = [i / 20 for i in range(11)]
-    fr = [float(r) for r in _as_list(reject_fractions, "reject_fractions")]
+    fr = [check_number(r, "reject_fractions") for r in _as_list(reject_fractions, "reject_fractions")]
     if any(not (0.0 <= r < 1.0) for r in fr):
         raise ValueError(f"reject_fractions: expected fractions in [0, 1), got {fr}")
 

@@ -422,3 +422,108 @@ def test_label_error_names_where_the_class_count_comes_from(tmp_path):
         ds[1]
     with pytest.raises(ValueError, match=r"label 3 outside \[0, 2\) \(the class count of the num_classes argument\)"):
         RecordIODataset(folder, num_classes=2)[1]
+
+# --- decode_image: every bit depth scaled to 8 bits as OpenCV's imread(IMREAD_COLOR) does ---
+
+def _png(width, height, bit_depth, color_type, rows: bytes) -> bytes:
+    """A PNG written from the specification (signature, IHDR, one zlib IDAT, IEND; filter 0 on
+    every row), independent of Pillow's writer: ``rows`` are the big-endian samples."""
+    import zlib
+
+    def chunk(tag, body):
+        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body) & 0xFFFFFFFF)
+
+    stride = len(rows) // height
+    raw = b"".join(b"\x00" + rows[r * stride:(r + 1) * stride] for r in range(height))
+    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+def _grey16(rng, h=5, w=7):
+    v = rng.integers(0, 65536, size=(h, w), dtype=np.uint16)
+    v.flat[:4] = [0, 255, 256, 65535]  # the ends of the range and the byte boundary
+    return v
+
+
+def test_decode_16bit_grey_png_keeps_the_high_byte():
+    from magloss.data import decode_image
+
+    v = _grey16(np.random.default_rng(30))
+    data = _png(v.shape[1], v.shape[0], 16, 0, v.astype(">u2").tobytes())
+    want = np.repeat((v // 256).astype(np.uint8)[None], 3, axis=0)     # v >> 8, by integer division
+    assert torch.equal(decode_image(data), torch.from_numpy(want))
+
+
+def test_decode_16bit_copy_of_an_8bit_image_equals_it():
+    """x·257 is the 16-bit copy of the 8-bit value x (full range to full range): it decodes back to x;
+    the mean of a full-range ramp stays 127.5 (clipping gave 254.5)."""
+    from magloss.data import decode_image
+
+    x = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    data16 = _png(16, 16, 16, 0, (x.astype(np.uint16) * 257).astype(">u2").tobytes())
+    out = decode_image(data16)
+    assert torch.equal(out, decode_image(encode(x, "PNG")))
+    assert float(out.double().mean()) == 127.5
+
+
+def test_decode_16bit_grey_and_48bit_rgb_agree():
+    """Pillow reads a 48-bit RGB PNG to 8-bit RGB itself; the 16-bit grey path must give the same bytes."""
+    from magloss.data import decode_image
+
+    v = _grey16(np.random.default_rng(31))
+    rgb = np.repeat(v[:, :, None], 3, axis=2).astype(">u2").tobytes()
+    grey = v.astype(">u2").tobytes()
+    a = decode_image(_png(v.shape[1], v.shape[0], 16, 2, rgb))
+    b = decode_image(_png(v.shape[1], v.shape[0], 16, 0, grey))
+    assert torch.equal(a, b)
+
+
+def test_decode_16bit_tiff():
+    from magloss.data import decode_image
+
+    v = _grey16(np.random.default_rng(32))
+    want = np.repeat((v // 256).astype(np.uint8)[None], 3, axis=0)
+    assert torch.equal(decode_image(encode(v, "TIFF")), torch.from_numpy(want))
+
+
+def test_decode_float_tiff_in_unit_range():
+    from magloss.data import decode_image
+
+    f = np.random.default_rng(33).random((4, 6)).astype(np.float32)
+    f.flat[:3] = [0.0, 1.0, 0.5]
+    want = np.array([round(float(t) * 255) for t in f.astype(np.float64).ravel()], dtype=np.uint8).reshape(f.shape)
+    assert torch.equal(decode_image(encode(f, "TIFF")), torch.from_numpy(np.repeat(want[None], 3, axis=0)))
+
+
+@pytest.mark.parametrize("bad, pattern", [
+    (np.array([[0.0, 2.0]], np.float32), r"face\.tif: float pixels .* must lie in \[0, 1\].*\[0, 2\]"),
+    (np.array([[0.0, np.nan]], np.float32), r"face\.tif: float pixels .*NaN"),
+    (np.array([[0, 70000]], np.int32), r"face\.tif: 32-bit integer pixels .*'I'"),
+])
+def test_decode_refuses_pixels_without_an_8bit_scale(bad, pattern):
+    from magloss.data import decode_image
+
+    with pytest.raises(ValueError, match=pattern):
+        decode_image(encode(bad, "TIFF"), "faces/face.tif")
+
+
+def test_image_folder_reads_16bit_png(tmp_path):
+    v = _grey16(np.random.default_rng(34))
+    (tmp_path / "ann").mkdir()
+    (tmp_path / "ann" / "a.png").write_bytes(_png(v.shape[1], v.shape[0], 16, 0, v.astype(">u2").tobytes()))
+    image, _ = ImageFolderDataset(str(tmp_path))[0]
+    assert torch.equal(image, torch.from_numpy(np.repeat((v // 256).astype(np.uint8)[None], 3, axis=0)))
+
+
+@pytest.mark.parametrize("output, pattern", [
+    (lambda e: (e, e.norm(dim=1)), r"embed_fn: expected a \[4, D\] tensor of embeddings, got a tuple of 2 outputs.*"
+                                   r"lambda x: model\(x\)\[0\]"),
+    (lambda e: {"emb": e}, r"embed_fn: .*got a dict of 1 outputs"),
+    (lambda e: e.numpy(), r"embed_fn: expected a \[4, D\] tensor of embeddings, got a ndarray$"),
+])
+def test_bin_evaluate_model_returning_several_outputs(tmp_path, output, pattern):
+    pixels, issame = bin_set(np.random.default_rng(35), pairs=2)
+    path = tmp_path / "lfw.bin"
+    path.write_bytes(py2_pickle([encode(p, "PNG") for p in pixels], issame))
+    with pytest.raises(TypeError, match=pattern):
+        VerificationBin(str(path)).evaluate(lambda x: output(_half_means(x)), n_folds=2)
