@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["EmbeddingModel", "embedding_model", "export_onnx", "check_onnx", "main"]
+__all__ = ["EmbeddingModel", "embedding_model", "export_onnx", "check_onnx", "load_backbone", "main"]
 
 DEFAULT_OPSET = 17
 DEFAULT_CHECK_BATCHES = (1, 2, 5, 16)
@@ -134,17 +134,22 @@ def _input_size(backbone: nn.Module):
     return tuple(int(v) for v in size)
 
 
-def _load(model: Union[str, nn.Module]) -> nn.Module:
+def load_backbone(model: Union[str, nn.Module], what: str = "MODEL") -> nn.Module:
+    """``model`` itself when a module, else :func:`magloss.train.load_model` of the path (eval mode, CPU).
+
+    Raises:
+        ExportError: naming ``what`` (the argument), a missing file or one that is not a model.pt.
+    """
     if isinstance(model, nn.Module):
         return model
     from .train import load_model
 
     if not os.path.isfile(model):
-        raise ExportError(f"MODEL: {model!r} not found (expected a training run's OUTPUT/model.pt)")
+        raise ExportError(f"{what}: {model!r} not found (expected a training run's OUTPUT/model.pt)")
     try:
         return load_model(model)
     except Exception as exc:
-        raise ExportError(f"MODEL: {model!r} is not a model.pt of python -m magloss.train (a dict with network, "
+        raise ExportError(f"{what}: {model!r} is not a model.pt of python -m magloss.train (a dict with network, "
                           f"embedding_size, input_size, dropout, state_dict): {type(exc).__name__}: {exc}") from None
 
 
@@ -176,7 +181,7 @@ def export_onnx(model: Union[str, nn.Module], out: str, *, precision: str = "fp3
         raise ExportError(f"precision: expected 'fp32' or 'fp16', got {precision!r}")
     if not 7 <= int(opset) <= 21:
         raise ExportError(f"opset: expected an ONNX opset in 7 .. 21 (17 recommended), got {opset}")
-    backbone = _load(model)
+    backbone = load_backbone(model)
     h, w = _input_size(backbone)
     wrapped = embedding_model(backbone, fold_batchnorm, half=precision == "fp16")
     dtype = torch.float16 if precision == "fp16" else torch.float32
