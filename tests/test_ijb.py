@@ -187,14 +187,16 @@ def test_identification_hand_case():
     e = np.eye(3, dtype=np.float32)
     gallery, g_sub = e[:2], np.array([10, 20])
     c = lambda a, b: np.array([a, b, math.sqrt(max(0.0, 1 - a * a - b * b))], dtype=np.float32)  # noqa: E731
-    probes = np.stack([c(0.9, 0.1), c(0.3, 0.6), c(0.5, 0.2), c(0.7, 0.1)])
-    p_sub = np.array([10, 10, 20, 30])  # mated: rank 1 (0.9); rank 2 (0.3 < 0.6); rank 2 (0.2 < 0.5); non-mated
+    probes = np.stack([c(0.9, 0.1), c(0.3, 0.6), c(0.5, 0.2), c(0.7, 0.1), c(0.1, 0.7)])
+    # mated: rank 1 (0.9); rank 2 (0.3 < 0.6); rank 2 (0.2 < 0.5); non-mated (best 0.7); rank 1 at exactly 0.7
+    p_sub = np.array([10, 10, 20, 30, 20])
     with pytest.warns(UserWarning, match=r"fpirs=0.5 is below 1/1 \(one non-mated search"):
         r = ijb.identification(probes, p_sub, gallery, g_sub, ranks=(1, 2), fpirs=(0.5,))
-    assert r["mated"] == 3 and r["non_mated"] == 1
-    assert r["rank1"] == pytest.approx(1 / 3) and r["rank2"] == 1.0
-    # one non-mated search, best 0.7: floor(0.5 * 1) = 0 may pass → t = 0.7; only 0.9 (rank 1) beats it
-    assert r["threshold@fpir=0.5"] == pytest.approx(0.7, abs=1e-6) and r["tpir@fpir=0.5"] == pytest.approx(1 / 3)
+    assert r["mated"] == 4 and r["non_mated"] == 1
+    assert r["rank1"] == pytest.approx(2 / 4) and r["rank2"] == 1.0
+    # one non-mated search, best 0.7: floor(0.5 * 1) = 0 may pass → t = 0.7; a mate must score > t:
+    # only 0.9 does (the rank-1 mate at exactly 0.7 does not)
+    assert r["threshold@fpir=0.5"] == pytest.approx(0.7, abs=1e-6) and r["tpir@fpir=0.5"] == pytest.approx(1 / 4)
 
 
 def test_rank_counts_ties_against_the_probe():
