@@ -264,3 +264,63 @@ def test_cli_packs_and_reports_errors(tmp_path):
     assert ok.returncode == 0 and "3 images, 2 identities" in ok.stdout
     bad = subprocess.run(cmd + [str(tmp_path / "nothing"), str(tmp_path / "o2")], capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "neither a folder nor a list file" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# ------------------------------------------------- MXNet's own reader (optional, skipped without it)
+def _mxnet_python():
+    """A Python that imports mxnet: $MAGLOSS_MXNET_PYTHON (e.g. a separate venv with mxnet 1.9.1 and
+    numpy 1.23), else this one; None when neither does."""
+    for exe in filter(None, (os.environ.get("MAGLOSS_MXNET_PYTHON"), sys.executable)):
+        try:
+            if subprocess.run([exe, "-c", "import mxnet"], capture_output=True, timeout=120).returncode == 0:
+                return exe
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    return None
+
+
+_MX_READ = """
+import hashlib, json, sys
+import mxnet as mx
+rec = mx.recordio.MXIndexedRecordIO(sys.argv[1] + '/train.idx', sys.argv[1] + '/train.rec', 'r')
+out = []
+for key in rec.keys:
+    h, img = mx.recordio.unpack(rec.read_idx(key))
+    label = [float(v) for v in h.label] if h.flag > 0 else [float(h.label)]
+    out.append([int(key), int(h.flag), label, int(h.id), int(h.id2), hashlib.sha256(img).hexdigest()])
+print(json.dumps(out))
+"""
+
+
+def test_mxnet_reads_the_packed_set(tmp_path):
+    import hashlib
+    import json
+
+    from PIL import PngImagePlugin
+
+    exe = _mxnet_python()
+    if exe is None:
+        pytest.skip("mxnet not importable (set MAGLOSS_MXNET_PYTHON to a Python with mxnet 1.9.1)")
+    imgs = _folder(str(tmp_path / "photos"), counts=(2, 3))
+    # a PNG whose bytes hold the RecordIO magic at every offset mod 4: one copy is 4-aligned in the
+    # payload, so that record is split into continuation parts MXNet must join
+    info = PngImagePlugin.PngInfo()
+    m = MAGIC.decode("latin-1")
+    info.add_text("note", m + "a" + m + "bb" + m + "ccc" + m)
+    path = os.path.join(str(tmp_path / "photos"), "id00", "2.png")
+    Image.fromarray(rand_pixels(np.random.default_rng(9), 16, 12)).save(path, pnginfo=info)
+    data = _read(path)
+    imgs[0].append((path, data))
+    P.pack(str(tmp_path / "photos"), str(tmp_path / "out"))
+    words = np.frombuffer(_read(tmp_path / "out" / "train.rec"), dtype="<u4")
+    assert np.count_nonzero(words == 0xCED7230A) == 6 + 1 + 2 + 1  # 9 records, one of them in two parts
+    run = subprocess.run([exe, "-c", _MX_READ, str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    got = json.loads(run.stdout)
+    flat = [(lab, d) for lab in sorted(imgs) for _, d in imgs[lab]]
+    n, k = len(flat), len(imgs)
+    want = [[i + 1, 0, [float(lab)], i + 1, 0, hashlib.sha256(d).hexdigest()] for i, (lab, d) in enumerate(flat)]
+    empty = hashlib.sha256(b"").hexdigest()
+    want.append([0, 2, [n + 1.0, n + 1.0 + k], 0, 0, empty])
+    want += [[n + 1, 2, [1.0, 4.0], n + 1, 0, empty], [n + 2, 2, [4.0, 7.0], n + 2, 0, empty]]
+    assert got == want
