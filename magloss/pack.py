@@ -304,8 +304,6 @@ def _prepare(job) -> Tuple[Optional[bytes], Optional[Tuple[int, int]], Optional[
             im.load()
             if landmarks is not None:
                 im = align_face(im, landmarks, 112 if resize is None else resize[0])
-                if resize is not None and resize[0] != resize[1]:
-                    im = im.resize((resize[1], resize[0]), Image.BILINEAR)
                 return _encode(im, fmt, quality), (im.height, im.width), None
             if resize is not None:
                 if (im.height, im.width) != tuple(resize):
@@ -357,7 +355,9 @@ def _check_size(resize) -> Optional[Tuple[int, int]]:
     return resize
 
 
-def _options(workers, fmt, quality):
+def _options(workers, fmt, quality, landmarks=None, resize=None):
+    if landmarks is not None and resize is not None and resize[0] != resize[1]:
+        raise PackError(f"resize: alignment (landmarks) makes square faces; got {resize[0]}x{resize[1]}")
     if int(workers) < 1:
         raise PackError(f"workers: expected a positive integer, got {workers}")
     if fmt not in ("jpg", "png"):
@@ -404,7 +404,7 @@ def pack(source: str, out: str, *, landmarks: Optional[str] = None, resize=None,
         out: output folder (created). The three files are written under temporary names
             and renamed at the end: a failure leaves no partial output.
         landmarks: a five-point landmarks file (:func:`read_landmarks`); each image is then
-            aligned (:func:`align_face`) to 112×112 (or ``resize``) and re-encoded.
+            aligned (:func:`align_face`) to 112×112 (or a square ``resize``) and re-encoded.
         resize: ``H`` or ``(H, W)``: re-encode every image at that size (bilinear). Default
             None: images keep their original bytes.
         encoding: ``"jpg"`` (default) or ``"png"``, for re-encoded images. quality: JPEG quality
@@ -422,7 +422,7 @@ def pack(source: str, out: str, *, landmarks: Optional[str] = None, resize=None,
         ``skip_bad``, an identity left with no image, no image at all.
     """
     resize = _check_size(resize)
-    _options(workers, encoding, quality)
+    _options(workers, encoding, quality, landmarks, resize)
     samples, names = list_images(source)
     order = sorted(range(len(samples)), key=lambda i: samples[i][1])  # stable: by label
     samples = [samples[i] for i in order]
@@ -443,8 +443,12 @@ def pack(source: str, out: str, *, landmarks: Optional[str] = None, resize=None,
 
     os.makedirs(out, exist_ok=True)
     final = [os.path.join(out, n) for n in ("train.rec", "train.idx", "property")]
-    tmp = [tempfile.mktemp(prefix=f".{os.path.basename(p)}.", dir=out) for p in final]
+    tmp = []
     try:
+        for p in final:
+            fd, t = tempfile.mkstemp(prefix=f".{os.path.basename(p)}.", dir=out)
+            os.close(fd)
+            tmp.append(t)
         n, k = len(kept), len(names)
         with RecordWriter(tmp[0], tmp[1]) as w:
             bounds = []
@@ -518,7 +522,7 @@ def build_bin(pairs_txt: str, root: str, out: str, *, ext: str = "jpg", landmark
     PackError naming it. The file is written under a temporary name and renamed.
     """
     resize = _check_size(resize)
-    _options(workers, encoding, quality)
+    _options(workers, encoding, quality, landmarks, resize)
     pairs, same = read_lfw_pairs(pairs_txt, root, ext)
     paths = [p for ab in pairs for p in ab]
     jobs, lms = _jobs(paths, landmarks, root, resize, encoding, quality)
@@ -526,7 +530,8 @@ def build_bin(pairs_txt: str, root: str, out: str, *, ext: str = "jpg", landmark
     images = [data for data, _ in results]
     folder = os.path.dirname(os.path.abspath(out))
     os.makedirs(folder, exist_ok=True)
-    tmp = tempfile.mktemp(prefix=f".{os.path.basename(out)}.", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.", dir=folder)
+    os.close(fd)
     try:
         with open(tmp, "wb") as f:
             pickle.dump((images, same), f, protocol=4)

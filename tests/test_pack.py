@@ -213,6 +213,8 @@ def test_alignment_needs_landmarks_for_every_image(tmp_path):
         P.pack(str(tmp_path / "p"), str(tmp_path / "out"), landmarks=str(tmp_path / "lm.txt"))
     r = P.pack(str(tmp_path / "p"), str(tmp_path / "out"), landmarks=str(tmp_path / "lm.txt"), skip_bad=True)
     assert r["images"] == 2 and r["size"] == (112, 112) and "1.jpg: no landmarks" in r["skipped"][0]
+    with pytest.raises(P.PackError, match="resize: alignment .* square faces; got 112x96"):
+        P.pack(str(tmp_path / "p"), str(tmp_path / "out"), landmarks=str(tmp_path / "lm.txt"), resize=(112, 96))
     (tmp_path / "lm.txt").write_text("id00/0.png 1 2 3\n")
     with pytest.raises(P.PackError, match="lm.txt: line 1"):
         P.pack(str(tmp_path / "p"), str(tmp_path / "out"), landmarks=str(tmp_path / "lm.txt"))
