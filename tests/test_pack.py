@@ -185,6 +185,56 @@ def test_similarity_transform_least_squares_optimum():
         assert err(a - d[0], b - d[1], m[0, 2] - d[2], m[1, 2] - d[3]) > best
 
 
+def test_similarity_transform_of_mirrored_points_stays_a_rotation():
+    """Mirrored landmarks: the best orthogonal map is a reflection; Umeyama's sign correction keeps
+    a rotation (det > 0), the least-squares optimum among similarities."""
+    rng = np.random.default_rng(3)
+    src = rng.normal(size=(5, 2)) * 10
+    dst = src * [-1.0, 1.0] + rng.normal(size=(5, 2)) * 0.1
+    m = P.similarity_transform(src, dst)
+    a, b = m[0, 0], m[1, 0]
+    assert abs(m[0, 1] + b) < 1e-12 and abs(m[1, 1] - a) < 1e-12 and a * a + b * b > 0
+
+    def err(a, b, tx, ty):
+        return ((src @ np.array([[a, -b], [b, a]]).T + [tx, ty] - dst) ** 2).sum()
+    best = err(a, b, m[0, 2], m[1, 2])
+    for d in np.vstack([np.eye(4), -np.eye(4)]) * 1e-4:
+        assert err(a + d[0], b + d[1], m[0, 2] + d[2], m[1, 2] + d[3]) > best
+
+
+def _bilinear(img, x, y):
+    """Bilinear sample of img [H, W, 3] at pixel-index coordinates, zeros outside (float64)."""
+    h, w = img.shape[:2]
+    x0, y0 = np.floor(x).astype(int), np.floor(y).astype(int)
+    out = np.zeros(x.shape + (3,))
+    for dx in (0, 1):
+        for dy in (0, 1):
+            xi, yi = x0 + dx, y0 + dy
+            wgt = (1 - np.abs(x - xi)) * (1 - np.abs(y - yi))
+            ok = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
+            out[ok] += wgt[ok, None] * img[yi[ok], xi[ok]]
+    return out
+
+
+def test_alignment_samples_where_the_inverse_transform_points():
+    """Scaled and rotated landmarks: each output pixel is the bilinear sample of the source at
+    M⁻¹(x, y) (pixel-index coordinates, as OpenCV's warpAffine), computed here independently."""
+    rng = np.random.default_rng(7)
+    src_img = rng.integers(0, 256, (200, 220, 3), dtype=np.uint8)
+    th = np.deg2rad(12.0)
+    rot = np.array([[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]])
+    lm = P.ARCFACE_LANDMARKS @ rot.T * 1.6 + [30, 20]
+    out = np.asarray(P.align_face(Image.fromarray(src_img), lm)).astype(float)
+    inv = np.linalg.inv(np.vstack([P.similarity_transform(lm, P.ARCFACE_LANDMARKS), [0, 0, 1]]))
+    ys, xs = np.mgrid[0:112, 0:112].astype(float)
+    sx = inv[0, 0] * xs + inv[0, 1] * ys + inv[0, 2]
+    sy = inv[1, 0] * xs + inv[1, 1] * ys + inv[1, 2]
+    inside = (sx >= 1) & (sx <= 218) & (sy >= 1) & (sy <= 198)
+    want = _bilinear(src_img.astype(float), sx, sy)
+    assert inside.mean() > 0.9
+    assert np.abs(out - want)[inside].max() <= 2  # Pillow's fixed-point bilinear rounding
+
+
 @pytest.mark.parametrize("bad", [np.zeros((5, 2)), np.ones((4, 3)), np.full((5, 2), np.nan)])
 def test_similarity_transform_rejects_degenerate_points(bad):
     with pytest.raises(ValueError, match="landmarks"):
