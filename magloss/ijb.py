@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -436,6 +435,10 @@ def evaluate(root: str, target: str = "IJBC", *, features: Optional[np.ndarray] 
         if len(lm_names) != len(names):
             raise IJBError(f"{lay.landmarks}: {len(lm_names)} lines, {lay.face_tid_mid} has {len(names)} "
                            "(line i of both describes face i)")
+        bad = next((i for i, (a, b) in enumerate(zip(lm_names, names)) if a != b), None)
+        if bad is not None:
+            raise IJBError(f"{lay.landmarks}: line {bad + 1}: image {lm_names[bad]!r}, but line {bad + 1} of "
+                           f"{lay.face_tid_mid} is {names[bad]!r} (line i of both describes face i)")
     if features is None:
         if model is None:
             raise IJBError("give features (an .npy of per-face features) or a model")
@@ -554,7 +557,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(format_table(result))
     if a.out:
         with open(a.out, "w") as f:
-            json.dump(result, f, indent=1, default=lambda o: None if isinstance(o, float) and math.isnan(o) else o)
+            json.dump(result, f, indent=1)
     return 0
 
 

@@ -159,6 +159,7 @@ def test_pair_scores_in_blocks_equal_float64(method, block_bytes):
     (("template_pair_label.txt", "1 2 5\n"), "label must be 0 or 1"),
     (("template_pair_label.txt", "1 99999 1\n"), "template 99999 has no face"),
     (("name_5pts_score.txt", "1.jpg 1 2 3\n"), "name_5pts_score.txt: line 1"),
+    (("name_5pts_score.txt", "9.jpg " + "1 " * 10 + "0.9\n"), "line 1: image '9.jpg', but line 1 of .*'1.jpg'"),
 ])
 def test_bad_meta_files_are_named(tmp_path, edit, needle):
     feats, _, _ = make_ijb(str(tmp_path), seed=4)
