@@ -69,7 +69,8 @@ from .margins import NORM_EPS, MarginSpec, margin_terms, regularizer
 from .reference import (check_extras, check_values, class_cosines, compute_dtype, curricular, label_subcenters,
                         num_classes_of, saturating_cast, weight_operand)
 
-__all__ = ["DEFAULT_TILE", "chunk_columns", "margin_ce_forward", "margin_ce_backward"]
+__all__ = ["DEFAULT_TILE", "PATHS", "chunk_columns", "kept_bytes", "margin_ce_forward", "margin_ce_backward",
+           "select_path", "use_path"]
 
 #: Elements of one B×N float tile the default chunk width aims at (2 MiB in float32):
 #: the tiles, and the class chunk the backward's three products share, stay in cache.
@@ -103,6 +104,93 @@ def chunk_columns(batch: int, num_classes: int, chunk: Optional[int] = None) -> 
         n = -(-DEFAULT_TILE // max(batch, 1))
         chunk = min(max(-(-n // 256) * 256, MIN_CHUNK), MAX_CHUNK)
     return max(min(chunk, num_classes), 1)
+
+
+#: The engine's paths: "speed" keeps the forward's products (three products per step, B×K·C
+#: extra memory), "flat" recomputes them in the backward (four products, memory flat in C),
+#: "auto" picks "speed" when its extra memory fits the budget (:func:`select_path`).
+PATHS = ("auto", "speed", "flat")
+_override: Optional[Tuple[str, Optional[int]]] = None
+
+
+def _env_path() -> Tuple[str, Optional[int]]:
+    """MAGLOSS_PATH (auto|speed|flat, default auto) and MAGLOSS_SPEED_BUDGET (bytes, default
+    None: the weight's size), checked."""
+    path = os.environ.get("MAGLOSS_PATH", "") or "auto"
+    if path not in PATHS:
+        raise ValueError(f"MAGLOSS_PATH: expected one of {PATHS}, got {path!r}")
+    env = os.environ.get("MAGLOSS_SPEED_BUDGET", "")
+    budget = None
+    if env:
+        try:
+            budget = int(env)
+        except ValueError:
+            budget = -1
+        if budget < 0:
+            raise ValueError(f"MAGLOSS_SPEED_BUDGET: expected a number of bytes (an integer >= 0), got {env!r}")
+    return path, budget
+
+
+def _checked_choice(path, budget) -> Tuple[str, Optional[int]]:
+    if path not in PATHS:
+        raise ValueError(f"path: expected one of {PATHS}, got {path!r}")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):
+        raise ValueError(f"budget: expected a number of bytes (an integer >= 0) or None, got {budget!r}")
+    return path, budget
+
+
+class use_path:
+    """Context manager forcing the engine's path inside its block, over MAGLOSS_PATH and
+    MAGLOSS_SPEED_BUDGET: ``with magloss.chunked.use_path("flat"): loss = ...``.
+
+    path: "auto" (default), "speed" or "flat". budget: bytes of extra memory the speed path
+    may take under "auto" (None: the weight's size). The choice is made when the loss's
+    forward runs (under torch.compile, when it is traced). Not thread-local.
+
+    Raises:
+        ValueError: path not in PATHS, or budget not an integer >= 0 (nor None).
+    """
+
+    def __init__(self, path: str = "auto", budget: Optional[int] = None):
+        self.choice = _checked_choice(path, budget)
+
+    def __enter__(self):
+        global _override
+        self._saved, _override = _override, self.choice
+        return self
+
+    def __exit__(self, *exc):
+        global _override
+        _override = self._saved
+        return False
+
+
+def kept_bytes(batch: int, weight_rows: int, compute_dtype: torch.dtype) -> int:
+    """Extra memory of the speed path: the kept products, batch × weight_rows (K·C, the rows
+    of the weight or shard) in the compute dtype (float32; float64 for float64 inputs)."""
+    return batch * weight_rows * torch.empty((), dtype=compute_dtype).element_size()
+
+
+def select_path(embeddings: Tensor, weight: Tensor) -> str:
+    """"speed" or "flat" for these inputs (embeddings [B, D], weight [K·C, D]).
+
+    The path comes from :class:`use_path` if one is active, else MAGLOSS_PATH (default "auto").
+    "auto" takes "speed" when :func:`kept_bytes` (B·K·C·4 bytes in float32) is at most the
+    budget: :class:`use_path`'s, else MAGLOSS_SPEED_BUDGET (bytes), else the weight's own size
+    (K·C·D times its element size). With a float32 weight that is B ≤ D whatever C: a
+    class-sharded head compares its global batch with D, so its memory stays flat when
+    the gathered batch exceeds D.
+
+    Raises:
+        ValueError: MAGLOSS_PATH or MAGLOSS_SPEED_BUDGET malformed.
+    """
+    path, budget = _env_path() if _override is None else _override
+    if path != "auto":
+        return path
+    if budget is None:
+        budget = weight.numel() * weight.element_size()
+    need = kept_bytes(embeddings.shape[0], weight.shape[0], compute_dtype(embeddings.dtype))
+    return "speed" if need <= budget else "flat"
 
 
 class _Rows(NamedTuple):
@@ -194,9 +282,14 @@ def _label_groups(lab: Tensor, has: Tensor, num_classes: int, n: int) -> List[Op
     return groups
 
 
+def _inv_norm(wn: Tensor) -> Tensor:
+    """r = 1/max(‖w‖, ε)."""
+    return 1.0 / wn.clamp_min(NORM_EPS)
+
+
 def _column_stats(w_c: Tensor) -> Tuple[Tensor, Tensor]:
     wn = w_c.norm(dim=1)
-    return wn, 1.0 / wn.clamp_min(NORM_EPS)
+    return wn, _inv_norm(wn)
 
 
 def _check(embeddings: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, num_classes: int) -> None:
@@ -226,21 +319,34 @@ def _low_sum(lse_minus_shift: Tensor, num_classes: int) -> Tensor:
     return lse_minus_shift < math.log(max(num_classes, 1) * fi.tiny / fi.eps)
 
 
-def _class_tile(x_hat: Tensor, w_c: Tensor, r_c: Tensor, features: _Features) -> Tuple[Tensor, Optional[Tensor]]:
+def _subcenter_cosines(x_hat: Tensor, w_c: Tensor, r_c: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """(x̂_i·w_j)·r_j [B, K·n] for the K·n rows w_c, written into ``out`` (e.g. a column block of
+    the speed path's kept matrix) when given."""
+    return torch.mm(x_hat, w_c.t(), out=out).mul_(r_c)
+
+
+def _class_tile(x_hat: Tensor, w_c: Tensor, r_c: Tensor, features: _Features,
+                out: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
     """The general path's tile: class cosines c_ij = max_k (x̂_i·w_{jK+k})·r_{jK+k} [B, n] of a
-    chunk of n whole classes (w_c: its K·n rows) and the winning k (None for K = 1)."""
-    return class_cosines(torch.mm(x_hat, w_c.t()).mul_(r_c), features.subcenters, x_hat, w_c, r_c)
+    chunk of n whole classes (w_c: its K·n rows) and the winning k (None for K = 1). The
+    sub-center cosines go to ``out`` [B, K·n] when given (the speed path keeps them)."""
+    return class_cosines(_subcenter_cosines(x_hat, w_c, r_c, out), features.subcenters, x_hat, w_c, r_c)
 
 
 def _lse(xs: Tensor, zl: Tensor, lab: Tensor, has: Tensor, weight: Tensor, x_dtype: torch.dtype, n_max: int,
-         shift: Optional[Tensor] = None, features: Optional[_Features] = None) -> Tensor:
+         shift: Optional[Tensor] = None, features: Optional[_Features] = None,
+         kept: Optional[Tensor] = None, kept_norms: Optional[Tensor] = None) -> Tensor:
     """Row log-sum-exp of the logits, chunk by chunk: Z = xs·W_chunkᵀ·r with the label logit
     ``zl`` swapped in. With ``shift`` (an upper bound of every row's logits): one pass,
     Σ exp(z − shift). Without: the online log-sum-exp (running max, rescaled running sum).
 
     ``features`` (sub-centers, CurricularFace's columns) selects the general tile: ``xs`` is
     then x̂ (unscaled), a chunk is n_max whole classes, and Z = scale_i·f(c_ij) with c the
-    class cosines of :func:`_class_tile` and f CurricularFace's function (or the identity)."""
+    class cosines of :func:`_class_tile` and f CurricularFace's function (or the identity).
+
+    ``kept`` [B, K·C] (the speed path, with ``shift`` only): each chunk's product is written
+    into its column block (xs·W_chunkᵀ on the plain path, the sub-center cosines on the
+    general one) for the backward to reuse, and ``kept_norms`` [K·C] gets the rows' ‖w_j‖."""
     B = xs.shape[0]
     K = 1 if features is None else features.subcenters
     C = weight.shape[0] // K
@@ -252,12 +358,15 @@ def _lse(xs: Tensor, zl: Tensor, lab: Tensor, has: Tensor, weight: Tensor, x_dty
     for k, j0 in enumerate(range(0, C, n_max)):
         n = min(n_max, C - j0)
         w_c = _operand(weight.narrow(0, j0 * K, n * K), x_dtype, xs.dtype)
-        _, r_c = _column_stats(w_c)
+        wn_c, r_c = _column_stats(w_c)
+        block = None if kept is None else kept.narrow(1, j0 * K, n * K)
+        if kept_norms is not None:
+            kept_norms.narrow(0, j0 * K, n * K).copy_(wn_c)
         if features is None:
             z = tile_store[: B * n].view(B, n)
-            torch.mm(xs, w_c.t(), out=z)
+            raw = torch.mm(xs, w_c.t(), out=z if block is None else block)
         else:
-            cos = _class_tile(xs, w_c, r_c, features)[0]
+            cos = _class_tile(xs, w_c, r_c, features, block)[0]
             z = curricular(cos, features.neg_threshold, features.neg_t)[0].mul_(features.scale.unsqueeze(1))
             if shift is not None:
                 z.sub_(shift.unsqueeze(1))
@@ -272,7 +381,7 @@ def _lse(xs: Tensor, zl: Tensor, lab: Tensor, has: Tensor, weight: Tensor, x_dty
             run_max = m_new
         else:
             if features is None:
-                torch.addcmul(neg_shift, z, r_c, out=z)
+                torch.addcmul(neg_shift, raw, r_c, out=z)
             if groups[k] is not None:
                 ri = groups[k][0]
                 z.index_put_(groups[k], zl[ri] - shift[ri])
@@ -281,14 +390,18 @@ def _lse(xs: Tensor, zl: Tensor, lab: Tensor, has: Tensor, weight: Tensor, x_dty
 
 
 def _general_tile(rows: _Rows, features: _Features, w_c: Tensor, r_c: Tensor, lse: Tensor, gs: Tensor,
-                  label: Optional[Tuple[Tensor, Tensor]], curved: Tensor) -> Tuple[Tensor, Tensor]:
+                  label: Optional[Tuple[Tensor, Tensor]], curved: Tensor,
+                  cos_rows: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """The backward's tile on the general path, for a chunk of n whole classes (w_c: K·n rows).
+    ``cos_rows``: the chunk's sub-center cosines kept by the forward (speed path), else
+    recomputed (one product).
 
     Returns U [B, K·n] with T = G·r = gs_i·U (each class's entry at its winning sub-center,
     0 at the others and at the label column) and coef_j = r_j²·Σ_i T_ij·(x̂_i·w_j) [K·n].
     G_ij = gs_i·p_ij·f'_ij off the label (f' = t + 2c on CurricularFace's columns). With a
     feature-norm scale, adds Σ_{j≠y} p_ij·(f_ij − f'_ij·c_ij) to ``curved`` (in place)."""
-    cos_rows = torch.mm(rows.x_hat, w_c.t()).mul_(r_c)             # sub-center cosines [B, K·n]
+    if cos_rows is None:
+        cos_rows = _subcenter_cosines(rows.x_hat, w_c, r_c)          # sub-center cosines [B, K·n]
     cos, win = class_cosines(cos_rows, features.subcenters, rows.x_hat, w_c, r_c)
     f, slope = curricular(cos, features.neg_threshold, features.neg_t)
     p = torch.addcmul(lse.neg().unsqueeze(1), f, features.scale.unsqueeze(1)).exp_()
@@ -325,13 +438,20 @@ def margin_ce_forward(embeddings: Tensor, weight: Tensor, labels: Tensor, spec: 
                       ignore_index: int = -1, sphere_lambda: Optional[Tensor] = None,
                       row_margins: Optional[Tensor] = None, neg_threshold: Optional[Tensor] = None,
                       neg_t: Optional[Tensor] = None, *,
-                      chunk: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                      chunk: Optional[int] = None, keep: bool = False) -> Tuple[Tensor, ...]:
     """Checked, gradient-free forward: the default kernel of ``magloss::margin_ce``.
 
     Same arguments, returns and errors as :func:`magloss.reference.margin_ce_forward`
     (embeddings [B, D], weight [C, D], labels [B]; returns lse, zy, reg, norms, each [B]
     in float32, float64 for float64 inputs), computed class chunk by class chunk with an
     online log-sum-exp. ``chunk``: the chunk width (default :func:`chunk_columns`).
+
+    ``keep=True`` (the speed path, kernel of ``magloss::margin_ce_kept``) also returns what
+    the backward would recompute: ``kept`` [B, K·C] in the compute dtype, on the plain path
+    z_ij = scale_i·x̂_i·w_j (before the 1/‖w_j‖ factor), on the general path (sub-centers,
+    CurricularFace) the sub-center cosines; and ``kept_norms`` [K·C], ‖w_j‖ (as the math sees
+    W). Pass both to :func:`margin_ce_backward`, which then does two products per chunk
+    instead of three and no pass over W for its norms.
 
     Raises:
         TypeError: embeddings and weight are not the same dtype (nor the autocast pair).
@@ -354,7 +474,10 @@ def margin_ce_forward(embeddings: Tensor, weight: Tensor, labels: Tensor, spec: 
             xs, shift = rows.x_hat, rows.scale
             if neg_t is not None:
                 shift = rows.scale * (1.0 + neg_t.to(rows.scale.dtype).abs())
-        lse = _lse(xs, rows.zl, rows.lab, rows.has, weight, embeddings.dtype, n_max, shift, features)
+        kept = xs.new_empty((xs.shape[0], weight.shape[0])) if keep else None
+        kept_norms = xs.new_empty((weight.shape[0],)) if keep else None
+        lse = _lse(xs, rows.zl, rows.lab, rows.has, weight, embeddings.dtype, n_max, shift, features, kept,
+                   kept_norms)
         low = _low_sum(lse - shift, num_classes)
         if bool(low.any()):
             sub = low.nonzero().squeeze(1)
@@ -364,7 +487,7 @@ def margin_ce_forward(embeddings: Tensor, weight: Tensor, labels: Tensor, spec: 
         zero = torch.zeros_like(rows.a)
         zy = torch.where(rows.has, rows.zl, zero)
         reg = regularizer(rows.a, spec.l_a, spec.u_a)[0] if spec.has_regularizer else zero
-    return lse, zy, reg, rows.a
+    return (lse, zy, reg, rows.a, kept, kept_norms) if keep else (lse, zy, reg, rows.a)
 
 
 def margin_ce_backward(grad_lse: Tensor, grad_zy: Tensor, grad_reg: Tensor, grad_norms: Tensor,
@@ -372,7 +495,8 @@ def margin_ce_backward(grad_lse: Tensor, grad_zy: Tensor, grad_reg: Tensor, grad
                        ignore_index: int = -1, sphere_lambda: Optional[Tensor] = None,
                        row_margins: Optional[Tensor] = None, neg_threshold: Optional[Tensor] = None,
                        neg_t: Optional[Tensor] = None, *,
-                       chunk: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+                       chunk: Optional[int] = None, kept: Optional[Tensor] = None,
+                       kept_norms: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Gradients of Σ_i (gl_i·lse_i + gz_i·zy_i + gr_i·reg_i + gn_i·norms_i) from the saved
     ``lse``, class chunk by class chunk: the default kernel of ``magloss::margin_ce_backward``.
 
@@ -380,6 +504,13 @@ def margin_ce_backward(grad_lse: Tensor, grad_zy: Tensor, grad_reg: Tensor, grad
     are given there): (∂/∂embeddings [B, D], ∂/∂weight [C, D]) in the dtypes of embeddings
     and weight; for a float32 weight with half embeddings, the float32 gradient with respect
     to the rounded matrix. ∂W is written chunk by chunk, each row exactly once.
+
+    ``kept``, ``kept_norms``: the forward's products and class-row norms
+    (:func:`margin_ce_forward` with ``keep=True``, any chunk width; both or neither): the
+    speed path, two products per chunk instead of three.
+
+    Raises:
+        ValueError: ``kept`` is not [B, K·C] or ``kept_norms`` not [K·C] in the compute dtype.
     """
     check_extras(embeddings, spec, row_margins, neg_threshold, neg_t)
     K = spec.subcenters
@@ -389,6 +520,11 @@ def margin_ce_backward(grad_lse: Tensor, grad_zy: Tensor, grad_reg: Tensor, grad
         features = _features(spec, rows.scale, neg_threshold, neg_t)
         ct = rows.x.dtype
         B = embeddings.shape[0]
+        for name, t, shape in (("kept", kept, (B, weight.shape[0])), ("kept_norms", kept_norms, (weight.shape[0],))):
+            if (kept is None) != (t is None) or (t is not None and (t.shape != shape or t.dtype != ct)):
+                got = "None" if t is None else f"shape {tuple(t.shape)} and dtype {t.dtype}"
+                raise ValueError(f"{name}: expected the forward's kept {name} (with keep=True), shape {shape} and "
+                                 f"dtype {ct}, got {got}")
         zero = torch.zeros_like(rows.a)
         gl, gz = grad_lse.to(ct), grad_zy.to(ct)
         lse = lse.to(ct)
@@ -422,27 +558,33 @@ def margin_ce_backward(grad_lse: Tensor, grad_zy: Tensor, grad_reg: Tensor, grad
         for k, j0 in enumerate(range(0, C, n_max)):
             n = min(n_max, C - j0)
             w_c = _operand(weight.narrow(0, j0 * K, n * K), embeddings.dtype, ct)
-            wn_c, r_c = _column_stats(w_c)
+            if kept is None:
+                wn_c, r_c = _column_stats(w_c)
+            else:
+                wn_c = kept_norms.narrow(0, j0 * K, n * K)
+                r_c = _inv_norm(wn_c)
             label = groups[k]
+            block = None if kept is None else kept.narrow(1, j0 * K, n * K)
             if features is None:
-                z = z_store[: B * n].view(B, n)
+                zu = z_store[: B * n].view(B, n)
                 u = u_store[: B * n].view(B, n)
-                torch.mm(xs, w_c.t(), out=z)                      # scale_i·x̂_i·w_j
+                z = torch.mm(xs, w_c.t(), out=zu) if block is None else block   # scale_i·x̂_i·w_j
                 torch.addcmul(neg_lse, z, r_c, out=u)             # z_ij − lse_i
                 u.exp_().mul_(r_c)                                # U = p·r
                 if label is not None:
                     u.index_put_(label, u.new_zeros(()))         # the label column enters via delta
-                # coef_j = r_j²·Σ_i T_ij·(x̂_i·w_j) = r_j²·Σ_i gl_i·U_ij·z_ij (zeroed for ‖w_j‖ < ε)
-                coef = torch.mv(z.mul_(u).t(), gl) * r_c * r_c
+                # coef_j = r_j²·Σ_i T_ij·(x̂_i·w_j) = r_j²·Σ_i gl_i·U_ij·z_ij (zeroed for ‖w_j‖ < ε);
+                # the kept block is read, never written (a retained graph's second backward reuses it)
+                coef = torch.mv(torch.mul(z, u, out=zu).t(), gl) * r_c * r_c
                 label_rows = None if label is None else label[1]
             else:
-                u, coef = _general_tile(rows, features, w_c, r_c, lse, gs, label, curved)
+                u, coef = _general_tile(rows, features, w_c, r_c, lse, gs, label, curved, block)
                 label_rows = None if label is None else label[1] * K + (0 if K == 1 else rows.k_y[label[0]])
             acc.addmm_(u, w_c)
             coef = torch.where(wn_c < NORM_EPS, torch.zeros_like(coef), coef)  # a NaN norm keeps it
             gw_c = grad_w.narrow(0, j0 * K, n * K) if direct else p_store[: n * K * weight.shape[1]].view(n * K, -1)
-            torch.mul(w_c, coef.neg().unsqueeze(1), out=gw_c)
-            gw_c.addmm_(u.t(), xg)
+            torch.mm(u.t(), xg, out=gw_c)      # the product first: the column term then reads a chunk in cache
+            gw_c.addcmul_(w_c, coef.neg().unsqueeze(1))
             if label is not None:
                 gw_c.index_put_((label_rows,), corr_w[label[0]], accumulate=True)   # (index_add_ is slow on CPU)
             if not direct:

@@ -276,8 +276,8 @@ def margin_loss(
     if sphere_lambda is not None and not isinstance(sphere_lambda, Tensor):
         sphere_lambda = torch.tensor(float(sphere_lambda), dtype=compute_dtype(embeddings.dtype),
                                      device=embeddings.device)
-    lse, zy, reg_rows, norms = ops.margin_ce(embeddings, weight, labels, sphere_lambda, row_margins, neg_threshold,
-                                             neg_t, *spec.op_args(ignore_index))
+    lse, zy, reg_rows, norms = ops.margin_ce_rows(embeddings, weight, labels, sphere_lambda, row_margins, neg_threshold,
+                                                  neg_t, *spec.op_args(ignore_index))
     if up is not None:
         norms = norms * up.to(norms.dtype)
     return reduce_rows(lse - zy, reg_rows, norms, labels != ignore_index, spec, reduction, lambda_g,

@@ -54,7 +54,7 @@ from torch import Tensor
 from . import _ext, chunked, reference
 from .margins import MarginSpec
 
-__all__ = ["margin_ce", "margin_ce_backward", "normal_draws", "checked_labels"]
+__all__ = ["margin_ce", "margin_ce_backward", "margin_ce_kept", "margin_ce_backward_kept", "margin_ce_rows", "normal_draws", "checked_labels"]
 
 _Rows = Tuple[Tensor, Tensor, Tensor, Tensor]
 
@@ -105,6 +105,72 @@ def _(grad_lse, grad_zy, grad_reg, grad_norms, embeddings, weight, *args):
     return torch.empty_like(embeddings), torch.empty_like(weight)
 
 
+@torch.library.custom_op("magloss::margin_ce_kept", mutates_args=())
+def margin_ce_kept(
+    embeddings: Tensor, weight: Tensor, labels: Tensor, sphere_lambda: Optional[Tensor],
+    row_margins: Optional[Tensor], neg_threshold: Optional[Tensor], neg_t: Optional[Tensor],
+    kind: int, scale: float, m1: float, m2: float, m3: float,
+    l_a: float, u_a: float, l_m: float, u_m: float,
+    boundary: int, straight_through: bool, ignore_index: int, subcenters: int,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The speed path's forward: :func:`margin_ce`'s (lse, zy, reg, norms), then ``kept``
+    [B, K·C] and ``kept_norms`` [K·C] in the compute dtype, what its backward reuses
+    (:func:`magloss.chunked.margin_ce_forward` with ``keep=True``). No gradient flows
+    into the last two."""
+    spec, ignore_index = MarginSpec.from_op_args((kind, scale, m1, m2, m3, l_a, u_a, l_m, u_m, boundary,
+                                                  straight_through, ignore_index, subcenters))
+    outs = chunked.margin_ce_forward(embeddings, weight, labels, spec, ignore_index, sphere_lambda,
+                                     row_margins, neg_threshold, neg_t, keep=True)
+    return tuple(o.contiguous() for o in outs)
+
+
+@margin_ce_kept.register_fake
+def _(embeddings, weight, labels, sphere_lambda, *args):
+    ct = reference.compute_dtype(embeddings.dtype)
+    b = embeddings.shape[0]
+    return tuple(embeddings.new_empty((b,), dtype=ct) for _ in range(4)) + (
+        embeddings.new_empty((b, weight.shape[0]), dtype=ct), embeddings.new_empty((weight.shape[0],), dtype=ct))
+
+
+@torch.library.custom_op("magloss::margin_ce_backward_kept", mutates_args=())
+def margin_ce_backward_kept(
+    grad_lse: Tensor, grad_zy: Tensor, grad_reg: Tensor, grad_norms: Tensor,
+    embeddings: Tensor, weight: Tensor, labels: Tensor, lse: Tensor, norms: Tensor, kept: Tensor,
+    kept_norms: Tensor, sphere_lambda: Optional[Tensor], row_margins: Optional[Tensor], neg_threshold: Optional[Tensor],
+    neg_t: Optional[Tensor],
+    kind: int, scale: float, m1: float, m2: float, m3: float,
+    l_a: float, u_a: float, l_m: float, u_m: float,
+    boundary: int, straight_through: bool, ignore_index: int, subcenters: int,
+) -> Tuple[Tensor, Tensor]:
+    """:func:`margin_ce_backward` from the forward's ``kept`` products and ``kept_norms`` (two
+    products per chunk)."""
+    spec, ignore_index = MarginSpec.from_op_args((kind, scale, m1, m2, m3, l_a, u_a, l_m, u_m, boundary,
+                                                  straight_through, ignore_index, subcenters))
+    return chunked.margin_ce_backward(grad_lse, grad_zy, grad_reg, grad_norms, embeddings, weight, labels,
+                                      lse, spec, ignore_index, sphere_lambda, row_margins, neg_threshold, neg_t,
+                                      kept=kept, kept_norms=kept_norms)
+
+
+@margin_ce_backward_kept.register_fake
+def _(grad_lse, grad_zy, grad_reg, grad_norms, embeddings, weight, *args):
+    return torch.empty_like(embeddings), torch.empty_like(weight)
+
+
+def margin_ce_rows(embeddings: Tensor, weight: Tensor, labels: Tensor, sphere_lambda: Optional[Tensor],
+                   row_margins: Optional[Tensor], neg_threshold: Optional[Tensor], neg_t: Optional[Tensor],
+                   *params) -> _Rows:
+    """(lse, zy, reg, norms) of :func:`margin_ce` (same arguments) through the engine path that
+    :func:`magloss.chunked.select_path` picks: ``margin_ce_kept`` (speed: three products, B×K·C
+    kept) or ``margin_ce`` (flat: four products). Where the fused CUDA engine is registered
+    for the device (float32/half inputs), always ``margin_ce``: the fused engine has only the
+    flat path. What the losses call."""
+    fused = embeddings.device.type in _ext._ENGINES and torch.float64 not in (embeddings.dtype, weight.dtype)
+    if not fused and chunked.select_path(embeddings, weight) == "speed":
+        return margin_ce_kept(embeddings, weight, labels, sphere_lambda, row_margins, neg_threshold, neg_t,
+                              *params)[:4]
+    return margin_ce(embeddings, weight, labels, sphere_lambda, row_margins, neg_threshold, neg_t, *params)
+
+
 _TENSORS = 7   # embeddings, weight, labels, sphere_lambda, row_margins, neg_threshold, neg_t
 
 
@@ -125,6 +191,25 @@ def _backward(ctx, grad_lse, grad_zy, grad_reg, grad_norms):
 margin_ce.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _setup_context_kept(ctx, inputs, output):
+    embeddings, weight, labels, *optional = inputs[:_TENSORS]
+    lse, _, _, norms, kept, kept_norms = output
+    ctx.mark_non_differentiable(kept, kept_norms)
+    ctx.save_for_backward(embeddings, weight, labels, lse, norms, kept, kept_norms, *optional)
+    ctx.params = inputs[_TENSORS:]
+
+
+def _backward_kept(ctx, grad_lse, grad_zy, grad_reg, grad_norms, *_grad_kept):
+    embeddings, weight, labels, lse, norms, kept, kept_norms, *optional = ctx.saved_tensors
+    grads = (g.contiguous() for g in (grad_lse, grad_zy, grad_reg, grad_norms))
+    gx, gw = margin_ce_backward_kept(*grads, embeddings, weight, labels, lse, norms, kept, kept_norms, *optional,
+                                     *ctx.params)
+    return (gx, gw) + (None,) * (_TENSORS - 2 + len(ctx.params))
+
+
+margin_ce_kept.register_autograd(_backward_kept, setup_context=_setup_context_kept)
+
+
 def _no_double_backward(ctx, *grads):
     spec, _ = MarginSpec.from_op_args(ctx.params)
     raise RuntimeError(
@@ -138,6 +223,13 @@ def _setup_double(ctx, inputs, output):
 
 
 margin_ce_backward.register_autograd(_no_double_backward, setup_context=_setup_double)
+
+
+def _setup_double_kept(ctx, inputs, output):
+    ctx.params = inputs[15:]
+
+
+margin_ce_backward_kept.register_autograd(_no_double_backward, setup_context=_setup_double_kept)
 
 
 def functorch_unsupported(name: str, *tensors) -> None:

@@ -34,10 +34,25 @@ from magloss.margins import MarginSpec
 TIGHT = dict(rtol=1e-10, atol=1e-10)
 
 
-def engine(x, w, y, spec, ii, lam, grads, chunk):
-    rows = chunked.margin_ce_forward(x, w, y, spec, ii, lam, chunk=chunk)
-    g = chunked.margin_ce_backward(*grads, x, w, y, rows[0], spec, ii, lam, chunk=chunk)
+#: The engine's two paths: "flat" recomputes the forward's products in the backward, "speed"
+#: keeps them (keep=True, then kept= in the backward). Every parity table runs both.
+PATHS = ["flat", "speed"]
+
+
+def run_engine(x, w, y, spec, ii, lam, extras, grads, chunk, path="flat"):
+    """The engine's forward and backward on one path; returns (lse, zy, reg, norms), (∂x, ∂W)."""
+    keep = path == "speed"
+    out = chunked.margin_ce_forward(x, w, y, spec, ii, lam, *extras, chunk=chunk, keep=keep)
+    rows, kept = out[:4], (out[4:] if keep else (None, None))
+    if keep:     # the kept products use the chunk width of the forward; the backward reads any width
+        assert kept[0].shape == (x.shape[0], w.shape[0]) and kept[1].shape == (w.shape[0],)
+    g = chunked.margin_ce_backward(*grads, x, w, y, rows[0], spec, ii, lam, *extras, chunk=chunk,
+                                   kept=kept[0], kept_norms=kept[1])
     return rows, g
+
+
+def engine(x, w, y, spec, ii, lam, grads, chunk, path="flat"):
+    return run_engine(x, w, y, spec, ii, lam, (), grads, chunk, path)
 
 
 def assert_matches_oracle(rows, grads, ref_rows, ref_grads, **tol):
@@ -56,16 +71,18 @@ SHAPES = [(3, 1, 5, 1), (4, 7, 16, 1), (9, 7, 16, 3), (5, 7, 33, 256), (11, 1000
 
 @pytest.mark.parametrize("family", ALL)
 @pytest.mark.parametrize("B,C,D,chunk", SHAPES)
-def test_float64_matches_reference(family, B, C, D, chunk):
+@pytest.mark.parametrize("path", PATHS)
+def test_float64_matches_reference(family, B, C, D, chunk, path):
     spec, lam = FAMILIES[family]
     x, w, y, grads = make_case(B, C, D, seed=B + C, ignored=(1, 4))
     lam_t = lam_tensor(lam)
-    rows, g = engine(x, w, y, spec, -1, lam_t, grads, chunk)
+    rows, g = engine(x, w, y, spec, -1, lam_t, grads, chunk, path)
     assert_matches_oracle(rows, g, *oracle(x, w, y, spec, -1, lam_t, grads), **TIGHT)
 
 
 @pytest.mark.parametrize("family", ["arcface", "magface", "sphereface", "combined_m1_gt1"])
-def test_float64_ignore_index_int32_labels_and_single_gradients(family):
+@pytest.mark.parametrize("path", PATHS)
+def test_float64_ignore_index_int32_labels_and_single_gradients(family, path):
     """A non-default ignore_index, int32 labels, several rows per class (two labels in one chunk,
     the same label twice), and each of the four output gradients alone."""
     spec, lam = FAMILIES[family]
@@ -74,11 +91,12 @@ def test_float64_ignore_index_int32_labels_and_single_gradients(family):
     lam_t = lam_tensor(lam)
     for k in range(4):
         only = [gg if i == k else torch.zeros_like(gg) for i, gg in enumerate(grads)]
-        rows, g = engine(x, w, y, spec, -100, lam_t, only, 8)
+        rows, g = engine(x, w, y, spec, -100, lam_t, only, 8, path)
         assert_matches_oracle(rows, g, *oracle(x, w, y, spec, -100, lam_t, only), **TIGHT)
 
 
-def test_float64_degenerate_rows_and_columns():
+@pytest.mark.parametrize("path", PATHS)
+def test_float64_degenerate_rows_and_columns(path):
     """A zero embedding row and a zero class row (the ε guards of x̂ and r), every row ignored
     in one call, and an empty batch."""
     spec, _ = FAMILIES["arcface"]
@@ -86,13 +104,13 @@ def test_float64_degenerate_rows_and_columns():
     x[1] = 0.0
     w[3] = 0.0
     y[0] = 3
-    rows, g = engine(x, w, y, spec, -1, None, grads, 4)
+    rows, g = engine(x, w, y, spec, -1, None, grads, 4, path)
     assert_matches_oracle(rows, g, *oracle(x, w, y, spec, -1, None, grads), **TIGHT)
     y_none = torch.full_like(y, -1)
-    rows, g = engine(x, w, y_none, spec, -1, None, grads, 4)
+    rows, g = engine(x, w, y_none, spec, -1, None, grads, 4, path)
     assert_matches_oracle(rows, g, *oracle(x, w, y_none, spec, -1, None, grads), **TIGHT)
     e = [t[:0] for t in grads]
-    rows, g = engine(x[:0], w, y[:0], spec, -1, None, e, 4)
+    rows, g = engine(x[:0], w, y[:0], spec, -1, None, e, 4, path)
     assert [t.shape for t in rows] == [(0,)] * 4
     assert g[0].shape == (0, 8) and torch.equal(g[1], torch.zeros_like(w))
 
@@ -104,10 +122,8 @@ def test_float64_degenerate_rows_and_columns():
 FEATURE_SHAPES = [(4, 7, 16, 1), (9, 7, 16, 7), (11, 100, 32, 7), (13, 100, 40, None)]
 
 
-def feature_engine(x, w, y, spec, lam, extras, grads, chunk):
-    rows = chunked.margin_ce_forward(x, w, y, spec, -1, lam, *extras, chunk=chunk)
-    g = chunked.margin_ce_backward(*grads, x, w, y, rows[0], spec, -1, lam, *extras, chunk=chunk)
-    return rows, g
+def feature_engine(x, w, y, spec, lam, extras, grads, chunk, path="flat"):
+    return run_engine(x, w, y, spec, -1, lam, extras, grads, chunk, path)
 
 
 def feature_oracle(x, w, y, spec, lam, extras, grads):
@@ -117,28 +133,31 @@ def feature_oracle(x, w, y, spec, lam, extras, grads):
 
 @pytest.mark.parametrize("name", list(FEATURES))
 @pytest.mark.parametrize("B,C,D,chunk", FEATURE_SHAPES)
-def test_features_float64_match_reference(name, B, C, D, chunk):
+@pytest.mark.parametrize("path", PATHS)
+def test_features_float64_match_reference(name, B, C, D, chunk, path):
     x, w, y, spec, lam, *extras = feature_case(name, B, C, D, seed=B + C, ignored=(1, 4))
     grads = list(torch.randn(4, B, dtype=torch.float64))
-    rows, g = feature_engine(x, w, y, spec, lam, extras, grads, chunk)
+    rows, g = feature_engine(x, w, y, spec, lam, extras, grads, chunk, path)
     assert_matches_oracle(rows, g, *feature_oracle(x, w, y, spec, lam, extras, grads), **TIGHT)
 
 
 @pytest.mark.parametrize("name", ["adaface", "curricular", "subcenter adaface curricular"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_features_low_precision_match_reference(name, dtype):
+@pytest.mark.parametrize("path", PATHS)
+def test_features_low_precision_match_reference(name, dtype, path):
     """Half and float32 inputs: the engine and the reference both compute in float32 on the
     same rounded operands, so they agree to float32 rounding."""
     x, w, y, spec, lam, *extras = feature_case(name, 7, 30, 16, seed=4, dtype=dtype)
     grads = list(torch.randn(4, 7))
-    rows, g = feature_engine(x, w, y, spec, lam, extras, grads, 8)
+    rows, g = feature_engine(x, w, y, spec, lam, extras, grads, 8, path)
     ref_rows, ref_g = feature_oracle(x, w, y, spec, lam, extras, grads)
     for got, want in zip((*rows, *g), (*ref_rows, *ref_g)):
         assert got.dtype == want.dtype
         torch.testing.assert_close(got.float(), want.float(), rtol=2e-5, atol=2e-5)
 
 
-def test_features_rows_far_below_the_shift_use_the_online_max():
+@pytest.mark.parametrize("path", PATHS)
+def test_features_rows_far_below_the_shift_use_the_online_max(path):
     """Sub-centers with CurricularFace's columns at a large scale, every class pointing away from
     rows 0..2: the shifted sum (shift scale·(1 + |t|)) underflows in float32 and those rows
     take the online max; all rows match the float64 reference."""
@@ -148,7 +167,7 @@ def test_features_rows_far_below_the_shift_use_the_online_max():
     x[1], x[2] = x[0] * 0.9, x[0] * 1.1
     grads = list(torch.randn(4, 6, dtype=torch.float64))
     f32 = [None if e is None else e.float() for e in (rm, nt, t)]
-    rows, g = feature_engine(x.float(), w.float(), y, spec, None, f32, [gg.float() for gg in grads], 2)
+    rows, g = feature_engine(x.float(), w.float(), y, spec, None, f32, [gg.float() for gg in grads], 2, path)
     ref_rows, ref_g = feature_oracle(x.float().double(), w.float().double(), y, spec, None, (rm, nt, t), grads)
     shift = 400.0 * (1.0 + abs(float(t)))
     assert (ref_rows[0][:3] - shift < math.log(5 * torch.finfo(torch.float32).tiny
@@ -157,7 +176,8 @@ def test_features_rows_far_below_the_shift_use_the_online_max():
     assert rel(g[0], ref_g[0]) <= 1e-4 and rel(g[1], ref_g[1]) <= 1e-4
 
 
-def test_curricular_negative_t_logits_above_the_scale_do_not_overflow():
+@pytest.mark.parametrize("path", PATHS)
+def test_curricular_negative_t_logits_above_the_scale_do_not_overflow(path):
     """With t < 0, CurricularFace's c·(t + c) reaches 1 − t > 1 as c → −1: a shift of scale·max(1, 1 + t)
     would sit below such logits by scale·|t| (here 100·0.9 = 90, and exp(90) is Inf in float32).
     Every class points away from the rows (c ≈ −1) and every column is modulated (τ = −2)."""
@@ -168,19 +188,20 @@ def test_curricular_negative_t_logits_above_the_scale_do_not_overflow():
     nt, t = torch.full_like(nt, -2.0), torch.tensor(-0.9, dtype=nt.dtype)
     grads = list(torch.randn(4, 5, dtype=torch.float64))
     f32 = [None, nt.float(), t.float()]
-    rows, g = feature_engine(x.float(), w.float(), y, spec, None, f32, [gg.float() for gg in grads], 4)
+    rows, g = feature_engine(x.float(), w.float(), y, spec, None, f32, [gg.float() for gg in grads], 4, path)
     ref_rows, ref_g = feature_oracle(x.float().double(), w.float().double(), y, spec, None, (None, nt, t), grads)
     assert (ref_rows[0] > 100.0 * 1.8).all(), "the logits must exceed the scale by far"
     assert torch.isfinite(rows[0]).all() and rel(rows[0], ref_rows[0]) <= 1e-6
     assert rel(g[0], ref_g[0]) <= 1e-4 and rel(g[1], ref_g[1]) <= 1e-4
 
 
-def test_features_nan_row_stays_in_its_row(monkeypatch):
+@pytest.mark.parametrize("path", PATHS)
+def test_features_nan_row_stays_in_its_row(monkeypatch, path):
     monkeypatch.setattr(chunked, "check_values", lambda *a, **k: None)
     x, w, y, spec, lam, *extras = feature_case("subcenter adaface curricular", 7, 9, 8, seed=5)
     x[4, 1] = float("nan")
     grads = list(torch.ones(4, 7, dtype=torch.float64))
-    rows, (gx, gw) = feature_engine(x, w, y, spec, lam, extras, grads, 6)
+    rows, (gx, gw) = feature_engine(x, w, y, spec, lam, extras, grads, 6, path)
     assert torch.isnan(rows[0]).tolist() == [i == 4 for i in range(7)]
     assert torch.isnan(gx).any(1).tolist() == [i == 4 for i in range(7)]
 
@@ -200,7 +221,8 @@ def test_opcheck_with_features(monkeypatch):
 
 # ---- the shifted sum's underflow fallback ----------------------------------------------------------
 @pytest.mark.parametrize("family,far", [("arcface", 1.0), ("sphereface", 1.0), ("cosface", 0.6)])
-def test_rows_far_below_the_scale_use_the_online_max(family, far):
+@pytest.mark.parametrize("path", PATHS)
+def test_rows_far_below_the_scale_use_the_online_max(family, far, path):
     """Rows whose every logit is far below scale_i: with a large scale, every class pointing away
     from the row (c ≈ −far), Σ exp(z − scale) underflows in float32. Those rows must still match
     the float64 reference; ordinary rows in the same batch too."""
@@ -213,7 +235,7 @@ def test_rows_far_below_the_scale_use_the_online_max(family, far):
     lam_t = lam_tensor(lam)
     x32, w32 = x.float(), w.float()
     shift = (x32.norm(dim=1) if spec.scale_by_norm else torch.full((6,), spec.scale))
-    rows, g = engine(x32, w32, y, spec, -1, lam_t, [t.float() for t in grads], 2)
+    rows, g = engine(x32, w32, y, spec, -1, lam_t, [t.float() for t in grads], 2, path)
     ref_rows, ref_g = oracle(x32.double(), w32.double(), y, spec, -1, lam_t, grads)
     assert (ref_rows[0][:3].float() - shift[:3] < math.log(5 * torch.finfo(torch.float32).tiny
                                                              / torch.finfo(torch.float32).eps)).all(), \
@@ -255,7 +277,8 @@ def test_bad_input_same_outcome_as_reference(where):
 
 @pytest.mark.parametrize("family", ["arcface", "sphereface", "magface"])
 @pytest.mark.parametrize("scale", [64.0, 1000.0])      # 1000: every row takes the online-max pass
-def test_nan_reaching_the_math_is_never_swallowed(monkeypatch, family, scale):
+@pytest.mark.parametrize("path", PATHS)
+def test_nan_reaching_the_math_is_never_swallowed(monkeypatch, family, scale, path):
     """With the value checks switched off, a NaN in row i's embedding makes exactly row i's lse
     (and its gradient row) NaN; a NaN in any class row makes every lse NaN."""
     monkeypatch.setattr(chunked, "check_values", lambda *a, **k: None)
@@ -265,20 +288,21 @@ def test_nan_reaching_the_math_is_never_swallowed(monkeypatch, family, scale):
     x, w, y, grads = make_case(6, 20, 8, seed=5, ignored=(4,))
     lam_t = lam_tensor(lam)
     x[2, 3] = float("nan")
-    rows, g = engine(x, w, y, spec, -1, lam_t, grads, 6)
+    rows, g = engine(x, w, y, spec, -1, lam_t, grads, 6, path)
     nan_rows = torch.tensor([i == 2 for i in range(6)])
     assert torch.equal(torch.isnan(rows[0]), nan_rows)
     assert torch.equal(torch.isnan(g[0]).any(1), nan_rows)
     x[2, 3] = 1.0
     w[13, 0] = float("nan")
-    rows, _ = engine(x, w, y, spec, -1, lam_t, grads, 6)
+    rows, _ = engine(x, w, y, spec, -1, lam_t, grads, 6, path)
     assert torch.isnan(rows[0]).all()
 
 
 # ---- half precision -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", ["arcface", "magface", "sphereface_s", "cosface"])
 @pytest.mark.parametrize("dtype,weight32", [(torch.bfloat16, True), (torch.bfloat16, False), (torch.float16, True)])
-def test_half_within_twice_eager(family, dtype, weight32):
+@pytest.mark.parametrize("path", PATHS)
+def test_half_within_twice_eager(family, dtype, weight32, path):
     """fp16/bf16 embeddings with a float32 weight (the autocast pair) or a same-dtype weight:
     error against float64 (on the rounded inputs) within 2x the error of an eager same-precision
     baseline; ∂W in the weight's dtype (float32 for the pair), ∂x in the embeddings'."""
@@ -289,7 +313,7 @@ def test_half_within_twice_eager(family, dtype, weight32):
     ref_rows, ref_g = oracle(x64, w64, y, spec, -1, lam_t, grads)
     x = x64.to(dtype)
     w = w64.float() if weight32 else w64.to(dtype)
-    rows, g = engine(x, w, y, spec, -1, lam_t, [t.float() for t in grads], 64)
+    rows, g = engine(x, w, y, spec, -1, lam_t, [t.float() for t in grads], 64, path)
     assert rows[0].dtype == torch.float32 and g[0].dtype == dtype and g[1].dtype == w.dtype
     base_rows, base_g = eager_lowp(x64, w64, y, spec, -1, lam_t, grads, "bf16" if dtype == torch.bfloat16 else "fp16")
     assert_within_eager([("loss", rows[0] - rows[1], base_rows[0] - base_rows[1], ref_rows[0] - ref_rows[1]),

@@ -291,7 +291,7 @@ class ShardedMarginLoss(nn.Module):
             label_cosines(x_all, weight, local, _NO_LABEL, self.spec.subcenters), group))
         x_all, weight, up = MF._autocast(x_all, weight, self.spec)   # after the gather: ∂x summed in fp32
         lam = self.current_lambda(x_all.dtype)
-        lse, zy, reg, norms = ops.margin_ce(x_all, weight, local, lam, rm, nt, t, *self.spec.op_args(_NO_LABEL))
+        lse, zy, reg, norms = ops.margin_ce_rows(x_all, weight, local, lam, rm, nt, t, *self.spec.op_args(_NO_LABEL))
         if up is not None:
             norms = norms * up.to(norms.dtype)
         if self.last_sample is not None:   # the Partial FC step advances only once the op has run
