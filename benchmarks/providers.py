@@ -22,6 +22,10 @@ Providers (``PROVIDERS``), all timed on the same inputs:
 * ``cce``: Cut Cross-Entropy (``cut_cross_entropy.linear_cross_entropy``). PLAIN CE.
 * ``floor``: the bare matrix products of the same shapes with torch.matmul:
   forward X[B,D]·Wᵀ[D,C]; backward G[B,C]·W[C,D] and Gᵀ[C,B]·X[B,D].
+* ``chunked-speed`` / ``chunked-flat``: ``chunked`` with the engine's path forced
+  (``magloss.chunked.use_path``; ``chunked`` itself follows the default policy): the speed
+  path keeps the forward's B×C products (three products per step), the flat path
+  recomputes them in the backward (four products, memory flat in C).
 
 Precisions: ``fp32`` (TF32 off), ``tf32``, ``bf16`` (autocast, fp32 leaves),
 ``fp32-simt`` (fp32 with MAGLOSS_FORCE_SIMT=1, magloss only). Liger, CCE and the floor
@@ -47,7 +51,8 @@ except ImportError:  # pragma: no cover
 __all__ = ["PROVIDERS", "LABELS", "PLAIN_CE", "LOSS_FREE", "PRECISIONS", "LOSSES", "Case", "Runner",
            "Unavailable", "build", "precision_context", "make_inputs"]
 
-PROVIDERS = ["magloss", "chunked", "reference", "eager", "eager-fullmatrix", "compile", "pml", "liger", "cce", "floor"]
+PROVIDERS = ["magloss", "chunked", "reference", "eager", "eager-fullmatrix", "compile", "pml", "liger", "cce", "floor",
+             "chunked-speed", "chunked-flat"]
 LABELS = {
     "magloss": "magloss fused CUDA engine",
     "chunked": "magloss chunked PyTorch engine (the ops' default kernel without the fused ones)",
@@ -59,6 +64,8 @@ LABELS = {
     "liger": "Liger-Kernel fused linear CE (plain CE: no normalization, no margin)",
     "cce": "Cut Cross-Entropy (plain CE: no normalization, no margin)",
     "floor": "bare matrix products, torch.matmul (the floor)",
+    "chunked-speed": "magloss chunked engine, speed path forced (forward's products kept: 3 products)",
+    "chunked-flat": "magloss chunked engine, flat path forced (products recomputed: 4 products, memory flat in C)",
 }
 #: providers that compute plain cross entropy, not the margin loss (labelled as such)
 PLAIN_CE = ("liger", "cce")
@@ -205,6 +212,20 @@ def _chunked(case: Case) -> Runner:
                   notes=f"magloss.functional, default op kernel = magloss.chunked, chunk_columns={n}")
 
 
+def _chunked_path(case: Case, path: str) -> Runner:
+    import magloss
+
+    runner = _chunked(case)
+    fwd = runner.fwd
+
+    def forced():
+        with magloss.chunked.use_path(path):       # the path is chosen in the forward; autograd keeps it
+            return fwd()
+
+    runner.fwd, runner.notes = forced, runner.notes + f", path={path} (magloss.chunked.use_path)"
+    return runner
+
+
 def _reference(case: Case) -> Runner:
     from magloss import functional as MF
     from magloss import reference
@@ -341,6 +362,8 @@ _BUILDERS: Dict[str, Callable[[Case], Runner]] = {
     "liger": _liger,
     "cce": _cce,
     "floor": _floor,
+    "chunked-speed": lambda c: _chunked_path(c, "speed"),
+    "chunked-flat": lambda c: _chunked_path(c, "flat"),
 }
 
 
