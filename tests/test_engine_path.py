@@ -334,3 +334,34 @@ def test_fused_device_keeps_the_fused_flat_op(monkeypatch):
     ops.margin_ce_rows(x.float(), w.float(), y, None, None, None, None, *spec.op_args(-1))
     ops.margin_ce_rows(x, w, y, None, None, None, None, *spec.op_args(-1))
     assert calls == ["flat", "speed"]
+
+
+# ---- on a GPU (tests/gpu_check.sh runs every gpu-marked test) ---------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["arcface", "sphereface", "subcenter adaface curricular"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_chunked_engine_both_paths_on_cuda(case, dtype):
+    """The chunked engine on CUDA tensors (what CUDA runs without the extension, and for float64
+    with it), speed and flat paths, several chunks, against the float64 reference on the CPU;
+    with the fused engine loaded, the losses still call its flat op for float32."""
+    if case in FAMILIES:
+        spec, lam = FAMILIES[case]
+        x, w, y, grads = make_case(37, 301, 24, seed=5, ignored=(3, 30))
+        lam, extras = lam_tensor(lam), ()
+    else:
+        x, w, y, spec, lam, *extras = feature_case(case, 37, 101, 24, seed=5, ignored=(3, 30))
+        grads = list(torch.randn(4, 37, dtype=torch.float64))
+    want_rows = reference.margin_ce_forward(x, w, y, spec, -1, lam, *extras)
+    want = (*want_rows, *reference.margin_ce_backward(*grads, x, w, y, want_rows[0], spec, -1, lam, *extras))
+    dev = [None if t is None else t.to("cuda", dtype) for t in (x, w, lam, *extras)]
+    xd, wd, lamd, extd = dev[0], dev[1], dev[2], dev[3:]
+    gd = [g.to("cuda", dtype) for g in grads]
+    yd = y.cuda()
+    tol = TIGHT if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    for keep in (True, False):
+        out = chunked.margin_ce_forward(xd, wd, yd, spec, -1, lamd, *extd, chunk=40, keep=keep)
+        kept = dict(kept=out[4], kept_norms=out[5]) if keep else {}
+        g = chunked.margin_ce_backward(*gd, xd, wd, yd, out[0], spec, -1, lamd, *extd, chunk=40, **kept)
+        for got, ref in zip((*out[:4], *g), want):
+            scale = ref.abs().max().clamp_min(1.0)
+            torch.testing.assert_close((got.double().cpu() / scale), ref / scale, **tol)
