@@ -31,13 +31,13 @@ Decisions (also in docs/train.md):
 The package, one job a module: ``options`` (the command line and its checks), ``device``
 (:func:`decide_device`), ``inputs`` (DATA_DIR and the .bin sets), ``sampler`` (the data order),
 ``schedule``, ``log``, ``checkpoints`` (checkpoints, resume, ``model.pt``), ``run`` (:class:`Run`,
-built in named steps), ``loop`` (the training loop and the evaluations), ``cli`` (:func:`main`).
+built in named steps), ``loop`` (the training loop and the evaluations), ``command`` (:func:`main`).
 """
 
 from __future__ import annotations
 
 from .checkpoints import CHECKPOINT_FORMAT, load_model
-from .cli import main
+from .command import main
 from .device import DevicePlan, decide_device
 from .errors import Stopped, UsageError
 from .inputs import EVAL_FOLDS, Resize, open_data, resize

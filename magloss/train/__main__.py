@@ -2,7 +2,7 @@
 
 import sys
 
-from magloss.train.cli import main
+from magloss.train.command import main
 
 if __name__ == "__main__":
     sys.exit(main())
