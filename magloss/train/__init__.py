@@ -42,11 +42,11 @@ from .device import DevicePlan, decide_device
 from .errors import Stopped, UsageError
 from .inputs import EVAL_FOLDS, Resize, open_data, resize
 from .log import Log
-from .loop import _overflow_everywhere as _overflow_everywhere   # private, importable as before
+from .loop import _overflow_everywhere as _overflow_everywhere   # private; the tests import it from the package
 from .options import LOSS_OPTIONS, LOSSES, build_parser, loss_kwargs, parse
 from .run import Run
 from .sampler import GlobalBatchSampler
-from .sampler import _mix as _mix   # private, importable as before
+from .sampler import _mix as _mix   # private; the tests import it from the package
 from .schedule import Schedule
 
 __all__ = ["CHECKPOINT_FORMAT", "EVAL_FOLDS", "LOSSES", "LOSS_OPTIONS", "DevicePlan", "GlobalBatchSampler", "Log",
