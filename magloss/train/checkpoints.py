@@ -207,6 +207,32 @@ def write_model(run) -> None:
          "dropout": a.dropout, "state_dict": run.backbone.state_dict()}, f))
 
 
+def check_export() -> None:
+    """--export-onnx needs the export extra: UsageError before the first step if it is missing."""
+    try:
+        from magloss import export
+        export._require_onnx()
+    except ImportError as exc:
+        raise UsageError(f"--export-onnx: {exc}") from None
+
+
+def write_onnx(run) -> None:
+    """``OUTPUT/model.onnx`` from ``OUTPUT/model.pt`` (:func:`magloss.export.export_onnx`: fp32,
+    dynamic batch, checked with onnxruntime). A failure is a warning: the run keeps its outputs."""
+    from magloss.export import export_onnx
+
+    out = os.path.join(run.args.output, "model.onnx")
+    try:
+        info = export_onnx(os.path.join(run.args.output, "model.pt"), out)
+    except Exception as exc:  # noqa: BLE001 - an export never costs the run
+        run._say(f"magloss.train: warning: the ONNX export failed, model.pt is kept: {type(exc).__name__}: {exc}",
+                 err=True)
+        return
+    diff = (info.get("check") or {}).get("embedding")
+    run._say(f"wrote {out}" + (f" (onnxruntime vs torch: largest embedding difference {diff:.2g})"
+                               if isinstance(diff, float) else ""))
+
+
 def load_model(path: str, map_location="cpu") -> nn.Module:
     """The backbone of a finished run (``OUTPUT/model.pt``), in eval mode: ``[B, 3, H, W]``
     images normalized to ``[-1, 1]`` → ``[B, D]`` embeddings (not normalized)."""

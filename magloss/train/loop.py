@@ -18,7 +18,7 @@ from torch import nn
 
 from magloss.distributed.comm import comm_device
 
-from .checkpoints import write_model
+from .checkpoints import write_model, write_onnx
 from .errors import Stopped
 from .inputs import EVAL_FOLDS, _ignore_sigint, resize
 from .sampler import GlobalBatchSampler, _mix
@@ -176,6 +176,8 @@ class Loop:
             self.save()
         if self.is_main:              # the outputs exist before any evaluation can fail or hang
             write_model(self)
+            if a.export_onnx:
+                write_onnx(self)
         self._barrier()
         self.evaluate()
 

@@ -154,6 +154,9 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
         help="evaluation: fuse each image's embedding with its mirror image's (sum)")
     add(g, "--save-every", type=int, default=0, help="steps between checkpoints (0: at the end of every epoch)")
     add(g, "--keep-checkpoints", type=int, default=2, help="how many recent checkpoints to keep")
+    add(g, "--export-onnx", action=argparse.BooleanOptionalAction, default=False,
+        help="at the end, also write OUTPUT/model.onnx (magloss.export: dynamic batch, embedding and magnitude "
+             "outputs, checked with onnxruntime; needs the export extra)")
     add(g, "--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bar (when installed)")
     add(g, "--tensorboard", action=argparse.BooleanOptionalAction, default=True,
         help="also log to TensorBoard (when the tensorboard package is installed)")

@@ -18,7 +18,7 @@ from magloss.backbones import build_backbone
 from magloss.distributed.comm import comm_device
 
 from . import checkpoints
-from .checkpoints import _check_writable, _write_atomically
+from .checkpoints import _check_writable, _write_atomically, check_export
 from .device import decide_device
 from .errors import UsageError
 from .inputs import _Guarded, _inside, open_bins, open_data, select_bins
@@ -176,6 +176,8 @@ class Run(Loop):
             try:
                 self.bins = open_bins(bins)
                 _check_writable(self.args.output)
+                if self.args.export_onnx:
+                    check_export()
             except UsageError as exc:
                 failure = exc
         if self.group is not None:
