@@ -65,9 +65,9 @@ from typing import List, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .checks import check_extras, check_values, num_classes_of
 from .margins import NORM_EPS, MarginSpec, margin_terms, regularizer
-from .reference import (check_extras, check_values, class_cosines, compute_dtype, curricular, label_subcenters,
-                        num_classes_of, saturating_cast, weight_operand)
+from .rows import class_cosines, compute_dtype, curricular, label_subcenters, saturating_cast, weight_operand
 
 __all__ = ["DEFAULT_TILE", "chunk_columns", "margin_ce_forward", "margin_ce_backward"]
 
@@ -338,7 +338,7 @@ def margin_ce_forward(embeddings: Tensor, weight: Tensor, labels: Tensor, spec: 
         ValueError: a label out of range, NaN/Inf in embeddings or weight (as the reference).
     """
     check_extras(embeddings, spec, row_margins, neg_threshold, neg_t)
-    num_classes = num_classes_of(weight, spec)
+    num_classes = num_classes_of(weight, spec.subcenters)
     _check(embeddings, weight, labels, ignore_index, num_classes)
     with torch.no_grad(), torch.autocast(embeddings.device.type, enabled=False):
         rows = _row_stage(embeddings, weight, labels, spec, ignore_index, sphere_lambda, row_margins)
@@ -383,7 +383,7 @@ def margin_ce_backward(grad_lse: Tensor, grad_zy: Tensor, grad_reg: Tensor, grad
     """
     check_extras(embeddings, spec, row_margins, neg_threshold, neg_t)
     K = spec.subcenters
-    C = num_classes_of(weight, spec)
+    C = num_classes_of(weight, spec.subcenters)
     with torch.no_grad(), torch.autocast(embeddings.device.type, enabled=False):
         rows = _row_stage(embeddings, weight, labels, spec, ignore_index, sphere_lambda, row_margins)
         features = _features(spec, rows.scale, neg_threshold, neg_t)

@@ -51,8 +51,10 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _ext, chunked, reference
+from . import _ext, chunked
+from .checks import check_values
 from .margins import MarginSpec
+from .rows import compute_dtype
 
 __all__ = ["margin_ce", "margin_ce_backward", "normal_draws", "checked_labels"]
 
@@ -77,7 +79,7 @@ def margin_ce(
 
 @margin_ce.register_fake
 def _(embeddings, weight, labels, sphere_lambda, *args):
-    ct = reference.compute_dtype(embeddings.dtype)
+    ct = compute_dtype(embeddings.dtype)
     b = embeddings.shape[0]
     return tuple(embeddings.new_empty((b,), dtype=ct) for _ in range(4))
 
@@ -179,11 +181,11 @@ def _(rng_state, count, mean, std):
 @torch.library.custom_op("magloss::checked_labels", mutates_args=())
 def checked_labels(embeddings: Tensor, weight: Tensor, labels: Tensor, ignore_index: int,
                    num_classes: int) -> Tensor:
-    """:func:`magloss.reference.check_values` (label range, NaN/Inf; ValueError naming the
+    """:func:`magloss.checks.check_values` (label range, NaN/Inf; ValueError naming the
     argument) as an op, returning the labels as a new int64 tensor: the check then runs
     inside a ``torch.compile(fullgraph=True)`` graph (an op, not a data-dependent branch),
     and the result's use keeps it from being dropped."""
-    reference.check_values(embeddings, weight, labels, ignore_index, num_classes)
+    check_values(embeddings, weight, labels, ignore_index, num_classes)
     return labels.to(torch.int64, copy=True)
 
 
