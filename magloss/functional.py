@@ -75,7 +75,7 @@ class LossParts(NamedTuple):
         for float64 input; detach before logging).
     reg_weighted: λ_g·reg, the regularizer as it enters ``loss`` (0 without one).
 
-    The first four fields keep the order of the former ``MagFaceOutput`` (an alias).
+    The first four fields are those of ``MagFaceOutput``, in its order (an alias).
     """
 
     loss: Tensor
@@ -85,7 +85,7 @@ class LossParts(NamedTuple):
     reg_weighted: Tensor
 
 
-#: The former name of :class:`LossParts` (MagFace losses only); same class.
+#: Another name of :class:`LossParts` (the MagFace losses' name for it); same class.
 MagFaceOutput = LossParts
 
 

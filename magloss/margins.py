@@ -3,8 +3,8 @@
 Every margin loss in magloss differs from plain normalized softmax only in the
 label column: z_iy = s·ψ(c_iy, a_i) instead of s·c_iy (see docs/math.md §1).
 This module holds the per-row margin math in one place, in PyTorch, for the
-reference engine; the CUDA engine has one device function per family that must
-agree with these to float rounding.
+chunked engine and the oracle; the CUDA engine has one device function per family
+that must agree with these to float rounding.
 
 A margin is described by a :class:`MarginSpec` (validated on construction) and
 evaluated by :func:`margin_terms`, which returns ψ and its first derivatives

@@ -27,7 +27,7 @@ are [B] in float32 (float64 for float64 inputs): lse_i = logsumexp_j z_ij, zy_i 
 reg_i = g(ã_i), norms_i = ‖x_i‖; the cross-entropy is lse − zy. The hyperparameters are
 those of :class:`magloss.margins.MarginSpec` (``spec.op_args(ignore_index)``); see
 :func:`magloss.reference.margin_ce_rows` and :func:`magloss.reference.margin_ce_backward`
-for the exact math every kernel implements.
+(the oracle) for the exact math every kernel implements.
 
 Keeping the op's outputs as row statistics (not a reduced loss) is what lets one
 engine serve the single-GPU losses, ignored rows and class-sharded heads: the Python
@@ -37,8 +37,8 @@ ranks by log-sum-exp and zy by a sum before doing the same.
 The chunked engine (:mod:`magloss.chunked`: the fused engine's algorithm in plain
 PyTorch, memory flat in C) is the default kernel, on every device. When the compiled
 extension is present its fused kernels are registered for "cuda" (see
-:mod:`magloss._ext`). The reference engine (:mod:`magloss.reference`) is never the
-default: it is the tests' oracle, reachable by name (``reference.margin_ce_forward``,
+:mod:`magloss._ext`). The oracle (:mod:`magloss.reference`) is never a kernel
+and no library module imports it: the tests call it by name (``reference.margin_ce_forward``,
 ``reference.margin_ce_backward``, same arguments as the engine's). Fake (meta) kernels
 and the autograd formula are registered here, so ``torch.compile(fullgraph=True)`` and
 ``torch.library.opcheck`` work.

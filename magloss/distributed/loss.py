@@ -9,8 +9,8 @@ those rows of the class matrix as its ``weight`` [C_r, D]. One step on rank r:
 2. map labels to the shard: y − start_r where start_r ≤ y < end_r, otherwise "no label
    column here" (the op's ignore_index). ``valid = y_all != ignore_index`` is global, so
    an ignored row and a row whose class lives on another shard stay different states;
-3. run the local engine ``magloss.ops.margin_ce`` (reference on CPU, fused kernels on
-   CUDA) on (x_all, W_r): per-row lse_r, zy_r, reg, norms — the logits never leave it;
+3. run the local engine ``magloss.ops.margin_ce`` (the chunked engine, or the fused kernels
+   on CUDA when they are built) on (x_all, W_r): per-row lse_r, zy_r, reg, norms — the logits never leave it;
 4. exchange per-row statistics only: lse = log Σ_r exp(lse_r) (all-gather of [B]),
    zy = Σ_r zy_r (all-reduce of [B]);
 5. CE_i = lse_i − zy_i, then the single-process masking and reduction
