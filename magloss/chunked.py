@@ -69,6 +69,7 @@ from torch import Tensor
 from .checks import check_extras, check_values, num_classes_of
 from .margins import NORM_EPS, MarginSpec, margin_terms, regularizer
 from .rows import class_cosines, compute_dtype, curricular, label_subcenters, saturating_cast, weight_operand
+from .validation import check_int
 
 __all__ = ["DEFAULT_TILE", "chunk_columns", "margin_ce_forward", "margin_ce_backward"]
 
@@ -98,8 +99,8 @@ def chunk_columns(batch: int, num_classes: int, chunk: Optional[int] = None) -> 
                 chunk = 0
             if chunk <= 0:
                 raise ValueError(f"MAGLOSS_CHUNK: expected a positive integer, got {env!r}")
-    elif isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0:
-        raise ValueError(f"chunk: expected a positive integer, got {chunk!r}")
+    else:
+        chunk = check_int("chunk", chunk, 1)
     if chunk is None:
         n = -(-DEFAULT_TILE // max(batch, 1))
         chunk = min(max(-(-n // 256) * 256, MIN_CHUNK), MAX_CHUNK)

@@ -39,7 +39,7 @@ from .adaptive import (adaface_args, adaface_row_margins, curricular_threshold, 
 from .checks import check_inputs, check_types, check_values
 from .margins import CLIP, NONE, NORM_EPS, MarginSpec, sphere_lambda as _sphere_lambda_schedule
 from .rows import autocasting, compute_dtype
-from .validation import check_ignore_index, check_non_negative, check_reduction
+from .validation import check_ignore_index, check_int, check_non_negative, check_reduction
 
 __all__ = [
     "LossParts",
@@ -483,9 +483,10 @@ def cosine_argmax(embeddings: Tensor, weight: Tensor, *, bias: Optional[Tensor] 
     check_types(embeddings=embeddings, weight=weight)
     ct = compute_dtype(embeddings.dtype)
     B, C = embeddings.shape[0], weight.shape[0]
-    step = int(chunk_classes or max(1, ACCURACY_CHUNK_ELEMENTS // max(B, 1)))
-    if step < 1:
-        raise ValueError(f"chunk_classes: expected a positive int, got {chunk_classes}")
+    if chunk_classes is None:
+        step = max(1, ACCURACY_CHUNK_ELEMENTS // max(B, 1))
+    else:
+        step = check_int("chunk_classes", chunk_classes, 1)
     with torch.no_grad(), torch.autocast(embeddings.device.type, enabled=False):
         x = embeddings.to(ct)
         if normalize:

@@ -46,12 +46,20 @@ REDUCTIONS = ("mean", "sum", "none")
 
 
 def _as_float(value) -> float:
-    """``float(value)``, or NaN for what ``float()`` does not take (a string, None): the
-    caller's range test then fails and names the argument."""
+    """``float(value)`` for a number (Python, numpy, a one-element tensor), NaN for anything
+    else (a string, None, a bool: True is not the 1.0 anyone means): the caller's range test
+    then fails and names the argument."""
+    if isinstance(value, (bool, str, bytes)):
+        return math.nan
     try:
         return float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RuntimeError):
         return math.nan
+
+
+def _shown(value) -> str:
+    """How a message shows the value it got: a number as written, the repr of anything else."""
+    return str(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else repr(value)
 
 
 def check_finite(name: str, value) -> float:
@@ -59,7 +67,7 @@ def check_finite(name: str, value) -> float:
     otherwise (NaN, ±Inf, or something ``float()`` does not take, such as a string)."""
     v = _as_float(value)
     if not math.isfinite(v):
-        raise ValueError(f"{name}: expected a finite number, got {value if isinstance(value, str) else v!r}")
+        raise ValueError(f"{name}: expected a finite number, got {_shown(value)}")
     return v
 
 
@@ -68,8 +76,8 @@ def check_positive(name: str, value, upper: Optional[float] = None, inclusive: b
     when None), finite. ValueError naming ``name`` otherwise, e.g. a momentum in (0, 1]."""
     v = _as_float(value)
     if not math.isfinite(v) or v <= 0 or (upper is not None and (v > upper if inclusive else v >= upper)):
-        rng = f"(0, {upper}{']' if inclusive else ')'}" if upper is not None else "a positive finite number"
-        raise ValueError(f"{name}: expected {rng}, got {value!r}")
+        rng = f"a number in (0, {upper:g}{']' if inclusive else ')'}" if upper is not None else "a positive finite number"
+        raise ValueError(f"{name}: expected {rng}, got {_shown(value)}")
     return v
 
 
@@ -78,7 +86,7 @@ def check_non_negative(name: str, value, what: str = "number") -> float:
     (e.g. "weight" for λ_g, "standard deviation" for ElasticFace's σ) otherwise."""
     v = _as_float(value)
     if not (math.isfinite(v) and v >= 0):
-        raise ValueError(f"{name}: expected a finite non-negative {what}, got {value!r}")
+        raise ValueError(f"{name}: expected a finite non-negative {what}, got {_shown(value)}")
     return v
 
 
@@ -87,7 +95,7 @@ def check_int(name: str, value, minimum: int, what: str = "") -> int:
     ValueError naming ``name`` otherwise (floats such as 3.0 included: a count is an int).
     ``what`` is appended to the expectation, e.g. " (sub-centers per class)"."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        kind = "a positive int" if minimum == 1 and not what else f"an integer >= {minimum}{what}"
+        kind = "a positive integer" if minimum == 1 and not what else f"an integer >= {minimum}{what}"
         raise ValueError(f"{name}: expected {kind}, got {value!r}")
     return int(value)
 
