@@ -27,7 +27,7 @@ c_ij = x̂_i·ŵ_j; CE_i = logsumexp_j z_ij − z_iy (docs/math.md §1).
 from __future__ import annotations
 
 import math
-from typing import Dict, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -89,27 +89,13 @@ class LossParts(NamedTuple):
 MagFaceOutput = LossParts
 
 
-def named_spec(build, names: Dict[str, str], *args, **kwargs) -> MarginSpec:
-    """``build(*args, **kwargs)`` (a :class:`MarginSpec` constructor), with a ValueError about
-    one of the spec's own parameters re-worded in the caller's names (``names``, e.g.
-    ``{"m2": "margin"}`` for ArcFace, whose ``margin`` is the spec's m2)."""
-    try:
-        return build(*args, **kwargs)
-    except ValueError as exc:
-        msg = str(exc)
-        for spec_name, caller_name in names.items():
-            if msg.startswith(spec_name + ":"):
-                raise ValueError(caller_name + msg[len(spec_name):]) from None
-        raise
-
-
 #: Under float16 autocast, rows with ‖x_i‖ above this are scaled down by a power of two
 #: before the cast (:func:`autocast_inputs`); after scaling their magnitude lies in (2^14, 2^15].
 HALF_ROW_LIMIT = 2.0 ** 15
 
 
 def autocast_inputs(embeddings: Tensor, weight: Tensor, spec: Optional[MarginSpec] = None, *,
-              bound_factor: Optional[Tensor] = None, limit: float = HALF_ROW_LIMIT):
+                    bound_factor: Optional[Tensor] = None, limit: float = HALF_ROW_LIMIT):
     """Under autocast (on the embeddings' device), cast the embeddings to the autocast
     dtype, as ``F.linear`` would, before the dtype check. A float32 weight is passed on
     as is: the op rounds it to the embeddings' dtype chunk by chunk and returns its
@@ -286,8 +272,7 @@ def cosface_loss(embeddings, weight, labels, scale: float = 64.0, margin: float 
                  straight_through: bool = False, ignore_index: int = -1, reduction: str = "mean",
                  return_parts: bool = False):
     """CosFace (LMCL): ψ(c) = c − m. Defaults s = 64, m = 0.35."""
-    spec = named_spec(MarginSpec.combined, {"m3": "margin"}, scale, 1.0, 0.0, margin,
-                         straight_through=straight_through)
+    spec = MarginSpec.cosface(scale, margin, straight_through)
     return margin_loss(embeddings, weight, labels, spec, ignore_index=ignore_index, reduction=reduction,
                        return_parts=return_parts)
 
@@ -298,8 +283,7 @@ def arcface_loss(embeddings, weight, labels, scale: float = 64.0, margin: float 
     """ArcFace: ψ(c) = cos(θ + m), threshold form c − m·sin m past θ = π − m (or
     ``easy_margin``: margin only where c > 0). Defaults s = 64, m = 0.5.
     ``straight_through=True`` reproduces insightface's no_grad margin (∂ψ/∂c = 1)."""
-    spec = named_spec(MarginSpec.combined, {"m2": "margin"}, scale, 1.0, margin, 0.0, easy_margin,
-                         straight_through)
+    spec = MarginSpec.arcface(scale, margin, easy_margin, straight_through)
     return margin_loss(embeddings, weight, labels, spec, ignore_index=ignore_index, reduction=reduction,
                        return_parts=return_parts)
 
@@ -375,8 +359,7 @@ def subcenter_arcface_loss(embeddings, weight, labels, subcenters: int = 3, scal
     class cosine flows to its winning sub-center only (ties: the lowest k). Defaults from
     the paper and insightface: K = 3, s = 64, m = 0.5 (radians).
     """
-    spec = named_spec(MarginSpec.combined, {"m2": "margin"}, scale, 1.0, margin, 0.0, easy_margin,
-                      straight_through).with_subcenters(subcenters)
+    spec = MarginSpec.arcface(scale, margin, easy_margin, straight_through).with_subcenters(subcenters)
     return margin_loss(embeddings, weight, labels, spec, ignore_index=ignore_index, reduction=reduction,
                        return_parts=return_parts)
 
@@ -414,7 +397,7 @@ def curricular_face_loss(embeddings, weight, labels, t, scale: float = 64.0, mar
     s·c_ij; the gradient there is s·(t + 2·c_ij); τ and t carry none. Defaults m = 0.5
     (radians), s = 64 (paper and HuangYG123/CurricularFace).
     """
-    spec = named_spec(MarginSpec.combined, {"m2": "margin"}, scale, 1.0, margin, 0.0)
+    spec = MarginSpec.arcface(scale, margin)
     check_types(embeddings=embeddings, weight=weight, labels=labels)
     ct = compute_dtype(embeddings.dtype)
     valid = labels != ignore_index

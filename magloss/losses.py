@@ -140,9 +140,7 @@ class CosFaceLoss(MarginLoss):
 
     def __init__(self, embedding_size: int, num_classes: int, scale: float = 64.0, margin: float = 0.35,
                  straight_through: bool = False, **kw) -> None:
-        super().__init__(embedding_size, num_classes,
-                         MF.named_spec(MarginSpec.combined, {"m3": "margin"}, scale, 1.0, 0.0, margin,
-                         straight_through=straight_through), **kw)
+        super().__init__(embedding_size, num_classes, MarginSpec.cosface(scale, margin, straight_through), **kw)
 
 
 class ArcFaceLoss(MarginLoss):
@@ -156,8 +154,7 @@ class ArcFaceLoss(MarginLoss):
     def __init__(self, embedding_size: int, num_classes: int, scale: float = 64.0, margin: float = 0.5,
                  easy_margin: bool = False, straight_through: bool = False, **kw) -> None:
         super().__init__(embedding_size, num_classes,
-                         MF.named_spec(MarginSpec.combined, {"m2": "margin"}, scale, 1.0, margin, 0.0, easy_margin,
-                         straight_through), **kw)
+                         MarginSpec.arcface(scale, margin, easy_margin, straight_through), **kw)
 
 
 class CombinedMarginLoss(MarginLoss):
@@ -301,8 +298,7 @@ class SubCenterArcFaceLoss(MarginLoss):
 
     def __init__(self, embedding_size: int, num_classes: int, subcenters: int = 3, scale: float = 64.0,
                  margin: float = 0.5, easy_margin: bool = False, straight_through: bool = False, **kw) -> None:
-        spec = MF.named_spec(MarginSpec.combined, {"m2": "margin"}, scale, 1.0, margin, 0.0, easy_margin,
-                             straight_through).with_subcenters(subcenters)
+        spec = MarginSpec.arcface(scale, margin, easy_margin, straight_through).with_subcenters(subcenters)
         super().__init__(embedding_size, num_classes, spec, **kw)
 
     @property
@@ -395,8 +391,7 @@ class CurricularFaceLoss(CurricularState, _StatefulMarginLoss):
 
     def __init__(self, embedding_size: int, num_classes: int, scale: float = 64.0, margin: float = 0.5,
                  momentum: float = 0.01, **kw) -> None:
-        super().__init__(embedding_size, num_classes,
-                         MF.named_spec(MarginSpec.combined, {"m2": "margin"}, scale, 1.0, margin, 0.0), **kw)
+        super().__init__(embedding_size, num_classes, MarginSpec.arcface(scale, margin), **kw)
         self._init_state(momentum, device=kw.get("device"), dtype=kw.get("dtype"))
 
     def extra_repr(self) -> str:

@@ -196,6 +196,19 @@ class MarginSpec:
         return cls(COMBINED, cls._scale(scale), m1, m2, m3,
                    boundary=boundary, straight_through=check_bool("straight_through", straight_through))
 
+    @classmethod
+    def arcface(cls, scale: float = 64.0, margin: float = 0.5, easy_margin: bool = False,
+                straight_through: bool = False) -> "MarginSpec":
+        """ArcFace: ψ = cos(θ + m), :meth:`combined` with (m1, m2, m3) = (1, ``margin``, 0).
+        Its errors name ``margin`` (the caller's word) where :meth:`combined` says m2."""
+        return _renamed({"m2": "margin"}, cls.combined, scale, 1.0, margin, 0.0, easy_margin, straight_through)
+
+    @classmethod
+    def cosface(cls, scale: float = 64.0, margin: float = 0.35, straight_through: bool = False) -> "MarginSpec":
+        """CosFace: ψ = cos θ − m, :meth:`combined` with (m1, m2, m3) = (1, 0, ``margin``).
+        Its errors name ``margin`` where :meth:`combined` says m3."""
+        return _renamed({"m3": "margin"}, cls.combined, scale, 1.0, 0.0, margin, straight_through=straight_through)
+
     @staticmethod
     def _boundary(boundary: Optional[int], easy_margin: bool) -> int:
         if boundary is None:
@@ -300,6 +313,19 @@ class MarginSpec:
          subcenters) = params
         return MarginSpec(kind, scale, m1, m2, m3, l_a, u_a, l_m, u_m, boundary, straight_through,
                           subcenters), ignore_index
+
+
+def _renamed(names, build, *args, **kwargs) -> MarginSpec:
+    """``build(*args, **kwargs)``, with a ValueError about one of the spec's own parameters
+    re-worded in the caller's names (``names``, e.g. ``{"m2": "margin"}`` for ArcFace)."""
+    try:
+        return build(*args, **kwargs)
+    except ValueError as exc:
+        msg = str(exc)
+        for spec_name, caller_name in names.items():
+            if msg.startswith(spec_name + ":"):
+                raise ValueError(caller_name + msg[len(spec_name):]) from None
+        raise
 
 
 # -- magnitude terms --------------------------------------------------------------------

@@ -242,3 +242,13 @@ def test_a_value_of_the_wrong_kind_is_named(call, word):
     """Not a raw 'could not convert string to float', not a bool taken as 1.0, not a chunk
     count of 0 silently replaced by the default."""
     assert _message(call).startswith(f"{word}: expected")
+
+
+def test_named_family_specs_are_the_combined_margin_with_the_callers_word():
+    """ArcFace is (1, m, 0) and CosFace (1, 0, m) of the combined margin; their errors say
+    ``margin``, never the spec's m2/m3."""
+    assert MarginSpec.arcface(30.0, 0.3, True, True) == MarginSpec.combined(30.0, 1.0, 0.3, 0.0, True, True)
+    assert MarginSpec.cosface(30.0, 0.2, True) == MarginSpec.combined(30.0, 1.0, 0.0, 0.2, straight_through=True)
+    assert _message(lambda: MarginSpec.arcface(margin=-0.1)).startswith("margin: expected an angle in radians")
+    assert _message(lambda: MarginSpec.cosface(margin=-0.1)) == "margin: expected a non-negative number, got -0.1"
+    assert _message(lambda: MarginSpec.arcface(scale=0)).startswith("scale: ")      # the others keep their names
