@@ -36,7 +36,7 @@ from torch import Tensor
 from . import ops
 from .adaptive import (adaface_args, adaface_row_margins, curricular_threshold, elastic_args, elastic_draws,
                        elastic_row_margins, label_cosines)
-from .checks import check_inputs, check_types, check_values
+from .checks import check_inputs, check_types, check_values, num_classes_of
 from .margins import CLIP, NONE, NORM_EPS, MarginSpec, sphere_lambda as _sphere_lambda_schedule
 from .rows import autocasting, compute_dtype
 from .validation import check_ignore_index, check_int, check_non_negative, check_reduction
@@ -508,7 +508,7 @@ def accuracy(embeddings: Tensor, weight: Tensor, labels: Tensor, *, ignore_index
     number of hits.
     """
     check_inputs(embeddings, weight, labels)
-    check_values(embeddings, weight, labels, ignore_index, weight.shape[0] // subcenters)
+    check_values(embeddings, weight, labels, ignore_index, num_classes_of(weight, subcenters))
     best, pred = cosine_argmax(embeddings, weight, bias=bias, normalize=normalize, chunk_classes=chunk_classes)
     return hit_rate(pred // subcenters, best, labels, labels != ignore_index)
 

@@ -252,3 +252,11 @@ def test_named_family_specs_are_the_combined_margin_with_the_callers_word():
     assert _message(lambda: MarginSpec.arcface(margin=-0.1)).startswith("margin: expected an angle in radians")
     assert _message(lambda: MarginSpec.cosface(margin=-0.1)) == "margin: expected a non-negative number, got -0.1"
     assert _message(lambda: MarginSpec.arcface(scale=0)).startswith("scale: ")      # the others keep their names
+
+
+def test_accuracy_checks_its_subcenter_count():
+    """accuracy divided the class rows by K unchecked: K = 0 raised ZeroDivisionError, and a K
+    that does not divide the rows silently counted the wrong classes."""
+    x, w, y = make_inputs(3, 5, 4)
+    assert _message(lambda: MF.accuracy(x, w, y, subcenters=0)).startswith("subcenters: expected an integer >= 1")
+    assert _message(lambda: MF.accuracy(x, w, y, subcenters=2)).startswith("weight: expected K*C rows")
