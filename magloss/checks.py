@@ -1,9 +1,10 @@
 """Input checks of the ops' tensors: shapes, dtypes, families and values, in the caller's words.
 
-Every engine (the chunked engine, the fused engine's Python side, the oracle) and every
-public function that takes embeddings, a class matrix and labels runs these, so that a bad
-input gets the same error whichever path it takes: a TypeError or ValueError naming the
-argument, never a traceback from deep inside or a silent NaN.
+The Python engines (the chunked engine, the oracle) and every public function that takes
+embeddings, a class matrix and labels run these, and the fused engine's C++ checks (csrc/)
+raise the same messages, so that a bad input gets the same error whichever path it takes:
+a TypeError or ValueError naming the argument, never a traceback from deep inside or a
+silent NaN.
 
 * :func:`check_types`, :func:`check_inputs`: metadata only (no data access, no device
   synchronization): tensor kinds, dtypes, ranks, sizes, devices, the [D, C] layout.
