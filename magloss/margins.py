@@ -121,9 +121,10 @@ def check_boundary(boundary) -> int:
 class MarginSpec:
     """Validated hyperparameters of one margin family.
 
-    Build it with the named constructors (:meth:`combined`, :meth:`magface`,
-    :meth:`magcos`, :meth:`sphere`), which check every argument and raise
-    ``ValueError`` naming the offending one. Fields:
+    Build it with the named constructors (:meth:`combined`, :meth:`arcface`, :meth:`cosface`,
+    :meth:`magface`, :meth:`magcos`, :meth:`sphere`), which check every argument with
+    :mod:`magloss.validation` and raise ``ValueError``/``TypeError`` naming the offending one.
+    Fields:
 
     * ``kind``: COMBINED, MAGFACE, MAGCOS or SPHERE.
     * ``scale``: s (> 0). For SPHERE, 0.0 means "scale by the feature norm a_i"
