@@ -24,7 +24,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .margins import BOUNDARIES, COMBINED, EASY, MarginSpec, check_boundary
+from .margins import BOUNDARIES, COMBINED, EASY, MarginSpec, check_boundary, check_row_margins_family
 from .rows import autocasting, compute_dtype, is_autocast_pair
 from .validation import check_subcenters
 
@@ -178,10 +178,8 @@ def check_extras(embeddings: Tensor, spec: MarginSpec, row_margins: Optional[Ten
                              f"got {'a non-contiguous ' if not t.is_contiguous() else ''}{list(t.shape)} "
                              f"{t.dtype} on {t.device}")
 
+    check_row_margins_family(spec, row_margins)
     if row_margins is not None:
-        if spec.kind != COMBINED:
-            raise ValueError(f"row_margins: per-row margins need the COMBINED margin family (kind 0), "
-                             f"got kind {spec.kind}")
         expect("row_margins", row_margins, (b, 2))
     if (neg_threshold is None) != (neg_t is None):
         raise ValueError("neg_threshold, neg_t: expected both (CurricularFace's per-row threshold and t) or "

@@ -83,6 +83,7 @@ __all__ = [
     "sphere_lambda",
     "magface_lambda_g_bound",
     "check_boundary",
+    "check_row_margins_family",
 ]
 
 COMBINED = 0
@@ -316,6 +317,14 @@ class MarginSpec:
                           subcenters), ignore_index
 
 
+def check_row_margins_family(spec: MarginSpec, row_margins) -> None:
+    """Per-row margins (``row_margins`` not None) only with the COMBINED family, the one whose
+    m2, m3 they replace; ValueError naming ``row_margins`` otherwise."""
+    if row_margins is not None and spec.kind != COMBINED:
+        raise ValueError(f"row_margins: per-row margins need the COMBINED margin family (kind {COMBINED}), "
+                         f"got kind {spec.kind}")
+
+
 def _renamed(names, build, *args, **kwargs) -> MarginSpec:
     """``build(*args, **kwargs)``, with a ValueError about one of the spec's own parameters
     re-worded in the caller's names (``names``, e.g. ``{"m2": "margin"}`` for ArcFace)."""
@@ -465,8 +474,7 @@ def margin_terms(c: Tensor, a: Tensor, spec: MarginSpec, lam: Optional[Tensor] =
     """
     c = c.clamp(-1.0, 1.0)
     zero = torch.zeros_like(c)
-    if row_margins is not None and spec.kind != COMBINED:
-        raise ValueError("row_margins: per-row margins need the COMBINED margin family")
+    check_row_margins_family(spec, row_margins)
     if spec.kind == COMBINED:
         m2, m3 = (spec.m2, spec.m3) if row_margins is None else (row_margins[:, 0].to(c.dtype),
                                                                  row_margins[:, 1].to(c.dtype))
