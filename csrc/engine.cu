@@ -42,7 +42,7 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float
 
 // A gradient as stored: fp16/bf16 values past the type's range saturate to its largest finite
 // value instead of becoming Inf (a zero embedding row's gradient is (dL/dxhat)/1e-12, as with
-// F.normalize), NaN stays NaN. The reference does the same (magloss.reference.saturating_cast).
+// F.normalize), NaN stays NaN. The Python engines do the same (magloss.rows.saturating_cast).
 template <typename T>
 __device__ __forceinline__ T store_grad(float v) {
   if constexpr (std::is_same_v<T, float>) {
@@ -530,8 +530,8 @@ void launch_row_stage(DType dtype, DType w_dtype, const void* x, const void* w, 
   });
 }
 
-// The general epilogues serve sub-centers and the curricular modulation; every other loss keeps
-// the original kernels (kGeneral = false), bit for bit.
+// The general epilogues serve sub-centers and the curricular modulation; every other loss runs
+// the plain kernels (kGeneral = false), which the general path leaves bit for bit as they are.
 static bool general_epilogue(int64_t K, const RowState& rows) { return K > 1 || rows.neg_t != nullptr; }
 
 void launch_forward_epilogue(const float* tile, int64_t B, int64_t n, int64_t j0, int64_t K, const float* r,

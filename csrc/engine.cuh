@@ -74,7 +74,7 @@ struct RowState {
   float* grad_a;    // dL/da_i without the feature-norm-scale term (added by the row chain)
   float* gc_row;    // sum_j G_ij c_ij, initialized to 0, accumulated per chunk
   float* sph;       // sum_j dL/dz_ij * z_ij (feature-norm SphereFace only), initialized to 0
-  // Features of the newer losses (issue 14), all inputs without gradient; nullptr when unused:
+  // Optional per-row features (AdaFace, ElasticFace, CurricularFace), no gradient; nullptr when unused:
   const float* row_margins;    // [B, 2]: (m2_i, m3_i) replacing the scalars m2, m3 (COMBINED only)
   const float* neg_threshold;  // [B]: tau_i of the curricular modulation (with neg_t)
   const float* neg_t;          // [1]: t of the curricular modulation (with neg_threshold)
@@ -110,7 +110,7 @@ void launch_row_stage(DType dtype, DType w_dtype, const void* x, const void* w, 
 /// Forward chunk epilogue (one block per row): z_ij from the tile (label logit swapped in),
 /// then the online-softmax merge of the chunk's (max, sum-exp) into run_max/run_sum.
 /// tile: [B, n*K] fp32 raw dots of the weight rows of classes [j0, j0 + n) (whole classes).
-/// Plain losses (K = 1, no curricular modulation) take the original kernel unchanged.
+/// Plain losses (K = 1, no curricular modulation) take the plain kernel, untouched by the general path.
 void launch_forward_epilogue(const float* tile, int64_t B, int64_t n, int64_t j0, int64_t K, const float* r,
                              RowState rows, cudaStream_t stream);
 

@@ -1,6 +1,6 @@
 // Host side of the fused engine's input checks (see input_checks.h and docs/cuda.md, "Label and
 // value checks"): read-back of the device flags without a host synchronization, and the
-// reference engine's error messages.
+// error messages of magloss.checks.check_values, word for word.
 #include "input_checks.h"
 
 #include <atomic>

@@ -1,7 +1,7 @@
 // The input checks of the fused engine: reporting the device-side label / NaN / Inf flags to
 // the host without a host synchronization on the hot path (docs/cuda.md, "Label and value
 // checks"). The flags themselves are computed by the row stage and the column-norm kernel
-// (engine.cu); this file only reads them back and raises the reference's errors.
+// (engine.cu); this file only reads them back and raises magloss.checks.check_values's errors.
 #pragma once
 
 #include <cstdint>
@@ -34,11 +34,11 @@ class InputReadback {
   ~InputReadback();
   /// Whether the copies have landed; wait = true blocks until they have.
   bool finished(bool wait);
-  /// The reference engine's error message for the first failing check, "" if all passed.
+  /// magloss.checks.check_values's error message for the first failing check, "" if all passed.
   /// Only valid once finished() returned true.
   std::string failure() const;
   int64_t call() const { return call_; }
-  /// Sync mode: wait, then raise the failure (ValueError, the reference's exact message).
+  /// Sync mode: wait, then raise the failure (ValueError, check_values's exact message).
   void raise_if_failed();
 
  private:

@@ -37,7 +37,7 @@
 #include "engine.cuh"
 #include "input_checks.h"
 
-// ---- named argument checks (messages name the argument, as the reference engine) --------------
+// ---- named argument checks (messages name the argument, as magloss.checks does) ---------------
 // MAGLOSS_EMULATED: compiled against the CPU build of torch for the CUDA emulator (tests/emu), whose
 // stand-ins serve the CUDA runtime and c10::cuda calls below; its "device" tensors are CPU tensors.
 #ifdef MAGLOSS_EMULATED
@@ -62,9 +62,9 @@
   TORCH_CHECK_TYPE((t).scalar_type() == at::kLong || (t).scalar_type() == at::kInt,                    \
                    name ": expected an int64 or int32 tensor of class indices, got ", (t).scalar_type())
 #define CHECK_CONTIGUOUS(t, name) TORCH_CHECK((t).is_contiguous(), name ": internal error, expected contiguous")
-// The newer losses' tensor arguments (issue 14): fp32, the compute dtype of fp32/fp16/bf16 embeddings
-// (float64 inputs never reach this file: they run the chunked engine), contiguous. ValueError for every
-// one of these, as the reference engine's checks (magloss.reference.check_extras) raise.
+// The optional tensor arguments (row_margins, neg_threshold, neg_t): fp32, the compute dtype of
+// fp32/fp16/bf16 embeddings (float64 inputs never reach this file: they run the chunked engine),
+// contiguous. ValueError for every one of these, as magloss.checks.check_extras raises.
 #define CHECK_COMPUTE_DTYPE(t, name)                                                                            \
   TORCH_CHECK_VALUE((t).scalar_type() == at::kFloat,                                                            \
                     name ": expected a float32 tensor (the compute dtype of float32/float16/bfloat16 embeddings), " \
@@ -160,7 +160,7 @@ void check_operands(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
                     " classes are supported, got ", w.size(0));
 }
 
-// The newer losses' inputs (per-row margins, curricular modulation, sub-centers), checked; undefined
+// The optional engine inputs (per-row margins, curricular modulation, sub-centers), checked; undefined
 // tensors where absent.
 struct Features {
   at::Tensor row_margins, neg_threshold, neg_t;
@@ -293,7 +293,7 @@ struct Workspace {
 };
 
 // What both entry points launch on: contiguous operands (non-contiguous inputs are copied once
-// here; the reference accepts any strides), their engine dtypes, SphereFace's lambda as a device
+// here; the Python engines accept any strides), their engine dtypes, SphereFace's lambda as a device
 // float (undefined otherwise) and the current stream.
 struct Operands {
   at::Tensor x, w, labels, lam;
@@ -511,7 +511,7 @@ std::tuple<at::Tensor, at::Tensor> margin_ce_backward_cuda(
   rows.lse = lse_f.data_ptr<float>();
   const at::Tensor label_sub = attach_features(feat, rows, x);
 
-  // The saved `norms` is not read: a_i is recomputed from x, exactly as the reference does.
+  // The saved `norms` is not read: a_i is recomputed from x, exactly as the Python engines do.
   const ColumnStats cs = row_stages(o, C, K, ignore_index, params, rows, /*backward=*/true);
   const float *r = cs.r(), *wnorm = cs.wnorm();
 

@@ -1,7 +1,7 @@
 """magloss: margin-based softmax losses for face recognition (MagFace, ArcFace, CosFace,
 SphereFace, combined margins, AdaFace, CurricularFace, Sub-center ArcFace, ElasticFace,
-softmax baselines) with a fused CUDA engine and a
-pure-PyTorch reference.
+softmax baselines) with a fused CUDA engine and a chunked
+PyTorch engine, the default wherever the fused kernels are not in use.
 
 Quick start::
 

@@ -41,16 +41,19 @@ from torch import Tensor
 
 from . import ops
 from .margins import NORM_EPS
-from .reference import compute_dtype, label_subcenters
+from .rows import compute_dtype, label_subcenters
+from .validation import check_angle, check_bool, check_int_type, check_interval, check_non_negative, check_positive
 
 __all__ = [
     "ADAFACE_EPS",
     "ADAFACE_NORM_CLIP",
     "label_cosines",
+    "adaface_args",
     "adaface_statistics",
     "adaface_row_margins",
     "curricular_t",
     "curricular_threshold",
+    "elastic_args",
     "elastic_draws",
     "elastic_row_margins",
     "ELASTIC_STD",
@@ -70,20 +73,26 @@ ADAFACE_NORM_CLIP = (1e-3, 100.0)
 Extras = Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Callable[[], None]]]
 
 
-def _checked_positive(name: str, value, upper: Optional[float] = None, inclusive: bool = False) -> float:
-    v = float(value)
-    if not math.isfinite(v) or v <= 0 or (upper is not None and (v > upper if inclusive else v >= upper)):
-        rng = f"(0, {upper}{']' if inclusive else ')'}" if upper is not None else "a positive finite number"
-        raise ValueError(f"{name}: expected {rng}, got {value!r}")
-    return v
+def adaface_args(margin, h) -> Tuple[float, float]:
+    """AdaFace's validated (m, h): m an angle in radians in [0, π/2), h > 0 (ValueError
+    naming ``margin`` or ``h``). Shared by :class:`AdaFaceState` and
+    :func:`magloss.functional.adaface_loss`."""
+    return check_angle("margin", margin, math.pi / 2, upper_text="pi/2"), check_positive("h", h)
 
 
-def _checked_margin(name: str, value, upper: float = math.pi / 2) -> float:
-    v = float(value)
-    if not math.isfinite(v) or v < 0 or v >= upper:
-        hint = f" (radians; {v} looks like degrees: math.radians({v}) = {math.radians(v):.4g})" if v >= upper else ""
-        raise ValueError(f"{name}: expected a margin in radians in [0, {upper:.4g}), got {value!r}{hint}")
-    return v
+def elastic_args(angular: bool, margin, std, plus) -> Tuple[float, float, bool]:
+    """ElasticFace's validated (m, σ, plus): m an angle in radians in [0, π) for the angular
+    variant (ElasticArcFace), a cosine margin in [0, 2) for ElasticCosFace; σ ≥ 0, finite,
+    None giving the upstream default :data:`ELASTIC_STD` of (angular, plus); ``plus`` a bool.
+    ValueError/TypeError naming the argument. Shared by :class:`ElasticState` and
+    :func:`magloss.functional.elastic_arcface_loss`/``elastic_cosface_loss``."""
+    if angular:
+        margin = check_angle("margin", margin, math.pi, upper_text="pi")
+    else:
+        margin = check_interval("margin", margin, 2.0, what="a cosine margin")
+    plus = check_bool("plus", plus)
+    std = ELASTIC_STD[(bool(angular), plus)] if std is None else check_non_negative("std", std, "standard deviation")
+    return margin, std, plus
 
 
 def label_cosines(embeddings: Tensor, weight: Tensor, labels: Tensor, ignore_index: int = -1,
@@ -234,9 +243,8 @@ class AdaFaceState(_KeptState):
 
     def _init_state(self, margin: float = 0.4, h: float = 0.333, momentum: float = 0.01, *, device=None,
                     dtype=None) -> None:
-        self.margin = _checked_margin("margin", margin)
-        self.h = _checked_positive("h", h)
-        self.momentum = _checked_positive("momentum", momentum, 1.0, inclusive=True)
+        self.margin, self.h = adaface_args(margin, h)
+        self.momentum = check_positive("momentum", momentum, 1.0, inclusive=True)
         bdt = state_dtype(dtype)
         self.register_buffer("batch_mean", torch.full((), 20.0, dtype=bdt, device=device))
         self.register_buffer("batch_std", torch.full((), 100.0, dtype=bdt, device=device))
@@ -265,7 +273,7 @@ class CurricularState(_KeptState):
     _float_state = ("t",)
 
     def _init_state(self, momentum: float = 0.01, *, device=None, dtype=None) -> None:
-        self.momentum = _checked_positive("momentum", momentum, 1.0, inclusive=True)
+        self.momentum = check_positive("momentum", momentum, 1.0, inclusive=True)
         self.register_buffer("t", torch.zeros((), dtype=state_dtype(dtype), device=device))
 
     def _state_kwargs(self) -> dict:
@@ -299,18 +307,8 @@ class ElasticState(_KeptState):
     def _init_state(self, angular: bool = True, margin: float = 0.5, std: Optional[float] = None,
                     plus: bool = False, seed: Optional[int] = None, *, device=None, dtype=None) -> None:
         self.angular = bool(angular)
-        self.margin = _checked_margin("margin", margin, math.pi if angular else 2.0)
-        if not isinstance(plus, bool):
-            raise TypeError(f"plus: expected a bool, got {type(plus).__name__}")
-        self.plus = plus
-        if std is None:
-            std = ELASTIC_STD[(self.angular, plus)]
-        s = float(std)
-        if not math.isfinite(s) or s < 0:
-            raise ValueError(f"std: expected a finite non-negative standard deviation, got {std!r}")
-        self.std = s
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise TypeError(f"seed: expected an int or None, got {type(seed).__name__}")
+        self.margin, self.std, self.plus = elastic_args(self.angular, margin, std, plus)
+        check_int_type("seed", seed, optional=True)
         self.seed = int(torch.randint(0, 2 ** 62, ())) if seed is None else seed
         self.register_buffer("rng_state", torch.Generator().manual_seed(self.seed).get_state(), persistent=False)
 

@@ -2,7 +2,8 @@
 
 This is the default kernel of the ``magloss::margin_ce`` ops wherever the compiled CUDA
 kernels are not in use (the CPU; a GPU without the extension; float64 on a GPU). It
-computes exactly what :mod:`magloss.reference` computes (the oracle of the tests), but
+computes exactly what :mod:`magloss.reference` computes (the oracle of the tests; the
+row helpers both use are :mod:`magloss.rows`, the input checks :mod:`magloss.checks`), but
 never forms a B×C matrix: the classes are visited in chunks of at most ``N`` columns
 (:func:`chunk_columns`) and only B×N tiles exist at any time.
 
@@ -65,9 +66,10 @@ from typing import List, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .checks import check_extras, check_values, num_classes_of
 from .margins import NORM_EPS, MarginSpec, margin_terms, regularizer
-from .reference import (check_extras, check_values, class_cosines, compute_dtype, curricular, label_subcenters,
-                        num_classes_of, saturating_cast, weight_operand)
+from .rows import class_cosines, compute_dtype, curricular, label_subcenters, saturating_cast, weight_operand
+from .validation import check_int
 
 __all__ = ["DEFAULT_TILE", "PATHS", "chunk_columns", "kept_bytes", "margin_ce_forward", "margin_ce_backward",
            "select_path", "use_path"]
@@ -98,8 +100,8 @@ def chunk_columns(batch: int, num_classes: int, chunk: Optional[int] = None) -> 
                 chunk = 0
             if chunk <= 0:
                 raise ValueError(f"MAGLOSS_CHUNK: expected a positive integer, got {env!r}")
-    elif isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0:
-        raise ValueError(f"chunk: expected a positive integer, got {chunk!r}")
+    else:
+        chunk = check_int("chunk", chunk, 1)
     if chunk is None:
         n = -(-DEFAULT_TILE // max(batch, 1))
         chunk = min(max(-(-n // 256) * 256, MIN_CHUNK), MAX_CHUNK)
@@ -293,7 +295,7 @@ def _column_stats(w_c: Tensor) -> Tuple[Tensor, Tensor]:
 
 
 def _check(embeddings: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, num_classes: int) -> None:
-    """The reference's checks without a pass over W: the dtype pair (weight_operand on zero
+    """The input checks of :mod:`magloss.checks` without a pass over W: the dtype pair (weight_operand on zero
     rows: no copy), labels and embeddings (check_values with a finite stand-in of W's C rows).
     W's own values are checked by the products themselves: see :func:`_check_weight`."""
     weight_operand(embeddings, weight[:0])
@@ -304,7 +306,7 @@ def _check_weight(embeddings: Tensor, weight: Tensor, labels: Tensor, ignore_ind
                   num_classes: int) -> None:
     """A NaN or Inf anywhere in W makes every row's lse non-finite (its column is NaN in every
     row: r_j = 0 or NaN times an infinite or NaN dot; for the autocast pair, also a float32
-    value that overflows when rounded). Only then does the reference's full check_values scan
+    value that overflows when rounded). Only then does the full check_values scan
     W as the math uses it, raising its error (and leaving the NaNs to the caller if it doesn't).
     Costs one host read of a flag instead of a pass over C×D with C×D temporaries."""
     if lse.numel() and not bool(torch.isfinite(lse).all()):
@@ -455,10 +457,10 @@ def margin_ce_forward(embeddings: Tensor, weight: Tensor, labels: Tensor, spec: 
 
     Raises:
         TypeError: embeddings and weight are not the same dtype (nor the autocast pair).
-        ValueError: a label out of range, NaN/Inf in embeddings or weight (as the reference).
+        ValueError: a label out of range, NaN/Inf in embeddings or weight (:func:`magloss.checks.check_values`).
     """
     check_extras(embeddings, spec, row_margins, neg_threshold, neg_t)
-    num_classes = num_classes_of(weight, spec)
+    num_classes = num_classes_of(weight, spec.subcenters)
     _check(embeddings, weight, labels, ignore_index, num_classes)
     with torch.no_grad(), torch.autocast(embeddings.device.type, enabled=False):
         rows = _row_stage(embeddings, weight, labels, spec, ignore_index, sphere_lambda, row_margins)
@@ -514,7 +516,7 @@ def margin_ce_backward(grad_lse: Tensor, grad_zy: Tensor, grad_reg: Tensor, grad
     """
     check_extras(embeddings, spec, row_margins, neg_threshold, neg_t)
     K = spec.subcenters
-    C = num_classes_of(weight, spec)
+    C = num_classes_of(weight, spec.subcenters)
     with torch.no_grad(), torch.autocast(embeddings.device.type, enabled=False):
         rows = _row_stage(embeddings, weight, labels, spec, ignore_index, sphere_lambda, row_margins)
         features = _features(spec, rows.scale, neg_threshold, neg_t)

@@ -50,7 +50,6 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ._demo_data import IMAGE_EXTENSIONS
 from .evaluation import cosine_scores, kfold_verification
 
 __all__ = [
@@ -63,6 +62,8 @@ __all__ = [
 ]
 
 RECORDIO_MAGIC = 0xCED7230A
+#: File name endings (compared in lower case) taken as images in an image folder, here and by the demo.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".pgm", ".ppm", ".tif", ".tiff", ".webp")
 _MAGIC_BYTES = struct.pack("<I", RECORDIO_MAGIC)
 _LENGTH_BITS = 29
 _IRHEADER = struct.Struct("<IfQQ")  # flag, label, id, id2

@@ -51,7 +51,7 @@ from typing import Dict, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .reference import compute_dtype
+from .rows import compute_dtype
 
 __all__ = [
     "cosine_scores",

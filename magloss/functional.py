@@ -27,18 +27,19 @@ c_ij = x̂_i·ŵ_j; CE_i = logsumexp_j z_ij − z_iy (docs/math.md §1).
 from __future__ import annotations
 
 import math
-import warnings
-from typing import Dict, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
-from .adaptive import (ELASTIC_STD, _checked_margin, _checked_positive, adaface_row_margins, curricular_threshold,
-                       elastic_draws, elastic_row_margins, label_cosines)
-from .reference import check_values, compute_dtype, is_autocast_pair
+from .adaptive import (adaface_args, adaface_row_margins, curricular_threshold, elastic_args, elastic_draws,
+                       elastic_row_margins, label_cosines)
+from .checks import check_inputs, check_types, check_values, num_classes_of
 from .margins import CLIP, NONE, NORM_EPS, MarginSpec, sphere_lambda as _sphere_lambda_schedule
+from .rows import autocasting, compute_dtype
+from .validation import check_ignore_index, check_int, check_non_negative, check_reduction
 
 __all__ = [
     "LossParts",
@@ -61,9 +62,6 @@ __all__ = [
     "elastic_cosface_loss",
 ]
 
-REDUCTIONS = ("mean", "sum", "none")
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_INTS = (torch.int64, torch.int32)
 
 
 class LossParts(NamedTuple):
@@ -77,7 +75,7 @@ class LossParts(NamedTuple):
         for float64 input; detach before logging).
     reg_weighted: λ_g·reg, the regularizer as it enters ``loss`` (0 without one).
 
-    The first four fields keep the order of the former ``MagFaceOutput`` (an alias).
+    The first four fields are those of ``MagFaceOutput``, in its order (an alias).
     """
 
     loss: Tensor
@@ -87,111 +85,17 @@ class LossParts(NamedTuple):
     reg_weighted: Tensor
 
 
-#: The former name of :class:`LossParts` (MagFace losses only); same class.
+#: Another name of :class:`LossParts` (the MagFace losses' name for it); same class.
 MagFaceOutput = LossParts
 
 
-def check_reduction(reduction: str) -> str:
-    """Raise ValueError unless ``reduction`` is 'mean', 'sum' or 'none'."""
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
-    return reduction
-
-
-def check_ignore_index(ignore_index, num_classes: Optional[int] = None, stacklevel: int = 3) -> int:
-    """Raise TypeError unless ``ignore_index`` is an int. With ``num_classes``, warn
-    (UserWarning) when it is a class index in [0, num_classes): the rows of that class
-    would be dropped from the loss and the class never learned."""
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
-    if num_classes is not None and 0 <= ignore_index < num_classes:
-        warnings.warn(f"ignore_index={ignore_index} is a class index in [0, {num_classes}): rows labelled "
-                      f"{ignore_index} add nothing to the loss and class {ignore_index} is never learned. "
-                      "Use a negative value (the default is -1) unless that is what you mean",
-                      UserWarning, stacklevel=stacklevel)
-    return ignore_index
-
-
-def named_spec(build, names: Dict[str, str], *args, **kwargs) -> MarginSpec:
-    """``build(*args, **kwargs)`` (a :class:`MarginSpec` constructor), with a ValueError about
-    one of the spec's own parameters re-worded in the caller's names (``names``, e.g.
-    ``{"m2": "margin"}`` for ArcFace, whose ``margin`` is the spec's m2)."""
-    try:
-        return build(*args, **kwargs)
-    except ValueError as exc:
-        msg = str(exc)
-        for spec_name, caller_name in names.items():
-            if msg.startswith(spec_name + ":"):
-                raise ValueError(caller_name + msg[len(spec_name):]) from None
-        raise
-
-
-def check_types(**tensors: Tensor) -> None:
-    """Each keyword argument must be a tensor of its role's dtypes: ``labels`` int64/int32,
-    anything else (``embeddings``, ``weight``) float16/bfloat16/float32/float64. Raises
-    TypeError naming the argument; no data access."""
-    for name, t in tensors.items():
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    for name, t in tensors.items():
-        if name == "labels":
-            if t.dtype not in _INTS:
-                raise TypeError(f"labels: expected an int64 or int32 tensor of class indices, got {t.dtype}")
-        elif t.dtype not in _FLOATS:
-            raise TypeError(f"{name}: expected a float16/bfloat16/float32/float64 tensor, got {t.dtype}")
-
-
-def check_inputs(embeddings: Tensor, weight: Tensor, labels: Tensor) -> None:
-    """Metadata checks (no data access, no device sync). Raises TypeError/ValueError naming
-    the argument. Value checks (label range, NaN/Inf) happen inside the op kernels.
-    embeddings and weight must share a dtype, except a float32 weight with float16/bfloat16
-    embeddings under autocast (what :func:`_autocast` passes on)."""
-    check_types(embeddings=embeddings, weight=weight, labels=labels)
-    if embeddings.dim() != 2:
-        raise ValueError(f"embeddings: expected shape [B, D], got {tuple(embeddings.shape)}")
-    if weight.dim() != 2:
-        raise ValueError(f"weight: expected shape [C, D], got {tuple(weight.shape)}")
-    if labels.dim() != 1:
-        raise ValueError(f"labels: expected shape [B], got {tuple(labels.shape)}")
-    if weight.shape[0] == 0:
-        raise ValueError("weight: expected at least one class, got C = 0")
-    if embeddings.shape[1] != weight.shape[1] and embeddings.shape[1] == weight.shape[0]:
-        raise ValueError(
-            f"weight: expected the layout [C, D] (one row per class, as nn.Linear) with D = {embeddings.shape[1]} "
-            f"(the embeddings' size), got {tuple(weight.shape)}: it looks transposed, [D, C] as the MagFace code "
-            "and pytorch-metric-learning store it; pass weight.t() (or magloss.load_magface_weight for a checkpoint)"
-        )
-    if embeddings.shape[1] != weight.shape[1]:
-        raise ValueError(
-            f"embeddings: expected embedding size D = {weight.shape[1]} (weight is {tuple(weight.shape)}), "
-            f"got {embeddings.shape[1]}"
-        )
-    if labels.shape[0] != embeddings.shape[0]:
-        raise ValueError(f"labels: expected {embeddings.shape[0]} labels (one per embedding row), got {labels.shape[0]}")
-    if embeddings.device != weight.device or labels.device != embeddings.device:
-        raise ValueError(
-            f"embeddings, weight, labels: expected one device, got {embeddings.device}, {weight.device}, {labels.device}"
-        )
-    mixed_ok = is_autocast_pair(embeddings.dtype, weight.dtype) and _autocasting(embeddings)
-    if embeddings.dtype != weight.dtype and not mixed_ok:
-        raise TypeError(
-            f"embeddings, weight: expected the same dtype, got {embeddings.dtype} and {weight.dtype} "
-            "(cast one, or run under torch.autocast)"
-        )
-
-
-def _autocasting(t: Tensor) -> bool:
-    dev = t.device.type
-    return dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev)
-
-
 #: Under float16 autocast, rows with ‖x_i‖ above this are scaled down by a power of two
-#: before the cast (:func:`_autocast`); after scaling their magnitude lies in (2^14, 2^15].
+#: before the cast (:func:`autocast_inputs`); after scaling their magnitude lies in (2^14, 2^15].
 HALF_ROW_LIMIT = 2.0 ** 15
 
 
-def _autocast(embeddings: Tensor, weight: Tensor, spec: Optional[MarginSpec] = None, *,
-              bound_factor: Optional[Tensor] = None, limit: float = HALF_ROW_LIMIT):
+def autocast_inputs(embeddings: Tensor, weight: Tensor, spec: Optional[MarginSpec] = None, *,
+                    bound_factor: Optional[Tensor] = None, limit: float = HALF_ROW_LIMIT):
     """Under autocast (on the embeddings' device), cast the embeddings to the autocast
     dtype, as ``F.linear`` would, before the dtype check. A float32 weight is passed on
     as is: the op rounds it to the embeddings' dtype chunk by chunk and returns its
@@ -216,7 +120,7 @@ def _autocast(embeddings: Tensor, weight: Tensor, spec: Optional[MarginSpec] = N
     Returns (embeddings, weight, u): u is the [B] float32 tensor of row scales, or None
     when nothing was scaled.
     """
-    if not (isinstance(embeddings, Tensor) and isinstance(weight, Tensor)) or not _autocasting(embeddings):
+    if not (isinstance(embeddings, Tensor) and isinstance(weight, Tensor)) or not autocasting(embeddings):
         return embeddings, weight, None    # check_inputs names the culprit
     dt = torch.get_autocast_dtype(embeddings.device.type)
     up = None
@@ -269,7 +173,7 @@ def margin_loss(
     and ``neg_t`` 0-d (CurricularFace), all in the compute dtype, without gradient.
     """
     ops.functorch_unsupported("magloss.functional.margin_loss", embeddings, weight)
-    embeddings, weight, up = _autocast(embeddings, weight, spec)
+    embeddings, weight, up = autocast_inputs(embeddings, weight, spec)
     check_inputs(embeddings, weight, labels)
     check_reduction(reduction)
     check_ignore_index(ignore_index, weight.shape[0] // spec.subcenters, stacklevel=4)
@@ -319,12 +223,12 @@ def softmax_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, bias: Optio
     returns a :class:`LossParts` (reg = 0).
     """
     bound_factor = None             # |z_ij| ≤ ‖x_i‖·max_j ‖w_j‖
-    if isinstance(embeddings, Tensor) and isinstance(weight, Tensor) and _autocasting(embeddings) \
+    if isinstance(embeddings, Tensor) and isinstance(weight, Tensor) and autocasting(embeddings) \
             and weight.dim() == 2 and weight.numel():
         with torch.no_grad():
             bound_factor = weight.detach().float().norm(dim=1).amax()
     raw = embeddings
-    embeddings, weight, up = _autocast(embeddings, weight, bound_factor=bound_factor, limit=2.0 ** 14)
+    embeddings, weight, up = autocast_inputs(embeddings, weight, bound_factor=bound_factor, limit=2.0 ** 14)
     check_inputs(embeddings, weight, labels)
     check_reduction(reduction)
     check_ignore_index(ignore_index, weight.shape[0], stacklevel=3)
@@ -368,8 +272,7 @@ def cosface_loss(embeddings, weight, labels, scale: float = 64.0, margin: float 
                  straight_through: bool = False, ignore_index: int = -1, reduction: str = "mean",
                  return_parts: bool = False):
     """CosFace (LMCL): ψ(c) = c − m. Defaults s = 64, m = 0.35."""
-    spec = named_spec(MarginSpec.combined, {"m3": "margin"}, scale, 1.0, 0.0, margin,
-                         straight_through=straight_through)
+    spec = MarginSpec.cosface(scale, margin, straight_through)
     return margin_loss(embeddings, weight, labels, spec, ignore_index=ignore_index, reduction=reduction,
                        return_parts=return_parts)
 
@@ -380,8 +283,7 @@ def arcface_loss(embeddings, weight, labels, scale: float = 64.0, margin: float 
     """ArcFace: ψ(c) = cos(θ + m), threshold form c − m·sin m past θ = π − m (or
     ``easy_margin``: margin only where c > 0). Defaults s = 64, m = 0.5.
     ``straight_through=True`` reproduces insightface's no_grad margin (∂ψ/∂c = 1)."""
-    spec = named_spec(MarginSpec.combined, {"m2": "margin"}, scale, 1.0, margin, 0.0, easy_margin,
-                         straight_through)
+    spec = MarginSpec.arcface(scale, margin, easy_margin, straight_through)
     return margin_loss(embeddings, weight, labels, spec, ignore_index=ignore_index, reduction=reduction,
                        return_parts=return_parts)
 
@@ -432,7 +334,7 @@ def magface_loss(embeddings, weight, labels, scale: float = 64.0, l_a: float = 1
     """
     spec = MarginSpec.magface(scale, l_a, u_a, l_m, u_m, easy_margin, straight_through)
     return margin_loss(embeddings, weight, labels, spec, ignore_index=ignore_index, reduction=reduction,
-                       lambda_g=_check_lambda_g(lambda_g), return_parts=return_parts)
+                       lambda_g=check_non_negative("lambda_g", lambda_g, "weight"), return_parts=return_parts)
 
 
 def magcosface_loss(embeddings, weight, labels, scale: float = 64.0, l_a: float = 10.0, u_a: float = 110.0,
@@ -443,7 +345,7 @@ def magcosface_loss(embeddings, weight, labels, scale: float = 64.0, l_a: float 
     Defaults s = 64, l_a = 10, u_a = 110, l_m = 0.35, u_m = 0.8, λ_g = 150."""
     spec = MarginSpec.magcos(scale, l_a, u_a, l_m, u_m, straight_through)
     return margin_loss(embeddings, weight, labels, spec, ignore_index=ignore_index, reduction=reduction,
-                       lambda_g=_check_lambda_g(lambda_g), return_parts=return_parts)
+                       lambda_g=check_non_negative("lambda_g", lambda_g, "weight"), return_parts=return_parts)
 
 
 def subcenter_arcface_loss(embeddings, weight, labels, subcenters: int = 3, scale: float = 64.0,
@@ -457,8 +359,7 @@ def subcenter_arcface_loss(embeddings, weight, labels, subcenters: int = 3, scal
     class cosine flows to its winning sub-center only (ties: the lowest k). Defaults from
     the paper and insightface: K = 3, s = 64, m = 0.5 (radians).
     """
-    spec = named_spec(MarginSpec.combined, {"m2": "margin"}, scale, 1.0, margin, 0.0, easy_margin,
-                      straight_through).with_subcenters(subcenters)
+    spec = MarginSpec.arcface(scale, margin, easy_margin, straight_through).with_subcenters(subcenters)
     return margin_loss(embeddings, weight, labels, spec, ignore_index=ignore_index, reduction=reduction,
                        return_parts=return_parts)
 
@@ -475,7 +376,7 @@ def adaface_loss(embeddings, weight, labels, batch_mean, batch_std, scale: float
     Defaults m = 0.4 (radians), h = 0.333, s = 64 (paper and mk-minchul/AdaFace).
     """
     spec = MarginSpec.combined(scale, 1.0, 0.0, 0.0, boundary=CLIP)
-    margin, h = _checked_margin("margin", margin), _checked_positive("h", h)
+    margin, h = adaface_args(margin, h)
     check_types(embeddings=embeddings, weight=weight, labels=labels)
     ct = compute_dtype(embeddings.dtype)
     stats = [torch.as_tensor(v, dtype=ct, device=embeddings.device) for v in (batch_mean, batch_std)]
@@ -496,7 +397,7 @@ def curricular_face_loss(embeddings, weight, labels, t, scale: float = 64.0, mar
     s·c_ij; the gradient there is s·(t + 2·c_ij); τ and t carry none. Defaults m = 0.5
     (radians), s = 64 (paper and HuangYG123/CurricularFace).
     """
-    spec = named_spec(MarginSpec.combined, {"m2": "margin"}, scale, 1.0, margin, 0.0)
+    spec = MarginSpec.arcface(scale, margin)
     check_types(embeddings=embeddings, weight=weight, labels=labels)
     ct = compute_dtype(embeddings.dtype)
     valid = labels != ignore_index
@@ -509,10 +410,7 @@ def curricular_face_loss(embeddings, weight, labels, t, scale: float = 64.0, mar
 def _elastic(angular: bool, embeddings, weight, labels, scale, margin, std, plus, generator, ignore_index,
              reduction, return_parts):
     spec = MarginSpec.combined(scale, 1.0, 0.0, 0.0, boundary=NONE)
-    margin = _checked_margin("margin", margin, math.pi if angular else 2.0)
-    std = ELASTIC_STD[(angular, bool(plus))] if std is None else float(std)
-    if not (math.isfinite(std) and std >= 0):
-        raise ValueError(f"std: expected a finite non-negative standard deviation, got {std}")
+    margin, std, plus = elastic_args(angular, margin, std, plus)
     check_types(embeddings=embeddings, weight=weight, labels=labels)
     valid = labels != ignore_index
     c_y = label_cosines(embeddings, weight, labels, ignore_index) if plus else None
@@ -549,13 +447,6 @@ def elastic_cosface_loss(embeddings, weight, labels, scale: float = 64.0, margin
                     reduction, return_parts)
 
 
-def _check_lambda_g(lambda_g) -> float:
-    lambda_g = float(lambda_g)
-    if not lambda_g >= 0 or lambda_g == float("inf"):
-        raise ValueError(f"lambda_g: expected a finite non-negative weight, got {lambda_g}")
-    return lambda_g
-
-
 #: Classes per chunk of :func:`cosine_argmax` (B × this many cosines in memory at once).
 ACCURACY_CHUNK_ELEMENTS = 1 << 22
 
@@ -575,9 +466,10 @@ def cosine_argmax(embeddings: Tensor, weight: Tensor, *, bias: Optional[Tensor] 
     check_types(embeddings=embeddings, weight=weight)
     ct = compute_dtype(embeddings.dtype)
     B, C = embeddings.shape[0], weight.shape[0]
-    step = int(chunk_classes or max(1, ACCURACY_CHUNK_ELEMENTS // max(B, 1)))
-    if step < 1:
-        raise ValueError(f"chunk_classes: expected a positive int, got {chunk_classes}")
+    if chunk_classes is None:
+        step = max(1, ACCURACY_CHUNK_ELEMENTS // max(B, 1))
+    else:
+        step = check_int("chunk_classes", chunk_classes, 1)
     with torch.no_grad(), torch.autocast(embeddings.device.type, enabled=False):
         x = embeddings.to(ct)
         if normalize:
@@ -610,13 +502,13 @@ def accuracy(embeddings: Tensor, weight: Tensor, labels: Tensor, *, ignore_index
     Returns a 0-d float32 tensor (float64 for float64 inputs) on the embeddings' device;
     0 when every row is ignored (as the loss). Bad input is an error as in the loss: a label
     outside [0, C) other than ``ignore_index`` and a non-finite embedding or weight row are a
-    ValueError naming ``labels``/``embeddings``/``weight`` (:func:`magloss.reference.check_values`:
+    ValueError naming ``labels``/``embeddings``/``weight`` (:func:`magloss.checks.check_values`:
     one host synchronization). With ``MAGLOSS_CHECK_INPUTS=off`` the NaN/Inf check is skipped
     and a non-finite score on a counted row makes the accuracy NaN (NaN in, NaN out), never a
     number of hits.
     """
     check_inputs(embeddings, weight, labels)
-    check_values(embeddings, weight, labels, ignore_index, weight.shape[0] // subcenters)
+    check_values(embeddings, weight, labels, ignore_index, num_classes_of(weight, subcenters))
     best, pred = cosine_argmax(embeddings, weight, bias=bias, normalize=normalize, chunk_classes=chunk_classes)
     return hit_rate(pred // subcenters, best, labels, labels != ignore_index)
 

@@ -28,9 +28,11 @@ from torch import Tensor, nn
 from . import functional as MF
 from . import ops
 from .adaptive import AdaFaceState, CurricularState, ElasticState, label_cosines
-from .margins import CLIP, NONE, MarginSpec, check_bool, check_int, magface_lambda_g_bound, sphere_lambda
-from .reference import compute_dtype
+from .checks import check_inputs
+from .margins import CLIP, NONE, MarginSpec, magface_lambda_g_bound, sphere_lambda
+from .rows import compute_dtype
 from .subcenter import dominant_subcenters, dominant_weight, far_from_class, subcenter_counts
+from .validation import check_bool, check_ignore_index, check_int, check_non_negative, check_reduction
 
 __all__ = [
     "MarginLoss",
@@ -50,16 +52,12 @@ __all__ = [
 ]
 
 
-def _positive_int(name: str, value) -> int:
-    return check_int(name, value, 1)
-
-
 def _init_common(module: nn.Module, embedding_size, num_classes, ignore_index, reduction) -> None:
     """Validate and store the arguments every loss module shares."""
-    module.embedding_size = _positive_int("embedding_size", embedding_size)
-    module.num_classes = _positive_int("num_classes", num_classes)
-    module.ignore_index = MF.check_ignore_index(ignore_index, module.num_classes, stacklevel=4)
-    module.reduction = MF.check_reduction(reduction)
+    module.embedding_size = check_int("embedding_size", embedding_size, 1)
+    module.num_classes = check_int("num_classes", num_classes, 1)
+    module.ignore_index = check_ignore_index(ignore_index, module.num_classes, stacklevel=4)
+    module.reduction = check_reduction(reduction)
 
 
 def check_embedding_size(module: nn.Module, embeddings) -> None:
@@ -142,9 +140,7 @@ class CosFaceLoss(MarginLoss):
 
     def __init__(self, embedding_size: int, num_classes: int, scale: float = 64.0, margin: float = 0.35,
                  straight_through: bool = False, **kw) -> None:
-        super().__init__(embedding_size, num_classes,
-                         MF.named_spec(MarginSpec.combined, {"m3": "margin"}, scale, 1.0, 0.0, margin,
-                         straight_through=straight_through), **kw)
+        super().__init__(embedding_size, num_classes, MarginSpec.cosface(scale, margin, straight_through), **kw)
 
 
 class ArcFaceLoss(MarginLoss):
@@ -158,8 +154,7 @@ class ArcFaceLoss(MarginLoss):
     def __init__(self, embedding_size: int, num_classes: int, scale: float = 64.0, margin: float = 0.5,
                  easy_margin: bool = False, straight_through: bool = False, **kw) -> None:
         super().__init__(embedding_size, num_classes,
-                         MF.named_spec(MarginSpec.combined, {"m2": "margin"}, scale, 1.0, margin, 0.0, easy_margin,
-                         straight_through), **kw)
+                         MarginSpec.arcface(scale, margin, easy_margin, straight_through), **kw)
 
 
 class CombinedMarginLoss(MarginLoss):
@@ -193,12 +188,11 @@ class SphereFaceLoss(MarginLoss):
                  lambda_base: float = 1000.0, lambda_gamma: float = 0.12, lambda_power: float = 1.0,
                  lambda_min: float = 5.0, straight_through: bool = False, **kw) -> None:
         spec = MarginSpec.sphere(margin, scale, straight_through)
-        for name, v in (("lambda_base", lambda_base), ("lambda_gamma", lambda_gamma),
-                        ("lambda_power", lambda_power), ("lambda_min", lambda_min)):
-            if not (float(v) >= 0 and float(v) != float("inf")):
-                raise ValueError(f"{name}: expected a finite non-negative number, got {v}")
+        schedule = tuple(check_non_negative(name, v) for name, v in (
+            ("lambda_base", lambda_base), ("lambda_gamma", lambda_gamma), ("lambda_power", lambda_power),
+            ("lambda_min", lambda_min)))
         super().__init__(embedding_size, num_classes, spec, **kw)
-        self.schedule = (float(lambda_base), float(lambda_gamma), float(lambda_power), float(lambda_min))
+        self.schedule = schedule
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long, device=kw.get("device")))
 
     @property
@@ -241,7 +235,7 @@ class MagFaceLoss(MarginLoss):
                  u_a: float = 110.0, l_m: float = 0.45, u_m: float = 0.8, lambda_g: float = 35.0,
                  easy_margin: bool = True, straight_through: bool = False, **kw) -> None:
         spec = self._make_spec(scale, l_a, u_a, l_m, u_m, easy_margin, straight_through)
-        self.lambda_g = MF._check_lambda_g(lambda_g)
+        self.lambda_g = check_non_negative("lambda_g", lambda_g, "weight")
         bound = magface_lambda_g_bound(spec.scale, spec.l_a, spec.u_a, spec.l_m, spec.u_m)
         if self.lambda_g < bound:
             warnings.warn(
@@ -304,8 +298,7 @@ class SubCenterArcFaceLoss(MarginLoss):
 
     def __init__(self, embedding_size: int, num_classes: int, subcenters: int = 3, scale: float = 64.0,
                  margin: float = 0.5, easy_margin: bool = False, straight_through: bool = False, **kw) -> None:
-        spec = MF.named_spec(MarginSpec.combined, {"m2": "margin"}, scale, 1.0, margin, 0.0, easy_margin,
-                             straight_through).with_subcenters(subcenters)
+        spec = MarginSpec.arcface(scale, margin, easy_margin, straight_through).with_subcenters(subcenters)
         super().__init__(embedding_size, num_classes, spec, **kw)
 
     @property
@@ -351,7 +344,7 @@ class _StatefulMarginLoss(MarginLoss):
 
     def forward(self, embeddings: Tensor, labels: Tensor, return_parts: bool = False):
         check_embedding_size(self, embeddings)
-        MF.check_inputs(embeddings, self.weight, labels)
+        check_inputs(embeddings, self.weight, labels)
         valid = labels != self.ignore_index
         rm, nt, t, commit = self._extras(
             embeddings, valid,
@@ -398,8 +391,7 @@ class CurricularFaceLoss(CurricularState, _StatefulMarginLoss):
 
     def __init__(self, embedding_size: int, num_classes: int, scale: float = 64.0, margin: float = 0.5,
                  momentum: float = 0.01, **kw) -> None:
-        super().__init__(embedding_size, num_classes,
-                         MF.named_spec(MarginSpec.combined, {"m2": "margin"}, scale, 1.0, margin, 0.0), **kw)
+        super().__init__(embedding_size, num_classes, MarginSpec.arcface(scale, margin), **kw)
         self._init_state(momentum, device=kw.get("device"), dtype=kw.get("dtype"))
 
     def extra_repr(self) -> str:

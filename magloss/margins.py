@@ -3,8 +3,8 @@
 Every margin loss in magloss differs from plain normalized softmax only in the
 label column: z_iy = s·ψ(c_iy, a_i) instead of s·c_iy (see docs/math.md §1).
 This module holds the per-row margin math in one place, in PyTorch, for the
-reference engine; the CUDA engine has one device function per family that must
-agree with these to float rounding.
+chunked engine and the oracle; the CUDA engine has one device function per family
+that must agree with these to float rounding.
 
 A margin is described by a :class:`MarginSpec` (validated on construction) and
 evaluated by :func:`margin_terms`, which returns ψ and its first derivatives
@@ -61,6 +61,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .validation import check_angle, check_bool, check_finite, check_subcenters
+
 __all__ = [
     "COMBINED",
     "MAGFACE",
@@ -80,6 +82,8 @@ __all__ = [
     "regularizer",
     "sphere_lambda",
     "magface_lambda_g_bound",
+    "check_boundary",
+    "check_row_margins_family",
 ]
 
 COMBINED = 0
@@ -105,45 +109,23 @@ _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 NORM_EPS = 1e-12
 
 
-def _check_finite(name: str, value: float) -> float:
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name}: expected a finite number, got {value}")
-    return value
-
-
-def check_int(name: str, value, minimum: int, what: str = "") -> int:
-    """``value`` as an int when it is an integer (Python or numpy, not bool) ≥ ``minimum``;
-    ValueError naming ``name`` otherwise (floats such as 3.0 included: a count is an int)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        kind = "a positive int" if minimum == 1 and not what else f"an integer >= {minimum}{what}"
-        raise ValueError(f"{name}: expected {kind}, got {value!r}")
-    return int(value)
-
-
-def check_bool(name: str, value) -> bool:
-    """``value`` when it is a bool; TypeError naming ``name`` otherwise (a string such as
-    'no' is truthy: taking it as True would silently do the opposite of what was meant)."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{name}: expected a bool (True or False), got {value!r}")
-    return value
-
-
-def _degrees_hint(value: float) -> str:
-    """A hint for an angle that looks like degrees (margins are in radians)."""
-    if value >= math.pi / 2:
-        return (f" (margins are in radians; if {value} is in degrees, as pytorch-metric-learning's ArcFaceLoss "
-                f"takes it, pass math.radians({value}) = {math.radians(value):.4g})")
-    return ""
+def check_boundary(boundary) -> int:
+    """``boundary`` as an int when it is one of the policies THRESHOLD=0, EASY=1, CLIP=2,
+    NONE=3 (not a bool); ValueError naming ``boundary`` otherwise."""
+    if isinstance(boundary, bool) or boundary not in range(len(BOUNDARIES)):
+        names = ", ".join(f"{n.upper()}={i}" for i, n in enumerate(BOUNDARIES))
+        raise ValueError(f"boundary: expected one of {names}, got {boundary!r}")
+    return int(boundary)
 
 
 @dataclass(frozen=True)
 class MarginSpec:
     """Validated hyperparameters of one margin family.
 
-    Build it with the named constructors (:meth:`combined`, :meth:`magface`,
-    :meth:`magcos`, :meth:`sphere`), which check every argument and raise
-    ``ValueError`` naming the offending one. Fields:
+    Build it with the named constructors (:meth:`combined`, :meth:`arcface`, :meth:`cosface`,
+    :meth:`magface`, :meth:`magcos`, :meth:`sphere`), which check every argument with
+    :mod:`magloss.validation` and raise ``ValueError``/``TypeError`` naming the offending one.
+    Fields:
 
     * ``kind``: COMBINED, MAGFACE, MAGCOS or SPHERE.
     * ``scale``: s (> 0). For SPHERE, 0.0 means "scale by the feature norm a_i"
@@ -175,7 +157,7 @@ class MarginSpec:
     # -- constructors --------------------------------------------------------------
     @staticmethod
     def _scale(scale: float) -> float:
-        scale = _check_finite("scale", scale)
+        scale = check_finite("scale", scale)
         if scale <= 0 or scale > _FLOAT32_MAX:
             raise ValueError(f"scale: expected a positive number at most {_FLOAT32_MAX:.4g} (the logits are "
                              f"float32), got {scale}")
@@ -200,13 +182,12 @@ class MarginSpec:
         default is THRESHOLD.
         """
         boundary = cls._boundary(boundary, check_bool("easy_margin", easy_margin))
-        m1 = _check_finite("m1", m1)
-        m2 = _check_finite("m2", m2)
-        m3 = _check_finite("m3", m3)
+        m1 = check_finite("m1", m1)
+        m2 = check_finite("m2", m2)
+        m3 = check_finite("m3", m3)
         if m1 <= 0:
             raise ValueError(f"m1: expected a positive number, got {m1}")
-        if m2 < 0 or m2 >= math.pi:
-            raise ValueError(f"m2: expected an angle in radians in [0, pi), got {m2}{_degrees_hint(m2)}")
+        check_angle("m2", m2, math.pi, upper_text="pi")
         if m3 < 0:
             raise ValueError(f"m3: expected a non-negative number, got {m3}")
         if m2 < (1.0 - m1) * math.pi - 1e-12:
@@ -217,22 +198,34 @@ class MarginSpec:
         return cls(COMBINED, cls._scale(scale), m1, m2, m3,
                    boundary=boundary, straight_through=check_bool("straight_through", straight_through))
 
+    @classmethod
+    def arcface(cls, scale: float = 64.0, margin: float = 0.5, easy_margin: bool = False,
+                straight_through: bool = False) -> "MarginSpec":
+        """ArcFace: ψ = cos(θ + m), :meth:`combined` with (m1, m2, m3) = (1, ``margin``, 0).
+        Its errors name ``margin`` (the caller's word) where :meth:`combined` says m2."""
+        return _renamed({"m2": "margin"}, cls.combined, scale, 1.0, margin, 0.0, easy_margin, straight_through)
+
+    @classmethod
+    def cosface(cls, scale: float = 64.0, margin: float = 0.35, straight_through: bool = False) -> "MarginSpec":
+        """CosFace: ψ = cos θ − m, :meth:`combined` with (m1, m2, m3) = (1, 0, ``margin``).
+        Its errors name ``margin`` where :meth:`combined` says m3."""
+        return _renamed({"m3": "margin"}, cls.combined, scale, 1.0, 0.0, margin, straight_through=straight_through)
+
     @staticmethod
     def _boundary(boundary: Optional[int], easy_margin: bool) -> int:
         if boundary is None:
             return EASY if easy_margin else THRESHOLD
-        if isinstance(boundary, bool) or boundary not in range(len(BOUNDARIES)):
-            raise ValueError(f"boundary: expected one of THRESHOLD=0, EASY=1, CLIP=2, NONE=3, got {boundary!r}")
+        boundary = check_boundary(boundary)
         if easy_margin and boundary != EASY:
             raise ValueError(f"easy_margin, boundary: easy_margin=True asks for boundary EASY, got "
                              f"boundary={BOUNDARIES[boundary].upper()}")
-        return int(boundary)
+        return boundary
 
     def with_subcenters(self, subcenters: int) -> "MarginSpec":
         """This spec with K = ``subcenters`` sub-centers per class (an integer ≥ 1).
 
         Raises ValueError naming ``subcenters`` otherwise."""
-        return replace(self, subcenters=check_int("subcenters", subcenters, 1, " (sub-centers per class)"))
+        return replace(self, subcenters=check_subcenters(subcenters))
 
     @property
     def easy_margin(self) -> bool:
@@ -241,8 +234,8 @@ class MarginSpec:
 
     @staticmethod
     def _magnitude_args(l_a: float, u_a: float, l_m: float, u_m: float):
-        l_a, u_a = _check_finite("l_a", l_a), _check_finite("u_a", u_a)
-        l_m, u_m = _check_finite("l_m", l_m), _check_finite("u_m", u_m)
+        l_a, u_a = check_finite("l_a", l_a), check_finite("u_a", u_a)
+        l_m, u_m = check_finite("l_m", l_m), check_finite("u_m", u_m)
         if l_a <= 0:
             raise ValueError(f"l_a: expected a positive magnitude, got {l_a}")
         if l_a >= u_a:
@@ -267,8 +260,7 @@ class MarginSpec:
         """MagFace: ψ = cos(θ + m(a)). Requires 0 < l_a < u_a, 0 ≤ l_m ≤ u_m < π/2."""
         check_bool("easy_margin", easy_margin)
         l_a, u_a, l_m, u_m = cls._magnitude_args(l_a, u_a, l_m, u_m)
-        if u_m >= math.pi / 2:
-            raise ValueError(f"u_m: expected an angular margin in radians below pi/2, got {u_m}{_degrees_hint(u_m)}")
+        check_angle("u_m", u_m, math.pi / 2, upper_text="pi/2")
         return cls(MAGFACE, cls._scale(scale), 1.0, 0.0, 0.0, l_a, u_a, l_m, u_m,
                    EASY if easy_margin else THRESHOLD, check_bool("straight_through", straight_through))
 
@@ -323,6 +315,27 @@ class MarginSpec:
          subcenters) = params
         return MarginSpec(kind, scale, m1, m2, m3, l_a, u_a, l_m, u_m, boundary, straight_through,
                           subcenters), ignore_index
+
+
+def check_row_margins_family(spec: MarginSpec, row_margins) -> None:
+    """Per-row margins (``row_margins`` not None) only with the COMBINED family, the one whose
+    m2, m3 they replace; ValueError naming ``row_margins`` otherwise."""
+    if row_margins is not None and spec.kind != COMBINED:
+        raise ValueError(f"row_margins: per-row margins need the COMBINED margin family (kind {COMBINED}), "
+                         f"got kind {spec.kind}")
+
+
+def _renamed(names, build, *args, **kwargs) -> MarginSpec:
+    """``build(*args, **kwargs)``, with a ValueError about one of the spec's own parameters
+    re-worded in the caller's names (``names``, e.g. ``{"m2": "margin"}`` for ArcFace)."""
+    try:
+        return build(*args, **kwargs)
+    except ValueError as exc:
+        msg = str(exc)
+        for spec_name, caller_name in names.items():
+            if msg.startswith(spec_name + ":"):
+                raise ValueError(caller_name + msg[len(spec_name):]) from None
+        raise
 
 
 # -- magnitude terms --------------------------------------------------------------------
@@ -461,8 +474,7 @@ def margin_terms(c: Tensor, a: Tensor, spec: MarginSpec, lam: Optional[Tensor] =
     """
     c = c.clamp(-1.0, 1.0)
     zero = torch.zeros_like(c)
-    if row_margins is not None and spec.kind != COMBINED:
-        raise ValueError("row_margins: per-row margins need the COMBINED margin family")
+    check_row_margins_family(spec, row_margins)
     if spec.kind == COMBINED:
         m2, m3 = (spec.m2, spec.m3) if row_margins is None else (row_margins[:, 0].to(c.dtype),
                                                                  row_margins[:, 1].to(c.dtype))

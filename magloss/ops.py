@@ -27,7 +27,7 @@ are [B] in float32 (float64 for float64 inputs): lse_i = logsumexp_j z_ij, zy_i 
 reg_i = g(ã_i), norms_i = ‖x_i‖; the cross-entropy is lse − zy. The hyperparameters are
 those of :class:`magloss.margins.MarginSpec` (``spec.op_args(ignore_index)``); see
 :func:`magloss.reference.margin_ce_rows` and :func:`magloss.reference.margin_ce_backward`
-for the exact math every kernel implements.
+(the oracle) for the exact math every kernel implements.
 
 Keeping the op's outputs as row statistics (not a reduced loss) is what lets one
 engine serve the single-GPU losses, ignored rows and class-sharded heads: the Python
@@ -37,8 +37,8 @@ ranks by log-sum-exp and zy by a sum before doing the same.
 The chunked engine (:mod:`magloss.chunked`: the fused engine's algorithm in plain
 PyTorch, memory flat in C) is the default kernel, on every device. When the compiled
 extension is present its fused kernels are registered for "cuda" (see
-:mod:`magloss._ext`). The reference engine (:mod:`magloss.reference`) is never the
-default: it is the tests' oracle, reachable by name (``reference.margin_ce_forward``,
+:mod:`magloss._ext`). The oracle (:mod:`magloss.reference`) is never a kernel
+and no library module imports it: the tests call it by name (``reference.margin_ce_forward``,
 ``reference.margin_ce_backward``, same arguments as the engine's). Fake (meta) kernels
 and the autograd formula are registered here, so ``torch.compile(fullgraph=True)`` and
 ``torch.library.opcheck`` work.
@@ -51,8 +51,10 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _ext, chunked, reference
+from . import _ext, chunked
+from .checks import check_values
 from .margins import MarginSpec
+from .rows import compute_dtype
 
 __all__ = ["margin_ce", "margin_ce_backward", "margin_ce_kept", "margin_ce_backward_kept", "margin_ce_rows", "normal_draws", "checked_labels"]
 
@@ -77,7 +79,7 @@ def margin_ce(
 
 @margin_ce.register_fake
 def _(embeddings, weight, labels, sphere_lambda, *args):
-    ct = reference.compute_dtype(embeddings.dtype)
+    ct = compute_dtype(embeddings.dtype)
     b = embeddings.shape[0]
     return tuple(embeddings.new_empty((b,), dtype=ct) for _ in range(4))
 
@@ -271,11 +273,11 @@ def _(rng_state, count, mean, std):
 @torch.library.custom_op("magloss::checked_labels", mutates_args=())
 def checked_labels(embeddings: Tensor, weight: Tensor, labels: Tensor, ignore_index: int,
                    num_classes: int) -> Tensor:
-    """:func:`magloss.reference.check_values` (label range, NaN/Inf; ValueError naming the
+    """:func:`magloss.checks.check_values` (label range, NaN/Inf; ValueError naming the
     argument) as an op, returning the labels as a new int64 tensor: the check then runs
     inside a ``torch.compile(fullgraph=True)`` graph (an op, not a data-dependent branch),
     and the result's use keeps it from being dropped."""
-    reference.check_values(embeddings, weight, labels, ignore_index, num_classes)
+    check_values(embeddings, weight, labels, ignore_index, num_classes)
     return labels.to(torch.int64, copy=True)
 
 

@@ -15,29 +15,24 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .functional import check_types
-from .margins import NORM_EPS, check_int
-from .reference import compute_dtype, label_subcenters
+from .checks import check_labels, check_types, num_classes_of
+from .margins import NORM_EPS
+from .rows import compute_dtype, label_subcenters
+from .validation import check_angle
 
 __all__ = ["subcenter_counts", "dominant_subcenters", "dominant_weight", "far_from_class"]
 
 
 def _check_subcenters(weight: Tensor, subcenters: int) -> int:
-    subcenters = check_int("subcenters", subcenters, 1)
-    if weight.dim() != 2 or weight.shape[0] % subcenters:
-        raise ValueError(f"weight: expected [K*C, D] with K={subcenters}, got {tuple(weight.shape)}")
-    return weight.shape[0] // subcenters
+    """C of a [K·C, D] ``weight`` with K = ``subcenters`` (ValueError naming the argument)."""
+    if weight.dim() != 2:
+        raise ValueError(f"weight: expected [K*C, D], got {tuple(weight.shape)}")
+    return num_classes_of(weight, subcenters)
 
 
 def _valid_labels(labels: Tensor, num_classes: int, ignore_index: int, **tensors: Tensor) -> Tensor:
     check_types(labels=labels, **tensors)        # float labels: a TypeError naming labels
-    valid = labels != ignore_index
-    bad = valid & ((labels < 0) | (labels >= num_classes))
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0])
-        raise ValueError(f"labels: expected class indices in [0, {num_classes}) or ignore_index={ignore_index}, "
-                         f"got {int(labels[i])} at row {i}")
-    return valid
+    return check_labels(labels, num_classes, ignore_index)
 
 
 def _unit(t: Tensor, ct: torch.dtype) -> Tensor:
@@ -95,11 +90,7 @@ def far_from_class(embeddings: Tensor, class_weight: Tensor, labels: Tensor, thr
     """[B] bool: rows whose angle to their class centre (``class_weight`` [C, D], e.g. the
     dominant sub-centers of :func:`dominant_weight`) exceeds ``threshold`` radians (default
     75°, the upstream drop rule): likely label noise. False for rows labelled ``ignore_index``."""
-    threshold = float(threshold)
-    if not (0.0 < threshold < math.pi):
-        raise ValueError(f"threshold: expected an angle in radians in (0, pi), got {threshold}"
-                         + (f" (math.radians({threshold}) = {math.radians(threshold):.4g})" if threshold >= math.pi
-                            else ""))
+    threshold = check_angle("threshold", threshold, math.pi, positive=True, upper_text="pi")
     valid = _valid_labels(labels, class_weight.shape[0], ignore_index, embeddings=embeddings,
                           class_weight=class_weight)
     ct = compute_dtype(embeddings.dtype)

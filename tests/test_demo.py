@@ -15,8 +15,9 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 pytest.importorskip("scipy")
 
-from magloss import _demo_data as dd  # noqa: E402
 from magloss import demo  # noqa: E402
+from magloss.demo import command as demo_command  # noqa: E402
+from magloss.demo import data as dd  # noqa: E402
 
 PLOTS = ["loss_curves.png", "magnitude_vs_degradation.png", "error_vs_reject.png", "roc.png"]
 FAST = ["--steps", "3", "--batch-size", "32", "--width", "4", "--embedding-size", "16", "--max-genuine-pairs", "60",
@@ -378,7 +379,7 @@ def test_demo_checks_before_training(tmp_path, monkeypatch, argv, message):
     def no_training(*a, **kw):
         raise AssertionError("the demo started training")
 
-    monkeypatch.setattr(demo, "run_all", no_training)
+    monkeypatch.setattr(demo_command, "run_all", no_training)   # where main looks it up
     (tmp_path / "FILE").write_text("a file, not a folder")
     special = {"FOLDER": lambda: _faces_folder(tmp_path / "faces", 6, 2), "FILE/out": lambda: str(tmp_path / "FILE" / "out")}
     argv = [special[a]() if a in special else a for a in argv]

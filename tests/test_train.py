@@ -408,3 +408,39 @@ def test_fp16_overflow_on_one_shard_makes_every_rank_skip(tmp_path):
     assert torch.isinf(one[1]).sum() == 1 and one[1][0, 0] == 2.0      # rank 1 left as it was
     for r in range(2):                                                 # no overflow: nothing changes
         assert torch.equal(torch.load(tmp_path / f"none-{r}.pt"), torch.full((4, 3), float(r + 1)))
+
+
+def test_export_onnx_at_the_end_matches_the_trained_backbone(faces, tmp_path):
+    """--export-onnx writes OUTPUT/model.onnx after model.pt; onnxruntime on it gives the
+    normalized embedding and the magnitude of the saved backbone (computed here with torch)."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    out = tmp_path / "run"
+    assert train.main(_common(faces, out, "--batch-size", "8", "--max-steps", "2", "--export-onnx")) == 0
+    model = train.load_model(str(out / "model.pt"))
+    x = torch.rand(3, 3, *model.input_size) * 2 - 1
+    with torch.no_grad():
+        emb = model(x).double()
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    got_emb, got_mag = sess.run(["embedding", "magnitude"], {"images": x.numpy()})
+    mag = emb.norm(dim=1)
+    np.testing.assert_allclose(got_mag.reshape(-1), mag.numpy(), rtol=1e-4)
+    np.testing.assert_allclose(got_emb, (emb / mag[:, None]).numpy(), atol=1e-5)
+
+
+def test_export_onnx_without_the_extra_is_refused_before_training(faces, tmp_path, monkeypatch, capsys):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_onnx(name, *args, **kwargs):
+        if name.split(".")[0] in ("onnx", "onnxruntime"):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_onnx)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_:
+        train.main(_common(faces, out, "--batch-size", "8", "--max-steps", "2", "--export-onnx"))
+    assert exit_.value.code == 2
+    assert "error: --export-onnx: ONNX export needs onnx" in capsys.readouterr().err
+    assert not (out / "checkpoints").exists()

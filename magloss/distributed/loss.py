@@ -9,8 +9,8 @@ those rows of the class matrix as its ``weight`` [C_r, D]. One step on rank r:
 2. map labels to the shard: y − start_r where start_r ≤ y < end_r, otherwise "no label
    column here" (the op's ignore_index). ``valid = y_all != ignore_index`` is global, so
    an ignored row and a row whose class lives on another shard stay different states;
-3. run the local engine ``magloss.ops.margin_ce`` (reference on CPU, fused kernels on
-   CUDA) on (x_all, W_r): per-row lse_r, zy_r, reg, norms — the logits never leave it;
+3. run the local engine ``magloss.ops.margin_ce`` (the chunked engine, or the fused kernels
+   on CUDA when they are built) on (x_all, W_r): per-row lse_r, zy_r, reg, norms — the logits never leave it;
 4. exchange per-row statistics only: lse = log Σ_r exp(lse_r) (all-gather of [B]),
    zy = Σ_r zy_r (all-reduce of [B]);
 5. CE_i = lse_i − zy_i, then the single-process masking and reduction
@@ -36,9 +36,11 @@ from torch import Tensor, nn
 from .. import functional as MF
 from .. import losses, ops
 from ..adaptive import AdaFaceState, CurricularState, ElasticState, Extras, label_cosines
-from ..losses import _positive_int
+from ..checks import bad_labels, check_types, first_true, label_error
 from ..margins import SPHERE, MarginSpec, sphere_lambda
-from ..reference import bad_labels, first_true
+from ..rows import autocasting
+from ..validation import (REDUCTIONS, check_bool, check_ignore_index, check_int, check_int_type, check_non_negative,
+                          check_reduction)
 from .comm import (DDP_UNDONE_MARK, all_gather_ints, comm_device, gather_rows, gather_stats, require_group,
                    scale_grad, sum_stats)
 from .partial_fc import check_sample_rate, sample_classes, sampling_generator
@@ -133,21 +135,17 @@ class ShardedMarginLoss(nn.Module):
         self.rank = dist.get_rank(self.group)
         if self.rank < 0:
             raise RuntimeError("group: this process is not a member of the process group it was given")
-        self.embedding_size = _positive_int("embedding_size", embedding_size)
-        self.num_classes = _positive_int("num_classes", num_classes)
+        self.embedding_size = check_int("embedding_size", embedding_size, 1)
+        self.num_classes = check_int("num_classes", num_classes, 1)
         if not isinstance(spec, MarginSpec):
             raise TypeError(f"spec: expected a magloss.MarginSpec, got {type(spec).__name__}")
         self.spec = spec
-        self.lambda_g = MF._check_lambda_g(lambda_g)
+        self.lambda_g = check_non_negative("lambda_g", lambda_g, "weight")
         self.sample_rate = check_sample_rate(sample_rate)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
-        self.seed = seed
-        if not isinstance(ddp_backbone, bool):
-            raise TypeError(f"ddp_backbone: expected a bool, got {type(ddp_backbone).__name__}")
-        self.ddp_backbone = ddp_backbone
-        self.ignore_index = MF.check_ignore_index(ignore_index)   # the named heads warned via their prototype
-        self.reduction = MF.check_reduction(reduction)
+        self.seed = check_int_type("seed", seed)
+        self.ddp_backbone = check_bool("ddp_backbone", ddp_backbone)
+        self.ignore_index = check_ignore_index(ignore_index)   # the named heads warned via their prototype
+        self.reduction = check_reduction(reduction)
         self.shard_start, self.shard_end = shard_range(num_classes, self.world_size, self.rank)
         self._check_consistent()
         self.weight = nn.Parameter(torch.empty(self.num_local * spec.subcenters, self.embedding_size, device=device,
@@ -172,7 +170,7 @@ class ShardedMarginLoss(nn.Module):
         fields = [("num_classes", self.num_classes), ("embedding_size", self.embedding_size),
                   ("sample_rate", self.sample_rate), ("seed", self.seed), ("ddp_backbone", int(self.ddp_backbone)),
                   ("ignore_index", self.ignore_index),
-                  ("reduction", MF.REDUCTIONS.index(self.reduction)), ("lambda_g", self.lambda_g),
+                  ("reduction", REDUCTIONS.index(self.reduction)), ("lambda_g", self.lambda_g),
                   ("spec", hash(s.op_args(self.ignore_index)) % (1 << 50))]
         dev = comm_device(self.group)
         mine = torch.tensor([float(v) for _, v in fields], dtype=torch.float64, device=dev)
@@ -208,7 +206,7 @@ class ShardedMarginLoss(nn.Module):
 
     def _check_local(self, embeddings: Tensor, labels: Tensor) -> None:
         ops.functorch_unsupported(type(self).__name__, embeddings, self.weight)
-        MF.check_types(embeddings=embeddings, labels=labels)
+        check_types(embeddings=embeddings, labels=labels)
         if self.ddp_backbone and getattr(embeddings, DDP_UNDONE_MARK, False):
             raise ValueError(
                 "embeddings: they went through undo_ddp_average, but this head already multiplies their "
@@ -223,7 +221,7 @@ class ShardedMarginLoss(nn.Module):
         if embeddings.device != self.weight.device or labels.device != self.weight.device:
             raise ValueError(f"embeddings, labels: expected the device of weight ({self.weight.device}), "
                              f"got {embeddings.device} and {labels.device}")
-        if embeddings.dtype != self.weight.dtype and not MF._autocasting(embeddings):
+        if embeddings.dtype != self.weight.dtype and not autocasting(embeddings):
             raise TypeError(f"embeddings, weight: expected the same dtype, got {embeddings.dtype} and "
                             f"{self.weight.dtype} (cast one, or run under torch.autocast)")
 
@@ -244,8 +242,7 @@ class ShardedMarginLoss(nn.Module):
         row = 0
         for size, first, value in table:
             if first < size:
-                raise ValueError(f"labels: expected class indices in [0, {self.num_classes}) or "
-                                 f"ignore_index={self.ignore_index}, got {value} at global row {row + first}")
+                raise ValueError(label_error(value, row + first, self.num_classes, self.ignore_index, "global row"))
             row += size
 
     def _shard_weight(self, local: Tensor, on_shard: Tensor) -> Tuple[Tensor, Tensor]:
@@ -289,7 +286,7 @@ class ShardedMarginLoss(nn.Module):
         # of a row is computed by the rank that owns its class and shared by a sum.
         rm, nt, t, commit = self._extras(x_all, valid, lambda: sum_stats(
             label_cosines(x_all, weight, local, _NO_LABEL, self.spec.subcenters), group))
-        x_all, weight, up = MF._autocast(x_all, weight, self.spec)   # after the gather: ∂x summed in fp32
+        x_all, weight, up = MF.autocast_inputs(x_all, weight, self.spec)   # after the gather: ∂x summed in fp32
         lam = self.current_lambda(x_all.dtype)
         lse, zy, reg, norms = ops.margin_ce_rows(x_all, weight, local, lam, rm, nt, t, *self.spec.op_args(_NO_LABEL))
         if up is not None:
@@ -351,14 +348,16 @@ class ShardedMarginLoss(nn.Module):
 _SHARDED = {}
 
 
-def _from_prototype(cls, proto: losses.MarginLoss, *, sample_rate, seed, ddp_backbone, group, device, dtype):
-    self = cls.__new__(cls)
+def _init_from(self, proto: losses.MarginLoss, *, sample_rate, seed, ddp_backbone, group, device, dtype) -> None:
+    """Initialise the sharded loss ``self`` from a single-process prototype (validated, possibly
+    on the meta device): its sizes, spec, λ_g, SphereFace schedule, ignore_index and
+    reduction, then its running state (:func:`_init_state_from`)."""
     ShardedMarginLoss.__init__(
         self, proto.embedding_size, proto.num_classes, proto.spec, lambda_g=getattr(proto, "lambda_g", 0.0),
         sphere_schedule=getattr(proto, "schedule", None), sample_rate=sample_rate, seed=seed,
-        ddp_backbone=ddp_backbone, ignore_index=proto.ignore_index, reduction=proto.reduction, group=group, device=device, dtype=dtype)
+        ddp_backbone=ddp_backbone, ignore_index=proto.ignore_index, reduction=proto.reduction, group=group,
+        device=device, dtype=dtype)
     _init_state_from(self, proto, seed, device, dtype)
-    return self
 
 
 def _init_state_from(self, proto: losses.MarginLoss, seed: int, device, dtype) -> None:
@@ -392,12 +391,8 @@ class _Named(ShardedMarginLoss):
         if issubclass(self._single, ElasticState):
             kwargs["seed"] = seed           # (the prototype would otherwise draw one from the global RNG)
         proto = self._single(embedding_size, num_classes, *args, device="meta", **kwargs)
-        ShardedMarginLoss.__init__(
-            self, embedding_size, num_classes, proto.spec, lambda_g=getattr(proto, "lambda_g", 0.0),
-            sphere_schedule=getattr(proto, "schedule", None), sample_rate=sample_rate, seed=seed,
-            ddp_backbone=ddp_backbone, ignore_index=proto.ignore_index, reduction=proto.reduction, group=group,
-            device=device, dtype=dtype)
-        _init_state_from(self, proto, seed, device, dtype)
+        _init_from(self, proto, sample_rate=sample_rate, seed=seed, ddp_backbone=ddp_backbone, group=group,
+                   device=device, dtype=dtype)
 
 
 class ShardedNormFaceLoss(_Named):
@@ -509,8 +504,9 @@ def shard(module: losses.MarginLoss, *, sample_rate: float = 1.0, seed: int = 0,
     if device is None:
         device = torch.device("cpu") if src.device.type == "meta" else src.device
     cls = _SHARDED.get(type(module), ShardedMarginLoss)
-    out = _from_prototype(cls, module, sample_rate=sample_rate, seed=seed, ddp_backbone=ddp_backbone, group=group,
-                          device=device, dtype=src.dtype)
+    out = cls.__new__(cls)
+    _init_from(out, module, sample_rate=sample_rate, seed=seed, ddp_backbone=ddp_backbone, group=group,
+               device=device, dtype=src.dtype)
     if src.device.type != "meta":
         k = module.spec.subcenters
         with torch.no_grad():

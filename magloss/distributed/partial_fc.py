@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ..evaluation import fraction_count
+from ..validation import check_positive
 
 __all__ = ["check_sample_rate", "sample_count", "sampling_generator", "sample_classes"]
 
@@ -25,12 +26,7 @@ _MASK64 = (1 << 64) - 1
 
 def check_sample_rate(sample_rate) -> float:
     """Raise ValueError unless ``sample_rate`` is a number in (0, 1]; return it as float."""
-    if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float)):
-        raise ValueError(f"sample_rate: expected a number in (0, 1], got {sample_rate!r}")
-    rate = float(sample_rate)
-    if not (0.0 < rate <= 1.0):
-        raise ValueError(f"sample_rate: expected a number in (0, 1], got {sample_rate!r}")
-    return rate
+    return check_positive("sample_rate", sample_rate, 1.0, inclusive=True)
 
 
 def sample_count(num_local: int, sample_rate: float, num_positives: int = 0) -> int:

