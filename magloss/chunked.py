@@ -127,18 +127,15 @@ def _env_path() -> Tuple[str, Optional[int]]:
         try:
             budget = int(env)
         except ValueError:
-            budget = -1
-        if budget < 0:
-            raise ValueError(f"MAGLOSS_SPEED_BUDGET: expected a number of bytes (an integer >= 0), got {env!r}")
+            budget = env
+        budget = check_int("MAGLOSS_SPEED_BUDGET", budget, 0, " (bytes)")
     return path, budget
 
 
 def _checked_choice(path, budget) -> Tuple[str, Optional[int]]:
     if path not in PATHS:
         raise ValueError(f"path: expected one of {PATHS}, got {path!r}")
-    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):
-        raise ValueError(f"budget: expected a number of bytes (an integer >= 0) or None, got {budget!r}")
-    return path, budget
+    return path, None if budget is None else check_int("budget", budget, 0, " (bytes) or None")
 
 
 class use_path:
@@ -167,10 +164,11 @@ class use_path:
         return False
 
 
-def kept_bytes(batch: int, weight_rows: int, compute_dtype: torch.dtype) -> int:
+def kept_bytes(batch: int, weight_rows: int, dtype: torch.dtype) -> int:
     """Extra memory of the speed path: the kept products, batch × weight_rows (K·C, the rows
-    of the weight or shard) in the compute dtype (float32; float64 for float64 inputs)."""
-    return batch * weight_rows * torch.empty((), dtype=compute_dtype).element_size()
+    of the weight or shard), in ``dtype``, the compute dtype (float32; float64 for float64
+    inputs). (The kept row norms, weight_rows more values, are not counted.)"""
+    return batch * weight_rows * torch.empty((), dtype=dtype).element_size()
 
 
 def select_path(embeddings: Tensor, weight: Tensor) -> str:

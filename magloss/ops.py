@@ -56,7 +56,8 @@ from .checks import check_values
 from .margins import MarginSpec
 from .rows import compute_dtype
 
-__all__ = ["margin_ce", "margin_ce_backward", "margin_ce_kept", "margin_ce_backward_kept", "margin_ce_rows", "normal_draws", "checked_labels"]
+__all__ = ["margin_ce", "margin_ce_backward", "margin_ce_kept", "margin_ce_backward_kept", "margin_ce_rows",
+           "normal_draws", "checked_labels"]
 
 _Rows = Tuple[Tensor, Tensor, Tensor, Tensor]
 
@@ -128,7 +129,7 @@ def margin_ce_kept(
 
 @margin_ce_kept.register_fake
 def _(embeddings, weight, labels, sphere_lambda, *args):
-    ct = reference.compute_dtype(embeddings.dtype)
+    ct = compute_dtype(embeddings.dtype)
     b = embeddings.shape[0]
     return tuple(embeddings.new_empty((b,), dtype=ct) for _ in range(4)) + (
         embeddings.new_empty((b, weight.shape[0]), dtype=ct), embeddings.new_empty((weight.shape[0],), dtype=ct))

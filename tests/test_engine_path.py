@@ -80,8 +80,8 @@ def test_forced_paths_and_the_context_manager_override_the_environment(monkeypat
 
 @pytest.mark.parametrize("var,value,needle", [
     ("MAGLOSS_PATH", "fast", "MAGLOSS_PATH: expected one of"),
-    ("MAGLOSS_SPEED_BUDGET", "-1", "MAGLOSS_SPEED_BUDGET: expected a number of bytes"),
-    ("MAGLOSS_SPEED_BUDGET", "2GiB", "MAGLOSS_SPEED_BUDGET: expected a number of bytes"),
+    ("MAGLOSS_SPEED_BUDGET", "-1", r"MAGLOSS_SPEED_BUDGET: expected an integer >= 0 \(bytes\)"),
+    ("MAGLOSS_SPEED_BUDGET", "2GiB", r"MAGLOSS_SPEED_BUDGET: expected an integer >= 0 \(bytes\), got '2GiB'"),
 ])
 def test_malformed_environment_is_named(monkeypatch, var, value, needle):
     monkeypatch.setenv(var, value)
@@ -91,9 +91,9 @@ def test_malformed_environment_is_named(monkeypatch, var, value, needle):
 
 
 @pytest.mark.parametrize("kwargs,needle", [(dict(path="fast"), "path: expected one of"),
-                                           (dict(budget=-5), "budget: expected a number of bytes"),
-                                           (dict(budget=1.5), "budget: expected a number of bytes"),
-                                           (dict(budget=True), "budget: expected a number of bytes")])
+                                           (dict(budget=-5), "budget: expected an integer >= 0"),
+                                           (dict(budget=1.5), "budget: expected an integer >= 0"),
+                                           (dict(budget=True), "budget: expected an integer >= 0")])
 def test_use_path_checks_its_arguments(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
         chunked.use_path(**kwargs)
