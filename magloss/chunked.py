@@ -48,7 +48,13 @@ shift is scale_i·(1 + |t|) (c·(t + c) ≤ 1 + |t| on [−1, 1]). Per-row margi
 Extra memory (beyond x, W and their gradients): two B×N tiles, O(B·D) row buffers, and for
 float16/bfloat16 inputs an N×D float32 copy of the chunk (plus an N×D float32 buffer for a
 half-precision ∂W): independent of C. The products are 1 (forward) + 3 (backward), the
-backward recomputing the forward's tile, as the fused engine does.
+backward recomputing the forward's tile, as the fused engine does: the flat path.
+
+The speed path (``keep=True`` / ``kept=``): the forward writes each chunk's product into its
+column block of a kept B×K·C matrix (and the row norms into a K·C vector), the backward reads
+them instead of recomputing: 1 + 2 products, B×K·C extra values from the forward to the
+backward. :func:`select_path` picks the path per call (MAGLOSS_PATH, MAGLOSS_SPEED_BUDGET,
+:class:`use_path`; docs/cpu_engine.md).
 
 Precision: margin, softmax and reductions in float32 (float64 for float64 inputs). For
 float16/bfloat16 embeddings (with a weight of the same dtype, or float32 under autocast)

@@ -198,13 +198,14 @@ def _setup_context_kept(ctx, inputs, output):
     embeddings, weight, labels, *optional = inputs[:_TENSORS]
     lse, _, _, norms, kept, kept_norms = output
     ctx.mark_non_differentiable(kept, kept_norms)
+    ctx.set_materialize_grads(False)     # else autograd fills a B×K·C zero gradient for ``kept`` each step
     ctx.save_for_backward(embeddings, weight, labels, lse, norms, kept, kept_norms, *optional)
     ctx.params = inputs[_TENSORS:]
 
 
 def _backward_kept(ctx, grad_lse, grad_zy, grad_reg, grad_norms, *_grad_kept):
     embeddings, weight, labels, lse, norms, kept, kept_norms, *optional = ctx.saved_tensors
-    grads = (g.contiguous() for g in (grad_lse, grad_zy, grad_reg, grad_norms))
+    grads = (torch.zeros_like(lse) if g is None else g.contiguous() for g in (grad_lse, grad_zy, grad_reg, grad_norms))
     gx, gw = margin_ce_backward_kept(*grads, embeddings, weight, labels, lse, norms, kept, kept_norms, *optional,
                                      *ctx.params)
     return (gx, gw) + (None,) * (_TENSORS - 2 + len(ctx.params))

@@ -371,8 +371,13 @@ def test_opcheck_with_several_chunks(monkeypatch, family):
     torch.library.opcheck(torch.ops.magloss.margin_ce_backward.default, bargs)
 
 
-def test_torch_compile_fullgraph_matches_the_reference(monkeypatch):
+@pytest.mark.parametrize("path", PATHS)
+def test_torch_compile_fullgraph_matches_the_reference(monkeypatch, path):
     monkeypatch.setenv("MAGLOSS_CHUNK", "5")
+    monkeypatch.setenv("MAGLOSS_PATH", path)
+    keeps, forward = [], chunked.margin_ce_forward
+    monkeypatch.setattr(chunked, "margin_ce_forward", lambda *a, **k: keeps.append(k.get("keep", False))
+                        or forward(*a, **k))
     torch._dynamo.reset()
     x, w, y, _ = make_case(6, 23, 8, seed=9, ignored=(2,))
 
@@ -382,6 +387,7 @@ def test_torch_compile_fullgraph_matches_the_reference(monkeypatch):
     xc, wc = x.clone().requires_grad_(), w.clone().requires_grad_()
     loss = torch.compile(step, fullgraph=True)(xc, wc, y)
     loss.backward()
+    assert keeps and set(keeps) == {path == "speed"}      # the op of the path ran inside the graph
     xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
     lse, zy, reg, norms = reference.margin_ce_rows(xr, wr, y, MarginSpec.magface())
     want = MF.reduce_rows(lse - zy, reg, norms, y != -1, MarginSpec.magface(), "mean", 35.0, False)

@@ -9,7 +9,7 @@
 * the kept products are read, never written: a retained graph's second backward is the same;
   a backward at another chunk width than the forward's; a bad ``kept`` named;
 * the ops: torch.library.opcheck of margin_ce_kept / margin_ce_backward_kept (features too),
-  torch.compile(fullgraph=True) on each path against the reference.
+  torch.compile(fullgraph=True) on each path: tests/test_chunked.py.
 """
 
 from __future__ import annotations
@@ -294,32 +294,6 @@ def test_opcheck_kept_ops(monkeypatch, case):
     torch.library.opcheck(torch.ops.magloss.margin_ce_backward_kept.default, bargs)
 
 
-@pytest.mark.parametrize("path", ["speed", "flat"])
-def test_torch_compile_fullgraph_on_each_path(monkeypatch, path):
-    monkeypatch.setenv("MAGLOSS_CHUNK", "5")
-    monkeypatch.setenv("MAGLOSS_PATH", path)
-    torch._dynamo.reset()
-    x, w, y, _ = make_case(6, 23, 8, seed=9, ignored=(2,))
-
-    def step(x, w, y):
-        return MF.magface_loss(x, w, y, lambda_g=35.0)
-
-    keeps, forward = [], chunked.margin_ce_forward
-    monkeypatch.setattr(chunked, "margin_ce_forward", lambda *a, **k: keeps.append(k.get("keep", False))
-                        or forward(*a, **k))
-    xc, wc = x.clone().requires_grad_(), w.clone().requires_grad_()
-    loss = torch.compile(step, fullgraph=True)(xc, wc, y)
-    loss.backward()
-    assert keeps and set(keeps) == {path == "speed"}
-    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
-    lse, zy, reg, norms = reference.margin_ce_rows(xr, wr, y, MarginSpec.magface())
-    want = MF.reduce_rows(lse - zy, reg, norms, y != -1, MarginSpec.magface(), "mean", 35.0, False)
-    want.backward()
-    torch.testing.assert_close(loss, want, **TIGHT)
-    torch.testing.assert_close(xc.grad, xr.grad, **TIGHT)
-    torch.testing.assert_close(wc.grad, wr.grad, **TIGHT)
-
-
 def test_fused_device_keeps_the_fused_flat_op(monkeypatch):
     """Where a fused engine is registered for the device (here: a stand-in entry for "cpu"), the
     losses call margin_ce (the fused engine has no speed path), whatever MAGLOSS_PATH says;
@@ -365,3 +339,23 @@ def test_chunked_engine_both_paths_on_cuda(case, dtype):
         for got, ref in zip((*out[:4], *g), want):
             scale = ref.abs().max().clamp_min(1.0)
             torch.testing.assert_close((got.double().cpu() / scale), ref / scale, **tol)
+
+
+def test_backward_makes_no_gradient_of_the_kept_matrix():
+    """``kept`` gets no gradient: the speed path's backward creates no B×C tensor (autograd would
+    otherwise fill a zero gradient of the kept matrix's size at every step), and a loss that
+    uses only some row statistics (the others' gradients absent) gets the flat path's gradients."""
+    B, C = 6, 50
+    x, w, y, _ = make_case(B, C, 8, seed=6, ignored=(1,))
+    spec, _ = FAMILIES["magface"]
+    out = {}
+    for path in ("speed", "flat"):
+        xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+        with chunked.use_path(path):
+            lse, zy, reg, norms = ops.margin_ce_rows(xs, ws, y, None, None, None, None, *spec.op_args(-1))
+        with _Largest() as rec:
+            out[path] = torch.autograd.grad((lse - 2.0 * zy).sum(), (xs, ws))
+        if path == "speed":
+            assert (B, C) not in rec.shapes, rec.shapes
+    for a, b in zip(out["speed"], out["flat"]):
+        torch.testing.assert_close(a, b, **TIGHT)
