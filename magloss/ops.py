@@ -159,6 +159,16 @@ def _(grad_lse, grad_zy, grad_reg, grad_norms, embeddings, weight, *args):
     return torch.empty_like(embeddings), torch.empty_like(weight)
 
 
+def _fused_kernel_active(embeddings: Tensor, weight: Tensor) -> bool:
+    """Whether ``margin_ce`` runs a fused engine for these inputs: one is registered for the
+    device (magloss._ext), its kernel is enabled there (the CPU emulator of the tests registers
+    one and switches it on only inside its own context), and the inputs are not float64 (which
+    the registered wrappers route to the chunked engine)."""
+    device = embeddings.device.type
+    return (device in _ext._ENGINES and device not in getattr(margin_ce, "_disabled_kernel", ())
+            and torch.float64 not in (embeddings.dtype, weight.dtype))
+
+
 def margin_ce_rows(embeddings: Tensor, weight: Tensor, labels: Tensor, sphere_lambda: Optional[Tensor],
                    row_margins: Optional[Tensor], neg_threshold: Optional[Tensor], neg_t: Optional[Tensor],
                    *params) -> _Rows:
@@ -167,8 +177,7 @@ def margin_ce_rows(embeddings: Tensor, weight: Tensor, labels: Tensor, sphere_la
     kept) or ``margin_ce`` (flat: four products). Where the fused CUDA engine is registered
     for the device (float32/half inputs), always ``margin_ce``: the fused engine has only the
     flat path. What the losses call."""
-    fused = embeddings.device.type in _ext._ENGINES and torch.float64 not in (embeddings.dtype, weight.dtype)
-    if not fused and chunked.select_path(embeddings, weight) == "speed":
+    if not _fused_kernel_active(embeddings, weight) and chunked.select_path(embeddings, weight) == "speed":
         return margin_ce_kept(embeddings, weight, labels, sphere_lambda, row_margins, neg_threshold, neg_t,
                               *params)[:4]
     return margin_ce(embeddings, weight, labels, sphere_lambda, row_margins, neg_threshold, neg_t, *params)

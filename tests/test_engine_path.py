@@ -295,10 +295,12 @@ def test_opcheck_kept_ops(monkeypatch, case):
 
 
 def test_fused_device_keeps_the_fused_flat_op(monkeypatch):
-    """Where a fused engine is registered for the device (here: a stand-in entry for "cpu"), the
-    losses call margin_ce (the fused engine has no speed path), whatever MAGLOSS_PATH says;
-    float64 still goes to the chunked engine, so the policy applies to it."""
+    """Where a fused engine is registered and enabled for the device (here: a stand-in entry for
+    "cpu"), the losses call margin_ce (the fused engine has no speed path), whatever MAGLOSS_PATH
+    says; float64 still goes to the chunked engine, so the policy applies to it. A registered
+    kernel that is switched off (the CPU emulator outside its context) does not count."""
     monkeypatch.setitem(magloss._ext._ENGINES, "cpu", object())
+    monkeypatch.setattr(ops.margin_ce, "_disabled_kernel", set())     # as if its kernel were on
     monkeypatch.setenv("MAGLOSS_PATH", "speed")
     x, w, y, _ = make_case(4, 9, 8, seed=2)
     calls = []
@@ -308,6 +310,9 @@ def test_fused_device_keeps_the_fused_flat_op(monkeypatch):
     ops.margin_ce_rows(x.float(), w.float(), y, None, None, None, None, *spec.op_args(-1))
     ops.margin_ce_rows(x, w, y, None, None, None, None, *spec.op_args(-1))
     assert calls == ["flat", "speed"]
+    monkeypatch.setattr(ops.margin_ce, "_disabled_kernel", {"cpu"}, raising=False)   # (the stand-in op)
+    ops.margin_ce_rows(x.float(), w.float(), y, None, None, None, None, *spec.op_args(-1))
+    assert calls == ["flat", "speed", "speed"]
 
 
 # ---- on a GPU (tests/gpu_check.sh runs every gpu-marked test) ---------------------------------------------
