@@ -248,3 +248,19 @@ def test_kernel_errors_reach_the_caller_as_cuda_errors(routed):
         torch.ops.magloss.margin_ce(*args)
     emu_engine.reset()
     assert torch.isfinite(torch.ops.magloss.margin_ce(*args)[0]).all()
+
+
+# ---- the GPU check's sanitizer cases, run here on the emulated backend --------------------------------
+import _backend  # noqa: E402
+import sanitizer_cases  # noqa: E402
+
+
+@pytest.mark.parametrize("case", sanitizer_cases.CASES, ids=lambda c: "-".join(f"{v}" for v in c.values()))
+def test_sanitizer_case_runs_on_the_emulator(routed, case):
+    """Every case of tests/sanitizer_cases.py (what compute-sanitizer runs on the GPU) passes its own
+    sanity checks on the emulated backend, with no kernel error: the file's only GPU-only code is
+    main()'s choice of the GPU backend."""
+    expected = "raised as expected" if case.get("bad_label") and case.get("check") == "sync" else "ok"
+    assert sanitizer_cases.run_case(**case, backend=_backend.Emulated(emu_engine)) == expected
+    assert emu_engine.error() is None, emu_engine.error()
+    magloss.flush_input_checks()

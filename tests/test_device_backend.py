@@ -1,0 +1,180 @@
+"""The GPU-only methods of the device objects (benchmarks/device.py, tests/_backend.py), driven on the
+CPU with torch.cuda's functions replaced by recording fakes: each method calls the torch.cuda API it
+names, once, with the device index, and never itself. On a GPU the same methods run for real in the
+parity suite and the benchmark; here nothing touches a device.
+
+Once, the parity suite's ``synchronize()`` called itself where a GPU is visible (RecursionError in
+every test there): test_parity_harness_synchronize_calls_cuda_once drives that branch.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+import _backend
+from benchmarks import device as devices
+
+
+class FakeCuda:
+    """Records the calls of the torch.cuda functions the device objects may make."""
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        self.allocated = 1000
+        self.peak = 1000
+        self.mode = 0
+        fake = self
+
+        class Event:
+            made = 0
+
+            def __init__(self, enable_timing=False):
+                assert enable_timing, "timing events need enable_timing=True"
+                Event.made += 1
+                self.n = Event.made
+
+            def record(self):
+                fake.calls.append(("record", self.n))
+
+            def elapsed_time(self, end):
+                return float(end.n - self.n) * 1.5
+
+        def rec(name, value=None):
+            def f(*args):
+                fake.calls.append((name,) + args)
+                return value() if callable(value) else value
+            return f
+
+        def set_mode(mode):
+            fake.calls.append(("set_sync_debug_mode", mode))
+            fake.mode = mode
+
+        for name, fn in {
+            "synchronize": rec("synchronize"),
+            "current_device": rec("current_device", 3),
+            "empty_cache": rec("empty_cache"),
+            "memory_allocated": rec("memory_allocated", lambda: fake.allocated),
+            "max_memory_allocated": rec("max_memory_allocated", lambda: fake.peak),
+            "reset_peak_memory_stats": rec("reset_peak_memory_stats"),
+            "get_sync_debug_mode": rec("get_sync_debug_mode", lambda: fake.mode),
+            "set_sync_debug_mode": set_mode,
+            "Event": Event,
+        }.items():
+            monkeypatch.setattr(torch.cuda, name, fn)
+
+    def names(self):
+        return [c[0] for c in self.calls]
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    return FakeCuda(monkeypatch)
+
+
+def test_parity_harness_synchronize_calls_cuda_once(monkeypatch, fake_cuda):
+    """The parity suite's synchronize() on its GPU backend waits once, through torch.cuda.synchronize."""
+    tcp = importlib.import_module("test_cuda_parity")
+    monkeypatch.setattr(tcp, "BACKEND", _backend.Gpu(engine=None), raising=False)
+    monkeypatch.setattr(tcp, "GPU", True)
+    fake_cuda.calls.clear()
+    tcp.synchronize()
+    assert fake_cuda.calls == [("synchronize", 3)]
+
+
+@pytest.mark.parametrize("device,index", [("cuda", 3), ("cuda:1", 1)])
+def test_cuda_device_synchronize_and_memory_statistics(fake_cuda, device, index):
+    dev = devices.Cuda(device)
+    fake_cuda.calls.clear()
+    dev.synchronize()
+    assert dev.memory_allocated() == 1000 and dev.max_memory_allocated() == 1000
+    dev.reset_peak_memory_stats()
+    dev.free()
+    assert fake_cuda.calls == [("synchronize", index), ("memory_allocated", index), ("max_memory_allocated", index),
+                               ("reset_peak_memory_stats", index), ("empty_cache",)]
+
+
+def test_cuda_peak_bytes_resets_after_before_and_measures_above_the_start(fake_cuda):
+    """peak = max allocated while fn runs − allocated at the start; before() runs ahead of the reset."""
+    dev = devices.Cuda("cuda:0")
+
+    def before():
+        fake_cuda.allocated += 200           # e.g. the tensors a forward saved
+        return "saved"
+
+    def fn(arg):
+        assert arg == "saved"
+        fake_cuda.peak = fake_cuda.allocated + 50
+        return "out"
+
+    fake_cuda.calls.clear()
+    peak, out = dev.peak_bytes(fn, before=before)
+    assert (peak, out) == (250, "out")
+    names = fake_cuda.names()
+    assert names.index("memory_allocated") < names.index("reset_peak_memory_stats") < names.index("max_memory_allocated")
+    assert names[-2:] == ["synchronize", "max_memory_allocated"]   # the peak is read after the device finished
+
+
+def test_cuda_timer_uses_event_pairs(fake_cuda):
+    """measure(): one (start, end) event pair per call, one wait, elapsed_time of each pair."""
+    dev = devices.Cuda("cuda")
+    fake_cuda.calls.clear()
+    times = dev.measure(lambda ev: (ev[0].record(), ev[1].record()), 3)
+    assert times == [1.5, 1.5, 1.5]
+    assert fake_cuda.names() == ["record"] * 6 + ["synchronize"]
+
+
+def test_host_device_has_no_memory_statistics_and_times_with_the_clock():
+    dev = devices.for_name("cpu")
+    assert type(dev) is devices.Host and not dev.memory_stats
+    assert dev.peak_bytes(lambda: 7) == (None, 7)
+    with pytest.raises(NotImplementedError, match="no allocator statistics on cpu"):
+        dev.memory_allocated()
+    (ms,) = dev.measure(lambda ev: (ev[0].record(), sum(range(1000)), ev[1].record()), 1)
+    assert ms > 0
+
+
+def test_gpu_backend_no_host_waits_sets_error_mode_and_restores_the_previous_one(fake_cuda):
+    gpu = _backend.Gpu(engine=None)
+    fake_cuda.mode = "warn"
+    with gpu.no_host_waits():
+        assert fake_cuda.mode == "error"
+    assert fake_cuda.mode == "warn"
+    with pytest.raises(KeyError), gpu.no_host_waits():   # restored when the body raises, too
+        raise KeyError
+    assert fake_cuda.mode == "warn"
+    assert gpu.simt_device() == 3 and gpu.device == torch.device("cuda")
+
+
+def test_select_on_a_gpu_without_the_extension_names_the_reason(monkeypatch):
+    from magloss import _ext
+
+    monkeypatch.setattr(_ext, "_C", None)
+    with pytest.raises(_backend.Unavailable, match="fused extension not built"):
+        _backend.select(cuda_available=True)
+
+
+def test_benchmark_peak_extra_subtracts_the_gradients(fake_cuda):
+    """run.py's peak figure through the device object: peak above the start minus the gradients of
+    x and W (bwd: the forward runs before the peak reset)."""
+    from benchmarks import run
+    from benchmarks.providers import Runner
+
+    x = torch.zeros(4, 3, requires_grad=True)
+    w = torch.zeros(5, 3, requires_grad=True)
+
+    def fwd():
+        fake_cuda.allocated += 2 ** 20       # the forward's saved tensors
+        return (x.sum() + w.sum()) * 1.0
+
+    def bwd(out, retain):
+        fake_cuda.peak = fake_cuda.allocated + 3 * 2 ** 20 + (x.numel() + w.numel()) * 4
+        out.backward()
+
+    runner = Runner(fwd, bwd, [x, w])
+    assert run._peak_extra_mb(runner, "bwd", devices.Cuda("cuda")) == 4.0       # saved (1) + transient (3)
+    fake_cuda.allocated = fake_cuda.peak = 1000
+    assert run._peak_extra_mb(runner, "full", devices.Cuda("cuda")) == 4.0
+    assert run._peak_extra_mb(runner, "fwd", devices.Host()) is None
