@@ -28,9 +28,7 @@ Tolerances (docs/cuda.md):
 
 from __future__ import annotations
 
-import contextlib
 import os
-import zlib
 
 import pytest
 import torch
