@@ -987,11 +987,13 @@ def test_feature_nan_embedding_row(monkeypatch):
 
 
 # ---- bad new inputs: the errors name the argument, as the reference engine's -----------------------------
-def _bad_feature_args():
-    x, w, y, _ = make_case(6, 12, 40, seed=63)
+def _bad_feature_args(dev=None):
+    """name -> (op args, argument named in the error), on ``dev`` (default: the suite's device)."""
+    dev = dev or DEV
+    x, w, y, _ = _parity_common.make_case(6, 12, 40, seed=63, device=dev)
     x, w = x.float(), w.float()
-    rm = torch.zeros(6, 2, device=DEV)
-    tau, t = torch.zeros(6, device=DEV), torch.tensor(0.1, device=DEV)
+    rm = torch.zeros(6, 2, device=dev)
+    tau, t = torch.zeros(6, device=dev), torch.tensor(0.1, device=dev)
     arc = MarginSpec.combined(64.0, 1.0, 0.5, 0.0)
     clip_args = list(arc.op_args(-1))
     clip_args[9] = 2                                # boundary CLIP ...
@@ -1013,7 +1015,7 @@ def _bad_feature_args():
         "row_margins_shape": ((x, w, y, None, rm[:, :1], None, None, *clip_args), "row_margins"),
         "row_margins_rows": ((x, w, y, None, rm[:5], None, None, *clip_args), "row_margins"),
         "row_margins_dtype": ((x, w, y, None, rm.double(), None, None, *clip_args), "row_margins"),
-        "row_margins_non_contiguous": ((x, w, y, None, torch.zeros(2, 6, device=DEV).t(), None, None, *clip_args),
+        "row_margins_non_contiguous": ((x, w, y, None, torch.zeros(2, 6, device=dev).t(), None, None, *clip_args),
                                        "row_margins"),
         "row_margins_kind": ((x, w, y, None, rm, None, None, *MarginSpec.magface().op_args(-1)), "row_margins"),
         "clip_kind": ((x, w, y, None, None, None, None, *mag_clip), "boundary"),
@@ -1029,7 +1031,10 @@ def _bad_feature_args():
     }
 
 
-@pytest.mark.parametrize("case", list(_bad_feature_args()))
+_BAD_FEATURE_NAMES = list(_bad_feature_args(torch.device("cpu")))  # collection does no device work
+
+
+@pytest.mark.parametrize("case", _BAD_FEATURE_NAMES)
 def test_bad_feature_inputs_name_the_argument(monkeypatch, case):
     """The fused engine raises ValueError whose message starts with the argument's name."""
     monkeypatch.setenv("MAGLOSS_CHECK_INPUTS", "sync")
@@ -1039,7 +1044,7 @@ def test_bad_feature_inputs_name_the_argument(monkeypatch, case):
     assert str(fused_err.value).startswith(name + ":"), str(fused_err.value)
 
 
-@pytest.mark.parametrize("case", list(_bad_feature_args()))
+@pytest.mark.parametrize("case", _BAD_FEATURE_NAMES)
 def test_bad_feature_inputs_cpu_engine_agrees(monkeypatch, case):
     """The default CPU engine (the users' CPU path) raises ValueError naming the same argument."""
     monkeypatch.setenv("MAGLOSS_CHECK_INPUTS", "sync")

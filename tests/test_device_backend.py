@@ -9,7 +9,8 @@ every test there): test_parity_harness_synchronize_calls_cuda_once drives that b
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -74,14 +75,53 @@ def fake_cuda(monkeypatch):
     return FakeCuda(monkeypatch)
 
 
-def test_parity_harness_synchronize_calls_cuda_once(monkeypatch, fake_cuda):
-    """The parity suite's synchronize() on its GPU backend waits once, through torch.cuda.synchronize."""
-    tcp = importlib.import_module("test_cuda_parity")
-    monkeypatch.setattr(tcp, "BACKEND", _backend.Gpu(engine=None), raising=False)
-    monkeypatch.setattr(tcp, "GPU", True)
+class _StubExtension:
+    """Stands in for magloss._C on a fake GPU: the suite's module code only looks it up."""
+
+    margin_ce = margin_ce_backward = chunk_columns = simt_path = flush_input_checks = None
+
+
+def _suite_as_on_a_gpu(monkeypatch, fake_cuda):
+    """A fresh copy of tests/test_cuda_parity.py imported as it is on a GPU machine: torch sees a
+    CUDA device and the compiled extension loaded (a stub)."""
+    from magloss import _ext
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(_ext, "_C", _StubExtension())
+    spec = importlib.util.spec_from_file_location("_parity_suite_on_fake_gpu", Path(__file__).with_name(
+        "test_cuda_parity.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
     fake_cuda.calls.clear()
-    tcp.synchronize()
+    return mod
+
+
+def test_parity_harness_synchronize_calls_cuda_once(monkeypatch, fake_cuda):
+    """The suite's synchronize() where a GPU is visible waits once, through torch.cuda.synchronize
+    (it once called itself: RecursionError in every test on a GPU)."""
+    suite = _suite_as_on_a_gpu(monkeypatch, fake_cuda)
+    assert suite.GPU and suite.DEV == torch.device("cuda")
+    suite.synchronize()
     assert fake_cuda.calls == [("synchronize", 3)]
+
+
+def test_parity_harness_gpu_branches_use_the_cuda_api(monkeypatch, fake_cuda):
+    """The suite's other GPU-only steps through its backend: the gpu mark on every test, the
+    extension as ENGINE, the per-test reset, torch's sync debug mode around the hot-path test, and
+    the memory figure of test_memory_flat_in_C (peak above the start, after a wait)."""
+    suite = _suite_as_on_a_gpu(monkeypatch, fake_cuda)
+    assert suite.pytestmark == pytest.mark.gpu and isinstance(suite.ENGINE, _StubExtension)
+    assert suite.BACKEND.simt_device() == 3 and suite.BACKEND.kernel_error() is None
+    suite.BACKEND.start_test("any")
+    suite.BACKEND.reorder(1)
+    with suite.BACKEND.no_host_waits():
+        assert fake_cuda.mode == "error"
+    assert fake_cuda.mode == 0
+
+    def run():
+        fake_cuda.peak = fake_cuda.allocated + 4096
+    assert suite.BACKEND.peak_bytes(run) == (4096, None)
+    assert fake_cuda.names()[-2:] == ["synchronize", "max_memory_allocated"]
 
 
 @pytest.mark.parametrize("device,index", [("cuda", 3), ("cuda:1", 1)])
