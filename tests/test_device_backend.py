@@ -218,3 +218,65 @@ def test_benchmark_peak_extra_subtracts_the_gradients(fake_cuda):
     fake_cuda.allocated = fake_cuda.peak = 1000
     assert run._peak_extra_mb(runner, "full", devices.Cuda("cuda")) == 4.0
     assert run._peak_extra_mb(runner, "fwd", devices.Host()) is None
+
+
+# ---- magloss/_ext.py: how the compiled extension loads (or not), driven with a stand-in module -----------
+_IMPORT_AS = r'''
+import importlib.abc, importlib.machinery, json, sys, types
+import torch
+
+class Loader(importlib.abc.Loader):
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        if HOW == "broken":       # built for another torch: an undefined symbol
+            raise ImportError("magloss/_C.so: undefined symbol: _ZN3c10fake")
+        if HOW == "dependency":   # a library the extension imports is missing
+            raise ModuleNotFoundError("No module named 'libfake'", name="libfake")
+        module.margin_ce = module.margin_ce_backward = lambda *a: None
+
+class Finder(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "magloss._C":
+            return importlib.machinery.ModuleSpec(name, Loader())
+        return None
+
+sys.meta_path.insert(0, Finder())
+torch.cuda.is_available = lambda: CUDA
+try:
+    import magloss
+except ModuleNotFoundError as exc:
+    print(json.dumps({"raised": exc.name}))
+else:
+    print(json.dumps(magloss.extension_status()))
+'''
+
+
+@pytest.mark.parametrize("how,cuda,env,expect", [
+    ("loaded", True, {}, dict(compiled=True, fused=True, reason="compiled extension loaded: CUDA tensors use the "
+                                                                "fused kernels")),
+    ("loaded", False, {}, dict(compiled=True, fused=False, reason="compiled extension loaded, but no CUDA device is "
+                                                                  "visible: chunked PyTorch engine in use")),
+    ("broken", True, {}, dict(compiled=False, fused=False, reason="compiled extension magloss._C failed to load "
+                                                                  "(magloss/_C.so: undefined symbol: _ZN3c10fake); "
+                                                                  "rebuild it against the installed torch")),
+    ("loaded", True, {"MAGLOSS_DISABLE_EXT": "1"}, dict(compiled=False, fused=False,
+                                                        reason="disabled by MAGLOSS_DISABLE_EXT")),
+    ("dependency", True, {}, {"raised": "libfake"}),
+])
+def test_extension_import_outcomes(how, cuda, env, expect):
+    """Each way `import magloss._C` can end, in a fresh interpreter with a stand-in extension: loaded
+    (with and without a visible GPU), built for another torch, disabled, or a missing dependency (not
+    hidden: raised)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = f"HOW = {how!r}\nCUDA = {cuda!r}\n" + _IMPORT_AS
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, **env), cwd=Path(__file__).resolve().parents[1])
+    assert p.returncode == 0, p.stderr[-2000:]
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    assert {k: got.get(k) for k in expect} == expect
