@@ -11,12 +11,25 @@ string.
 from __future__ import annotations
 
 import gc
+import platform
 import time
+from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
 import torch
 
-__all__ = ["Host", "Cuda", "for_name"]
+__all__ = ["Host", "Cuda", "for_name", "cpu_name"]
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), or the platform's processor string."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 class _HostMark:
@@ -51,6 +64,10 @@ class Host:
 
     def __init__(self, device: str = "cpu"):
         self.device = device
+
+    def describe(self) -> dict:
+        """What the benchmark record says about the device: ``gpu`` (here "CPU: <model name>")."""
+        return {"gpu": f"CPU: {cpu_name()}"}
 
     def synchronize(self) -> None:
         """Wait until every queued kernel has finished (nothing is queued on the host)."""
@@ -114,6 +131,12 @@ class Cuda(Host):
         super().__init__(device)
         self.index = torch.device(device).index
         self.index = torch.cuda.current_device() if self.index is None else self.index
+
+    def describe(self) -> dict:
+        """``gpu`` (the device's name), ``gpu_memory_gb`` and ``capability`` ("9.0")."""
+        props = torch.cuda.get_device_properties(self.index)
+        return {"gpu": props.name, "gpu_memory_gb": round(props.total_memory / 2**30, 1),
+                "capability": f"{props.major}.{props.minor}"}
 
     def synchronize(self) -> None:
         torch.cuda.synchronize(self.index)

@@ -91,16 +91,6 @@ def _git(*args: str) -> Optional[str]:
         return None
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _version(dist: str) -> Optional[str]:
     try:
         from importlib.metadata import version
@@ -113,9 +103,9 @@ def environment(device: str, argv: List[str]) -> dict:
     import magloss
 
     cuda = device.startswith("cuda")
+    dev = devices.for_name(device)
     status = _git("status", "--porcelain", "--untracked-files=no")
     env = {
-        "gpu": torch.cuda.get_device_name(torch.device(device)) if cuda else f"CPU: {_cpu_name()}",
         "device": device,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
@@ -128,7 +118,7 @@ def environment(device: str, argv: List[str]) -> dict:
         "magloss_extension": magloss.extension_status(),
         "versions": {d: _version(d) for d in ("numpy", "triton", "pytorch-metric-learning", "liger-kernel",
                                               "cut-cross-entropy")},
-        "timer": devices.for_name(device).timer_name,
+        "timer": dev.timer_name,
         "threads": torch.get_num_threads(),
         "loadavg": list(os.getloadavg()),
         "cpu_count": os.cpu_count(),
@@ -140,10 +130,7 @@ def environment(device: str, argv: List[str]) -> dict:
                             "(benchmarks/cpu_memory.py)" if "--cpu-memory" in argv
                             else "null: no allocator statistics on CPU (see --cpu-memory)"),
     }
-    if cuda:
-        props = torch.cuda.get_device_properties(torch.device(device))
-        env["gpu_memory_gb"] = round(props.total_memory / 2**30, 1)
-        env["capability"] = f"{props.major}.{props.minor}"
+    env.update(dev.describe())   # "gpu" (the CPU's name on a CPU run); on CUDA its memory and capability
     return env
 
 

@@ -10,6 +10,7 @@ every test there): test_parity_harness_synchronize_calls_cuda_once drives that b
 from __future__ import annotations
 
 import importlib.util
+import types
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,8 @@ class FakeCuda:
             "get_sync_debug_mode": rec("get_sync_debug_mode", lambda: fake.mode),
             "set_sync_debug_mode": set_mode,
             "Event": Event,
+            "get_device_properties": rec("get_device_properties", types.SimpleNamespace(
+                name="Fake H100", total_memory=80 * 2 ** 30, major=9, minor=0)),
         }.items():
             monkeypatch.setattr(torch.cuda, name, fn)
 
@@ -174,6 +177,26 @@ def test_host_device_has_no_memory_statistics_and_times_with_the_clock():
         dev.memory_allocated()
     (ms,) = dev.measure(lambda ev: (ev[0].record(), sum(range(1000)), ev[1].record()), 1)
     assert ms > 0
+
+
+def test_benchmark_record_describes_the_cuda_device(fake_cuda):
+    """run.py's environment record on CUDA: the device's name, memory and capability, the event timer."""
+    from benchmarks import run
+
+    env = run.environment("cuda:1", ["benchmarks/run.py"])
+    assert (env["gpu"], env["gpu_memory_gb"], env["capability"], env["timer"]) == ("Fake H100", 80.0, "9.0",
+                                                                                    "cuda-events")
+    assert ("get_device_properties", 1) in fake_cuda.calls
+    cpu = run.environment("cpu", ["benchmarks/run.py"])
+    assert cpu["gpu"].startswith("CPU: ") and cpu["timer"] == "time.perf_counter" and "capability" not in cpu
+
+
+def test_benchmark_refuses_cuda_without_a_gpu(monkeypatch):
+    from benchmarks import run
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="--device cuda: no CUDA device visible"):
+        run.main(["--device", "cuda", "--grid", "ci"])
 
 
 def test_gpu_backend_no_host_waits_sets_error_mode_and_restores_the_previous_one(fake_cuda):
