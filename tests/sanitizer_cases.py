@@ -135,19 +135,21 @@ CASES = [
 ]
 
 
-def main() -> int:
-    """Run every case, one line each; exit 0 only if all of them ran and passed.
+def main(backend=None) -> int:
+    """Run every case on ``backend`` (default: the GPU), one line each; exit 0 only if all of them
+    ran and passed.
 
     The GPU check compares the number of "sanitizer case i/N passed" lines with ``len(CASES)``
     (read before the run), so a run whose cases did not all run is never taken for a clean one.
     Without a GPU or the compiled extension nothing runs and the exit status is 2.
     """
-    status = _ext.extension_status()
-    if not status["fused"]:
-        print(f"sanitizer cases: cannot run ({status['reason']})")
-        return 2
+    if backend is None:
+        status = _ext.extension_status()
+        if not status["fused"]:
+            print(f"sanitizer cases: cannot run ({status['reason']})")
+            return 2
+        backend = _backend.Gpu(_ext._C)
     failures = 0
-    backend = _backend.Gpu(_ext._C)
     for i, case in enumerate(CASES, 1):
         try:
             result = f"passed: {run_case(**case, backend=backend)}"
