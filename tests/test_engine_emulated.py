@@ -272,7 +272,7 @@ def test_sanitizer_main_on_the_emulator(routed, capsys, monkeypatch):
     assert sanitizer_cases.main(backend=_backend.Emulated(emu_engine)) == 0
     out = capsys.readouterr().out
     n = len(sanitizer_cases.CASES)
-    assert sum(line.startswith(f"sanitizer case ") and f"/{n} passed: " in line for line in out.splitlines()) == n
+    assert sum(line.startswith("sanitizer case ") and f"/{n} passed: " in line for line in out.splitlines()) == n
     monkeypatch.setattr(sanitizer_cases, "CASES", sanitizer_cases.CASES[:1] + [dict(name="nosuchfamily", B=1, C=1,
                                                                                         D=8)])
     assert sanitizer_cases.main(backend=_backend.Emulated(emu_engine)) == 1
