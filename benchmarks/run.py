@@ -64,7 +64,8 @@ PRODUCTS = {"fwd": 1, "bwd": 2, "full": 3}
 SCHEMA = "magloss-bench/1"
 SHAPE_OF_RECORD = (512, 85742, 512)   # B, C, D (README.md, Benchmarks)
 
-DEFAULT_PROVIDERS = ["magloss", "reference", "eager", "compile", "pml", "liger", "cce", "floor"]
+DEFAULT_PROVIDERS = ["magloss", "reference", "eager", "compile", "pml", "liger", "cce", "torch-lce", "torch-lce-chunked",
+                     "floor"]
 GRIDS: Dict[str, dict] = {
     # the grid: 2 x 3 shapes x 4 precisions x 3 losses
     "full": dict(B=[128, 512], C=[10000, 85742, 1000000], D=[512], precisions=P.PRECISIONS,

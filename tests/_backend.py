@@ -9,7 +9,7 @@ on (waiting, memory statistics), listed in docs/cuda.md ("GPU-only lines").
 Both backends have: ``name`` ("gpu" / "emu"), ``device`` (torch.device), ``engine`` (the module
 whose ``margin_ce`` etc. run), ``synchronize()``, ``memory_stats`` with ``memory_allocated()``,
 ``max_memory_allocated()``, ``reset_peak_memory_stats()`` and ``peak_bytes(fn)`` (the emulated
-one: None, the CPU allocator keeps no statistics), ``simt_device()`` (the device index
+one: the emulated device memory's, i.e. every CPU allocation's), ``simt_device()`` (the device index
 ``engine.simt_path`` takes), ``routed()`` (within: the ops run the engine), ``default_cpu_kernels()``
 (within routed(): the ops' default kernel for CPU tensors), ``start_test(nodeid)`` and
 ``kernel_error()`` (a clean state per test, the sticky kernel error afterwards), ``reorder(seed)``
@@ -78,9 +78,11 @@ class Gpu(_devices.Cuda):
 
 
 class Emulated(_devices.Host):
-    """The fused engine under the CPU emulator, on CPU tensors (tests/emu/engine.py)."""
+    """The fused engine under the CPU emulator, on CPU tensors (tests/emu/engine.py). Its memory
+    statistics are the emulated device memory's: every CPU allocation of the process."""
 
     name = "emu"
+    memory_stats = True
 
     def __init__(self, emu_engine):
         super().__init__("cpu")
@@ -90,6 +92,15 @@ class Emulated(_devices.Host):
 
     def simt_device(self) -> int:
         return 0
+
+    def memory_allocated(self) -> int:
+        return self._emu.memory_allocated()
+
+    def max_memory_allocated(self) -> int:
+        return self._emu.max_memory_allocated()
+
+    def reset_peak_memory_stats(self) -> None:
+        self._emu.reset_peak_memory_stats()
 
     def routed(self):
         return self._emu.routed()
