@@ -46,34 +46,14 @@ from torch import Tensor
 
 try:  # run as a script (benchmarks/run.py) or imported as the benchmarks package
     from benchmarks import eager as eager_impl
+    from benchmarks.catalog import LABELS, LOSS_FREE, PLAIN_CE, PROVIDERS
 except ImportError:  # pragma: no cover
     import eager as eager_impl  # type: ignore[no-redef]
+    from catalog import LABELS, LOSS_FREE, PLAIN_CE, PROVIDERS  # type: ignore[no-redef]
 
 __all__ = ["PROVIDERS", "LABELS", "PLAIN_CE", "LOSS_FREE", "PRECISIONS", "LOSSES", "Case", "Runner",
            "Unavailable", "build", "precision_context", "make_inputs"]
 
-PROVIDERS = ["magloss", "chunked", "reference", "eager", "eager-fullmatrix", "compile", "pml", "liger", "cce",
-             "torch-lce", "torch-lce-chunked", "floor"]
-LABELS = {
-    "magloss": "magloss fused CUDA engine",
-    "chunked": "magloss chunked PyTorch engine (the ops' default kernel without the fused ones)",
-    "reference": "magloss reference engine (pure PyTorch, autograd)",
-    "eager": "eager upstream-style PyTorch (benchmarks/eager.py), margin on the label column",
-    "eager-fullmatrix": "eager upstream-style PyTorch, margin over the full matrix (one-hot mix)",
-    "compile": "torch.compile of eager",
-    "pml": "pytorch-metric-learning ArcFaceLoss/CosFaceLoss",
-    "liger": "Liger-Kernel fused linear CE (plain CE: no normalization, no margin)",
-    "cce": "Cut Cross-Entropy (plain CE: no normalization, no margin)",
-    "torch-lce": "torch.nn.functional.linear_cross_entropy, options=None (plain CE: no normalization, no margin)",
-    "torch-lce-chunked": "torch.nn.functional.linear_cross_entropy, chunked options (plain CE: no normalization, "
-                         "no margin)",
-    "floor": "bare matrix products, torch.matmul (the floor)",
-}
-#: providers that compute plain cross entropy, not the margin loss (labelled as such)
-PLAIN_CE = ("liger", "cce", "torch-lce", "torch-lce-chunked")
-#: providers whose work does not depend on the loss: run once per shape, recorded with this loss name
-LOSS_FREE = {"liger": "plain-ce", "cce": "plain-ce", "torch-lce": "plain-ce", "torch-lce-chunked": "plain-ce",
-             "floor": "matmul"}
 PRECISIONS = ["fp32", "tf32", "bf16", "fp32-simt"]
 LOSSES = ["arcface", "magface", "cosface"]
 #: providers that have a distinct no-tensor-core path; the others' fp32 runs are already SIMT
@@ -186,17 +166,13 @@ def _magloss(case: Case) -> Runner:
         raise Unavailable(f"fused engine not active: {st['reason']}")
     fn = getattr(magloss.functional, _FUNCTIONAL[case.loss])
     x, w, y = make_inputs(case)
-    notes = "magloss.functional, fused kernels"
-    ext = getattr(magloss._ext, "_C", None)
-    dev_index = torch.device(case.device).index or 0
-    if ext is not None and hasattr(ext, "simt_path"):
-        simt = bool(ext.simt_path(dev_index))        # reads MAGLOSS_FORCE_SIMT, set by precision_context
-        if case.precision == "fp32-simt" and not simt:
-            raise Unavailable("MAGLOSS_FORCE_SIMT=1 did not select the plain-fp32 path (simt_path() is False)")
-        notes += f", simt_path={simt}"
-    if ext is not None and hasattr(ext, "chunk_columns"):
-        notes += f", chunk_columns={int(ext.chunk_columns(case.B, case.C))}"
-    return Runner(lambda: fn(x, w, y), _loss_backward, [x, w], _autocast(case), notes=notes)
+    ext = magloss._ext._C                              # loaded: "fused" says so
+    simt = bool(ext.simt_path(torch.device(case.device).index or 0))   # reads MAGLOSS_FORCE_SIMT (precision_context)
+    if case.precision == "fp32-simt" and not simt:
+        raise Unavailable("MAGLOSS_FORCE_SIMT=1 did not select the plain-fp32 path (simt_path() is False)")
+    return Runner(lambda: fn(x, w, y), _loss_backward, [x, w], _autocast(case),
+                  notes=f"magloss.functional, fused kernels, simt_path={simt}, "
+                        f"chunk_columns={int(ext.chunk_columns(case.B, case.C))}")
 
 
 _FUNCTIONAL = {"arcface": "arcface_loss", "magface": "magface_loss", "cosface": "cosface_loss"}
