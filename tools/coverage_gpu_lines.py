@@ -3,8 +3,9 @@
 
 Reads coverage.py's JSON report of a CPU run of the suite and writes a summary: per file, the lines
 not run, as ranges, with those that look GPU-only (the line, or a condition it sits under, names
-CUDA or a GPU: ``cuda``, ``GPU``, ``is_available``, ``sync_debug``) listed apart. The GPU-only ones
-are then reviewed by hand (docs/cuda.md, "GPU-only lines"); the rest are CPU-reachable lines the
+CUDA or a GPU: ``cuda``, ``GPU``, ``is_available``, ``sync_debug``; the ``else``/``elif`` of such a
+condition counts too, as it may be the CPU side) listed apart as candidates. They are then judged
+and reviewed by hand (docs/cuda.md, "GPU-only lines"); the rest are CPU-reachable lines the
 suite does not run (error branches, optional packages), not GPU code.
 
     coverage json -o /tmp/cov.json
