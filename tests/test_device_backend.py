@@ -115,6 +115,8 @@ def test_parity_harness_gpu_branches_use_the_cuda_api(monkeypatch, fake_cuda):
     suite = _suite_as_on_a_gpu(monkeypatch, fake_cuda)
     assert suite.pytestmark == pytest.mark.gpu and isinstance(suite.ENGINE, _StubExtension)
     assert suite.BACKEND.simt_device() == 3 and suite.BACKEND.kernel_error() is None
+    with suite.BACKEND.routed() as engine, suite.BACKEND.default_cpu_kernels():
+        assert engine is suite.ENGINE          # magloss._C registered itself for "cuda": nothing to route
     suite.BACKEND.start_test("any")
     suite.BACKEND.reorder(1)
     with suite.BACKEND.no_host_waits():

@@ -80,7 +80,7 @@ def summarize(report: dict, root: Path) -> Dict[str, dict]:
     return files
 
 
-def markdown(files: Dict[str, dict], command: str, totals: dict) -> str:
+def markdown(files: Dict[str, dict], command: str, totals: dict, note: str = "") -> str:
     head = [
         "# Lines the CPU test run does not execute",
         "",
@@ -89,6 +89,7 @@ def markdown(files: Dict[str, dict], command: str, totals: dict) -> str:
         "",
         f"    {command}",
         "",
+        *([note, ""] if note else []),
         f"{totals['covered_lines']} of {totals['num_statements']} statements ran "
         f"({totals['percent_covered']:.1f} %). Per file: every line not run, then the ones that look",
         "GPU-only (the line, or a condition it sits under, names CUDA or a GPU). Those were reviewed by",
@@ -108,6 +109,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("report", help="coverage.py JSON report (coverage json -o FILE)")
     ap.add_argument("--command", required=True, help="how the coverage run was made (recorded)")
+    ap.add_argument("--note", default="", help="a sentence for the markdown, after the command")
     ap.add_argument("--root", default=".", help="the paths in the report are relative to this (default .)")
     ap.add_argument("--json", help="write the summary JSON here")
     ap.add_argument("--markdown", help="write the markdown table here")
@@ -119,12 +121,12 @@ def main(argv=None) -> int:
         print(f"coverage_gpu_lines: {args.report}: not a readable coverage.py JSON report ({exc})", file=sys.stderr)
         return 1
     totals = report["totals"]
-    doc = {"schema": "magloss-coverage/1", "command": args.command, "coverage_py": report["meta"]["version"],
+    doc = {"schema": "magloss-coverage/1", "command": args.command, "note": args.note, "coverage_py": report["meta"]["version"],
            "timestamp": report["meta"]["timestamp"], "totals": totals, "files": files}
     if args.json:
         Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
     if args.markdown:
-        Path(args.markdown).write_text(markdown(files, args.command, totals))
+        Path(args.markdown).write_text(markdown(files, args.command, totals, args.note))
     n = sum(f["gpu_only_count"] for f in files.values())
     print(f"{len(files)} files with lines not run, {sum(f['missing'] for f in files.values())} lines, "
           f"{n} GPU-only candidates")
