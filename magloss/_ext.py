@@ -117,7 +117,7 @@ def flush_input_checks() -> None:
     extension it does nothing: the chunked engine raises in the offending call.
 
     Raises:
-        ValueError: the reference engine's message for the oldest failed check, marked
+        ValueError: the message of :func:`magloss.checks.check_values` for the oldest failed check, marked
             "reported late" with the number of the fused forward call it came from.
     """
     for engine in _ENGINES.values():

@@ -1,4 +1,4 @@
-"""Inputs exercising issue 14's engine features, shared by the reference and chunked-engine
+"""Inputs exercising the engine's general features, shared by the reference and chunked-engine
 tests: per-row margins (AdaFace's and ElasticFace's, with the CLIP/NONE boundaries and with
 the classic ones), CurricularFace's non-label columns, K sub-centers, and combinations."""
 

@@ -164,7 +164,7 @@ def assert_rounded_fp32_parity(rows, grads, ref_rows, ref_grads, dtype):
     assert rel(grads[1], ref_grads[1]) <= 2 * eps
 
 
-# ---- the newer losses' engine features (issue 14): per-row margins with the CLIP/NONE policies,
+# ---- the engine's general features: per-row margins with the CLIP/NONE policies,
 # the curricular modulation of the non-label columns, sub-centers, and their combinations ----------
 def make_feature_case(B, C, D, K=1, *, seed=0, ignored=(), ignore_index=-1, device="cpu"):
     """:func:`make_case` with K·C weight rows (row j·K + k = sub-center k of class j) and class

@@ -127,7 +127,7 @@ CASES = [
     dict(name="arcface", B=10, C=50, D=20, bad_label=True, check="off", chunk=16),
     dict(name="arcface", B=10, C=50, D=20, bad_label=True, check="async", chunk=16),
     dict(name="arcface", B=10, C=50, D=20, bad_label=True, check="sync"),
-    # the issue-14 features: sub-centers (whole-class chunks, ragged), per-row margins, curricular
+    # the engine's general features: sub-centers (whole-class chunks, ragged), per-row margins, curricular
     dict(name="adaface", B=9, C=70, D=33, K=3, chunk=32, features=True, ignored=(2,)),
     dict(name="arcface", B=12, C=41, D=40, K=2, dtype=torch.bfloat16, w_dtype=torch.float32, chunk=16, features=True),
     dict(name="sphereface", B=7, C=50, D=65, K=3, dtype=torch.float16, simt=True, chunk=20, features=True),

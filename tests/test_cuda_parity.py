@@ -210,7 +210,7 @@ MODULES = {
     "sphereface": lambda: magloss.SphereFaceLoss(100, 1000),
     "magface": lambda: magloss.MagFaceLoss(100, 1000),
     "magcos": lambda: magloss.MagCosFaceLoss(100, 1000),
-    # the issue-14 losses (fresh modules: the same initial state, updated from the same batch)
+    # the stateful and sub-center losses (fresh modules: the same initial state, updated from the same batch)
     "subcenter_arcface": lambda: magloss.SubCenterArcFaceLoss(100, 1000),
     "adaface": lambda: magloss.AdaFaceLoss(100, 1000),
     "curricular": lambda: magloss.CurricularFaceLoss(100, 1000),
@@ -816,7 +816,7 @@ def test_half_products_round_once(dtype):
 
 
 # =====================================================================================================
-# ---- The newer losses' engine features (issue 14; docs/cuda.md, "Per-row margins, curricular
+# ---- The engine's general features (docs/cuda.md, "Per-row margins, curricular
 # modulation, sub-centers"): per-row margins with the CLIP/NONE policies, the curricular
 # modulation of the non-label columns, K sub-centers, alone and combined, against the float64
 # oracle with the same inputs. Shapes: B = 1, odd B, 5 row blocks; C·K wider than a block.

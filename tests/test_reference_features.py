@@ -1,4 +1,4 @@
-"""The reference engine's three general features (issue 14), all float64:
+"""The reference engine's three general features, all float64:
 
 * per-row margins (``row_margins``: m2_i, m3_i) with the CLIP (AdaFace) and NONE (ElasticFace)
   boundary policies;

@@ -179,7 +179,7 @@ def test_single_process_run_logs_evaluates_and_resumes_bit_exact(faces, tmp_path
     assert not torch.equal(a_shards[0]["weight"], _checkpoint(full, 3)[2][0]["weight"])
 
 
-# The issue-14 losses through the command: their state (AdaFace's norm statistics, CurricularFace's
+# The stateful and sub-center losses through the command: their state (AdaFace's norm statistics, CurricularFace's
 # t, ElasticFace's generator, K sub-centers per class in the class-matrix checkpoint) must resume
 # exactly: interrupted at step 2 and resumed = uninterrupted, bit for bit.
 @pytest.mark.parametrize("loss, extra", [("adaface", []), ("curricularface", []),
