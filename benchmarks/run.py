@@ -263,7 +263,7 @@ def run_case(case: "P.Case", modes: List[str], args, timer: devices.Host) -> Lis
             except Exception as exc:  # noqa: BLE001
                 fail(mode, exc)
                 timer.free()
-    del runner
+    runner = None                   # drop the provider before freeing the device memory
     timer.free()
     return records
 
