@@ -35,7 +35,6 @@ import math
 from typing import List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .checks import check_inputs, check_values
@@ -75,6 +74,12 @@ def _sphereface2_g(c: Tensor, lab: Tensor, m: float, t: float, mtype: int) -> Te
     return 2.0 * ((torch.cos(theta) + 1.0) / 2.0).pow(t) - 1.0
 
 
+def _softplus(u: Tensor) -> Tensor:
+    """log(1 + e^u) to full precision (F.softplus returns u itself past u = 20, a relative
+    error up to 2e-9 that a sum over many classes keeps)."""
+    return u.clamp_min(0.0) + torch.log1p(torch.exp(-u.abs()))
+
+
 def elements(kind: int, params: Sequence[float], c: Tensor, lab: Tensor,
              bias: Optional[Tensor]) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """The elementwise one-vs-all loss on a tile: (ℓ, ∂ℓ/∂c, ∂ℓ/∂b or None), all [B, N].
@@ -93,14 +98,14 @@ def elements(kind: int, params: Sequence[float], c: Tensor, lab: Tensor,
         z = torch.where(lab, s * (c - m), s * c) - bias
         zc = z.clamp(-s, s)
         inside = ((z >= -s) & (z <= s)).to(c.dtype)          # the clamp passes no gradient outside
-        ell = torch.where(lab, F.softplus(-zc), lam * F.softplus(zc))
+        ell = torch.where(lab, _softplus(-zc), lam * _softplus(zc))
         dz = torch.where(lab, -torch.sigmoid(-zc), lam * torch.sigmoid(zc)) * inside
         return ell, s * dz, -dz
     if kind == SPHEREFACE2:
         r, m, t, alpha, lw, mtype = params
         z = r * _sphereface2_g(c, lab, m, t, int(mtype)) + bias
-        w = torch.where(lab, alpha, 1.0 - alpha) * (lw / r)
-        ell = w * F.softplus(torch.where(lab, -z, z))
+        w = torch.where(lab, c.new_full((), alpha), c.new_full((), 1.0 - alpha)) * (lw / r)   # not float32 scalars
+        ell = w * _softplus(torch.where(lab, -z, z))
         dz = w * (torch.sigmoid(z) - lab.to(c.dtype))
         return ell, r * dz, dz
     if kind == P2SGRAD:
@@ -156,6 +161,11 @@ def one_vs_all_forward(embeddings: Tensor, weight: Tensor, labels: Tensor, bias:
     (label range, NaN/Inf; ValueError naming the argument) first."""
     _check_op_args(kind, params, bias, embeddings)
     check_values(embeddings, weight, labels, ignore_index)
+    with torch.no_grad(), torch.autocast(embeddings.device.type, enabled=False):   # the dtypes are ours to set
+        return _forward(embeddings, weight, labels, bias, kind, params, ignore_index)
+
+
+def _forward(embeddings, weight, labels, bias, kind, params, ignore_index) -> Tensor:
     rows = _Rows(embeddings, labels, ignore_index)
     b = None if bias is None else bias.reshape(()).to(rows.ct)
     out = torch.zeros(embeddings.shape[0], dtype=rows.ct, device=embeddings.device)
@@ -172,6 +182,11 @@ def one_vs_all_backward(grad_rows: Tensor, embeddings: Tensor, weight: Tensor, l
     """(∂/∂embeddings, ∂/∂weight, ∂/∂bias) of Σ_i grad_rows_i·L_i, recomputing each tile.
     The gradients come in the dtypes of their inputs (a half-precision ∂x saturates instead
     of overflowing); ∂/∂bias is [1] in the compute dtype (zeros without a bias)."""
+    with torch.no_grad(), torch.autocast(embeddings.device.type, enabled=False):
+        return _backward_chunks(grad_rows, embeddings, weight, labels, bias, kind, params, ignore_index)
+
+
+def _backward_chunks(grad_rows, embeddings, weight, labels, bias, kind, params, ignore_index):
     rows = _Rows(embeddings, labels, ignore_index)
     ct = rows.ct
     g = grad_rows.to(ct).unsqueeze(1)
