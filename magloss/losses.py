@@ -539,7 +539,7 @@ def _scale(value) -> float:
 
 
 class SFaceLoss(OneVsAllLoss):
-    """SFace (Zhong et al., TIFS 2021; zhongyy/SFace): sigmoid-constrained hypersphere loss.
+    """SFace (Zhong et al., TIP 2021; zhongyy/SFace): sigmoid-constrained hypersphere loss.
 
     L_i = −s·σ(k(θ_iy − a))·c_iy + Σ_{j≠y} s·σ(−k(θ_ij − b))·c_ij, θ = arccos c (radians),
     the sigmoid weights without gradient (upstream's no_grad). Defaults s = 64, k = 80,
