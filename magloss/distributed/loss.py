@@ -495,7 +495,8 @@ def shard(module: losses.MarginLoss, *, sample_rate: float = 1.0, seed: int = 0,
           group=None, device=None) -> ShardedMarginLoss:
     """Convert a single-process margin loss into its sharded counterpart on this rank.
 
-    module: any :class:`magloss.MarginLoss` (NormFace … MagCosFace) with the *global*
+    module: any :class:`magloss.MarginLoss` (NormFace … MagCosFace) or one-vs-all loss
+    (:class:`magloss.losses.OneVsAllLoss`: SFace … P2SGrad, its ``bias`` copied) with the *global*
     num_classes. If its ``weight`` is materialized, the shard's rows
     ``weight[shard_start:shard_end]`` are copied (so every rank must hold the same
     matrix); build it with ``device="meta"`` to skip allocating C×D and get the sharded
