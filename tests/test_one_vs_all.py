@@ -271,7 +271,7 @@ def test_gradcheck_float64(name, kw):
     assert torch.autograd.gradcheck(f, inputs)
 
 
-@pytest.mark.parametrize("name", ["uniface", "sface"])
+@pytest.mark.parametrize("name", NAMES)
 def test_opcheck(name):
     x, w, y = make_inputs(6, 5, 4, ignored=(3,), seed=1)
     m = _module(name, 4, 5)
@@ -356,3 +356,32 @@ def test_op_argument_errors():
     x[1, 0] = math.nan
     with pytest.raises(ValueError, match=r"^embeddings: contains NaN"):
         OVA.p2sgrad_loss(x, w, y)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_nan_in_nan_out_with_checks_off(name, monkeypatch):
+    """The project's rule (tests/test_nan.py): with MAGLOSS_CHECK_INPUTS=off a NaN embedding row makes its
+    row's loss NaN and, through the products, every entry of ∂W; a NaN in an ignored row leaves the
+    reduced loss what it is without it (its 'none' entry 0); the other rows keep their values."""
+    monkeypatch.setenv("MAGLOSS_CHECK_INPUTS", "off")
+    x, _, y = make_inputs(6, 5, 4, ignored=(4,), seed=13)
+    m = _module(name, 4, 5)
+    clean = m(x, y).detach()
+    m.reduction = "none"
+    clean_rows = m(x, y).detach()
+    for row, counted in ((1, True), (4, False)):
+        xn = x.clone()
+        xn[row, 2] = math.nan
+        rows = m(xn, y)
+        others = [i for i in range(6) if i != row]
+        torch.testing.assert_close(rows[others], clean_rows[others], rtol=1e-12, atol=1e-12)
+        assert torch.isnan(rows[row]) if counted else rows[row] == 0
+        m.reduction = "mean"
+        xg = xn.clone().requires_grad_()
+        m.weight.grad = None
+        loss = m(xg, y)
+        assert torch.isnan(loss) if counted else loss.item() == pytest.approx(clean.item(), rel=1e-12)
+        loss.backward()
+        assert torch.isnan(m.weight.grad).all() and torch.isnan(xg.grad[row]).all()
+        assert torch.isfinite(xg.grad[others]).all()
+        m.reduction = "none"
