@@ -34,7 +34,7 @@ from .checks import check_inputs
 from .margins import CLIP, NONE, MarginSpec, magface_lambda_g_bound, sphere_lambda
 from .rows import compute_dtype
 from .subcenter import dominant_subcenters, dominant_weight, far_from_class, subcenter_counts
-from .validation import (check_angle, check_bool, check_finite, check_ignore_index, check_int, check_non_negative,
+from .validation import (check_bool, check_finite, check_ignore_index, check_int, check_non_negative,
                          check_positive, check_reduction)
 
 __all__ = [
@@ -533,11 +533,6 @@ class OneVsAllLoss(nn.Module):
                 f"ignore_index={self.ignore_index}, reduction={self.reduction!r}")
 
 
-def _scale(value) -> float:
-    """A scale s > 0 the float32 logits can hold."""
-    return check_positive("scale", value, torch.finfo(torch.float32).max, inclusive=True)
-
-
 class SFaceLoss(OneVsAllLoss):
     """SFace (Zhong et al., TIP 2021; zhongyy/SFace): sigmoid-constrained hypersphere loss.
 
@@ -550,9 +545,9 @@ class SFaceLoss(OneVsAllLoss):
 
     def __init__(self, embedding_size: int, num_classes: int, scale: float = 64.0, k: float = 80.0, a: float = 0.8,
                  b: float = 1.23, **kw) -> None:
-        self.scale, self.k = _scale(scale), check_positive("k", k)
-        self.a, self.b = check_angle("a", a, math.pi, upper_text="pi"), check_angle("b", b, math.pi, upper_text="pi")
-        super().__init__(embedding_size, num_classes, (self.scale, self.k, self.a, self.b), **kw)
+        params = OVA.sface_params(scale, k, a, b)
+        self.scale, self.k, self.a, self.b = params
+        super().__init__(embedding_size, num_classes, params, **kw)
 
 
 class UniFaceLoss(OneVsAllLoss):
@@ -568,12 +563,12 @@ class UniFaceLoss(OneVsAllLoss):
 
     def __init__(self, embedding_size: int, num_classes: int, scale: float = 64.0, margin: float = 0.4,
                  neg_weight: float = 1.0, bias_r: float = 1.0, bias_init: Optional[float] = None, **kw) -> None:
-        self.scale, self.margin = _scale(scale), check_non_negative("margin", margin)
-        self.neg_weight = check_non_negative("neg_weight", neg_weight, "weight")
+        params = OVA.uniface_params(scale, margin, neg_weight)
+        self.scale, self.margin, self.neg_weight = params
         self.bias_r = check_positive("bias_r", bias_r)
         if bias_init is None:
             bias_init = OVA.uniface_bias_init(check_int("num_classes", num_classes, 1), self.bias_r)
-        super().__init__(embedding_size, num_classes, (self.scale, self.margin, self.neg_weight), bias_init, **kw)
+        super().__init__(embedding_size, num_classes, params, bias_init, **kw)
 
 
 class SphereFace2Loss(OneVsAllLoss):
@@ -592,17 +587,12 @@ class SphereFace2Loss(OneVsAllLoss):
     def __init__(self, embedding_size: int, num_classes: int, scale: float = 40.0, margin: float = 0.4,
                  t: float = 3.0, alpha: float = 0.7, loss_weight: float = 50.0, margin_type: str = "C",
                  bias_init: Optional[float] = None, **kw) -> None:
-        self.scale, self.margin = _scale(scale), check_non_negative("margin", margin)
-        self.t, self.alpha = check_positive("t", t), check_positive("alpha", alpha, 1.0)
-        self.loss_weight = check_positive("loss_weight", loss_weight)
-        if margin_type not in OVA.SPHEREFACE2_MARGINS:
-            raise ValueError(f"margin_type: expected one of 'C', 'A', 'M', got {margin_type!r}")
+        params = OVA.sphereface2_params(scale, margin, t, alpha, loss_weight, margin_type)
+        self.scale, self.margin, self.t, self.alpha, self.loss_weight, _ = params
         self.margin_type = margin_type
         if bias_init is None:
             bias_init = OVA.sphereface2_bias_init(check_int("num_classes", num_classes, 1), self.alpha, self.scale,
                                                   self.margin, self.t, margin_type)
-        params = (self.scale, self.margin, self.t, self.alpha, self.loss_weight,
-                  OVA.SPHEREFACE2_MARGINS.index(margin_type))
         super().__init__(embedding_size, num_classes, params, bias_init, **kw)
 
 

@@ -41,11 +41,12 @@ from .checks import check_inputs, check_values
 from .chunked import chunk_columns
 from .margins import NORM_EPS
 from .rows import compute_dtype, saturating_cast, weight_operand
-from .validation import check_int, check_reduction
+from .validation import (check_angle, check_ignore_index, check_int, check_non_negative, check_positive,
+                         check_reduction)
 
 __all__ = [
     "SFACE", "UNIFACE", "SPHEREFACE2", "P2SGRAD", "KINDS", "SPHEREFACE2_MARGINS",
-    "elements", "one_vs_all_forward", "one_vs_all_backward", "one_vs_all", "one_vs_all_loss",
+    "sface_params", "uniface_params", "sphereface2_params", "elements", "one_vs_all_forward", "one_vs_all_backward", "one_vs_all", "one_vs_all_loss",
     "sface_loss", "uniface_loss", "sphereface2_loss", "p2sgrad_loss", "uniface_bias_init",
     "sphereface2_bias_init",
 ]
@@ -61,6 +62,32 @@ KINDS = {SFACE: ("SFace", 4), UNIFACE: ("UniFace", 3), SPHEREFACE2: ("SphereFace
 SPHEREFACE2_MARGINS = ("C", "A", "M")
 #: opensphere's clamps of the angle in SphereFace2-A/M.
 _ACOS_EPS, _PI_CLAMP = 1e-5, 3.14159
+
+
+def _scale(value) -> float:
+    """A scale s > 0 that the float32 logits can hold; ValueError naming ``scale`` otherwise."""
+    return check_positive("scale", value, torch.finfo(torch.float32).max, inclusive=True)
+
+
+def sface_params(scale, k, a, b) -> Tuple[float, float, float, float]:
+    """SFace's (s, k, a, b), validated: s, k > 0; a, b angles in [0, π) radians. ValueError naming the argument."""
+    return (_scale(scale), check_positive("k", k), check_angle("a", a, math.pi, upper_text="pi"),
+            check_angle("b", b, math.pi, upper_text="pi"))
+
+
+def uniface_params(scale, margin, neg_weight) -> Tuple[float, float, float]:
+    """UniFace's (s, m, λ), validated: s > 0; m, λ ≥ 0. ValueError naming the argument."""
+    return _scale(scale), check_non_negative("margin", margin), check_non_negative("neg_weight", neg_weight, "weight")
+
+
+def sphereface2_params(scale, margin, t, alpha, loss_weight, margin_type) -> Tuple[float, ...]:
+    """SphereFace2's (r, m, t, α, lw, margin type index), validated: r, t, lw > 0; m ≥ 0; α in (0, 1);
+    ``margin_type`` one of 'C', 'A', 'M'. ValueError naming the argument."""
+    if margin_type not in SPHEREFACE2_MARGINS:
+        raise ValueError(f"margin_type: expected one of 'C', 'A', 'M', got {margin_type!r}")
+    return (_scale(scale), check_non_negative("margin", margin), check_positive("t", t),
+            check_positive("alpha", alpha, 1.0), check_positive("loss_weight", loss_weight),
+            float(SPHEREFACE2_MARGINS.index(margin_type)))
 
 
 def _sphereface2_g(c: Tensor, lab: Tensor, m: float, t: float, mtype: int) -> Tensor:
@@ -285,6 +312,7 @@ def one_vs_all_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, kind: in
     from . import functional as MF           # functional imports the margin ops; resolve at call time
 
     reduction = check_reduction(reduction)
+    ignore_index = check_ignore_index(ignore_index)
     embeddings, weight, up = MF.autocast_inputs(embeddings, weight)
     check_inputs(embeddings, weight, labels)
     rows = one_vs_all(embeddings, weight, labels, bias, int(kind), [float(p) for p in params], int(ignore_index))
@@ -304,6 +332,7 @@ def sphereface2_bias_init(num_classes: int, alpha: float, r: float, m: float, t:
     logits a_y, a_i a label and a non-label column at θ = π/2 would get,
     b = log(2z) − a_i − log(1 − z + sqrt((1 − z)² + 4z·exp(a_y − a_i))). C = 1 (no negative
     class) takes C − 1 = 1."""
+    r, m, t, alpha, _, _ = sphereface2_params(r, m, t, alpha, 1.0, margin_type)
     z = alpha / ((1.0 - alpha) * max(check_int("num_classes", num_classes, 1) - 1, 1))
     base = r * (2.0 * 0.5 ** t - 1.0)
     if margin_type == "C":
@@ -318,7 +347,7 @@ def sface_loss(embeddings, weight, labels, scale: float = 64.0, k: float = 80.0,
                *, ignore_index: int = -1, reduction: str = "mean", return_parts: bool = False):
     """SFace (Zhong et al. 2021): L_i = −s·σ(k(θ_iy − a))·c_iy + Σ_{j≠y} s·σ(−k(θ_ij − b))·c_ij,
     the sigmoid weights without gradient (θ = arccos c, radians). Defaults s 64, k 80, a 0.80, b 1.23."""
-    return one_vs_all_loss(embeddings, weight, labels, SFACE, (scale, k, a, b), ignore_index=ignore_index,
+    return one_vs_all_loss(embeddings, weight, labels, SFACE, sface_params(scale, k, a, b), ignore_index=ignore_index,
                            reduction=reduction, return_parts=return_parts)
 
 
@@ -328,7 +357,7 @@ def uniface_loss(embeddings, weight, labels, bias, scale: float = 64.0, margin: 
     """UniFace's unified cross-entropy (Zhou et al. 2023): L_i = softplus(−[s(c_iy − m) − b]) +
     λ·Σ_{j≠y} softplus(s·c_ij − b), each logit clamped to [−s, s] (no gradient outside), as
     CVI-SZU/UniFace. ``bias``: the learnable b (one-element tensor). Defaults s 64, m 0.4, λ 1."""
-    return one_vs_all_loss(embeddings, weight, labels, UNIFACE, (scale, margin, neg_weight), bias,
+    return one_vs_all_loss(embeddings, weight, labels, UNIFACE, uniface_params(scale, margin, neg_weight), bias,
                            ignore_index=ignore_index, reduction=reduction, return_parts=return_parts)
 
 
@@ -339,9 +368,8 @@ def sphereface2_loss(embeddings, weight, labels, bias, scale: float = 40.0, marg
     (margin type 'C'; 'A' and 'M' put the margin on the angle), g(c) = 2((c + 1)/2)^t − 1,
     L_i = (lw/r)·[α·softplus(−z_iy) + (1 − α)·Σ_{j≠y} softplus(z_ij)]: opensphere's
     BCE mean over B·C times lw·C/r, per row. Defaults r 40, m 0.4, t 3, α 0.7, lw 50, 'C'."""
-    mtype = SPHEREFACE2_MARGINS.index(margin_type)
-    return one_vs_all_loss(embeddings, weight, labels, SPHEREFACE2, (scale, margin, t, alpha, loss_weight, mtype),
-                           bias, ignore_index=ignore_index, reduction=reduction, return_parts=return_parts)
+    params = sphereface2_params(scale, margin, t, alpha, loss_weight, margin_type)
+    return one_vs_all_loss(embeddings, weight, labels, SPHEREFACE2, params, bias, ignore_index=ignore_index, reduction=reduction, return_parts=return_parts)
 
 
 def p2sgrad_loss(embeddings, weight, labels, num_classes: Optional[int] = None, *, ignore_index: int = -1,

@@ -385,3 +385,19 @@ def test_nan_in_nan_out_with_checks_off(name, monkeypatch):
         assert torch.isnan(m.weight.grad).all() and torch.isnan(xg.grad[row]).all()
         assert torch.isfinite(xg.grad[others]).all()
         m.reduction = "none"
+
+
+def test_functional_forms_validate_like_the_modules():
+    x, w, y = make_inputs(3, 4, 2)
+    b = torch.zeros(1, dtype=torch.float64)
+    for call, err, match in (
+            (lambda: OVA.sphereface2_loss(x, w, y, b, margin_type="B"), ValueError, r"^margin_type: "),
+            (lambda: OVA.sphereface2_loss(x, w, y, b, alpha=0.0), ValueError, r"^alpha: "),
+            (lambda: OVA.sface_loss(x, w, y, scale=math.nan), ValueError, r"^scale: "),
+            (lambda: OVA.sface_loss(x, w, y, b=3.5), ValueError, r"^b: .*radians"),
+            (lambda: OVA.uniface_loss(x, w, y, b, margin=-0.1), ValueError, r"^margin: "),
+            (lambda: OVA.p2sgrad_loss(x, w, y, ignore_index=-1.0), TypeError, r"^ignore_index: "),
+            (lambda: OVA.p2sgrad_loss(x, w, y, reduction="avg"), ValueError, r"^reduction: "),
+            (lambda: OVA.p2sgrad_loss(x, w, y.float()), TypeError, r"^labels: ")):
+        with pytest.raises(err, match=match):
+            call()
