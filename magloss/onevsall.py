@@ -46,7 +46,8 @@ from .validation import (check_angle, check_ignore_index, check_int, check_non_n
 
 __all__ = [
     "SFACE", "UNIFACE", "SPHEREFACE2", "P2SGRAD", "KINDS", "SPHEREFACE2_MARGINS",
-    "sface_params", "uniface_params", "sphereface2_params", "elements", "one_vs_all_forward", "one_vs_all_backward", "one_vs_all", "one_vs_all_loss",
+    "sface_params", "uniface_params", "sphereface2_params", "elements", "one_vs_all_forward",
+    "one_vs_all_backward", "one_vs_all", "one_vs_all_loss",
     "sface_loss", "uniface_loss", "sphereface2_loss", "p2sgrad_loss", "uniface_bias_init",
     "sphereface2_bias_init",
 ]
