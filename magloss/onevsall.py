@@ -108,9 +108,10 @@ def _softplus(u: Tensor) -> Tensor:
     return u.clamp_min(0.0) + torch.log1p(torch.exp(-u.abs()))
 
 
-def elements(kind: int, params: Sequence[float], c: Tensor, lab: Tensor,
-             bias: Optional[Tensor]) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-    """The elementwise one-vs-all loss on a tile: (ℓ, ∂ℓ/∂c, ∂ℓ/∂b or None), all [B, N].
+def elements(kind: int, params: Sequence[float], c: Tensor, lab: Tensor, bias: Optional[Tensor],
+             grad: bool = False) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """The elementwise one-vs-all loss on a tile: (ℓ, None, None), or with ``grad`` (None,
+    ∂ℓ/∂c, ∂ℓ/∂b or None), all [B, N]: the forward needs only ℓ, the backward only the derivatives.
 
     c: cosines [B, N] (compute dtype); lab: [B, N] bool, True at each row's label column;
     bias: 0-d tensor (compute dtype) for UniFace and SphereFace2, else None. ∂ℓ/∂c is the
@@ -120,27 +121,30 @@ def elements(kind: int, params: Sequence[float], c: Tensor, lab: Tensor,
         s, k, a, b = params
         theta = torch.acos(c.clamp(-1.0, 1.0))
         coef = torch.where(lab, -s * torch.sigmoid(k * (theta - a)), s * torch.sigmoid(-k * (theta - b)))
-        return coef * c, coef, None
+        return (None, coef, None) if grad else (coef * c, None, None)
     if kind == UNIFACE:
         s, m, lam = params
         z = torch.where(lab, s * (c - m), s * c) - bias
         zc = z.clamp(-s, s)
+        if not grad:
+            return torch.where(lab, _softplus(-zc), lam * _softplus(zc)), None, None
         inside = ((z >= -s) & (z <= s)).to(c.dtype)          # the clamp passes no gradient outside
-        ell = torch.where(lab, _softplus(-zc), lam * _softplus(zc))
         dz = torch.where(lab, -torch.sigmoid(-zc), lam * torch.sigmoid(zc)) * inside
-        return ell, s * dz, -dz
+        return None, s * dz, -dz
     if kind == SPHEREFACE2:
         r, m, t, alpha, lw, mtype = params
         z = r * _sphereface2_g(c, lab, m, t, int(mtype)) + bias
         w = torch.where(lab, c.new_full((), alpha), c.new_full((), 1.0 - alpha)) * (lw / r)   # not float32 scalars
-        ell = w * _softplus(torch.where(lab, -z, z))
+        if not grad:
+            return w * _softplus(torch.where(lab, -z, z)), None, None
         dz = w * (torch.sigmoid(z) - lab.to(c.dtype))
-        return ell, r * dz, dz
+        return None, r * dz, dz
     if kind == P2SGRAD:
         (inv_c,) = params
         d = c.clamp(-1.0, 1.0) - lab.to(c.dtype)
-        inside = ((c >= -1.0) & (c <= 1.0)).to(c.dtype)
-        return inv_c * d * d, 2.0 * inv_c * d * inside, None
+        if not grad:
+            return inv_c * d * d, None, None
+        return None, 2.0 * inv_c * d * ((c >= -1.0) & (c <= 1.0)).to(c.dtype), None
     raise ValueError(f"kind: expected one of {sorted(KINDS)} (SFace, UniFace, SphereFace2, P2SGrad), got {kind}")
 
 
@@ -226,7 +230,7 @@ def _backward_chunks(grad_rows, embeddings, weight, labels, bias, kind, params, 
     for j0 in range(0, weight.shape[0], n):
         j1 = min(j0 + n, weight.shape[0])
         w, wn, r, cos, lab = rows.tile(embeddings, weight, j0, j1)
-        _, dc, db = elements(kind, params, cos, lab, b)
+        _, dc, db = elements(kind, params, cos, lab, b, grad=True)
         G = g * dc
         if db is not None:
             gb += (g * db).sum()
