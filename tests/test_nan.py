@@ -23,7 +23,6 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 import magloss
@@ -32,7 +31,7 @@ import magloss.functional as MF
 from magloss import reference
 from magloss.margins import MAGCOS, MAGFACE, magnitude_margin, margin_terms, regularizer
 
-from _dist_utils import spawn
+from _dist_utils import spawn_worlds
 from _parity_common import ALL, FAMILIES, lam_tensor, make_case
 
 NAN = float("nan")
@@ -237,7 +236,7 @@ SHARDED = [("arcface", "ArcFaceLoss"), ("magface", "MagFaceLoss"), ("sphereface"
 SPLIT = [4, 3]                     # rows per rank at world size 2 (uneven); NaN rows 2 and 4 on ranks 0 and 1
 
 
-def _sharded_phase(rank, world, group):
+def _sharded_phase(rank, world, group, out_dir):
     os.environ["MAGLOSS_CHECK_INPUTS"] = "off"
     sizes = SPLIT if world == 2 else [B]
     lo = sum(sizes[:rank])
@@ -268,20 +267,9 @@ def _sharded_phase(rank, world, group):
     return out
 
 
-def _sharded_worker(rank, world_size, out_dir):
-    groups = {2: None, 1: dist.new_group([0])}
-    for world in (2, 1):
-        if rank < world:
-            torch.save(_sharded_phase(rank, world, groups[world]), os.path.join(out_dir, f"w{world}_r{rank}.pt"))
-        dist.barrier()
-
-
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
-    out = tmp_path_factory.mktemp("nan_dist")
-    spawn(_sharded_worker, 2, out, str(out))
-    return {(w, r): torch.load(os.path.join(out, f"w{w}_r{r}.pt"), weights_only=False)
-            for w in (2, 1) for r in range(w)}
+    return spawn_worlds(_sharded_phase, (2, 1), tmp_path_factory.mktemp("nan_dist"))
 
 
 @pytest.mark.parametrize("where", WHERE)
