@@ -1,6 +1,5 @@
 """The public API: modules, functional forms, custom ops (opcheck), torch.compile, autocast."""
 
-import warnings
 
 import pytest
 import torch
@@ -8,7 +7,7 @@ from torch.library import opcheck
 
 import magloss
 import magloss.functional as MF
-from conftest import make_inputs
+from cases import make_inputs
 
 MODULES = [
     (magloss.NormFaceLoss, {}, lambda x, w, y: MF.normface_loss(x, w, y)),

@@ -57,10 +57,12 @@ DEV = BACKEND.device
 OP = torch.ops.magloss.margin_ce
 OP_BWD = torch.ops.magloss.margin_ce_backward
 
-# ---- families, oracle, tolerances: tests/_parity_common.py ----------------------------------------
+# ---- families and inputs: tests/cases.py; oracle and assertions: tests/_parity_common.py -------------
 import _parity_common  # noqa: E402
-from _parity_common import (ALL, FAMILIES, NO_EXTRAS, assert_fp32_parity, assert_rounded_fp32_parity,  # noqa: E402
-                            assert_within_eager, eager_lowp, oracle, rel, tf32)
+import cases  # noqa: E402
+from cases import ALL, FAMILIES, rel  # noqa: E402
+from _parity_common import (NO_EXTRAS, assert_fp32_parity, assert_rounded_fp32_parity,  # noqa: E402
+                            assert_within_eager, eager_lowp, oracle, tf32)
 
 
 def synchronize():
@@ -93,12 +95,12 @@ def _no_pending_input_errors(request):
 
 
 def make_case(*args, **kwargs):
-    """_parity_common.make_case on this suite's device."""
-    return _parity_common.make_case(*args, device=DEV, **kwargs)
+    """cases.make_case on this suite's device."""
+    return cases.make_case(*args, device=DEV, **kwargs)
 
 
 def lam_tensor(lam):
-    return _parity_common.lam_tensor(lam, DEV)
+    return cases.lam_tensor(lam, DEV)
 
 
 def fused(x, w, y, spec, ii, lam, grads, extras=NO_EXTRAS):
@@ -821,7 +823,7 @@ def test_half_products_round_once(dtype):
 # modulation of the non-label columns, K sub-centers, alone and combined, against the float64
 # oracle with the same inputs. Shapes: B = 1, odd B, 5 row blocks; C·K wider than a block.
 # =====================================================================================================
-from _parity_common import FEATURES, feature_inputs  # noqa: E402
+from cases import FEATURES, feature_inputs  # noqa: E402
 
 FEATURE_SHAPES = [(1, 7, 40), (5, 13, 33), (37, 300, 72)]
 
@@ -922,7 +924,7 @@ def test_feature_opcheck():
 def test_constant_row_margins_equal_the_scalars(boundary):
     """row_margins filled with the spec's (m2, m3) gives exactly the scalar path's bits."""
     spec = MarginSpec.combined(64.0, 1.0, 0.45, 0.1, boundary=boundary)
-    x, w, y, grads = _parity_common.make_feature_case(37, 300, 72, seed=58, ignored=(4,), device=DEV)
+    x, w, y, grads = cases.make_feature_case(37, 300, 72, seed=58, ignored=(4,), device=DEV)
     x, w = x.float(), w.float()
     rm = torch.tensor([[0.45, 0.1]], device=DEV).expand(37, 2).contiguous()
     a = fused(x, w, y, spec, -1, None, grads)
@@ -999,7 +1001,7 @@ def test_feature_nan_embedding_row(monkeypatch):
 def _bad_feature_args(dev=None):
     """name -> (op args, argument named in the error), on ``dev`` (default: the suite's device)."""
     dev = dev or DEV
-    x, w, y, _ = _parity_common.make_case(6, 12, 40, seed=63, device=dev)
+    x, w, y, _ = cases.make_case(6, 12, 40, seed=63, device=dev)
     x, w = x.float(), w.float()
     rm = torch.zeros(6, 2, device=dev)
     tau, t = torch.zeros(6, device=dev), torch.tensor(0.1, device=dev)

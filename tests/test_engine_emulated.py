@@ -29,7 +29,8 @@ except build.EmulatorUnavailable as exc:
     pytest.skip(f"CUDA emulator unavailable: {exc}", allow_module_level=True)
 
 import magloss  # noqa: E402
-from _parity_common import FAMILIES, assert_fp32_parity, make_case, oracle  # noqa: E402
+from _parity_common import assert_fp32_parity, oracle  # noqa: E402
+from cases import FAMILIES, make_case  # noqa: E402
 
 SCHEDULES = [0, 1, 2]
 

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 import magloss
-from conftest import make_inputs
+from cases import make_inputs
 from magloss import registry
 from magloss.distributed import shard
 

@@ -2,7 +2,6 @@
 invariances every correct implementation has. All float64."""
 
 import math
-import warnings
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ from torch.autograd.gradcheck import GradcheckError
 
 import magloss
 import magloss.functional as MF
-from conftest import FP64_TOL, make_inputs, quiet_magface
+from cases import FP64_TOL, make_inputs
 import upstream
 
 # name -> functional call with every hyperparameter explicit
