@@ -30,8 +30,11 @@ import math
 import warnings
 from typing import Optional
 
+import inspect
+
 import torch
 
+import magloss.functional as MF
 from magloss import registry
 from magloss.margins import SPHERE, MarginSpec
 
@@ -166,6 +169,79 @@ VARIANTS = {"elastic_arcface+": ("elastic_arcface", {"plus": True}),
             "elastic_cosface+": ("elastic_cosface", {"plus": True})}
 #: The registered losses and their variants.
 LOSS_VARIANTS = LOSS_NAMES + list(VARIANTS)
+
+
+def build_loss(name, D, C, *, sharded=False, **kw):
+    """The module of LOSS_VARIANTS ``name`` (its class-sharded twin with ``sharded``) for
+    D-dimensional embeddings and C classes, built after ``torch.manual_seed(0)`` (the same initial
+    weight every time), a seeded generator (3) for the losses that draw margins, ``kw`` passed on
+    (over the variant's options: ``build_loss(name, D, C, **loss_kwargs(name))`` is fine)."""
+    base, extra = VARIANTS.get(name, (name, {}))
+    cls = registry.sharded(base) if sharded else registry.LOSSES[base]
+    if "seed" in inspect.signature(cls).parameters:
+        kw.setdefault("seed", 3)
+    torch.manual_seed(0)
+    return cls(D, C, **{**extra, **kw})
+
+
+def _with(fn, **state):
+    """fn(x, w, y, **kw) with the arguments a loss needs besides its hyperparameters (its
+    batch statistics, its t, a fresh seeded generator) filled in unless given."""
+    def call(x, w, y, **kw):
+        extra = {k: (v() if callable(v) else v) for k, v in state.items() if k not in kw}
+        return fn(x, w, y, **extra, **kw)
+    call.__name__ = call.__qualname__ = fn.__name__
+    return call
+
+
+def _seeded():
+    return torch.Generator().manual_seed(0)
+
+
+#: Each registered loss's functional form, called as fn(x, w [C, D], y, **hyperparameters): the
+#: per-call arguments that are no hyperparameter are filled in (AdaFace's μ = 20, σ = 100 (its
+#: modules' starting statistics), CurricularFace's t = 0.3, a fresh generator seeded 0 for the
+#: ElasticFace draws, and one sub-center, so that w is [C, D] as for every other loss; K > 1 is
+#: the FEATURES rows' and tests/test_adaptive_losses.py's).
+FUNCTIONAL = {
+    "softmax": MF.softmax_loss,
+    "normface": MF.normface_loss,
+    "cosface": MF.cosface_loss,
+    "arcface": MF.arcface_loss,
+    "combined": MF.combined_margin_loss,
+    "sphereface": MF.sphereface_loss,
+    "magface": MF.magface_loss,
+    "magcosface": MF.magcosface_loss,
+    "adaface": _with(MF.adaface_loss, batch_mean=20.0, batch_std=100.0),
+    "curricularface": _with(MF.curricular_face_loss, t=0.3),
+    "subcenter_arcface": _with(MF.subcenter_arcface_loss, subcenters=1),
+    "elastic_arcface": _with(MF.elastic_arcface_loss, generator=_seeded),
+    "elastic_cosface": _with(MF.elastic_cosface_loss, generator=_seeded),
+}
+
+
+def loss_kwargs(name) -> dict:
+    """The tests' hyperparameters of a registered loss (or variant): its FAMILIES row's (module
+    and functional forms take the same names), its VARIANTS options, or none (its defaults)."""
+    if name in FAMILIES:
+        return dict(FAMILIES[name].kwargs)
+    return dict(VARIANTS.get(name, (name, {}))[1])
+
+
+def loss_functional(name):
+    """fn(x, w, y, **kw) for a FAMILIES key or a LOSS_VARIANTS name: its functional form with the
+    row's hyperparameters (SphereFace's ``lambda_`` from the row's λ), ``kw`` on top."""
+    f = FAMILIES.get(name)
+    base = f.loss if f is not None else VARIANTS.get(name, (name, {}))[0]
+    fixed = loss_kwargs(name)
+    if f is not None and f.lam is not None:
+        fixed["lambda_"] = f.lam
+    fn = FUNCTIONAL[base]
+
+    def call(x, w, y, **kw):
+        return fn(x, w, y, **{**fixed, **kw})
+    call.__name__ = call.__qualname__ = name
+    return call
 
 
 @functools.lru_cache(maxsize=None)

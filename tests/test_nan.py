@@ -32,7 +32,7 @@ from magloss import reference
 from magloss.margins import MAGCOS, MAGFACE, magnitude_margin, margin_terms, regularizer
 
 from _dist_utils import spawn_worlds
-from cases import ALL, FAMILIES, SAME_ROWS_RTOL, lam_tensor, make_case
+from cases import ALL, FAMILIES, LOSS_NAMES, SAME_ROWS_RTOL, lam_tensor, loss_functional, make_case
 
 NAN = float("nan")
 B, C, D = 7, 13, 10
@@ -149,16 +149,8 @@ def test_plain_softmax_has_the_same_ignored_row_rule():
 
 
 # ---- the functional losses and the modules: input check on and off ----------------------------------
-LOSSES = {
-    "normface": lambda x, w, y, r: MF.normface_loss(x, w, y, reduction=r),
-    "cosface": lambda x, w, y, r: MF.cosface_loss(x, w, y, reduction=r),
-    "arcface": lambda x, w, y, r: MF.arcface_loss(x, w, y, reduction=r),
-    "combined": lambda x, w, y, r: MF.combined_margin_loss(x, w, y, m1=0.9, m2=0.4, m3=0.15, reduction=r),
-    "sphereface": lambda x, w, y, r: MF.sphereface_loss(x, w, y, 4, None, 5.0, reduction=r),
-    "magface": lambda x, w, y, r: MF.magface_loss(x, w, y, reduction=r),
-    "magcos": lambda x, w, y, r: MF.magcosface_loss(x, w, y, reduction=r),
-    "softmax": lambda x, w, y, r: MF.softmax_loss(x, w, y, reduction=r),
-}
+#: Every registered loss's functional form, with its FAMILIES hyperparameters where it has a row
+LOSSES = {n: (lambda fn: lambda x, w, y, r: fn(x, w, y, reduction=r))(loss_functional(n)) for n in LOSS_NAMES}
 
 
 @pytest.mark.parametrize("where", WHERE)

@@ -8,22 +8,21 @@ import torch.nn.functional as F
 
 import magloss
 import magloss.functional as MF
-from cases import make_inputs
+from cases import LOSS_VARIANTS, build_loss, loss_functional, loss_kwargs, make_inputs
 
 
-PART_MODULES = [
-    (magloss.NormFaceLoss, {}, 0.0), (magloss.CosFaceLoss, {}, 0.0), (magloss.ArcFaceLoss, {}, 0.0),
-    (magloss.CombinedMarginLoss, {"m1": 0.9, "m2": 0.4, "m3": 0.15}, 0.0), (magloss.SphereFaceLoss, {}, 0.0),
-    (magloss.MagFaceLoss, {}, 35.0), (magloss.MagCosFaceLoss, {}, 150.0), (magloss.SoftmaxLoss, {}, 0.0),
-]
+#: λ_g of the losses with a magnitude regularizer: the MagFace trainer's (35) and MagCosFace's (150)
+#: defaults, written out; every other loss has reg = 0.
+LAMBDA_G = {"magface": 35.0, "magcosface": 150.0}
 
 
-@pytest.mark.parametrize("cls,kw,lambda_g", PART_MODULES, ids=[m[0].__name__ for m in PART_MODULES])
+@pytest.mark.parametrize("name", LOSS_VARIANTS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_every_loss_returns_its_parts(cls, kw, lambda_g, reduction):
-    crit = cls(12, 7, dtype=torch.float64, reduction=reduction, **kw).eval()
-    x, _, y = make_inputs(5, 7, 12, ignored=(3,), norm_range=(2.0, 4.0) if cls is magloss.SphereFaceLoss
-                          else (20.0, 90.0))
+def test_every_loss_returns_its_parts(name, reduction):
+    crit = build_loss(name, 12, 7, dtype=torch.float64, reduction=reduction, **loss_kwargs(name)).eval()
+    by_norm = getattr(crit, "spec", None) is not None and crit.spec.scale_by_norm     # SphereFace's ‖x‖ scale
+    x, _, y = make_inputs(5, 7, 12, ignored=(3,), norm_range=(2.0, 4.0) if by_norm else (20.0, 90.0))
+    lambda_g = LAMBDA_G.get(name, 0.0)
     out = crit(x, y, return_parts=True)
     assert isinstance(out, magloss.LossParts) and magloss.LossParts is magloss.MagFaceOutput
     torch.testing.assert_close(out.loss, crit(x, y), rtol=1e-14, atol=1e-14)
@@ -42,8 +41,7 @@ def test_every_loss_returns_its_parts(cls, kw, lambda_g, reduction):
 
 def test_sharded_style_parts_in_functional_forms():
     x, w, y = make_inputs(4, 6, 8)
-    for fn in (MF.normface_loss, MF.cosface_loss, MF.arcface_loss, MF.combined_margin_loss, MF.magface_loss,
-               MF.magcosface_loss, MF.softmax_loss):
+    for fn in map(loss_functional, LOSS_VARIANTS):
         out = fn(x, w, y, return_parts=True)
         torch.testing.assert_close(out.loss, fn(x, w, y))
 
