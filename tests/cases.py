@@ -266,6 +266,10 @@ class Family:
     lam: Optional[float] = None
 
     @property
+    def cls(self) -> type:
+        return registry.LOSSES[self.loss]
+
+    @property
     def spec(self) -> MarginSpec:
         return module_spec(self.loss, **self.kwargs)
 

@@ -24,6 +24,7 @@ import magloss.distributed as mdist
 from magloss import checkpoint
 
 from _dist_utils import spawn_worlds, split_sizes
+from cases import FP32_TOL, FP64_TOL
 
 WORLD_SIZES = (2, 3, 1)          # spawn order: the checkpoint is written by 2, read by 3, re-written, read by 1
 D = 6
@@ -59,7 +60,7 @@ CASES = [
     ("pfc_rate01_f32", "CosFaceLoss", dict(), torch.float32, 12, "even", "random", "sum", {"rate": 0.1}),
 ]
 CASE_IDS = [c[0] for c in CASES]
-TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-5, atol=1e-5)}
+TOL = {torch.float64: FP64_TOL, torch.float32: FP32_TOL}
 
 
 # -- inputs: the same deterministic global batch in every process --------------------------------

@@ -18,6 +18,7 @@ import magloss
 import magloss.distributed as mdist
 
 from _dist_utils import spawn_worlds, split_sizes
+from cases import FP64_TOL
 
 WORLD_SIZES = (2, 3, 1)
 D, C, STEPS = 6, 17, 2
@@ -32,7 +33,7 @@ CASES = [
     ("pfc_curricular", "CurricularFaceLoss", dict(scale=16.0), 0.5),
 ]
 IDS = [c[0] for c in CASES]
-TOL = dict(rtol=1e-10, atol=1e-10)
+TOL = FP64_TOL
 SEED = 11
 
 
