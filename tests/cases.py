@@ -296,6 +296,14 @@ FAMILIES = {
 ALL = list(FAMILIES)
 
 
+def family(name) -> Family:
+    """FAMILIES[name], or the registry's loss ``name`` at its defaults (KeyError otherwise)."""
+    if name in FAMILIES:
+        return FAMILIES[name]
+    registry.LOSSES[name]
+    return Family(name)
+
+
 @dataclasses.dataclass(frozen=True)
 class Feature:
     """An engine feature case: a :class:`Family`, K sub-centers, the kind of per-row margins

@@ -28,6 +28,7 @@ Tolerances (docs/cuda.md):
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -204,21 +205,10 @@ def test_float64_routes_to_the_chunked_engine():
 
 
 # ---- reductions through the modules ---------------------------------------------------------------
-MODULES = {
-    "arcface": lambda: magloss.ArcFaceLoss(100, 1000),
-    "cosface": lambda: magloss.CosFaceLoss(100, 1000),
-    "normface": lambda: magloss.NormFaceLoss(100, 1000),
-    "combined": lambda: magloss.CombinedMarginLoss(100, 1000, m1=0.9, m2=0.4, m3=0.15),
-    "sphereface": lambda: magloss.SphereFaceLoss(100, 1000),
-    "magface": lambda: magloss.MagFaceLoss(100, 1000),
-    "magcos": lambda: magloss.MagCosFaceLoss(100, 1000),
-    # the stateful and sub-center losses (fresh modules: the same initial state, updated from the same batch)
-    "subcenter_arcface": lambda: magloss.SubCenterArcFaceLoss(100, 1000),
-    "adaface": lambda: magloss.AdaFaceLoss(100, 1000),
-    "curricular": lambda: magloss.CurricularFaceLoss(100, 1000),
-    "elastic_arc_plus": lambda: magloss.ElasticArcFaceLoss(100, 1000, plus=True, seed=3),
-    "elastic_cos": lambda: magloss.ElasticCosFaceLoss(100, 1000, seed=4),
-}
+# every registered loss with a margin (tests/cases.py), variants included; the stateful and sub-center ones
+# as fresh modules: the same initial state, updated from the same batch
+MODULES = {n: functools.partial(cases.build_loss, n, 100, 1000, **cases.loss_kwargs(n))
+           for n in cases.LOSS_VARIANTS if n not in cases.NO_SPEC}
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
