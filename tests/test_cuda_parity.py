@@ -435,7 +435,7 @@ def test_check_mode_variable_is_validated(monkeypatch):
     monkeypatch.setenv("MAGLOSS_CHECK_INPUTS", "sometimes")
     x, w, y, _ = make_case(4, 10, 64, seed=13)
     with pytest.raises(ValueError, match="MAGLOSS_CHECK_INPUTS: expected 'async'"):
-        OP(x.float(), w.float(), y, None, None, None, None, *FAMILIES["arcface"][0].op_args(-1))
+        OP(x.float(), w.float(), y, None, None, None, None, *FAMILIES["arcface"].spec.op_args(-1))
 
 
 # ---- determinism ---------------------------------------------------------------------------------------

@@ -241,7 +241,7 @@ def test_kernel_errors_reach_the_caller_as_cuda_errors(routed):
     """A failed kernel is a sticky CUDA error: the boundary's launch check raises it as a
     RuntimeError naming the kernel, and every later call raises it too until the context is reset."""
     x, w, y, _ = make_case(3, 10, 40, seed=33)
-    args = (x.float(), w.float(), y, None, None, None, None, *FAMILIES["arcface"][0].op_args(-1))
+    args = (x.float(), w.float(), y, None, None, None, None, *FAMILIES["arcface"].spec.op_args(-1))
     emu_engine.controls().emu_fail_next_launch(b"injected fault")
     with pytest.raises(RuntimeError, match="CUDA error: cuda_emu: injected fault in col_norms_kernel"):
         torch.ops.magloss.margin_ce(*args)
