@@ -82,11 +82,12 @@ def _ignore(y, ignored, ignore_index):
     return y
 
 
-def make_inputs(B, C, D, *, dtype=torch.float64, norm_range=(20.0, 90.0), ignored=(), seed=0):
+def make_inputs(B, C, D, *, dtype=torch.float64, norm_range=(20.0, 90.0), ignored=(), seed=0, generator=None):
     """x [B, D] with magnitudes uniform in ``norm_range``, w [C, D] with rows of varied norm (to
     exercise r_j), labels [B] int64 uniform in [0, C) with the rows ``ignored`` set to −1; x and
-    w made in float64 from ``seed`` and cast to ``dtype``."""
-    g = torch.Generator().manual_seed(seed)
+    w made in float64 from ``seed`` and cast to ``dtype``. ``generator``: draw from this CPU
+    generator instead of a new one seeded ``seed`` (a caller that draws more from the same stream)."""
+    g = torch.Generator().manual_seed(seed) if generator is None else generator
     x = torch.randn(B, D, generator=g, dtype=torch.float64)
     lo, hi = norm_range
     mags = lo + (hi - lo) * torch.rand(B, generator=g, dtype=torch.float64)

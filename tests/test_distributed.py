@@ -24,7 +24,7 @@ import magloss.distributed as mdist
 from magloss import checkpoint
 
 from _dist_utils import spawn_worlds, split_sizes
-from cases import FP32_TOL, FP64_TOL
+from cases import FP32_TOL, FP64_TOL, make_inputs
 
 WORLD_SIZES = (2, 3, 1)          # spawn order: the checkpoint is written by 2, read by 3, re-written, read by 1
 D = 6
@@ -79,12 +79,8 @@ def make_case(case):
     num_classes = C_PFC if "rate" in extra else C
     ignore = kwargs.get("ignore_index", -1)
     g = torch.Generator().manual_seed(sum(map(ord, name)))
-    x = torch.randn(total, D, generator=g, dtype=torch.float64)
-    mags = 5.0 + 120.0 * torch.rand(total, generator=g, dtype=torch.float64)   # some outside [l_a, u_a]
-    x = x / x.norm(dim=1, keepdim=True) * mags.unsqueeze(1)
-    w = torch.randn(num_classes, D, generator=g, dtype=torch.float64)
-    w = w * (0.5 + torch.rand(num_classes, 1, generator=g, dtype=torch.float64))
-    y = torch.randint(0, num_classes, (total,), generator=g)
+    # magnitudes in [5, 125]: some outside MagFace's [l_a, u_a]
+    x, w, y = make_inputs(total, num_classes, D, norm_range=(5.0, 125.0), generator=g)
     if pattern == "ignored":
         y[[1, total - 2]] = ignore
     elif pattern == "last_shard":              # every label on the last shard of any world size ≤ 3
