@@ -82,11 +82,13 @@ def _ignore(y, ignored, ignore_index):
     return y
 
 
-def make_inputs(B, C, D, *, dtype=torch.float64, norm_range=(20.0, 90.0), ignored=(), seed=0, generator=None):
+def make_inputs(B, C, D, *, dtype=torch.float64, norm_range=(20.0, 90.0), ignored=(), seed=0, generator=None,
+                device="cpu"):
     """x [B, D] with magnitudes uniform in ``norm_range``, w [C, D] with rows of varied norm (to
-    exercise r_j), labels [B] int64 uniform in [0, C) with the rows ``ignored`` set to −1; x and
-    w made in float64 from ``seed`` and cast to ``dtype``. ``generator``: draw from this CPU
-    generator instead of a new one seeded ``seed`` (a caller that draws more from the same stream)."""
+    exercise r_j), labels [B] int64 uniform in [0, C) with the rows ``ignored`` set to −1; made in
+    float64 on the CPU from ``seed`` (the same numbers on every device), x and w cast to ``dtype``,
+    all three moved to ``device``. ``generator``: draw from this CPU generator instead of a new one
+    seeded ``seed`` (for a caller that draws more from the same stream)."""
     g = torch.Generator().manual_seed(seed) if generator is None else generator
     x = torch.randn(B, D, generator=g, dtype=torch.float64)
     lo, hi = norm_range
@@ -94,7 +96,7 @@ def make_inputs(B, C, D, *, dtype=torch.float64, norm_range=(20.0, 90.0), ignore
     x = x / x.norm(dim=1, keepdim=True) * mags.unsqueeze(1)
     w = torch.randn(C, D, generator=g, dtype=torch.float64) * (0.5 + torch.rand(C, 1, generator=g, dtype=torch.float64))
     y = _ignore(torch.randint(0, C, (B,), generator=g), ignored, -1)
-    return x.to(dtype), w.to(dtype), y
+    return x.to(device, dtype), w.to(device, dtype), y.to(device)
 
 
 def make_case(B, C, D, *, seed=0, ignored=(), ignore_index=-1, norm_range=(5.0, 120.0), label_dtype=torch.int64,
