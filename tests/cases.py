@@ -26,11 +26,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import math
 import warnings
 from typing import Optional
-
-import inspect
 
 import torch
 
@@ -153,15 +152,6 @@ def make_feature_case(B, C, D, K=1, *, seed=0, ignored=(), ignore_index=-1, devi
 def lam_tensor(lam, device="cpu"):
     """SphereFace's λ as the op takes it: a 0-d float32 tensor, or None."""
     return None if lam is None else torch.tensor(float(lam), device=device)
-
-
-def quiet_magface(**kw):
-    """A MagFace-family module without the lambda_g warning (tests that lower lambda_g on purpose)."""
-    import magloss
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return magloss.MagFaceLoss(**kw)
 
 
 # ---- the losses ---------------------------------------------------------------------------------------
@@ -303,7 +293,8 @@ def family(name) -> Family:
     """FAMILIES[name], or the registry's loss ``name`` at its defaults (KeyError otherwise)."""
     if name in FAMILIES:
         return FAMILIES[name]
-    registry.LOSSES[name]
+    if name not in registry.LOSSES:
+        raise KeyError(f"{name!r}: neither a FAMILIES row nor a registered loss")
     return Family(name)
 
 
