@@ -238,7 +238,7 @@ def test_state_dict_round_trip_continues_the_run(name, group, one_thread):
 @pytest.mark.parametrize("name", ALL)
 def test_bad_labels_are_errors_naming_labels_and_change_nothing(name, group, one_thread):
     x, y = _batch()
-    for form, m in _forms(name, group):
+    for _form, m in _forms(name, group):
         before = _state(m)
         with pytest.raises(TypeError, match=r"^labels: .*int64"):
             m(x, y.float())
