@@ -25,24 +25,16 @@ from __future__ import annotations
 import os
 import sys
 
-import _backend
 import torch
 
 import magloss  # registers the ops
 from magloss import _ext
-from magloss.margins import MarginSpec
+
+import _backend
+from cases import family
 
 OP = torch.ops.magloss.margin_ce
 OP_BWD = torch.ops.magloss.margin_ce_backward
-
-SPECS = {
-    "arcface": (MarginSpec.combined(64.0, 1.0, 0.5, 0.0), None),
-    "combined": (MarginSpec.combined(64.0, 0.9, 0.4, 0.15), None),
-    "sphereface": (MarginSpec.sphere(4), 5.0),
-    "magface": (MarginSpec.magface(), None),
-    "magcos": (MarginSpec.magcos(), None),
-    "adaface": (MarginSpec.combined(64.0, 1.0, 0.0, 0.0, boundary=2), None),  # CLIP, per-row margins
-}
 
 
 def run_case(name, B, C, D, dtype=torch.float32, chunk=None, ignored=(), label_dtype=torch.int64, simt=False,
@@ -60,7 +52,7 @@ def run_case(name, B, C, D, dtype=torch.float32, chunk=None, ignored=(), label_d
         else:
             os.environ[k] = v
     try:
-        spec, lam = SPECS[name]
+        spec, lam = family(name)             # tests/cases.py: a FAMILIES row or a registered loss
         spec = spec.with_subcenters(K) if K > 1 else spec
         dev = backend.device
         g = torch.Generator(device=dev).manual_seed(B * 7919 + C)
@@ -119,7 +111,7 @@ CASES = [
     dict(name="combined", B=33, C=300, D=100, chunk=128, label_dtype=torch.int32),
     dict(name="sphereface", B=9, C=70, D=65, chunk=32, ignored=(0, 8)),
     dict(name="magface", B=40, C=257, D=31, dtype=torch.bfloat16, chunk=100),
-    dict(name="magcos", B=17, C=129, D=96, dtype=torch.float16, chunk=64),
+    dict(name="magcosface", B=17, C=129, D=96, dtype=torch.float16, chunk=64),
     dict(name="arcface", B=12, C=90, D=40, dtype=torch.bfloat16, simt=True, chunk=50),
     dict(name="magface", B=12, C=90, D=40, simt=True),
     dict(name="magface", B=40, C=257, D=31, dtype=torch.bfloat16, w_dtype=torch.float32, chunk=100),

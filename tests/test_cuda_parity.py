@@ -28,6 +28,7 @@ Tolerances (docs/cuda.md):
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -57,10 +58,12 @@ DEV = BACKEND.device
 OP = torch.ops.magloss.margin_ce
 OP_BWD = torch.ops.magloss.margin_ce_backward
 
-# ---- families, oracle, tolerances: tests/_parity_common.py ----------------------------------------
+# ---- families and inputs: tests/cases.py; oracle and assertions: tests/_parity_common.py -------------
 import _parity_common  # noqa: E402
-from _parity_common import (ALL, FAMILIES, NO_EXTRAS, assert_fp32_parity, assert_rounded_fp32_parity,  # noqa: E402
-                            assert_within_eager, eager_lowp, oracle, rel, tf32)
+import cases  # noqa: E402
+from cases import ALL, FAMILIES, rel  # noqa: E402
+from _parity_common import (NO_EXTRAS, assert_fp32_parity, assert_rounded_fp32_parity,  # noqa: E402
+                            assert_within_eager, eager_lowp, oracle, tf32)
 
 
 def synchronize():
@@ -93,12 +96,12 @@ def _no_pending_input_errors(request):
 
 
 def make_case(*args, **kwargs):
-    """_parity_common.make_case on this suite's device."""
-    return _parity_common.make_case(*args, device=DEV, **kwargs)
+    """cases.make_case on this suite's device."""
+    return cases.make_case(*args, device=DEV, **kwargs)
 
 
 def lam_tensor(lam):
-    return _parity_common.lam_tensor(lam, DEV)
+    return cases.lam_tensor(lam, DEV)
 
 
 def fused(x, w, y, spec, ii, lam, grads, extras=NO_EXTRAS):
@@ -202,21 +205,10 @@ def test_float64_routes_to_the_chunked_engine():
 
 
 # ---- reductions through the modules ---------------------------------------------------------------
-MODULES = {
-    "arcface": lambda: magloss.ArcFaceLoss(100, 1000),
-    "cosface": lambda: magloss.CosFaceLoss(100, 1000),
-    "normface": lambda: magloss.NormFaceLoss(100, 1000),
-    "combined": lambda: magloss.CombinedMarginLoss(100, 1000, m1=0.9, m2=0.4, m3=0.15),
-    "sphereface": lambda: magloss.SphereFaceLoss(100, 1000),
-    "magface": lambda: magloss.MagFaceLoss(100, 1000),
-    "magcos": lambda: magloss.MagCosFaceLoss(100, 1000),
-    # the stateful and sub-center losses (fresh modules: the same initial state, updated from the same batch)
-    "subcenter_arcface": lambda: magloss.SubCenterArcFaceLoss(100, 1000),
-    "adaface": lambda: magloss.AdaFaceLoss(100, 1000),
-    "curricular": lambda: magloss.CurricularFaceLoss(100, 1000),
-    "elastic_arc_plus": lambda: magloss.ElasticArcFaceLoss(100, 1000, plus=True, seed=3),
-    "elastic_cos": lambda: magloss.ElasticCosFaceLoss(100, 1000, seed=4),
-}
+# every registered loss with a margin (tests/cases.py), variants included; the stateful and sub-center ones
+# as fresh modules: the same initial state, updated from the same batch
+MODULES = {n: functools.partial(cases.build_loss, n, 100, 1000, **cases.loss_kwargs(n))
+           for n in cases.LOSS_VARIANTS if n not in cases.NO_SPEC}
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -443,7 +435,7 @@ def test_check_mode_variable_is_validated(monkeypatch):
     monkeypatch.setenv("MAGLOSS_CHECK_INPUTS", "sometimes")
     x, w, y, _ = make_case(4, 10, 64, seed=13)
     with pytest.raises(ValueError, match="MAGLOSS_CHECK_INPUTS: expected 'async'"):
-        OP(x.float(), w.float(), y, None, None, None, None, *FAMILIES["arcface"][0].op_args(-1))
+        OP(x.float(), w.float(), y, None, None, None, None, *FAMILIES["arcface"].spec.op_args(-1))
 
 
 # ---- determinism ---------------------------------------------------------------------------------------
@@ -821,7 +813,7 @@ def test_half_products_round_once(dtype):
 # modulation of the non-label columns, K sub-centers, alone and combined, against the float64
 # oracle with the same inputs. Shapes: B = 1, odd B, 5 row blocks; C·K wider than a block.
 # =====================================================================================================
-from _parity_common import FEATURES, feature_inputs  # noqa: E402
+from cases import FEATURES, feature_inputs  # noqa: E402
 
 FEATURE_SHAPES = [(1, 7, 40), (5, 13, 33), (37, 300, 72)]
 
@@ -922,7 +914,7 @@ def test_feature_opcheck():
 def test_constant_row_margins_equal_the_scalars(boundary):
     """row_margins filled with the spec's (m2, m3) gives exactly the scalar path's bits."""
     spec = MarginSpec.combined(64.0, 1.0, 0.45, 0.1, boundary=boundary)
-    x, w, y, grads = _parity_common.make_feature_case(37, 300, 72, seed=58, ignored=(4,), device=DEV)
+    x, w, y, grads = cases.make_feature_case(37, 300, 72, seed=58, ignored=(4,), device=DEV)
     x, w = x.float(), w.float()
     rm = torch.tensor([[0.45, 0.1]], device=DEV).expand(37, 2).contiguous()
     a = fused(x, w, y, spec, -1, None, grads)
@@ -999,7 +991,7 @@ def test_feature_nan_embedding_row(monkeypatch):
 def _bad_feature_args(dev=None):
     """name -> (op args, argument named in the error), on ``dev`` (default: the suite's device)."""
     dev = dev or DEV
-    x, w, y, _ = _parity_common.make_case(6, 12, 40, seed=63, device=dev)
+    x, w, y, _ = cases.make_case(6, 12, 40, seed=63, device=dev)
     x, w = x.float(), w.float()
     rm = torch.zeros(6, 2, device=dev)
     tau, t = torch.zeros(6, device=dev), torch.tensor(0.1, device=dev)

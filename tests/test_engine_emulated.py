@@ -29,7 +29,8 @@ except build.EmulatorUnavailable as exc:
     pytest.skip(f"CUDA emulator unavailable: {exc}", allow_module_level=True)
 
 import magloss  # noqa: E402
-from _parity_common import FAMILIES, assert_fp32_parity, make_case, oracle  # noqa: E402
+from _parity_common import assert_fp32_parity, oracle  # noqa: E402
+from cases import FAMILIES, make_case  # noqa: E402
 
 SCHEDULES = [0, 1, 2]
 
@@ -240,7 +241,7 @@ def test_kernel_errors_reach_the_caller_as_cuda_errors(routed):
     """A failed kernel is a sticky CUDA error: the boundary's launch check raises it as a
     RuntimeError naming the kernel, and every later call raises it too until the context is reset."""
     x, w, y, _ = make_case(3, 10, 40, seed=33)
-    args = (x.float(), w.float(), y, None, None, None, None, *FAMILIES["arcface"][0].op_args(-1))
+    args = (x.float(), w.float(), y, None, None, None, None, *FAMILIES["arcface"].spec.op_args(-1))
     emu_engine.controls().emu_fail_next_launch(b"injected fault")
     with pytest.raises(RuntimeError, match="CUDA error: cuda_emu: injected fault in col_norms_kernel"):
         torch.ops.magloss.margin_ce(*args)

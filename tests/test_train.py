@@ -355,7 +355,7 @@ def test_image_folder_with_other_sizes_is_resized(tmp_path):
     DataLoader workers: the first image's size is not a multiple of 16, --image-size resizes."""
     rng = np.random.default_rng(1)
     root = tmp_path / "people"
-    for c, name in enumerate(["ann", "bob", "cy"]):
+    for name in ["ann", "bob", "cy"]:
         (root / name).mkdir(parents=True)
         for j in range(4):
             px = np.clip(rng.integers(0, 256, size=3) + rng.integers(-20, 20, size=(20, 24, 3)), 0, 255)
