@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from scipy.optimize import brentq
 
 import magloss
-from conftest import make_inputs
+from cases import make_inputs
 from magloss import onevsall as OVA
 
 NAMES = ("sface", "uniface", "sphereface2", "p2sgrad")

@@ -11,10 +11,13 @@ import torch.distributed as dist
 
 import magloss
 from _dist_utils import spawn
-from conftest import make_inputs
+from cases import make_inputs
 from magloss import registry
 
 NAMES = ("sface", "uniface", "sphereface2", "p2sgrad")
+#: (name, single-process class name): the losses this spawned suite covers, in the form of the
+#: other spawned suites' CASES tables (tests/test_registry.py checks every sharded twin is covered).
+CASES = [(name, registry.LOSSES[name].__name__) for name in NAMES]
 B, C, D = 9, 11, 5
 SPLIT = (5, 4)           # uneven batch; C = 11 gives shards of 6 and 5 classes
 KW = {"sface": dict(scale=16.0, k=20.0), "uniface": dict(scale=8.0, bias_init=1.0),
