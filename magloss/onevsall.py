@@ -32,6 +32,7 @@ they run this chunked engine.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -307,7 +308,7 @@ def one_vs_all_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, kind: in
 
     embeddings [B, D] (any magnitude; float16/bfloat16/float32/float64), weight [C, D] (same
     dtype, or float32 under autocast), labels [B] int64/int32 in [0, C) or ``ignore_index``,
-    bias a one-element tensor (UniFace, SphereFace2) or None. Returns a 0-d (or [B]) float32
+    bias a one-element tensor (UniFace, SphereFace2; a Python float is a fixed b) or None. Returns a 0-d (or [B]) float32
     tensor (float64 for float64 inputs); with ``return_parts`` a
     :class:`magloss.functional.LossParts` (ce = loss, reg = 0, norms = ‖x_i‖).
 
@@ -320,6 +321,8 @@ def one_vs_all_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, kind: in
     ignore_index = check_ignore_index(ignore_index)
     embeddings, weight, up = MF.autocast_inputs(embeddings, weight)
     check_inputs(embeddings, weight, labels)
+    if isinstance(bias, numbers.Real) and not isinstance(bias, bool):     # a fixed b
+        bias = torch.tensor([float(bias)], dtype=compute_dtype(embeddings.dtype), device=embeddings.device)
     rows = one_vs_all(embeddings, weight, labels, bias, int(kind), [float(p) for p in params], int(ignore_index))
     norms = embeddings.detach().to(rows.dtype).norm(dim=1)
     if up is not None:
@@ -361,7 +364,7 @@ def uniface_loss(embeddings, weight, labels, bias, scale: float = 64.0, margin: 
                  return_parts: bool = False):
     """UniFace's unified cross-entropy (Zhou et al. 2023): L_i = softplus(−[s(c_iy − m) − b]) +
     λ·Σ_{j≠y} softplus(s·c_ij − b), each logit clamped to [−s, s] (no gradient outside), as
-    CVI-SZU/UniFace. ``bias``: the learnable b (one-element tensor). Defaults s 64, m 0.4, λ 1."""
+    CVI-SZU/UniFace. ``bias``: the learnable b (one-element tensor; a float is a fixed b). Defaults s 64, m 0.4, λ 1."""
     return one_vs_all_loss(embeddings, weight, labels, UNIFACE, uniface_params(scale, margin, neg_weight), bias,
                            ignore_index=ignore_index, reduction=reduction, return_parts=return_parts)
 

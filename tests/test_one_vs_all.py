@@ -401,3 +401,15 @@ def test_functional_forms_validate_like_the_modules():
             (lambda: OVA.p2sgrad_loss(x, w, y.float()), TypeError, r"^labels: ")):
         with pytest.raises(err, match=match):
             call()
+
+
+def test_a_float_bias_is_a_fixed_bias():
+    x, w, y = make_inputs(5, 4, 3, ignored=(0,), seed=17)
+    for fn in (OVA.uniface_loss, OVA.sphereface2_loss):
+        xg = x.clone().requires_grad_()
+        got = fn(xg, w, y, 1.5)
+        got.backward()
+        xt = x.clone().requires_grad_()
+        want = fn(xt, w, y, torch.tensor([1.5], dtype=torch.float64))
+        want.backward()
+        assert got.item() == want.item() and torch.equal(xg.grad, xt.grad)
