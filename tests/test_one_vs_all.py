@@ -413,3 +413,22 @@ def test_a_float_bias_is_a_fixed_bias():
         want = fn(xt, w, y, torch.tensor([1.5], dtype=torch.float64))
         want.backward()
         assert got.item() == want.item() and torch.equal(xg.grad, xt.grad)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_nan_class_row_with_checks_off(name, monkeypatch):
+    """A NaN in class row j: every row's sum sees column j, so every loss row and every ∂x row is NaN,
+    as is ∂w_j; the other classes' gradients stay finite, since a sum over classes (unlike a softmax)
+    has no normalizer through which column j reaches them (what autograd of the upstream heads gives)."""
+    monkeypatch.setenv("MAGLOSS_CHECK_INPUTS", "off")
+    x, _, y = make_inputs(6, 5, 4, ignored=(4,), seed=13)
+    m = _module(name, 4, 5)
+    with torch.no_grad():
+        m.weight[2, 1] = math.nan
+    xg = x.clone().requires_grad_()
+    m.reduction = "none"
+    rows = m(xg, y)
+    assert torch.isnan(rows[[0, 1, 2, 3, 5]]).all() and rows[4] == 0
+    rows.sum().backward()
+    assert torch.isnan(xg.grad[[0, 1, 2, 3, 5]]).all() and torch.isnan(m.weight.grad[2]).all()
+    assert torch.isfinite(m.weight.grad[[0, 1, 3, 4]]).all()
