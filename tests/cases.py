@@ -34,6 +34,7 @@ from typing import Optional
 import torch
 
 import magloss.functional as MF
+import magloss.onevsall as OVA
 from magloss import registry
 from magloss.margins import SPHERE, MarginSpec
 
@@ -210,6 +211,10 @@ FUNCTIONAL = {
     "subcenter_arcface": _with(MF.subcenter_arcface_loss, subcenters=1),
     "elastic_arcface": _with(MF.elastic_arcface_loss, generator=_seeded),
     "elastic_cosface": _with(MF.elastic_cosface_loss, generator=_seeded),
+    "sface": OVA.sface_loss,
+    "uniface": _with(OVA.uniface_loss, bias=2.0),
+    "sphereface2": _with(OVA.sphereface2_loss, bias=-5.0),
+    "p2sgrad": OVA.p2sgrad_loss,
 }
 
 
@@ -331,7 +336,7 @@ FEATURES = {
     "subcenter_adaface_curricular": Feature(Family("adaface"), K=3, margins="adaface", curricular=True),
 }
 #: The registry's losses with no margin spec (so no FAMILIES or FEATURES row).
-NO_SPEC = {"softmax"}
+NO_SPEC = {"softmax", "sface", "uniface", "sphereface2", "p2sgrad"}
 
 
 def row_margins(kind, B, g, dtype=torch.float64):

@@ -74,6 +74,8 @@ def test_every_sharded_loss_has_a_distributed_case():
     registered loss with a class-sharded twin has a case in one of them."""
     import test_distributed
     import test_distributed_adaptive
+    import test_one_vs_all_distributed
 
-    covered = {c[1] for c in test_distributed.CASES} | {c[1] for c in test_distributed_adaptive.CASES}
+    covered = {c[1] for c in test_distributed.CASES} | {c[1] for c in test_distributed_adaptive.CASES} \
+        | {c[1] for c in test_one_vs_all_distributed.CASES}
     assert covered == {registry.LOSSES[n].__name__ for n in registry.LOSSES if registry.sharded(n) is not None}

@@ -297,7 +297,8 @@ BAD = [
     (lambda f, t: [f, "--loss", "circleloss"],
      r"argument --loss: invalid choice: 'circleloss' \(choose from '?softmax'?, '?normface'?, '?cosface'?, "
      r"'?arcface'?, '?combined'?, '?sphereface'?, '?magface'?, '?magcosface'?, '?adaface'?, '?curricularface'?, "
-     r"'?subcenter_arcface'?, '?elastic_arcface'?, '?elastic_cosface'?\)"),
+     r"'?subcenter_arcface'?, '?elastic_arcface'?, '?elastic_cosface'?, '?sface'?, '?uniface'?, '?sphereface2'?, "
+     r"'?p2sgrad'?\)"),
     (lambda f, t: [f, "--loss", "arcface", "--l-a", "5"],
      r"--l-a is not an option of --loss arcface \(its options: --scale, --margin, --easy-margin, --straight-through\)"),
     (lambda f, t: [f, "--loss", "sphereface", "--margin", "1.5"], r"--margin: --loss sphereface expects an integer"),
