@@ -504,19 +504,25 @@ def shard(module: losses.MarginLoss, *, sample_rate: float = 1.0, seed: int = 0,
     :class:`ShardedMarginLoss` for a bare MarginLoss) on ``device`` (default: the
     module's device, CPU for meta). :class:`magloss.SoftmaxLoss` is not supported.
     """
-    if isinstance(module, losses.OneVsAllLoss):
-        return _shard_one_vs_all(module, sample_rate=sample_rate, seed=seed, ddp_backbone=ddp_backbone, group=group,
-                                 device=device)
-    if not isinstance(module, losses.MarginLoss):
-        raise TypeError(f"module: expected a magloss margin loss (NormFace ... MagCosFace), got "
+    one_vs_all = isinstance(module, losses.OneVsAllLoss)
+    if not one_vs_all and not isinstance(module, losses.MarginLoss):
+        raise TypeError(f"module: expected a magloss margin or one-vs-all loss, got "
                         f"{type(module).__name__}; SoftmaxLoss has no sharded counterpart")
     src = module.weight
     if device is None:
         device = torch.device("cpu") if src.device.type == "meta" else src.device
-    cls = _SHARDED.get(type(module), ShardedMarginLoss)
+    cls = _SHARDED.get(type(module), ShardedOneVsAllLoss if one_vs_all else ShardedMarginLoss)
     out = cls.__new__(cls)
-    _init_from(out, module, sample_rate=sample_rate, seed=seed, ddp_backbone=ddp_backbone, group=group,
-               device=device, dtype=src.dtype)
+    (_init_one_vs_all if one_vs_all else _init_from)(out, module, sample_rate=sample_rate, seed=seed,
+                                                     ddp_backbone=ddp_backbone, group=group, device=device,
+                                                     dtype=src.dtype)
+    if one_vs_all:
+        if src.device.type != "meta":
+            with torch.no_grad():
+                out.weight.copy_(src[out.shard_start:out.shard_end])
+                if module.bias is not None:
+                    out.bias.copy_(module.bias)
+        return out
     if src.device.type != "meta":
         k = module.spec.subcenters
         with torch.no_grad():
@@ -664,21 +670,3 @@ class ShardedP2SGradLoss(ShardedOneVsAllLoss):
 
 for _cls in (ShardedSFaceLoss, ShardedUniFaceLoss, ShardedSphereFace2Loss, ShardedP2SGradLoss):
     _SHARDED[_cls._single] = _cls
-
-
-def _shard_one_vs_all(module: losses.OneVsAllLoss, *, sample_rate, seed, ddp_backbone, group, device):
-    """:func:`shard` of a one-vs-all module: its shard's rows of ``weight`` and its ``bias`` copied
-    (a meta module gives the sharded initialisation)."""
-    src = module.weight
-    if device is None:
-        device = torch.device("cpu") if src.device.type == "meta" else src.device
-    cls = _SHARDED.get(type(module), ShardedOneVsAllLoss)
-    out = cls.__new__(cls)
-    _init_one_vs_all(out, module, sample_rate=sample_rate, seed=seed, ddp_backbone=ddp_backbone, group=group,
-                     device=device, dtype=src.dtype)
-    if src.device.type != "meta":
-        with torch.no_grad():
-            out.weight.copy_(src[out.shard_start:out.shard_end])
-            if module.bias is not None:
-                out.bias.copy_(module.bias)
-    return out
