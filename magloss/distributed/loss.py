@@ -271,22 +271,28 @@ class ShardedMarginLoss(nn.Module):
         AdaFace, CurricularFace and ElasticFace twins override it with their state mixin)."""
         return None, None, None, None
 
-    def forward(self, embeddings: Tensor, labels: Tensor, return_parts: bool = False):
+    def _global_batch(self, embeddings: Tensor, labels: Tensor):
+        """The checks, then the global batch: (x_all, valid, local labels, this shard's (sampled)
+        weight rows). Every rank gathers every row; a row's label is local where its class is
+        on this shard, else _NO_LABEL."""
         self._check_local(embeddings, labels)
-        group = self.group
-        table = self._gather_header(labels, comm_device(group, embeddings.device))
+        table = self._gather_header(labels, comm_device(self.group, embeddings.device))
         self._check_labels(table)
         sizes = [size for size, _, _ in table]
         self.last_batch_sizes = sizes
         if self.ddp_backbone and self.world_size > 1:   # DDP divides by the world size: compensate
             embeddings = scale_grad(embeddings, float(self.world_size))
-        x_all = gather_rows(embeddings, sizes, group)
-        labels_all = gather_rows(labels.to(torch.int64), sizes, group)
-
+        x_all = gather_rows(embeddings, sizes, self.group)
+        labels_all = gather_rows(labels.to(torch.int64), sizes, self.group)
         valid = labels_all != self.ignore_index
         on_shard = valid & (labels_all >= self.shard_start) & (labels_all < self.shard_end)
         local = torch.where(on_shard, labels_all - self.shard_start, torch.full_like(labels_all, _NO_LABEL))
         weight, local = self._shard_weight(local, on_shard)
+        return x_all, valid, local, weight
+
+    def forward(self, embeddings: Tensor, labels: Tensor, return_parts: bool = False):
+        group = self.group
+        x_all, valid, local, weight = self._global_batch(embeddings, labels)
 
         # The state's inputs come from the global batch, identical on every rank; the label cosine
         # of a row is computed by the rank that owns its class and shared by a sum.
@@ -598,20 +604,8 @@ class ShardedOneVsAllLoss(ShardedMarginLoss):
                 self.bias.fill_(self.bias_init)
 
     def forward(self, embeddings: Tensor, labels: Tensor, return_parts: bool = False):
-        self._check_local(embeddings, labels)
         group = self.group
-        table = self._gather_header(labels, comm_device(group, embeddings.device))
-        self._check_labels(table)
-        sizes = [size for size, _, _ in table]
-        self.last_batch_sizes = sizes
-        if self.ddp_backbone and self.world_size > 1:
-            embeddings = scale_grad(embeddings, float(self.world_size))
-        x_all = gather_rows(embeddings, sizes, group)
-        labels_all = gather_rows(labels.to(torch.int64), sizes, group)
-        valid = labels_all != self.ignore_index
-        on_shard = valid & (labels_all >= self.shard_start) & (labels_all < self.shard_end)
-        local = torch.where(on_shard, labels_all - self.shard_start, torch.full_like(labels_all, _NO_LABEL))
-        weight, local = self._shard_weight(local, on_shard)
+        x_all, valid, local, weight = self._global_batch(embeddings, labels)
         x_all, weight, up = MF.autocast_inputs(x_all, weight)
         bias = None if self.bias is None else _ReplicatedParameter.apply(self.bias, group)
         rows = OVA.one_vs_all(x_all, weight, local, bias, self.kind, list(self.params), _NO_LABEL)
