@@ -20,7 +20,10 @@ import os
 
 from setuptools import setup
 
-DEFAULT_ARCHS = "7.5;8.0;8.6;9.0+PTX"
+#: the architectures built when none is asked for and no GPU is visible: csrc/cuda_archs.txt (the one
+#: list; CMakeLists.txt and .ci/compile_check.sh read it too), plus PTX of the newest for later GPUs
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "cuda_archs.txt")) as _f:
+    DEFAULT_ARCHS = _f.read().strip() + "+PTX"
 
 
 def _cuda_extension():

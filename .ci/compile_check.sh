@@ -10,7 +10,7 @@
 #
 # Exits 0 with "nvcc not found: compile check skipped" when there is no CUDA toolkit.
 # Env: NVCC (default: nvcc on PATH, else /usr/local/cuda/bin/nvcc), PYTHON (default python3),
-#      MAGLOSS_CUDA_ARCHS (default "75;80;86;90"), KEEP_BUILD=1 keeps the temp dir.
+#      MAGLOSS_CUDA_ARCHS (default: csrc/cuda_archs.txt), KEEP_BUILD=1 keeps the temp dir.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,7 +25,7 @@ if ! command -v cmake >/dev/null 2>&1; then
   exit 0
 fi
 PYTHON="${PYTHON:-python3}"
-ARCHS="${MAGLOSS_CUDA_ARCHS:-75;80;86;90}"
+ARCHS="${MAGLOSS_CUDA_ARCHS:-$(tr -d '.\n' <csrc/cuda_archs.txt)}"   # the one list, "7.5;8.0" -> "75;80"
 BUILD="$(mktemp -d "${TMPDIR:-/tmp}/magloss-compile-check.XXXXXX")"
 cleanup() { if [[ "${KEEP_BUILD:-0}" != "1" ]]; then rm -rf "$BUILD"; else echo "build kept in $BUILD"; fi; }
 trap cleanup EXIT

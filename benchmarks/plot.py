@@ -29,6 +29,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.catalog import LOSS_FREE, PLAIN_CE  # noqa: E402
+
 STYLE = {
     "magloss": dict(color="#d62728", marker="o", lw=2.4),
     "magloss (fp32-simt)": dict(color="#ff9896", marker="o", lw=2.0, ls="--"),
@@ -39,10 +45,11 @@ STYLE = {
     "pml": dict(color="#9467bd", marker="D"),
     "liger": dict(color="#ff7f0e", marker="P", ls="--"),
     "cce": dict(color="#bcbd22", marker="X", ls="--"),
+    "torch-lce": dict(color="#17becf", marker="h", ls="--"),
+    "torch-lce-chunked": dict(color="#9edae5", marker="H", ls="--"),
     "floor": dict(color="#7f7f7f", marker=".", ls=":", lw=2.0),
 }
-PLAIN = {"liger": "liger (plain CE)", "cce": "cce (plain CE)", "floor": "floor (matmul)"}
-LOSS_FREE = ("liger", "cce", "floor")
+PLAIN = {p: f"{p} (plain CE)" if p in PLAIN_CE else f"{p} ({what})" for p, what in LOSS_FREE.items()}
 TARGET_EAGER = {"fp32": 0.5, "tf32": 0.25, "bf16": 0.25}
 TARGET_FLOOR = {"fp32": 1.2, "tf32": 1.5, "bf16": 1.5}
 

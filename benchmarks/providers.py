@@ -20,6 +20,11 @@ Providers (``PROVIDERS``), all timed on the same inputs:
 * ``pml``: pytorch-metric-learning's ArcFaceLoss / CosFaceLoss (no MagFace there).
 * ``liger``: Liger-Kernel's fused linear cross entropy. PLAIN CE: no normalization, no margin.
 * ``cce``: Cut Cross-Entropy (``cut_cross_entropy.linear_cross_entropy``). PLAIN CE.
+* ``torch-lce``: torch's own ``torch.nn.functional.linear_cross_entropy`` (torch ≥ 2.13) with
+  ``options=None``, its reference path (``cross_entropy(linear(x, W), y)``). PLAIN CE.
+* ``torch-lce-chunked``: the same with ``options=torch.nn.LinearCrossEntropyOptions()``, its chunked
+  path (the batch in pieces, the B×C logits never whole; gradients computed in the forward). PLAIN
+  CE. Both are Unavailable, with the reason, where the installed torch lacks them.
 * ``floor``: the bare matrix products of the same shapes with torch.matmul:
   forward X[B,D]·Wᵀ[D,C]; backward G[B,C]·W[C,D] and Gᵀ[C,B]·X[B,D].
 * ``chunked-speed`` / ``chunked-flat``: ``chunked`` with the engine's path forced
@@ -28,8 +33,8 @@ Providers (``PROVIDERS``), all timed on the same inputs:
   recomputes them in the backward (four products, memory flat in C).
 
 Precisions: ``fp32`` (TF32 off), ``tf32``, ``bf16`` (autocast, fp32 leaves),
-``fp32-simt`` (fp32 with MAGLOSS_FORCE_SIMT=1, magloss only). Liger, CCE and the floor
-get bf16 tensors directly in ``bf16`` (their own benchmarks' setting, and the floor is
+``fp32-simt`` (fp32 with MAGLOSS_FORCE_SIMT=1, magloss only). Liger, CCE, torch's
+linear_cross_entropy and the floor get bf16 tensors directly in ``bf16`` (their own benchmarks' setting, and the floor is
 the bare product), everything else runs under ``torch.autocast`` with fp32 x and W.
 """
 
@@ -45,32 +50,14 @@ from torch import Tensor
 
 try:  # run as a script (benchmarks/run.py) or imported as the benchmarks package
     from benchmarks import eager as eager_impl
+    from benchmarks.catalog import LABELS, LOSS_FREE, PLAIN_CE, PROVIDERS
 except ImportError:  # pragma: no cover
     import eager as eager_impl  # type: ignore[no-redef]
+    from catalog import LABELS, LOSS_FREE, PLAIN_CE, PROVIDERS  # type: ignore[no-redef]
 
 __all__ = ["PROVIDERS", "LABELS", "PLAIN_CE", "LOSS_FREE", "PRECISIONS", "LOSSES", "Case", "Runner",
            "Unavailable", "build", "precision_context", "make_inputs"]
 
-PROVIDERS = ["magloss", "chunked", "reference", "eager", "eager-fullmatrix", "compile", "pml", "liger", "cce", "floor",
-             "chunked-speed", "chunked-flat"]
-LABELS = {
-    "magloss": "magloss fused CUDA engine",
-    "chunked": "magloss chunked PyTorch engine (the ops' default kernel without the fused ones)",
-    "reference": "magloss reference engine (pure PyTorch, autograd)",
-    "eager": "eager upstream-style PyTorch (benchmarks/eager.py), margin on the label column",
-    "eager-fullmatrix": "eager upstream-style PyTorch, margin over the full matrix (one-hot mix)",
-    "compile": "torch.compile of eager",
-    "pml": "pytorch-metric-learning ArcFaceLoss/CosFaceLoss",
-    "liger": "Liger-Kernel fused linear CE (plain CE: no normalization, no margin)",
-    "cce": "Cut Cross-Entropy (plain CE: no normalization, no margin)",
-    "floor": "bare matrix products, torch.matmul (the floor)",
-    "chunked-speed": "magloss chunked engine, speed path forced (forward's products kept: 3 products)",
-    "chunked-flat": "magloss chunked engine, flat path forced (products recomputed: 4 products, memory flat in C)",
-}
-#: providers that compute plain cross entropy, not the margin loss (labelled as such)
-PLAIN_CE = ("liger", "cce")
-#: providers whose work does not depend on the loss: run once per shape, recorded with this loss name
-LOSS_FREE = {"liger": "plain-ce", "cce": "plain-ce", "floor": "matmul"}
 PRECISIONS = ["fp32", "tf32", "bf16", "fp32-simt"]
 LOSSES = ["arcface", "magface", "cosface"]
 #: providers that have a distinct no-tensor-core path; the others' fp32 runs are already SIMT
@@ -183,17 +170,13 @@ def _magloss(case: Case) -> Runner:
         raise Unavailable(f"fused engine not active: {st['reason']}")
     fn = getattr(magloss.functional, _FUNCTIONAL[case.loss])
     x, w, y = make_inputs(case)
-    notes = "magloss.functional, fused kernels"
-    ext = getattr(magloss._ext, "_C", None)
-    dev_index = torch.device(case.device).index or 0
-    if ext is not None and hasattr(ext, "simt_path"):
-        simt = bool(ext.simt_path(dev_index))        # reads MAGLOSS_FORCE_SIMT, set by precision_context
-        if case.precision == "fp32-simt" and not simt:
-            raise Unavailable("MAGLOSS_FORCE_SIMT=1 did not select the plain-fp32 path (simt_path() is False)")
-        notes += f", simt_path={simt}"
-    if ext is not None and hasattr(ext, "chunk_columns"):
-        notes += f", chunk_columns={int(ext.chunk_columns(case.B, case.C))}"
-    return Runner(lambda: fn(x, w, y), _loss_backward, [x, w], _autocast(case), notes=notes)
+    ext = magloss._ext._C                              # loaded: "fused" says so
+    simt = bool(ext.simt_path(torch.device(case.device).index or 0))   # reads MAGLOSS_FORCE_SIMT (precision_context)
+    if case.precision == "fp32-simt" and not simt:
+        raise Unavailable("MAGLOSS_FORCE_SIMT=1 did not select the plain-fp32 path (simt_path() is False)")
+    return Runner(lambda: fn(x, w, y), _loss_backward, [x, w], _autocast(case),
+                  notes=f"magloss.functional, fused kernels, simt_path={simt}, "
+                        f"chunk_columns={int(ext.chunk_columns(case.B, case.C))}")
 
 
 _FUNCTIONAL = {"arcface": "arcface_loss", "magface": "magface_loss", "cosface": "cosface_loss"}
@@ -333,6 +316,31 @@ def _cce(case: Case) -> Runner:
                         + ("bf16 x and W" if case.precision == "bf16" else "fp32 x and W"))
 
 
+def _torch_lce_options(chunked: bool):
+    """The ``options`` argument of torch's linear_cross_entropy (None: its reference path), or
+    Unavailable where this torch has no linear_cross_entropy (added in torch 2.13) or, for the
+    chunked path, no ``torch.nn.LinearCrossEntropyOptions``."""
+    if not hasattr(torch.nn.functional, "linear_cross_entropy"):
+        raise Unavailable(f"torch {torch.__version__} has no torch.nn.functional.linear_cross_entropy "
+                          "(new in torch 2.13)")
+    if not chunked:
+        return None
+    if not hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        raise Unavailable(f"torch {torch.__version__} has no torch.nn.LinearCrossEntropyOptions (chunked path)")
+    return torch.nn.LinearCrossEntropyOptions()
+
+
+def _torch_lce(case: Case, chunked: bool) -> Runner:
+    options = _torch_lce_options(chunked)
+    x, w, y = _low(case)
+    fn = torch.nn.functional.linear_cross_entropy
+    return Runner(lambda: fn(x, w, y, options=options), _loss_backward, [x, w],
+                  notes="PLAIN CE (no normalization, no margin); "
+                        + (f"options={options!r}: gradients computed in the forward" if chunked
+                           else "options=None: linear then cross_entropy")
+                        + "; " + ("bf16 x and W" if case.precision == "bf16" else "fp32 x and W"))
+
+
 def _floor(case: Case) -> Runner:
     x, w, _ = _low(case)
     x, w = x.detach(), w.detach()
@@ -361,6 +369,8 @@ _BUILDERS: Dict[str, Callable[[Case], Runner]] = {
     "pml": _pml,
     "liger": _liger,
     "cce": _cce,
+    "torch-lce": lambda c: _torch_lce(c, chunked=False),
+    "torch-lce-chunked": lambda c: _torch_lce(c, chunked=True),
     "floor": _floor,
     "chunked-speed": lambda c: _chunked_path(c, "speed"),
     "chunked-flat": lambda c: _chunked_path(c, "flat"),
@@ -391,6 +401,8 @@ def availability(device: str) -> Dict[str, Optional[str]]:
                     raise Unavailable("fused engine runs on CUDA only")
                 if not st["fused"]:
                     raise Unavailable(f"fused engine not active: {st['reason']}")
+            elif p in ("torch-lce", "torch-lce-chunked"):
+                _torch_lce_options(p == "torch-lce-chunked")
             elif p == "pml":
                 import pytorch_metric_learning  # noqa: F401
             elif p in ("liger", "cce"):

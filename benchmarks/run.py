@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import gc
 import json
 import math
 import os
@@ -52,6 +51,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from benchmarks import device as devices  # noqa: E402
 from benchmarks import providers as P  # noqa: E402
 
 try:  # optional progress bar
@@ -64,7 +64,8 @@ PRODUCTS = {"fwd": 1, "bwd": 2, "full": 3}
 SCHEMA = "magloss-bench/1"
 SHAPE_OF_RECORD = (512, 85742, 512)   # B, C, D (README.md, Benchmarks)
 
-DEFAULT_PROVIDERS = ["magloss", "reference", "eager", "compile", "pml", "liger", "cce", "floor"]
+DEFAULT_PROVIDERS = ["magloss", "reference", "eager", "compile", "pml", "liger", "cce", "torch-lce", "torch-lce-chunked",
+                     "floor"]
 GRIDS: Dict[str, dict] = {
     # the issue's grid: 2 x 3 shapes x 4 precisions x 3 losses
     "full": dict(B=[128, 512], C=[10000, 85742, 1000000], D=[512], precisions=P.PRECISIONS,
@@ -91,16 +92,6 @@ def _git(*args: str) -> Optional[str]:
         return None
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _version(dist: str) -> Optional[str]:
     try:
         from importlib.metadata import version
@@ -113,9 +104,9 @@ def environment(device: str, argv: List[str]) -> dict:
     import magloss
 
     cuda = device.startswith("cuda")
+    dev = devices.for_name(device)
     status = _git("status", "--porcelain", "--untracked-files=no")
     env = {
-        "gpu": torch.cuda.get_device_name(torch.device(device)) if cuda else f"CPU: {_cpu_name()}",
         "device": device,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
@@ -128,7 +119,7 @@ def environment(device: str, argv: List[str]) -> dict:
         "magloss_extension": magloss.extension_status(),
         "versions": {d: _version(d) for d in ("numpy", "triton", "pytorch-metric-learning", "liger-kernel",
                                               "cut-cross-entropy")},
-        "timer": "cuda-events" if cuda else "time.perf_counter",
+        "timer": dev.timer_name,
         "threads": torch.get_num_threads(),
         "loadavg": list(os.getloadavg()),
         "cpu_count": os.cpu_count(),
@@ -140,57 +131,12 @@ def environment(device: str, argv: List[str]) -> dict:
                             "(benchmarks/cpu_memory.py)" if "--cpu-memory" in argv
                             else "null: no allocator statistics on CPU (see --cpu-memory)"),
     }
-    if cuda:
-        props = torch.cuda.get_device_properties(torch.device(device))
-        env["gpu_memory_gb"] = round(props.total_memory / 2**30, 1)
-        env["capability"] = f"{props.major}.{props.minor}"
+    env.update(dev.describe())   # "gpu" (the CPU's name on a CPU run); on CUDA its memory and capability
     return env
 
 
 # -- timing ---------------------------------------------------------------------------------
-class _Timer:
-    def __init__(self, device: str):
-        self.cuda = device.startswith("cuda")
-
-    def sync(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-
-    def measure(self, fn, n: int) -> List[float]:
-        """Milliseconds of each of n calls of fn(i) (fn does its own untimed setup via its return)."""
-        if self.cuda:
-            ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
-            for i in range(n):
-                fn(ev[i])
-            torch.cuda.synchronize()
-            return [s.elapsed_time(e) for s, e in ev]
-        out = []
-        for _ in range(n):
-            box = _CpuMark()
-            fn(box)
-            out.append(box.ms)
-        return out
-
-
-class _CpuMark:
-    """Stands in for a (start, end) CUDA event pair on CPU."""
-
-    def __init__(self):
-        self.t0 = self.ms = 0.0
-
-    def __getitem__(self, i):
-        return _CpuEvent(self, i)
-
-
-class _CpuEvent:
-    def __init__(self, box, i):
-        self.box, self.i = box, i
-
-    def record(self):
-        if self.i == 0:
-            self.box.t0 = time.perf_counter()
-        else:
-            self.box.ms = (time.perf_counter() - self.box.t0) * 1e3
+# the device object (benchmarks/device.py) waits, times and reads memory statistics: Cuda or Host
 
 
 def _percentile(xs: List[float], q: float) -> float:
@@ -226,31 +172,31 @@ def _one_call(runner: "P.Runner", mode: str, ev) -> None:
     del out
 
 
-def _peak_extra_mb(runner: "P.Runner", mode: str, timer: _Timer) -> Optional[float]:
-    if not timer.cuda:
+def _peak_extra_mb(runner: "P.Runner", mode: str, dev: devices.Host) -> Optional[float]:
+    """Peak extra MiB of one call of ``mode`` (None without allocator statistics): the peak
+    above what was allocated before it, minus the gradients of x and W (bwd, full). For bwd the
+    forward runs first, so the peak includes the tensors it saved."""
+    if not dev.memory_stats:
         return None
     runner.zero_grad()
-    gc.collect()
-    timer.sync()
-    base = torch.cuda.memory_allocated()
-    if mode == "bwd":
+
+    def fwd():
         with runner.context():
-            out = runner.fwd()
-        timer.sync()
-        torch.cuda.reset_peak_memory_stats()
-        runner.bwd(out, False)
-    else:
-        torch.cuda.reset_peak_memory_stats()
-        with runner.context():
-            out = runner.fwd()
+            return runner.fwd()
+
+    def call(out=None):
+        if mode == "bwd":
+            runner.bwd(out, False)
+            return None
+        out = fwd()
         if mode == "full":
             runner.bwd(out, False)
-    timer.sync()
-    peak = torch.cuda.max_memory_allocated()
-    del out
+        return None
+
+    peak, _ = dev.peak_bytes(call, before=fwd if mode == "bwd" else None)
     grads = runner.grad_bytes() if mode != "fwd" else 0
     runner.zero_grad()
-    return round((peak - base - grads) / 2**20, 2)
+    return round((peak - grads) / 2**20, 2)
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -260,13 +206,7 @@ def _is_oom(exc: BaseException) -> bool:
     return "out of memory" in msg or "can't allocate memory" in msg or "cuda_error_out_of_memory" in msg
 
 
-def _free():
-    if torch.cuda.is_available():    # on CPU nothing to give back; gc.collect() would dominate tiny cases
-        gc.collect()
-        torch.cuda.empty_cache()
-
-
-def run_case(case: "P.Case", modes: List[str], args, timer: _Timer) -> List[dict]:
+def run_case(case: "P.Case", modes: List[str], args, timer: devices.Host) -> List[dict]:
     """All modes of one case; returns records (status ok / oom / error)."""
     base = {"provider": case.provider, "loss": case.loss, "precision": case.precision,
             "B": case.B, "C": case.C, "D": case.D, "label": P.LABELS.get(case.provider, case.provider),
@@ -292,7 +232,7 @@ def run_case(case: "P.Case", modes: List[str], args, timer: _Timer) -> List[dict
                     out = runner.fwd()
                 runner.bwd(out, False)
                 del out
-            timer.sync()
+            timer.synchronize()
             warm_s = time.perf_counter() - t0
         except P.Unavailable:
             raise
@@ -300,14 +240,14 @@ def run_case(case: "P.Case", modes: List[str], args, timer: _Timer) -> List[dict
             for m in modes:
                 fail(m, exc)
             runner = None
-            _free()
+            timer.free()
             return records
         for mode in modes:
             try:
-                timer.sync()
+                timer.synchronize()
                 t0 = time.perf_counter()
                 timer.measure(lambda ev: _one_call(runner, mode, ev), 1)
-                timer.sync()
+                timer.synchronize()
                 est = max(time.perf_counter() - t0, 1e-6)
                 n = int(min(args.iters, max(args.min_iters, args.case_seconds // est)))
                 if est * n > 10 * args.case_seconds:     # very slow calls (e.g. a peer at C = 1M): 3 suffice
@@ -322,13 +262,13 @@ def run_case(case: "P.Case", modes: List[str], args, timer: _Timer) -> List[dict
                     iters=n, warmup_s=round(warm_s, 3), notes=runner.notes))
             except Exception as exc:  # noqa: BLE001
                 fail(mode, exc)
-                _free()
-    del runner
-    _free()
+                timer.free()
+    runner = None                   # drop the provider before freeing the device memory
+    timer.free()
     return records
 
 
-def run_interleaved(cases: List["P.Case"], modes: List[str], args, timer: _Timer):
+def run_interleaved(cases: List["P.Case"], modes: List[str], args, timer: devices.Host):
     """The cases of one shape (same precision, B, C, D), timed in rounds: each round makes one
     call of every case in turn, so that a load change on a shared machine hits every provider
     alike and the ratios of one run stay comparable. n rounds, n from the slowest case's
@@ -374,7 +314,7 @@ def run_interleaved(cases: List["P.Case"], modes: List[str], args, timer: _Timer
                 from benchmarks import cpu_memory
                 peak = cpu_memory.fresh(case.provider, case.loss, case.precision, case.B, case.C, case.D, mode,
                                         torch.get_num_threads())
-            elif timer.cuda:
+            elif timer.memory_stats:
                 peak = _peak_extra_mb(runner, mode, timer)
             records.append(dict(
                 base, mode=mode, status="ok", median_ms=round(med, 5), p20_ms=round(_percentile(ts, 0.2), 5),
@@ -383,7 +323,7 @@ def run_interleaved(cases: List["P.Case"], modes: List[str], args, timer: _Timer
                 products=PRODUCTS[mode], iters=n, warmup_s=round(warm_s, 3), notes=runner.notes,
                 interleaved=True, loadavg=list(os.getloadavg())))
     runners.clear()
-    _free()
+    timer.free()
     return records, skipped
 
 
@@ -600,7 +540,7 @@ def main(argv=None) -> dict:
               + ", ".join(f"{p} {n}" for p, n in per.items()), file=sys.stderr)
         return doc
 
-    timer = _Timer(device)
+    timer = devices.for_name(device)
     t_start = time.monotonic()
     if args.interleave:
         _main_interleaved(doc, todo, args, timer, out_path, t_start)

@@ -20,11 +20,17 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.catalog import LOSS_FREE  # noqa: E402
+
 LOSSES = ("arcface", "magface", "cosface")
 PRECISIONS = ("fp32", "tf32", "bf16")
-LOSS_FREE = {"liger": "plain-ce", "cce": "plain-ce", "floor": "matmul"}
 PEERS = [("eager", "eager"), ("compile", "torch.compile"), ("pml", "PML"), ("liger", "Liger (plain CE)"),
-         ("cce", "CCE (plain CE)"), ("floor", "floor")]
+         ("cce", "CCE (plain CE)"), ("torch-lce", "F.linear_cross_entropy (plain CE)"),
+         ("torch-lce-chunked", "F.linear_cross_entropy chunked (plain CE)"), ("floor", "floor")]
 
 
 class Results:

@@ -12,7 +12,7 @@ Quick start::
 ``magloss.extension_status()`` tells whether the fused CUDA kernels are in use.
 """
 
-from . import adaptive, checkpoint, distributed, evaluation, functional, margins, ops, quality, registry, subcenter  # noqa: F401  (ops registers the custom ops)
+from . import adaptive, checkpoint, distributed, evaluation, functional, margins, onevsall, ops, quality, registry, subcenter  # noqa: F401  (ops registers the custom ops)
 from ._ext import extension_status, flush_input_checks
 from .functional import LossParts, MagFaceOutput
 from .interop import load_magface_weight
@@ -28,9 +28,13 @@ from .losses import (
     MagFaceLoss,
     MarginLoss,
     NormFaceLoss,
+    P2SGradLoss,
+    SFaceLoss,
     SoftmaxLoss,
+    SphereFace2Loss,
     SphereFaceLoss,
     SubCenterArcFaceLoss,
+    UniFaceLoss,
 )
 from .margins import MarginSpec
 
@@ -51,9 +55,13 @@ __all__ = [
     "MarginLoss",
     "MarginSpec",
     "NormFaceLoss",
+    "P2SGradLoss",
+    "SFaceLoss",
     "SoftmaxLoss",
+    "SphereFace2Loss",
     "SphereFaceLoss",
     "SubCenterArcFaceLoss",
+    "UniFaceLoss",
     "adaptive",
     "checkpoint",
     "distributed",
@@ -63,6 +71,7 @@ __all__ = [
     "functional",
     "load_magface_weight",
     "margins",
+    "onevsall",
     "quality",
     "registry",
     "subcenter",

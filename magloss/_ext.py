@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import functools
 import importlib
-import os
 from typing import Any, Dict, Optional
+
+from . import switches
 
 __all__ = ["extension_status", "flush_input_checks", "register_kernels", "fused_chunk_columns"]
 
@@ -18,7 +19,7 @@ _NAME = f"{__package__}._C"
 _C: Optional[Any] = None
 _reason: str
 
-if os.environ.get("MAGLOSS_DISABLE_EXT", "0") not in ("", "0"):
+if switches.flag("MAGLOSS_DISABLE_EXT"):
     _reason = "disabled by MAGLOSS_DISABLE_EXT"
 else:
     try:
@@ -117,7 +118,7 @@ def flush_input_checks() -> None:
     extension it does nothing: the chunked engine raises in the offending call.
 
     Raises:
-        ValueError: the reference engine's message for the oldest failed check, marked
+        ValueError: the message of :func:`magloss.checks.check_values` for the oldest failed check, marked
             "reported late" with the number of the fused forward call it came from.
     """
     for engine in _ENGINES.values():

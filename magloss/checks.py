@@ -18,12 +18,12 @@ Scalar hyperparameters are validated by :mod:`magloss.validation`.
 
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from . import switches
 from .margins import BOUNDARIES, COMBINED, EASY, MarginSpec, check_boundary, check_row_margins_family
 from .rows import autocasting, compute_dtype, is_autocast_pair
 from .validation import check_subcenters
@@ -72,14 +72,7 @@ def input_check_mode() -> str:
     'async' (unset, '', 'async' or '1'), 'sync', or 'off' ('off' or '0'). Raises ValueError
     for anything else. The chunked engine and the oracle always check synchronously; only
     'off' changes what they check (:func:`check_values`)."""
-    v = os.environ.get("MAGLOSS_CHECK_INPUTS", "")
-    if v in ("", "async", "1"):
-        return "async"
-    if v in ("sync", "off"):
-        return v
-    if v == "0":
-        return "off"
-    raise ValueError(f"MAGLOSS_CHECK_INPUTS: expected 'async' (default), 'sync' or 'off', got '{v}'")
+    return switches.choice("MAGLOSS_CHECK_INPUTS", ("async", "sync", "off"), aliases={"1": "async", "0": "off"})
 
 
 def check_types(**tensors: Tensor) -> None:

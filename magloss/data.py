@@ -44,7 +44,7 @@ import os
 import pickle
 import struct
 import warnings
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -186,9 +186,10 @@ class RecordIODataset(Dataset):
             are only checked to be ``>= 0``.
 
     Attributes:
-        num_classes (int or None), image_size (``(height, width)`` from ``property``
-        or None), header (``(a, b)`` of the header record or None), keys (int64
-        numpy array: the index key of each sample).
+        num_classes: int or None.
+        image_size: ``(height, width)`` from ``property``, or None.
+        header: ``(a, b)`` of the header record, or None.
+        keys: int64 numpy array, the index key of each sample.
 
     Raises:
         FileNotFoundError: a missing ``.rec`` or ``.idx``.
@@ -547,11 +548,12 @@ class VerificationBin(Dataset):
         path: the ``.bin`` file. dtype: ``torch.uint8`` or a floating dtype.
 
     Attributes:
-        issame: bool tensor ``[P]``. name: the file name without ``.bin``.
+        issame: bool tensor ``[P]``.
+        name: the file name without ``.bin``.
 
     Raises:
-        ValueError (naming the file): not a pickle of two sequences, ``len(images) !=
-        2 * len(issame)`` (an odd count included), an entry that is not bytes.
+        ValueError: naming the file: not a pickle of two sequences,
+            ``len(images) != 2 * len(issame)`` (an odd count included), an entry that is not bytes.
     """
 
     def __init__(self, path: str, dtype: torch.dtype = torch.float32):

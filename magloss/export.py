@@ -218,8 +218,10 @@ def check_onnx(path: str, backbone: nn.Module, batches: Sequence[int] = DEFAULT_
     :class:`EmbeddingModel` over ``backbone`` unfolded, in float32.
 
     Returns:
-        dict ``{"batches": {b: {"embedding": max |Δ|, "magnitude": max |Δ|, "magnitude_rel": max |Δ|/|m|}},
-        "embedding": worst over batches, "magnitude": worst, "magnitude_rel": worst}``.
+        dict: ``batches`` maps each batch size b to ``{"embedding": e, "magnitude": m, "magnitude_rel": r}``,
+        e and m the largest absolute differences of the embedding and of the magnitude, r the largest
+        difference of the magnitude relative to torch's; ``embedding``, ``magnitude`` and ``magnitude_rel``
+        hold the worst over the batches.
     """
     _require_onnx()
     import onnxruntime as ort

@@ -350,8 +350,12 @@ def identification(probe_feats: np.ndarray, probe_subjects: np.ndarray, gallery_
     """Open-set 1:N search of unit probe features in one gallery (rules in the module docstring).
 
     Args:
-        probe_feats ``[Q, D]``, gallery_feats ``[G, D]``: unit float32 features; probe_subjects ``[Q]``,
-        gallery_subjects ``[G]``: int subject ids. ranks: CMC ranks. fpirs: FPIRs in (0, 1).
+        probe_feats: ``[Q, D]`` unit float32 features.
+        gallery_feats: ``[G, D]`` unit float32 features.
+        probe_subjects: ``[Q]`` int subject ids.
+        gallery_subjects: ``[G]`` int subject ids.
+        ranks: CMC ranks.
+        fpirs: FPIRs in (0, 1).
 
     Returns:
         dict: ``rank{r}`` (TPIR at rank r), ``tpir@fpir={f}`` and ``threshold@fpir={f}`` (None when no

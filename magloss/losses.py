@@ -18,6 +18,7 @@ a learning rate that means the same for every class at the start.
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from typing import Optional
@@ -26,13 +27,15 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as MF
+from . import onevsall as OVA
 from . import ops
 from .adaptive import AdaFaceState, CurricularState, ElasticState, label_cosines
 from .checks import check_inputs
 from .margins import CLIP, NONE, MarginSpec, magface_lambda_g_bound, sphere_lambda
 from .rows import compute_dtype
 from .subcenter import dominant_subcenters, dominant_weight, far_from_class, subcenter_counts
-from .validation import check_bool, check_ignore_index, check_int, check_non_negative, check_reduction
+from .validation import (check_bool, check_finite, check_ignore_index, check_int, check_non_negative,
+                         check_positive, check_reduction)
 
 __all__ = [
     "MarginLoss",
@@ -49,6 +52,11 @@ __all__ = [
     "CurricularFaceLoss",
     "ElasticArcFaceLoss",
     "ElasticCosFaceLoss",
+    "OneVsAllLoss",
+    "SFaceLoss",
+    "UniFaceLoss",
+    "SphereFace2Loss",
+    "P2SGradLoss",
 ]
 
 
@@ -471,3 +479,129 @@ class SoftmaxLoss(nn.Module):
         check_embedding_size(self, embeddings)
         return MF.accuracy(embeddings, self.weight, labels, ignore_index=self.ignore_index, bias=self.bias,
                            normalize=False)
+
+
+class OneVsAllLoss(nn.Module):
+    """Base of the one-vs-all losses (:mod:`magloss.onevsall`): L_i = Σ_j ℓ(c_ij, [j = y_i]).
+
+    ``weight`` [num_classes, embedding_size] (rows ~ N(0, I) scaled to unit norm, as
+    :class:`MarginLoss`); UniFace and SphereFace2 also hold the learnable ``bias`` [1]
+    (their upstream shape). forward(embeddings [B, D], labels [B], return_parts=False) ->
+    loss (0-d, or [B] for reduction='none'), float32 (float64 for float64 inputs), or a
+    :class:`magloss.functional.LossParts` (ce = loss, reg = 0). :meth:`accuracy` as
+    :class:`MarginLoss` (the arg-max of the cosines; a shared bias does not change it).
+    The fused CUDA engine does not run these losses yet: on CUDA they run the chunked engine.
+    """
+
+    _kind = -1
+
+    def __init__(self, embedding_size: int, num_classes: int, params, bias_init: Optional[float] = None, *,
+                 ignore_index: int = -1, reduction: str = "mean", device=None, dtype=None) -> None:
+        super().__init__()
+        _init_common(self, embedding_size, num_classes, ignore_index, reduction)
+        self.params = tuple(float(p) for p in params)
+        self.weight = nn.Parameter(torch.empty(self.num_classes, self.embedding_size, device=device, dtype=dtype))
+        self.bias = None
+        self.bias_init = None
+        if bias_init is not None:
+            self.bias_init = check_finite("bias_init", bias_init)
+            self.bias = nn.Parameter(torch.empty(1, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Rows of ``weight`` ~ N(0, I) scaled to unit norm; ``bias`` = its initial value."""
+        MarginLoss.reset_parameters(self)
+        if self.bias is not None:
+            with torch.no_grad():
+                self.bias.fill_(self.bias_init)
+
+    def forward(self, embeddings: Tensor, labels: Tensor, return_parts: bool = False):
+        check_embedding_size(self, embeddings)
+        return OVA.one_vs_all_loss(embeddings, self.weight, labels, self._kind, self.params, self.bias,
+                                   ignore_index=self.ignore_index, reduction=self.reduction, return_parts=return_parts)
+
+    def accuracy(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        """Share of non-ignored rows whose arg-max cosine is the label (:func:`magloss.functional.accuracy`)."""
+        check_embedding_size(self, embeddings)
+        return MF.accuracy(embeddings, self.weight, labels, ignore_index=self.ignore_index)
+
+    def extra_repr(self) -> str:
+        names = inspect.signature(type(self)).parameters
+        hp = ", ".join(f"{k}={getattr(self, k)!r}" for k in names if hasattr(self, k)
+                       and k not in ("embedding_size", "num_classes", "ignore_index", "reduction", "kw"))
+        return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, {hp + ', ' if hp else ''}"
+                f"ignore_index={self.ignore_index}, reduction={self.reduction!r}")
+
+
+class SFaceLoss(OneVsAllLoss):
+    """SFace (Zhong et al., TIP 2021; zhongyy/SFace): sigmoid-constrained hypersphere loss.
+
+    L_i = −s·σ(k(θ_iy − a))·c_iy + Σ_{j≠y} s·σ(−k(θ_ij − b))·c_ij, θ = arccos c (radians),
+    the sigmoid weights without gradient (upstream's no_grad). Defaults s = 64, k = 80,
+    a = 0.80, b = 1.23 (the upstream code's defaults). See docs/one_vs_all.md.
+    """
+
+    _kind = OVA.SFACE
+
+    def __init__(self, embedding_size: int, num_classes: int, scale: float = 64.0, k: float = 80.0, a: float = 0.8,
+                 b: float = 1.23, **kw) -> None:
+        params = OVA.sface_params(scale, k, a, b)
+        self.scale, self.k, self.a, self.b = params
+        super().__init__(embedding_size, num_classes, params, **kw)
+
+
+class UniFaceLoss(OneVsAllLoss):
+    """UniFace's unified cross-entropy (Zhou et al., ICCV 2023; CVI-SZU/UniFace).
+
+    L_i = softplus(−[s(c_iy − m) − b]) + λ·Σ_{j≠y} softplus(s·c_ij − b), each logit clamped
+    to [−s, s] as upstream (no gradient outside). ``bias`` b is learnable, initialised to
+    log(10·r·C) (upstream, r = ``bias_r``) unless ``bias_init`` is given. Defaults s = 64,
+    m = 0.4, λ = ``neg_weight`` = 1, r = 1.
+    """
+
+    _kind = OVA.UNIFACE
+
+    def __init__(self, embedding_size: int, num_classes: int, scale: float = 64.0, margin: float = 0.4,
+                 neg_weight: float = 1.0, bias_r: float = 1.0, bias_init: Optional[float] = None, **kw) -> None:
+        params = OVA.uniface_params(scale, margin, neg_weight)
+        self.scale, self.margin, self.neg_weight = params
+        self.bias_r = check_positive("bias_r", bias_r)
+        if bias_init is None:
+            bias_init = OVA.uniface_bias_init(check_int("num_classes", num_classes, 1), self.bias_r)
+        super().__init__(embedding_size, num_classes, params, bias_init, **kw)
+
+
+class SphereFace2Loss(OneVsAllLoss):
+    """SphereFace2 (Wen et al., ICLR 2022; ydwen/opensphere): binary classification per class.
+
+    z_ij = r·(c_ij + sg[g(c_ij) ∓ m − c_ij]) + b (``margin_type`` 'C'; 'A': θ + m at the label,
+    'M': θ·m), g(c) = 2((c + 1)/2)^t − 1; L_i = (lw/r)·[α·softplus(−z_iy) + (1 − α)·Σ_{j≠y}
+    softplus(z_ij)] (opensphere's weighted BCE mean over B·C times lw·C/r, per row). ``bias`` b
+    is learnable, initialised by opensphere's closed form
+    (:func:`magloss.onevsall.sphereface2_bias_init`) unless ``bias_init`` is given. Defaults
+    r = ``scale`` = 40, m = 0.4, t = 3, α = 0.7, lw = ``loss_weight`` = 50, 'C'.
+    """
+
+    _kind = OVA.SPHEREFACE2
+
+    def __init__(self, embedding_size: int, num_classes: int, scale: float = 40.0, margin: float = 0.4,
+                 t: float = 3.0, alpha: float = 0.7, loss_weight: float = 50.0, margin_type: str = "C",
+                 bias_init: Optional[float] = None, **kw) -> None:
+        params = OVA.sphereface2_params(scale, margin, t, alpha, loss_weight, margin_type)
+        self.scale, self.margin, self.t, self.alpha, self.loss_weight, _ = params
+        self.margin_type = margin_type
+        if bias_init is None:
+            bias_init = OVA.sphereface2_bias_init(check_int("num_classes", num_classes, 1), self.alpha, self.scale,
+                                                  self.margin, self.t, margin_type)
+        super().__init__(embedding_size, num_classes, params, bias_init, **kw)
+
+
+class P2SGradLoss(OneVsAllLoss):
+    """P2SGrad (Zhang et al., CVPR 2019) as pytorch-metric-learning's P2SGradLoss:
+    L_i = (1/C)·Σ_j (clamp(c_ij, −1, 1) − [j = y_i])², so 'mean' is the MSE over B·C. No
+    hyperparameters."""
+
+    _kind = OVA.P2SGRAD
+
+    def __init__(self, embedding_size: int, num_classes: int, **kw) -> None:
+        super().__init__(embedding_size, num_classes, (1.0 / check_int("num_classes", num_classes, 1),), **kw)

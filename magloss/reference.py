@@ -98,6 +98,7 @@ def margin_ce_rows(
         zy: the label logit z_iy = scale_i·ψ_i (0 for rows without a label column).
         reg: MagFace's g(ã_i) (0 for families without a regularizer).
         norms: a_i = ‖x_i‖.
+
     The per-row cross-entropy is CE_i = lse_i − zy_i.
     """
     check_extras(embeddings, spec, row_margins, neg_threshold, neg_t)

@@ -33,6 +33,10 @@ LOSSES: Dict[str, type] = {
     "subcenter_arcface": losses.SubCenterArcFaceLoss,
     "elastic_arcface": losses.ElasticArcFaceLoss,
     "elastic_cosface": losses.ElasticCosFaceLoss,
+    "sface": losses.SFaceLoss,
+    "uniface": losses.UniFaceLoss,
+    "sphereface2": losses.SphereFace2Loss,
+    "p2sgrad": losses.P2SGradLoss,
 }
 
 

@@ -1,24 +1,12 @@
-"""Shared test configuration: devices, dtypes, tolerances, and small input factories.
+"""Shared test fixtures (seed, one thread). The cases, factories and tolerances are tests/cases.py's.
 
-CPU tests always run; tests marked ``gpu`` are skipped when CUDA is not available.
+CPU tests always run. The ``gpu`` mark is set only by tests/test_cuda_parity.py, and only where a
+GPU is visible (without one the same suite runs on the CPU emulator), so that tests/gpu_check.sh
+selects the GPU suite with ``-m gpu``.
 """
-
-import warnings
 
 import pytest
 import torch
-
-#: Tolerances of the reference engine against independent float64 implementations.
-FP64_TOL = dict(rtol=1e-10, atol=1e-10)
-
-
-def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)
@@ -33,27 +21,3 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def make_inputs(B, C, D, *, dtype=torch.float64, norm_range=(20.0, 90.0), ignored=(), seed=0):
-    """Random embeddings with magnitudes in ``norm_range``, a unit-row-norm-free weight
-    (rows of varied norm, to exercise r_j), and labels with the given rows ignored (-1)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, D, generator=g, dtype=torch.float64)
-    lo, hi = norm_range
-    mags = lo + (hi - lo) * torch.rand(B, generator=g, dtype=torch.float64)
-    x = x / x.norm(dim=1, keepdim=True) * mags.unsqueeze(1)
-    w = torch.randn(C, D, generator=g, dtype=torch.float64) * (0.5 + torch.rand(C, 1, generator=g, dtype=torch.float64))
-    y = torch.randint(0, C, (B,), generator=g)
-    for i in ignored:
-        y[i] = -1
-    return x.to(dtype), w.to(dtype), y
-
-
-def quiet_magface(**kw):
-    """Build a MagFace-family module without the lambda_g warning (tests that lower lambda_g on purpose)."""
-    import magloss
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return magloss.MagFaceLoss(**kw)

@@ -20,16 +20,22 @@
 # every benchmark figure), so a call cut short still returns what finished. A sanitizer run is
 # clean only if every case of tests/sanitizer_cases.py printed its "passed" line and the error
 # summary says 0. Without a GPU (a dry run) the steps that need one are recorded as skipped with
-# the reason and the record is still written.
+# the reason and the record is still written; the pytest step then runs tests/test_device_backend.py
+# (the GPU-only methods of the device objects, against this torch's torch.cuda API, with fakes) and
+# the bench step the same command on the CPU at a tiny shape with the eager and floor providers, so
+# that the harness, the record and the step judges run here too.
 #
 # $OUT receives exactly these 8 files (the device tool returns at most 8): gpu_check.json,
 # summary.txt, extension.log, pytest.log, memcheck.log, racecheck.log, bench.json, bench.log.
 #
 # Env: OUT (default /tmp/magloss_gpu_check), PYTHON (python3), GIT_COMMIT (the device copy has
 # no .git), TORCH_CUDA_ARCH_LIST (9.0), CUDA_HOME (default: tools/prebuild_ext.py cuda-home),
-# GPU_CHECK_TESTS (test files; default every tests/test_*.py that uses the gpu mark).
+# GPU_CHECK_TESTS (test files; default every tests/test_*.py that uses the gpu mark),
+# GPU_CHECK_DRY_RUN=1 (no GPU expected: exit 0 when the dry run passes).
 # The extension step replaces magloss/_C*.so; a dry run removes it again at the end.
-# Exit status: 0 only when every step is ok.
+# Exit status: 0 when every step is ok (on a GPU), or, with GPU_CHECK_DRY_RUN=1 and no GPU, when
+# the dry run passes (versions, extension, pytest and bench ok; the sanitizer steps skipped). A run
+# without a GPU and without GPU_CHECK_DRY_RUN=1 exits 1: no GPU where one was expected.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -151,6 +157,9 @@ for s in steps:
         s["status"], s["detail"] = judge(s)
 rec["steps"] = steps
 rec["ok"] = bool(steps) and len(steps) == 6 and all(s["status"] == "ok" for s in steps)
+# a dry run passes when what can run without a GPU is ok and only the sanitizer steps were skipped
+rec["dry_run_ok"] = rec["dry_run"] and len(steps) == 6 and all(
+    s["status"] == ("skipped" if s["name"] in ("memcheck", "racecheck") else "ok") for s in steps)
 tmp = out / "gpu_check.json.tmp"
 tmp.write_text(json.dumps(rec, indent=1) + "\n")
 os.replace(tmp, out / "gpu_check.json")
@@ -289,8 +298,9 @@ FUSED=$(grep -c '^extension_status: .*"fused": true' "$OUTDIR/extension.log" 2>/
 # compiles the kernels for the CPU at collection)
 TESTS=${GPU_CHECK_TESTS:-$(grep -lE "mark\.gpu\b" tests/test_*.py | tr '\n' ' ')}
 begin pytest
-if [[ -z $GPU ]]; then
-  skip pytest "no CUDA device visible (dry run)"
+if [[ -z $GPU ]]; then   # dry run: the GPU-only methods of the device objects, with a fake torch.cuda
+  DESC="(dry run) pytest tests/test_device_backend.py" run_step pytest "$OUTDIR/pytest.log" "$PY" -m pytest -q \
+    -p no:cacheprovider --tb=short --junitxml="$WORK/pytest.xml" tests/test_device_backend.py
 elif [[ -z $TESTS ]]; then
   skip pytest "no test file uses the gpu mark"
 else
@@ -318,15 +328,15 @@ done
 
 # ---- narrow benchmark ------------------------------------------------------------------------
 begin bench
-if [[ -z $GPU ]]; then
-  skip bench "no CUDA device visible (dry run)"
-else
-  run_step bench "$OUTDIR/bench.log" "$PY" benchmarks/run.py --device cuda --grid quick \
-    --providers magloss,eager,floor --precisions fp32,bf16 --B 512 --C 85742 --D 512 \
-    --warmup 2 --case-seconds 0.25 --iters 30 --min-iters 5 --max-seconds $((DL > 40 ? DL - 25 : 15)) \
-    --out "$OUTDIR/bench.json"
-  grep '^|' "$OUTDIR/bench.log" >>"$OUTDIR/summary.txt"
+if [[ -n $GPU ]]; then
+  BENCH=(--device cuda --providers magloss,eager,floor --B 512 --C 85742 --D 512)
+else   # dry run: the same harness on the CPU at a tiny shape (no fused provider here)
+  BENCH=(--device cpu --providers eager,floor --B 8 --C 300 --D 16)
 fi
+run_step bench "$OUTDIR/bench.log" "$PY" benchmarks/run.py "${BENCH[@]}" --grid quick --precisions fp32,bf16 \
+  --warmup 2 --case-seconds 0.25 --iters 30 --min-iters 5 --max-seconds $((DL > 40 ? DL - 25 : 15)) \
+  --out "$OUTDIR/bench.json"
+grep '^|' "$OUTDIR/bench.log" >>"$OUTDIR/summary.txt"
 
 rm -rf "$WORK"
 if [[ -z $GPU && -s $OUTDIR/extension.log ]]; then
@@ -337,6 +347,14 @@ cat "$OUTDIR/summary.txt"
 if "$PY" -c "import json,sys; sys.exit(0 if json.load(open('$OUTDIR/gpu_check.json'))['ok'] else 1)"; then
   echo "GPU CHECK: OK"
   exit 0
+fi
+if [[ -z $GPU ]] && "$PY" -c "import json,sys; sys.exit(0 if json.load(open('$OUTDIR/gpu_check.json'))['dry_run_ok'] else 1)"; then
+  if [[ ${GPU_CHECK_DRY_RUN:-0} == 1 ]]; then
+    echo "GPU CHECK: DRY RUN OK (no GPU: the sanitizer steps were skipped, pytest and bench ran their CPU stand-ins)"
+    exit 0
+  fi
+  echo "GPU CHECK: NOT OK: no CUDA device visible (the dry run passed; set GPU_CHECK_DRY_RUN=1 where none is expected)"
+  exit 1
 fi
 echo "GPU CHECK: NOT OK (see the steps above)"
 exit 1

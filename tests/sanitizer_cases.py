@@ -14,6 +14,10 @@ magloss.flush_input_checks) and synchronous (must raise in the call). Each case 
 line, "sanitizer case i/N passed: ..." or "... FAILED: ..."; the exit status is non-zero if a
 case fails its own sanity check, and 2 if none could run (no GPU or no extension). The caller
 parses the sanitizer's error summary and compares the passed lines with ``len(CASES)``.
+
+The cases take the device from a backend object (tests/_backend.py): the GPU here, the CPU
+emulator in tests/test_engine_emulated.py, which runs every case there so that this file's code
+and each case's own sanity check are proven without a GPU.
 """
 
 from __future__ import annotations
@@ -25,24 +29,20 @@ import torch
 
 import magloss  # registers the ops
 from magloss import _ext
-from magloss.margins import MarginSpec
+
+import _backend
+from cases import family
 
 OP = torch.ops.magloss.margin_ce
 OP_BWD = torch.ops.magloss.margin_ce_backward
 
-SPECS = {
-    "arcface": (MarginSpec.combined(64.0, 1.0, 0.5, 0.0), None),
-    "combined": (MarginSpec.combined(64.0, 0.9, 0.4, 0.15), None),
-    "sphereface": (MarginSpec.sphere(4), 5.0),
-    "magface": (MarginSpec.magface(), None),
-    "magcos": (MarginSpec.magcos(), None),
-    "adaface": (MarginSpec.combined(64.0, 1.0, 0.0, 0.0, boundary=2), None),  # CLIP, per-row margins
-}
-
 
 def run_case(name, B, C, D, dtype=torch.float32, chunk=None, ignored=(), label_dtype=torch.int64, simt=False,
-             bad_label=False, check="async", w_dtype=None, K=1, features=False):
-    """features: the curricular modulation, plus per-row margins for the COMBINED family; K sub-centers."""
+             bad_label=False, check="async", w_dtype=None, K=1, features=False, backend=None):
+    """One fused forward+backward on ``backend`` (tests/_backend.py; default: the GPU) with its own
+    sanity checks; returns "ok" or "raised as expected". features: the curricular modulation, plus
+    per-row margins for the COMBINED family; K sub-centers."""
+    backend = backend or _backend.Gpu(_ext._C)
     env = {"MAGLOSS_CHUNK": str(chunk) if chunk else None, "MAGLOSS_FORCE_SIMT": "1" if simt else None,
            "MAGLOSS_CHECK_INPUTS": check}
     saved = {k: os.environ.get(k) for k in env}
@@ -52,9 +52,9 @@ def run_case(name, B, C, D, dtype=torch.float32, chunk=None, ignored=(), label_d
         else:
             os.environ[k] = v
     try:
-        spec, lam = SPECS[name]
+        spec, lam = family(name)             # tests/cases.py: a FAMILIES row or a registered loss
         spec = spec.with_subcenters(K) if K > 1 else spec
-        dev = torch.device("cuda")
+        dev = backend.device
         g = torch.Generator(device=dev).manual_seed(B * 7919 + C)
         x = (torch.randn(B, D, device=dev, generator=g) * 30).to(dtype)
         w = torch.randn(K * C, D, device=dev, generator=g).to(w_dtype or dtype)   # fp32 W + half x: autocast pair
@@ -79,7 +79,7 @@ def run_case(name, B, C, D, dtype=torch.float32, chunk=None, ignored=(), label_d
         if bad_label and check == "sync":
             raise AssertionError("an out-of-range label did not raise")
         if bad_label and check == "async":
-            torch.cuda.synchronize()
+            backend.synchronize()
             try:
                 magloss.flush_input_checks()
             except ValueError as exc:
@@ -89,7 +89,7 @@ def run_case(name, B, C, D, dtype=torch.float32, chunk=None, ignored=(), label_d
                 raise AssertionError("an out-of-range label was not reported by flush_input_checks")
         grads = [torch.randn(B, device=dev, generator=g) for _ in range(4)]
         gx, gw = OP_BWD(*grads, x, w, y, lse, norms, lam_t, *extras, *spec.op_args(-1))
-        torch.cuda.synchronize()
+        backend.synchronize()
         finite = torch.isfinite(lse)
         if bad_label:
             assert not bool(finite[B // 2]), "bad-label row should have lse = NaN"
@@ -111,7 +111,7 @@ CASES = [
     dict(name="combined", B=33, C=300, D=100, chunk=128, label_dtype=torch.int32),
     dict(name="sphereface", B=9, C=70, D=65, chunk=32, ignored=(0, 8)),
     dict(name="magface", B=40, C=257, D=31, dtype=torch.bfloat16, chunk=100),
-    dict(name="magcos", B=17, C=129, D=96, dtype=torch.float16, chunk=64),
+    dict(name="magcosface", B=17, C=129, D=96, dtype=torch.float16, chunk=64),
     dict(name="arcface", B=12, C=90, D=40, dtype=torch.bfloat16, simt=True, chunk=50),
     dict(name="magface", B=12, C=90, D=40, simt=True),
     dict(name="magface", B=40, C=257, D=31, dtype=torch.bfloat16, w_dtype=torch.float32, chunk=100),
@@ -119,7 +119,7 @@ CASES = [
     dict(name="arcface", B=10, C=50, D=20, bad_label=True, check="off", chunk=16),
     dict(name="arcface", B=10, C=50, D=20, bad_label=True, check="async", chunk=16),
     dict(name="arcface", B=10, C=50, D=20, bad_label=True, check="sync"),
-    # the issue-14 features: sub-centers (whole-class chunks, ragged), per-row margins, curricular
+    # the engine's general features: sub-centers (whole-class chunks, ragged), per-row margins, curricular
     dict(name="adaface", B=9, C=70, D=33, K=3, chunk=32, features=True, ignored=(2,)),
     dict(name="arcface", B=12, C=41, D=40, K=2, dtype=torch.bfloat16, w_dtype=torch.float32, chunk=16, features=True),
     dict(name="sphereface", B=7, C=50, D=65, K=3, dtype=torch.float16, simt=True, chunk=20, features=True),
@@ -127,21 +127,24 @@ CASES = [
 ]
 
 
-def main() -> int:
-    """Run every case, one line each; exit 0 only if all of them ran and passed.
+def main(backend=None) -> int:
+    """Run every case on ``backend`` (default: the GPU), one line each; exit 0 only if all of them
+    ran and passed.
 
     The GPU check compares the number of "sanitizer case i/N passed" lines with ``len(CASES)``
     (read before the run), so a run whose cases did not all run is never taken for a clean one.
     Without a GPU or the compiled extension nothing runs and the exit status is 2.
     """
-    status = _ext.extension_status()
-    if not status["fused"]:
-        print(f"sanitizer cases: cannot run ({status['reason']})")
-        return 2
+    if backend is None:
+        status = _ext.extension_status()
+        if not status["fused"]:
+            print(f"sanitizer cases: cannot run ({status['reason']})")
+            return 2
+        backend = _backend.Gpu(_ext._C)
     failures = 0
     for i, case in enumerate(CASES, 1):
         try:
-            result = f"passed: {run_case(**case)}"
+            result = f"passed: {run_case(**case, backend=backend)}"
         except Exception as exc:  # report every case, then fail
             result = f"FAILED: {type(exc).__name__}: {exc}"
             failures += 1

@@ -13,6 +13,7 @@ Values and both gradients over several training steps (the running state evolvin
 state (buffers, generator) saved and restored, eval mode frozen, the sub-center helpers,
 gradcheck of the functional forms, and bad arguments."""
 
+import functools
 import math
 
 import pytest
@@ -23,7 +24,9 @@ import magloss
 import magloss.functional as MF
 from magloss.subcenter import dominant_subcenters, dominant_weight, far_from_class, subcenter_counts
 
-TOL = dict(rtol=1e-10, atol=1e-10)
+from cases import FAMILIES, FP64_TOL, LOSS_VARIANTS, NO_SPEC, loss_functional
+
+TOL = FP64_TOL
 D, C, B = 8, 11, 13
 
 
@@ -269,16 +272,11 @@ def test_subcenter_helpers_match_a_loop():
 
 
 # -- functional forms: gradcheck through the engine ---------------------------------------------------------
-FUNCTIONAL = {
-    # ẑ has no gradient by design: with σ tiny every ẑ is clipped to ±1, constant near x
-    "adaface": lambda x, w, y: MF.adaface_loss(x, w, y, 30.0, 1e-6, scale=8.0),
-    "curricular": lambda x, w, y: MF.curricular_face_loss(x, w, y, 0.3, scale=8.0),
-    "subcenter": lambda x, w, y: MF.subcenter_arcface_loss(x, w, y, 1, scale=8.0),
-    "elastic_arc_plus": lambda x, w, y: MF.elastic_arcface_loss(
-        x, w, y, scale=8.0, plus=True, generator=torch.Generator().manual_seed(0)),
-    "elastic_cos": lambda x, w, y: MF.elastic_cosface_loss(x, w, y, scale=8.0,
-                                                           generator=torch.Generator().manual_seed(0)),
-}
+# every registered loss (and variant) with per-row margins, curricular columns or sub-centers, at s = 8;
+# AdaFace with σ tiny: ẑ has no gradient by design, and with σ tiny every ẑ is clipped to ±1, constant near x
+FUNCTIONAL = {n: functools.partial(loss_functional(n), scale=8.0,
+                                   **({"batch_mean": 30.0, "batch_std": 1e-6} if n == "adaface" else {}))
+              for n in LOSS_VARIANTS if n not in NO_SPEC and n not in FAMILIES}
 
 
 @pytest.mark.parametrize("name", list(FUNCTIONAL))

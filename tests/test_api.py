@@ -1,6 +1,6 @@
 """The public API: modules, functional forms, custom ops (opcheck), torch.compile, autocast."""
 
-import warnings
+import functools
 
 import pytest
 import torch
@@ -8,29 +8,23 @@ from torch.library import opcheck
 
 import magloss
 import magloss.functional as MF
-from conftest import make_inputs
-
-MODULES = [
-    (magloss.NormFaceLoss, {}, lambda x, w, y: MF.normface_loss(x, w, y)),
-    (magloss.CosFaceLoss, {}, lambda x, w, y: MF.cosface_loss(x, w, y)),
-    (magloss.ArcFaceLoss, {}, lambda x, w, y: MF.arcface_loss(x, w, y)),
-    (magloss.ArcFaceLoss, {"easy_margin": True}, lambda x, w, y: MF.arcface_loss(x, w, y, easy_margin=True)),
-    (magloss.CombinedMarginLoss, {"m1": 0.9, "m2": 0.4, "m3": 0.15},
-     lambda x, w, y: MF.combined_margin_loss(x, w, y, 64.0, 0.9, 0.4, 0.15)),
-    (magloss.MagFaceLoss, {}, lambda x, w, y: MF.magface_loss(x, w, y)),
-    (magloss.MagCosFaceLoss, {}, lambda x, w, y: MF.magcosface_loss(x, w, y)),
-    # the first training forward uses iteration 1, as upstream: λ = 1000/(1 + 0.12·1)
-    (magloss.SphereFaceLoss, {}, lambda x, w, y: MF.sphereface_loss(x, w, y, 4, None, 1000.0 / 1.12)),
-]
+from cases import ALL, FAMILIES, loss_functional, make_inputs
 
 
-@pytest.mark.parametrize("cls,kw,fn", MODULES, ids=[f"{m[0].__name__}{m[1]}" for m in MODULES])
+# every plain margin family (tests/cases.py): its module against its functional form; SphereFace's first
+# training forward uses iteration 1, as upstream: λ = 1000/(1 + 0.12·1)
+MODULES = [(FAMILIES[n].cls, FAMILIES[n].kwargs,
+            loss_functional(n) if FAMILIES[n].lam is None else functools.partial(loss_functional(n), lambda_=1000.0 / 1.12))
+           for n in ALL]
+
+
+@pytest.mark.parametrize("cls,kw,fn", MODULES, ids=ALL)
 def test_module_equals_functional_and_holds_weight(cls, kw, fn):
     crit = cls(16, 7, dtype=torch.float64, **kw)
     assert isinstance(crit.weight, torch.nn.Parameter) and crit.weight.shape == (7, 16)
     assert [n for n, _ in crit.named_parameters()] == ["weight"]
     torch.testing.assert_close(crit.weight.norm(dim=1), torch.ones(7, dtype=torch.float64))
-    x, _, y = make_inputs(5, 7, 16, norm_range=(1.0, 3.0) if cls is magloss.SphereFaceLoss else (20.0, 90.0))
+    x, _, y = make_inputs(5, 7, 16, norm_range=(1.0, 3.0) if crit.spec.scale_by_norm else (20.0, 90.0))
     torch.testing.assert_close(crit(x, y), fn(x, crit.weight, y), rtol=1e-12, atol=1e-12)
     assert cls.__name__ in repr(crit)
 

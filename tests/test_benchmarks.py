@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -194,3 +195,55 @@ def test_interleaved_run_with_fresh_process_memory(tmp_path):
     assert recs[("reference", 40000)]["peak_extra_mb"] >= 2 * bxc_mb
     assert recs[("chunked", 40000)]["peak_extra_mb"] < bxc_mb
     assert recs[("chunked", 40000)]["peak_extra_mb"] - recs[("chunked", 8000)]["peak_extra_mb"] < 0.25 * bxc_mb
+
+
+# ---- torch's own fused head: torch.nn.functional.linear_cross_entropy (plain CE) -------------------
+TORCH_LCE = ["torch-lce", "torch-lce-chunked"]
+HAS_LCE = hasattr(torch.nn.functional, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions")
+
+
+@pytest.mark.skipif(not HAS_LCE, reason=f"torch {torch.__version__} has no linear_cross_entropy")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("provider", TORCH_LCE)
+@pytest.mark.parametrize("shape", [(5, 37, 16), (70, 300, 24)], ids=lambda s: "B%d-C%d-D%d" % s)
+def test_torch_linear_cross_entropy_provider_is_plain_ce(provider, precision, shape):
+    """Both providers compute F.cross_entropy(x @ Wᵀ, y) on the harness's inputs (no normalization,
+    no margin): loss and gradients against float64 on the same (rounded) inputs."""
+    B, C, D = shape
+    case = P.Case(provider, "arcface", precision, B, C, D)
+    runner = P.build(case)
+    assert provider in P.PLAIN_CE and P.LOSS_FREE[provider] == "plain-ce"
+    x, w = runner.leaves
+    assert x.dtype == w.dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
+    loss = runner.fwd()
+    runner.bwd(loss, False)
+    _, _, y = P.make_inputs(case)
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(x64 @ w64.T, y)
+    ref.backward()
+    # bf16: the products of rounded operands accumulate in bf16-rounded outputs (about 3 significant digits)
+    rtol = {"fp32": 2e-5, "bf16": 3e-2}[precision]
+    for got, want in ((loss, ref.detach()), (x.grad, x64.grad), (w.grad, w64.grad)):
+        torch.testing.assert_close(got.double(), want, rtol=rtol, atol=rtol * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("missing,providers", [
+    ("functional", TORCH_LCE),                   # torch < 2.13 (the GPU machine's 2.11): both unavailable
+    ("options", ["torch-lce-chunked"]),          # the function without the options class: chunked only
+])
+def test_torch_linear_cross_entropy_unavailable_cleanly(monkeypatch, missing, providers):
+    if missing == "functional":
+        monkeypatch.delattr(torch.nn.functional, "linear_cross_entropy", raising=False)
+    else:
+        monkeypatch.setattr(torch.nn.functional, "linear_cross_entropy", lambda *a, **k: None, raising=False)
+        monkeypatch.delattr(torch.nn, "LinearCrossEntropyOptions", raising=False)
+    avail = P.availability("cpu")
+    for p in TORCH_LCE:
+        case = P.Case(p, "arcface", "fp32", 4, 10, 8)
+        if p in providers:
+            with pytest.raises(P.Unavailable, match=re.escape(f"torch {torch.__version__} has no torch.nn")):
+                P.build(case)
+            assert f"torch {torch.__version__} has no" in avail[p]
+        else:
+            assert avail[p] is None
+            P.build(case)

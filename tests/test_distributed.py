@@ -23,7 +23,8 @@ import magloss
 import magloss.distributed as mdist
 from magloss import checkpoint
 
-from _dist_utils import spawn, split_sizes
+from _dist_utils import spawn_worlds, split_sizes
+from cases import FP32_TOL, FP64_TOL, make_inputs
 
 WORLD_SIZES = (2, 3, 1)          # spawn order: the checkpoint is written by 2, read by 3, re-written, read by 1
 D = 6
@@ -59,7 +60,7 @@ CASES = [
     ("pfc_rate01_f32", "CosFaceLoss", dict(), torch.float32, 12, "even", "random", "sum", {"rate": 0.1}),
 ]
 CASE_IDS = [c[0] for c in CASES]
-TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-5, atol=1e-5)}
+TOL = {torch.float64: FP64_TOL, torch.float32: FP32_TOL}
 
 
 # -- inputs: the same deterministic global batch in every process --------------------------------
@@ -78,12 +79,8 @@ def make_case(case):
     num_classes = C_PFC if "rate" in extra else C
     ignore = kwargs.get("ignore_index", -1)
     g = torch.Generator().manual_seed(sum(map(ord, name)))
-    x = torch.randn(total, D, generator=g, dtype=torch.float64)
-    mags = 5.0 + 120.0 * torch.rand(total, generator=g, dtype=torch.float64)   # some outside [l_a, u_a]
-    x = x / x.norm(dim=1, keepdim=True) * mags.unsqueeze(1)
-    w = torch.randn(num_classes, D, generator=g, dtype=torch.float64)
-    w = w * (0.5 + torch.rand(num_classes, 1, generator=g, dtype=torch.float64))
-    y = torch.randint(0, num_classes, (total,), generator=g)
+    # magnitudes in [5, 125]: some outside MagFace's [l_a, u_a]
+    x, w, y = make_inputs(total, num_classes, D, norm_range=(5.0, 125.0), generator=g)
     if pattern == "ignored":
         y[[1, total - 2]] = ignore
     elif pattern == "last_shard":              # every label on the last shard of any world size ≤ 3
@@ -151,19 +148,6 @@ def _record_error(fn):
     except Exception as exc:           # noqa: BLE001 - the test inspects type and message
         return type(exc).__name__, str(exc)
     return None
-
-
-def _worker(rank, world_size, out_dir):
-    """One 3-process spawn runs the phases for world sizes 2, 3, 1 in that order: world 2
-    on the subgroup {0, 1}, world 3 on the default WORLD group, world 1 on {0}. Fewer
-    processes to start (the slow part) and the ``group`` argument gets exercised."""
-    assert world_size == max(WORLD_SIZES)
-    # new_group is collective: every rank creates all of them first, in the same order
-    groups = {w: (None if w == world_size else dist.new_group(list(range(w)))) for w in WORLD_SIZES}
-    for w in WORLD_SIZES:
-        if rank < w:
-            _phase(rank, w, groups[w], out_dir)
-        dist.barrier()
 
 
 def _phase(rank, world, group, out_dir):
@@ -327,15 +311,15 @@ def _phase(rank, world, group, out_dir):
     bad_y = torch.tensor(BAD_LABELS[world][rank])
     res["errors"]["label_out_of_range"] = _record_error(lambda: head(torch.randn(2, D), bad_y))
     res["errors"]["wrong_embedding_size"] = _record_error(lambda: head(torch.randn(2, D + 1), bad_y))
-    torch.save(res, os.path.join(out_dir, f"w{world}_r{rank}.pt"))
+    return res
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
+    # one spawn of 3 ranks: world 2 on the subgroup {0, 1}, world 3 on WORLD, world 1 on {0}
+    # (fewer processes to start, the slow part, and the ``group`` argument gets exercised)
     out = tmp_path_factory.mktemp("dist")
-    spawn(_worker, max(WORLD_SIZES), out, str(out))
-    return {(w, r): torch.load(os.path.join(out, f"w{w}_r{r}.pt"), weights_only=False)
-            for w in WORLD_SIZES for r in range(w)}, str(out)
+    return spawn_worlds(_phase, WORLD_SIZES, out), str(out)
 
 
 # -- the single-process oracle ------------------------------------------------------------------------

@@ -10,16 +10,15 @@ module over all classes (float64, 1e-10)."""
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import magloss
 import magloss.distributed as mdist
 
-from _dist_utils import spawn, split_sizes
+from _dist_utils import spawn_worlds, split_sizes
+from cases import FP64_TOL
 
 WORLD_SIZES = (2, 3, 1)
 D, C, STEPS = 6, 17, 2
@@ -34,7 +33,7 @@ CASES = [
     ("pfc_curricular", "CurricularFaceLoss", dict(scale=16.0), 0.5),
 ]
 IDS = [c[0] for c in CASES]
-TOL = dict(rtol=1e-10, atol=1e-10)
+TOL = FP64_TOL
 SEED = 11
 
 
@@ -69,22 +68,13 @@ def _phase(rank, world, group, out_dir):
                         "start": head.shard_start, "end": head.shard_end, "sample": head.last_sample,
                         "buffers": {n: b.clone() for n, b in head.named_buffers() if n != "step"}})
         res[name] = rec
-    torch.save(res, os.path.join(out_dir, f"w{world}_r{rank}.pt"))
-
-
-def _worker(rank, world_size, out_dir):
-    groups = {w: (None if w == world_size else dist.new_group(list(range(w)))) for w in WORLD_SIZES}
-    for w in WORLD_SIZES:
-        if rank < w:
-            _phase(rank, w, groups[w], out_dir)
-        dist.barrier()
+    return res
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist_adaptive")
-    spawn(_worker, max(WORLD_SIZES), out, str(out))
-    return {(w, r): torch.load(out / f"w{w}_r{r}.pt", weights_only=False) for w in WORLD_SIZES for r in range(w)}
+    return spawn_worlds(_phase, WORLD_SIZES, out)
 
 
 def _single(name, cls, kwargs, sample):

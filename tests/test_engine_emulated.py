@@ -29,7 +29,8 @@ except build.EmulatorUnavailable as exc:
     pytest.skip(f"CUDA emulator unavailable: {exc}", allow_module_level=True)
 
 import magloss  # noqa: E402
-from _parity_common import FAMILIES, assert_fp32_parity, make_case, oracle  # noqa: E402
+from _parity_common import assert_fp32_parity, oracle  # noqa: E402
+from cases import FAMILIES, make_case  # noqa: E402
 
 SCHEDULES = [0, 1, 2]
 
@@ -240,7 +241,7 @@ def test_kernel_errors_reach_the_caller_as_cuda_errors(routed):
     """A failed kernel is a sticky CUDA error: the boundary's launch check raises it as a
     RuntimeError naming the kernel, and every later call raises it too until the context is reset."""
     x, w, y, _ = make_case(3, 10, 40, seed=33)
-    args = (x.float(), w.float(), y, None, None, None, None, *FAMILIES["arcface"][0].op_args(-1))
+    args = (x.float(), w.float(), y, None, None, None, None, *FAMILIES["arcface"].spec.op_args(-1))
     emu_engine.controls().emu_fail_next_launch(b"injected fault")
     with pytest.raises(RuntimeError, match="CUDA error: cuda_emu: injected fault in col_norms_kernel"):
         torch.ops.magloss.margin_ce(*args)
@@ -248,3 +249,37 @@ def test_kernel_errors_reach_the_caller_as_cuda_errors(routed):
         torch.ops.magloss.margin_ce(*args)
     emu_engine.reset()
     assert torch.isfinite(torch.ops.magloss.margin_ce(*args)[0]).all()
+
+
+# ---- the GPU check's sanitizer cases, run here on the emulated backend --------------------------------
+import _backend  # noqa: E402
+import sanitizer_cases  # noqa: E402
+
+
+@pytest.mark.parametrize("case", sanitizer_cases.CASES, ids=lambda c: "-".join(f"{v}" for v in c.values()))
+def test_sanitizer_case_runs_on_the_emulator(routed, case):
+    """Every case of tests/sanitizer_cases.py (what compute-sanitizer runs on the GPU) passes its own
+    sanity checks on the emulated backend, with no kernel error: the file's only GPU-only code is
+    main()'s choice of the GPU backend."""
+    expected = "raised as expected" if case.get("bad_label") and case.get("check") == "sync" else "ok"
+    assert sanitizer_cases.run_case(**case, backend=_backend.Emulated(emu_engine)) == expected
+    assert emu_engine.error() is None, emu_engine.error()
+    magloss.flush_input_checks()
+
+
+def test_sanitizer_main_on_the_emulator(routed, capsys, monkeypatch):
+    """main() on the emulated backend: one "passed" line per case (what the GPU check counts), exit 0;
+    a case that fails its sanity check is reported and makes the exit status 1."""
+    assert sanitizer_cases.main(backend=_backend.Emulated(emu_engine)) == 0
+    out = capsys.readouterr().out
+    n = len(sanitizer_cases.CASES)
+    assert sum(line.startswith("sanitizer case ") and f"/{n} passed: " in line for line in out.splitlines()) == n
+    monkeypatch.setattr(sanitizer_cases, "CASES", sanitizer_cases.CASES[:1] + [dict(name="nosuchfamily", B=1, C=1,
+                                                                                        D=8)])
+    assert sanitizer_cases.main(backend=_backend.Emulated(emu_engine)) == 1
+    assert "sanitizer case 2/2 FAILED: KeyError" in capsys.readouterr().out
+
+
+def test_sanitizer_main_without_the_fused_engine_runs_nothing(capsys):
+    assert sanitizer_cases.main() == 2
+    assert "sanitizer cases: cannot run (" in capsys.readouterr().out

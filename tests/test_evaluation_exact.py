@@ -1,5 +1,5 @@
 """Exact rank arithmetic, NaN rejection, scalar arguments and unmeasurable rates in
-magloss.evaluation and magloss.quality (issue 13, items 5-7).
+magloss.evaluation and magloss.quality.
 
 Expected values come from brute force over every candidate threshold, with the rate
 given as an exact decimal fraction (numerator, denominator) typed into the table, so

@@ -26,25 +26,18 @@ import torch
 import torch.distributed as dist
 
 import magloss
-from conftest import make_inputs
+from cases import LOSS_NAMES, LOSS_VARIANTS, VARIANTS, build_loss, make_inputs
 from magloss import registry
 from magloss.distributed import shard
 
 D, C, B = 8, 5, 6
-NAMES = list(registry.LOSSES)
+NAMES = LOSS_NAMES
 SHARDED = [n for n in NAMES if registry.sharded(n) is not None]
-#: Options that change a loss's code path enough to be covered as loss variants of their own.
-VARIANTS = {"elastic_arcface+": ("elastic_arcface", {"plus": True}), "elastic_cosface+": ("elastic_cosface", {"plus": True})}
-ALL = NAMES + list(VARIANTS)
+ALL = LOSS_VARIANTS
 
 
 def _build(name, sharded=False, **kw):
-    base, extra = VARIANTS.get(name, (name, {}))
-    cls = registry.sharded(base) if sharded else registry.LOSSES[base]
-    if "seed" in inspect.signature(cls).parameters:
-        kw.setdefault("seed", 3)
-    torch.manual_seed(0)
-    return cls(D, C, **extra, **kw)
+    return build_loss(name, D, C, sharded=sharded, **kw)
 
 
 def _batch(dtype=torch.float32, seed=0, b=B):
@@ -245,7 +238,7 @@ def test_state_dict_round_trip_continues_the_run(name, group, one_thread):
 @pytest.mark.parametrize("name", ALL)
 def test_bad_labels_are_errors_naming_labels_and_change_nothing(name, group, one_thread):
     x, y = _batch()
-    for form, m in _forms(name, group):
+    for _form, m in _forms(name, group):
         before = _state(m)
         with pytest.raises(TypeError, match=r"^labels: .*int64"):
             m(x, y.float())

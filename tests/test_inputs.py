@@ -8,7 +8,7 @@ import torch
 
 import magloss
 import magloss.functional as MF
-from conftest import make_inputs
+from cases import make_inputs
 
 
 def _base():
@@ -133,3 +133,47 @@ def test_failed_forward_leaves_no_state_changed():
     assert torch.equal(crit.weight, before)
     crit(x, y)
     assert int(crit.iteration) == 1
+
+
+# -- errors in the caller's words: radians, transposed weights, pytorch-metric-learning's argument order --
+@pytest.mark.parametrize("make,pattern", [
+    (lambda: magloss.ArcFaceLoss(8, 5, margin=28.6),
+     r"^margin: expected an angle in radians in \[0, pi\), got 28.6 .*math.radians\(28.6\) = 0.4992"),
+    (lambda: MF.arcface_loss(torch.randn(2, 4), torch.randn(3, 4), torch.tensor([0, 1]), margin=28.6),
+     r"^margin: .*radians"),
+    (lambda: magloss.CosFaceLoss(8, 5, margin=-0.35), r"^margin: expected a non-negative number"),
+    (lambda: magloss.CombinedMarginLoss(8, 5, m2=28.6), r"^m2: .*radians"),
+    (lambda: magloss.MagFaceLoss(8, 5, u_m=45.0), r"^u_m: .*radians.*math.radians\(45.0\)"),
+])
+def test_margin_errors_name_the_callers_argument(make, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        make()
+
+
+def test_transposed_weight_is_named():
+    x, y = torch.randn(3, 8), torch.tensor([0, 1, 2])
+    with pytest.raises(ValueError, match=r"^weight: expected the layout \[C, D\].*looks transposed.*weight.t\(\)"):
+        MF.arcface_loss(x, torch.randn(8, 20), y)
+
+
+def test_argument_order_of_pytorch_metric_learning_is_named():
+    crit = magloss.ArcFaceLoss(1000, 512)        # meant: 512-d embeddings, 1000 classes
+    with pytest.raises(ValueError, match=r"^embeddings: expected shape \[B, 1000\].*\(embedding_size, num_classes\)"
+                                         r".*pytorch-metric-learning's order is \(num_classes, embedding_size\)"):
+        crit(torch.randn(4, 512), torch.tensor([0, 1, 2, 3]))
+    with pytest.raises(ValueError, match=r"pytorch-metric-learning"):
+        magloss.SoftmaxLoss(30, 12)(torch.randn(2, 12), torch.tensor([0, 1]))
+
+
+# -- ignore_index inside [0, C) warns ------------------------------------------------------------------
+def test_ignore_index_inside_the_classes_warns():
+    with pytest.warns(UserWarning, match=r"ignore_index=3 is a class index in \[0, 7\)"):
+        magloss.ArcFaceLoss(8, 7, ignore_index=3)
+    x, w, y = make_inputs(4, 7, 8)
+    with pytest.warns(UserWarning, match=r"ignore_index=0 is a class index in \[0, 7\)"):
+        MF.cosface_loss(x, w, y, ignore_index=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        magloss.ArcFaceLoss(8, 7, ignore_index=-100)
+        magloss.ArcFaceLoss(8, 7, ignore_index=7)
+        MF.cosface_loss(x, w, y, ignore_index=-1)

@@ -8,6 +8,8 @@ import torch
 
 from magloss.margins import MarginSpec, magface_lambda_g_bound, margin_terms, regularizer, sphere_lambda
 
+from cases import ALL, FAMILIES
+
 pi = math.pi
 
 
@@ -60,17 +62,10 @@ def test_hand_values(name, spec, theta, a, lam, expected):
     assert _psi(spec, theta, a, lam) == pytest.approx(expected, abs=1e-12)
 
 
-SMOOTH = [
-    ("arcface", MarginSpec.combined(64, 1, 0.5, 0), None),
-    ("arcface easy", MarginSpec.combined(64, 1, 0.5, 0, easy_margin=True), None),
-    ("combined", MarginSpec.combined(64, 0.9, 0.4, 0.15), None),
+# every plain margin family (tests/cases.py) but the straight-through ones (by design not the derivative),
+# and m1 > 1 with both other margins non-zero
+SMOOTH = [(name, *FAMILIES[name]) for name in ALL if not FAMILIES[name].spec.straight_through] + [
     ("combined m1=1.5", MarginSpec.combined(64, 1.5, 0.2, 0.1), None),
-    ("cosface", MarginSpec.combined(64, 1, 0, 0.35), None),
-    ("sphere4", MarginSpec.sphere(4), 3.0),
-    ("sphere3", MarginSpec.sphere(3), 0.0),
-    ("magface", MarginSpec.magface(), None),
-    ("magface threshold", MarginSpec.magface(easy_margin=False), None),
-    ("magcos", MarginSpec.magcos(), None),
 ]
 
 

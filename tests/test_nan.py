@@ -23,7 +23,6 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 import magloss
@@ -32,8 +31,8 @@ import magloss.functional as MF
 from magloss import reference
 from magloss.margins import MAGCOS, MAGFACE, magnitude_margin, margin_terms, regularizer
 
-from _dist_utils import spawn
-from _parity_common import ALL, FAMILIES, lam_tensor, make_case
+from _dist_utils import spawn_worlds
+from cases import ALL, FAMILIES, LOSS_NAMES, SAME_ROWS_RTOL, lam_tensor, loss_functional, make_case
 
 NAN = float("nan")
 B, C, D = 7, 13, 10
@@ -72,7 +71,7 @@ def assert_nan_where(t, mask, what):
 def assert_same_elsewhere(t, clean, mask, what):
     """Entries outside ``mask`` equal those of the NaN-free call (rows are independent)."""
     keep = ~mask.expand_as(t)
-    torch.testing.assert_close(t[keep], clean[keep], rtol=1e-6 if t.dtype == torch.float32 else 1e-12, atol=0,
+    torch.testing.assert_close(t[keep], clean[keep], rtol=SAME_ROWS_RTOL[t.dtype], atol=0,
                                msg=lambda m: f"{what}: {m}")
 
 
@@ -150,16 +149,10 @@ def test_plain_softmax_has_the_same_ignored_row_rule():
 
 
 # ---- the functional losses and the modules: input check on and off ----------------------------------
-LOSSES = {
-    "normface": lambda x, w, y, r: MF.normface_loss(x, w, y, reduction=r),
-    "cosface": lambda x, w, y, r: MF.cosface_loss(x, w, y, reduction=r),
-    "arcface": lambda x, w, y, r: MF.arcface_loss(x, w, y, reduction=r),
-    "combined": lambda x, w, y, r: MF.combined_margin_loss(x, w, y, m1=0.9, m2=0.4, m3=0.15, reduction=r),
-    "sphereface": lambda x, w, y, r: MF.sphereface_loss(x, w, y, 4, None, 5.0, reduction=r),
-    "magface": lambda x, w, y, r: MF.magface_loss(x, w, y, reduction=r),
-    "magcos": lambda x, w, y, r: MF.magcosface_loss(x, w, y, reduction=r),
-    "softmax": lambda x, w, y, r: MF.softmax_loss(x, w, y, reduction=r),
-}
+#: Every registered loss's functional form, with its FAMILIES hyperparameters where it has a row
+#: the losses that sum over the classes instead of a log-sum-exp (magloss.onevsall)
+ONE_VS_ALL = {n for n, cls in magloss.registry.LOSSES.items() if issubclass(cls, magloss.losses.OneVsAllLoss)}
+LOSSES = {n: (lambda fn: lambda x, w, y, r: fn(x, w, y, reduction=r))(loss_functional(n)) for n in LOSS_NAMES}
 
 
 @pytest.mark.parametrize("where", WHERE)
@@ -194,7 +187,13 @@ def test_functional_nan_with_checks_off(monkeypatch, name, where, mode):
     else:
         assert torch.isnan(loss)
     loss.backward()
-    assert torch.isnan(wg.grad).all()
+    if where == "weight" and name in ONE_VS_ALL:
+        # a sum over classes: ∂L/∂w_k reads only the cosines of class k, so the other classes'
+        # gradients stay finite (the NaN reaches every loss row and every ∂x through class j)
+        j = int(y[WROW_OF])
+        assert_nan_where(wg.grad, (torch.arange(C) == j).unsqueeze(1), f"{name} {where} grad_weight")
+    else:
+        assert torch.isnan(wg.grad).all()
     assert_nan_where(xg.grad, (m["norms"] if where != "weight" else torch.ones(B, dtype=torch.bool)).unsqueeze(1),
                      f"{name} {where} grad_embeddings")
 
@@ -237,7 +236,7 @@ SHARDED = [("arcface", "ArcFaceLoss"), ("magface", "MagFaceLoss"), ("sphereface"
 SPLIT = [4, 3]                     # rows per rank at world size 2 (uneven); NaN rows 2 and 4 on ranks 0 and 1
 
 
-def _sharded_phase(rank, world, group):
+def _sharded_phase(rank, world, group, out_dir):
     os.environ["MAGLOSS_CHECK_INPUTS"] = "off"
     sizes = SPLIT if world == 2 else [B]
     lo = sum(sizes[:rank])
@@ -268,20 +267,9 @@ def _sharded_phase(rank, world, group):
     return out
 
 
-def _sharded_worker(rank, world_size, out_dir):
-    groups = {2: None, 1: dist.new_group([0])}
-    for world in (2, 1):
-        if rank < world:
-            torch.save(_sharded_phase(rank, world, groups[world]), os.path.join(out_dir, f"w{world}_r{rank}.pt"))
-        dist.barrier()
-
-
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
-    out = tmp_path_factory.mktemp("nan_dist")
-    spawn(_sharded_worker, 2, out, str(out))
-    return {(w, r): torch.load(os.path.join(out, f"w{w}_r{r}.pt"), weights_only=False)
-            for w in (2, 1) for r in range(w)}
+    return spawn_worlds(_sharded_phase, (2, 1), tmp_path_factory.mktemp("nan_dist"))
 
 
 @pytest.mark.parametrize("where", WHERE)

@@ -99,3 +99,66 @@ def test_cli_key_matches_the_function(tree, capsys):
     assert prebuild_ext.main(["key"]) == 0
     assert capsys.readouterr().out.strip() == prebuild_ext.key()
     assert prebuild_ext.key_parts()["files"] == 3   # 2 under csrc/ + setup.py
+
+
+# ---- build(): setup.py run in a scratch copy, the artefact filed under its key (a stand-in setup.py) -----
+FAKE_SETUP = """
+import os, pathlib, sys
+assert sys.argv[1:] == ["build_ext", "--inplace"], sys.argv
+assert os.environ["MAGLOSS_BUILD_CUDA"] == "1" and os.environ["TORCH_CUDA_ARCH_LIST"] == "9.0"
+assert os.environ["CUDA_HOME"] + "/bin" == os.environ["PATH"].split(os.pathsep)[0]
+if os.environ.get("FAKE_BUILD_FAIL"):
+    print("csrc/engine.cu(1): error: stand-in compiler error")
+    sys.exit(1)
+pathlib.Path("magloss/_C" + {suffix!r}).write_bytes(b"built from " + pathlib.Path("csrc/engine.cu").read_bytes())
+log = pathlib.Path("build/temp.stand-in/.ninja_log")
+log.parent.mkdir(parents=True)
+log.write_text("# ninja log v5\\n0\\t2500\\t0\\t/x/engine.o\\tabc\\n100\\t9100\\t0\\t/x/bindings.o\\tdef\\n")
+"""
+
+
+@pytest.fixture
+def buildable(tree, tmp_path, monkeypatch):
+    """The scratch tree with what setup.py needs, a toolkit directory and a torch that says it has CUDA."""
+    (tree / "setup.py").write_text(FAKE_SETUP.format(suffix=SUFFIX))
+    (tree / "pyproject.toml").write_text("")
+    (tree / "README.md").write_text("")
+    kit = tmp_path / "kit"
+    (kit / "bin").mkdir(parents=True)
+    monkeypatch.setattr(prebuild_ext, "cuda_home", lambda: kit)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    return tree
+
+
+def test_build_files_the_artefact_under_its_key(buildable, capsys):
+    stale = buildable / ".prebuilt" / "0123456789abcdef"
+    stale.mkdir(parents=True)
+    dest = prebuild_ext.build()
+    assert dest == buildable / ".prebuilt" / prebuild_ext.key()
+    assert (dest / f"_C{SUFFIX}").read_bytes() == b"built from kernel v1\n"
+    info = __import__("json").loads((dest / "key.json").read_text())
+    assert info["key"] == dest.name and info["torch_cuda"] == "13.0" and info["arch_list"] == "9.0"
+    assert info["compile_seconds"] == {"engine.o": 2.5, "bindings.o": 9.0}
+    assert not stale.exists() and not list(buildable.glob("magloss/_C*"))   # the working tree stays clean
+    prebuild_ext.build()
+    assert "already there" in capsys.readouterr().out
+    assert prebuild_ext.install() == "prebuilt"
+
+
+def test_install_builds_a_missing_artefact(buildable):
+    assert prebuild_ext.install() == "built"
+    assert (buildable / "magloss" / f"_C{SUFFIX}").read_bytes() == b"built from kernel v1\n"
+
+
+def test_build_failure_shows_the_compiler_and_files_nothing(buildable, monkeypatch, capsys):
+    monkeypatch.setenv("FAKE_BUILD_FAIL", "1")
+    assert prebuild_ext.main(["build"]) == 1
+    captured = capsys.readouterr()
+    assert "stand-in compiler error" in captured.out and "build failed (setup.py exit status 1)" in captured.err
+    assert not (buildable / ".prebuilt").exists() or not list((buildable / ".prebuilt").iterdir())
+
+
+def test_build_needs_a_cuda_torch(tree, monkeypatch):
+    monkeypatch.setattr(torch.version, "cuda", None)
+    with pytest.raises(RuntimeError, match="has no CUDA: cannot build the extension"):
+        prebuild_ext.build()

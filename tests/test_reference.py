@@ -1,8 +1,8 @@
 """The reference losses against gradcheck, the upstream implementations, and the
 invariances every correct implementation has. All float64."""
 
+import functools
 import math
-import warnings
 
 import pytest
 import torch
@@ -11,29 +11,25 @@ from torch.autograd.gradcheck import GradcheckError
 
 import magloss
 import magloss.functional as MF
-from conftest import FP64_TOL, make_inputs, quiet_magface
+from magloss.margins import MAGCOS, MAGFACE
+from cases import ALL, FAMILIES, FP64_TOL, loss_functional, make_inputs
 import upstream
 
-# name -> functional call with every hyperparameter explicit
-LOSSES = {
-    "normface": lambda x, w, y, **kw: MF.normface_loss(x, w, y, 30.0, **kw),
-    "cosface": lambda x, w, y, **kw: MF.cosface_loss(x, w, y, 30.0, 0.35, **kw),
-    "arcface": lambda x, w, y, **kw: MF.arcface_loss(x, w, y, 30.0, 0.5, **kw),
-    "arcface_easy": lambda x, w, y, **kw: MF.arcface_loss(x, w, y, 30.0, 0.5, easy_margin=True, **kw),
-    "arcface_st": lambda x, w, y, **kw: MF.arcface_loss(x, w, y, 30.0, 0.5, straight_through=True, **kw),
-    "combined": lambda x, w, y, **kw: MF.combined_margin_loss(x, w, y, 30.0, 0.9, 0.4, 0.15, **kw),
-    "sphereface": lambda x, w, y, **kw: MF.sphereface_loss(x, w, y, 4, None, 3.0, **kw),
-    "sphereface_s": lambda x, w, y, **kw: MF.sphereface_loss(x, w, y, 3, 16.0, 0.0, **kw),
-    "magface": lambda x, w, y, **kw: MF.magface_loss(x, w, y, 30.0, **kw),
-    "magface_threshold": lambda x, w, y, **kw: MF.magface_loss(x, w, y, 30.0, easy_margin=False, **kw),
-    "magcosface": lambda x, w, y, **kw: MF.magcosface_loss(x, w, y, 30.0, **kw),
-    "softmax": lambda x, w, y, **kw: MF.softmax_loss(x, w, y, **kw),
-}
+
+def _by_norm(name):
+    """SphereFace with the feature-norm scale: logits scaled by ‖x_i‖, no s."""
+    return name in FAMILIES and FAMILIES[name].spec.scale_by_norm
+
+
+# every plain margin family (tests/cases.py) at s = 30, and softmax; the per-row-margin, curricular and
+# sub-center losses are tests/test_reference_features.py's and tests/test_adaptive_losses.py's
+LOSSES = {n: loss_functional(n) if _by_norm(n) else functools.partial(loss_functional(n), scale=30.0) for n in ALL}
+LOSSES["softmax"] = loss_functional("softmax")
 
 
 def _inputs(loss, B=6, C=5, D=8, **kw):
     # SphereFace with feature-norm scale needs small magnitudes to keep the softmax non-degenerate
-    norm_range = (0.5, 3.0) if loss == "sphereface" else (15.0, 100.0)
+    norm_range = (0.5, 3.0) if _by_norm(loss) else (15.0, 100.0)
     return make_inputs(B, C, D, norm_range=norm_range, **kw)
 
 
@@ -216,7 +212,7 @@ def test_reductions(loss):
     total = LOSSES[loss](x, w, y, reduction="sum")
     mean = LOSSES[loss](x, w, y, reduction="mean")
     torch.testing.assert_close(total, mean * 4, **FP64_TOL)
-    if loss not in ("magface", "magface_threshold", "magcosface"):   # their 'none' rows are CE only + λ_g·g
+    if loss == "softmax" or FAMILIES[loss].spec.kind not in (MAGFACE, MAGCOS):   # their 'none' rows are CE only + λ_g·g
         torch.testing.assert_close(rows.sum(), total, **FP64_TOL)
 
 

@@ -1,4 +1,4 @@
-"""The reference engine's three general features (issue 14), all float64:
+"""The reference engine's three general features, all float64:
 
 * per-row margins (``row_margins``: m2_i, m3_i) with the CLIP (AdaFace) and NONE (ElasticFace)
   boundary policies;
@@ -15,8 +15,7 @@ import torch
 
 from magloss import reference
 from magloss.margins import CLIP, EASY, NONE, THRESHOLD, MarginSpec, margin_terms
-from conftest import make_inputs
-from _feature_cases import FEATURES, feature_case
+from cases import FEATURES, feature_case, make_inputs
 
 pi = math.pi
 EPS = 1e-3   # AdaFace's ε

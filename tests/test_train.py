@@ -179,7 +179,7 @@ def test_single_process_run_logs_evaluates_and_resumes_bit_exact(faces, tmp_path
     assert not torch.equal(a_shards[0]["weight"], _checkpoint(full, 3)[2][0]["weight"])
 
 
-# The issue-14 losses through the command: their state (AdaFace's norm statistics, CurricularFace's
+# The stateful and sub-center losses through the command: their state (AdaFace's norm statistics, CurricularFace's
 # t, ElasticFace's generator, K sub-centers per class in the class-matrix checkpoint) must resume
 # exactly: interrupted at step 2 and resumed = uninterrupted, bit for bit.
 @pytest.mark.parametrize("loss, extra", [("adaface", []), ("curricularface", []),
@@ -297,7 +297,8 @@ BAD = [
     (lambda f, t: [f, "--loss", "circleloss"],
      r"argument --loss: invalid choice: 'circleloss' \(choose from '?softmax'?, '?normface'?, '?cosface'?, "
      r"'?arcface'?, '?combined'?, '?sphereface'?, '?magface'?, '?magcosface'?, '?adaface'?, '?curricularface'?, "
-     r"'?subcenter_arcface'?, '?elastic_arcface'?, '?elastic_cosface'?\)"),
+     r"'?subcenter_arcface'?, '?elastic_arcface'?, '?elastic_cosface'?, '?sface'?, '?uniface'?, '?sphereface2'?, "
+     r"'?p2sgrad'?\)"),
     (lambda f, t: [f, "--loss", "arcface", "--l-a", "5"],
      r"--l-a is not an option of --loss arcface \(its options: --scale, --margin, --easy-margin, --straight-through\)"),
     (lambda f, t: [f, "--loss", "sphereface", "--margin", "1.5"], r"--margin: --loss sphereface expects an integer"),
@@ -355,7 +356,7 @@ def test_image_folder_with_other_sizes_is_resized(tmp_path):
     DataLoader workers: the first image's size is not a multiple of 16, --image-size resizes."""
     rng = np.random.default_rng(1)
     root = tmp_path / "people"
-    for c, name in enumerate(["ann", "bob", "cy"]):
+    for name in ["ann", "bob", "cy"]:
         (root / name).mkdir(parents=True)
         for j in range(4):
             px = np.clip(rng.integers(0, 256, size=3) + rng.integers(-20, 20, size=(20, 24, 3)), 0, 255)

@@ -351,14 +351,20 @@ def test_a_record_damaged_mid_file_stops_cleanly_with_the_finished_steps(faces, 
     _same_as_uninterrupted(uninterrupted, out)
 
 
-def test_a_damaged_record_in_the_first_batch_saves_nothing(faces, tmp_path, capsys):
-    index = [i for i in list(train.GlobalBatchSampler(N, 8, 1, 0, 0, 0, 0))[0] if i not in (0, N - 1)][0]
+def _with_bad_magic(faces, tmp_path, key):
+    """A copy of the faces folder whose record ``key`` starts with a wrong magic number."""
     d = _copy(faces, tmp_path)
     rec = d / "train.rec"
     data = bytearray(rec.read_bytes())
-    pos = _offsets(d)[index + 1]
+    pos = _offsets(d)[key]
     data[pos:pos + 4] = b"\0\1\2\3"
     rec.write_bytes(bytes(data))
+    return d
+
+
+def test_a_damaged_record_in_the_first_batch_saves_nothing(faces, tmp_path, capsys):
+    index = [i for i in list(train.GlobalBatchSampler(N, 8, 1, 0, 0, 0, 0))[0] if i not in (0, N - 1)][0]
+    d = _with_bad_magic(faces, tmp_path, index + 1)
     out = tmp_path / "run"
     err = _fails(_common(str(d), out, *RUN), capsys)
     assert re.search(rf"train\.rec: record {index + 1}: wrong magic number .* \(training stopped before step 1\); no "
@@ -370,12 +376,7 @@ def test_a_damaged_record_on_one_rank_stops_every_rank_at_the_same_step(faces, t
     """torchrun, 2 processes of 3 images: rank 1's batch of step 2 holds the damaged record. Both
     ranks stop before step 2 (no hang in a collective), step 1 is saved, rank 1 names the record."""
     index = [i for i in list(train.GlobalBatchSampler(N, 3, 2, 1, 0, 0, 0))[1] if i not in (0, N - 1)][0]
-    d = _copy(faces, tmp_path)
-    rec = d / "train.rec"
-    data = bytearray(rec.read_bytes())
-    pos = _offsets(d)[index + 1]
-    data[pos:pos + 4] = b"\0\1\2\3"
-    rec.write_bytes(bytes(data))
+    d = _with_bad_magic(faces, tmp_path, index + 1)
     out = tmp_path / "w2"
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",

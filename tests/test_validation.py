@@ -21,7 +21,7 @@ import torch
 
 import magloss
 import magloss.functional as MF
-from conftest import make_inputs
+from cases import make_inputs
 from magloss import reference, subcenter
 from magloss.checks import num_classes_of
 from magloss.margins import MarginSpec

@@ -104,8 +104,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     """Run the demo; returns the report dict (also written to ``<out>/report.json``).
 
     Raises:
-        UsageError (a ValueError): a bad option, data folder or ``--out``, found before any
-        training (:func:`~magloss.demo.options._check_args`, :func:`_check_before_training`).
+        UsageError: a ValueError for a bad option, data folder or ``--out``, found before any
+            training (:func:`~magloss.demo.options._check_args`, :func:`_check_before_training`).
         ImportError: a missing extra (``pip install 'magloss[demo]'``).
     """
     args = build_parser().parse_args(argv)

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from .. import functional as MF
 from .. import losses, ops
+from .. import onevsall as OVA
 from ..adaptive import AdaFaceState, CurricularState, ElasticState, Extras, label_cosines
 from ..checks import bad_labels, check_types, first_true, label_error
 from ..margins import SPHERE, MarginSpec, sphere_lambda
@@ -60,6 +61,11 @@ __all__ = [
     "ShardedCurricularFaceLoss",
     "ShardedElasticArcFaceLoss",
     "ShardedElasticCosFaceLoss",
+    "ShardedOneVsAllLoss",
+    "ShardedSFaceLoss",
+    "ShardedUniFaceLoss",
+    "ShardedSphereFace2Loss",
+    "ShardedP2SGradLoss",
     "shard",
 ]
 
@@ -265,22 +271,28 @@ class ShardedMarginLoss(nn.Module):
         AdaFace, CurricularFace and ElasticFace twins override it with their state mixin)."""
         return None, None, None, None
 
-    def forward(self, embeddings: Tensor, labels: Tensor, return_parts: bool = False):
+    def _global_batch(self, embeddings: Tensor, labels: Tensor):
+        """The checks, then the global batch: (x_all, valid, local labels, this shard's (sampled)
+        weight rows). Every rank gathers every row; a row's label is local where its class is
+        on this shard, else _NO_LABEL."""
         self._check_local(embeddings, labels)
-        group = self.group
-        table = self._gather_header(labels, comm_device(group, embeddings.device))
+        table = self._gather_header(labels, comm_device(self.group, embeddings.device))
         self._check_labels(table)
         sizes = [size for size, _, _ in table]
         self.last_batch_sizes = sizes
         if self.ddp_backbone and self.world_size > 1:   # DDP divides by the world size: compensate
             embeddings = scale_grad(embeddings, float(self.world_size))
-        x_all = gather_rows(embeddings, sizes, group)
-        labels_all = gather_rows(labels.to(torch.int64), sizes, group)
-
+        x_all = gather_rows(embeddings, sizes, self.group)
+        labels_all = gather_rows(labels.to(torch.int64), sizes, self.group)
         valid = labels_all != self.ignore_index
         on_shard = valid & (labels_all >= self.shard_start) & (labels_all < self.shard_end)
         local = torch.where(on_shard, labels_all - self.shard_start, torch.full_like(labels_all, _NO_LABEL))
         weight, local = self._shard_weight(local, on_shard)
+        return x_all, valid, local, weight
+
+    def forward(self, embeddings: Tensor, labels: Tensor, return_parts: bool = False):
+        group = self.group
+        x_all, valid, local, weight = self._global_batch(embeddings, labels)
 
         # The state's inputs come from the global batch, identical on every rank; the label cosine
         # of a row is computed by the rank that owns its class and shared by a sum.
@@ -489,7 +501,8 @@ def shard(module: losses.MarginLoss, *, sample_rate: float = 1.0, seed: int = 0,
           group=None, device=None) -> ShardedMarginLoss:
     """Convert a single-process margin loss into its sharded counterpart on this rank.
 
-    module: any :class:`magloss.MarginLoss` (NormFace … MagCosFace) with the *global*
+    module: any :class:`magloss.MarginLoss` (NormFace … MagCosFace) or one-vs-all loss
+    (:class:`magloss.losses.OneVsAllLoss`: SFace … P2SGrad, its ``bias`` copied) with the *global*
     num_classes. If its ``weight`` is materialized, the shard's rows
     ``weight[shard_start:shard_end]`` are copied (so every rank must hold the same
     matrix); build it with ``device="meta"`` to skip allocating C×D and get the sharded
@@ -497,16 +510,25 @@ def shard(module: losses.MarginLoss, *, sample_rate: float = 1.0, seed: int = 0,
     :class:`ShardedMarginLoss` for a bare MarginLoss) on ``device`` (default: the
     module's device, CPU for meta). :class:`magloss.SoftmaxLoss` is not supported.
     """
-    if not isinstance(module, losses.MarginLoss):
-        raise TypeError(f"module: expected a magloss margin loss (NormFace ... MagCosFace), got "
+    one_vs_all = isinstance(module, losses.OneVsAllLoss)
+    if not one_vs_all and not isinstance(module, losses.MarginLoss):
+        raise TypeError(f"module: expected a magloss margin or one-vs-all loss, got "
                         f"{type(module).__name__}; SoftmaxLoss has no sharded counterpart")
     src = module.weight
     if device is None:
         device = torch.device("cpu") if src.device.type == "meta" else src.device
-    cls = _SHARDED.get(type(module), ShardedMarginLoss)
+    cls = _SHARDED.get(type(module), ShardedOneVsAllLoss if one_vs_all else ShardedMarginLoss)
     out = cls.__new__(cls)
-    _init_from(out, module, sample_rate=sample_rate, seed=seed, ddp_backbone=ddp_backbone, group=group,
-               device=device, dtype=src.dtype)
+    (_init_one_vs_all if one_vs_all else _init_from)(out, module, sample_rate=sample_rate, seed=seed,
+                                                     ddp_backbone=ddp_backbone, group=group, device=device,
+                                                     dtype=src.dtype)
+    if one_vs_all:
+        if src.device.type != "meta":
+            with torch.no_grad():
+                out.weight.copy_(src[out.shard_start:out.shard_end])
+                if module.bias is not None:
+                    out.bias.copy_(module.bias)
+        return out
     if src.device.type != "meta":
         k = module.spec.subcenters
         with torch.no_grad():
@@ -519,3 +541,126 @@ def shard(module: losses.MarginLoss, *, sample_rate: float = 1.0, seed: int = 0,
     if out.sphere_schedule is not None and src.device.type != "meta":   # a meta prototype has no counter value
         out.iteration.copy_(module.iteration)
     return out
+
+
+# -- one-vs-all losses: a sum over the classes, so the shards' row sums add up -------------------
+class _ReplicatedParameter(torch.autograd.Function):
+    """Identity on a parameter every rank holds the same copy of (the one-vs-all bias); its
+    backward all-reduces the gradient, so each copy gets the whole ∂L/∂b (every shard's columns)."""
+
+    @staticmethod
+    def forward(ctx, p: Tensor, group) -> Tensor:
+        ctx.group = group
+        return p.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class ShardedOneVsAllLoss(ShardedMarginLoss):
+    """Class-sharded one-vs-all loss (:class:`magloss.OneVsAllLoss`): rank r holds its classes'
+    rows of W, the engine gives the row sums over its columns, and the global row loss is their
+    sum over ranks (one all-reduce of [B]); ``reduction='mean'`` divides by the global count of
+    non-ignored rows. ∂W_r is complete locally; ∂x is reduce-scattered back as for the margin
+    heads; the learnable ``bias`` (UniFace, SphereFace2) is replicated and its gradient summed
+    over ranks, so every copy takes the same step.
+
+    Partial FC (``sample_rate`` < 1, training mode): each rank's sum runs over its positives and
+    the sampled negatives only, so the loss is the one-vs-all sum over the kept classes: the
+    negatives' part is a subsample, not an estimate of the full sum (no rescaling), as Partial
+    FC's softmax keeps only the sampled logits. P2SGrad's 1/C stays the global C.
+
+    Arguments: those of the single-process class, plus ``sample_rate``, ``seed``,
+    ``ddp_backbone``, ``group`` (see :class:`ShardedMarginLoss`).
+    """
+
+    _single = losses.OneVsAllLoss
+
+    def __init__(self, embedding_size: int, num_classes: int, *args, sample_rate: float = 1.0, seed: int = 0,
+                 ddp_backbone: bool = True, group=None, device=None, dtype=None, **kwargs) -> None:
+        require_group(group)
+        proto = self._single(embedding_size, num_classes, *args, device="meta", **kwargs)
+        _init_one_vs_all(self, proto, sample_rate=sample_rate, seed=seed, ddp_backbone=ddp_backbone, group=group,
+                         device=device, dtype=dtype)
+
+    def _check_consistent(self) -> None:
+        super()._check_consistent()
+        dev = comm_device(self.group)
+        mine = torch.tensor([float(self.kind), *self.params], dtype=torch.float64, device=dev)
+        out = [torch.empty_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(out, mine, group=self.group)
+        if not all(torch.equal(o, mine) for o in out):
+            raise ValueError(f"params: expected the same loss hyperparameters on every rank, got "
+                             f"{[o.tolist() for o in out]} (kind first, in rank order)")
+
+    def reset_parameters(self) -> None:
+        """``weight`` as :meth:`ShardedMarginLoss.reset_parameters`; ``bias`` = its initial value."""
+        super().reset_parameters()
+        if getattr(self, "bias", None) is not None and self.bias.device.type != "meta":
+            with torch.no_grad():
+                self.bias.fill_(self.bias_init)
+
+    def forward(self, embeddings: Tensor, labels: Tensor, return_parts: bool = False):
+        group = self.group
+        x_all, valid, local, weight = self._global_batch(embeddings, labels)
+        x_all, weight, up = MF.autocast_inputs(x_all, weight)
+        bias = None if self.bias is None else _ReplicatedParameter.apply(self.bias, group)
+        rows = OVA.one_vs_all(x_all, weight, local, bias, self.kind, list(self.params), _NO_LABEL)
+        if self.last_sample is not None:
+            self.step.add_(1)
+        rows = sum_stats(rows, group)
+        norms = x_all.detach().to(rows.dtype).norm(dim=1)
+        if up is not None:
+            norms = norms * up.to(norms.dtype)
+        return MF.reduce_rows(rows, rows, norms, valid, None, self.reduction, 0.0, return_parts)
+
+    def extra_repr(self) -> str:
+        return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
+                f"shard=[{self.shard_start}, {self.shard_end}) of world {self.world_size}, "
+                f"{OVA.KINDS[self.kind][0]} params={self.params}, sample_rate={self.sample_rate}, "
+                f"ddp_backbone={self.ddp_backbone}, ignore_index={self.ignore_index}, reduction={self.reduction!r}")
+
+
+def _init_one_vs_all(self, proto, *, sample_rate, seed, ddp_backbone, group, device, dtype) -> None:
+    """Initialise a sharded one-vs-all loss from a (validated, possibly meta) single-process module."""
+    self.kind, self.params = proto._kind, proto.params
+    self.bias_init = proto.bias_init
+    # the margin machinery (gathers, label checks, Partial FC) needs a spec: a plain one, unused by the op
+    ShardedMarginLoss.__init__(
+        self, proto.embedding_size, proto.num_classes, MarginSpec.combined(1.0, 1.0, 0.0, 0.0),
+        sample_rate=sample_rate, seed=seed, ddp_backbone=ddp_backbone, ignore_index=proto.ignore_index,
+        reduction=proto.reduction, group=group, device=device, dtype=dtype)
+    self.bias = None if proto.bias is None else nn.Parameter(torch.empty(1, device=device, dtype=dtype))
+    self.reset_parameters()
+
+
+class ShardedSFaceLoss(ShardedOneVsAllLoss):
+    """Sharded :class:`magloss.SFaceLoss`. Arguments: those of SFaceLoss, plus ``sample_rate``,
+    ``seed``, ``ddp_backbone``, ``group``."""
+
+    _single = losses.SFaceLoss
+
+
+class ShardedUniFaceLoss(ShardedOneVsAllLoss):
+    """Sharded :class:`magloss.UniFaceLoss` (bias replicated, its gradient summed over ranks)."""
+
+    _single = losses.UniFaceLoss
+
+
+class ShardedSphereFace2Loss(ShardedOneVsAllLoss):
+    """Sharded :class:`magloss.SphereFace2Loss` (bias replicated, its gradient summed over ranks)."""
+
+    _single = losses.SphereFace2Loss
+
+
+class ShardedP2SGradLoss(ShardedOneVsAllLoss):
+    """Sharded :class:`magloss.P2SGradLoss` (the 1/C of the mean is the global C)."""
+
+    _single = losses.P2SGradLoss
+
+
+for _cls in (ShardedSFaceLoss, ShardedUniFaceLoss, ShardedSphereFace2Loss, ShardedP2SGradLoss):
+    _SHARDED[_cls._single] = _cls

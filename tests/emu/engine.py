@@ -5,7 +5,8 @@ input_checks.cpp) and kernels (engine.cu) as magloss._C, on CPU tensors. :func:`
 the "cpu" kernel of the magloss ops through magloss._ext.register_kernels, exactly as magloss._C
 is registered for "cuda", so the modules, the functional API and the ops run it unchanged.
 The emulator's own controls (schedule, sticky error, event delay, compute capability, emulated
-CUDA-graph capture, host-wait count) are C functions of the same shared object (ctypes).
+CUDA-graph capture, host-wait count, device-memory statistics) are C functions of the same shared
+object (ctypes).
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ def _controls(path: str) -> ctypes.CDLL:
     lib.emu_set_schedule.argtypes = [ctypes.c_int, ctypes.c_uint64]
     lib.emu_host_waits.restype = ctypes.c_uint64
     lib.emu_fail_next_launch.argtypes = [ctypes.c_char_p]
+    lib.emu_memory_allocated.restype = ctypes.c_uint64
+    lib.emu_max_memory_allocated.restype = ctypes.c_uint64
     return lib
 
 
@@ -64,6 +67,20 @@ def error():
 def host_waits() -> int:
     """cudaEventSynchronize calls made by the boundary so far (its only way to wait for the device)."""
     return int(controls().emu_host_waits())
+
+
+def memory_allocated() -> int:
+    """Bytes of emulated device memory (every CPU tensor's storage since the module loaded) alive now."""
+    return int(controls().emu_memory_allocated())
+
+
+def max_memory_allocated() -> int:
+    """The most bytes alive at once since the last :func:`reset_peak_memory_stats`."""
+    return int(controls().emu_max_memory_allocated())
+
+
+def reset_peak_memory_stats() -> None:
+    controls().emu_reset_peak_memory_stats()
 
 
 _disabled = None  # the never-exited "disabled" state of the ops' cpu kernels outside routed()
