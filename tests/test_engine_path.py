@@ -20,8 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import magloss
 import magloss.functional as MF
-from _feature_cases import feature_case
-from _parity_common import FAMILIES, lam_tensor, make_case
+from cases import FAMILIES, feature_case, lam_tensor, make_case
 from magloss import chunked, ops, reference
 from magloss.margins import MarginSpec
 
@@ -134,7 +133,7 @@ def test_the_losses_call_the_op_of_their_path(monkeypatch, path):
 
 @pytest.mark.parametrize("path", ["speed", "flat"])
 @pytest.mark.parametrize("chunks", [1, 4])
-@pytest.mark.parametrize("case", ["arcface", "subcenter adaface curricular"])
+@pytest.mark.parametrize("case", ["arcface", "subcenter_adaface_curricular"])
 def test_three_products_on_the_speed_path_four_on_the_flat(path, chunks, case):
     """Forward: one product per chunk on both paths. Backward: two per chunk on the speed path
     (U·W, Uᵀ·x̂), three on the flat one (the forward's product again)."""
@@ -229,7 +228,7 @@ def test_the_only_large_intermediate_is_the_kept_matrix():
     assert set(big) <= {(C, D), (B, C)} and (B, C) in big, set(big)
 
 
-@pytest.mark.parametrize("name", ["plain", "subcenter adaface curricular"])
+@pytest.mark.parametrize("name", ["plain", "subcenter_adaface_curricular"])
 def test_backward_at_another_chunk_width_and_retained_graph(name, monkeypatch):
     """The kept matrix is [B, K·C] whatever the forward's chunks: a backward at another width gives
     the reference's gradients; backpropagating twice through a retained graph gives them twice
@@ -276,7 +275,7 @@ def test_a_bad_kept_is_named(bad):
 
 
 # ---- the ops -----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("case", ["arcface", "magface", "sphereface", "subcenter adaface curricular"])
+@pytest.mark.parametrize("case", ["arcface", "magface", "sphereface", "subcenter_adaface_curricular"])
 def test_opcheck_kept_ops(monkeypatch, case):
     monkeypatch.setenv("MAGLOSS_CHUNK", "4")
     if case in FAMILIES:
@@ -315,9 +314,9 @@ def test_fused_device_keeps_the_fused_flat_op(monkeypatch):
     assert calls == ["flat", "speed", "speed"]
 
 
-# ---- on a GPU (tests/gpu_check.sh runs every gpu-marked test) ---------------------------------------------
-@pytest.mark.gpu
-@pytest.mark.parametrize("case", ["arcface", "sphereface", "subcenter adaface curricular"])
+# ---- on a GPU (tests/gpu_check.sh runs the gpu-marked tests; the mark is set only where a GPU is visible) ----
+@(pytest.mark.gpu if torch.cuda.is_available() else pytest.mark.skip(reason="needs a CUDA device"))
+@pytest.mark.parametrize("case", ["arcface", "sphereface", "subcenter_adaface_curricular"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_chunked_engine_both_paths_on_cuda(case, dtype):
     """The chunked engine on CUDA tensors (what CUDA runs without the extension, and for float64
