@@ -66,12 +66,12 @@ result carries no error beyond the inputs' rounding.
 from __future__ import annotations
 
 import math
-import os
 from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from . import switches
 from .checks import check_extras, check_values, num_classes_of
 from .margins import NORM_EPS, MarginSpec, margin_terms, regularizer
 from .rows import class_cosines, compute_dtype, curricular, label_subcenters, saturating_cast, weight_operand
@@ -98,14 +98,7 @@ def chunk_columns(batch: int, num_classes: int, chunk: Optional[int] = None) -> 
         ValueError: ``chunk`` or MAGLOSS_CHUNK is not a positive integer.
     """
     if chunk is None:
-        env = os.environ.get("MAGLOSS_CHUNK", "")
-        if env:
-            try:
-                chunk = int(env)
-            except ValueError:
-                chunk = 0
-            if chunk <= 0:
-                raise ValueError(f"MAGLOSS_CHUNK: expected a positive integer, got {env!r}")
+        chunk = switches.positive_int("MAGLOSS_CHUNK")
     else:
         chunk = check_int("chunk", chunk, 1)
     if chunk is None:
@@ -124,18 +117,8 @@ _override: Optional[Tuple[str, Optional[int]]] = None
 def _env_path() -> Tuple[str, Optional[int]]:
     """MAGLOSS_PATH (auto|speed|flat, default auto) and MAGLOSS_SPEED_BUDGET (bytes, default
     None: the weight's size), checked."""
-    path = os.environ.get("MAGLOSS_PATH", "") or "auto"
-    if path not in PATHS:
-        raise ValueError(f"MAGLOSS_PATH: expected one of {PATHS}, got {path!r}")
-    env = os.environ.get("MAGLOSS_SPEED_BUDGET", "")
-    budget = None
-    if env:
-        try:
-            budget = int(env)
-        except ValueError:
-            budget = env
-        budget = check_int("MAGLOSS_SPEED_BUDGET", budget, 0, " (bytes)")
-    return path, budget
+    return (switches.choice("MAGLOSS_PATH", PATHS),
+            switches.positive_int("MAGLOSS_SPEED_BUDGET", 0, " (bytes)"))
 
 
 def _checked_choice(path, budget) -> Tuple[str, Optional[int]]:

@@ -47,6 +47,15 @@ SWITCHES: Tuple[Switch, ...] = (
            "forward); 'off' never reads it back (bad rows give a NaN loss). The chunked engine always "
            "checks in the call, except with 'off'",
            "chunked engine, fused engine"),
+    Switch("MAGLOSS_PATH", "auto",
+           "the chunked engine's path: 'speed' keeps the forward's B×C products for the backward (three "
+           "products), 'flat' recomputes them (four, memory flat in C), 'auto' takes 'speed' when its extra "
+           "memory fits MAGLOSS_SPEED_BUDGET (docs/cpu_engine.md)",
+           "chunked engine"),
+    Switch("MAGLOSS_SPEED_BUDGET", "",
+           "bytes of extra memory the speed path may take under 'auto'; unset: the size of the class matrix "
+           "(shard) itself",
+           "chunked engine"),
 )
 
 _BY_NAME = {s.name: s for s in SWITCHES}
@@ -63,18 +72,20 @@ def flag(name: str) -> bool:
     return _raw(name) not in ("", "0")
 
 
-def positive_int(name: str) -> Optional[int]:
-    """A switch holding a positive integer, or None when unset or ''; ValueError naming the
-    variable for anything else."""
+def positive_int(name: str, minimum: int = 1, what: str = "") -> Optional[int]:
+    """A switch holding an integer ≥ ``minimum`` (default 1), or None when unset or '';
+    ValueError naming the variable (and ``what`` the number counts, e.g. " (bytes)") for
+    anything else."""
     v = _raw(name)
     if not v:
         return None
     try:
         n = int(v)
     except ValueError:
-        n = 0
-    if n <= 0:
-        raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+        n = minimum - 1
+    if n < minimum:
+        kind = "a positive integer" if minimum == 1 and not what else f"an integer >= {minimum}{what}"
+        raise ValueError(f"{name}: expected {kind}, got '{v}'")
     return n
 
 

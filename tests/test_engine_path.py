@@ -78,7 +78,7 @@ def test_forced_paths_and_the_context_manager_override_the_environment(monkeypat
 
 
 @pytest.mark.parametrize("var,value,needle", [
-    ("MAGLOSS_PATH", "fast", "MAGLOSS_PATH: expected one of"),
+    ("MAGLOSS_PATH", "fast", r"MAGLOSS_PATH: expected 'auto' \(default\), 'speed' or 'flat', got 'fast'"),
     ("MAGLOSS_SPEED_BUDGET", "-1", r"MAGLOSS_SPEED_BUDGET: expected an integer >= 0 \(bytes\)"),
     ("MAGLOSS_SPEED_BUDGET", "2GiB", r"MAGLOSS_SPEED_BUDGET: expected an integer >= 0 \(bytes\), got '2GiB'"),
 ])
