@@ -56,7 +56,7 @@
                     ", got shape ", (t_).sizes())
 #define CHECK_DTYPE(t, name)                                                                                 \
   TORCH_CHECK_TYPE(engine_dtype_ok((t).scalar_type()),                                                     \
-                   name ": expected a float32/float16/bfloat16 CUDA tensor (float64 runs the reference), got ", \
+                   name ": expected a float32/float16/bfloat16 CUDA tensor (float64 runs the chunked engine), got ", \
                    (t).scalar_type())
 #define CHECK_LABEL_DTYPE(t, name)                                                                      \
   TORCH_CHECK_TYPE((t).scalar_type() == at::kLong || (t).scalar_type() == at::kInt,                    \
