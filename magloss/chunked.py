@@ -43,7 +43,7 @@ max over each class's K (the winner's index kept), and the logits are scale_i·f
 f(c) = c·(t + c) where c > τ_i (else c). The backward's G_ij = gs_i·p_ij·f'_ij (f' = t + 2c
 there, else 1) is written at the winning sub-center's column only, and the label class's
 correction goes to the row stage's winner among its K (found by a K-wide gather-dot). The
-shift is scale_i·(1 + |t|) (c·(t + c) ≤ 1 + |t| on [−1, 1]). Per-row margins (row_margins) only change the row stage.
+shift is scale_i·(1 + abs(t)) (c·(t + c) ≤ 1 + abs(t) on [−1, 1]). Per-row margins (row_margins) only change the row stage.
 
 Extra memory (beyond x, W and their gradients): two B×N tiles, O(B·D) row buffers, and for
 float16/bfloat16 inputs an N×D float32 copy of the chunk (plus an N×D float32 buffer for a

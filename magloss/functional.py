@@ -67,13 +67,13 @@ __all__ = [
 class LossParts(NamedTuple):
     """What every loss returns with ``return_parts=True``, from the same pass.
 
-    loss: the total, ``ce + reg_weighted`` (reduced as asked; what you backpropagate).
-    ce: the reduced cross-entropy term.
-    reg: the reduced regularizer g(ã), **unweighted** (as the MagFace code logs
-        ``loss_g``); 0 for losses without one.
-    norms: [B] the magnitudes a_i = ‖x_i‖ of the embeddings as given (float32, float64
-        for float64 input; detach before logging).
-    reg_weighted: λ_g·reg, the regularizer as it enters ``loss`` (0 without one).
+    * ``loss``: the total, ``ce + reg_weighted`` (reduced as asked; what you backpropagate);
+    * ``ce``: the reduced cross-entropy term;
+    * ``reg``: the reduced regularizer g(ã), **unweighted** (as the MagFace code logs
+      ``loss_g``); 0 for losses without one;
+    * ``norms``: [B] the magnitudes a_i = ‖x_i‖ of the embeddings as given (float32, float64
+      for float64 input; detach before logging);
+    * ``reg_weighted``: λ_g·reg, the regularizer as it enters ``loss`` (0 without one).
 
     The first four fields are those of ``MagFaceOutput``, in its order (an alias).
     """
@@ -217,7 +217,7 @@ def softmax_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, bias: Optio
     bias: optional [C]. Runs on PyTorch's own F.linear/F.cross_entropy (no custom op,
     no fused kernel); the softmax is float32. Same checks and reduction rules as the
     margin losses (mean over zero rows is 0, not NaN). Under float16 autocast, rows whose
-    logits could pass fp16's range (|z_ij| ≤ ‖x_i‖·max_j ‖w_j‖ > 2^14) are scaled down by a
+    logits could pass fp16's range (abs(z_ij) ≤ ‖x_i‖·max_j ‖w_j‖ > 2^14) are scaled down by a
     power of two for the half product and scaled back in float32, so large logits give
     the fp32 answer instead of Inf/NaN (:func:`half_safe_rows`). ``return_parts=True``
     returns a :class:`LossParts` (reg = 0).
