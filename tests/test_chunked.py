@@ -26,12 +26,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import magloss
 import magloss.functional as MF
-from _feature_cases import FEATURES, feature_case
+from cases import FEATURES, FP64_TOL, feature_case
 from _parity_common import (ALL, FAMILIES, assert_within_eager, eager_lowp, lam_tensor, make_case, oracle, rel)
 from magloss import chunked, reference
 from magloss.margins import MarginSpec
 
-TIGHT = dict(rtol=1e-10, atol=1e-10)
+TIGHT = FP64_TOL
 
 
 #: The engine's two paths: "flat" recomputes the forward's products in the backward, "speed"
@@ -141,7 +141,7 @@ def test_features_float64_match_reference(name, B, C, D, chunk, path):
     assert_matches_oracle(rows, g, *feature_oracle(x, w, y, spec, lam, extras, grads), **TIGHT)
 
 
-@pytest.mark.parametrize("name", ["adaface", "curricular", "subcenter adaface curricular"])
+@pytest.mark.parametrize("name", ["adaface_clip", "curricular", "subcenter_adaface_curricular"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("path", PATHS)
 def test_features_low_precision_match_reference(name, dtype, path):
@@ -161,7 +161,7 @@ def test_features_rows_far_below_the_shift_use_the_online_max(path):
     """Sub-centers with CurricularFace's columns at a large scale, every class pointing away from
     rows 0..2: the shifted sum (shift scale·(1 + |t|)) underflows in float32 and those rows
     take the online max; all rows match the float64 reference."""
-    x, w, y, spec, lam, rm, nt, t = feature_case("subcenter adaface curricular", 6, 5, 16, seed=2)
+    x, w, y, spec, lam, rm, nt, t = feature_case("subcenter_adaface_curricular", 6, 5, 16, seed=2)
     spec = MarginSpec.combined(400.0, 1, 0, 0, boundary=spec.boundary).with_subcenters(3)
     w[:] = -x[0] / x[0].norm() + 0.05 * w / w.norm(dim=1, keepdim=True)
     x[1], x[2] = x[0] * 0.9, x[0] * 1.1
@@ -198,7 +198,7 @@ def test_curricular_negative_t_logits_above_the_scale_do_not_overflow(path):
 @pytest.mark.parametrize("path", PATHS)
 def test_features_nan_row_stays_in_its_row(monkeypatch, path):
     monkeypatch.setattr(chunked, "check_values", lambda *a, **k: None)
-    x, w, y, spec, lam, *extras = feature_case("subcenter adaface curricular", 7, 9, 8, seed=5)
+    x, w, y, spec, lam, *extras = feature_case("subcenter_adaface_curricular", 7, 9, 8, seed=5)
     x[4, 1] = float("nan")
     grads = list(torch.ones(4, 7, dtype=torch.float64))
     rows, (gx, gw) = feature_engine(x, w, y, spec, lam, extras, grads, 6, path)
@@ -208,7 +208,7 @@ def test_features_nan_row_stays_in_its_row(monkeypatch, path):
 
 def test_opcheck_with_features(monkeypatch):
     monkeypatch.setenv("MAGLOSS_CHUNK", "4")
-    x, w, y, spec, lam, rm, nt, t = feature_case("subcenter adaface curricular", 5, 6, 6, seed=8,
+    x, w, y, spec, lam, rm, nt, t = feature_case("subcenter_adaface_curricular", 5, 6, 6, seed=8,
                                                  dtype=torch.float32)
     args = (x.requires_grad_(), w.requires_grad_(), y, lam, rm, nt, t, *spec.op_args(-1))
     torch.library.opcheck(torch.ops.magloss.margin_ce.default, args)
