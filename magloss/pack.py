@@ -204,9 +204,14 @@ class RecordWriter:
 
 
 # -------------------------------------------------------------------------------- inputs
-def _split_line(line: str, fields: int) -> List[str]:
-    """The last ``fields`` whitespace-separated fields and, first, the rest (a path may hold spaces)."""
-    return line.strip().rsplit(None, fields)
+def _entries(path: str, fields: int):
+    """``(line number, line, parts)`` of each entry of a text file (empty lines and lines starting
+    with ``#`` skipped): ``parts`` are the last ``fields`` whitespace-separated fields and, first,
+    the rest (a path may hold spaces)."""
+    with open(path, "r") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip() and not line.lstrip().startswith("#"):
+                yield lineno, line, line.strip().rsplit(None, fields)
 
 
 def list_images(source: str) -> Tuple[List[Tuple[str, int]], List[str]]:
@@ -231,21 +236,17 @@ def list_images(source: str) -> Tuple[List[Tuple[str, int]], List[str]]:
         raise PackError(f"IMAGES: {source!r} is neither a folder nor a list file")
     base = os.path.dirname(os.path.abspath(source))
     samples = []
-    with open(source, "r") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip() or line.lstrip().startswith("#"):
-                continue
-            parts = _split_line(line, 1)
-            try:
-                if len(parts) != 2:
-                    raise ValueError
-                label = int(parts[1])
-                if label < 0:
-                    raise ValueError
-            except ValueError:
-                raise PackError(f"{source}: line {lineno}: expected 'path<TAB>label' with an integer label >= 0, "
-                                f"got {line.rstrip()!r}") from None
-            samples.append((os.path.join(base, parts[0].strip()), label))
+    for lineno, line, parts in _entries(source, 1):
+        try:
+            if len(parts) != 2:
+                raise ValueError
+            label = int(parts[1])
+            if label < 0:
+                raise ValueError
+        except ValueError:
+            raise PackError(f"{source}: line {lineno}: expected 'path<TAB>label' with an integer label >= 0, "
+                            f"got {line.rstrip()!r}") from None
+        samples.append((os.path.join(base, parts[0].strip()), label))
     if not samples:
         raise PackError(f"{source}: the list holds no image (expected lines 'path<TAB>label')")
     k = max(lab for _, lab in samples) + 1
@@ -265,21 +266,17 @@ def read_landmarks(path: str, base: str) -> Dict[str, np.ndarray]:
     malformed entry.
     """
     out = {}
-    with open(path, "r") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip() or line.lstrip().startswith("#"):
-                continue
-            parts = _split_line(line, 10)
-            try:
-                if len(parts) != 11:
-                    raise ValueError
-                pts = np.array([float(v) for v in parts[1:]], dtype=np.float64).reshape(5, 2)
-                if not np.isfinite(pts).all():
-                    raise ValueError
-            except ValueError:
-                raise PackError(f"{path}: line {lineno}: expected 'path x1 y1 ... x5 y5' (11 fields, finite numbers), "
-                                f"got {line.rstrip()!r}") from None
-            out[os.path.abspath(os.path.join(base, parts[0].strip()))] = pts
+    for lineno, line, parts in _entries(path, 10):
+        try:
+            if len(parts) != 11:
+                raise ValueError
+            pts = np.array([float(v) for v in parts[1:]], dtype=np.float64).reshape(5, 2)
+            if not np.isfinite(pts).all():
+                raise ValueError
+        except ValueError:
+            raise PackError(f"{path}: line {lineno}: expected 'path x1 y1 ... x5 y5' (11 fields, finite numbers), "
+                            f"got {line.rstrip()!r}") from None
+        out[os.path.abspath(os.path.join(base, parts[0].strip()))] = pts
     return out
 
 
