@@ -150,7 +150,8 @@ def load_backbone(model: Union[str, nn.Module], what: str = "MODEL") -> nn.Modul
         return load_model(model)
     except Exception as exc:
         raise ExportError(f"{what}: {model!r} is not a model.pt of python -m magloss.train (a dict with network, "
-                          f"embedding_size, input_size, dropout, state_dict): {type(exc).__name__}: {exc}") from None
+                          f"embedding_size, input_size, dropout, state_dict): {type(exc).__name__}: "
+                          f"{(str(exc).splitlines() or [''])[0][:200]}") from None
 
 
 def export_onnx(model: Union[str, nn.Module], out: str, *, precision: str = "fp32", opset: int = DEFAULT_OPSET,
