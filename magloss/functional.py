@@ -63,7 +63,6 @@ __all__ = [
 ]
 
 
-
 class LossParts(NamedTuple):
     """What every loss returns with ``return_parts=True``, from the same pass.
 
