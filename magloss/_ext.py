@@ -55,15 +55,25 @@ _ENGINES: Dict[str, Any] = {}
 
 def _fused_margin_ce(engine, embeddings, weight, labels, sphere_lambda, row_margins, neg_threshold, neg_t, *params):
     """Fused kernel of magloss::margin_ce: the fused engine for fp32/fp16/bf16, the
-    chunked PyTorch engine for float64 (the fused kernels are fp32-math only)."""
-    if _is_f64(embeddings, weight):
-        from . import chunked
+    chunked PyTorch engine for float64 (the fused kernels are fp32-math only).
 
-        spec, ignore_index = _spec_and_index(params)
+    The side outputs (``side``, the op's last argument) are not computed by the fused
+    kernels yet: with ``side`` on, they come from the chunked engine's forward on the same
+    inputs (one more pass, docs/cuda.md), never missing or approximate."""
+    from . import chunked, ops
+
+    *params, side = params
+    spec, ignore_index = _spec_and_index(params)
+    if _is_f64(embeddings, weight):
         outs = chunked.margin_ce_forward(embeddings, weight, labels, spec, ignore_index, sphere_lambda,
-                                         row_margins, neg_threshold, neg_t)
-        return tuple(o.contiguous() for o in outs)
-    return engine.margin_ce(embeddings, weight, labels, sphere_lambda, row_margins, neg_threshold, neg_t, *params)
+                                         row_margins, neg_threshold, neg_t, side=side)
+        return ops.with_side(outs, embeddings, side)
+    outs = tuple(engine.margin_ce(embeddings, weight, labels, sphere_lambda, row_margins, neg_threshold, neg_t,
+                                  *params))
+    if side:
+        outs += chunked.margin_ce_forward(embeddings, weight, labels, spec, ignore_index, sphere_lambda,
+                                          row_margins, neg_threshold, neg_t, side=True)[4:]
+    return ops.with_side(outs, embeddings, side)
 
 
 def _fused_margin_ce_backward(engine, grad_lse, grad_zy, grad_reg, grad_norms, embeddings, weight, labels, lse, norms,

@@ -322,9 +322,50 @@ def _class_tile(x_hat: Tensor, w_c: Tensor, r_c: Tensor, features: _Features,
     return class_cosines(_subcenter_cosines(x_hat, w_c, r_c, out), features.subcenters, x_hat, w_c, r_c)
 
 
+class _Nearest:
+    """The side outputs' running state over the class chunks: for each row the largest value
+    of a non-label column and its class index (−inf and −1 while none was seen). The values
+    are whatever increases with the class cosine c_ij in every row (scale_i·c_ij − shift_i
+    on the plain tile, c_ij on the general one); the cosine itself is recomputed from the
+    winning class at the end (:func:`_side_outputs`). Ties go to the lowest class index:
+    the first maximum inside a chunk, and a later chunk wins only when strictly larger. A NaN
+    value wins and stays (NaN in, NaN out)."""
+
+    def __init__(self, batch: int, like: Tensor):
+        self.value = like.new_full((batch,), -torch.inf)
+        self.index = torch.full((batch,), -1, dtype=torch.int64, device=like.device)
+
+    def update(self, tile: Tensor, label: Optional[Tuple[Tensor, Tensor]], j0: int, in_place: bool = True) -> None:
+        """tile [B, n]: the chunk of classes j0 .. j0 + n − 1. ``label`` (rows, local columns)
+        of the label columns, excluded: set to −inf in ``tile`` itself when ``in_place`` (the
+        caller then writes the label logits there), else on a copy."""
+        if label is not None:
+            fill = tile.new_full((), -torch.inf)
+            tile = tile.index_put_(label, fill) if in_place else tile.index_put(label, fill)
+        v, i = tile.max(dim=1)
+        better = (v > self.value) | (torch.isnan(v) & ~torch.isnan(self.value))
+        self.value = torch.where(better, v, self.value)
+        self.index = torch.where(better, i + j0, self.index)
+
+
+def _side_outputs(rows: _Rows, weight: Tensor, subcenters: int, x_dtype: torch.dtype,
+                  nearest: _Nearest) -> Tuple[Tensor, Tensor, Tensor]:
+    """(label_cosine, nearest_negative_cosine, nearest_negative_class), each [B], from the row
+    stage and the finished tracker. The nearest negative's cosine is recomputed by a gather-dot
+    with its class rows (the max over its K sub-centers), as the label cosine is: both are the
+    same arithmetic, so comparing them decides the prediction consistently. label_cosine is 0
+    on rows without a label column (a sharded head sums it over the shards); a row without any
+    non-label column (C = 1) gets −inf and class −1."""
+    idx = nearest.index
+    cos = label_subcenters(rows.x_hat, weight, idx.clamp_min(0), subcenters, x_dtype)[3].amax(dim=1)
+    cos = torch.where(idx < 0, torch.full_like(cos, -torch.inf), cos)
+    return torch.where(rows.has, rows.c_y, torch.zeros_like(rows.c_y)), cos, idx
+
+
 def _lse(xs: Tensor, zl: Tensor, lab: Tensor, has: Tensor, weight: Tensor, x_dtype: torch.dtype, n_max: int,
          shift: Optional[Tensor] = None, features: Optional[_Features] = None,
-         kept: Optional[Tensor] = None, kept_norms: Optional[Tensor] = None) -> Tensor:
+         kept: Optional[Tensor] = None, kept_norms: Optional[Tensor] = None,
+         nearest: Optional[_Nearest] = None) -> Tensor:
     """Row log-sum-exp of the logits, chunk by chunk: Z = xs·W_chunkᵀ·r with the label logit
     ``zl`` swapped in. With ``shift`` (an upper bound of every row's logits): one pass,
     Σ exp(z − shift). Without: the online log-sum-exp (running max, rescaled running sum).
@@ -335,7 +376,11 @@ def _lse(xs: Tensor, zl: Tensor, lab: Tensor, has: Tensor, weight: Tensor, x_dty
 
     ``kept`` [B, K·C] (the speed path, with ``shift`` only): each chunk's product is written
     into its column block (xs·W_chunkᵀ on the plain path, the sub-center cosines on the
-    general one) for the backward to reuse, and ``kept_norms`` [K·C] gets the rows' ‖w_j‖."""
+    general one) for the backward to reuse, and ``kept_norms`` [K·C] gets the rows' ‖w_j‖.
+
+    ``nearest`` (the side outputs, :class:`_Nearest`) is updated on each chunk's tile as it
+    stands before the label logit is swapped in: scale_i·c_ij (− shift_i) on the plain path,
+    the class cosines on the general one; no extra product."""
     B = xs.shape[0]
     K = 1 if features is None else features.subcenters
     C = weight.shape[0] // K
@@ -356,12 +401,16 @@ def _lse(xs: Tensor, zl: Tensor, lab: Tensor, has: Tensor, weight: Tensor, x_dty
             raw = torch.mm(xs, w_c.t(), out=z if block is None else block)
         else:
             cos = _class_tile(xs, w_c, r_c, features, block)[0]
+            if nearest is not None:       # (cos may be the kept block, or become z below: masked on a copy)
+                nearest.update(cos, groups[k], j0, in_place=False)
             z = curricular(cos, features.neg_threshold, features.neg_t)[0].mul_(features.scale.unsqueeze(1))
             if shift is not None:
                 z.sub_(shift.unsqueeze(1))
         if shift is None:
             if features is None:
                 z.mul_(r_c)
+                if nearest is not None:
+                    nearest.update(z, groups[k], j0)
             if groups[k] is not None:
                 z.index_put_(groups[k], zl[groups[k][0]])
             m_new = torch.maximum(run_max, z.amax(1))     # NaN-propagating, unlike a masked max
@@ -371,6 +420,8 @@ def _lse(xs: Tensor, zl: Tensor, lab: Tensor, has: Tensor, weight: Tensor, x_dty
         else:
             if features is None:
                 torch.addcmul(neg_shift, raw, r_c, out=z)
+                if nearest is not None:
+                    nearest.update(z, groups[k], j0)
             if groups[k] is not None:
                 ri = groups[k][0]
                 z.index_put_(groups[k], zl[ri] - shift[ri])
@@ -427,7 +478,7 @@ def margin_ce_forward(embeddings: Tensor, weight: Tensor, labels: Tensor, spec: 
                       ignore_index: int = -1, sphere_lambda: Optional[Tensor] = None,
                       row_margins: Optional[Tensor] = None, neg_threshold: Optional[Tensor] = None,
                       neg_t: Optional[Tensor] = None, *,
-                      chunk: Optional[int] = None, keep: bool = False) -> Tuple[Tensor, ...]:
+                      chunk: Optional[int] = None, keep: bool = False, side: bool = False) -> Tuple[Tensor, ...]:
     """Checked, gradient-free forward: the default kernel of ``magloss::margin_ce``.
 
     Same arguments, returns and errors as :func:`magloss.reference.margin_ce_forward`
@@ -441,6 +492,12 @@ def margin_ce_forward(embeddings: Tensor, weight: Tensor, labels: Tensor, spec: 
     CurricularFace) the sub-center cosines; and ``kept_norms`` [K·C], ‖w_j‖ (as the math sees
     W). Pass both to :func:`margin_ce_backward`, which then does two products per chunk
     instead of three and no pass over W for its norms.
+
+    ``side=True`` appends the side outputs (docs/math.md, "Side outputs"), each [B]:
+    ``label_cosine`` c_iy (0 on rows without a label column), ``nearest_negative_cosine``
+    max_{j≠y_i} c_ij and ``nearest_negative_class`` its index (int64; ties: the lowest; −inf
+    and −1 when the row has no non-label class), tracked on the tiles the forward computes
+    anyway (no extra product) plus one gather-dot.
 
     Raises:
         TypeError: embeddings and weight are not the same dtype (nor the autocast pair).
@@ -465,8 +522,9 @@ def margin_ce_forward(embeddings: Tensor, weight: Tensor, labels: Tensor, spec: 
                 shift = rows.scale * (1.0 + neg_t.to(rows.scale.dtype).abs())
         kept = xs.new_empty((xs.shape[0], weight.shape[0])) if keep else None
         kept_norms = xs.new_empty((weight.shape[0],)) if keep else None
+        nearest = _Nearest(xs.shape[0], xs) if side else None
         lse = _lse(xs, rows.zl, rows.lab, rows.has, weight, embeddings.dtype, n_max, shift, features, kept,
-                   kept_norms)
+                   kept_norms, nearest)
         low = _low_sum(lse - shift, num_classes)
         if bool(low.any()):
             sub = low.nonzero().squeeze(1)
@@ -476,7 +534,10 @@ def margin_ce_forward(embeddings: Tensor, weight: Tensor, labels: Tensor, spec: 
         zero = torch.zeros_like(rows.a)
         zy = torch.where(rows.has, rows.zl, zero)
         reg = regularizer(rows.a, spec.l_a, spec.u_a)[0] if spec.has_regularizer else zero
-    return (lse, zy, reg, rows.a, kept, kept_norms) if keep else (lse, zy, reg, rows.a)
+        out = (lse, zy, reg, rows.a, kept, kept_norms) if keep else (lse, zy, reg, rows.a)
+        if side:
+            out += _side_outputs(rows, weight, spec.subcenters, embeddings.dtype, nearest)
+    return out
 
 
 def margin_ce_backward(grad_lse: Tensor, grad_zy: Tensor, grad_reg: Tensor, grad_norms: Tensor,

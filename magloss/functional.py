@@ -46,6 +46,8 @@ __all__ = [
     "MagFaceOutput",
     "accuracy",
     "cosine_argmax",
+    "parts_accuracy",
+    "side_parts",
     "margin_loss",
     "softmax_loss",
     "normface_loss",
@@ -74,6 +76,20 @@ class LossParts(NamedTuple):
       for float64 input; detach before logging);
     * ``reg_weighted``: λ_g·reg, the regularizer as it enters ``loss`` (0 without one).
 
+    The side outputs, each [B], from the same forward pass (no extra product; the margin
+    losses, single-process and sharded; None for the softmax baseline and the one-vs-all
+    losses). c_ij is the plain cosine of row i and class j, no margin, no scale; with K
+    sub-centers a class's cosine is the max over its K (docs/math.md, "Side outputs"):
+
+    * ``label_cosine``: c_iy (CR-FIQA's CCS), float32 (float64 for float64 input); NaN on
+      rows labelled ``ignore_index``;
+    * ``nearest_negative_cosine``: max_{j≠y_i} c_ij (CR-FIQA's NNCCS), same dtype; on an ignored
+      row the max over every class; −inf when the row has no other class (C = 1);
+    * ``nearest_negative_class``: int64, the j of that max (ties: the lowest index; −1 when none);
+    * ``predicted_class``: int64, arg-max_j c_ij over all classes (ties: the lowest index),
+      what a deployed model predicts: y_i where c_iy > NNCCS, or where they are equal and
+      y_i is the lower index; else the nearest negative class (on ignored rows too).
+
     The first four fields are those of ``MagFaceOutput``, in its order (an alias).
     """
 
@@ -82,6 +98,10 @@ class LossParts(NamedTuple):
     reg: Tensor
     norms: Tensor
     reg_weighted: Tensor
+    label_cosine: Optional[Tensor] = None
+    nearest_negative_cosine: Optional[Tensor] = None
+    nearest_negative_class: Optional[Tensor] = None
+    predicted_class: Optional[Tensor] = None
 
 
 #: Another name of :class:`LossParts` (the MagFace losses' name for it); same class.
@@ -179,19 +199,22 @@ def margin_loss(
     if sphere_lambda is not None and not isinstance(sphere_lambda, Tensor):
         sphere_lambda = torch.tensor(float(sphere_lambda), dtype=compute_dtype(embeddings.dtype),
                                      device=embeddings.device)
-    lse, zy, reg_rows, norms = ops.margin_ce_rows(embeddings, weight, labels, sphere_lambda, row_margins, neg_threshold,
-                                                  neg_t, *spec.op_args(ignore_index))
+    lse, zy, reg_rows, norms, *side = ops.margin_ce_rows(embeddings, weight, labels, sphere_lambda, row_margins,
+                                                         neg_threshold, neg_t, *spec.op_args(ignore_index),
+                                                         side=return_parts)
     if up is not None:
         norms = norms * up.to(norms.dtype)
-    return reduce_rows(lse - zy, reg_rows, norms, labels != ignore_index, spec, reduction, lambda_g,
-                       return_parts)
+    valid = labels != ignore_index
+    return reduce_rows(lse - zy, reg_rows, norms, valid, spec, reduction, lambda_g, return_parts,
+                       side=side_parts(labels, valid, *side) if side else None)
 
 
 def reduce_rows(ce_rows: Tensor, reg_rows: Tensor, norms: Tensor, valid: Tensor, spec: Optional[MarginSpec],
-                reduction: str, lambda_g: float, return_parts: bool):
+                reduction: str, lambda_g: float, return_parts: bool, side: Optional[tuple] = None):
     """Mask rows that are not ``valid`` to zero (value and gradient), reduce, and add λ_g·reg.
 
     ce_rows, reg_rows, norms, valid: [B]; ``spec=None`` means no regularizer (softmax).
+    ``side``: the four side fields of :class:`LossParts` (:func:`side_parts`) or None.
     Shared by the single-process and sharded heads. Returns the loss, or a
     :class:`LossParts` with ``return_parts``.
     """
@@ -205,8 +228,42 @@ def reduce_rows(ce_rows: Tensor, reg_rows: Tensor, norms: Tensor, valid: Tensor,
         reg, loss = torch.zeros_like(ce), ce
         reg_weighted = reg
     if return_parts:
-        return LossParts(loss, ce, reg, norms, reg_weighted)
+        return LossParts(loss, ce, reg, norms, reg_weighted, *(side or ()))
     return loss
+
+
+def side_parts(labels: Tensor, valid: Tensor, label_cosine: Tensor, nearest_cosine: Tensor,
+               nearest_class: Tensor) -> tuple:
+    """The four side fields of :class:`LossParts` from an engine's three side outputs (the ops'
+    convention, :mod:`magloss.ops`): label_cosine (NaN where not ``valid``), the nearest negative's
+    cosine and class as given, and the predicted class, arg-max_j c_ij with ties to the lowest
+    index, decided from c_iy against the nearest negative: y_i when c_iy > NNCCS, or when equal
+    and y_i < its class, or when the row has no negative class (−1); else the nearest negative.
+    labels, valid [B]; shared by the single-process and sharded heads."""
+    lab = labels.long()
+    own = valid & ((label_cosine > nearest_cosine) | ((label_cosine == nearest_cosine) & (lab < nearest_class))
+                   | (nearest_class < 0))
+    label_cosine = torch.where(valid, label_cosine, torch.full_like(label_cosine, math.nan))
+    return label_cosine, nearest_cosine, nearest_class, torch.where(own, lab, nearest_class)
+
+
+def parts_accuracy(parts: LossParts, labels: Tensor, ignore_index: int = -1) -> Tensor:
+    """Training accuracy from a loss call's own side outputs (``return_parts=True``), at no
+    extra cost: the share of rows not labelled ``ignore_index`` whose ``predicted_class`` is
+    the label, as :func:`accuracy` (0-d, the cosines' dtype; 0 without such rows; NaN when a
+    counted row's cosines are not finite). Equals :func:`accuracy` on the loss's inputs
+    (the classes the forward saw: with Partial FC, the sampled ones).
+
+    Raises:
+        ValueError: ``parts`` has no side outputs (a loss that computes none).
+    """
+    if parts.predicted_class is None:
+        raise ValueError("parts: expected the side outputs of a margin loss called with return_parts=True "
+                         "(predicted_class is None: this loss computes none)")
+    valid = labels != ignore_index
+    best = torch.maximum(torch.where(valid, parts.label_cosine, parts.nearest_negative_cosine),
+                         parts.nearest_negative_cosine)
+    return hit_rate(parts.predicted_class, best, labels, valid)
 
 
 def softmax_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor] = None, *,

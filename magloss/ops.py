@@ -57,9 +57,13 @@ from .margins import MarginSpec
 from .rows import compute_dtype
 
 __all__ = ["margin_ce", "margin_ce_backward", "margin_ce_kept", "margin_ce_backward_kept", "margin_ce_rows",
-           "normal_draws", "checked_labels"]
+           "normal_draws", "checked_labels", "with_side"]
 
 _Rows = Tuple[Tensor, Tensor, Tensor, Tensor]
+_Out = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
+#: The op's scalar arguments after the tensors (``spec.op_args(ignore_index)``), ``side`` excluded.
+_PARAMS = ("kind", "scale", "m1", "m2", "m3", "l_a", "u_a", "l_m", "u_m", "boundary", "straight_through",
+           "ignore_index", "subcenters")
 
 
 @torch.library.custom_op("magloss::margin_ce", mutates_args=())
@@ -68,21 +72,46 @@ def margin_ce(
     row_margins: Optional[Tensor], neg_threshold: Optional[Tensor], neg_t: Optional[Tensor],
     kind: int, scale: float, m1: float, m2: float, m3: float,
     l_a: float, u_a: float, l_m: float, u_m: float,
-    boundary: int, straight_through: bool, ignore_index: int, subcenters: int,
-) -> _Rows:
-    """Per-row statistics (lse, zy, reg, norms) of the margin softmax; see the module docstring."""
+    boundary: int, straight_through: bool, ignore_index: int, subcenters: int, side: bool = False,
+) -> _Out:
+    """Per-row statistics (lse, zy, reg, norms) of the margin softmax, then the side outputs
+    (label_cosine, nearest_negative_cosine, nearest_negative_class), [B] with ``side=True``,
+    empty otherwise; see the module docstring."""
     spec, ignore_index = MarginSpec.from_op_args((kind, scale, m1, m2, m3, l_a, u_a, l_m, u_m, boundary,
                                                   straight_through, ignore_index, subcenters))
     outs = chunked.margin_ce_forward(embeddings, weight, labels, spec, ignore_index, sphere_lambda,
-                                     row_margins, neg_threshold, neg_t)
+                                     row_margins, neg_threshold, neg_t, side=side)
+    return with_side(outs, embeddings, side)
+
+
+def with_side(outs: Tuple[Tensor, ...], embeddings: Tensor, side: bool) -> Tuple[Tensor, ...]:
+    """An engine's outputs as the forward ops return them: contiguous, with the three side
+    outputs appended as empty tensors when ``side`` is off (the engine then computed none)."""
+    if not side:
+        outs = tuple(outs) + _side_like(embeddings, 0)
     return tuple(o.contiguous() for o in outs)
+
+
+def _side_like(embeddings: Tensor, b: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """Tensors of the side outputs' dtypes: [b] label and nearest-negative cosines in the compute
+    dtype, [b] int64 class indices."""
+    ct = compute_dtype(embeddings.dtype)
+    return (embeddings.new_empty((b,), dtype=ct), embeddings.new_empty((b,), dtype=ct),
+            embeddings.new_empty((b,), dtype=torch.int64))
+
+
+def _fake_side(embeddings: Tensor, args) -> Tuple[Tensor, Tensor, Tensor]:
+    """The fake side outputs: ``args`` are the op's arguments after sphere_lambda; ``side`` is the
+    last one when given (else its default, off)."""
+    side = len(args) == len(_PARAMS) + 4 and bool(args[-1])
+    return _side_like(embeddings, embeddings.shape[0] if side else 0)
 
 
 @margin_ce.register_fake
 def _(embeddings, weight, labels, sphere_lambda, *args):
     ct = compute_dtype(embeddings.dtype)
     b = embeddings.shape[0]
-    return tuple(embeddings.new_empty((b,), dtype=ct) for _ in range(4))
+    return tuple(embeddings.new_empty((b,), dtype=ct) for _ in range(4)) + _fake_side(embeddings, args)
 
 
 @torch.library.custom_op("magloss::margin_ce_backward", mutates_args=())
@@ -114,17 +143,17 @@ def margin_ce_kept(
     row_margins: Optional[Tensor], neg_threshold: Optional[Tensor], neg_t: Optional[Tensor],
     kind: int, scale: float, m1: float, m2: float, m3: float,
     l_a: float, u_a: float, l_m: float, u_m: float,
-    boundary: int, straight_through: bool, ignore_index: int, subcenters: int,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    boundary: int, straight_through: bool, ignore_index: int, subcenters: int, side: bool = False,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The speed path's forward: :func:`margin_ce`'s (lse, zy, reg, norms), then ``kept``
     [B, K·C] and ``kept_norms`` [K·C] in the compute dtype, what its backward reuses
-    (:func:`magloss.chunked.margin_ce_forward` with ``keep=True``). No gradient flows
-    into the last two."""
+    (:func:`magloss.chunked.margin_ce_forward` with ``keep=True``), then the three side
+    outputs as :func:`margin_ce`'s. No gradient flows into the last five."""
     spec, ignore_index = MarginSpec.from_op_args((kind, scale, m1, m2, m3, l_a, u_a, l_m, u_m, boundary,
                                                   straight_through, ignore_index, subcenters))
     outs = chunked.margin_ce_forward(embeddings, weight, labels, spec, ignore_index, sphere_lambda,
-                                     row_margins, neg_threshold, neg_t, keep=True)
-    return tuple(o.contiguous() for o in outs)
+                                     row_margins, neg_threshold, neg_t, keep=True, side=side)
+    return with_side(outs, embeddings, side)
 
 
 @margin_ce_kept.register_fake
@@ -132,7 +161,8 @@ def _(embeddings, weight, labels, sphere_lambda, *args):
     ct = compute_dtype(embeddings.dtype)
     b = embeddings.shape[0]
     return tuple(embeddings.new_empty((b,), dtype=ct) for _ in range(4)) + (
-        embeddings.new_empty((b, weight.shape[0]), dtype=ct), embeddings.new_empty((weight.shape[0],), dtype=ct))
+        embeddings.new_empty((b, weight.shape[0]), dtype=ct), embeddings.new_empty((weight.shape[0],), dtype=ct)
+    ) + _fake_side(embeddings, args)
 
 
 @torch.library.custom_op("magloss::margin_ce_backward_kept", mutates_args=())
@@ -171,16 +201,20 @@ def _fused_kernel_active(embeddings: Tensor, weight: Tensor) -> bool:
 
 def margin_ce_rows(embeddings: Tensor, weight: Tensor, labels: Tensor, sphere_lambda: Optional[Tensor],
                    row_margins: Optional[Tensor], neg_threshold: Optional[Tensor], neg_t: Optional[Tensor],
-                   *params) -> _Rows:
+                   *params, side: bool = False) -> Tuple[Tensor, ...]:
     """(lse, zy, reg, norms) of :func:`margin_ce` (same arguments) through the engine path that
     :func:`magloss.chunked.select_path` picks: ``margin_ce_kept`` (speed: three products, B×K·C
     kept) or ``margin_ce`` (flat: four products). Where the fused CUDA engine is registered
     for the device (float32/half inputs), always ``margin_ce``: the fused engine has only the
-    flat path. What the losses call."""
+    flat path. What the losses call. ``side=True`` appends the three side outputs
+    (label_cosine, nearest_negative_cosine, nearest_negative_class) of the same forward."""
     if not _fused_kernel_active(embeddings, weight) and chunked.select_path(embeddings, weight) == "speed":
-        return margin_ce_kept(embeddings, weight, labels, sphere_lambda, row_margins, neg_threshold, neg_t,
-                              *params)[:4]
-    return margin_ce(embeddings, weight, labels, sphere_lambda, row_margins, neg_threshold, neg_t, *params)
+        outs = margin_ce_kept(embeddings, weight, labels, sphere_lambda, row_margins, neg_threshold, neg_t,
+                              *params, side)
+        outs = outs[:4] + outs[6:]
+    else:
+        outs = margin_ce(embeddings, weight, labels, sphere_lambda, row_margins, neg_threshold, neg_t, *params, side)
+    return outs if side else outs[:4]
 
 
 _TENSORS = 7   # embeddings, weight, labels, sphere_lambda, row_margins, neg_threshold, neg_t
@@ -188,12 +222,18 @@ _TENSORS = 7   # embeddings, weight, labels, sphere_lambda, row_margins, neg_thr
 
 def _setup_context(ctx, inputs, output):
     embeddings, weight, labels, *optional = inputs[:_TENSORS]
-    lse, _, _, norms = output
+    lse, _, _, norms = output[:4]
+    ctx.mark_non_differentiable(*output[4:])        # the side outputs
     ctx.save_for_backward(embeddings, weight, labels, lse, norms, *optional)
-    ctx.params = inputs[_TENSORS:]
+    ctx.params = _backward_params(inputs)
 
 
-def _backward(ctx, grad_lse, grad_zy, grad_reg, grad_norms):
+def _backward_params(inputs) -> tuple:
+    """The backward ops' scalar arguments: the forward's, without ``side``."""
+    return tuple(inputs[_TENSORS:_TENSORS + len(_PARAMS)])
+
+
+def _backward(ctx, grad_lse, grad_zy, grad_reg, grad_norms, *_grad_side):
     embeddings, weight, labels, lse, norms, *optional = ctx.saved_tensors
     grads = (g.contiguous() for g in (grad_lse, grad_zy, grad_reg, grad_norms))
     gx, gw = margin_ce_backward(*grads, embeddings, weight, labels, lse, norms, *optional, *ctx.params)
@@ -205,14 +245,14 @@ margin_ce.register_autograd(_backward, setup_context=_setup_context)
 
 def _setup_context_kept(ctx, inputs, output):
     embeddings, weight, labels, *optional = inputs[:_TENSORS]
-    lse, _, _, norms, kept, kept_norms = output
-    ctx.mark_non_differentiable(kept, kept_norms)
+    lse, _, _, norms, kept, kept_norms = output[:6]
+    ctx.mark_non_differentiable(*output[4:])         # kept, kept_norms and the side outputs
     ctx.set_materialize_grads(False)     # else autograd fills a B×K·C zero gradient for ``kept`` each step
     ctx.save_for_backward(embeddings, weight, labels, lse, norms, kept, kept_norms, *optional)
-    ctx.params = inputs[_TENSORS:]
+    ctx.params = _backward_params(inputs)
 
 
-def _backward_kept(ctx, grad_lse, grad_zy, grad_reg, grad_norms, *_grad_kept):
+def _backward_kept(ctx, grad_lse, grad_zy, grad_reg, grad_norms, *_grad_kept_and_side):
     embeddings, weight, labels, lse, norms, kept, kept_norms, *optional = ctx.saved_tensors
     grads = (torch.zeros_like(lse) if g is None else g.contiguous() for g in (grad_lse, grad_zy, grad_reg, grad_norms))
     gx, gw = margin_ce_backward_kept(*grads, embeddings, weight, labels, lse, norms, kept, kept_norms, *optional,

@@ -30,7 +30,7 @@ from .checks import check_extras, check_values, num_classes_of
 from .margins import NORM_EPS, MarginSpec, margin_terms, regularizer
 from .rows import class_cosines, compute_dtype, curricular, saturating_cast, weight_operand
 
-__all__ = ["margin_ce_rows", "margin_ce_forward", "margin_ce_backward"]
+__all__ = ["margin_ce_rows", "margin_ce_forward", "margin_ce_backward", "side_outputs"]
 
 
 def _linearized(value: Tensor, slope: Tensor, x: Tensor) -> Tensor:
@@ -131,17 +131,41 @@ def margin_ce_rows(
 
 
 def margin_ce_forward(embeddings, weight, labels, spec, ignore_index=-1, sphere_lambda=None, row_margins=None,
-                      neg_threshold=None, neg_t=None):
+                      neg_threshold=None, neg_t=None, side=False):
     """Checked, gradient-free forward (the oracle of ``magloss::margin_ce``).
 
-    Same arguments and returns as :func:`margin_ce_rows`. Runs with autocast disabled so
-    the fp32 math stays fp32.
+    Same arguments and returns as :func:`margin_ce_rows`; ``side=True`` appends
+    :func:`side_outputs`. Runs with autocast disabled so the fp32 math stays fp32.
     """
     weight = weight_operand(embeddings, weight)
     check_values(embeddings, weight, labels, ignore_index, num_classes_of(weight, spec.subcenters))
     with torch.no_grad(), torch.autocast(embeddings.device.type, enabled=False):
-        return margin_ce_rows(embeddings, weight, labels, spec, ignore_index, sphere_lambda, row_margins,
+        rows = margin_ce_rows(embeddings, weight, labels, spec, ignore_index, sphere_lambda, row_margins,
                               neg_threshold, neg_t)
+        return rows + side_outputs(embeddings, weight, labels, spec.subcenters, ignore_index) if side else rows
+
+
+def side_outputs(embeddings: Tensor, weight: Tensor, labels: Tensor, subcenters: int = 1,
+                 ignore_index: int = -1) -> Tuple[Tensor, Tensor, Tensor]:
+    """The side outputs of the forward ops (``side=True``), from the full class-cosine matrix
+    c [B, C] (c_ij = max over class j's K = ``subcenters`` sub-centers; weight [K·C, D]):
+
+    label_cosine c_iy (0 on rows labelled ``ignore_index``: no label column),
+    nearest_negative_cosine max_{j≠y_i} c_ij, nearest_negative_class its j (int64, ties: the
+    lowest j; over every class on ignored rows; −inf and −1 when no other class exists).
+    All [B], the cosines in the compute dtype. No gradient."""
+    ct = compute_dtype(embeddings.dtype)
+    with torch.no_grad(), torch.autocast(embeddings.device.type, enabled=False):
+        x = embeddings.to(ct)
+        w = weight_operand(embeddings, weight).to(ct)
+        _, x_hat, _, r, cos = _cosines(x, w)
+        cos = class_cosines(cos, subcenters, x_hat, w, r)[0]
+        has, idx = _label_index(labels, ignore_index)
+        c_y = torch.where(has, cos.gather(1, idx).squeeze(1), torch.zeros_like(x[:, 0]))
+        label_col = torch.zeros_like(cos, dtype=torch.bool).scatter(1, idx, has.unsqueeze(1))
+        negatives = cos.masked_fill(label_col, -torch.inf)
+        nn_cos, nn_class = negatives.max(dim=1)
+        return c_y, nn_cos, torch.where(nn_cos == -torch.inf, torch.full_like(nn_class, -1), nn_class)
 
 
 def margin_ce_backward(grad_lse, grad_zy, grad_reg, grad_norms, embeddings, weight, labels, lse, spec,

@@ -300,7 +300,8 @@ class ShardedMarginLoss(nn.Module):
             label_cosines(x_all, weight, local, _NO_LABEL, self.spec.subcenters), group))
         x_all, weight, up = MF.autocast_inputs(x_all, weight, self.spec)   # after the gather: ∂x summed in fp32
         lam = self.current_lambda(x_all.dtype)
-        lse, zy, reg, norms = ops.margin_ce_rows(x_all, weight, local, lam, rm, nt, t, *self.spec.op_args(_NO_LABEL))
+        lse, zy, reg, norms, *side = ops.margin_ce_rows(x_all, weight, local, lam, rm, nt, t,
+                                                        *self.spec.op_args(_NO_LABEL), side=return_parts)
         if up is not None:
             norms = norms * up.to(norms.dtype)
         if self.last_sample is not None:   # the Partial FC step advances only once the op has run
@@ -311,12 +312,41 @@ class ShardedMarginLoss(nn.Module):
         zy = sum_stats(zy, group)
         if self.rank != 0:          # g(ã) and ‖x‖ are replicated: let one rank carry their gradient
             reg, norms = reg.detach(), norms.detach()
-        out = MF.reduce_rows(lse - zy, reg, norms, valid, self.spec, self.reduction, self.lambda_g, return_parts)
+        if side:
+            labels_all, *side = self._combine_side(local, *side)
+            side = MF.side_parts(labels_all, valid, *side)
+        out = MF.reduce_rows(lse - zy, reg, norms, valid, self.spec, self.reduction, self.lambda_g, return_parts,
+                             side=side or None)
         if self.training and self.sphere_schedule is not None:
             self.iteration.add_(1)
         if commit is not None:
             commit()
         return out
+
+    @torch.no_grad()
+    def _combine_side(self, local: Tensor, label_cosine: Tensor, nearest_cosine: Tensor,
+                      nearest_class: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The global side outputs from this shard's (the op's, over the columns this step used;
+        ``local``: the op's labels, a local column or _NO_LABEL): one all-gather of a [4, B]
+        float64 block (class indices are exact in float64). Returns (global labels, 0 on rows
+        with no label column anywhere; label cosine; nearest negative's cosine; its class). The
+        label and its cosine are sums over the shards (only the label's shard adds a non-zero
+        one); the nearest negative is the largest of the shards' (the first maximum: the lowest
+        rank, whose classes have the lowest indices, so ties still go to the lowest class)."""
+        def to_global(col: Tensor) -> Tensor:     # local column -> global class (-1 stays -1)
+            idx = col.clamp_min(0)
+            idx = self.last_sample.to(idx.device)[idx] if self.last_sample is not None else idx + self.shard_start
+            return torch.where(col >= 0, idx, col)
+
+        label = to_global(local).clamp_min(0)
+        block = torch.stack([label.double(), label_cosine.double(), nearest_cosine.double(),
+                             to_global(nearest_class).double()])
+        dev = comm_device(self.group, block.device)
+        table = gather_stats(block.to(dev), self.group).to(block.device)        # [world, 4, B]
+        winner = table[:, 2].argmax(dim=0, keepdim=True)
+        best = table[:, 2].gather(0, winner).squeeze(0).to(nearest_cosine.dtype)
+        best_class = table[:, 3].gather(0, winner).squeeze(0).long()
+        return table[:, 0].sum(0).long(), table[:, 1].sum(0).to(label_cosine.dtype), best, best_class
 
     @torch.no_grad()
     def accuracy(self, embeddings: Tensor, labels: Tensor) -> Tensor:

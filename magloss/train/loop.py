@@ -16,7 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from magloss.distributed.comm import comm_device
+from magloss import functional as MF
+from magloss.distributed.comm import comm_device, gather_rows
 
 from .checkpoints import write_model, write_onnx
 from .errors import Stopped
@@ -211,8 +212,7 @@ class Loop:
                 last = self.step + 1 >= total
                 log = (self.step + 1) % a.log_every == 0 or last
                 if log:   # what this step saw: its embeddings against the class matrix before the update
-                    with torch.no_grad():
-                        acc = self.head.accuracy(emb.detach().float(), y)     # collective when sharded
+                    acc = self._accuracy(parts, emb, y)
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scaler.scale(parts.loss).backward()
                 if self.scaler.is_enabled() and self.world > 1:
@@ -248,8 +248,23 @@ class Loop:
         if self._interrupted is not None:
             self._stop(f"interrupted at step {self.step}", 130)
 
+    def _accuracy(self, parts, emb, y):
+        """The step's training accuracy: from the loss call's own side outputs (its predicted
+        classes: no extra product; global under a sharded head), except where the forward saw
+        only some classes (Partial FC: the sampled ones would overstate it) or computed no side
+        outputs (the softmax and one-vs-all heads): there the head's ``accuracy`` (one more
+        chunked product over all classes; collective when sharded)."""
+        sampled = getattr(self.head, "last_sample", None) is not None
+        if parts.predicted_class is not None and not sampled:
+            sizes = getattr(self.head, "last_batch_sizes", None)     # a sharded head: the global batch's labels
+            if sizes is not None:
+                y = gather_rows(y.to(torch.int64), sizes, self.head.group)
+            return MF.parts_accuracy(parts, y, self.head.ignore_index)
+        with torch.no_grad():
+            return self.head.accuracy(emb.detach().float(), y)
+
     def _row(self, parts, acc, lr, speed) -> dict:
-        parts = type(parts)(*(t.detach().float() for t in parts))
+        parts = type(parts)(*(t.detach().float() for t in parts[:5]))
         norms = parts.norms
         return {"step": self.step, "epoch": self._epochs_done(), "lr": lr, "loss": float(parts.loss),
                 "ce": float(parts.ce), "reg": float(parts.reg), "reg_weighted": float(parts.reg_weighted),
