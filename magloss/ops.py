@@ -225,7 +225,7 @@ def _setup_context(ctx, inputs, output):
     lse, _, _, norms = output[:4]
     ctx.mark_non_differentiable(*output[4:])        # the side outputs
     ctx.save_for_backward(embeddings, weight, labels, lse, norms, *optional)
-    ctx.params = _backward_params(inputs)
+    ctx.params, ctx.n_inputs = _backward_params(inputs), len(inputs)
 
 
 def _backward_params(inputs) -> tuple:
@@ -237,7 +237,7 @@ def _backward(ctx, grad_lse, grad_zy, grad_reg, grad_norms, *_grad_side):
     embeddings, weight, labels, lse, norms, *optional = ctx.saved_tensors
     grads = (g.contiguous() for g in (grad_lse, grad_zy, grad_reg, grad_norms))
     gx, gw = margin_ce_backward(*grads, embeddings, weight, labels, lse, norms, *optional, *ctx.params)
-    return (gx, gw) + (None,) * (_TENSORS - 2 + len(ctx.params))
+    return (gx, gw) + (None,) * (ctx.n_inputs - 2)
 
 
 margin_ce.register_autograd(_backward, setup_context=_setup_context)
@@ -249,7 +249,7 @@ def _setup_context_kept(ctx, inputs, output):
     ctx.mark_non_differentiable(*output[4:])         # kept, kept_norms and the side outputs
     ctx.set_materialize_grads(False)     # else autograd fills a B×K·C zero gradient for ``kept`` each step
     ctx.save_for_backward(embeddings, weight, labels, lse, norms, kept, kept_norms, *optional)
-    ctx.params = _backward_params(inputs)
+    ctx.params, ctx.n_inputs = _backward_params(inputs), len(inputs)
 
 
 def _backward_kept(ctx, grad_lse, grad_zy, grad_reg, grad_norms, *_grad_kept_and_side):
@@ -257,7 +257,7 @@ def _backward_kept(ctx, grad_lse, grad_zy, grad_reg, grad_norms, *_grad_kept_and
     grads = (torch.zeros_like(lse) if g is None else g.contiguous() for g in (grad_lse, grad_zy, grad_reg, grad_norms))
     gx, gw = margin_ce_backward_kept(*grads, embeddings, weight, labels, lse, norms, kept, kept_norms, *optional,
                                      *ctx.params)
-    return (gx, gw) + (None,) * (_TENSORS - 2 + len(ctx.params))
+    return (gx, gw) + (None,) * (ctx.n_inputs - 2)
 
 
 margin_ce_kept.register_autograd(_backward_kept, setup_context=_setup_context_kept)
