@@ -62,7 +62,8 @@ def _fused_margin_ce(engine, embeddings, weight, labels, sphere_lambda, row_marg
     inputs (one more pass, docs/cuda.md), never missing or approximate."""
     from . import chunked, ops
 
-    *params, side = params
+    side = len(params) > len(ops._PARAMS) and bool(params[-1])       # (a call may leave the default out)
+    params = params[:len(ops._PARAMS)]
     spec, ignore_index = _spec_and_index(params)
     if _is_f64(embeddings, weight):
         outs = chunked.margin_ce_forward(embeddings, weight, labels, spec, ignore_index, sphere_lambda,
