@@ -189,7 +189,7 @@ def test_empty_batch():
     w = torch.randn(10, 64, device=DEV)
     y = torch.zeros(0, dtype=torch.long, device=DEV)
     rows = OP(x, w, y, None, None, None, None, *spec.op_args(-1))
-    assert all(r.shape == (0,) and r.dtype == torch.float32 for r in rows)
+    assert all(r.shape == (0,) and r.dtype == torch.float32 for r in rows[:4])
     z = torch.zeros(0, device=DEV)
     gx, gw = OP_BWD(z, z, z, z, x, w, y, rows[0], rows[3], None, None, None, None, *spec.op_args(-1))
     assert gx.shape == (0, 64) and torch.all(gw == 0) and gw.shape == (10, 64)
