@@ -12,8 +12,10 @@ Common arguments (all functions):
 * ``reduction``: ``"mean"`` (over non-ignored rows), ``"sum"`` or ``"none"`` ([B], 0 on
   ignored rows). A mean over zero rows (empty batch, or every row ignored) is 0 with
   zero gradients, where ``F.cross_entropy`` would return NaN.
-* ``return_parts``: return a :class:`LossParts` (loss, ce, reg, norms, reg_weighted)
-  instead of the loss tensor. Every loss has it.
+* ``return_parts``: return a :class:`LossParts` (loss, ce, reg, norms, reg_weighted, and
+  for the margin losses the side outputs label_cosine, nearest_negative_cosine,
+  nearest_negative_class, predicted_class from the same pass) instead of the loss tensor.
+  Every loss has it; without it no side output is computed.
 
 Errors are raised in the caller's words: TypeError/ValueError naming the argument (a
 weight in the [D, C] layout is named as transposed; ArcFace's and CosFace's ``margin``

@@ -3,8 +3,8 @@
 Two ops, with one schema each:
 
 ``magloss::margin_ce(embeddings, weight, labels, sphere_lambda, row_margins, neg_threshold, neg_t,
-kind, scale, m1, m2, m3, l_a, u_a, l_m, u_m, boundary, straight_through, ignore_index, subcenters)
--> (lse, zy, reg, norms)``
+kind, scale, m1, m2, m3, l_a, u_a, l_m, u_m, boundary, straight_through, ignore_index, subcenters,
+side=False) -> (lse, zy, reg, norms, label_cosine, nearest_negative_cosine, nearest_negative_class)``
 
 ``magloss::margin_ce_backward(grad_lse, grad_zy, grad_reg, grad_norms, embeddings, weight,
 labels, lse, norms, sphere_lambda, row_margins, neg_threshold, neg_t, kind, ..., ignore_index,
@@ -24,7 +24,12 @@ row_margins [B, 2] (per-row m2_i, m3_i of the COMBINED family: AdaFace, ElasticF
 neg_threshold [B] and neg_t 0-d (CurricularFace's τ_i and t) are in the compute dtype
 (float32; float64 for float64 inputs) and carry no gradient. Outputs
 are [B] in float32 (float64 for float64 inputs): lse_i = logsumexp_j z_ij, zy_i = z_iy,
-reg_i = g(ã_i), norms_i = ‖x_i‖; the cross-entropy is lse − zy. The hyperparameters are
+reg_i = g(ã_i), norms_i = ‖x_i‖; the cross-entropy is lse − zy. With ``side=True`` the side
+outputs follow, each [B] (docs/math.md, "Side outputs"): label_cosine c_iy (0 on rows without a
+label column), nearest_negative_cosine max_{j≠y_i} c_ij (compute dtype; −inf when there is no
+other column) and nearest_negative_class its local column (int64; ties: the lowest; −1 when
+none), without gradient; with ``side=False`` (the default) they are empty and not computed.
+``margin_ce_kept`` takes the same ``side`` and returns them after ``kept_norms``. The hyperparameters are
 those of :class:`magloss.margins.MarginSpec` (``spec.op_args(ignore_index)``); see
 :func:`magloss.reference.margin_ce_rows` and :func:`magloss.reference.margin_ce_backward`
 (the oracle) for the exact math every kernel implements.

@@ -206,15 +206,17 @@ class Loop:
                 lr = self.schedule(epoch + position / self.n)
                 for grp in self.optimizer.param_groups:
                     grp["lr"] = lr
-                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                    emb = self.model(x)
-                    parts = self.head(emb, y, return_parts=True)
                 last = self.step + 1 >= total
                 log = (self.step + 1) % a.log_every == 0 or last
+                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                    emb = self.model(x)
+                    # the parts (and their side outputs, the accuracy's source) only on logged steps
+                    parts = self.head(emb, y, return_parts=log)
+                loss = parts.loss if log else parts
                 if log:   # what this step saw: its embeddings against the class matrix before the update
                     acc = self._accuracy(parts, emb, y)
                 self.optimizer.zero_grad(set_to_none=True)
-                self.scaler.scale(parts.loss).backward()
+                self.scaler.scale(loss).backward()
                 if self.scaler.is_enabled() and self.world > 1:
                     _overflow_everywhere(self.head, self.group)
                 self.scaler.unscale_(self.optimizer)
