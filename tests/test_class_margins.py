@@ -388,6 +388,7 @@ def test_emulated_fused_engine(fam):
 
 # ---- class-sharded heads: class margins and sample weights on gloo -----------------------------------------
 D_SH, C_SH = 6, 17
+PFC = {"arcface_cm_pfc": 0.5}                     # case -> Partial FC sample_rate
 SHARDED = [   # name, class, kwargs, dtype, table maker (None: no class margins), weighted, reduction
     ("arcface_cm", "ArcFaceLoss", dict(scale=S), torch.float64, lambda: table(C_SH, 0.1, 0.8), True, "mean"),
     ("cosface_cm_sum", "CosFaceLoss", dict(scale=S), torch.float64, lambda: table(C_SH, 0.1, 0.5), False, "sum"),
@@ -396,6 +397,8 @@ SHARDED = [   # name, class, kwargs, dtype, table maker (None: no class margins)
     ("subcenter_cm", "SubCenterArcFaceLoss", dict(scale=S, subcenters=2), torch.float64,
      lambda: table(C_SH, 0.1, 0.8, seed=3), True, "mean"),
     ("arcface_cm_f32", "ArcFaceLoss", dict(scale=S), torch.float32, lambda: table(C_SH, 0.1, 0.8), True, "mean"),
+    ("arcface_cm_pfc", "ArcFaceLoss", dict(scale=S), torch.float64, lambda: table(C_SH, 0.1, 0.8, seed=8), True,
+     "mean"),                                     # Partial FC, sample_rate 0.5 (PFC below)
     ("magface_w", "MagFaceLoss", dict(), torch.float64, None, True, "mean"),
     ("adaface_w", "AdaFaceLoss", dict(), torch.float64, None, True, "mean"),
     ("sface_w", "SFaceLoss", dict(), torch.float64, None, True, "mean"),
@@ -440,14 +443,14 @@ def _sharded_phase(rank, world, group, out_dir):
     for case in SHARDED:
         name, cls, _, dtype, _, _, reduction = case
         m, x, y, sw = _single(case)
-        sh = mdist.shard(m, group=group, ddp_backbone=False)
+        sh = mdist.shard(m, group=group, ddp_backbone=False, sample_rate=PFC.get(name, 1.0))
         sizes = _split(x.shape[0], world)
         lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
         xr = x[lo:hi].clone().requires_grad_(True)
         out = sh(xr, y[lo:hi], sample_weight=None if sw is None else sw[lo:hi].to(dtype))
         scalar = out.sum() if reduction == "none" else out
         scalar.backward()
-        res[name] = (out.detach(), xr.grad, sh.weight.grad, sh.shard_start, sh.shard_end)
+        res[name] = (out.detach(), xr.grad, sh.weight.grad, sh.shard_start, sh.shard_end, sh.last_sample)
     # errors on every rank: weights on one rank only, a bad weight on the last rank
     m, x, y, sw = _single(SHARDED[0])
     sh = mdist.shard(m, group=group, ddp_backbone=False)
@@ -474,8 +477,22 @@ def sharded_results(tmp_path_factory):
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("case", SHARDED, ids=[c[0] for c in SHARDED])
 def test_sharded_equals_single_process(sharded_results, world, case):
+    """The sharded loss and gradients equal the single-process loss on the concatenated batch; with
+    Partial FC, the single-process loss over the classes the shards kept (labels, weight rows and
+    class margins restricted to them)."""
     name, _, kwargs, dtype, _, _, reduction = case
     m, x, y, sw = _single(case)
+    kept = None
+    if name in PFC:
+        kept = torch.cat([sharded_results[(world, r)][name][5] for r in range(world)])
+        assert 0 < kept.numel() < C_SH and torch.isin(y[y >= 0], kept).all()
+        sub = magloss.ArcFaceLoss(D_SH, kept.numel(), reduction=reduction, dtype=dtype, **kwargs)
+        with torch.no_grad():
+            sub.weight.copy_(m.weight[kept])
+        sub.set_class_margins(m.class_margins[kept])
+        remap = torch.full((C_SH,), -1, dtype=torch.long)
+        remap[kept] = torch.arange(kept.numel())
+        m, y = sub, torch.where(y >= 0, remap[y.clamp_min(0)], y)
     xg = x.clone().requires_grad_(True)
     out = m(xg, y, sample_weight=None if sw is None else sw.to(dtype))
     (out.sum() if reduction == "none" else out).backward()
@@ -483,11 +500,15 @@ def test_sharded_equals_single_process(sharded_results, world, case):
     k = kwargs.get("subcenters", 1)
     sizes = _split(x.shape[0], world)
     for r in range(world):
-        got, gx, gw, start, end = sharded_results[(world, r)][name]
+        got, gx, gw, start, end, sample = sharded_results[(world, r)][name]
         torch.testing.assert_close(got, out.detach(), **tol)
         lo = sum(sizes[:r])
         torch.testing.assert_close(gx, xg.grad[lo:lo + sizes[r]], **tol)
-        torch.testing.assert_close(gw, m.weight.grad[start * k:end * k], **tol)
+        if kept is None:
+            torch.testing.assert_close(gw, m.weight.grad[start * k:end * k], **tol)
+        else:                                      # the kept rows of the shard get the restricted loss's gradient
+            pos = torch.searchsorted(kept, sample)
+            torch.testing.assert_close(gw[sample - start], m.weight.grad[pos], **tol)
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -497,3 +518,17 @@ def test_sharded_weight_errors_are_raised_on_every_rank(sharded_results, world):
         assert errs["one_rank"] == f"sample_weight: expected on every rank or on none, got it on ranks [0] of {world}"
         first_of_last = sum(_split(11, world)[:-1])
         assert errs["bad"] == f"sample_weight: expected finite values >= 0, got a bad value at global row {first_of_last}"
+
+
+def test_row_lookup_columns_and_the_generic_margin_loss():
+    """class_row_margins puts a [C] table in m2 (CLASS_M2) or m3 (CLASS_M3), zero elsewhere and on
+    ignored rows; margin_loss with a [C] table and its column is the named loss."""
+    y = torch.tensor([2, -1, 0, 2])
+    tab = torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)
+    want = torch.tensor([0.3, 0.0, 0.1, 0.3], dtype=torch.float64)
+    zero = torch.zeros(4, dtype=torch.float64)
+    assert torch.equal(class_row_margins(tab, y, -1, CLASS_M2, torch.float64), torch.stack([want, zero], 1))
+    assert torch.equal(class_row_margins(tab, y, -1, CLASS_M3, torch.float64), torch.stack([zero, want], 1))
+    x, w, y = make_inputs(6, 3, 5, ignored=IGNORED, seed=4)
+    got = MF.margin_loss(x, w, y, MarginSpec.cosface(S), class_margins=tab, class_margin_column=CLASS_M3)
+    torch.testing.assert_close(got, MF.cosface_loss(x, w, y, scale=S, class_margins=tab), **FP64_TOL)
