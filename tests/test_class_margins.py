@@ -403,6 +403,16 @@ SHARDED = [   # name, class, kwargs, dtype, table maker (None: no class margins)
     ("adaface_w", "AdaFaceLoss", dict(), torch.float64, None, True, "mean"),
     ("sface_w", "SFaceLoss", dict(), torch.float64, None, True, "mean"),
     ("uniface_w_sum", "UniFaceLoss", dict(), torch.float64, None, True, "sum"),
+    # sample weights on the other registered losses' sharded twins
+    ("normface_w", "NormFaceLoss", dict(scale=S), torch.float64, None, True, "mean"),
+    ("sphereface_w", "SphereFaceLoss", dict(margin=3), torch.float64, None, True, "mean"),
+    ("magcos_w_none", "MagCosFaceLoss", dict(), torch.float64, None, True, "none"),
+    ("curricular_w", "CurricularFaceLoss", dict(scale=S), torch.float64, None, True, "mean"),
+    ("elastic_arc_w", "ElasticArcFaceLoss", dict(scale=S, seed=3), torch.float64, None, True, "mean"),
+    ("elastic_cos_plus_w", "ElasticCosFaceLoss", dict(scale=S, seed=4, plus=True), torch.float64, None, True,
+     "sum"),
+    ("sphereface2_w", "SphereFace2Loss", dict(), torch.float64, None, True, "mean"),
+    ("p2sgrad_w", "P2SGradLoss", dict(), torch.float64, None, True, "mean"),
 ]
 
 
