@@ -31,7 +31,8 @@ from . import onevsall as OVA
 from . import ops
 from .adaptive import AdaFaceState, CurricularState, ElasticState, _KeptState, label_cosines, state_dtype
 from .checks import check_inputs
-from .margins import CLASS_M2, CLASS_M3, CLIP, NONE, MarginSpec, check_class_margins, magface_lambda_g_bound, sphere_lambda
+from .margins import (CLASS_M2, CLASS_M3, CLIP, COMBINED, NONE, MarginSpec, check_class_margins,
+                      magface_lambda_g_bound, sphere_lambda)
 from .rows import compute_dtype
 from .subcenter import dominant_subcenters, dominant_weight, far_from_class, subcenter_counts
 from .validation import (check_bool, check_finite, check_ignore_index, check_int, check_non_negative,
@@ -133,7 +134,7 @@ class MarginLoss(_KeptState, nn.Module):
         if class_margins is None:
             self.class_margins = None
             return
-        if self._no_class_margins or self.spec.kind != 0:
+        if self._no_class_margins or self.spec.kind != COMBINED:
             raise ValueError(f"class_margins: {type(self).__name__} takes no per-class margins: "
                              f"{self._no_class_margins or 'they replace m2/m3 of the COMBINED margin family'}")
         check_class_margins(self.spec, class_margins, self.num_classes, self._class_margin_column)

@@ -104,19 +104,38 @@ def test_margin_families_against_the_reference_rows(fam, reduction):
 @pytest.mark.parametrize("name", ["arcface", "magface", "softmax", "sface", "adaface", "subcenter_arcface"])
 def test_low_precision_inputs(name, dtype):
     """float32/bfloat16/float16 modules: the weighting is float32 arithmetic on the float32 rows,
-    so the weighted loss equals the float64 weighting of the same rows to float32 rounding; the
-    embedding gradient to a few float32 ulps of the dtype's own unweighted gradient formula."""
+    so the weighted loss equals the float64 weighting of the same rows to float32 rounding, and the
+    embedding gradient that of the weighted rows to one rounding of the dtype."""
     B, C, D = 11, 9, 8
     x, _, y = make_inputs(B, C, D, ignored=IGNORED, seed=5)
     w = weights(B, seed=2, huge=1e4)    # float16 has a range of 65504
     m = _module(name, D, C, dtype, "none")
-    xd = x.to(dtype)
-    rows = m(xd, y)
+    xr = x.to(dtype).requires_grad_(True)
+    rows = m(xr, y)
     assert rows.dtype == torch.float32
+    want = expected(rows, w.to(dtype), y != -1, "mean")
+    (gx_want,) = torch.autograd.grad(want, xr)
     m.reduction = "mean"
-    got = m(xd, y, sample_weight=w.to(dtype))
-    want = expected(rows.detach(), w.to(dtype), y != -1, "mean")
-    torch.testing.assert_close(got.double(), want, rtol=2e-6, atol=1e-6)
+    xg = x.to(dtype).requires_grad_(True)
+    got = m(xg, y, sample_weight=w.to(dtype))
+    (gx,) = torch.autograd.grad(got, xg)
+    torch.testing.assert_close(got.double(), want.detach(), rtol=2e-6, atol=1e-6)
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(gx, gx_want, rtol=2 * eps, atol=2 * eps * gx_want.abs().max().item())
+
+
+def test_autocast():
+    """bfloat16 autocast of float32 modules: the weighted loss is the weighting of the autocast rows."""
+    B, C, D = 9, 7, 8
+    x, _, y = make_inputs(B, C, D, dtype=torch.float32, ignored=IGNORED, seed=6)
+    w = weights(B, dtype=torch.float32)
+    for name in ("arcface", "magface", "softmax", "uniface"):
+        m = _module(name, D, C, torch.float32, "none")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            rows = m(x, y)
+            m.reduction = "mean"
+            got = m(x, y, sample_weight=w)
+        torch.testing.assert_close(got.double(), expected(rows, w, y != -1, "mean"), rtol=2e-6, atol=1e-6)
 
 
 def test_return_parts_weights_ce_and_the_regularizer():
