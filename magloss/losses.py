@@ -32,7 +32,7 @@ from . import ops
 from .adaptive import AdaFaceState, CurricularState, ElasticState, _KeptState, label_cosines, state_dtype
 from .checks import check_inputs
 from .margins import (CLASS_M2, CLASS_M3, CLIP, COMBINED, NONE, MarginSpec, check_class_margins,
-                      magface_lambda_g_bound, sphere_lambda)
+                      class_row_margins, magface_lambda_g_bound, sphere_lambda)
 from .rows import compute_dtype
 from .subcenter import dominant_subcenters, dominant_weight, far_from_class, subcenter_counts
 from .validation import (check_bool, check_finite, check_ignore_index, check_int, check_non_negative,
@@ -104,7 +104,9 @@ class MarginLoss(_KeptState, nn.Module):
     :func:`magloss.margins.class_count_margins`. It is held in the buffer ``class_margins``
     (None without: moves with ``.to()``, saved in the state_dict, float32 — float64 in a
     float64 module — whatever the module's dtype); change it between steps with
-    :meth:`set_class_margins`. The other families refuse it (ValueError saying why).
+    :meth:`set_class_margins`, which validates it once (the forward only looks it up: no host
+    synchronization; an in-place change of the buffer is not checked). The other families
+    refuse it (ValueError saying why).
     """
 
     _float_state = ("class_margins",)
@@ -149,8 +151,10 @@ class MarginLoss(_KeptState, nn.Module):
 
     def _loss(self, embeddings: Tensor, labels: Tensor, **kw):
         check_embedding_size(self, embeddings)
-        if self.class_margins is not None:
-            kw.update(class_margins=self.class_margins, class_margin_column=self._class_margin_column)
+        if self.class_margins is not None:     # validated by set_class_margins: a lookup, no read-back
+            check_inputs(embeddings, self.weight, labels)
+            kw["row_margins"] = class_row_margins(self.class_margins, labels, self.ignore_index,
+                                                  self._class_margin_column, compute_dtype(embeddings.dtype))
         return MF.margin_loss(embeddings, self.weight, labels, self.spec, ignore_index=self.ignore_index,
                               reduction=self.reduction, **kw)
 

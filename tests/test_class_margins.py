@@ -259,6 +259,20 @@ def test_module_buffer_follows_the_module_and_the_state_dict():
     assert "class_margins" not in m.state_dict()
 
 
+def test_module_forward_reads_nothing_back(monkeypatch):
+    """The table was validated by set_class_margins: the forward only looks it up."""
+    m = magloss.ArcFaceLoss(5, 4, class_margins=torch.tensor([0.1, 0.2, 0.3, 0.4]))
+    x, _, y = make_inputs(6, 4, 5, dtype=torch.float32, seed=1)
+    want = m(x, y)
+
+    def no_check(*a, **k):
+        raise AssertionError("class_margins checked again in the forward")
+    monkeypatch.setattr(MF, "check_class_margins", no_check)
+    torch.testing.assert_close(m(x, y), want)
+    with pytest.raises(AssertionError):                       # the functional form does check
+        MF.arcface_loss(x, m.weight, y, class_margins=m.class_margins)
+
+
 def test_a_bad_update_leaves_the_table_unchanged():
     m = magloss.CosFaceLoss(4, 3, class_margins=torch.tensor([0.1, 0.2, 0.3]))
     with pytest.raises(ValueError, match="class_margins"):
