@@ -36,7 +36,10 @@ margin would stop being a penalty), for the COMBINED and MAGFACE families:
   no fallback.
 
 With per-row margins (the ``row_margins`` op input: AdaFace, ElasticFace) m2 and m3 are
-[B] tensors, and every policy uses each row's own m2_i, m3_i in its formula.
+[B] tensors, and every policy uses each row's own m2_i, m3_i in its formula. Per-class margins
+(``class_margins`` of ArcFace, CosFace, the combined margin and Sub-center ArcFace) are a table
+looked up by label into those per-row margins (:func:`check_class_margins`,
+:func:`class_row_margins`); :func:`class_count_margins` builds the usual table from class sizes.
 
 Numerics (docs/math.md §1): ψ is evaluated at clamp(c, −1, 1), and ∂ψ/∂c is passed
 through that clamp unchanged (a cosine of 1 + 1e-7 is rounding, not geometry).
