@@ -16,6 +16,11 @@ Common arguments (all functions):
   for the margin losses the side outputs label_cosine, nearest_negative_cosine,
   nearest_negative_class, predicted_class from the same pass) instead of the loss tensor.
   Every loss has it; without it no side output is computed.
+* ``sample_weight``: optional [B] float tensor w_i ≥ 0 (finite) on the embeddings' device,
+  a constant (no gradient flows into it). Row i's loss (CE_i, and λ_g·g(ã_i) for MagFace) is
+  multiplied by w_i; ``"mean"`` is the weighted average Σ_i w_i·L_i / Σ_i w_i over the
+  non-ignored rows (0 when that sum is 0), ``"sum"`` is Σ_i w_i·L_i, ``"none"`` gives
+  w_i·L_i. Every loss has it (:func:`check_sample_weight`).
 
 Errors are raised in the caller's words: TypeError/ValueError naming the argument (a
 weight in the [D, C] layout is named as transposed; ArcFace's and CosFace's ``margin``
@@ -39,7 +44,8 @@ from . import ops
 from .adaptive import (adaface_args, adaface_row_margins, curricular_threshold, elastic_args, elastic_draws,
                        elastic_row_margins, label_cosines)
 from .checks import check_inputs, check_types, check_values, num_classes_of
-from .margins import CLIP, NONE, NORM_EPS, MarginSpec, sphere_lambda as _sphere_lambda_schedule
+from .margins import (CLASS_M2, CLASS_M3, CLIP, NONE, NORM_EPS, MarginSpec, check_class_margins, check_float_table,
+                      class_row_margins, sphere_lambda as _sphere_lambda_schedule)
 from .rows import autocasting, compute_dtype
 from .validation import check_ignore_index, check_int, check_non_negative, check_reduction
 
@@ -47,6 +53,7 @@ __all__ = [
     "LossParts",
     "MagFaceOutput",
     "accuracy",
+    "check_sample_weight",
     "cosine_argmax",
     "parts_accuracy",
     "side_parts",
@@ -159,13 +166,31 @@ def autocast_inputs(embeddings: Tensor, weight: Tensor, spec: Optional[MarginSpe
     return embeddings, weight, up
 
 
-def _reduce(rows: Tensor, valid: Tensor, reduction: str) -> Tensor:
+def _reduce(rows: Tensor, valid: Tensor, reduction: str, sample_weight: Optional[Tensor] = None) -> Tensor:
+    """rows [B], already 0 where not ``valid``; with ``sample_weight`` [B] each row is weighted
+    and "mean" divides by the valid rows' total weight instead of their count."""
+    if sample_weight is not None:
+        rows = rows * sample_weight
     if reduction == "none":
         return rows
     total = rows.sum()
     if reduction == "sum":
         return total
-    return total / valid.sum().clamp_min(1).to(rows.dtype)
+    if sample_weight is None:
+        return total / valid.sum().clamp_min(1).to(rows.dtype)
+    den = torch.where(valid, sample_weight, torch.zeros_like(sample_weight)).sum()
+    return total / torch.where(den > 0, den, torch.ones_like(den))   # all weights 0: total is 0
+
+
+def check_sample_weight(sample_weight: Optional[Tensor], embeddings: Tensor) -> Optional[Tensor]:
+    """``sample_weight`` as the losses use it: None, or a [B] floating tensor on the embeddings'
+    device with finite values ≥ 0, returned detached in the compute dtype (float32; float64 for
+    float64 embeddings). TypeError/ValueError naming ``sample_weight`` otherwise; the value check
+    is one host synchronization (:func:`magloss.margins.check_float_table`)."""
+    if sample_weight is None:
+        return None
+    check_float_table("sample_weight", sample_weight, (embeddings.shape[0],), device=embeddings.device)
+    return sample_weight.detach().to(compute_dtype(embeddings.dtype))
 
 
 def margin_loss(
@@ -182,6 +207,9 @@ def margin_loss(
     row_margins: Optional[Tensor] = None,
     neg_threshold: Optional[Tensor] = None,
     neg_t: Optional[Tensor] = None,
+    class_margins: Optional[Tensor] = None,
+    class_margin_column: Optional[int] = None,
+    sample_weight: Optional[Tensor] = None,
 ):
     """The generic margin loss: reduce_i(CE_i) + λ_g·reduce_i(g(ã_i)) for a :class:`MarginSpec`.
 
@@ -192,12 +220,26 @@ def margin_loss(
     ``weight`` has K·C rows for ``spec.subcenters`` = K. The engine's optional inputs
     (:mod:`magloss.ops`): ``row_margins`` [B, 2] per-row (m2_i, m3_i), ``neg_threshold`` [B]
     and ``neg_t`` 0-d (CurricularFace), all in the compute dtype, without gradient.
+
+    ``class_margins``: per-class margins of the COMBINED family, looked up by label into the
+    per-row margins (:func:`magloss.margins.check_class_margins`): a [C, 2] table of (m2_c, m3_c),
+    or with ``class_margin_column`` (:data:`magloss.margins.CLASS_M2` = 0: m2_c, an angle in
+    radians; ``CLASS_M3`` = 1: m3_c, a cosine) a [C] table. It replaces the spec's m2 and m3 and
+    excludes ``row_margins``. ``sample_weight``: see the module docstring.
     """
     ops.functorch_unsupported("magloss.functional.margin_loss", embeddings, weight)
     embeddings, weight, up = autocast_inputs(embeddings, weight, spec)
     check_inputs(embeddings, weight, labels)
     check_reduction(reduction)
     check_ignore_index(ignore_index, weight.shape[0] // spec.subcenters, stacklevel=4)
+    sample_weight = check_sample_weight(sample_weight, embeddings)
+    if class_margins is not None:
+        if row_margins is not None:
+            raise ValueError("class_margins, row_margins: expected one source of per-row margins, got both")
+        check_class_margins(spec, class_margins, weight.shape[0] // spec.subcenters, class_margin_column,
+                            embeddings.device)
+        row_margins = class_row_margins(class_margins, labels, ignore_index, class_margin_column,
+                                        compute_dtype(embeddings.dtype))
     if sphere_lambda is not None and not isinstance(sphere_lambda, Tensor):
         sphere_lambda = torch.tensor(float(sphere_lambda), dtype=compute_dtype(embeddings.dtype),
                                      device=embeddings.device)
@@ -207,23 +249,25 @@ def margin_loss(
     if up is not None:
         norms = norms * up.to(norms.dtype)
     valid = labels != ignore_index
-    return reduce_rows(lse - zy, reg_rows, norms, valid, spec, reduction, lambda_g, return_parts,
+    return reduce_rows(lse - zy, reg_rows, norms, valid, spec, reduction, lambda_g, return_parts, sample_weight,
                        side=side_parts(labels, valid, *side) if side else None)
 
 
 def reduce_rows(ce_rows: Tensor, reg_rows: Tensor, norms: Tensor, valid: Tensor, spec: Optional[MarginSpec],
-                reduction: str, lambda_g: float, return_parts: bool, side: Optional[tuple] = None):
+                reduction: str, lambda_g: float, return_parts: bool, sample_weight: Optional[Tensor] = None,
+                side: Optional[tuple] = None):
     """Mask rows that are not ``valid`` to zero (value and gradient), reduce, and add λ_g·reg.
 
     ce_rows, reg_rows, norms, valid: [B]; ``spec=None`` means no regularizer (softmax).
-    ``side``: the four side fields of :class:`LossParts` (:func:`side_parts`) or None.
-    Shared by the single-process and sharded heads. Returns the loss, or a
-    :class:`LossParts` with ``return_parts``.
+    ``sample_weight``: None or the checked [B] weights (:func:`check_sample_weight`), applied to
+    CE and the regularizer alike (a weight scales the row's whole loss). ``side``: the four side
+    fields of :class:`LossParts` (:func:`side_parts`) or None. Shared by the single-process and
+    sharded heads. Returns the loss, or a :class:`LossParts` with ``return_parts``.
     """
     zero = torch.zeros_like(ce_rows)
-    ce = _reduce(torch.where(valid, ce_rows, zero), valid, reduction)
+    ce = _reduce(torch.where(valid, ce_rows, zero), valid, reduction, sample_weight)
     if spec is not None and spec.has_regularizer:
-        reg = _reduce(torch.where(valid, reg_rows, zero), valid, reduction)
+        reg = _reduce(torch.where(valid, reg_rows, zero), valid, reduction, sample_weight)
         reg_weighted = lambda_g * reg
         loss = ce + reg_weighted
     else:
@@ -269,7 +313,8 @@ def parts_accuracy(parts: LossParts, labels: Tensor, ignore_index: int = -1) -> 
 
 
 def softmax_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor] = None, *,
-                 ignore_index: int = -1, reduction: str = "mean", return_parts: bool = False):
+                 ignore_index: int = -1, reduction: str = "mean", return_parts: bool = False,
+                 sample_weight: Optional[Tensor] = None):
     """Plain softmax cross-entropy, the unnormalized baseline: z = x·Wᵀ + b.
 
     bias: optional [C]. Runs on PyTorch's own F.linear/F.cross_entropy (no custom op,
@@ -303,10 +348,11 @@ def softmax_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, bias: Optio
             logits = logits + bias.to(ct)
     rows = F.cross_entropy(logits.to(ct), labels, ignore_index=ignore_index, reduction="none")
     valid = labels != ignore_index
+    sample_weight = check_sample_weight(sample_weight, embeddings)
     if not return_parts:
-        return _reduce(rows, valid, reduction)
+        return _reduce(rows, valid, reduction, sample_weight)
     norms = raw.detach().to(ct).norm(dim=1)
-    return reduce_rows(rows, torch.zeros_like(rows), norms, valid, None, reduction, 0.0, True)
+    return reduce_rows(rows, torch.zeros_like(rows), norms, valid, None, reduction, 0.0, True, sample_weight)
 
 
 def half_safe_rows(bound: Tensor, limit: float) -> Tensor:
@@ -319,47 +365,53 @@ def half_safe_rows(bound: Tensor, limit: float) -> Tensor:
 
 
 def normface_loss(embeddings, weight, labels, scale: float = 64.0, *, ignore_index: int = -1,
-                  reduction: str = "mean", return_parts: bool = False):
+                  reduction: str = "mean", return_parts: bool = False, sample_weight: Optional[Tensor] = None):
     """NormFace / normalized softmax: ψ(c) = c, z = s·c. Default s = 64."""
     spec = MarginSpec.combined(scale, 1.0, 0.0, 0.0)
     return margin_loss(embeddings, weight, labels, spec, ignore_index=ignore_index, reduction=reduction,
-                       return_parts=return_parts)
+                       return_parts=return_parts, sample_weight=sample_weight)
 
 
 def cosface_loss(embeddings, weight, labels, scale: float = 64.0, margin: float = 0.35, *,
                  straight_through: bool = False, ignore_index: int = -1, reduction: str = "mean",
-                 return_parts: bool = False):
+                 return_parts: bool = False,
+                 class_margins: Optional[Tensor] = None, sample_weight: Optional[Tensor] = None):
     """CosFace (LMCL): ψ(c) = c − m. Defaults s = 64, m = 0.35."""
     spec = MarginSpec.cosface(scale, margin, straight_through)
     return margin_loss(embeddings, weight, labels, spec, ignore_index=ignore_index, reduction=reduction,
-                       return_parts=return_parts)
+                       return_parts=return_parts, sample_weight=sample_weight,
+                       class_margins=class_margins, class_margin_column=CLASS_M3)
 
 
 def arcface_loss(embeddings, weight, labels, scale: float = 64.0, margin: float = 0.5,
                  easy_margin: bool = False, *, straight_through: bool = False, ignore_index: int = -1,
-                 reduction: str = "mean", return_parts: bool = False):
+                 reduction: str = "mean", return_parts: bool = False,
+                 class_margins: Optional[Tensor] = None, sample_weight: Optional[Tensor] = None):
     """ArcFace: ψ(c) = cos(θ + m), threshold form c − m·sin m past θ = π − m (or
     ``easy_margin``: margin only where c > 0). Defaults s = 64, m = 0.5.
     ``straight_through=True`` reproduces insightface's no_grad margin (∂ψ/∂c = 1)."""
     spec = MarginSpec.arcface(scale, margin, easy_margin, straight_through)
     return margin_loss(embeddings, weight, labels, spec, ignore_index=ignore_index, reduction=reduction,
-                       return_parts=return_parts)
+                       return_parts=return_parts, sample_weight=sample_weight,
+                       class_margins=class_margins, class_margin_column=CLASS_M2)
 
 
 def combined_margin_loss(embeddings, weight, labels, scale: float = 64.0, m1: float = 1.0, m2: float = 0.5,
                          m3: float = 0.0, easy_margin: bool = False, *, straight_through: bool = False,
                          ignore_index: int = -1, reduction: str = "mean",
-                         return_parts: bool = False):
+                         return_parts: bool = False,
+                         class_margins: Optional[Tensor] = None, sample_weight: Optional[Tensor] = None):
     """Combined margin: ψ(c) = cos(m1·θ + m2) − m3 (all three applied), with the boundary
     policy of :mod:`magloss.margins`. Defaults s = 64, (m1, m2, m3) = (1, 0.5, 0)."""
     spec = MarginSpec.combined(scale, m1, m2, m3, easy_margin, straight_through)
     return margin_loss(embeddings, weight, labels, spec, ignore_index=ignore_index, reduction=reduction,
-                       return_parts=return_parts)
+                       return_parts=return_parts, sample_weight=sample_weight,
+                       class_margins=class_margins, class_margin_column=None)
 
 
 def sphereface_loss(embeddings, weight, labels, margin: int = 4, scale: Optional[float] = None,
                     lambda_=0.0, *, iteration=None, straight_through: bool = False, ignore_index: int = -1,
-                    reduction: str = "mean", return_parts: bool = False):
+                    reduction: str = "mean", return_parts: bool = False, sample_weight: Optional[Tensor] = None):
     """SphereFace (A-Softmax): ψ = (λ·c + (−1)^k cos(mθ) − 2k)/(1 + λ), θ ∈ [kπ/m, (k+1)π/m].
 
     ``margin``: integer m (default 4). ``scale=None`` scales every logit of row i by ‖x_i‖
@@ -376,13 +428,13 @@ def sphereface_loss(embeddings, weight, labels, margin: int = 4, scale: Optional
         lambda_ = _sphere_lambda_schedule(torch.as_tensor(iteration, device=embeddings.device),
                                           dtype=compute_dtype(embeddings.dtype))
     return margin_loss(embeddings, weight, labels, spec, ignore_index=ignore_index, reduction=reduction,
-                       sphere_lambda=lambda_, return_parts=return_parts)
+                       sphere_lambda=lambda_, return_parts=return_parts, sample_weight=sample_weight)
 
 
 def magface_loss(embeddings, weight, labels, scale: float = 64.0, l_a: float = 10.0, u_a: float = 110.0,
                  l_m: float = 0.45, u_m: float = 0.8, lambda_g: float = 35.0, easy_margin: bool = True, *,
                  straight_through: bool = False, ignore_index: int = -1, reduction: str = "mean",
-                 return_parts: bool = False):
+                 return_parts: bool = False, sample_weight: Optional[Tensor] = None):
     """MagFace: ψ = cos(θ + m(a)), loss = reduce(CE) + λ_g·reduce(g(ã)).
 
     m(a) = l_m + (u_m − l_m)(ã − l_a)/(u_a − l_a), g(ã) = ã/u_a² + 1/ã, ã = clamp(a, l_a, u_a).
@@ -392,23 +444,26 @@ def magface_loss(embeddings, weight, labels, scale: float = 64.0, l_a: float = 1
     """
     spec = MarginSpec.magface(scale, l_a, u_a, l_m, u_m, easy_margin, straight_through)
     return margin_loss(embeddings, weight, labels, spec, ignore_index=ignore_index, reduction=reduction,
-                       lambda_g=check_non_negative("lambda_g", lambda_g, "weight"), return_parts=return_parts)
+                       lambda_g=check_non_negative("lambda_g", lambda_g, "weight"), return_parts=return_parts,
+                       sample_weight=sample_weight)
 
 
 def magcosface_loss(embeddings, weight, labels, scale: float = 64.0, l_a: float = 10.0, u_a: float = 110.0,
                     l_m: float = 0.35, u_m: float = 0.8, lambda_g: float = 150.0, *,
                     straight_through: bool = False, ignore_index: int = -1, reduction: str = "mean",
-                    return_parts: bool = False):
+                    return_parts: bool = False, sample_weight: Optional[Tensor] = None):
     """Mag-CosFace: ψ = c − m(a), loss = reduce(CE) + λ_g·reduce(g(ã)).
     Defaults s = 64, l_a = 10, u_a = 110, l_m = 0.35, u_m = 0.8, λ_g = 150."""
     spec = MarginSpec.magcos(scale, l_a, u_a, l_m, u_m, straight_through)
     return margin_loss(embeddings, weight, labels, spec, ignore_index=ignore_index, reduction=reduction,
-                       lambda_g=check_non_negative("lambda_g", lambda_g, "weight"), return_parts=return_parts)
+                       lambda_g=check_non_negative("lambda_g", lambda_g, "weight"), return_parts=return_parts,
+                       sample_weight=sample_weight)
 
 
 def subcenter_arcface_loss(embeddings, weight, labels, subcenters: int = 3, scale: float = 64.0,
                            margin: float = 0.5, easy_margin: bool = False, *, straight_through: bool = False,
-                           ignore_index: int = -1, reduction: str = "mean", return_parts: bool = False):
+                           ignore_index: int = -1, reduction: str = "mean", return_parts: bool = False,
+                           class_margins: Optional[Tensor] = None, sample_weight: Optional[Tensor] = None):
     """Sub-center ArcFace (Deng et al., ECCV 2020): ArcFace on c_ij = max_k cos θ_{i, jK+k}.
 
     ``weight``: [K·C, D], row j·K + k is sub-center k of class j (insightface's layout);
@@ -419,11 +474,13 @@ def subcenter_arcface_loss(embeddings, weight, labels, subcenters: int = 3, scal
     """
     spec = MarginSpec.arcface(scale, margin, easy_margin, straight_through).with_subcenters(subcenters)
     return margin_loss(embeddings, weight, labels, spec, ignore_index=ignore_index, reduction=reduction,
-                       return_parts=return_parts)
+                       return_parts=return_parts, sample_weight=sample_weight,
+                       class_margins=class_margins, class_margin_column=CLASS_M2)
 
 
 def adaface_loss(embeddings, weight, labels, batch_mean, batch_std, scale: float = 64.0, margin: float = 0.4,
-                 h: float = 0.333, *, ignore_index: int = -1, reduction: str = "mean", return_parts: bool = False):
+                 h: float = 0.333, *, ignore_index: int = -1, reduction: str = "mean", return_parts: bool = False,
+                 sample_weight: Optional[Tensor] = None):
     """AdaFace (Kim et al., CVPR 2022) with given norm statistics μ = ``batch_mean``,
     σ = ``batch_std`` (floats or 0-d tensors; :class:`magloss.AdaFaceLoss` keeps them as
     running averages and updates them before this call, as upstream).
@@ -441,11 +498,12 @@ def adaface_loss(embeddings, weight, labels, batch_mean, batch_std, scale: float
     with torch.no_grad():
         rm = adaface_row_margins(embeddings.detach().to(ct).norm(dim=1), *stats, margin, h)
     return margin_loss(embeddings, weight, labels, spec, ignore_index=ignore_index, reduction=reduction,
-                       return_parts=return_parts, row_margins=rm)
+                       return_parts=return_parts, sample_weight=sample_weight, row_margins=rm)
 
 
 def curricular_face_loss(embeddings, weight, labels, t, scale: float = 64.0, margin: float = 0.5, *,
-                         ignore_index: int = -1, reduction: str = "mean", return_parts: bool = False):
+                         ignore_index: int = -1, reduction: str = "mean", return_parts: bool = False,
+                         sample_weight: Optional[Tensor] = None):
     """CurricularFace (Huang et al., CVPR 2020) with a given t (float or 0-d tensor;
     :class:`magloss.CurricularFaceLoss` keeps it as a running average of the label cosines
     and updates it before this call, as upstream).
@@ -462,11 +520,11 @@ def curricular_face_loss(embeddings, weight, labels, t, scale: float = 64.0, mar
     tau = curricular_threshold(label_cosines(embeddings, weight, labels, ignore_index), valid, spec.m2)
     t = torch.as_tensor(t, dtype=ct, device=embeddings.device).detach().reshape(()).contiguous()
     return margin_loss(embeddings, weight, labels, spec, ignore_index=ignore_index, reduction=reduction,
-                       return_parts=return_parts, neg_threshold=tau, neg_t=t)
+                       return_parts=return_parts, sample_weight=sample_weight, neg_threshold=tau, neg_t=t)
 
 
 def _elastic(angular: bool, embeddings, weight, labels, scale, margin, std, plus, generator, ignore_index,
-             reduction, return_parts):
+             reduction, return_parts, sample_weight=None):
     spec = MarginSpec.combined(scale, 1.0, 0.0, 0.0, boundary=NONE)
     margin, std, plus = elastic_args(angular, margin, std, plus)
     check_types(embeddings=embeddings, weight=weight, labels=labels)
@@ -475,13 +533,14 @@ def _elastic(angular: bool, embeddings, weight, labels, scale, margin, std, plus
     rm = elastic_row_margins(elastic_draws(labels.shape[0], margin, std, generator), valid, angular,
                              compute_dtype(embeddings.dtype), c_y)
     return margin_loss(embeddings, weight, labels, spec, ignore_index=ignore_index, reduction=reduction,
-                       return_parts=return_parts, row_margins=rm)
+                       return_parts=return_parts, row_margins=rm, sample_weight=sample_weight)
 
 
 def elastic_arcface_loss(embeddings, weight, labels, scale: float = 64.0, margin: float = 0.5,
                          std: Optional[float] = None, plus: bool = False, *,
                          generator: Optional[torch.Generator] = None, ignore_index: int = -1,
-                         reduction: str = "mean", return_parts: bool = False):
+                         reduction: str = "mean", return_parts: bool = False,
+                         sample_weight: Optional[Tensor] = None):
     """ElasticFace-Arc (Boutros et al., CVPRW 2022): label logit s·cos(θ_i + m_i), one
     m_i ~ N(margin, std²) per row, drawn (float64, CPU) from ``generator`` (a CPU
     torch.Generator; None: torch's global one). No fallback past π (as upstream).
@@ -490,19 +549,20 @@ def elastic_arcface_loss(embeddings, weight, labels, scale: float = 64.0, margin
     "+"), from the upstream configs.
     """
     return _elastic(True, embeddings, weight, labels, scale, margin, std, plus, generator, ignore_index,
-                    reduction, return_parts)
+                    reduction, return_parts, sample_weight)
 
 
 def elastic_cosface_loss(embeddings, weight, labels, scale: float = 64.0, margin: float = 0.35,
                          std: Optional[float] = None, plus: bool = False, *,
                          generator: Optional[torch.Generator] = None, ignore_index: int = -1,
-                         reduction: str = "mean", return_parts: bool = False):
+                         reduction: str = "mean", return_parts: bool = False,
+                         sample_weight: Optional[Tensor] = None):
     """ElasticFace-Cos (Boutros et al., CVPRW 2022): label logit s·(c_iy − m_i), one
     m_i ~ N(margin, std²) per row from ``generator``, as :func:`elastic_arcface_loss`.
     Defaults s = 64, m = 0.35, σ = 0.05 (0.02 for "+").
     """
     return _elastic(False, embeddings, weight, labels, scale, margin, std, plus, generator, ignore_index,
-                    reduction, return_parts)
+                    reduction, return_parts, sample_weight)
 
 
 #: Classes per chunk of :func:`cosine_argmax` (B × this many cosines in memory at once).

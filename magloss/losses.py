@@ -29,9 +29,10 @@ from torch import Tensor, nn
 from . import functional as MF
 from . import onevsall as OVA
 from . import ops
-from .adaptive import AdaFaceState, CurricularState, ElasticState, label_cosines
+from .adaptive import AdaFaceState, CurricularState, ElasticState, _KeptState, label_cosines, state_dtype
 from .checks import check_inputs
-from .margins import CLIP, NONE, MarginSpec, magface_lambda_g_bound, sphere_lambda
+from .margins import (CLASS_M2, CLASS_M3, CLIP, COMBINED, NONE, MarginSpec, check_class_margins,
+                      class_row_margins, magface_lambda_g_bound, sphere_lambda)
 from .rows import compute_dtype
 from .subcenter import dominant_subcenters, dominant_weight, far_from_class, subcenter_counts
 from .validation import (check_bool, check_finite, check_ignore_index, check_int, check_non_negative,
@@ -85,24 +86,62 @@ def check_embedding_size(module: nn.Module, embeddings) -> None:
                      f"got {tuple(embeddings.shape)}{hint}")
 
 
-class MarginLoss(nn.Module):
+class MarginLoss(_KeptState, nn.Module):
     """Base class: a class matrix ``weight`` [num_classes, embedding_size] (K·num_classes rows
     for K = ``spec.subcenters`` sub-centers per class) and a :class:`MarginSpec`.
 
-    forward(embeddings [B, D], labels [B], return_parts=False) -> loss (0-d, or [B] for
-    reduction='none'), float32 (float64 for float64 inputs); with ``return_parts=True`` a
-    :class:`magloss.functional.LossParts` (loss, ce, reg, norms, reg_weighted) from the
-    same pass. :meth:`accuracy` gives the training accuracy to log.
+    forward(embeddings [B, D], labels [B], return_parts=False, *, sample_weight=None) -> loss
+    (0-d, or [B] for reduction='none'), float32 (float64 for float64 inputs); with
+    ``return_parts=True`` a :class:`magloss.functional.LossParts` (loss, ce, reg, norms,
+    reg_weighted) from the same pass. ``sample_weight``: [B] per-row weights
+    (:mod:`magloss.functional`: a weighted average for 'mean'). :meth:`accuracy` gives the
+    training accuracy to log.
+
+    ``class_margins`` (ArcFace, CosFace, combined margin, Sub-center ArcFace and a base
+    MarginLoss of the COMBINED family): per-class margins looked up by label, replacing the
+    loss's margin. A [num_classes] tensor (ArcFace, Sub-center ArcFace: angles in radians;
+    CosFace: cosine margins) or [num_classes, 2] (m2_c, m3_c) for the combined margin, e.g.
+    :func:`magloss.margins.class_count_margins`. It is held in the buffer ``class_margins``
+    (None without: moves with ``.to()``, saved in the state_dict, float32 — float64 in a
+    float64 module — whatever the module's dtype); change it between steps with
+    :meth:`set_class_margins`, which validates it once (the forward only looks it up: no host
+    synchronization; an in-place change of the buffer is not checked). The other families
+    refuse it (ValueError saying why).
     """
 
+    _float_state = ("class_margins",)
+    #: The margin a [C] class-margin table sets (CLASS_M2, CLASS_M3), None for a [C, 2] table.
+    _class_margin_column: Optional[int] = None
+    #: Why this family takes no per-class margins ("" when it does).
+    _no_class_margins = ""
+
     def __init__(self, embedding_size: int, num_classes: int, spec: MarginSpec, *, ignore_index: int = -1,
-                 reduction: str = "mean", device=None, dtype=None) -> None:
+                 reduction: str = "mean", class_margins: Optional[Tensor] = None, device=None, dtype=None) -> None:
         super().__init__()
         _init_common(self, embedding_size, num_classes, ignore_index, reduction)
         self.spec = spec
         self.weight = nn.Parameter(torch.empty(self.num_classes * spec.subcenters, self.embedding_size,
                                                device=device, dtype=dtype))
+        self.register_buffer("class_margins", None)
+        if class_margins is not None:
+            self.set_class_margins(class_margins)
         self.reset_parameters()
+
+    def set_class_margins(self, class_margins: Optional[Tensor]) -> None:
+        """Validate ``class_margins`` (see the class docstring; None removes the table) and store
+        a copy in the buffer ``class_margins`` on the weight's device, in float32 (float64 for a
+        float64 module). Raises ValueError/TypeError naming ``class_margins`` (wrong shape or
+        dtype, a value that is negative, NaN/Inf, an angle ≥ π, or a family without per-class
+        margins); the module is unchanged then."""
+        if class_margins is None:
+            self.class_margins = None
+            return
+        if self._no_class_margins or self.spec.kind != COMBINED:
+            raise ValueError(f"class_margins: {type(self).__name__} takes no per-class margins: "
+                             f"{self._no_class_margins or 'they replace m2/m3 of the COMBINED margin family'}")
+        check_class_margins(self.spec, class_margins, self.num_classes, self._class_margin_column)
+        self.class_margins = class_margins.detach().to(device=self.weight.device,
+                                                       dtype=state_dtype(self.weight.dtype)).clone()
 
     def reset_parameters(self) -> None:
         """Rows of ``weight`` ~ N(0, I), scaled to unit norm."""
@@ -112,11 +151,16 @@ class MarginLoss(nn.Module):
 
     def _loss(self, embeddings: Tensor, labels: Tensor, **kw):
         check_embedding_size(self, embeddings)
+        if self.class_margins is not None:     # validated by set_class_margins: a lookup, no read-back
+            check_inputs(embeddings, self.weight, labels)
+            kw["row_margins"] = class_row_margins(self.class_margins, labels, self.ignore_index,
+                                                  self._class_margin_column, compute_dtype(embeddings.dtype))
         return MF.margin_loss(embeddings, self.weight, labels, self.spec, ignore_index=self.ignore_index,
                               reduction=self.reduction, **kw)
 
-    def forward(self, embeddings: Tensor, labels: Tensor, return_parts: bool = False):
-        return self._loss(embeddings, labels, return_parts=return_parts)
+    def forward(self, embeddings: Tensor, labels: Tensor, return_parts: bool = False, *,
+                sample_weight: Optional[Tensor] = None):
+        return self._loss(embeddings, labels, return_parts=return_parts, sample_weight=sample_weight)
 
     def accuracy(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """Share of non-ignored rows whose arg-max over the plain cosine logits (no margin)
@@ -139,6 +183,8 @@ class MarginLoss(nn.Module):
 class NormFaceLoss(MarginLoss):
     """NormFace / normalized softmax: z_ij = s·cos θ_ij. Default scale s = 64."""
 
+    _no_class_margins = "NormFace has no margin (CosFaceLoss and ArcFaceLoss take class_margins)"
+
     def __init__(self, embedding_size: int, num_classes: int, scale: float = 64.0, **kw) -> None:
         super().__init__(embedding_size, num_classes, MarginSpec.combined(scale, 1.0, 0.0, 0.0), **kw)
 
@@ -149,6 +195,8 @@ class CosFaceLoss(MarginLoss):
     def __init__(self, embedding_size: int, num_classes: int, scale: float = 64.0, margin: float = 0.35,
                  straight_through: bool = False, **kw) -> None:
         super().__init__(embedding_size, num_classes, MarginSpec.cosface(scale, margin, straight_through), **kw)
+
+    _class_margin_column = CLASS_M3
 
 
 class ArcFaceLoss(MarginLoss):
@@ -163,6 +211,8 @@ class ArcFaceLoss(MarginLoss):
                  easy_margin: bool = False, straight_through: bool = False, **kw) -> None:
         super().__init__(embedding_size, num_classes,
                          MarginSpec.arcface(scale, margin, easy_margin, straight_through), **kw)
+
+    _class_margin_column = CLASS_M2
 
 
 class CombinedMarginLoss(MarginLoss):
@@ -217,9 +267,13 @@ class SphereFaceLoss(MarginLoss):
         it = self.iteration + 1 if self.training else self.iteration
         return sphere_lambda(it, *self.schedule, dtype=dtype)
 
-    def forward(self, embeddings: Tensor, labels: Tensor, return_parts: bool = False):
+    _no_class_margins = "SphereFace's margin is the integer multiplier m of the angle, not an additive margin"
+
+    def forward(self, embeddings: Tensor, labels: Tensor, return_parts: bool = False, *,
+                sample_weight: Optional[Tensor] = None):
         dtype = compute_dtype(embeddings.dtype) if isinstance(embeddings, Tensor) else torch.float32
-        out = self._loss(embeddings, labels, sphere_lambda=self.current_lambda(dtype), return_parts=return_parts)
+        out = self._loss(embeddings, labels, sphere_lambda=self.current_lambda(dtype), return_parts=return_parts,
+                         sample_weight=sample_weight)
         if self.training:
             self.iteration.add_(1)
         return out
@@ -261,8 +315,12 @@ class MagFaceLoss(MarginLoss):
     u_m = property(lambda self: self.spec.u_m)
     scale = property(lambda self: self.spec.scale)
 
-    def forward(self, embeddings: Tensor, labels: Tensor, return_parts: bool = False):
-        return self._loss(embeddings, labels, lambda_g=self.lambda_g, return_parts=return_parts)
+    _no_class_margins = "MagFace's margin m(a) is a function of the feature magnitude"
+
+    def forward(self, embeddings: Tensor, labels: Tensor, return_parts: bool = False, *,
+                sample_weight: Optional[Tensor] = None):
+        return self._loss(embeddings, labels, lambda_g=self.lambda_g, return_parts=return_parts,
+                          sample_weight=sample_weight)
 
     def extra_repr(self) -> str:
         s = self.spec
@@ -309,6 +367,8 @@ class SubCenterArcFaceLoss(MarginLoss):
         spec = MarginSpec.arcface(scale, margin, easy_margin, straight_through).with_subcenters(subcenters)
         super().__init__(embedding_size, num_classes, spec, **kw)
 
+    _class_margin_column = CLASS_M2
+
     @property
     def subcenters(self) -> int:
         return self.spec.subcenters
@@ -350,14 +410,16 @@ class _StatefulMarginLoss(MarginLoss):
     ``row_margins``/``neg_threshold``/``neg_t`` for the batch and is committed only after the
     loss has been computed (training mode only)."""
 
-    def forward(self, embeddings: Tensor, labels: Tensor, return_parts: bool = False):
+    def forward(self, embeddings: Tensor, labels: Tensor, return_parts: bool = False, *,
+                sample_weight: Optional[Tensor] = None):
         check_embedding_size(self, embeddings)
         check_inputs(embeddings, self.weight, labels)
         valid = labels != self.ignore_index
         rm, nt, t, commit = self._extras(
             embeddings, valid,
             lambda: label_cosines(embeddings, self.weight, labels, self.ignore_index, self.spec.subcenters))
-        out = self._loss(embeddings, labels, return_parts=return_parts, row_margins=rm, neg_threshold=nt, neg_t=t)
+        out = self._loss(embeddings, labels, return_parts=return_parts, row_margins=rm, neg_threshold=nt, neg_t=t,
+                         sample_weight=sample_weight)
         if commit is not None:
             commit()
         return out
@@ -379,6 +441,8 @@ class AdaFaceLoss(AdaFaceState, _StatefulMarginLoss):
                  h: float = 0.333, momentum: float = 0.01, **kw) -> None:
         super().__init__(embedding_size, num_classes, MarginSpec.combined(scale, 1.0, 0.0, 0.0, boundary=CLIP), **kw)
         self._init_state(margin, h, momentum, device=kw.get("device"), dtype=kw.get("dtype"))
+
+    _no_class_margins = "AdaFace computes each row's margin from its feature norm"
 
     def extra_repr(self) -> str:
         return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, scale={self.spec.scale}, "
@@ -402,6 +466,8 @@ class CurricularFaceLoss(CurricularState, _StatefulMarginLoss):
         super().__init__(embedding_size, num_classes, MarginSpec.arcface(scale, margin), **kw)
         self._init_state(momentum, device=kw.get("device"), dtype=kw.get("dtype"))
 
+    _no_class_margins = "CurricularFace's negative threshold cos(theta + m) uses its one margin m"
+
     def extra_repr(self) -> str:
         return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, scale={self.spec.scale}, "
                 f"margin={self.spec.m2}, momentum={self.momentum}, ignore_index={self.ignore_index}, "
@@ -410,6 +476,7 @@ class CurricularFaceLoss(CurricularState, _StatefulMarginLoss):
 
 class _ElasticLoss(ElasticState, _StatefulMarginLoss):
     _angular = True
+    _no_class_margins = "ElasticFace draws each row's margin at random"
 
     def __init__(self, embedding_size: int, num_classes: int, scale: float, margin: float, std: Optional[float],
                  plus: bool, seed: Optional[int], **kw) -> None:
@@ -468,10 +535,11 @@ class SoftmaxLoss(nn.Module):
         self.weight = lin.weight
         self.bias = lin.bias
 
-    def forward(self, embeddings: Tensor, labels: Tensor, return_parts: bool = False):
+    def forward(self, embeddings: Tensor, labels: Tensor, return_parts: bool = False, *,
+                sample_weight: Optional[Tensor] = None):
         check_embedding_size(self, embeddings)
         return MF.softmax_loss(embeddings, self.weight, labels, self.bias, ignore_index=self.ignore_index,
-                               reduction=self.reduction, return_parts=return_parts)
+                               reduction=self.reduction, return_parts=return_parts, sample_weight=sample_weight)
 
     def accuracy(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """Share of non-ignored rows whose arg-max over this loss's logits x·Wᵀ + b is the
@@ -515,10 +583,12 @@ class OneVsAllLoss(nn.Module):
             with torch.no_grad():
                 self.bias.fill_(self.bias_init)
 
-    def forward(self, embeddings: Tensor, labels: Tensor, return_parts: bool = False):
+    def forward(self, embeddings: Tensor, labels: Tensor, return_parts: bool = False, *,
+                sample_weight: Optional[Tensor] = None):
         check_embedding_size(self, embeddings)
         return OVA.one_vs_all_loss(embeddings, self.weight, labels, self._kind, self.params, self.bias,
-                                   ignore_index=self.ignore_index, reduction=self.reduction, return_parts=return_parts)
+                                   ignore_index=self.ignore_index, reduction=self.reduction, return_parts=return_parts,
+                                   sample_weight=sample_weight)
 
     def accuracy(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """Share of non-ignored rows whose arg-max cosine is the label (:func:`magloss.functional.accuracy`)."""

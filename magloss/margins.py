@@ -36,7 +36,10 @@ margin would stop being a penalty), for the COMBINED and MAGFACE families:
   no fallback.
 
 With per-row margins (the ``row_margins`` op input: AdaFace, ElasticFace) m2 and m3 are
-[B] tensors, and every policy uses each row's own m2_i, m3_i in its formula.
+[B] tensors, and every policy uses each row's own m2_i, m3_i in its formula. Per-class margins
+(``class_margins`` of ArcFace, CosFace, the combined margin and Sub-center ArcFace) are a table
+looked up by label into those per-row margins (:func:`check_class_margins`,
+:func:`class_row_margins`); :func:`class_count_margins` builds the usual table from class sizes.
 
 Numerics (docs/math.md §1): ψ is evaluated at clamp(c, −1, 1), and ∂ψ/∂c is passed
 through that clamp unchanged (a cosine of 1 + 1e-7 is rounding, not geometry).
@@ -61,7 +64,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .validation import check_angle, check_bool, check_finite, check_subcenters
+from .validation import check_angle, check_bool, check_finite, check_non_negative, check_subcenters
 
 __all__ = [
     "COMBINED",
@@ -84,6 +87,12 @@ __all__ = [
     "magface_lambda_g_bound",
     "check_boundary",
     "check_row_margins_family",
+    "CLASS_M2",
+    "CLASS_M3",
+    "check_float_table",
+    "check_class_margins",
+    "class_row_margins",
+    "class_count_margins",
 ]
 
 COMBINED = 0
@@ -503,3 +512,141 @@ def margin_terms(c: Tensor, a: Tensor, spec: MarginSpec, lam: Optional[Tensor] =
     if spec.straight_through:
         dc = torch.ones_like(c)
     return psi, dc, da
+
+
+# -- per-class margins ------------------------------------------------------------------------------
+def check_float_table(name: str, table, shape: Tuple[int, ...], *, device=None, what: str = "row",
+                      upper: Optional[float] = None, upper_text: str = "", values: bool = True) -> Tensor:
+    """``table`` when it is a floating tensor of ``shape`` (on ``device`` when given) whose values
+    are finite and ≥ 0 (and < ``upper`` when given); TypeError/ValueError naming ``name``
+    otherwise. The value check reads one flag back (a host synchronization); it is skipped with
+    ``MAGLOSS_CHECK_INPUTS=off`` and under ``torch.compile`` (a read-back would break the graph).
+    ``what`` names the first index in the message ("row", "class"); ``values=False`` checks the
+    metadata only (no read-back). Shared by ``sample_weight`` and ``class_margins``."""
+    from .checks import input_check_mode       # checks imports this module
+
+    if not isinstance(table, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(table).__name__}")
+    if not table.is_floating_point():
+        raise TypeError(f"{name}: expected a float16/bfloat16/float32/float64 tensor, got {table.dtype}")
+    if tuple(table.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {list(shape)}, got {list(table.shape)}")
+    if device is not None and table.device != torch.device(device):
+        raise ValueError(f"{name}: expected a tensor on {device} (the embeddings' device), got {table.device}")
+    if not values or torch.compiler.is_compiling() or input_check_mode() == "off" or table.device.type == "meta":
+        return table
+    t = table.detach()
+    bad = ~torch.isfinite(t) | (t < 0)
+    if upper is not None:
+        bad = bad | (t >= upper)
+    if bool(bad.any()):
+        flat = int(bad.flatten().nonzero()[0])
+        index = flat if t.dim() < 2 else f"{flat // t.shape[1]}, column {flat % t.shape[1]}"
+        rng = f"in [0, {upper_text or upper})" if upper is not None else ">= 0"
+        raise ValueError(f"{name}: expected finite values {rng}, got {t.flatten()[flat].item()} at {what} {index}")
+    return table
+
+
+#: Which margin a [C] table of per-class margins sets: m2 (an angle, radians) or m3 (a cosine).
+CLASS_M2, CLASS_M3 = 0, 1
+
+
+def check_class_margins(spec: MarginSpec, class_margins, num_classes: int, column: Optional[int],
+                        device=None) -> Tensor:
+    """Validate a per-class margin table for ``spec`` (ValueError/TypeError naming
+    ``class_margins``) and return it.
+
+    Per-class margins replace m2 and/or m3 of the COMBINED family row by row (the engine's
+    per-row margins), so ``spec.kind`` must be COMBINED. ``column`` CLASS_M2: a [C] table of
+    additive angular margins m2_c in radians (ArcFace, Sub-center ArcFace); CLASS_M3: a [C]
+    table of cosine margins m3_c (CosFace); None: a [C, 2] table of (m2_c, m3_c) (combined
+    margin). Every value finite and ≥ 0, angles below π and, for m1 < 1, at least (1 − m1)·π
+    (the rule of :meth:`MarginSpec.combined` that keeps ψ a penalty)."""
+    if spec.kind != COMBINED:
+        raise ValueError(f"class_margins: per-class margins replace m2/m3 of the COMBINED margin family "
+                         f"(kind {COMBINED}: ArcFace, CosFace, combined, Sub-center ArcFace), got kind {spec.kind}")
+    pair = column is None
+    table = check_float_table("class_margins", class_margins, (num_classes, 2) if pair else (num_classes,),
+                              device=device, what="class")
+    if column == CLASS_M2 or pair:
+        check_float_table("class_margins" + ("[:, 0] (m2)" if pair else ""), table[:, 0] if pair else table,
+                          (num_classes,), what="class", upper=math.pi, upper_text="pi")
+        low = (1.0 - spec.m1) * math.pi
+        if low > 0 and not torch.compiler.is_compiling() and table.device.type != "meta":
+            m2 = (table[:, 0] if pair else table).detach()
+            if bool((m2 < low - 1e-12).any()):
+                j = int((m2 < low - 1e-12).nonzero()[0])
+                raise ValueError(f"class_margins: with m1={spec.m1} < 1 the margin is a penalty on all of [0, pi] "
+                                 f"only if m2 >= (1 - m1)*pi = {low:.4f}, got {m2[j].item()} at class {j}")
+    return table
+
+
+def class_row_margins(class_margins: Tensor, labels: Tensor, ignore_index: int, column: Optional[int],
+                      dtype: torch.dtype) -> Tensor:
+    """The engine's per-row margins [B, 2] = (m2_i, m3_i) of a validated per-class table
+    (:func:`check_class_margins`) looked up by label: row i gets its class's margins (the other
+    column 0 for a [C] table); rows labelled ``ignore_index`` get 0 (unused). ``dtype``: the
+    compute dtype; contiguous, no gradient. A label outside [0, C) is clamped here (the engine
+    raises the error). No host synchronization."""
+    with torch.no_grad():
+        valid = labels != ignore_index
+        lab = torch.where(valid, labels, torch.zeros_like(labels)).long().clamp(0, class_margins.shape[0] - 1)
+        m = class_margins.detach().to(device=labels.device, dtype=dtype).index_select(0, lab)
+        if column is None:
+            return torch.where(valid.unsqueeze(1), m, torch.zeros_like(m)).contiguous()
+        m = torch.where(valid, m, torch.zeros_like(m))
+        zero = torch.zeros_like(m)
+        return torch.stack([m, zero] if column == CLASS_M2 else [zero, m], dim=1).contiguous()
+
+
+def class_count_margins(counts, a: float = 0.45, lam: float = 0.25, b: float = 0.05, *, normalize: bool = True,
+                        dtype: torch.dtype = torch.float32) -> Tensor:
+    """Per-class margins from class sizes, larger for rarer classes ("adaptive margins").
+
+    With r_c = n_c^(−λ):
+
+    * ``normalize=True`` (default): m_c = a·(r_c − min_k r_k)/(max_k r_k − min_k r_k) + b, so the
+      margins span [b, a + b], b for the largest class and a + b for the smallest. This is the
+      formula of Ha et al., "Google Landmark Recognition 2020 Competition Third Place Solution"
+      (arXiv:2010.05350), whose code computes n^(−1/4) from the class counts and min-max scales it
+      with a = 0.45, b = 0.05 (the defaults here; λ = 1/4). When every class has the same count,
+      every margin is b.
+    * ``normalize=False``: m_c = a·n_c^(−λ) + b, the raw power law.
+
+    counts: [C] class sizes n_c (a tensor or a sequence; integers or positive reals, e.g. effective
+    numbers of samples), each > 0. a, b ≥ 0, λ ≥ 0, finite. Returns a [C] tensor of ``dtype``
+    (float32 by default) on the counts' device, computed in float64. The unit is the caller's: pass
+    it as ``class_margins`` of ArcFace (radians; keep a + b below π) or CosFace (cosine units).
+    Recompute it when the counts change and hand it to ``set_class_margins``.
+
+    Raises ValueError naming ``counts`` (not 1-D, empty, a count that is not finite, negative or
+    zero: n^(−λ) is infinite there; drop classes without samples or count them as 1) or ``a``,
+    ``lam``, ``b``.
+    """
+    a = check_non_negative("a", a)
+    lam = check_non_negative("lam", lam, "exponent")
+    b = check_non_negative("b", b)
+    check_bool("normalize", normalize)
+    if not isinstance(counts, Tensor):
+        try:
+            counts = torch.as_tensor(counts, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"counts: expected a 1-D tensor or sequence of class sizes, got "
+                            f"{type(counts).__name__}") from None
+    if counts.dtype == torch.bool or counts.is_complex():
+        raise TypeError(f"counts: expected integer or real class sizes, got {counts.dtype}")
+    if counts.dim() != 1 or counts.shape[0] == 0:
+        raise ValueError(f"counts: expected a non-empty 1-D [C] tensor of class sizes, got shape {list(counts.shape)}")
+    n = counts.detach().to(torch.float64)
+    bad = ~torch.isfinite(n) | (n <= 0)
+    if bool(bad.any()):
+        j = int(bad.nonzero()[0])
+        raise ValueError(f"counts: expected finite positive class sizes, got {n[j].item():g} at class {j}"
+                         + (" (n^(-lam) is infinite for an empty class: drop it or count it as 1)"
+                            if n[j].item() == 0 else ""))
+    r = n.pow(-lam)
+    if normalize:
+        lo, hi = r.min(), r.max()
+        span = hi - lo
+        r = torch.where(span > 0, (r - lo) / torch.where(span > 0, span, torch.ones_like(span)), torch.zeros_like(r))
+    return (a * r + b).to(dtype)

@@ -302,7 +302,7 @@ _backward_op.register_autograd(_no_double_backward, setup_context=_setup_double)
 # -- functional forms ----------------------------------------------------------------------------------------
 def one_vs_all_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, kind: int, params: Sequence[float],
                     bias: Optional[Tensor] = None, *, ignore_index: int = -1, reduction: str = "mean",
-                    return_parts: bool = False):
+                    return_parts: bool = False, sample_weight: Optional[Tensor] = None):
     """A one-vs-all loss: the rows L_i (:func:`one_vs_all`), rows labelled ``ignore_index``
     masked to zero, reduced ('mean' over the non-ignored rows, 'sum', or 'none': [B]).
 
@@ -310,7 +310,9 @@ def one_vs_all_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, kind: in
     dtype, or float32 under autocast), labels [B] int64/int32 in [0, C) or ``ignore_index``,
     bias a one-element tensor (UniFace, SphereFace2; a Python float is a fixed b) or None. Returns a 0-d (or [B]) float32
     tensor (float64 for float64 inputs); with ``return_parts`` a
-    :class:`magloss.functional.LossParts` (ce = loss, reg = 0, norms = ‖x_i‖).
+    :class:`magloss.functional.LossParts` (ce = loss, reg = 0, norms = ‖x_i‖). ``sample_weight``:
+    optional [B] row weights, as the margin losses (:func:`magloss.functional.check_sample_weight`:
+    L_i is multiplied by w_i, 'mean' divides by the valid rows' Σ w_i).
 
     Raises TypeError/ValueError naming the argument (:func:`magloss.checks.check_inputs`,
     :func:`magloss.checks.check_values`).
@@ -321,13 +323,15 @@ def one_vs_all_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, kind: in
     ignore_index = check_ignore_index(ignore_index)
     embeddings, weight, up = MF.autocast_inputs(embeddings, weight)
     check_inputs(embeddings, weight, labels)
+    sample_weight = MF.check_sample_weight(sample_weight, embeddings)
     if isinstance(bias, numbers.Real) and not isinstance(bias, bool):     # a fixed b
         bias = torch.tensor([float(bias)], dtype=compute_dtype(embeddings.dtype), device=embeddings.device)
     rows = one_vs_all(embeddings, weight, labels, bias, int(kind), [float(p) for p in params], int(ignore_index))
     norms = embeddings.detach().to(rows.dtype).norm(dim=1)
     if up is not None:
         norms = norms * up.to(norms.dtype)
-    return MF.reduce_rows(rows, rows, norms, labels != ignore_index, None, reduction, 0.0, return_parts)
+    return MF.reduce_rows(rows, rows, norms, labels != ignore_index, None, reduction, 0.0, return_parts,
+                          sample_weight)
 
 
 def uniface_bias_init(num_classes: int, r: float = 1.0) -> float:
@@ -352,39 +356,45 @@ def sphereface2_bias_init(num_classes: int, alpha: float, r: float, m: float, t:
 
 
 def sface_loss(embeddings, weight, labels, scale: float = 64.0, k: float = 80.0, a: float = 0.8, b: float = 1.23,
-               *, ignore_index: int = -1, reduction: str = "mean", return_parts: bool = False):
+               *, ignore_index: int = -1, reduction: str = "mean", return_parts: bool = False,
+               sample_weight: Optional[Tensor] = None):
     """SFace (Zhong et al. 2021): L_i = −s·σ(k(θ_iy − a))·c_iy + Σ_{j≠y} s·σ(−k(θ_ij − b))·c_ij,
     the sigmoid weights without gradient (θ = arccos c, radians). Defaults s 64, k 80, a 0.80, b 1.23."""
     return one_vs_all_loss(embeddings, weight, labels, SFACE, sface_params(scale, k, a, b), ignore_index=ignore_index,
-                           reduction=reduction, return_parts=return_parts)
+                           reduction=reduction, return_parts=return_parts, sample_weight=sample_weight)
 
 
 def uniface_loss(embeddings, weight, labels, bias, scale: float = 64.0, margin: float = 0.4,
                  neg_weight: float = 1.0, *, ignore_index: int = -1, reduction: str = "mean",
-                 return_parts: bool = False):
+                 return_parts: bool = False,
+                 sample_weight: Optional[Tensor] = None):
     """UniFace's unified cross-entropy (Zhou et al. 2023): L_i = softplus(−[s(c_iy − m) − b]) +
     λ·Σ_{j≠y} softplus(s·c_ij − b), each logit clamped to [−s, s] (no gradient outside), as
     CVI-SZU/UniFace. ``bias``: the learnable b (one-element tensor; a float is a fixed b). Defaults s 64, m 0.4, λ 1."""
     return one_vs_all_loss(embeddings, weight, labels, UNIFACE, uniface_params(scale, margin, neg_weight), bias,
-                           ignore_index=ignore_index, reduction=reduction, return_parts=return_parts)
+                           ignore_index=ignore_index, reduction=reduction, return_parts=return_parts,
+                           sample_weight=sample_weight)
 
 
 def sphereface2_loss(embeddings, weight, labels, bias, scale: float = 40.0, margin: float = 0.4, t: float = 3.0,
                      alpha: float = 0.7, loss_weight: float = 50.0, margin_type: str = "C", *,
-                     ignore_index: int = -1, reduction: str = "mean", return_parts: bool = False):
+                     ignore_index: int = -1, reduction: str = "mean", return_parts: bool = False,
+                     sample_weight: Optional[Tensor] = None):
     """SphereFace2 (Wen et al. 2022) as opensphere: binary logits z_ij = r·(c_ij + sg[g(c_ij) ∓ m − c_ij]) + b
     (margin type 'C'; 'A' and 'M' put the margin on the angle), g(c) = 2((c + 1)/2)^t − 1,
     L_i = (lw/r)·[α·softplus(−z_iy) + (1 − α)·Σ_{j≠y} softplus(z_ij)]: opensphere's
     BCE mean over B·C times lw·C/r, per row. Defaults r 40, m 0.4, t 3, α 0.7, lw 50, 'C'."""
     params = sphereface2_params(scale, margin, t, alpha, loss_weight, margin_type)
-    return one_vs_all_loss(embeddings, weight, labels, SPHEREFACE2, params, bias, ignore_index=ignore_index, reduction=reduction, return_parts=return_parts)
+    return one_vs_all_loss(embeddings, weight, labels, SPHEREFACE2, params, bias, ignore_index=ignore_index,
+                           reduction=reduction, return_parts=return_parts, sample_weight=sample_weight)
 
 
 def p2sgrad_loss(embeddings, weight, labels, num_classes: Optional[int] = None, *, ignore_index: int = -1,
-                 reduction: str = "mean", return_parts: bool = False):
+                 reduction: str = "mean", return_parts: bool = False,
+                 sample_weight: Optional[Tensor] = None):
     """P2SGrad (Zhang et al. 2019) as pytorch-metric-learning: L_i = (1/C)·Σ_j (clamp(c_ij, −1, 1) − [j = y_i])²,
     so the 'mean' reduction is the MSE over B·C. ``num_classes``: the C of the 1/C (default
     weight.shape[0]; a sharded head passes the global count)."""
     c = weight.shape[0] if num_classes is None else check_int("num_classes", num_classes, 1)
     return one_vs_all_loss(embeddings, weight, labels, P2SGRAD, (1.0 / c,), ignore_index=ignore_index,
-                           reduction=reduction, return_parts=return_parts)
+                           reduction=reduction, return_parts=return_parts, sample_weight=sample_weight)

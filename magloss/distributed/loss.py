@@ -36,10 +36,10 @@ from torch import Tensor, nn
 from .. import functional as MF
 from .. import losses, ops
 from .. import onevsall as OVA
-from ..adaptive import AdaFaceState, CurricularState, ElasticState, Extras, label_cosines
+from ..adaptive import AdaFaceState, CurricularState, ElasticState, Extras, _KeptState, label_cosines
 from ..checks import bad_labels, check_types, first_true, label_error
-from ..margins import SPHERE, MarginSpec, sphere_lambda
-from ..rows import autocasting
+from ..margins import SPHERE, MarginSpec, check_float_table, class_row_margins, sphere_lambda
+from ..rows import autocasting, compute_dtype
 from ..validation import (REDUCTIONS, check_bool, check_ignore_index, check_int, check_int_type, check_non_negative,
                           check_reduction)
 from .comm import (DDP_UNDONE_MARK, all_gather_ints, comm_device, gather_rows, gather_stats, require_group,
@@ -89,7 +89,7 @@ def shard_range(num_classes: int, world_size: int, rank: int) -> Tuple[int, int]
     return start, start + q + (1 if rank < e else 0)
 
 
-class ShardedMarginLoss(nn.Module):
+class ShardedMarginLoss(_KeptState, nn.Module):
     """Class-sharded margin loss over a torch.distributed process group (see module docstring).
 
     Args:
@@ -117,6 +117,14 @@ class ShardedMarginLoss(nn.Module):
     With K = ``spec.subcenters`` > 1 (Sub-center ArcFace) a shard holds its classes' K·C_r
     rows (row j·K + k: sub-center k of local class j) and Partial FC samples whole classes.
 
+    Per-class margins (``class_margins``, :meth:`set_class_margins`) and per-sample weights
+    (``forward(..., sample_weight=...)``) work as in the single-process losses
+    (:class:`magloss.MarginLoss`): every rank holds the whole [C] (or [C, 2]) table and looks up
+    the gathered global labels, so each row gets its class's margin whichever shard owns the
+    class (the table must be the same on every rank; it is not compared). ``sample_weight`` [B_r]
+    is gathered with the rows; pass it on every rank or on none (a ValueError on every rank
+    otherwise), and its values are checked with the labels (one error on every rank).
+
     Attributes: ``weight`` [K·C_r, D] (this rank's shard), ``shard_start``/``shard_end``
     (global rows [start, end)), ``step`` (buffer: Partial FC steps taken),
     ``last_sample`` (global class indices kept by the last sampled forward, sorted int64,
@@ -134,7 +142,7 @@ class ShardedMarginLoss(nn.Module):
     def __init__(self, embedding_size: int, num_classes: int, spec: MarginSpec, *, lambda_g: float = 0.0,
                  sphere_schedule: Optional[Tuple[float, float, float, float]] = None, sample_rate: float = 1.0,
                  seed: int = 0, ddp_backbone: bool = True, ignore_index: int = -1, reduction: str = "mean",
-                 group=None, device=None, dtype=None) -> None:
+                 class_margins: Optional[Tensor] = None, group=None, device=None, dtype=None) -> None:
         super().__init__()
         self.group = require_group(group)
         self.world_size = dist.get_world_size(self.group)
@@ -163,7 +171,15 @@ class ShardedMarginLoss(nn.Module):
             self.register_buffer("iteration", torch.zeros((), dtype=torch.long, device=device))
         self.last_sample: Optional[Tensor] = None
         self.last_batch_sizes: Optional[List[int]] = None
+        self.register_buffer("class_margins", None)
+        if class_margins is not None:
+            self.set_class_margins(class_margins)
         self.reset_parameters()
+
+    _float_state = ("class_margins",)
+    _class_margin_column = losses.MarginLoss._class_margin_column
+    _no_class_margins = losses.MarginLoss._no_class_margins
+    set_class_margins = losses.MarginLoss.set_class_margins
 
     @property
     def num_local(self) -> int:
@@ -231,24 +247,44 @@ class ShardedMarginLoss(nn.Module):
             raise TypeError(f"embeddings, weight: expected the same dtype, got {embeddings.dtype} and "
                             f"{self.weight.dtype} (cast one, or run under torch.autocast)")
 
-    def _gather_header(self, labels: Tensor, device: torch.device) -> List[List[int]]:
-        """Per rank: [B_r, first local row with a label outside [0, C) (B_r if none), its label].
+    def _gather_header(self, labels: Tensor, device: torch.device,
+                       sample_weight: Optional[Tensor] = None) -> List[List[int]]:
+        """Per rank: [B_r, first local row with a label outside [0, C) (B_r if none), its label,
+        1 if the rank passed ``sample_weight`` else 0, its first row that is negative or not
+        finite (B_r if none)].
 
-        The label check is computed on the device and rides on the batch-size all-gather
-        that uneven batches need anyway: no host synchronization of its own, and every rank
+        The checks are computed on the device and ride on the batch-size all-gather
+        that uneven batches need anyway: no host synchronization of their own, and every rank
         receives the same table, so every rank raises the same error (:meth:`_check_labels`).
         """
         labels = labels.to(torch.int64)
         first = first_true(bad_labels(labels, self.num_classes, self.ignore_index))
         value = torch.cat([labels, labels.new_zeros(1)]).index_select(0, first.view(1))[0]
-        header = torch.stack([torch.full_like(first, labels.shape[0]), first, value])
+        size = torch.full_like(first, labels.shape[0])
+        if sample_weight is None:
+            weighted, bad_weight = torch.zeros_like(first), size
+        else:
+            w = sample_weight.detach()
+            weighted = torch.ones_like(first)
+            bad_weight = first_true(~torch.isfinite(w) | (w < 0)).to(first.device)
+        header = torch.stack([size, first, value, weighted, bad_weight])
         return all_gather_ints(header.to(device), self.group)
 
     def _check_labels(self, table: List[List[int]]) -> None:
         row = 0
-        for size, first, value in table:
+        for size, first, value, *_ in table:
             if first < size:
                 raise ValueError(label_error(value, row + first, self.num_classes, self.ignore_index, "global row"))
+            row += size
+        weighted = [r for r, (_, _, _, has, _) in enumerate(table) if has]
+        if weighted and len(weighted) < len(table):
+            raise ValueError(f"sample_weight: expected on every rank or on none, got it on ranks {weighted} of "
+                             f"{len(table)}")
+        row = 0
+        for size, _, _, has, bad in table:
+            if has and bad < size:
+                raise ValueError(f"sample_weight: expected finite values >= 0, got a bad value at global row "
+                                 f"{row + bad}")
             row += size
 
     def _shard_weight(self, local: Tensor, on_shard: Tensor) -> Tuple[Tensor, Tensor]:
@@ -271,14 +307,17 @@ class ShardedMarginLoss(nn.Module):
         AdaFace, CurricularFace and ElasticFace twins override it with their state mixin)."""
         return None, None, None, None
 
-    def _global_batch(self, embeddings: Tensor, labels: Tensor):
+    def _global_batch(self, embeddings: Tensor, labels: Tensor, sample_weight: Optional[Tensor] = None):
         """The checks, then the global batch: (x_all, valid, local labels, this shard's (sampled)
-        weight rows). Every rank gathers every row; a row's label is local where its class is
-        on this shard, else _NO_LABEL."""
+        weight rows, the global labels, the gathered sample weights or None). Every rank gathers
+        every row; a row's label is local where its class is on this shard, else _NO_LABEL."""
         self._check_local(embeddings, labels)
-        table = self._gather_header(labels, comm_device(self.group, embeddings.device))
+        if sample_weight is not None:
+            check_float_table("sample_weight", sample_weight, (embeddings.shape[0],), device=embeddings.device,
+                              values=False)
+        table = self._gather_header(labels, comm_device(self.group, embeddings.device), sample_weight)
         self._check_labels(table)
-        sizes = [size for size, _, _ in table]
+        sizes = [row[0] for row in table]
         self.last_batch_sizes = sizes
         if self.ddp_backbone and self.world_size > 1:   # DDP divides by the world size: compensate
             embeddings = scale_grad(embeddings, float(self.world_size))
@@ -288,16 +327,23 @@ class ShardedMarginLoss(nn.Module):
         on_shard = valid & (labels_all >= self.shard_start) & (labels_all < self.shard_end)
         local = torch.where(on_shard, labels_all - self.shard_start, torch.full_like(labels_all, _NO_LABEL))
         weight, local = self._shard_weight(local, on_shard)
-        return x_all, valid, local, weight
+        w_all = None
+        if sample_weight is not None:
+            w_all = gather_rows(sample_weight.detach().to(compute_dtype(embeddings.dtype)), sizes, self.group)
+        return x_all, valid, local, weight, labels_all, w_all
 
-    def forward(self, embeddings: Tensor, labels: Tensor, return_parts: bool = False):
+    def forward(self, embeddings: Tensor, labels: Tensor, return_parts: bool = False, *,
+                sample_weight: Optional[Tensor] = None):
         group = self.group
-        x_all, valid, local, weight = self._global_batch(embeddings, labels)
+        x_all, valid, local, weight, labels_all, w_all = self._global_batch(embeddings, labels, sample_weight)
 
         # The state's inputs come from the global batch, identical on every rank; the label cosine
         # of a row is computed by the rank that owns its class and shared by a sum.
         rm, nt, t, commit = self._extras(x_all, valid, lambda: sum_stats(
             label_cosines(x_all, weight, local, _NO_LABEL, self.spec.subcenters), group))
+        if self.class_margins is not None:  # looked up by the global labels, before any shard remapping
+            rm = class_row_margins(self.class_margins, labels_all, self.ignore_index, self._class_margin_column,
+                                   compute_dtype(x_all.dtype))
         x_all, weight, up = MF.autocast_inputs(x_all, weight, self.spec)   # after the gather: ∂x summed in fp32
         lam = self.current_lambda(x_all.dtype)
         lse, zy, reg, norms, *side = ops.margin_ce_rows(x_all, weight, local, lam, rm, nt, t,
@@ -313,10 +359,9 @@ class ShardedMarginLoss(nn.Module):
         if self.rank != 0:          # g(ã) and ‖x‖ are replicated: let one rank carry their gradient
             reg, norms = reg.detach(), norms.detach()
         if side:
-            labels_all, *side = self._combine_side(local, *side)
-            side = MF.side_parts(labels_all, valid, *side)
+            side = MF.side_parts(labels_all, valid, *self._combine_side(*side))
         out = MF.reduce_rows(lse - zy, reg, norms, valid, self.spec, self.reduction, self.lambda_g, return_parts,
-                             side=side or None)
+                             w_all, side=side or None)
         if self.training and self.sphere_schedule is not None:
             self.iteration.add_(1)
         if commit is not None:
@@ -324,29 +369,25 @@ class ShardedMarginLoss(nn.Module):
         return out
 
     @torch.no_grad()
-    def _combine_side(self, local: Tensor, label_cosine: Tensor, nearest_cosine: Tensor,
-                      nearest_class: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-        """The global side outputs from this shard's (the op's, over the columns this step used;
-        ``local``: the op's labels, a local column or _NO_LABEL): one all-gather of a [4, B]
-        float64 block (class indices are exact in float64). Returns (global labels, 0 on rows
-        with no label column anywhere; label cosine; nearest negative's cosine; its class). The
-        label and its cosine are sums over the shards (only the label's shard adds a non-zero
-        one); the nearest negative is the largest of the shards' (the first maximum: the lowest
-        rank, whose classes have the lowest indices, so ties still go to the lowest class)."""
-        def to_global(col: Tensor) -> Tensor:     # local column -> global class (-1 stays -1)
-            idx = col.clamp_min(0)
-            idx = self.last_sample.to(idx.device)[idx] if self.last_sample is not None else idx + self.shard_start
-            return torch.where(col >= 0, idx, col)
-
-        label = to_global(local).clamp_min(0)
-        block = torch.stack([label.double(), label_cosine.double(), nearest_cosine.double(),
-                             to_global(nearest_class).double()])
+    def _combine_side(self, label_cosine: Tensor, nearest_cosine: Tensor,
+                      nearest_class: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """The global side outputs from this shard's (the op's, over the columns this step used):
+        one all-gather of a [3, B] float64 block (class indices are exact in float64). The label
+        cosine is a sum over the shards (only the label's shard adds a non-zero one); the nearest
+        negative is the largest of the shards' (the first maximum: the lowest rank, whose classes
+        have the lowest indices, so ties still go to the lowest class), its local column mapped
+        to the global class (through the Partial FC sample when one was drawn; −1 stays −1)."""
+        found = nearest_class >= 0
+        cls = nearest_class.clamp_min(0)
+        cls = self.last_sample.to(cls.device)[cls] if self.last_sample is not None else cls + self.shard_start
+        cls = torch.where(found, cls, nearest_class)
+        block = torch.stack([label_cosine.double(), nearest_cosine.double(), cls.double()])
         dev = comm_device(self.group, block.device)
-        table = gather_stats(block.to(dev), self.group).to(block.device)        # [world, 4, B]
-        winner = table[:, 2].argmax(dim=0, keepdim=True)
-        best = table[:, 2].gather(0, winner).squeeze(0).to(nearest_cosine.dtype)
-        best_class = table[:, 3].gather(0, winner).squeeze(0).long()
-        return table[:, 0].sum(0).long(), table[:, 1].sum(0).to(label_cosine.dtype), best, best_class
+        table = gather_stats(block.to(dev), self.group).to(block.device)        # [world, 3, B]
+        winner = table[:, 1].argmax(dim=0, keepdim=True)
+        best = table[:, 1].gather(0, winner).squeeze(0).to(nearest_cosine.dtype)
+        best_class = table[:, 2].gather(0, winner).squeeze(0).long()
+        return table[:, 0].sum(0).to(label_cosine.dtype), best, best_class
 
     @torch.no_grad()
     def accuracy(self, embeddings: Tensor, labels: Tensor) -> Tensor:
@@ -366,7 +407,7 @@ class ShardedMarginLoss(nn.Module):
         group = self.group
         table = self._gather_header(labels, comm_device(group, embeddings.device))
         self._check_labels(table)
-        sizes = [size for size, _, _ in table]
+        sizes = [row[0] for row in table]
         x_all = gather_rows(embeddings.detach(), sizes, group)
         labels_all = gather_rows(labels.to(torch.int64), sizes, group)
         best, arg = MF.cosine_argmax(x_all, self.weight)
@@ -399,6 +440,7 @@ def _init_from(self, proto: losses.MarginLoss, *, sample_rate, seed, ddp_backbon
         sphere_schedule=getattr(proto, "schedule", None), sample_rate=sample_rate, seed=seed,
         ddp_backbone=ddp_backbone, ignore_index=proto.ignore_index, reduction=proto.reduction, group=group,
         device=device, dtype=dtype)
+    self._class_margin_column, self._no_class_margins = proto._class_margin_column, proto._no_class_margins
     _init_state_from(self, proto, seed, device, dtype)
 
 
@@ -435,6 +477,7 @@ class _Named(ShardedMarginLoss):
         proto = self._single(embedding_size, num_classes, *args, device="meta", **kwargs)
         _init_from(self, proto, sample_rate=sample_rate, seed=seed, ddp_backbone=ddp_backbone, group=group,
                    device=device, dtype=dtype)
+        self.set_class_margins(kwargs.get("class_margins"))     # validated by the prototype
 
 
 class ShardedNormFaceLoss(_Named):
@@ -566,6 +609,7 @@ def shard(module: losses.MarginLoss, *, sample_rate: float = 1.0, seed: int = 0,
             for name, buf in module.named_buffers():    # AdaFace's statistics, CurricularFace's t
                 if name in ("batch_mean", "batch_std", "t"):
                     getattr(out, name).copy_(buf)
+            out.set_class_margins(module.class_margins)
     if isinstance(module, ElasticState):                # ElasticFace: continue the module's draws
         out.rng_state.copy_(module.rng_state)
     if out.sphere_schedule is not None and src.device.type != "meta":   # a meta prototype has no counter value
@@ -608,6 +652,7 @@ class ShardedOneVsAllLoss(ShardedMarginLoss):
     """
 
     _single = losses.OneVsAllLoss
+    _no_class_margins = "a one-vs-all loss has no softmax margin to set per class"
 
     def __init__(self, embedding_size: int, num_classes: int, *args, sample_rate: float = 1.0, seed: int = 0,
                  ddp_backbone: bool = True, group=None, device=None, dtype=None, **kwargs) -> None:
@@ -633,9 +678,10 @@ class ShardedOneVsAllLoss(ShardedMarginLoss):
             with torch.no_grad():
                 self.bias.fill_(self.bias_init)
 
-    def forward(self, embeddings: Tensor, labels: Tensor, return_parts: bool = False):
+    def forward(self, embeddings: Tensor, labels: Tensor, return_parts: bool = False, *,
+                sample_weight: Optional[Tensor] = None):
         group = self.group
-        x_all, valid, local, weight = self._global_batch(embeddings, labels)
+        x_all, valid, local, weight, _, w_all = self._global_batch(embeddings, labels, sample_weight)
         x_all, weight, up = MF.autocast_inputs(x_all, weight)
         bias = None if self.bias is None else _ReplicatedParameter.apply(self.bias, group)
         rows = OVA.one_vs_all(x_all, weight, local, bias, self.kind, list(self.params), _NO_LABEL)
@@ -645,7 +691,7 @@ class ShardedOneVsAllLoss(ShardedMarginLoss):
         norms = x_all.detach().to(rows.dtype).norm(dim=1)
         if up is not None:
             norms = norms * up.to(norms.dtype)
-        return MF.reduce_rows(rows, rows, norms, valid, None, self.reduction, 0.0, return_parts)
+        return MF.reduce_rows(rows, rows, norms, valid, None, self.reduction, 0.0, return_parts, w_all)
 
     def extra_repr(self) -> str:
         return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
