@@ -320,3 +320,55 @@ def test_opcheck_kept_ops(case):
     out = OP_KEPT(x.detach(), w.detach(), y, lam, *extras, *spec.op_args(-1))
     torch.library.opcheck(OP_BWD_KEPT, (*[g.float() for g in grads], x.detach(), w.detach(), y, out[0], out[3],
                                         out[4], out[5], lam, *extras, *spec.op_args(-1)))
+
+
+# ---- sub-centers: the kept cosines' tie rule and NaN --------------------------------------------------
+def test_speed_duplicate_subcenters_tie_to_the_first():
+    """K = 3 identical copies of every class row: each kept class cosine is a 3-way tie, won by k = 0,
+    so the speed path gives the K = 1 loss and only sub-center 0 of each class gets gradient
+    (exact zeros elsewhere), curricular modulation included."""
+    spec1, _ = FAMILIES["arcface"]
+    x, w, y, grads = make_case(21, 40, 40, seed=60, ignored=(3,))
+    x, w = x.float(), w.float()
+    extras = (None, torch.linspace(-0.2, 0.3, 21, device=DEV), torch.tensor(0.2, device=DEV))
+    r1, (gx1, gw1), _ = fused_speed(x, w, y, spec1, -1, None, grads, extras)
+    r3, (gx3, gw3), _ = fused_speed(x, w.repeat_interleave(3, dim=0), y, spec1.with_subcenters(3), -1, None, grads,
+                                    extras)
+    gw3 = gw3.view(40, 3, 40)
+    assert torch.all(gw3[:, 1:] == 0) and gw3[:, 0].abs().max() > 0
+    for u, v in zip(r3 + (gx3, gw3[:, 0]), r1 + (gx1, gw1)):
+        assert rel(u, v) <= 1e-6
+
+
+def test_speed_nan_subcenter_row_reaches_every_row(monkeypatch):
+    """A NaN in a non-winning sub-center row of class 5: the kept cosines' max keeps the NaN, so
+    every lse is NaN (as the oracle), and the backward's gradients of every row are NaN too."""
+    monkeypatch.setenv("MAGLOSS_CHECK_INPUTS", "off")
+    x, w, y, grads, spec, lam, extras = feature_case("subcenter_adaface_curricular", 13, 20, 40, seed=61,
+                                                     ignored=(4,))
+    y[6] = 5
+    w[5 * 3 + 2, 7] = float("nan")
+    rows, (gx, _), _ = fused_speed(x.float(), w.float(), y, spec, -1, lam, grads, extras)
+    ref_rows, _ = oracle(x, w, y, spec, -1, lam, grads, extras)
+    assert torch.isnan(rows[0]).all() and torch.isnan(ref_rows[0]).all()
+    assert torch.equal(torch.isnan(rows[1]), torch.isnan(ref_rows[1]))
+    assert torch.isnan(gx).any(1).all()
+
+
+# ---- memory: the flat path's bound plus the kept matrix -------------------------------------------------
+@pytest.mark.parametrize("precision", ["fp32", "bf16-autocast"])
+def test_speed_memory_is_flat_plus_the_kept_products(monkeypatch, precision):
+    """The speed path's extra peak memory over the flat path's, at the flat suite's memory shape:
+    the kept B×C fp32 products and C fp32 norms (docs/cuda.md, "Two paths"), give or take the
+    B×N tiles the speed path does not allocate and 256 KiB of small allocations."""
+    B, D, (_, C), chunk = flat.MEMORY_CASE
+    if chunk:
+        monkeypatch.setenv("MAGLOSS_CHUNK", str(chunk))
+    N = flat._ext.fused_chunk_columns(B, C, DEV.type)
+    peaks = {}
+    for path in ("flat", "speed"):
+        monkeypatch.setenv("MAGLOSS_PATH", path)
+        peaks[path] = flat._extra_peak_bytes(B, C, D, precision)
+    kept = B * C * 4 + C * 4
+    more = peaks["speed"] - peaks["flat"]
+    assert kept - 2 * B * N * 4 - 2 ** 18 <= more <= kept + 2 ** 18, (peaks, kept)
