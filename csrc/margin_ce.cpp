@@ -16,6 +16,10 @@
 // Extra memory: B*N fp32 tile (+ B*N half copy and N*D fp32 for half inputs; N*D half for the
 // chunk cast of an fp32 W with half embeddings), O(B*D + C) otherwise: flat in C. W is never
 // normalized or cast into a C x D copy (r_j is applied in the epilogues).
+// The speed path (margin_ce_kept / margin_ce_backward_kept, docs/cuda.md "Two paths"): the forward's
+// GEMM writes each chunk into its column block of a kept [B, K*C] fp32 matrix instead of the tile
+// (the epilogue converts it in place to what the chunked engine keeps), and the backward reads the
+// blocks instead of recomputing S: 1 + 2 products per chunk, B*K*C*4 bytes more.
 #include "margin_ce.h"
 
 #include <atomic>
