@@ -24,6 +24,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("row_margins"), py::arg("neg_threshold"), py::arg("neg_t"), py::arg("kind"), py::arg("scale"),
         py::arg("m1"), py::arg("m2"), py::arg("m3"), py::arg("l_a"), py::arg("u_a"), py::arg("l_m"), py::arg("u_m"),
         py::arg("boundary"), py::arg("straight_through"), py::arg("ignore_index"), py::arg("subcenters"));
+  m.def("margin_ce_kept", &magloss::margin_ce_kept_cuda,
+        "Fused forward of the speed path: (lse, zy, reg, norms, kept, kept_norms). See magloss.ops.margin_ce_kept.",
+        py::arg("embeddings"), py::arg("weight"), py::arg("labels"), py::arg("sphere_lambda"),
+        py::arg("row_margins"), py::arg("neg_threshold"), py::arg("neg_t"), py::arg("kind"), py::arg("scale"),
+        py::arg("m1"), py::arg("m2"), py::arg("m3"), py::arg("l_a"), py::arg("u_a"), py::arg("l_m"), py::arg("u_m"),
+        py::arg("boundary"), py::arg("straight_through"), py::arg("ignore_index"), py::arg("subcenters"));
+  m.def("margin_ce_backward_kept", &magloss::margin_ce_backward_kept_cuda,
+        "Fused backward of the speed path, from the forward's kept products. See magloss.ops.margin_ce_backward_kept.",
+        py::arg("grad_lse"), py::arg("grad_zy"), py::arg("grad_reg"), py::arg("grad_norms"), py::arg("embeddings"),
+        py::arg("weight"), py::arg("labels"), py::arg("lse"), py::arg("norms"), py::arg("kept"),
+        py::arg("kept_norms"), py::arg("sphere_lambda"), py::arg("row_margins"), py::arg("neg_threshold"),
+        py::arg("neg_t"), py::arg("kind"), py::arg("scale"), py::arg("m1"), py::arg("m2"), py::arg("m3"),
+        py::arg("l_a"), py::arg("u_a"), py::arg("l_m"), py::arg("u_m"), py::arg("boundary"),
+        py::arg("straight_through"), py::arg("ignore_index"), py::arg("subcenters"));
   m.def("chunk_columns", &magloss::chunk_columns,
         "Class-chunk width used for B rows and C classes (MAGLOSS_CHUNK or the default tile bound).", py::arg("B"),
         py::arg("C"));

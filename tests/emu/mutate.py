@@ -77,8 +77,7 @@ MUTANTS: List[Mutant] = [
     M("sph_overwritten", "accumulator overwritten",
       "if (sbn) rows.sph[i] += acc_sph;", "if (sbn) rows.sph[i] = acc_sph;"),
     M("acc_gc_overwritten", "accumulator overwritten",
-      "acc_gc += g * c;\n      if (sbn) acc_sph += dz * z;\n    }\n  } else {",
-      "acc_gc = g * c;\n      if (sbn) acc_sph += dz * z;\n    }\n  } else {"),
+      "acc_gc += (kept && col != lab) ? dz * z : g * c;", "acc_gc = (kept && col != lab) ? dz * z : g * c;"),
     M("col_norms_ss_overwritten", "accumulator overwritten",
       "ss += v * v;", "ss = v * v;"),
     M("correction_dot_overwritten", "accumulator overwritten",
@@ -148,8 +147,8 @@ MUTANTS: List[Mutant] = [
     M("forward_r_local_index", "wrong index",
       "s * (srow[j] * inv_a * r[col])", "s * (srow[j] * inv_a * r[j])"),
     M("backward_label_local_index", "wrong index",
-      "      if (col == lab) {\n        c = cy;\n        z = zl;\n        dz = dzy;\n        g = gy;\n      } else {\n        c = tile",
-      "      if (j == lab) {\n        c = cy;\n        z = zl;\n        dz = dzy;\n        g = gy;\n      } else {\n        c = tile"),
+      "      if (col == lab) {\n        c = cy;\n        z = zl;\n        dz = dzy;\n        g = gy;\n      } else {\n        c = kept",
+      "      if (j == lab) {\n        c = cy;\n        z = zl;\n        dz = dzy;\n        g = gy;\n      } else {\n        c = kept"),
     M("backward_out_global_index", "wrong index",
       "out[i * n + j] = from_f<TO>(g * rj);", "out[i * n + col] = from_f<TO>(g * rj);"),
     M("correction_w_local_index", "wrong index",
@@ -194,8 +193,8 @@ MUTANTS: List[Mutant] = [
       "    rows.gc_row[i] = 0.0f;\n", ""),
     # ---- aliasing ----------------------------------------------------------------------------------
     M("backward_rereads_aliased_tile", "read after aliased write",
-      "acc_gc += g * c;\n      if (sbn) acc_sph += dz * z;\n    }\n  } else {",
-      "acc_gc += g * (col == lab ? c : tile[i * n + j] * inv_a * rj);\n      if (sbn) acc_sph += dz * z;\n    }\n  } else {"),
+      "acc_gc += (kept && col != lab) ? dz * z : g * c;",
+      "acc_gc += (kept && col != lab) ? dz * z : g * (col == lab ? c : tile[i * ld + j] * inv_a * rj);"),
     # ---- rounding, conversions ---------------------------------------------------------------------
     M("load_w_no_rounding", "rounding on the wrong side",
       "return to_f(from_f<T>(to_f(*p)));", "return to_f(*p);"),
@@ -259,12 +258,39 @@ MUTANTS: List[Mutant] = [
     M("subcenter_label_row_stride", "wrong index or stride",
       "w + (lab >= 0 ? lab * K : 0) * D;", "w + (lab >= 0 ? lab : 0) * D;"),
     M("subcenter_tile_row_stride", "wrong index or stride",
-      "const float* srow = tile + i * n * K;", "const float* srow = tile + i * n;"),
+      "float* srow = tile + i * ld;", "float* srow = tile + i * n;"),
     M("subcenter_norm_index", "wrong index or stride",
       "  float best = s[0] * inv_a * r[cls * K];", "  float best = s[0] * inv_a * r[cls];"),
+    # ---- the speed path (margin_ce_kept / margin_ce_backward_kept): kept blocks, their pitch and units ----
+    M("speed_kept_unscaled", "wrong normalization factor",
+      "if (keep) srow[j] = s * (srow[j] * inv_a);", "if (keep) srow[j] = srow[j] * inv_a;"),
+    M("speed_kept_left_raw", "dropped update",
+      "      if (keep) srow[j] = s * (srow[j] * inv_a);\n", ""),
+    M("speed_kept_cosines_without_r", "wrong normalization factor",
+      "srow[j * K + k] = srow[j * K + k] * inv_a * r[col * K + k];", "srow[j * K + k] = srow[j * K + k] * inv_a;"),
+    M("speed_kept_cosines_one_short", "loop one short",
+      "for (int64_t k = 0; k < K; ++k) srow[j * K + k]", "for (int64_t k = 0; k < K - 1; ++k) srow[j * K + k]"),
+    M("speed_forward_cosines_renormalized", "state not used",
+      "class_cosine(srow + j * K, col, K, inv_a, r, &kb, keep)", "class_cosine(srow + j * K, col, K, inv_a, r, &kb)"),
+    M("speed_backward_chunk_pitch", "wrong index or stride",
+      "z = kept ? tile[i * ld + j] * rj : s * c;", "z = kept ? tile[i * n + j] * rj : s * c;"),
+    M("speed_backward_rescaled", "wrong normalization factor",
+      "z = kept ? tile[i * ld + j] * rj : s * c;", "z = kept ? s * (tile[i * ld + j] * rj) : s * c;"),
+    M("speed_backward_gc_from_unset_c", "dispatch slip",
+      "acc_gc += (kept && col != lab) ? dz * z : g * c;", "acc_gc += g * c;"),
+    M("speed_backward_general_chunk_pitch", "wrong index or stride",
+      "class_cosine(tile + i * ld + j * K, col, K, inv_a, r, &kb, kept)",
+      "class_cosine(tile + (i * n + j) * K, col, K, inv_a, r, &kb, kept)"),
+    M("speed_backward_cosines_renormalized", "state not used",
+      "class_cosine(tile + i * ld + j * K, col, K, inv_a, r, &kb, kept)",
+      "class_cosine(tile + i * ld + j * K, col, K, inv_a, r, &kb)"),
+    M("speed_kept_tie_to_highest_k", "wrong tie rule",
+      "      if (replaces_max(s[k], best)) {", "      if (!(s[k] < best)) {"),
+    M("speed_kept_max_drops_nan", "NaN swallowed",
+      "      if (replaces_max(s[k], best)) {", "      if (s[k] > best) {"),
 ]
 
-SUITES = ["tests/test_cuda_parity.py", "tests/test_engine_emulated.py"]
+SUITES = ["tests/test_cuda_parity.py", "tests/test_engine_emulated.py", "tests/test_cuda_parity_speed.py"]
 # The run order, as node-id prefixes: tests matching an earlier prefix run earlier, "*" stands for
 # every test no prefix matches (in file order). Quick, broad tests first; the tests added for the
 # mutants the suite once missed last, so a mutant first failed by one of them is one the rest misses.
