@@ -567,3 +567,6 @@ std::tuple<at::Tensor, at::Tensor> margin_ce_backward_cuda(
 }
 
 }  // namespace magloss
+
+// The one-vs-all boundary shares this file's helpers: compiled here, in this translation unit.
+#include "one_vs_all.inc"
