@@ -146,9 +146,9 @@ def check_fp32(name, mkw, ukw, B, C, D, seed, ignored=()):
 
 
 # ---- fp32: every loss, irregular shapes, ignored rows, several chunks ---------------------------------------
-#: (B, C, D, MAGLOSS_CHUNK or None, ignored rows): one chunk; a full chunk of more columns than threads
-#: per block and a ragged last one; more rows than one block of the bias sum.
-SHAPES = [(11, 13, 7, None, (2, 9)), (6, 300, 33, "256", (0,)), (261, 5, 3, None, (7, 100, 260))]
+#: (B, C, D, MAGLOSS_CHUNK or None, ignored rows): one chunk; full chunks of more columns than threads
+#: per block (a thread visits two) and a ragged last one; more rows than one block of the bias sum.
+SHAPES = [(11, 13, 7, None, (2, 9)), (6, 700, 33, "300", (0,)), (261, 5, 3, None, (7, 100, 260))]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B%d-C%d-D%d-chunk%s" % s[:4])
