@@ -365,3 +365,94 @@ def test_bad_label_rows_are_nan_and_add_no_gradient(monkeypatch):
     assert not gx[2].any()
     for got, want in ((gx[ok], ref_grads[0]), (gw, ref_grads[1]), (gb, ref_grads[2].reshape(1))):
         assert rel(got.cpu(), want) <= FUSED_FP32_GRADS_REL
+
+
+# ---- shapes and layouts the boundary handles itself ---------------------------------------------------------
+def test_empty_batch():
+    m = _module("uniface", {}, 5, 6)
+    x = torch.zeros(0, 5, device=DEV, requires_grad=True)
+    rows = m(x, torch.zeros(0, dtype=torch.long, device=DEV))
+    assert rows.shape == (0,)
+    rows.sum().backward()
+    assert x.grad.shape == (0, 5) and not m.weight.grad.any() and not m.bias.grad.any()
+
+
+def test_non_contiguous_inputs_are_accepted():
+    """Transposed views of x and W (the boundary copies them once) and int32 labels."""
+    name, mkw, ukw = CASES[4]
+    x, w, y, g = inputs(8, 19, 6, seed=12, ignored=(6,))
+    xt = x.t().contiguous().to(DEV).t().requires_grad_()
+    wt = w.t().contiguous().to(DEV).t().requires_grad_()
+    b = torch.tensor([-2.5], device=DEV, requires_grad=True)
+    params = list(OVA.sphereface2_params(40.0, 0.4, 3.0, 0.7, 50.0, "C"))
+    assert not xt.is_contiguous() and not wt.is_contiguous()
+    rows = OVA.one_vs_all(xt, wt, y.int().to(DEV), b, OVA.SPHEREFACE2, params, -1)
+    (rows * g.to(DEV) * (y != -1).to(DEV)).sum().backward()
+    ref_rows, ref_grads = oracle(name, ukw, x, w, b, y, g)
+    ok = y != -1
+    assert rel(rows.detach().cpu()[ok], ref_rows[ok]) <= FUSED_FP32_ROWS_REL
+    for got, want in zip((xt.grad, wt.grad, b.grad), ref_grads):
+        assert rel(got.cpu(), want.reshape(got.shape)) <= FUSED_FP32_GRADS_REL
+
+
+# ---- a sharded head: each rank runs the op on its shard (gloo, two spawned ranks) --------------------------
+SHARD_B, SHARD_C, SHARD_D, SHARD_SPLIT = 9, 301, 7, (5, 4)
+
+
+def _shard_data():
+    x, w, y, g = inputs(SHARD_B, SHARD_C, SHARD_D, seed=31, ignored=(3,))
+    return x, w, y
+
+
+def _sharded_worker(rank, world, out_dir):
+    """One UniFace step of the sharded head on this rank's rows, through the fused kernels."""
+    import os
+
+    x, w, y = _shard_data()
+    routed = GPU
+    if EMU:
+        _ext.register_one_vs_all_kernels(*OPS, engine=BACKEND.engine, device_type="cpu")
+        torch.set_num_threads(1)
+        BACKEND._emu.controls().emu_fail_next_launch(b"ova_forward_kernel")   # proof that the op runs the kernel
+        try:
+            OVA.one_vs_all(x, w, y, None, OVA.P2SGRAD, [1.0], -1)
+        except RuntimeError:
+            routed = True
+        BACKEND._emu.reset()
+    single = TOVA._module("uniface", SHARD_D, SHARD_C, dtype=torch.float32).to(DEV)   # reduction 'mean'
+    with torch.no_grad():
+        single.weight.copy_(w)
+    head = magloss.distributed.shard(single, ddp_backbone=False)
+    lo = sum(SHARD_SPLIT[:rank])
+    xr = x[lo:lo + SHARD_SPLIT[rank]].clone().to(DEV).requires_grad_()
+    loss = head(xr, y[lo:lo + SHARD_SPLIT[rank]].to(DEV))
+    loss.backward()
+    magloss.flush_input_checks()
+    err = BACKEND.kernel_error()
+    torch.save(dict(loss=loss.detach().cpu(), gx=xr.grad.cpu(), gw=head.weight.grad.cpu(), gb=head.bias.grad.cpu(),
+                    start=head.shard_start, end=head.shard_end, bias=single.bias.detach().cpu(), error=err,
+                    routed=routed),
+               os.path.join(out_dir, f"r{rank}.pt"))
+
+
+def test_sharded_head_runs_the_fused_kernels_per_shard(tmp_path):
+    from _dist_utils import spawn
+
+    spawn(_sharded_worker, 2, tmp_path, str(tmp_path))
+    got = [torch.load(tmp_path / f"r{r}.pt") for r in range(2)]
+    x, w, y = _shard_data()
+    keep = y != -1
+    x64 = x.double().requires_grad_()
+    w64 = w.double().requires_grad_()
+    b64 = got[0]["bias"].double().requires_grad_()
+    loss = TOVA._upstream_rows("uniface", x64[keep], w64, y[keep], b64, {}).mean()
+    gx, gw, gb = torch.autograd.grad(loss, (x64, w64, b64))
+    assert got[0]["end"] == got[1]["start"] and got[1]["end"] == SHARD_C
+    for r, out in enumerate(got):
+        assert out["error"] is None, out["error"]
+        assert out["routed"]
+        lo = sum(SHARD_SPLIT[:r])
+        assert rel(out["loss"], loss.detach()) <= FUSED_FP32_ROWS_REL
+        assert rel(out["gx"], gx[lo:lo + SHARD_SPLIT[r]]) <= FUSED_FP32_GRADS_REL
+        assert rel(out["gw"], gw[out["start"]:out["end"]]) <= FUSED_FP32_GRADS_REL
+        assert rel(out["gb"], gb) <= FUSED_FP32_GRADS_REL
