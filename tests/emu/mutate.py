@@ -1,7 +1,8 @@
 """Mutation check of the emulated suites: deliberately broken copies of csrc/engine.cu must fail them.
 
 Each mutant is one realistic kernel bug, written as a (name, kind, exact old snippet, new snippet)
-row of :data:`MUTANTS` and applied to the text of csrc/engine.cu (a snippet that no longer matches
+row of :data:`MUTANTS` and applied to the text of csrc/engine.cu, csrc/margins.cuh or csrc/onevsall.cu
+(the one-vs-all kernels, built as the emulator's second kernel unit, ``MAGLOSS_EMU_ONEVSALL_CU``); a snippet that no longer matches
 exactly once is an error: the table must follow the engine). For each mutant the tool writes the
 mutated file, builds it for the emulator (``MAGLOSS_EMU_ENGINE_CU``: only the kernel object is
 recompiled, tests/emu/build.py), runs the emulated suites with ``-x``, the tests named by
