@@ -19,16 +19,19 @@ inputs, gradients within 2 eps of the dtype.
 from __future__ import annotations
 
 import contextlib
+import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import magloss
-from magloss import _ext
-from magloss import onevsall as OVA
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS determinism (repeatability test)
 
-import _backend
+import magloss  # noqa: E402
+from magloss import _ext  # noqa: E402
+from magloss import onevsall as OVA  # noqa: E402
+
+import _backend  # noqa: E402
 
 try:
     BACKEND = _backend.select()
@@ -308,22 +311,33 @@ def test_bad_op_arguments_same_errors_as_the_chunked_op(what, args, match):
     assert call(DEV) == _default(call)
 
 
+@pytest.mark.parametrize("where", ["label", "embedding", "weight"])
 @pytest.mark.parametrize("mode", ["sync", "async"])
-def test_out_of_range_label_same_error_as_the_chunked_op(monkeypatch, mode):
+def test_bad_values_same_error_as_the_chunked_op(monkeypatch, mode, where):
+    """A label out of range, a NaN embedding, an Inf in W: the chunked op's ValueError (the fused one
+    raised in the call with 'sync', by flush_input_checks with 'async', marked as reported late)."""
     monkeypatch.setenv("MAGLOSS_CHECK_INPUTS", mode)
     x, w, y, _ = inputs(5, 6, 4, seed=3)
-    y[3] = 6
+    if where == "label":
+        y[3] = 6
+    elif where == "embedding":
+        x[2, 1] = float("nan")
+    else:
+        w[4, 0] = float("inf")
     m = _module("sface", {}, 4, 6)
 
     def call(dev):
         with pytest.raises(ValueError) as info:
-            m.to(dev)(x.to(dev), y.to(dev))
+            m.to(dev)
+            with torch.no_grad():
+                m.weight.copy_(w)
+            m(x.to(dev), y.to(dev))
             magloss.flush_input_checks()
         return str(info.value)
 
     want = _default(call)
     got = call(DEV)
-    assert want in got and "labels" in got
+    assert want in got and {"label": "labels", "embedding": "embeddings", "weight": "weight"}[where] in got
 
 
 @pytest.mark.parametrize("where", ["embedding", "weight"])
