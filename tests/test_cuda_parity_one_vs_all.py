@@ -70,11 +70,14 @@ def _routed():
     if GPU:
         yield
         return
-    if _disabled is None:
-        assert _ext.register_one_vs_all_kernels(*OPS, engine=BACKEND.engine, device_type="cpu")
-        _disabled = _kernels(False)
-    with _kernels(True):
-        yield
+    # The margin ops' emulated kernels too, as tests/test_cuda_parity.py routes them: their registration
+    # is what makes "cpu" a fused-engine device (magloss._ext._ENGINES), switched off outside.
+    with BACKEND.routed():
+        if _disabled is None:
+            assert _ext.register_one_vs_all_kernels(*OPS, engine=BACKEND.engine, device_type="cpu")
+            _disabled = _kernels(False)
+        with _kernels(True):
+            yield
 
 
 @pytest.fixture(autouse=True)
