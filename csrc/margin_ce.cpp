@@ -654,3 +654,6 @@ std::tuple<at::Tensor, at::Tensor> margin_ce_backward_kept_cuda(
 }
 
 }  // namespace magloss
+
+// The one-vs-all boundary shares this file's helpers: compiled here, in this translation unit.
+#include "one_vs_all.inc"

@@ -13,7 +13,8 @@ from typing import Any, Dict, Optional
 
 from . import switches
 
-__all__ = ["extension_status", "flush_input_checks", "register_kernels", "fused_chunk_columns"]
+__all__ = ["extension_status", "flush_input_checks", "register_kernels", "register_one_vs_all_kernels",
+           "fused_chunk_columns"]
 
 _NAME = f"{__package__}._C"
 _C: Optional[Any] = None
@@ -130,6 +131,40 @@ def register_kernels(fwd_op, bwd_op, engine: Optional[Any] = None, device_type: 
         kept_fwd, kept_bwd = kept_ops
         kept_fwd.register_kernel(device_type)(functools.partial(_fused_margin_ce_kept, engine))
         kept_bwd.register_kernel(device_type)(functools.partial(_fused_margin_ce_backward_kept, engine))
+    _ENGINES[device_type] = engine
+    return True
+
+
+def _fused_one_vs_all(engine, embeddings, weight, labels, bias, kind, params, ignore_index):
+    """Fused kernel of magloss::one_vs_all (float64 -> the chunked engine, as margin_ce's)."""
+    from . import onevsall
+
+    if _is_f64(embeddings, weight):
+        return onevsall.one_vs_all_forward(embeddings, weight, labels, bias, kind, params, ignore_index)
+    onevsall._check_op_args(kind, params, bias, embeddings)   # the chunked op's messages
+    return engine.one_vs_all(embeddings, weight, labels, bias, kind, params, ignore_index)
+
+
+def _fused_one_vs_all_backward(engine, grad_rows, embeddings, weight, labels, bias, kind, params, ignore_index):
+    """Fused kernel of magloss::one_vs_all_backward (float64 -> the chunked engine, as the forward)."""
+    from . import onevsall
+
+    if _is_f64(embeddings, weight):
+        return onevsall.one_vs_all_backward(grad_rows, embeddings, weight, labels, bias, kind, params, ignore_index)
+    onevsall._check_op_args(kind, params, bias, embeddings)
+    return engine.one_vs_all_backward(grad_rows, embeddings, weight, labels, bias, kind, params, ignore_index)
+
+
+def register_one_vs_all_kernels(fwd_op, bwd_op, engine: Optional[Any] = None, device_type: str = "cuda") -> bool:
+    """Register a fused engine's one-vs-all kernels as the `device_type` implementation of
+    magloss::one_vs_all and its backward op (magloss.onevsall), as :func:`register_kernels` does
+    for the margin ops. Returns False (the chunked engine stays in use) without an engine that
+    has them (no extension, or one built before they existed)."""
+    engine = _C if engine is None else engine
+    if engine is None or not hasattr(engine, "one_vs_all"):
+        return False
+    fwd_op.register_kernel(device_type)(functools.partial(_fused_one_vs_all, engine))
+    bwd_op.register_kernel(device_type)(functools.partial(_fused_one_vs_all_backward, engine))
     _ENGINES[device_type] = engine
     return True
 

@@ -1,7 +1,8 @@
 """Mutation check of the emulated suites: deliberately broken copies of csrc/engine.cu must fail them.
 
 Each mutant is one realistic kernel bug, written as a (name, kind, exact old snippet, new snippet)
-row of :data:`MUTANTS` and applied to the text of csrc/engine.cu (a snippet that no longer matches
+row of :data:`MUTANTS` and applied to the text of csrc/engine.cu, csrc/margins.cuh or csrc/onevsall.cu
+(the one-vs-all kernels, built as the emulator's second kernel unit, ``MAGLOSS_EMU_ONEVSALL_CU``); a snippet that no longer matches
 exactly once is an error: the table must follow the engine). For each mutant the tool writes the
 mutated file, builds it for the emulator (``MAGLOSS_EMU_ENGINE_CU``: only the kernel object is
 recompiled, tests/emu/build.py), runs the emulated suites with ``-x``, the tests named by
@@ -41,6 +42,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 ENGINE_CU = ROOT / "csrc" / "engine.cu"
 MARGINS_CUH = ROOT / "csrc" / "margins.cuh"
+ONEVSALL_CU = ROOT / "csrc" / "onevsall.cu"
 PY = sys.executable
 
 
@@ -49,7 +51,7 @@ class Mutant(NamedTuple):
     kind: str
     old: str
     new: str
-    file: str = "engine.cu"  # or "margins.cuh" (the device functions engine.cu includes)
+    file: str = "engine.cu"  # or "margins.cuh" (the device functions engine.cu includes), or "onevsall.cu"
 
 
 M = Mutant
@@ -288,9 +290,67 @@ MUTANTS: List[Mutant] = [
       "      if (replaces_max(s[k], best)) {", "      if (!(s[k] < best)) {"),
     M("speed_kept_max_drops_nan", "NaN swallowed",
       "      if (replaces_max(s[k], best)) {", "      if (s[k] > best) {"),
+    # ---- the one-vs-all kernels (csrc/onevsall.cu; built as MAGLOSS_EMU_ONEVSALL_CU) -----------------
+    M("ova_forward_acc_overwritten", "accumulator overwritten", "    acc += l;", "    acc = l;", "onevsall.cu"),
+    M("ova_loss_overwritten_per_chunk", "accumulator overwritten",
+      "NAN : rows.loss[i] + acc;", "NAN : acc;", "onevsall.cu"),
+    M("ova_gc_row_overwritten", "accumulator overwritten",
+      "rows.gc_row[i] += acc_gc;", "rows.gc_row[i] = acc_gc;", "onevsall.cu"),
+    M("ova_db_row_overwritten", "accumulator overwritten",
+      "rows.db_row[i] += acc_db;", "rows.db_row[i] = acc_db;", "onevsall.cu"),
+    M("ova_gc_without_cosine", "wrong factor", "acc_gc += G * c;", "acc_gc += G;", "onevsall.cu"),
+    M("ova_block_sum_missing_barrier", "missing barrier",
+      "  if (lane == 0) { sa[warp] = a; sb[warp] = b; }\n  __syncthreads();",
+      "  if (lane == 0) { sa[warp] = a; sb[warp] = b; }", "onevsall.cu"),
+    M("ova_block_sum_drops_last_warp", "reduction too short",
+      "a = lane < kWarpsPerBlock ? sa[lane] : 0.0f;", "a = lane < kWarpsPerBlock - 1 ? sa[lane] : 0.0f;",
+      "onevsall.cu"),
+    M("ova_warp_sum_skips_last_step", "reduction too short",
+      "for (int off = kWarp / 2; off > 0; off >>= 1) v +=", "for (int off = kWarp / 2; off > 1; off >>= 1) v +=",
+      "onevsall.cu"),
+    M("ova_forward_loop_one_short", "loop one short",
+      "  float acc = 0.0f, none = 0.0f;\n  for (int64_t j = threadIdx.x; j < n; j += kThreads) {",
+      "  float acc = 0.0f, none = 0.0f;\n  for (int64_t j = threadIdx.x; j < n - 1; j += kThreads) {", "onevsall.cu"),
+    M("ova_backward_loop_one_short", "loop one short",
+      "  float acc_gc = 0.0f, acc_db = 0.0f;\n  for (int64_t j = threadIdx.x; j < n; j += kThreads) {",
+      "  float acc_gc = 0.0f, acc_db = 0.0f;\n  for (int64_t j = threadIdx.x; j < n - 1; j += kThreads) {",
+      "onevsall.cu"),
+    M("ova_bias_sum_loop_one_short", "loop one short",
+      "i < B; i += kThreads) acc += db_row[i];", "i < B - 1; i += kThreads) acc += db_row[i];", "onevsall.cu"),
+    M("ova_bias_sum_one_block_of_rows", "wrong stride",
+      "i < B; i += kThreads) acc += db_row[i];", "i < B; i += 2 * kThreads) acc += db_row[i];", "onevsall.cu"),
+    M("ova_forward_label_local_index", "wrong index",
+      "ova_element<false>(p, c, col == lab,", "ova_element<false>(p, c, j == lab,", "onevsall.cu"),
+    M("ova_backward_r_local_index", "wrong index", "const float rj = r[col];", "const float rj = r[j];",
+      "onevsall.cu"),
+    M("ova_bad_row_gradient_kept", "label/flag codes",
+      "const float G = bad ? 0.0f : g * dc;", "const float G = g * dc;", "onevsall.cu"),
+    M("ova_bad_row_loss_not_nan", "label/flag codes",
+      "rows.loss[i] = lab == LAB_BAD ? NAN : rows.loss[i] + acc;", "rows.loss[i] = rows.loss[i] + acc;",
+      "onevsall.cu"),
+    M("ova_forward_missing_thread_guard", "missing thread guard",
+      "  if (threadIdx.x == 0) rows.loss[i] =", "  rows.loss[i] =", "onevsall.cu"),
+    M("ova_bias_sum_missing_thread_guard", "missing thread guard",
+      "  if (threadIdx.x == 0) grad_bias[0] = acc;", "  grad_bias[0] = acc;", "onevsall.cu"),
+    M("ova_backward_bias_ignored", "state not used",
+      "const float b = rows.bias != nullptr ? *rows.bias : 0.0f;\n  const bool bad",
+      "const float b = 0.0f;\n  const bool bad", "onevsall.cu"),
+    M("ova_uniface_clamp_gradient_kept", "missing clamp derivative",
+      "lam * sigmoid_(zc)) * inside;", "lam * sigmoid_(zc));", "onevsall.cu"),
+    M("ova_uniface_bias_gradient_sign", "wrong sign", "*db = -dz;", "*db = dz;", "onevsall.cu"),
+    M("ova_sface_negative_weight_sign", "wrong sign",
+      "s * sigmoid_(-k * (theta - bb))", "s * sigmoid_(k * (theta - bb))", "onevsall.cu"),
+    M("ova_sphereface2_margin_sign", "wrong sign", "(label ? m : -m)", "(label ? -m : m)", "onevsall.cu"),
+    M("ova_sphereface2_a_as_m", "dispatch slip",
+      "theta = mtype == 1 ? theta + m : theta * m;", "theta = theta + m;", "onevsall.cu"),
+    M("ova_sphereface2_weights_swapped", "swapped arguments",
+      "label ? p.w_pos : p.w_neg", "label ? p.w_neg : p.w_pos", "onevsall.cu"),
+    M("ova_softplus_without_abs", "wrong formula",
+      "log1pf(expf(-fabsf(u)))", "log1pf(expf(-u))", "onevsall.cu"),
 ]
 
-SUITES = ["tests/test_cuda_parity.py", "tests/test_engine_emulated.py", "tests/test_cuda_parity_speed.py"]
+SUITES = ["tests/test_cuda_parity.py", "tests/test_engine_emulated.py", "tests/test_cuda_parity_speed.py",
+          "tests/test_cuda_parity_one_vs_all.py"]
 # The run order, as node-id prefixes: tests matching an earlier prefix run earlier, "*" stands for
 # every test no prefix matches (in file order). Quick, broad tests first; the tests added for the
 # mutants the suite once missed last, so a mutant first failed by one of them is one the rest misses.
@@ -332,11 +392,18 @@ def apply(text: str, m: Mutant) -> str:
     return text.replace(m.old, m.new)
 
 
+#: the build's override of each mutable file (tests/emu/build.py)
+_OVERRIDE = {"engine.cu": "MAGLOSS_EMU_ENGINE_CU", "margins.cuh": "MAGLOSS_EMU_ENGINE_CU",
+             "onevsall.cu": "MAGLOSS_EMU_ONEVSALL_CU"}
+
+
 def _env(cu: Optional[Path], order: List[str] = ()) -> Dict[str, str]:
+    """The environment of a build and test run; cu: a mutated engine.cu or onevsall.cu (by its name)."""
     env = dict(os.environ)
-    env.pop("MAGLOSS_EMU_ENGINE_CU", None)
+    for var in set(_OVERRIDE.values()):
+        env.pop(var, None)
     if cu is not None:
-        env["MAGLOSS_EMU_ENGINE_CU"] = str(cu)
+        env[_OVERRIDE[cu.name]] = str(cu)
     env[_ORDER_ENV] = ",".join(order)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parent), env.get("PYTHONPATH")]))
     return env
@@ -394,7 +461,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     sys.path.insert(0, str(HERE.parent))
     from emu import build  # noqa: E402  (the cache location)
 
-    texts = {"engine.cu": ENGINE_CU.read_text(), "margins.cuh": MARGINS_CUH.read_text()}
+    texts = {"engine.cu": ENGINE_CU.read_text(), "margins.cuh": MARGINS_CUH.read_text(),
+             "onevsall.cu": ONEVSALL_CU.read_text()}
     chosen = MUTANTS
     if args.only:
         wanted = args.only.split(",")
@@ -410,7 +478,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.list:
         for m in chosen:
             print(f"{m.name:34s} {m.kind}")
-        print(f"{len(chosen)} mutants, every snippet found once in {ENGINE_CU} or {MARGINS_CUH}")
+        print(f"{len(chosen)} mutants, every snippet found once in {ENGINE_CU}, {MARGINS_CUH} or {ONEVSALL_CU}")
         return 0
 
     work = build._cache_dir() / "mutants"
@@ -449,6 +517,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
 
     def job(m: Mutant) -> dict:
+        if m.file == "onevsall.cu":  # built as the second kernel unit; engine.cu stays the real one
+            cu = work / m.name / "onevsall.cu"
+            cu.parent.mkdir(parents=True, exist_ok=True)
+            cu.write_text(mutated[m.name])
+            return run_one(m.name, m.kind, cu, order, args.timeout, deselect)
         cu = work / m.name / "engine.cu"
         cu.parent.mkdir(parents=True, exist_ok=True)
         # A margins.cuh mutant: the real engine.cu with the mutated header (and engine.cuh, which
