@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Compile check of magloss's CUDA engine without a GPU (and without a CUDA build of torch).
 #
-#   1. CMake: csrc/engine.cu (torch-free kernels) with nvcc for sm_75/80/86/90 in one nvcc
+#   1. CMake: csrc/engine.cu, csrc/onevsall.cu (torch-free kernels) with nvcc for sm_75/80/86/90 in one nvcc
 #      invocation, plus the host test of the margin functions, run by ctest.
 #   2. The torch boundary, the input checks and the pybind11 bindings (csrc/*.cpp):
 #      g++ -fsyntax-only against the installed torch's headers, when torch and pybind11 import.

@@ -271,7 +271,19 @@ __global__ void __launch_bounds__(kThreads) row_stage_kernel(const T* __restrict
 // The cosine of class `cls` for one row from the raw dots s[0..K) of its K weight rows: the max
 // over the sub-centers (ties: the lowest k; a NaN wins), *kbest = the winner. K = 1: s[0]*inv_a*r[cls].
 __device__ __forceinline__ float class_cosine(const float* s, int64_t cls, int64_t K, float inv_a,
-                                              const float* __restrict__ r, int32_t* kbest) {
+                                              const float* __restrict__ r, int32_t* kbest, bool cosines = false) {
+  if (cosines) {  // the speed path's kept tile: s already holds the sub-center cosines
+    float best = s[0];
+    int32_t kb = 0;
+    for (int32_t k = 1; k < K; ++k) {
+      if (replaces_max(s[k], best)) {
+        best = s[k];
+        kb = k;
+      }
+    }
+    *kbest = kb;
+    return best;
+  }
   float best = s[0] * inv_a * r[cls * K];
   int32_t kb = 0;
   for (int32_t k = 1; k < K; ++k) {
@@ -304,12 +316,16 @@ struct Curricular {
 // Forward chunk epilogue: one block per row i, merges the chunk's softmax state into the running one.
 // kGeneral = false: the plain losses' kernel (K = 1, no modulation); true: sub-centers (the tile holds
 // K columns per class, chunk = classes [j0, j0 + n)) and/or the curricular modulation off the label.
+// ld: the tile's row pitch (n*K for the scratch tile, K*C for a block of the speed path's kept matrix).
+// keep (speed path): each element is converted in place, after its logit is formed, to what the op
+// keeps: scale_i xhat_i.w_j on the plain path, the sub-center cosines on the general one (each thread
+// reads and writes only its own columns).
 template <bool kGeneral>
-__global__ void __launch_bounds__(kThreads) forward_epilogue_kernel(const float* __restrict__ tile, int64_t n,
+__global__ void __launch_bounds__(kThreads) forward_epilogue_kernel(float* tile, int64_t ld, bool keep, int64_t n,
                                                                     int64_t j0, int64_t K,
                                                                     const float* __restrict__ r, RowState rows) {
   const int64_t i = blockIdx.x;
-  const float* srow = tile + i * n * K;
+  float* srow = tile + i * ld;
   const float inv_a = rows.inv_a[i], s = rows.scale[i], zl = rows.zlab[i];
   const int64_t lab = rows.lab[i];
   float m = -INFINITY, l = 0.0f;
@@ -319,13 +335,17 @@ __global__ void __launch_bounds__(kThreads) forward_epilogue_kernel(const float*
     float z;
     if constexpr (!kGeneral) {
       z = (col == lab) ? zl : s * (srow[j] * inv_a * r[col]);
+      if (keep) srow[j] = s * (srow[j] * inv_a);
     } else {
+      if (keep) {  // the same products class_cosine forms from the raw dots: the same bits
+        for (int64_t k = 0; k < K; ++k) srow[j * K + k] = srow[j * K + k] * inv_a * r[col * K + k];
+      }
       if (col == lab) {
         z = zl;
       } else {
         int32_t kb;
         float df;
-        z = s * cur.apply(class_cosine(srow + j * K, col, K, inv_a, r, &kb), &df);
+        z = s * cur.apply(class_cosine(srow + j * K, col, K, inv_a, r, &kb, keep), &df);
       }
     }
     if (z > m) {
@@ -353,9 +373,12 @@ __global__ void forward_finalize_kernel(int64_t B, RowState rows, float* lse) {
 
 // Backward chunk epilogue: one block per row. `out` may alias `tile` (TO = float): each element
 // is read and then written by the same thread (with sub-centers: the K columns of one class).
-// kGeneral as in the forward epilogue.
+// kGeneral as in the forward epilogue. ld: the tile's row pitch (out's is n*K). kept (speed path):
+// the tile is a block of the forward's kept matrix (scale_i xhat_i.w_j, or the sub-center cosines),
+// read only; then g c = dz z on the plain path (c itself is not formed).
 template <typename TO, bool kGeneral>
-__global__ void __launch_bounds__(kThreads) backward_epilogue_kernel(const float* tile, TO* out, int64_t n,
+__global__ void __launch_bounds__(kThreads) backward_epilogue_kernel(const float* tile, int64_t ld, bool kept,
+                                                                     TO* out, int64_t n,
                                                                      int64_t j0, int64_t K,
                                                                      const float* __restrict__ r, RowState rows,
                                                                      bool sbn) {
@@ -376,13 +399,13 @@ __global__ void __launch_bounds__(kThreads) backward_epilogue_kernel(const float
         dz = dzy;
         g = gy;
       } else {
-        c = tile[i * n + j] * inv_a * rj;
-        z = s * c;
+        c = kept ? 0.0f : tile[i * ld + j] * inv_a * rj;
+        z = kept ? tile[i * ld + j] * rj : s * c;
         dz = lab == LAB_BAD ? 0.0f : gl * expf(z - lse);  // a bad-label row (lse = NaN) adds no gradient
         g = s * dz;
       }
       out[i * n + j] = from_f<TO>(g * rj);
-      acc_gc += g * c;
+      acc_gc += (kept && col != lab) ? dz * z : g * c;
       if (sbn) acc_sph += dz * z;
     }
   } else {
@@ -390,7 +413,7 @@ __global__ void __launch_bounds__(kThreads) backward_epilogue_kernel(const float
     const int32_t ksub = (K > 1 && lab >= 0) ? rows.label_sub[i] : 0;
     for (int64_t j = threadIdx.x; j < n; j += kThreads) {
       const int64_t col = j0 + j;
-      const int64_t e = (i * n + j) * K;  // the class's first column in the tile
+      const int64_t e = (i * n + j) * K;  // the class's first column in out
       float c, z, dz, g;
       int32_t kb;
       if (col == lab) {
@@ -400,7 +423,7 @@ __global__ void __launch_bounds__(kThreads) backward_epilogue_kernel(const float
         g = gy;
         kb = ksub;
       } else {
-        c = class_cosine(tile + e, col, K, inv_a, r, &kb);
+        c = class_cosine(tile + i * ld + j * K, col, K, inv_a, r, &kb, kept);
         float df;
         z = s * cur.apply(c, &df);
         dz = lab == LAB_BAD ? 0.0f : gl * expf(z - lse);
@@ -534,13 +557,15 @@ void launch_row_stage(DType dtype, DType w_dtype, const void* x, const void* w, 
 // the plain kernels (kGeneral = false), which the general path leaves bit for bit as they are.
 static bool general_epilogue(int64_t K, const RowState& rows) { return K > 1 || rows.neg_t != nullptr; }
 
-void launch_forward_epilogue(const float* tile, int64_t B, int64_t n, int64_t j0, int64_t K, const float* r,
-                             RowState rows, cudaStream_t stream) {
+void launch_forward_epilogue(float* tile, int64_t ld, bool keep, int64_t B, int64_t n, int64_t j0, int64_t K,
+                             const float* r, RowState rows, cudaStream_t stream) {
   if (B <= 0 || n <= 0) return;
   if (general_epilogue(K, rows)) {
-    forward_epilogue_kernel<true><<<static_cast<unsigned>(B), kThreads, 0, stream>>>(tile, n, j0, K, r, rows);
+    forward_epilogue_kernel<true><<<static_cast<unsigned>(B), kThreads, 0, stream>>>(tile, ld, keep, n, j0, K, r,
+                                                                                     rows);
   } else {
-    forward_epilogue_kernel<false><<<static_cast<unsigned>(B), kThreads, 0, stream>>>(tile, n, j0, 1, r, rows);
+    forward_epilogue_kernel<false><<<static_cast<unsigned>(B), kThreads, 0, stream>>>(tile, ld, keep, n, j0, 1, r,
+                                                                                      rows);
   }
 }
 
@@ -550,17 +575,17 @@ void launch_forward_finalize(int64_t B, RowState rows, float* lse, cudaStream_t 
                                                                                                          lse);
 }
 
-void launch_backward_epilogue(float* tile, void* out, DType out_dtype, int64_t B, int64_t n, int64_t j0, int64_t K,
+void launch_backward_epilogue(const float* tile, int64_t ld, bool kept, void* out, DType out_dtype, int64_t B, int64_t n, int64_t j0, int64_t K,
                               const float* r, RowState rows, bool scale_by_norm, cudaStream_t stream) {
   if (B <= 0 || n <= 0) return;
   const bool general = general_epilogue(K, rows);
   MAGLOSS_DISPATCH_DTYPE(out_dtype, TO, {
     if (general) {
       backward_epilogue_kernel<TO, true><<<static_cast<unsigned>(B), kThreads, 0, stream>>>(
-          tile, static_cast<TO*>(out), n, j0, K, r, rows, scale_by_norm);
+          tile, ld, kept, static_cast<TO*>(out), n, j0, K, r, rows, scale_by_norm);
     } else {
       backward_epilogue_kernel<TO, false><<<static_cast<unsigned>(B), kThreads, 0, stream>>>(
-          tile, static_cast<TO*>(out), n, j0, 1, r, rows, scale_by_norm);
+          tile, ld, kept, static_cast<TO*>(out), n, j0, 1, r, rows, scale_by_norm);
     }
   });
 }

@@ -109,10 +109,13 @@ void launch_row_stage(DType dtype, DType w_dtype, const void* x, const void* w, 
 
 /// Forward chunk epilogue (one block per row): z_ij from the tile (label logit swapped in),
 /// then the online-softmax merge of the chunk's (max, sum-exp) into run_max/run_sum.
-/// tile: [B, n*K] fp32 raw dots of the weight rows of classes [j0, j0 + n) (whole classes).
+/// tile: [B, n*K] fp32 raw dots of the weight rows of classes [j0, j0 + n) (whole classes), row i
+/// at tile + i*ld (ld = n*K for a scratch tile, K*C for a column block of a [B, K*C] matrix).
+/// keep (the speed path): each element is then overwritten with what the op keeps for the
+/// backward: scale_i * xhat_i . w_j (plain), c_{i,jK+k} (general: sub-centers, curricular).
 /// Plain losses (K = 1, no curricular modulation) take the plain kernel, untouched by the general path.
-void launch_forward_epilogue(const float* tile, int64_t B, int64_t n, int64_t j0, int64_t K, const float* r,
-                             RowState rows, cudaStream_t stream);
+void launch_forward_epilogue(float* tile, int64_t ld, bool keep, int64_t B, int64_t n, int64_t j0, int64_t K,
+                             const float* r, RowState rows, cudaStream_t stream);
 
 /// lse_i = run_max_i + log(run_sum_i); NaN for LAB_BAD rows.
 void launch_forward_finalize(int64_t B, RowState rows, float* lse, cudaStream_t stream);
@@ -122,9 +125,12 @@ void launch_forward_finalize(int64_t B, RowState rows, float* lse, cudaStream_t 
 /// element type out_dtype; may alias `tile` when out_dtype is F32), and accumulates
 /// gc_row += sum_j G_ij c_ij (and sph += sum_j dz_ij z_ij when scale_by_norm).
 /// With K > 1, tile/out are [B, n*K] over classes [j0, j0 + n): T is G_ij * r at the winning
-/// sub-center of class j and 0 at the others.
-void launch_backward_epilogue(float* tile, void* out, DType out_dtype, int64_t B, int64_t n, int64_t j0, int64_t K,
-                              const float* r, RowState rows, bool scale_by_norm, cudaStream_t stream);
+/// sub-center of class j and 0 at the others. Row i of the tile is at tile + i*ld (out: i*n*K).
+/// kept (the speed path): the tile is a column block of the forward's kept matrix (what
+/// launch_forward_epilogue wrote with keep), read only, and out must not alias it.
+void launch_backward_epilogue(const float* tile, int64_t ld, bool kept, void* out, DType out_dtype, int64_t B,
+                              int64_t n, int64_t j0, int64_t K, const float* r, RowState rows, bool scale_by_norm,
+                              cudaStream_t stream);
 
 /// Column correction of one chunk (one warp per class): with P_j = sum_i T_ij xhat_i
 /// (p: [n, D] fp32, from the boundary's GEMM), dL/dw_j = P_j - r_j^2 (w_j . P_j) w_j, since

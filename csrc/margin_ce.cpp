@@ -16,6 +16,10 @@
 // Extra memory: B*N fp32 tile (+ B*N half copy and N*D fp32 for half inputs; N*D half for the
 // chunk cast of an fp32 W with half embeddings), O(B*D + C) otherwise: flat in C. W is never
 // normalized or cast into a C x D copy (r_j is applied in the epilogues).
+// The speed path (margin_ce_kept / margin_ce_backward_kept, docs/cuda.md "Two paths"): the forward's
+// GEMM writes each chunk into its column block of a kept [B, K*C] fp32 matrix instead of the tile
+// (the epilogue converts it in place to what the chunked engine keeps), and the backward reads the
+// blocks instead of recomputing S: 1 + 2 products per chunk, B*K*C*4 bytes more.
 #include "margin_ce.h"
 
 #include <atomic>
@@ -379,12 +383,19 @@ bool simt_path(int64_t device_index) {
   return major < 7;  // no tensor cores before Volta
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_ce_cuda(
+namespace {
+
+// Both forwards. keep (the speed path): each chunk's product goes straight into its column block of
+// `kept` [B, K*C] (a strided GEMM output), which the epilogue converts in place to what the chunked
+// engine keeps; kept_norms = ||w_j|| from col_norms. Otherwise a B x n*K scratch tile (flat path).
+using Rows6 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+Rows6 forward_impl(
     const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& labels,
     const std::optional<at::Tensor>& sphere_lambda, const std::optional<at::Tensor>& row_margins,
     const std::optional<at::Tensor>& neg_threshold, const std::optional<at::Tensor>& neg_t, int64_t kind,
     double scale, double m1, double m2, double m3, double l_a, double u_a, double l_m, double u_m, int64_t boundary,
-    bool straight_through, int64_t ignore_index, int64_t subcenters) {
+    bool straight_through, int64_t ignore_index, int64_t subcenters, bool keep) {
   poll_input_checks(/*wait=*/false);  // an earlier call's failed input check is raised first
   check_operands(embeddings, weight, labels);
   const MarginParams params = make_params(kind, scale, m1, m2, m3, l_a, u_a, l_m, u_m, boundary, straight_through);
@@ -398,7 +409,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_ce_cuda(
   const auto fopt = embeddings.options().dtype(at::kFloat);
   at::Tensor lse = at::empty({B}, fopt), zy = at::empty({B}, fopt), reg = at::empty({B}, fopt),
              norms = at::empty({B}, fopt);
-  if (B == 0) return {lse, zy, reg, norms};
+  at::Tensor kept = keep ? at::empty({B, C * K}, fopt) : at::Tensor();
+  if (B == 0) {  // no launch: the kept row norms as the kernels would give them (W rounded to x's dtype)
+    const at::Tensor kn = keep ? weight.to(embeddings.scalar_type()).to(at::kFloat).norm(2, {1}) : at::Tensor();
+    return {lse, zy, reg, norms, kept, kn};
+  }
 
   const Operands o = prepare(embeddings, weight, labels, sphere_lambda, kind);
   const at::Tensor& x = o.x;
@@ -435,32 +450,73 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_ce_cuda(
   const at::Tensor x_gemm = simt ? x.to(at::kFloat) : x;
   // Chunks of N whole classes: N*K weight rows, the tile's columns.
   const int64_t N = chunk_classes(B, C, K);
-  at::Tensor tile_store = at::empty({B * N * K}, fopt);
+  at::Tensor tile_store = keep ? at::Tensor() : at::empty({B * N * K}, fopt);
   for (int64_t j0 = 0; j0 < C; j0 += N) {
     const int64_t n = std::min<int64_t>(N, C - j0);
-    at::Tensor tile = tile_store.narrow(0, 0, B * n * K).view({B, n * K});
+    at::Tensor tile = keep ? kept.narrow(1, j0 * K, n * K) : tile_store.narrow(0, 0, B * n * K).view({B, n * K});
     raw_dots(tile, x_gemm, chunk_operand(o.w.narrow(0, j0 * K, n * K), x.scalar_type(), simt));
-    engine::launch_forward_epilogue(tile.data_ptr<float>(), B, n, j0, K, r, rows, o.stream);
+    engine::launch_forward_epilogue(tile.data_ptr<float>(), tile.stride(0), keep, B, n, j0, K, r, rows, o.stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   engine::launch_forward_finalize(B, rows, lse.data_ptr<float>(), o.stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (sync_check) sync_check->raise_if_failed();
+  return {lse, zy, reg, norms, kept, keep ? cs.colr.select(0, 1).clone() : at::Tensor()};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_ce_cuda(
+    const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& labels,
+    const std::optional<at::Tensor>& sphere_lambda, const std::optional<at::Tensor>& row_margins,
+    const std::optional<at::Tensor>& neg_threshold, const std::optional<at::Tensor>& neg_t, int64_t kind,
+    double scale, double m1, double m2, double m3, double l_a, double u_a, double l_m, double u_m, int64_t boundary,
+    bool straight_through, int64_t ignore_index, int64_t subcenters) {
+  auto [lse, zy, reg, norms, kept, kept_norms] =
+      forward_impl(embeddings, weight, labels, sphere_lambda, row_margins, neg_threshold, neg_t, kind, scale, m1, m2,
+                   m3, l_a, u_a, l_m, u_m, boundary, straight_through, ignore_index, subcenters, /*keep=*/false);
   return {lse, zy, reg, norms};
 }
 
-std::tuple<at::Tensor, at::Tensor> margin_ce_backward_cuda(
+Rows6 margin_ce_kept_cuda(
+    const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& labels,
+    const std::optional<at::Tensor>& sphere_lambda, const std::optional<at::Tensor>& row_margins,
+    const std::optional<at::Tensor>& neg_threshold, const std::optional<at::Tensor>& neg_t, int64_t kind,
+    double scale, double m1, double m2, double m3, double l_a, double u_a, double l_m, double u_m, int64_t boundary,
+    bool straight_through, int64_t ignore_index, int64_t subcenters) {
+  return forward_impl(embeddings, weight, labels, sphere_lambda, row_margins, neg_threshold, neg_t, kind, scale, m1,
+                      m2, m3, l_a, u_a, l_m, u_m, boundary, straight_through, ignore_index, subcenters, /*keep=*/true);
+}
+
+namespace {
+
+// Both backwards. kept (the speed path, both defined or neither): the forward's kept matrix is read
+// in place instead of recomputing each chunk's product, and never written; kept_norms is checked
+// (the col_norms pass runs anyway: the row stage needs r_j before any chunk).
+std::tuple<at::Tensor, at::Tensor> backward_impl(
     const at::Tensor& grad_lse, const at::Tensor& grad_zy, const at::Tensor& grad_reg, const at::Tensor& grad_norms,
     const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& lse,
-    const at::Tensor& norms, const std::optional<at::Tensor>& sphere_lambda,
-    const std::optional<at::Tensor>& row_margins, const std::optional<at::Tensor>& neg_threshold,
-    const std::optional<at::Tensor>& neg_t, int64_t kind, double scale, double m1, double m2, double m3, double l_a,
-    double u_a, double l_m, double u_m, int64_t boundary, bool straight_through, int64_t ignore_index,
-    int64_t subcenters) {
+    const at::Tensor& norms, const at::Tensor& kept_in, const at::Tensor& kept_norms,
+    const std::optional<at::Tensor>& sphere_lambda, const std::optional<at::Tensor>& row_margins,
+    const std::optional<at::Tensor>& neg_threshold, const std::optional<at::Tensor>& neg_t, int64_t kind,
+    double scale, double m1, double m2, double m3, double l_a, double u_a, double l_m, double u_m, int64_t boundary,
+    bool straight_through, int64_t ignore_index, int64_t subcenters) {
   poll_input_checks(/*wait=*/false);
   check_operands(embeddings, weight, labels);
   const Features feat = check_features(embeddings, weight, kind, row_margins, neg_threshold, neg_t, subcenters);
   const int64_t B = embeddings.size(0), D = embeddings.size(1), C = feat.classes, K = feat.K;
+  const bool speed = kept_in.defined();
+  if (speed) {
+    CHECK_SAME_DEVICE(kept_in, embeddings, "kept");
+    CHECK_SAME_DEVICE(kept_norms, embeddings, "kept_norms");
+    TORCH_CHECK_VALUE(kept_in.scalar_type() == at::kFloat && kept_in.dim() == 2 && kept_in.size(0) == B &&
+                          kept_in.size(1) == C * K,
+                      "kept: expected the forward's kept products (margin_ce_kept), float32 of shape [B, K*C] = [",
+                      B, ", ", C * K, "], got ", kept_in.scalar_type(), " of shape ", kept_in.sizes());
+    TORCH_CHECK_VALUE(kept_norms.scalar_type() == at::kFloat && kept_norms.dim() == 1 && kept_norms.size(0) == C * K,
+                      "kept_norms: expected the forward's kept row norms (margin_ce_kept), float32 of shape [K*C] = [",
+                      C * K, "], got ", kept_norms.scalar_type(), " of shape ", kept_norms.sizes());
+  }
   const std::pair<const at::Tensor*, const char*> row_args[] = {
       {&grad_lse, "grad_lse"}, {&grad_zy, "grad_zy"}, {&grad_reg, "grad_reg"},
       {&grad_norms, "grad_norms"}, {&lse, "lse"}, {&norms, "norms"}};
@@ -530,18 +586,21 @@ std::tuple<at::Tensor, at::Tensor> margin_ce_backward_cuda(
   const bool grad_w_f32 = o.wdt == DType::F32;                 // P is computed in place in grad_w
   // Chunks of N whole classes, as the forward; below n, j0 count classes, nw, w0 weight rows.
   const int64_t N = chunk_classes(B, C, K);
-  at::Tensor tile_store = at::empty({B * N * K}, fopt);
+  const at::Tensor kept = speed ? kept_in.contiguous() : at::Tensor();  // read only: a retained graph reuses it
+  // The fp32 tile: the product (flat) or T (speed, fp32 T only: never written into `kept`).
+  at::Tensor tile_store = (speed && half_products) ? at::Tensor() : at::empty({B * N * K}, fopt);
   at::Tensor t_store = half_products ? at::empty({B * N * K}, x.options()) : at::Tensor();
   at::Tensor p_store = grad_w_f32 ? at::Tensor() : at::empty({N * K * D}, fopt);  // fp32 P for half grad_w
   for (int64_t j0 = 0; j0 < C; j0 += N) {
     const int64_t n = std::min<int64_t>(N, C - j0);
     const int64_t nw = n * K, w0 = j0 * K;
     const at::Tensor w_op = chunk_operand(w.narrow(0, w0, nw), x.scalar_type(), simt);
-    at::Tensor tile = tile_store.narrow(0, 0, B * nw).view({B, nw});
-    raw_dots(tile, x_gemm, w_op);
-    at::Tensor t = half_products ? t_store.narrow(0, 0, B * nw).view({B, nw}) : tile;  // T = G * r
-    engine::launch_backward_epilogue(tile.data_ptr<float>(), t.data_ptr(), half_products ? dt : DType::F32, B, n,
-                                     j0, K, r, rows, sbn, stream);
+    at::Tensor tile = speed ? kept.narrow(1, w0, nw) : tile_store.narrow(0, 0, B * nw).view({B, nw});
+    if (!speed) raw_dots(tile, x_gemm, w_op);
+    at::Tensor t = half_products ? t_store.narrow(0, 0, B * nw).view({B, nw})   // T = G * r
+                                 : speed ? tile_store.narrow(0, 0, B * nw).view({B, nw}) : tile;
+    engine::launch_backward_epilogue(tile.data_ptr<float>(), tile.stride(0), speed, t.data_ptr(),
+                                     half_products ? dt : DType::F32, B, n, j0, K, r, rows, sbn, stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     // dL/dxhat += T @ W_chunk  ([B, n] @ [n, D]), fp32 accumulation into g_xhat.
     if (half_products) {
@@ -566,4 +625,35 @@ std::tuple<at::Tensor, at::Tensor> margin_ce_backward_cuda(
   return {grad_x, grad_w};
 }
 
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> margin_ce_backward_cuda(
+    const at::Tensor& grad_lse, const at::Tensor& grad_zy, const at::Tensor& grad_reg, const at::Tensor& grad_norms,
+    const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& lse,
+    const at::Tensor& norms, const std::optional<at::Tensor>& sphere_lambda,
+    const std::optional<at::Tensor>& row_margins, const std::optional<at::Tensor>& neg_threshold,
+    const std::optional<at::Tensor>& neg_t, int64_t kind, double scale, double m1, double m2, double m3, double l_a,
+    double u_a, double l_m, double u_m, int64_t boundary, bool straight_through, int64_t ignore_index,
+    int64_t subcenters) {
+  return backward_impl(grad_lse, grad_zy, grad_reg, grad_norms, embeddings, weight, labels, lse, norms, at::Tensor(),
+                       at::Tensor(), sphere_lambda, row_margins, neg_threshold, neg_t, kind, scale, m1, m2, m3, l_a,
+                       u_a, l_m, u_m, boundary, straight_through, ignore_index, subcenters);
+}
+
+std::tuple<at::Tensor, at::Tensor> margin_ce_backward_kept_cuda(
+    const at::Tensor& grad_lse, const at::Tensor& grad_zy, const at::Tensor& grad_reg, const at::Tensor& grad_norms,
+    const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& lse,
+    const at::Tensor& norms, const at::Tensor& kept, const at::Tensor& kept_norms,
+    const std::optional<at::Tensor>& sphere_lambda, const std::optional<at::Tensor>& row_margins,
+    const std::optional<at::Tensor>& neg_threshold, const std::optional<at::Tensor>& neg_t, int64_t kind,
+    double scale, double m1, double m2, double m3, double l_a, double u_a, double l_m, double u_m, int64_t boundary,
+    bool straight_through, int64_t ignore_index, int64_t subcenters) {
+  return backward_impl(grad_lse, grad_zy, grad_reg, grad_norms, embeddings, weight, labels, lse, norms, kept,
+                       kept_norms, sphere_lambda, row_margins, neg_threshold, neg_t, kind, scale, m1, m2, m3, l_a,
+                       u_a, l_m, u_m, boundary, straight_through, ignore_index, subcenters);
+}
+
 }  // namespace magloss
+
+// The one-vs-all boundary shares this file's helpers: compiled here, in this translation unit.
+#include "one_vs_all.inc"

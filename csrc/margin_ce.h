@@ -36,6 +36,30 @@ std::tuple<at::Tensor, at::Tensor> margin_ce_backward_cuda(
     double u_a, double l_m, double u_m, int64_t boundary, bool straight_through, int64_t ignore_index,
     int64_t subcenters);
 
+/// The speed path's forward (magloss::margin_ce_kept): margin_ce_cuda's four rows, then kept
+/// [B, K*C] float32 (plain path: scale_i * xhat_i . w_j; sub-centers or curricular modulation: the
+/// sub-center cosines, exactly what magloss.chunked keeps) and kept_norms [K*C] float32 (||w_j|| of
+/// W rounded to the embeddings' dtype). Same arguments and checks as margin_ce_cuda.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_ce_kept_cuda(
+    const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& labels,
+    const std::optional<at::Tensor>& sphere_lambda, const std::optional<at::Tensor>& row_margins,
+    const std::optional<at::Tensor>& neg_threshold, const std::optional<at::Tensor>& neg_t, int64_t kind,
+    double scale, double m1, double m2, double m3, double l_a, double u_a, double l_m, double u_m, int64_t boundary,
+    bool straight_through, int64_t ignore_index, int64_t subcenters);
+
+/// The speed path's backward (magloss::margin_ce_backward_kept): margin_ce_backward_cuda's result from
+/// the forward's kept products (read, never written: a retained graph's second backward reuses
+/// them) instead of recomputing them. ValueError naming `kept` / `kept_norms` for a wrong shape or
+/// dtype.
+std::tuple<at::Tensor, at::Tensor> margin_ce_backward_kept_cuda(
+    const at::Tensor& grad_lse, const at::Tensor& grad_zy, const at::Tensor& grad_reg, const at::Tensor& grad_norms,
+    const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& lse,
+    const at::Tensor& norms, const at::Tensor& kept, const at::Tensor& kept_norms,
+    const std::optional<at::Tensor>& sphere_lambda, const std::optional<at::Tensor>& row_margins,
+    const std::optional<at::Tensor>& neg_threshold, const std::optional<at::Tensor>& neg_t, int64_t kind,
+    double scale, double m1, double m2, double m3, double l_a, double u_a, double l_m, double u_m, int64_t boundary,
+    bool straight_through, int64_t ignore_index, int64_t subcenters);
+
 /// The class-chunk width the engine would use for B rows and C classes (MAGLOSS_CHUNK or the
 /// default bound of 2^22 fp32 tile elements), exposed for tests and benchmarks.
 int64_t chunk_columns(int64_t B, int64_t C);

@@ -13,7 +13,8 @@ from typing import Any, Dict, Optional
 
 from . import switches
 
-__all__ = ["extension_status", "flush_input_checks", "register_kernels", "fused_chunk_columns"]
+__all__ = ["extension_status", "flush_input_checks", "register_kernels", "register_one_vs_all_kernels",
+           "fused_chunk_columns"]
 
 _NAME = f"{__package__}._C"
 _C: Optional[Any] = None
@@ -91,11 +92,44 @@ def _fused_margin_ce_backward(engine, grad_lse, grad_zy, grad_reg, grad_norms, e
                                      norms, sphere_lambda, row_margins, neg_threshold, neg_t, *params)
 
 
-def register_kernels(fwd_op, bwd_op, engine: Optional[Any] = None, device_type: str = "cuda") -> bool:
-    """Register a fused engine's kernels as the `device_type` implementation of the two custom ops.
+def _fused_margin_ce_kept(engine, embeddings, weight, labels, sphere_lambda, row_margins, neg_threshold, neg_t,
+                          *params):
+    """Fused kernel of magloss::margin_ce_kept, the speed path's forward (float64 -> the chunked engine)."""
+    if _is_f64(embeddings, weight):
+        from . import chunked
 
-    ``engine`` defaults to the compiled extension magloss._C on "cuda". Returns True when
-    registered; without the extension the default kernel stays in use and this returns False.
+        spec, ignore_index = _spec_and_index(params)
+        outs = chunked.margin_ce_forward(embeddings, weight, labels, spec, ignore_index, sphere_lambda,
+                                         row_margins, neg_threshold, neg_t, keep=True)
+        return tuple(o.contiguous() for o in outs)
+    return engine.margin_ce_kept(embeddings, weight, labels, sphere_lambda, row_margins, neg_threshold, neg_t,
+                                 *params)
+
+
+def _fused_margin_ce_backward_kept(engine, grad_lse, grad_zy, grad_reg, grad_norms, embeddings, weight, labels, lse,
+                                   norms, kept, kept_norms, sphere_lambda, row_margins, neg_threshold, neg_t, *params):
+    """Fused kernel of magloss::margin_ce_backward_kept (float64 -> the chunked engine)."""
+    if _is_f64(embeddings, weight):
+        from . import chunked
+
+        spec, ignore_index = _spec_and_index(params)
+        return chunked.margin_ce_backward(grad_lse, grad_zy, grad_reg, grad_norms, embeddings, weight, labels,
+                                          lse, spec, ignore_index, sphere_lambda, row_margins, neg_threshold,
+                                          neg_t, kept=kept, kept_norms=kept_norms)
+    return engine.margin_ce_backward_kept(grad_lse, grad_zy, grad_reg, grad_norms, embeddings, weight, labels, lse,
+                                          norms, kept, kept_norms, sphere_lambda, row_margins, neg_threshold, neg_t,
+                                          *params)
+
+
+def register_kernels(fwd_op, bwd_op, engine: Optional[Any] = None, device_type: str = "cuda",
+                     kept_ops=None) -> bool:
+    """Register a fused engine's kernels as the `device_type` implementation of the custom ops.
+
+    ``fwd_op``, ``bwd_op``: magloss::margin_ce and magloss::margin_ce_backward (the flat path);
+    ``kept_ops``: (magloss::margin_ce_kept, magloss::margin_ce_backward_kept), the speed path,
+    or None to leave those on their default kernel. ``engine`` defaults to the compiled extension
+    magloss._C on "cuda". Returns True when registered; without the extension the default kernels
+    stay in use and this returns False.
     float64 inputs are routed to the chunked PyTorch engine by the registered wrappers (docs/cuda.md).
     The CPU emulator's build of the same sources (tests/emu) registers itself for "cpu".
     """
@@ -104,6 +138,44 @@ def register_kernels(fwd_op, bwd_op, engine: Optional[Any] = None, device_type: 
         return False
     fwd_op.register_kernel(device_type)(functools.partial(_fused_margin_ce, engine))
     bwd_op.register_kernel(device_type)(functools.partial(_fused_margin_ce_backward, engine))
+    if kept_ops is not None:
+        kept_fwd, kept_bwd = kept_ops
+        kept_fwd.register_kernel(device_type)(functools.partial(_fused_margin_ce_kept, engine))
+        kept_bwd.register_kernel(device_type)(functools.partial(_fused_margin_ce_backward_kept, engine))
+    _ENGINES[device_type] = engine
+    return True
+
+
+def _fused_one_vs_all(engine, embeddings, weight, labels, bias, kind, params, ignore_index):
+    """Fused kernel of magloss::one_vs_all (float64 -> the chunked engine, as margin_ce's)."""
+    from . import onevsall
+
+    if _is_f64(embeddings, weight):
+        return onevsall.one_vs_all_forward(embeddings, weight, labels, bias, kind, params, ignore_index)
+    onevsall._check_op_args(kind, params, bias, embeddings)   # the chunked op's messages
+    return engine.one_vs_all(embeddings, weight, labels, bias, kind, params, ignore_index)
+
+
+def _fused_one_vs_all_backward(engine, grad_rows, embeddings, weight, labels, bias, kind, params, ignore_index):
+    """Fused kernel of magloss::one_vs_all_backward (float64 -> the chunked engine, as the forward)."""
+    from . import onevsall
+
+    if _is_f64(embeddings, weight):
+        return onevsall.one_vs_all_backward(grad_rows, embeddings, weight, labels, bias, kind, params, ignore_index)
+    onevsall._check_op_args(kind, params, bias, embeddings)
+    return engine.one_vs_all_backward(grad_rows, embeddings, weight, labels, bias, kind, params, ignore_index)
+
+
+def register_one_vs_all_kernels(fwd_op, bwd_op, engine: Optional[Any] = None, device_type: str = "cuda") -> bool:
+    """Register a fused engine's one-vs-all kernels as the `device_type` implementation of
+    magloss::one_vs_all and its backward op (magloss.onevsall), as :func:`register_kernels` does
+    for the margin ops. Returns False (the chunked engine stays in use) without an engine that
+    has them (no extension, or one built before they existed)."""
+    engine = _C if engine is None else engine
+    if engine is None or not hasattr(engine, "one_vs_all"):
+        return False
+    fwd_op.register_kernel(device_type)(functools.partial(_fused_one_vs_all, engine))
+    bwd_op.register_kernel(device_type)(functools.partial(_fused_one_vs_all_backward, engine))
     _ENGINES[device_type] = engine
     return True
 

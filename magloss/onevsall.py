@@ -25,8 +25,9 @@ dtype first (the autocast pair: a float32 W rounded chunk by chunk), as in the m
 
 The ``magloss::one_vs_all`` op (and its backward op) is registered with ``torch.library``
 with fake kernels and an autograd formula, so ``torch.compile(fullgraph=True)`` and
-``torch.library.opcheck`` work. The fused CUDA engine does not run these losses yet: on CUDA
-they run this chunked engine.
+``torch.library.opcheck`` work. With the compiled extension, CUDA tensors of float32/float16/bfloat16
+run the fused CUDA engine's one-vs-all kernels instead (csrc/onevsall.cu, registered by
+:func:`magloss._ext.register_one_vs_all_kernels`; float64 stays on this engine): docs/cuda.md.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from . import _ext
 from .checks import check_inputs, check_values
 from .chunked import chunk_columns
 from .margins import NORM_EPS
@@ -297,6 +299,9 @@ def _setup_double(ctx, inputs, output):
 
 
 _backward_op.register_autograd(_no_double_backward, setup_context=_setup_double)
+
+# The fused CUDA engine's kernels for "cuda", where the compiled extension has them.
+_ext.register_one_vs_all_kernels(one_vs_all, _backward_op)
 
 
 # -- functional forms ----------------------------------------------------------------------------------------

@@ -194,26 +194,15 @@ def _(grad_lse, grad_zy, grad_reg, grad_norms, embeddings, weight, *args):
     return torch.empty_like(embeddings), torch.empty_like(weight)
 
 
-def _fused_kernel_active(embeddings: Tensor, weight: Tensor) -> bool:
-    """Whether ``margin_ce`` runs a fused engine for these inputs: one is registered for the
-    device (magloss._ext), its kernel is enabled there (the CPU emulator of the tests registers
-    one and switches it on only inside its own context), and the inputs are not float64 (which
-    the registered wrappers route to the chunked engine)."""
-    device = embeddings.device.type
-    return (device in _ext._ENGINES and device not in getattr(margin_ce, "_disabled_kernel", ())
-            and torch.float64 not in (embeddings.dtype, weight.dtype))
-
-
 def margin_ce_rows(embeddings: Tensor, weight: Tensor, labels: Tensor, sphere_lambda: Optional[Tensor],
                    row_margins: Optional[Tensor], neg_threshold: Optional[Tensor], neg_t: Optional[Tensor],
                    *params, side: bool = False) -> Tuple[Tensor, ...]:
     """(lse, zy, reg, norms) of :func:`margin_ce` (same arguments) through the engine path that
     :func:`magloss.chunked.select_path` picks: ``margin_ce_kept`` (speed: three products, B×K·C
-    kept) or ``margin_ce`` (flat: four products). Where the fused CUDA engine is registered
-    for the device (float32/half inputs), always ``margin_ce``: the fused engine has only the
-    flat path. What the losses call. ``side=True`` appends the three side outputs
-    (label_cosine, nearest_negative_cosine, nearest_negative_class) of the same forward."""
-    if not _fused_kernel_active(embeddings, weight) and chunked.select_path(embeddings, weight) == "speed":
+    kept) or ``margin_ce`` (flat: four products), on every engine: the fused CUDA engine
+    implements both pairs (docs/cuda.md). What the losses call. ``side=True`` appends the three
+    side outputs (label_cosine, nearest_negative_cosine, nearest_negative_class) of the same forward."""
+    if chunked.select_path(embeddings, weight) == "speed":
         outs = margin_ce_kept(embeddings, weight, labels, sphere_lambda, row_margins, neg_threshold, neg_t,
                               *params, side)
         outs = outs[:4] + outs[6:]
@@ -341,4 +330,4 @@ def checked_labels(embeddings: Tensor, weight: Tensor, labels: Tensor, ignore_in
 def _(embeddings, weight, labels, ignore_index, num_classes):
     return torch.empty_like(labels, dtype=torch.int64)
 
-_ext.register_kernels(margin_ce, margin_ce_backward)
+_ext.register_kernels(margin_ce, margin_ce_backward, kept_ops=(margin_ce_kept, margin_ce_backward_kept))

@@ -48,14 +48,14 @@ SWITCHES: Tuple[Switch, ...] = (
            "checks in the call, except with 'off'",
            "chunked engine, fused engine"),
     Switch("MAGLOSS_PATH", "auto",
-           "the chunked engine's path: 'speed' keeps the forward's B×C products for the backward (three "
+           "the engine's path (chunked and fused alike): 'speed' keeps the forward's B×C products for the backward (three "
            "products), 'flat' recomputes them (four, memory flat in C), 'auto' takes 'speed' when its extra "
-           "memory fits MAGLOSS_SPEED_BUDGET (docs/cpu_engine.md)",
-           "chunked engine"),
+           "memory fits MAGLOSS_SPEED_BUDGET (docs/cpu_engine.md, docs/cuda.md)",
+           "chunked engine, fused engine"),
     Switch("MAGLOSS_SPEED_BUDGET", "",
            "bytes of extra memory the speed path may take under 'auto'; unset: the size of the class matrix "
            "(shard) itself",
-           "chunked engine"),
+           "chunked engine, fused engine"),
 )
 
 _BY_NAME = {s.name: s for s in SWITCHES}

@@ -7,12 +7,17 @@
 # time a step leaves unused passes to the next one:
 #   versions   GPU, driver, torch, CUDA, nvcc, compute-sanitizer, Python (25 s)
 #   extension  the prebuilt magloss._C from .prebuilt/<key>/ if one was carried for this csrc/,
-#              torch and arch, else a build (tools/prebuild_ext.py install); then import it (160 s)
-#   pytest     pytest -m gpu on every test file that uses the gpu mark (100 s)
-#   memcheck   compute-sanitizer --tool memcheck python tests/sanitizer_cases.py (55 s)
-#   racecheck  the same with --tool racecheck, our kernels only (55 s)
-#   bench      benchmarks/run.py: fused (magloss), eager and the bare products (floor), fp32 and
-#              bf16, B=512, C=85,742, D=512, every loss, fwd/bwd/full (55 s)
+#              torch and arch, else a build (tools/prebuild_ext.py install); then import it (150 s)
+#   pytest     both engine paths: pytest -m gpu on every test file that uses the gpu mark with
+#              MAGLOSS_PATH=flat (the flat and the kept ops are called directly by their suites), then
+#              with MAGLOSS_PATH=speed the tests that reach the ops through the losses' path policy
+#              (PATH_TESTS below) (110 s)
+#   memcheck   compute-sanitizer --tool memcheck python tests/sanitizer_cases.py (50 s)
+#   racecheck  the same with --tool racecheck, our kernels only (50 s)
+#   bench      benchmarks/run.py: fused (magloss) on the speed path, eager and the bare products
+#              (floor), fp32 and bf16, B=512, C=85,742, D=512, every loss, fwd/bwd/full; then the
+#              fused provider again on the flat path (its figures: provider "magloss[flat]" in the
+#              record) (65 s)
 #
 # As soon as a step ends, a line is appended to $OUT/summary.txt and the JSON record
 # $OUT/gpu_check.json is rewritten (GPU, driver, torch, CUDA, commit, command, each step's
@@ -21,9 +26,10 @@
 # clean only if every case of tests/sanitizer_cases.py printed its "passed" line and the error
 # summary says 0. Without a GPU (a dry run) the steps that need one are recorded as skipped with
 # the reason and the record is still written; the pytest step then runs tests/test_device_backend.py
-# (the GPU-only methods of the device objects, against this torch's torch.cuda API, with fakes) and
-# the bench step the same command on the CPU at a tiny shape with the eager and floor providers, so
-# that the harness, the record and the step judges run here too.
+# (the GPU-only methods of the device objects, against this torch's torch.cuda API, with fakes) through
+# the same two-path function, and the bench step the same two runs on the CPU at a tiny shape with the
+# eager and floor providers (floor again on the flat path), so that the harness, the record and the
+# step judges run here too.
 #
 # $OUT receives exactly these 8 files (the device tool returns at most 8): gpu_check.json,
 # summary.txt, extension.log, pytest.log, memcheck.log, racecheck.log, bench.json, bench.log.
@@ -51,7 +57,7 @@ export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export GIT_COMMIT=${GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo "unknown (no .git in this copy: pass GIT_COMMIT)")}
 export GPU_CHECK_COMMAND="bash tests/gpu_check.sh${*:+ $*}" GPU_CHECK_OUTDIR=$OUTDIR GPU_CHECK_WORK=$WORK
 export GPU_CHECK_START=$(date -u +%Y-%m-%dT%H:%M:%SZ)
-declare -A CAPS=([versions]=25 [extension]=160 [pytest]=100 [memcheck]=55 [racecheck]=55 [bench]=55)
+declare -A CAPS=([versions]=25 [extension]=150 [pytest]=110 [memcheck]=50 [racecheck]=50 [bench]=65)
 T0=$SECONDS
 CUM=0   # sum of the caps of the steps so far: step i must end by T0 + CUM
 
@@ -108,17 +114,22 @@ def judge(s):
     if name == "pytest":
         counts = {"tests": 0, "passed": 0, "failed": 0, "errors": 0, "skipped": 0}
         failed = []
-        try:
-            for case in ET.parse(work / "pytest.xml").getroot().iter("testcase"):
-                counts["tests"] += 1
-                kinds = {child.tag for child in case}
-                kind = ("failed" if "failure" in kinds else "errors" if "error" in kinds
-                        else "skipped" if "skipped" in kinds else "passed")
-                counts[kind] += 1
-                if kind in ("failed", "errors"):
-                    failed.append(f"{case.get('classname')}::{case.get('name')}")
-        except (OSError, ET.ParseError) as exc:
-            counts["junit_error"] = str(exc)
+        # pytest.xml: the first run (MAGLOSS_PATH=flat); pytest_speed.xml, where the step made one:
+        # the second (MAGLOSS_PATH=speed), its tests named with a "[speed] " prefix
+        for xml, tag in (("pytest.xml", ""), ("pytest_speed.xml", "[speed] ")):
+            if tag and not (work / xml).exists():
+                continue
+            try:
+                for case in ET.parse(work / xml).getroot().iter("testcase"):
+                    counts["tests"] += 1
+                    kinds = {child.tag for child in case}
+                    kind = ("failed" if "failure" in kinds else "errors" if "error" in kinds
+                            else "skipped" if "skipped" in kinds else "passed")
+                    counts[kind] += 1
+                    if kind in ("failed", "errors"):
+                        failed.append(f"{tag}{case.get('classname')}::{case.get('name')}")
+            except (OSError, ET.ParseError) as exc:
+                counts["junit_error"] = f"{xml}: {exc}"
         rec["pytest"] = dict(counts, failed_tests=failed[:100])
         good = rc == 0 and counts["passed"] > 0 and not failed
         return ("ok" if good else "timeout" if timed_out else "failed"), (
@@ -141,11 +152,20 @@ def judge(s):
         keep = ("provider", "loss", "precision", "B", "C", "D", "mode", "status", "median_ms", "p20_ms", "p80_ms",
                 "peak_extra_mb", "tflops", "iters", "error")
         res = [{k: r.get(k) for k in keep} for r in doc["results"]]
+        flat = load(work / "bench_flat.json")   # the fused provider's second run, MAGLOSS_PATH=flat (provider "<name>[flat]")
+        if flat is not None:
+            res += [dict({k: r.get(k) for k in keep}, provider=r.get("provider") + "[flat]") for r in flat["results"]]
+            doc["complete"] = doc["complete"] and flat["complete"]
         rec["benchmark"] = {"complete": doc["complete"], "settings": doc["settings"], "grid": doc["grid"],
                             "skipped": doc.get("skipped", []), "results": res}
         bad = [r for r in res if r["status"] != "ok"]
         missing = sorted({p for p in doc["grid"]["providers"] if not doc["providers"][p]["available"]}
                          | {s["provider"] for s in doc.get("skipped", [])})
+        if flat is None:
+            missing.append("the flat-path run (no bench_flat.json)")
+        else:
+            missing += sorted({p + "[flat]" for p in flat["grid"]["providers"] if not flat["providers"][p]["available"]}
+                              | {s["provider"] + "[flat]" for s in flat.get("skipped", [])})
         good = rc == 0 and doc["complete"] and res and not bad and not missing
         return ("ok" if good else "timeout" if timed_out else "failed"), (
             f"{len(res) - len(bad)}/{len(res)} figures ok, complete={doc['complete']}, "
@@ -293,20 +313,40 @@ else
 fi
 FUSED=$(grep -c '^extension_status: .*"fused": true' "$OUTDIR/extension.log" 2>/dev/null)
 
-# ---- GPU parity suite ------------------------------------------------------------------------
+# ---- GPU parity suite, both engine paths --------------------------------------------------------
 # only the files that use the gpu mark: collecting the others costs time (the emulator suite
-# compiles the kernels for the CPU at collection)
-TESTS=${GPU_CHECK_TESTS:-$(grep -lE "mark\.gpu\b" tests/test_*.py | tr '\n' ' ')}
+# compiles the kernels for the CPU at collection). Run 1, MAGLOSS_PATH=flat: every such file (the
+# flat ops' and the kept ops' suites call their ops directly). Run 2, MAGLOSS_PATH=speed: the tests
+# that reach the ops through the losses' path policy (ops.margin_ce_rows). A dry run runs the same
+# function on tests/test_device_backend.py (the GPU-only methods of the device objects, with a fake
+# torch.cuda), all of it in run 1 and two of its tests in run 2.
+both_paths() {
+  local rc rc2
+  # shellcheck disable=SC2086
+  MAGLOSS_PATH=flat "$PY" -m pytest $MARK -q -p no:cacheprovider --tb=short --junitxml="$WORK/pytest.xml" $TESTS
+  rc=$?
+  echo "== MAGLOSS_PATH=speed: -k '$PATH_K' $PATH_FILES"
+  # shellcheck disable=SC2086
+  MAGLOSS_PATH=speed "$PY" -m pytest $MARK -q -p no:cacheprovider --tb=short --junitxml="$WORK/pytest_speed.xml" \
+    -k "$PATH_K" $PATH_FILES
+  rc2=$?
+  return $((rc != 0 ? rc : rc2))
+}
+export -f both_paths
 begin pytest
-if [[ -z $GPU ]]; then   # dry run: the GPU-only methods of the device objects, with a fake torch.cuda
-  DESC="(dry run) pytest tests/test_device_backend.py" run_step pytest "$OUTDIR/pytest.log" "$PY" -m pytest -q \
-    -p no:cacheprovider --tb=short --junitxml="$WORK/pytest.xml" tests/test_device_backend.py
-elif [[ -z $TESTS ]]; then
+if [[ -z $GPU ]]; then   # dry run
+  MARK="" TESTS=tests/test_device_backend.py PATH_FILES=tests/test_device_backend.py PATH_K="parity_harness"
+else
+  MARK="-m gpu" TESTS=${GPU_CHECK_TESTS:-$(grep -lE "mark\.gpu\b" tests/test_*.py | tr '\n' ' ')}
+  PATH_FILES=tests/test_cuda_parity.py
+  PATH_K="modules_reductions or autocast_bf16_module or compile_fullgraph or never_waits or bad_inputs_same_errors"
+fi
+export MARK TESTS PATH_FILES PATH_K WORK
+if [[ -z ${TESTS// /} ]]; then
   skip pytest "no test file uses the gpu mark"
 else
-  # shellcheck disable=SC2086
-  run_step pytest "$OUTDIR/pytest.log" "$PY" -m pytest -m gpu -q -p no:cacheprovider --tb=short \
-    --junitxml="$WORK/pytest.xml" $TESTS
+  DESC="MAGLOSS_PATH=flat pytest $MARK $TESTS; MAGLOSS_PATH=speed pytest $MARK -k '$PATH_K' $PATH_FILES" \
+    run_step pytest "$OUTDIR/pytest.log" bash -c both_paths
 fi
 
 # ---- compute-sanitizer -----------------------------------------------------------------------
@@ -326,16 +366,33 @@ for tool in memcheck racecheck; do
     "$PY" tests/sanitizer_cases.py
 done
 
-# ---- narrow benchmark ------------------------------------------------------------------------
+# ---- narrow benchmark, both engine paths ----------------------------------------------------------
+# Run 1 (MAGLOSS_PATH=speed) every provider; run 2 (MAGLOSS_PATH=flat) the fused provider again (the
+# dry run: floor), recorded as "<provider>[flat]". Run 1 may use 2/3 of the step's time, run 2 the rest.
 begin bench
 if [[ -n $GPU ]]; then
-  BENCH=(--device cuda --providers magloss,eager,floor --B 512 --C 85742 --D 512)
+  BENCH="--device cuda --B 512 --C 85742 --D 512" PROVIDERS=magloss,eager,floor FLAT_PROVIDERS=magloss
 else   # dry run: the same harness on the CPU at a tiny shape (no fused provider here)
-  BENCH=(--device cpu --providers eager,floor --B 8 --C 300 --D 16)
+  BENCH="--device cpu --B 8 --C 300 --D 16" PROVIDERS=eager,floor FLAT_PROVIDERS=floor
 fi
-run_step bench "$OUTDIR/bench.log" "$PY" benchmarks/run.py "${BENCH[@]}" --grid quick --precisions fp32,bf16 \
-  --warmup 2 --case-seconds 0.25 --iters 30 --min-iters 5 --max-seconds $((DL > 40 ? DL - 25 : 15)) \
-  --out "$OUTDIR/bench.json"
+BENCH_SECONDS=$((DL > 40 ? (DL - 25) * 2 / 3 : 15))
+bench_both() {
+  local rc
+  # shellcheck disable=SC2086
+  MAGLOSS_PATH=speed "$PY" benchmarks/run.py $BENCH --providers "$PROVIDERS" --grid quick --precisions fp32,bf16 \
+    --warmup 2 --case-seconds 0.25 --iters 30 --min-iters 5 --max-seconds "$BENCH_SECONDS" --out "$OUTDIR/bench.json"
+  rc=$?
+  echo "== MAGLOSS_PATH=flat: --providers $FLAT_PROVIDERS"
+  # shellcheck disable=SC2086
+  MAGLOSS_PATH=flat "$PY" benchmarks/run.py $BENCH --providers "$FLAT_PROVIDERS" --grid quick --precisions fp32,bf16 \
+    --warmup 2 --case-seconds 0.25 --iters 30 --min-iters 5 --max-seconds $((BENCH_SECONDS / 2 > 8 ? BENCH_SECONDS / 2 : 8)) \
+    --out "$WORK/bench_flat.json" || rc=$?
+  return "$rc"
+}
+export -f bench_both
+export BENCH PROVIDERS FLAT_PROVIDERS BENCH_SECONDS OUTDIR WORK
+DESC="MAGLOSS_PATH=speed benchmarks/run.py $BENCH --providers $PROVIDERS; MAGLOSS_PATH=flat ... --providers $FLAT_PROVIDERS" \
+  run_step bench "$OUTDIR/bench.log" bash -c bench_both
 grep '^|' "$OUTDIR/bench.log" >>"$OUTDIR/summary.txt"
 
 rm -rf "$WORK"

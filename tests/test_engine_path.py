@@ -293,25 +293,21 @@ def test_opcheck_kept_ops(monkeypatch, case):
     torch.library.opcheck(torch.ops.magloss.margin_ce_backward_kept.default, bargs)
 
 
-def test_fused_device_keeps_the_fused_flat_op(monkeypatch):
+def test_fused_device_follows_the_policy(monkeypatch):
     """Where a fused engine is registered and enabled for the device (here: a stand-in entry for
-    "cpu"), the losses call margin_ce (the fused engine has no speed path), whatever MAGLOSS_PATH
-    says; float64 still goes to the chunked engine, so the policy applies to it. A registered
-    kernel that is switched off (the CPU emulator outside its context) does not count."""
+    "cpu"), the losses take the pair the policy picks, as on every other engine: the fused engine
+    implements both (float32 and float64 alike)."""
     monkeypatch.setitem(magloss._ext._ENGINES, "cpu", object())
-    monkeypatch.setattr(ops.margin_ce, "_disabled_kernel", set())     # as if its kernel were on
-    monkeypatch.setenv("MAGLOSS_PATH", "speed")
     x, w, y, _ = make_case(4, 9, 8, seed=2)
     calls = []
     monkeypatch.setattr(ops, "margin_ce", lambda *a: calls.append("flat") or (x[:, 0],) * 4)
     monkeypatch.setattr(ops, "margin_ce_kept", lambda *a: calls.append("speed") or (x[:, 0],) * 6)
     spec = MarginSpec.combined(64.0, 1.0, 0.5, 0.0)
-    ops.margin_ce_rows(x.float(), w.float(), y, None, None, None, None, *spec.op_args(-1))
-    ops.margin_ce_rows(x, w, y, None, None, None, None, *spec.op_args(-1))
-    assert calls == ["flat", "speed"]
-    monkeypatch.setattr(ops.margin_ce, "_disabled_kernel", {"cpu"}, raising=False)   # (the stand-in op)
-    ops.margin_ce_rows(x.float(), w.float(), y, None, None, None, None, *spec.op_args(-1))
-    assert calls == ["flat", "speed", "speed"]
+    for path in ("speed", "flat"):
+        monkeypatch.setenv("MAGLOSS_PATH", path)
+        ops.margin_ce_rows(x.float(), w.float(), y, None, None, None, None, *spec.op_args(-1))
+        ops.margin_ce_rows(x, w, y, None, None, None, None, *spec.op_args(-1))
+    assert calls == ["speed", "speed", "flat", "flat"]
 
 
 # ---- on a GPU (tests/gpu_check.sh runs the gpu-marked tests; the mark is set only where a GPU is visible) ----
@@ -321,7 +317,7 @@ def test_fused_device_keeps_the_fused_flat_op(monkeypatch):
 def test_chunked_engine_both_paths_on_cuda(case, dtype):
     """The chunked engine on CUDA tensors (what CUDA runs without the extension, and for float64
     with it), speed and flat paths, several chunks, against the float64 reference on the CPU;
-    with the fused engine loaded, the losses still call its flat op for float32."""
+    with the extension the fused engine runs both paths for float32 (tests/test_cuda_parity_speed.py)."""
     if case in FAMILIES:
         spec, lam = FAMILIES[case]
         x, w, y, grads = make_case(37, 301, 24, seed=5, ignored=(3, 30))

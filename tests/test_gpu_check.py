@@ -47,8 +47,11 @@ def test_dry_run_record(dry_runs):
     # the stand-ins ran and were judged from their outputs
     assert steps["pytest"]["status"] == "ok", (steps["pytest"], (d / "pytest.log").read_text()[-2000:])
     assert rec["pytest"]["passed"] > 0 and rec["pytest"]["failed"] == 0
+    log = (d / "pytest.log").read_text()   # both paths' runs, the second one's tests counted too
+    assert "== MAGLOSS_PATH=speed" in log and log.count(" passed") == 2
     assert steps["bench"]["status"] == "ok", steps["bench"]
-    assert {r["provider"] for r in rec["benchmark"]["results"]} == {"eager", "floor"}
+    # run 1 (speed) every provider, run 2 (flat) the stand-in of the fused one, named "[flat]"
+    assert {r["provider"] for r in rec["benchmark"]["results"]} == {"eager", "floor", "floor[flat]"}
     assert all(r["status"] == "ok" and r["median_ms"] > 0 for r in rec["benchmark"]["results"])
     for tool in ("memcheck", "racecheck"):
         assert steps[tool]["status"] == "skipped" and "dry run" in steps[tool]["detail"]

@@ -18,6 +18,10 @@ The only non-C++ syntax in a .cu file is the launch ``kernel<<<grid, block, shme
 Kernel translation units are compiled with ``-fsanitize=thread`` and linked without
 ThreadSanitizer's runtime: the runtime's own race and bounds detector serves the hooks.
 
+The engine also gets csrc/onevsall.cu (the one-vs-all kernels) as a second instrumented kernel
+unit, ``ova_kernels.cpp``; ``MAGLOSS_EMU_ONEVSALL_CU=path`` builds another copy of it (its mutants).
+csrc/*.inc (a boundary file compiled inside margin_ce.cpp) count as headers for the cache keys.
+
 ``MAGLOSS_EMU_ENGINE_CU=path`` builds another copy of engine.cu instead (mutation checks: a
 deliberately broken kernel must make the emulated suites fail); a ``margins.cuh`` next to it is
 included by the kernels instead of csrc's (the boundary keeps csrc's).
@@ -141,6 +145,12 @@ def build(unit: str = "engine") -> Path:
     units = [("kernels.cpp", ["-fsanitize=thread", "-g", *(f"-D{d}" for d in KERNEL_DEFINES), f"-I{HERE}",
                               f"-I{cu.parent}", f"-I{CSRC}"]),
              (str(runtime), [f"-I{HERE}"])]
+    # Generated kernel units: name -> (host source, the .cu it comes from).
+    generated = {"kernels.cpp": (kernels, cu)}
+    if unit == "engine":
+        ova = Path(os.environ.get("MAGLOSS_EMU_ONEVSALL_CU") or CSRC / "onevsall.cu").resolve()
+        generated["ova_kernels.cpp"] = (host_source(ova.read_text(), str(ova)), ova)
+        units.insert(1, ("ova_kernels.cpp", [*units[0][1][:-2], f"-I{ova.parent}", f"-I{CSRC}"]))
     link: List[str] = []
     suffix = ".so"
     key = hashlib.sha256(unit.encode())
@@ -164,26 +174,29 @@ def build(unit: str = "engine") -> Path:
     key.update(subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.encode())
     key.update(str(cuda_inc).encode())
     key.update(Path(__file__).read_text().encode())
-    headers = [HERE / "cuda_emu.h", *sorted(CSRC.glob("*.h")), *sorted(CSRC.glob("*.cuh")), *sorted(SHIM.rglob("*.h"))]
+    headers = [HERE / "cuda_emu.h", *sorted(CSRC.glob("*.h")), *sorted(CSRC.glob("*.cuh")), *sorted(CSRC.glob("*.inc")),
+               *sorted(SHIM.rglob("*.h"))]
     for h in headers:
         key.update(h.read_bytes())
     # Headers next to another engine.cu (a mutant's margins.cuh) reach the kernels only.
-    kernel_headers = b"".join(h.read_bytes() for h in sorted(cu.parent.glob("*.cuh"))) if cu.parent != CSRC else b""
+    def kernel_headers(path: Path) -> bytes:
+        return b"".join(h.read_bytes() for h in sorted(path.parent.glob("*.cuh"))) if path.parent != CSRC else b""
+
     cache = _cache_dir()
     (cache / "obj").mkdir(parents=True, exist_ok=True)
     objs, todo = [], []
     for src, extra in units:
-        text = kernels if src == "kernels.cpp" else Path(src).read_text()
+        text = generated[src][0] if src in generated else Path(src).read_text()
         k = key.copy()
-        if src == "kernels.cpp":
-            k.update(kernel_headers)
+        if src in generated:
+            k.update(kernel_headers(generated[src][1]))
         k.update(text.encode())
         k.update(" ".join(extra).encode())
         obj = cache / "obj" / f"{Path(src).stem}-{k.hexdigest()[:20]}.o"
         objs.append(obj)
         if obj.is_file():
             continue
-        if src == "kernels.cpp":
+        if src in generated:
             src = str(cache / "obj" / f"{obj.stem}.cpp")
             Path(src).write_text(text)
         todo.append([*base, *extra, "-c", src, "-o", f"{obj}.{os.getpid()}.tmp"])

@@ -91,7 +91,7 @@ def _cpu_kernels(enabled: bool) -> contextlib.ExitStack:
     from magloss import ops
 
     stack = contextlib.ExitStack()
-    for op in (ops.margin_ce, ops.margin_ce_backward):
+    for op in (ops.margin_ce, ops.margin_ce_backward, ops.margin_ce_kept, ops.margin_ce_backward_kept):
         stack.enter_context(op.set_kernel_enabled("cpu", enabled))
     return stack
 
@@ -103,7 +103,8 @@ def routed():
     from magloss import _ext, ops
 
     if _disabled is None:
-        _ext.register_kernels(ops.margin_ce, ops.margin_ce_backward, engine=module(), device_type="cpu")
+        _ext.register_kernels(ops.margin_ce, ops.margin_ce_backward, engine=module(), device_type="cpu",
+                              kept_ops=(ops.margin_ce_kept, ops.margin_ce_backward_kept))
         _disabled = _cpu_kernels(False)
     with _cpu_kernels(True):
         yield module()

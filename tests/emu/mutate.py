@@ -1,7 +1,8 @@
 """Mutation check of the emulated suites: deliberately broken copies of csrc/engine.cu must fail them.
 
 Each mutant is one realistic kernel bug, written as a (name, kind, exact old snippet, new snippet)
-row of :data:`MUTANTS` and applied to the text of csrc/engine.cu (a snippet that no longer matches
+row of :data:`MUTANTS` and applied to the text of csrc/engine.cu, csrc/margins.cuh or csrc/onevsall.cu
+(the one-vs-all kernels, built as the emulator's second kernel unit, ``MAGLOSS_EMU_ONEVSALL_CU``); a snippet that no longer matches
 exactly once is an error: the table must follow the engine). For each mutant the tool writes the
 mutated file, builds it for the emulator (``MAGLOSS_EMU_ENGINE_CU``: only the kernel object is
 recompiled, tests/emu/build.py), runs the emulated suites with ``-x``, the tests named by
@@ -41,6 +42,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 ENGINE_CU = ROOT / "csrc" / "engine.cu"
 MARGINS_CUH = ROOT / "csrc" / "margins.cuh"
+ONEVSALL_CU = ROOT / "csrc" / "onevsall.cu"
 PY = sys.executable
 
 
@@ -49,7 +51,7 @@ class Mutant(NamedTuple):
     kind: str
     old: str
     new: str
-    file: str = "engine.cu"  # or "margins.cuh" (the device functions engine.cu includes)
+    file: str = "engine.cu"  # or "margins.cuh" (the device functions engine.cu includes), or "onevsall.cu"
 
 
 M = Mutant
@@ -77,8 +79,7 @@ MUTANTS: List[Mutant] = [
     M("sph_overwritten", "accumulator overwritten",
       "if (sbn) rows.sph[i] += acc_sph;", "if (sbn) rows.sph[i] = acc_sph;"),
     M("acc_gc_overwritten", "accumulator overwritten",
-      "acc_gc += g * c;\n      if (sbn) acc_sph += dz * z;\n    }\n  } else {",
-      "acc_gc = g * c;\n      if (sbn) acc_sph += dz * z;\n    }\n  } else {"),
+      "acc_gc += (kept && col != lab) ? dz * z : g * c;", "acc_gc = (kept && col != lab) ? dz * z : g * c;"),
     M("col_norms_ss_overwritten", "accumulator overwritten",
       "ss += v * v;", "ss = v * v;"),
     M("correction_dot_overwritten", "accumulator overwritten",
@@ -148,8 +149,8 @@ MUTANTS: List[Mutant] = [
     M("forward_r_local_index", "wrong index",
       "s * (srow[j] * inv_a * r[col])", "s * (srow[j] * inv_a * r[j])"),
     M("backward_label_local_index", "wrong index",
-      "      if (col == lab) {\n        c = cy;\n        z = zl;\n        dz = dzy;\n        g = gy;\n      } else {\n        c = tile",
-      "      if (j == lab) {\n        c = cy;\n        z = zl;\n        dz = dzy;\n        g = gy;\n      } else {\n        c = tile"),
+      "      if (col == lab) {\n        c = cy;\n        z = zl;\n        dz = dzy;\n        g = gy;\n      } else {\n        c = kept",
+      "      if (j == lab) {\n        c = cy;\n        z = zl;\n        dz = dzy;\n        g = gy;\n      } else {\n        c = kept"),
     M("backward_out_global_index", "wrong index",
       "out[i * n + j] = from_f<TO>(g * rj);", "out[i * n + col] = from_f<TO>(g * rj);"),
     M("correction_w_local_index", "wrong index",
@@ -194,8 +195,8 @@ MUTANTS: List[Mutant] = [
       "    rows.gc_row[i] = 0.0f;\n", ""),
     # ---- aliasing ----------------------------------------------------------------------------------
     M("backward_rereads_aliased_tile", "read after aliased write",
-      "acc_gc += g * c;\n      if (sbn) acc_sph += dz * z;\n    }\n  } else {",
-      "acc_gc += g * (col == lab ? c : tile[i * n + j] * inv_a * rj);\n      if (sbn) acc_sph += dz * z;\n    }\n  } else {"),
+      "acc_gc += (kept && col != lab) ? dz * z : g * c;",
+      "acc_gc += (kept && col != lab) ? dz * z : g * (col == lab ? c : tile[i * ld + j] * inv_a * rj);"),
     # ---- rounding, conversions ---------------------------------------------------------------------
     M("load_w_no_rounding", "rounding on the wrong side",
       "return to_f(from_f<T>(to_f(*p)));", "return to_f(*p);"),
@@ -259,12 +260,97 @@ MUTANTS: List[Mutant] = [
     M("subcenter_label_row_stride", "wrong index or stride",
       "w + (lab >= 0 ? lab * K : 0) * D;", "w + (lab >= 0 ? lab : 0) * D;"),
     M("subcenter_tile_row_stride", "wrong index or stride",
-      "const float* srow = tile + i * n * K;", "const float* srow = tile + i * n;"),
+      "float* srow = tile + i * ld;", "float* srow = tile + i * n;"),
     M("subcenter_norm_index", "wrong index or stride",
       "  float best = s[0] * inv_a * r[cls * K];", "  float best = s[0] * inv_a * r[cls];"),
+    # ---- the speed path (margin_ce_kept / margin_ce_backward_kept): kept blocks, their pitch and units ----
+    M("speed_kept_unscaled", "wrong normalization factor",
+      "if (keep) srow[j] = s * (srow[j] * inv_a);", "if (keep) srow[j] = srow[j] * inv_a;"),
+    M("speed_kept_left_raw", "dropped update",
+      "      if (keep) srow[j] = s * (srow[j] * inv_a);\n", ""),
+    M("speed_kept_cosines_without_r", "wrong normalization factor",
+      "srow[j * K + k] = srow[j * K + k] * inv_a * r[col * K + k];", "srow[j * K + k] = srow[j * K + k] * inv_a;"),
+    M("speed_kept_cosines_one_short", "loop one short",
+      "for (int64_t k = 0; k < K; ++k) srow[j * K + k]", "for (int64_t k = 0; k < K - 1; ++k) srow[j * K + k]"),
+    M("speed_forward_cosines_renormalized", "state not used",
+      "class_cosine(srow + j * K, col, K, inv_a, r, &kb, keep)", "class_cosine(srow + j * K, col, K, inv_a, r, &kb)"),
+    M("speed_backward_chunk_pitch", "wrong index or stride",
+      "z = kept ? tile[i * ld + j] * rj : s * c;", "z = kept ? tile[i * n + j] * rj : s * c;"),
+    M("speed_backward_rescaled", "wrong normalization factor",
+      "z = kept ? tile[i * ld + j] * rj : s * c;", "z = kept ? s * (tile[i * ld + j] * rj) : s * c;"),
+    M("speed_backward_gc_from_unset_c", "dispatch slip",
+      "acc_gc += (kept && col != lab) ? dz * z : g * c;", "acc_gc += g * c;"),
+    M("speed_backward_general_chunk_pitch", "wrong index or stride",
+      "class_cosine(tile + i * ld + j * K, col, K, inv_a, r, &kb, kept)",
+      "class_cosine(tile + (i * n + j) * K, col, K, inv_a, r, &kb, kept)"),
+    M("speed_backward_cosines_renormalized", "state not used",
+      "class_cosine(tile + i * ld + j * K, col, K, inv_a, r, &kb, kept)",
+      "class_cosine(tile + i * ld + j * K, col, K, inv_a, r, &kb)"),
+    M("speed_kept_tie_to_highest_k", "wrong tie rule",
+      "      if (replaces_max(s[k], best)) {", "      if (!(s[k] < best)) {"),
+    M("speed_kept_max_drops_nan", "NaN swallowed",
+      "      if (replaces_max(s[k], best)) {", "      if (s[k] > best) {"),
+    # ---- the one-vs-all kernels (csrc/onevsall.cu; built as MAGLOSS_EMU_ONEVSALL_CU) -----------------
+    M("ova_forward_acc_overwritten", "accumulator overwritten", "    acc += l;", "    acc = l;", "onevsall.cu"),
+    M("ova_loss_overwritten_per_chunk", "accumulator overwritten",
+      "NAN : rows.loss[i] + acc;", "NAN : acc;", "onevsall.cu"),
+    M("ova_gc_row_overwritten", "accumulator overwritten",
+      "rows.gc_row[i] += acc_gc;", "rows.gc_row[i] = acc_gc;", "onevsall.cu"),
+    M("ova_db_row_overwritten", "accumulator overwritten",
+      "rows.db_row[i] += acc_db;", "rows.db_row[i] = acc_db;", "onevsall.cu"),
+    M("ova_gc_without_cosine", "wrong factor", "acc_gc += G * c;", "acc_gc += G;", "onevsall.cu"),
+    M("ova_block_sum_missing_barrier", "missing barrier",
+      "  if (lane == 0) { sa[warp] = a; sb[warp] = b; }\n  __syncthreads();",
+      "  if (lane == 0) { sa[warp] = a; sb[warp] = b; }", "onevsall.cu"),
+    M("ova_block_sum_drops_last_warp", "reduction too short",
+      "a = lane < kWarpsPerBlock ? sa[lane] : 0.0f;", "a = lane < kWarpsPerBlock - 1 ? sa[lane] : 0.0f;",
+      "onevsall.cu"),
+    M("ova_warp_sum_skips_last_step", "reduction too short",
+      "for (int off = kWarp / 2; off > 0; off >>= 1) v +=", "for (int off = kWarp / 2; off > 1; off >>= 1) v +=",
+      "onevsall.cu"),
+    M("ova_forward_loop_one_short", "loop one short",
+      "  float acc = 0.0f, none = 0.0f;\n  for (int64_t j = threadIdx.x; j < n; j += kThreads) {",
+      "  float acc = 0.0f, none = 0.0f;\n  for (int64_t j = threadIdx.x; j < n - 1; j += kThreads) {", "onevsall.cu"),
+    M("ova_backward_loop_one_short", "loop one short",
+      "  float acc_gc = 0.0f, acc_db = 0.0f;\n  for (int64_t j = threadIdx.x; j < n; j += kThreads) {",
+      "  float acc_gc = 0.0f, acc_db = 0.0f;\n  for (int64_t j = threadIdx.x; j < n - 1; j += kThreads) {",
+      "onevsall.cu"),
+    M("ova_bias_sum_loop_one_short", "loop one short",
+      "i < B; i += kThreads) acc += db_row[i];", "i < B - 1; i += kThreads) acc += db_row[i];", "onevsall.cu"),
+    M("ova_bias_sum_one_block_of_rows", "wrong stride",
+      "i < B; i += kThreads) acc += db_row[i];", "i < B; i += 2 * kThreads) acc += db_row[i];", "onevsall.cu"),
+    M("ova_forward_label_local_index", "wrong index",
+      "ova_element<false>(p, c, col == lab,", "ova_element<false>(p, c, j == lab,", "onevsall.cu"),
+    M("ova_backward_r_local_index", "wrong index", "const float rj = r[col];", "const float rj = r[j];",
+      "onevsall.cu"),
+    M("ova_bad_row_gradient_kept", "label/flag codes",
+      "const float G = bad ? 0.0f : g * dc;", "const float G = g * dc;", "onevsall.cu"),
+    M("ova_bad_row_loss_not_nan", "label/flag codes",
+      "rows.loss[i] = lab == LAB_BAD ? NAN : rows.loss[i] + acc;", "rows.loss[i] = rows.loss[i] + acc;",
+      "onevsall.cu"),
+    M("ova_forward_missing_thread_guard", "missing thread guard",
+      "  if (threadIdx.x == 0) rows.loss[i] =", "  rows.loss[i] =", "onevsall.cu"),
+    M("ova_bias_sum_missing_thread_guard", "missing thread guard",
+      "  if (threadIdx.x == 0) grad_bias[0] = acc;", "  grad_bias[0] = acc;", "onevsall.cu"),
+    M("ova_backward_bias_ignored", "state not used",
+      "const float b = rows.bias != nullptr ? *rows.bias : 0.0f;\n  const bool bad",
+      "const float b = 0.0f;\n  const bool bad", "onevsall.cu"),
+    M("ova_uniface_clamp_gradient_kept", "missing clamp derivative",
+      "lam * sigmoid_(zc)) * inside;", "lam * sigmoid_(zc));", "onevsall.cu"),
+    M("ova_uniface_bias_gradient_sign", "wrong sign", "*db = -dz;", "*db = dz;", "onevsall.cu"),
+    M("ova_sface_negative_weight_sign", "wrong sign",
+      "s * sigmoid_(-k * (theta - bb))", "s * sigmoid_(k * (theta - bb))", "onevsall.cu"),
+    M("ova_sphereface2_margin_sign", "wrong sign", "(label ? m : -m)", "(label ? -m : m)", "onevsall.cu"),
+    M("ova_sphereface2_a_as_m", "dispatch slip",
+      "theta = mtype == 1 ? theta + m : theta * m;", "theta = theta + m;", "onevsall.cu"),
+    M("ova_sphereface2_weights_swapped", "swapped arguments",
+      "label ? p.w_pos : p.w_neg", "label ? p.w_neg : p.w_pos", "onevsall.cu"),
+    M("ova_softplus_without_abs", "wrong formula",
+      "log1pf(expf(-fabsf(u)))", "log1pf(expf(-u))", "onevsall.cu"),
 ]
 
-SUITES = ["tests/test_cuda_parity.py", "tests/test_engine_emulated.py"]
+SUITES = ["tests/test_cuda_parity.py", "tests/test_engine_emulated.py", "tests/test_cuda_parity_speed.py",
+          "tests/test_cuda_parity_one_vs_all.py"]
 # The run order, as node-id prefixes: tests matching an earlier prefix run earlier, "*" stands for
 # every test no prefix matches (in file order). Quick, broad tests first; the tests added for the
 # mutants the suite once missed last, so a mutant first failed by one of them is one the rest misses.
@@ -306,11 +392,18 @@ def apply(text: str, m: Mutant) -> str:
     return text.replace(m.old, m.new)
 
 
+#: the build's override of each mutable file (tests/emu/build.py)
+_OVERRIDE = {"engine.cu": "MAGLOSS_EMU_ENGINE_CU", "margins.cuh": "MAGLOSS_EMU_ENGINE_CU",
+             "onevsall.cu": "MAGLOSS_EMU_ONEVSALL_CU"}
+
+
 def _env(cu: Optional[Path], order: List[str] = ()) -> Dict[str, str]:
+    """The environment of a build and test run; cu: a mutated engine.cu or onevsall.cu (by its name)."""
     env = dict(os.environ)
-    env.pop("MAGLOSS_EMU_ENGINE_CU", None)
+    for var in set(_OVERRIDE.values()):
+        env.pop(var, None)
     if cu is not None:
-        env["MAGLOSS_EMU_ENGINE_CU"] = str(cu)
+        env[_OVERRIDE[cu.name]] = str(cu)
     env[_ORDER_ENV] = ",".join(order)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parent), env.get("PYTHONPATH")]))
     return env
@@ -368,7 +461,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     sys.path.insert(0, str(HERE.parent))
     from emu import build  # noqa: E402  (the cache location)
 
-    texts = {"engine.cu": ENGINE_CU.read_text(), "margins.cuh": MARGINS_CUH.read_text()}
+    texts = {"engine.cu": ENGINE_CU.read_text(), "margins.cuh": MARGINS_CUH.read_text(),
+             "onevsall.cu": ONEVSALL_CU.read_text()}
     chosen = MUTANTS
     if args.only:
         wanted = args.only.split(",")
@@ -384,7 +478,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.list:
         for m in chosen:
             print(f"{m.name:34s} {m.kind}")
-        print(f"{len(chosen)} mutants, every snippet found once in {ENGINE_CU} or {MARGINS_CUH}")
+        print(f"{len(chosen)} mutants, every snippet found once in {ENGINE_CU}, {MARGINS_CUH} or {ONEVSALL_CU}")
         return 0
 
     work = build._cache_dir() / "mutants"
@@ -423,6 +517,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
 
     def job(m: Mutant) -> dict:
+        if m.file == "onevsall.cu":  # built as the second kernel unit; engine.cu stays the real one
+            cu = work / m.name / "onevsall.cu"
+            cu.parent.mkdir(parents=True, exist_ok=True)
+            cu.write_text(mutated[m.name])
+            return run_one(m.name, m.kind, cu, order, args.timeout, deselect)
         cu = work / m.name / "engine.cu"
         cu.parent.mkdir(parents=True, exist_ok=True)
         # A margins.cuh mutant: the real engine.cu with the mutated header (and engine.cuh, which
