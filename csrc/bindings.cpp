@@ -14,11 +14,13 @@ namespace py = pybind11;
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "magloss fused CUDA engine: normalized linear + margin + softmax cross-entropy (docs/cuda.md)";
   m.def("margin_ce", &magloss::margin_ce_cuda,
-        "Fused forward: (lse, zy, reg, norms), each [B] float32. See magloss.reference.margin_ce_rows.",
+        "Fused forward: (lse, zy, reg, norms), each [B] float32, then the side outputs (label_cosine, "
+        "nearest_negative_cosine, nearest_negative_class; empty without side). See magloss.ops.margin_ce.",
         py::arg("embeddings"), py::arg("weight"), py::arg("labels"), py::arg("sphere_lambda"),
         py::arg("row_margins"), py::arg("neg_threshold"), py::arg("neg_t"), py::arg("kind"), py::arg("scale"),
         py::arg("m1"), py::arg("m2"), py::arg("m3"), py::arg("l_a"), py::arg("u_a"), py::arg("l_m"), py::arg("u_m"),
-        py::arg("boundary"), py::arg("straight_through"), py::arg("ignore_index"), py::arg("subcenters"));
+        py::arg("boundary"), py::arg("straight_through"), py::arg("ignore_index"), py::arg("subcenters"),
+        py::arg("side") = false);
   m.def("margin_ce_backward", &magloss::margin_ce_backward_cuda,
         "Fused backward: (grad_embeddings, grad_weight). See magloss.reference.margin_ce_backward.",
         py::arg("grad_lse"), py::arg("grad_zy"), py::arg("grad_reg"), py::arg("grad_norms"), py::arg("embeddings"),
@@ -27,11 +29,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("m1"), py::arg("m2"), py::arg("m3"), py::arg("l_a"), py::arg("u_a"), py::arg("l_m"), py::arg("u_m"),
         py::arg("boundary"), py::arg("straight_through"), py::arg("ignore_index"), py::arg("subcenters"));
   m.def("margin_ce_kept", &magloss::margin_ce_kept_cuda,
-        "Fused forward of the speed path: (lse, zy, reg, norms, kept, kept_norms). See magloss.ops.margin_ce_kept.",
+        "Fused forward of the speed path: (lse, zy, reg, norms, kept, kept_norms), then the side outputs as "
+        "margin_ce's. See magloss.ops.margin_ce_kept.",
         py::arg("embeddings"), py::arg("weight"), py::arg("labels"), py::arg("sphere_lambda"),
         py::arg("row_margins"), py::arg("neg_threshold"), py::arg("neg_t"), py::arg("kind"), py::arg("scale"),
         py::arg("m1"), py::arg("m2"), py::arg("m3"), py::arg("l_a"), py::arg("u_a"), py::arg("l_m"), py::arg("u_m"),
-        py::arg("boundary"), py::arg("straight_through"), py::arg("ignore_index"), py::arg("subcenters"));
+        py::arg("boundary"), py::arg("straight_through"), py::arg("ignore_index"), py::arg("subcenters"),
+        py::arg("side") = false);
   m.def("margin_ce_backward_kept", &magloss::margin_ce_backward_kept_cuda,
         "Fused backward of the speed path, from the forward's kept products. See magloss.ops.margin_ce_backward_kept.",
         py::arg("grad_lse"), py::arg("grad_zy"), py::arg("grad_reg"), py::arg("grad_norms"), py::arg("embeddings"),

@@ -132,6 +132,45 @@ __device__ __forceinline__ void block_softmax_merge(float& m, float& l) {
   __syncthreads();  // sm/sl are read: safe to reuse
 }
 
+// Arg-max of the side outputs: does (v2, i2) beat (v1, i1)? Index -1 is "nothing seen" and never
+// wins; a NaN value beats every number (NaN in, NaN out); equal values go to the lower index. A
+// total order on the candidates, so the reductions below give one answer in any visiting order.
+__device__ __forceinline__ bool argmax_beats(float v2, int64_t i2, float v1, int64_t i1) {
+  if (i2 < 0) return false;
+  if (i1 < 0) return true;
+  const bool n1 = v1 != v1, n2 = v2 != v2;
+  if (n1 || n2) return n2 && (!n1 || i2 < i1);
+  return v2 > v1 || (v2 == v1 && i2 < i1);
+}
+
+__device__ __forceinline__ void warp_argmax(float& v, int64_t& idx) {
+  #pragma unroll
+  for (int off = kWarp / 2; off > 0; off >>= 1) {
+    const float v2 = __shfl_xor_sync(kFullMask, v, off);
+    const int64_t i2 = __shfl_xor_sync(kFullMask, idx, off);
+    if (argmax_beats(v2, i2, v, idx)) {
+      v = v2;
+      idx = i2;
+    }
+  }
+}
+
+// Block-wide arg-max (same contract as the block reductions below).
+__device__ __forceinline__ void block_argmax(float& v, int64_t& idx) {
+  __shared__ float sv[kWarpsPerBlock];
+  __shared__ int64_t si[kWarpsPerBlock];
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  warp_argmax(v, idx);
+  if (lane == 0) { sv[warp] = v; si[warp] = idx; }
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < kWarpsPerBlock ? sv[lane] : -INFINITY;
+    idx = lane < kWarpsPerBlock ? si[lane] : -1;
+    warp_argmax(v, idx);
+  }
+  __syncthreads();  // sv/si are read: safe to reuse
+}
+
 inline unsigned warp_grid(int64_t rows) { return static_cast<unsigned>((rows + kWarpsPerBlock - 1) / kWarpsPerBlock); }
 
 // ---- kernels -------------------------------------------------------------------------------------
@@ -252,6 +291,10 @@ __global__ void __launch_bounds__(kThreads) row_stage_kernel(const T* __restrict
     rows.reg[i] = g;
     rows.run_max[i] = -INFINITY;
     rows.run_sum[i] = 0.0f;
+    if (rows.nn_val != nullptr) {
+      rows.nn_val[i] = -INFINITY;
+      rows.nn_idx[i] = -1;
+    }
   } else {
     float dzy = 0.0f, gy = 0.0f, ga = rows.grad_norms[i];
     if (lab >= 0) {
@@ -329,12 +372,24 @@ __global__ void __launch_bounds__(kThreads) forward_epilogue_kernel(float* tile,
   const float inv_a = rows.inv_a[i], s = rows.scale[i], zl = rows.zlab[i];
   const int64_t lab = rows.lab[i];
   float m = -INFINITY, l = 0.0f;
+  const bool side = rows.nn_val != nullptr;  // uniform over the launch
+  float bv = -INFINITY;                      // this thread's best non-label class cosine, its class
+  int64_t bi = -1;
   const Curricular cur(rows, i, kGeneral);  // off (and never read) in the plain kernel
   for (int64_t j = threadIdx.x; j < n; j += kThreads) {
     const int64_t col = j0 + j;
     float z;
     if constexpr (!kGeneral) {
-      z = (col == lab) ? zl : s * (srow[j] * inv_a * r[col]);
+      if (col == lab) {
+        z = zl;
+      } else {
+        const float c = srow[j] * inv_a * r[col];
+        z = s * c;
+        if (side && argmax_beats(c, col, bv, bi)) {
+          bv = c;
+          bi = col;
+        }
+      }
       if (keep) srow[j] = s * (srow[j] * inv_a);
     } else {
       if (keep) {  // the same products class_cosine forms from the raw dots: the same bits
@@ -345,7 +400,12 @@ __global__ void __launch_bounds__(kThreads) forward_epilogue_kernel(float* tile,
       } else {
         int32_t kb;
         float df;
-        z = s * cur.apply(class_cosine(srow + j * K, col, K, inv_a, r, &kb, keep), &df);
+        const float c = class_cosine(srow + j * K, col, K, inv_a, r, &kb, keep);
+        z = s * cur.apply(c, &df);
+        if (side && argmax_beats(c, col, bv, bi)) {
+          bv = c;
+          bi = col;
+        }
       }
     }
     if (z > m) {
@@ -356,11 +416,16 @@ __global__ void __launch_bounds__(kThreads) forward_epilogue_kernel(float* tile,
     }
   }
   block_softmax_merge(m, l);
+  if (side) block_argmax(bv, bi);  // (uniform: every thread of the block calls it)
   if (threadIdx.x == 0) {
     float rm = rows.run_max[i], rl = rows.run_sum[i];
     softmax_merge(rm, rl, m, l);
     rows.run_max[i] = rm;
     rows.run_sum[i] = rl;
+    if (side && argmax_beats(bv, bi, rows.nn_val[i], rows.nn_idx[i])) {
+      rows.nn_val[i] = bv;
+      rows.nn_idx[i] = bi;
+    }
   }
 }
 

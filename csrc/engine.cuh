@@ -62,6 +62,10 @@ struct RowState {
   float* reg;       // op output reg: g(a~) for MagFace families, 0 otherwise
   float* run_max;   // online-softmax running max, initialized to -inf
   float* run_sum;   // online-softmax running sum of exp(z - run_max), initialized to 0
+  // forward, side outputs only (nullptr without them): the running max of the row's non-label
+  // class cosines and its class, initialized to -inf and -1, merged chunk by chunk (ties: the lowest class)
+  float* nn_val;
+  int64_t* nn_idx;
   // backward only (nullptr in the forward): inputs
   const float* grad_lse;
   const float* grad_zy;
@@ -108,7 +112,9 @@ void launch_row_stage(DType dtype, DType w_dtype, const void* x, const void* w, 
                       cudaStream_t stream);
 
 /// Forward chunk epilogue (one block per row): z_ij from the tile (label logit swapped in),
-/// then the online-softmax merge of the chunk's (max, sum-exp) into run_max/run_sum.
+/// then the online-softmax merge of the chunk's (max, sum-exp) into run_max/run_sum; with the
+/// side outputs (rows.nn_val set) also the chunk's largest non-label class cosine and its class
+/// (a fixed-order block arg-max, ties to the lowest class) merged into nn_val/nn_idx.
 /// tile: [B, n*K] fp32 raw dots of the weight rows of classes [j0, j0 + n) (whole classes), row i
 /// at tile + i*ld (ld = n*K for a scratch tile, K*C for a column block of a [B, K*C] matrix).
 /// keep (the speed path): each element is then overwritten with what the op keeps for the

@@ -389,13 +389,26 @@ namespace {
 // `kept` [B, K*C] (a strided GEMM output), which the epilogue converts in place to what the chunked
 // engine keeps; kept_norms = ||w_j|| from col_norms. Otherwise a B x n*K scratch tile (flat path).
 using Rows6 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using Side3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using Rows9 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                         at::Tensor, at::Tensor>;
 
-Rows6 forward_impl(
+// The side outputs (label_cosine, nearest_negative_cosine, nearest_negative_class): [B] with `side`
+// (filled by the forward), empty otherwise (nothing computed).
+Side3 side_outputs(const at::Tensor& like, int64_t B, bool side) {
+  const int64_t n = side ? B : 0;
+  const auto fopt = like.options().dtype(at::kFloat);
+  return {at::empty({n}, fopt), at::empty({n}, fopt), at::empty({n}, like.options().dtype(at::kLong))};
+}
+
+// Both forwards; side (the side outputs, docs/math.md): the epilogue tracks each row's largest
+// non-label class cosine and its class, and the row stage's label cosine is returned.
+Rows9 forward_impl(
     const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& labels,
     const std::optional<at::Tensor>& sphere_lambda, const std::optional<at::Tensor>& row_margins,
     const std::optional<at::Tensor>& neg_threshold, const std::optional<at::Tensor>& neg_t, int64_t kind,
     double scale, double m1, double m2, double m3, double l_a, double u_a, double l_m, double u_m, int64_t boundary,
-    bool straight_through, int64_t ignore_index, int64_t subcenters, bool keep) {
+    bool straight_through, int64_t ignore_index, int64_t subcenters, bool keep, bool side) {
   poll_input_checks(/*wait=*/false);  // an earlier call's failed input check is raised first
   check_operands(embeddings, weight, labels);
   const MarginParams params = make_params(kind, scale, m1, m2, m3, l_a, u_a, l_m, u_m, boundary, straight_through);
@@ -410,9 +423,10 @@ Rows6 forward_impl(
   at::Tensor lse = at::empty({B}, fopt), zy = at::empty({B}, fopt), reg = at::empty({B}, fopt),
              norms = at::empty({B}, fopt);
   at::Tensor kept = keep ? at::empty({B, C * K}, fopt) : at::Tensor();
+  auto [label_cos, nn_cos, nn_cls] = side_outputs(embeddings, B, side);
   if (B == 0) {  // no launch: the kept row norms as the kernels would give them (W rounded to x's dtype)
     const at::Tensor kn = keep ? weight.to(embeddings.scalar_type()).to(at::kFloat).norm(2, {1}) : at::Tensor();
-    return {lse, zy, reg, norms, kept, kn};
+    return {lse, zy, reg, norms, kept, kn, label_cos, nn_cos, nn_cls};
   }
 
   const Operands o = prepare(embeddings, weight, labels, sphere_lambda, kind);
@@ -433,6 +447,10 @@ Rows6 forward_impl(
   rows.lab = ws.lab.data_ptr<int64_t>();
   rows.zy = zy.data_ptr<float>();
   rows.reg = reg.data_ptr<float>();
+  if (side) {
+    rows.nn_val = nn_cos.data_ptr<float>();
+    rows.nn_idx = nn_cls.data_ptr<int64_t>();
+  }
   const at::Tensor label_sub = attach_features(feat, rows, x);
 
   const ColumnStats cs = row_stages(o, C, K, ignore_index, params, rows, /*backward=*/false);
@@ -461,31 +479,33 @@ Rows6 forward_impl(
   engine::launch_forward_finalize(B, rows, lse.data_ptr<float>(), o.stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (sync_check) sync_check->raise_if_failed();
-  return {lse, zy, reg, norms, kept, keep ? cs.colr.select(0, 1).clone() : at::Tensor()};
+  if (side) label_cos.copy_(ws.f.select(0, 2));  // rows.cy: 0 without a label column
+  return {lse, zy, reg, norms, kept, keep ? cs.colr.select(0, 1).clone() : at::Tensor(), label_cos, nn_cos, nn_cls};
 }
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_ce_cuda(
+Rows7 margin_ce_cuda(
     const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& labels,
     const std::optional<at::Tensor>& sphere_lambda, const std::optional<at::Tensor>& row_margins,
     const std::optional<at::Tensor>& neg_threshold, const std::optional<at::Tensor>& neg_t, int64_t kind,
     double scale, double m1, double m2, double m3, double l_a, double u_a, double l_m, double u_m, int64_t boundary,
-    bool straight_through, int64_t ignore_index, int64_t subcenters) {
-  auto [lse, zy, reg, norms, kept, kept_norms] =
+    bool straight_through, int64_t ignore_index, int64_t subcenters, bool side) {
+  auto [lse, zy, reg, norms, kept, kept_norms, label_cos, nn_cos, nn_cls] =
       forward_impl(embeddings, weight, labels, sphere_lambda, row_margins, neg_threshold, neg_t, kind, scale, m1, m2,
-                   m3, l_a, u_a, l_m, u_m, boundary, straight_through, ignore_index, subcenters, /*keep=*/false);
-  return {lse, zy, reg, norms};
+                   m3, l_a, u_a, l_m, u_m, boundary, straight_through, ignore_index, subcenters, /*keep=*/false, side);
+  return {lse, zy, reg, norms, label_cos, nn_cos, nn_cls};
 }
 
-Rows6 margin_ce_kept_cuda(
+Rows9 margin_ce_kept_cuda(
     const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& labels,
     const std::optional<at::Tensor>& sphere_lambda, const std::optional<at::Tensor>& row_margins,
     const std::optional<at::Tensor>& neg_threshold, const std::optional<at::Tensor>& neg_t, int64_t kind,
     double scale, double m1, double m2, double m3, double l_a, double u_a, double l_m, double u_m, int64_t boundary,
-    bool straight_through, int64_t ignore_index, int64_t subcenters) {
+    bool straight_through, int64_t ignore_index, int64_t subcenters, bool side) {
   return forward_impl(embeddings, weight, labels, sphere_lambda, row_margins, neg_threshold, neg_t, kind, scale, m1,
-                      m2, m3, l_a, u_a, l_m, u_m, boundary, straight_through, ignore_index, subcenters, /*keep=*/true);
+                      m2, m3, l_a, u_a, l_m, u_m, boundary, straight_through, ignore_index, subcenters, /*keep=*/true,
+                      side);
 }
 
 namespace {

@@ -54,28 +54,28 @@ def _spec_and_index(params):
 _ENGINES: Dict[str, Any] = {}
 
 
+def _side_flag(params):
+    """(the op's scalar arguments without ``side``, side): a call may leave the default (off) out."""
+    from . import ops
+
+    n = len(ops._PARAMS)
+    return params[:n], len(params) > n and bool(params[n])
+
+
 def _fused_margin_ce(engine, embeddings, weight, labels, sphere_lambda, row_margins, neg_threshold, neg_t, *params):
     """Fused kernel of magloss::margin_ce: the fused engine for fp32/fp16/bf16, the
-    chunked PyTorch engine for float64 (the fused kernels are fp32-math only).
-
-    The side outputs (``side``, the op's last argument) are not computed by the fused
-    kernels yet: with ``side`` on, they come from the chunked engine's forward on the same
-    inputs (one more pass, docs/cuda.md), never missing or approximate."""
+    chunked PyTorch engine for float64 (the fused kernels are fp32-math only). With ``side``
+    (the op's last argument) the fused forward also tracks the side outputs."""
     from . import chunked, ops
 
-    side = len(params) > len(ops._PARAMS) and bool(params[-1])       # (a call may leave the default out)
-    params = params[:len(ops._PARAMS)]
-    spec, ignore_index = _spec_and_index(params)
+    params, side = _side_flag(params)
     if _is_f64(embeddings, weight):
+        spec, ignore_index = _spec_and_index(params)
         outs = chunked.margin_ce_forward(embeddings, weight, labels, spec, ignore_index, sphere_lambda,
                                          row_margins, neg_threshold, neg_t, side=side)
         return ops.with_side(outs, embeddings, side)
-    outs = tuple(engine.margin_ce(embeddings, weight, labels, sphere_lambda, row_margins, neg_threshold, neg_t,
-                                  *params))
-    if side:
-        outs += chunked.margin_ce_forward(embeddings, weight, labels, spec, ignore_index, sphere_lambda,
-                                          row_margins, neg_threshold, neg_t, side=True)[4:]
-    return ops.with_side(outs, embeddings, side)
+    return engine.margin_ce(embeddings, weight, labels, sphere_lambda, row_margins, neg_threshold, neg_t, *params,
+                            side)
 
 
 def _fused_margin_ce_backward(engine, grad_lse, grad_zy, grad_reg, grad_norms, embeddings, weight, labels, lse, norms,
@@ -94,16 +94,18 @@ def _fused_margin_ce_backward(engine, grad_lse, grad_zy, grad_reg, grad_norms, e
 
 def _fused_margin_ce_kept(engine, embeddings, weight, labels, sphere_lambda, row_margins, neg_threshold, neg_t,
                           *params):
-    """Fused kernel of magloss::margin_ce_kept, the speed path's forward (float64 -> the chunked engine)."""
-    if _is_f64(embeddings, weight):
-        from . import chunked
+    """Fused kernel of magloss::margin_ce_kept, the speed path's forward (float64 -> the chunked engine);
+    ``side`` as :func:`_fused_margin_ce`."""
+    from . import chunked, ops
 
+    params, side = _side_flag(params)
+    if _is_f64(embeddings, weight):
         spec, ignore_index = _spec_and_index(params)
         outs = chunked.margin_ce_forward(embeddings, weight, labels, spec, ignore_index, sphere_lambda,
-                                         row_margins, neg_threshold, neg_t, keep=True)
-        return tuple(o.contiguous() for o in outs)
+                                         row_margins, neg_threshold, neg_t, keep=True, side=side)
+        return ops.with_side(outs, embeddings, side)
     return engine.margin_ce_kept(embeddings, weight, labels, sphere_lambda, row_margins, neg_threshold, neg_t,
-                                 *params)
+                                 *params, side)
 
 
 def _fused_margin_ce_backward_kept(engine, grad_lse, grad_zy, grad_reg, grad_norms, embeddings, weight, labels, lse,

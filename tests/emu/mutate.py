@@ -147,7 +147,7 @@ MUTANTS: List[Mutant] = [
     M("normalize_index_mod", "wrong index",
       "inv_a[e / D]", "inv_a[e % B]"),
     M("forward_r_local_index", "wrong index",
-      "s * (srow[j] * inv_a * r[col])", "s * (srow[j] * inv_a * r[j])"),
+      "const float c = srow[j] * inv_a * r[col];", "const float c = srow[j] * inv_a * r[j];"),
     M("backward_label_local_index", "wrong index",
       "      if (col == lab) {\n        c = cy;\n        z = zl;\n        dz = dzy;\n        g = gy;\n      } else {\n        c = kept",
       "      if (j == lab) {\n        c = cy;\n        z = zl;\n        dz = dzy;\n        g = gy;\n      } else {\n        c = kept"),
@@ -347,10 +347,23 @@ MUTANTS: List[Mutant] = [
       "label ? p.w_pos : p.w_neg", "label ? p.w_neg : p.w_pos", "onevsall.cu"),
     M("ova_softplus_without_abs", "wrong formula",
       "log1pf(expf(-fabsf(u)))", "log1pf(expf(-u))", "onevsall.cu"),
+    # ---- the side outputs: the block arg-max of the non-label class cosines and its merge across chunks ----
+    M("side_argmax_tie_to_highest", "wrong tie rule",
+      "return v2 > v1 || (v2 == v1 && i2 < i1);", "return v2 > v1 || (v2 == v1 && i2 > i1);"),
+    M("side_chunk_merge_overwrites", "accumulator overwritten",
+      "    if (side && argmax_beats(bv, bi, rows.nn_val[i], rows.nn_idx[i])) {", "    if (side) {"),
+    M("side_block_argmax_dropped", "reduction over one warp too few",
+      "  if (side) block_argmax(bv, bi);", "  if (side) warp_argmax(bv, bi);"),
+    M("side_argmax_missing_barrier", "missing barrier",
+      "  if (lane == 0) { sv[warp] = v; si[warp] = idx; }\n  __syncthreads();\n",
+      "  if (lane == 0) { sv[warp] = v; si[warp] = idx; }\n"),
+    M("side_warp_argmax_one_short", "loop one short",
+      "for (int off = kWarp / 2; off > 0; off >>= 1) {\n    const float v2",
+      "for (int off = kWarp / 2; off > 1; off >>= 1) {\n    const float v2"),
 ]
 
 SUITES = ["tests/test_cuda_parity.py", "tests/test_engine_emulated.py", "tests/test_cuda_parity_speed.py",
-          "tests/test_cuda_parity_one_vs_all.py"]
+          "tests/test_cuda_parity_one_vs_all.py", "tests/test_side_outputs_cuda.py"]
 # The run order, as node-id prefixes: tests matching an earlier prefix run earlier, "*" stands for
 # every test no prefix matches (in file order). Quick, broad tests first; the tests added for the
 # mutants the suite once missed last, so a mutant first failed by one of them is one the rest misses.
@@ -362,6 +375,7 @@ ORDER = [
     "tests/test_cuda_parity.py::test_bad_label_rows_are_nan_in_bounds_and_add_no_gradient",
     "tests/test_cuda_parity.py::test_fp32_weight_with_half_embeddings",
     "tests/test_cuda_parity.py::test_zero_embedding_row_half_gradient_saturates",
+    "tests/test_side_outputs_cuda.py::test_fused_ties_across_threads_warps_and_chunks",
     "*",
     "tests/test_cuda_parity.py::test_several_bad_rows_report_the_first",
     "tests/test_cuda_parity.py::test_fp32_weight_gradient_rounds_to_the_half_gradient",
