@@ -107,7 +107,7 @@ def lam_tensor(lam):
 def fused(x, w, y, spec, ii, lam, grads, extras=NO_EXTRAS):
     """The fused op and its backward op, called directly (float32 row statistics). extras: the
     optional (row_margins, neg_threshold, neg_t), float32 (the compute dtype) or None."""
-    rows = OP(x, w, y, lam, *extras, *spec.op_args(ii))
+    rows = OP(x, w, y, lam, *extras, *spec.op_args(ii))[:4]      # (the side outputs follow: off here)
     g32 = [g.float() for g in grads]
     gx, gw = OP_BWD(*g32, x, w, y, rows[0], rows[3], lam, *extras, *spec.op_args(ii))
     return rows, (gx, gw)
