@@ -9,7 +9,9 @@ equality is the right test at one world size).
 
 Kill points are deterministic: the command runs in a subprocess under a small driver that
 wraps one function (the optimizer's step, ``torch.save``, ``os.rename``, ``os.replace``) and
-sends the process a signal at its K-th call (before or after the call).
+sends a signal at its K-th call (before or after the call): to the process itself, to its
+process group (as a terminal or a scheduler does: the DataLoader workers get it too), or to
+its parent (torchrun, which forwards it to every rank).
 """
 
 import os
@@ -194,13 +196,40 @@ def test_logged_accuracy_is_that_of_the_step_before_its_update(faces, tmp_path):
 
 # ------------------------------------------------------------------------ during the run
 DRIVER = textwrap.dedent("""
-    import os, signal, sys
+    import os, signal, sys, time
     import torch
     from magloss import train
+    from magloss.train.loop import Loop
 
-    # MAGLOSS_TEST_HOOK = "what:K:when:signal[:substring]": signal at the K-th call of what (whose
-    # first arguments contain substring, when given), before or after the call
+    # MAGLOSS_TEST_HOOK = "what:K:when:[to-]signal[:substring]": signal at the K-th call of what
+    # (whose first arguments contain substring, when given), before or after the call; sent to
+    # this process, or with to = "group" to its process group, with "parent" (on rank 0 only) to
+    # its parent, torchrun, then waiting until torchrun has forwarded it here
     what, k, when, sig, *sub = os.environ["MAGLOSS_TEST_HOOK"].split(":")
+    to, _, sig = sig.rpartition("-")
+    received = []
+    on_signal = getattr(Loop, "_on_signal", None)       # the run's handler of Ctrl-C and SIGTERM
+
+    def recording(self, signum, frame):
+        received.append(signum)
+        return on_signal(self, signum, frame)
+
+    if on_signal is not None:
+        Loop._on_signal = recording
+
+    def send(signum):
+        if to == "group":
+            os.killpg(0, signum)
+        elif to == "parent":
+            os.kill(os.getppid(), signum)
+            deadline = time.monotonic() + 60
+            while not received and time.monotonic() < deadline:
+                time.sleep(0.05)
+        else:
+            os.kill(os.getpid(), signum)
+
+    if to == "parent" and os.environ.get("RANK", "0") != "0":
+        k = "0"                       # the other ranks only receive what torchrun forwards
     owner, name = {"step": (torch.optim.SGD, "step"), "save": (torch, "save"), "rename": (os, "rename"),
                    "replace": (os, "replace")}[what]
     original, calls = getattr(owner, name), [0]
@@ -210,15 +239,22 @@ DRIVER = textwrap.dedent("""
         calls[0] += hit
         fire = hit and calls[0] == int(k)
         if fire and when == "before":
-            os.kill(os.getpid(), getattr(signal, sig))
+            send(getattr(signal, sig))
         out = original(*a, **kw)
         if fire and when == "after":
-            os.kill(os.getpid(), getattr(signal, sig))
+            send(getattr(signal, sig))
         return out
 
     setattr(owner, name, hooked)
     torch.set_num_threads(1)
-    sys.exit(train.main(sys.argv[1:]))
+    try:
+        status = train.main(sys.argv[1:])
+    except SystemExit as exc:
+        status = exc.code
+    if os.environ.get("MAGLOSS_TEST_STATUS"):     # each rank's exit status (torchrun reports only its own)
+        with open(os.environ["MAGLOSS_TEST_STATUS"] + "." + os.environ.get("RANK", "0"), "w") as f:
+            f.write(str(status))
+    sys.exit(status)
 """)
 
 
@@ -228,7 +264,7 @@ def _hooked(tmp_path, argv, hook):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
                MAGLOSS_TEST_HOOK=hook)
     return subprocess.run([sys.executable, str(driver), *argv], env=env, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, start_new_session=True)     # its own process group, for "group-"
 
 
 RUN = ["--batch-size", "8", "--epochs", "3", "--warmup-epochs", "0.5", "--lr", "0.05", "--save-every", "2",
@@ -320,6 +356,77 @@ def test_ctrl_c_saves_the_finished_steps_and_says_how_to_resume(faces, tmp_path,
     assert not (out / "model.pt").exists()
     assert train.main([faces, "--output", str(out), "--resume", "--no-progress"]) == 0
     _same_as_uninterrupted(uninterrupted, out)
+
+
+SIGTERMS = [
+    # (hook, workers, the step it stops at)
+    ("step:3:before:SIGTERM", 0, 3),            # to the process, during step 3: step 3 finishes
+    ("step:3:before:group-SIGTERM", 2, 3),      # to the process group: the DataLoader workers get it too
+    ("save:4:before:group-SIGTERM", 2, 4),      # during step 4's checkpoint: it is completed, not redone
+    ("replace:2:after:SIGTERM:latest", 0, 4),   # between step 4's `latest` and its clean-up
+]
+
+
+@pytest.mark.parametrize("hook, workers, at", SIGTERMS, ids=[h for h, _, _ in SIGTERMS])
+def test_sigterm_saves_the_finished_steps_and_resumes_to_the_uninterrupted_run(faces, tmp_path, uninterrupted, hook,
+                                                                                workers, at):
+    """SIGTERM (a scheduler's preemption, docker stop) is handled as Ctrl-C: the step in progress
+    finishes, its checkpoint is written, one line, exit 143 = 128 + SIGTERM; resumed, the run
+    ends exactly as the uninterrupted one."""
+    out = tmp_path / "run"
+    proc = _hooked(tmp_path, _common(faces, out, *RUN, "--workers", str(workers)), hook)
+    assert proc.returncode == 128 + signal.SIGTERM == 143, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert re.fullmatch(rf"magloss\.train: terminated by SIGTERM at step {at}; checkpoint of step {at} in "
+                        r".*run/checkpoints; resume with: python -m magloss\.train .* --output .*run --resume",
+                        lines[0]), lines[0]
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step-{at:08d}"
+    assert not (out / "model.pt").exists()
+    assert train.main([faces, "--output", str(out), "--resume", "--no-progress"]) == 0
+    _same_as_uninterrupted(uninterrupted, out)
+
+
+def test_sigterm_under_torchrun_stops_every_rank_at_one_step(faces, tmp_path):
+    """torchrun, 2 processes: SIGTERM to torchrun (what a scheduler's preemption sends it),
+    which forwards it to both ranks. They stop after the same step, save it together (one
+    checkpoint of world size 2) and exit 143; resumed under torchrun, the run ends as an
+    uninterrupted one of 2 processes, bit for bit."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "MAGLOSS_TEST_HOOK"):
+        env.pop(k, None)
+    opts = ["--batch-size", "3", "--max-steps", "4", "--eval-every", "0", "--save-every", "3", "--sample-rate", "0.5"]
+
+    def torchrun(out, *extra, hook="step:0:before:SIGTERM"):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(driver),
+               *_common(faces, out, *opts), *extra]
+        return subprocess.run(cmd, cwd=str(tmp_path), env=dict(env, MAGLOSS_TEST_HOOK=hook,
+                                                               MAGLOSS_TEST_STATUS=str(out) + ".status"),
+                              capture_output=True, text=True, timeout=300, start_new_session=True)
+
+    full = torchrun(tmp_path / "full")
+    assert full.returncode == 0, full.stderr[-3000:]
+    out = tmp_path / "run"
+    proc = torchrun(out, hook="step:2:before:parent-SIGTERM")
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0                   # torchrun itself ends with its SignalException
+    assert [(tmp_path / f"run.status.{r}").read_text() for r in (0, 1)] == ["143", "143"], text[-3000:]
+    assert len(re.findall(r"magloss\.train: terminated by SIGTERM", text)) == 1, text[-3000:]     # rank 0's line
+    assert re.search(r"magloss\.train: terminated by SIGTERM at step 2; checkpoint of step 2 in .*run/checkpoints; "
+                     r"resume with", text), text[-3000:]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-00000002"
+    state, meta, _ = _checkpoint(out, 2)
+    assert (state["step"], meta["world_size"]) == (2, 2)
+    again = torchrun(out, "--resume")
+    assert again.returncode == 0, again.stderr[-3000:]
+    for step in (3, 4):
+        a_state, _, a_shards = _checkpoint(tmp_path / "full", step)
+        b_state, _, b_shards = _checkpoint(out, step)
+        for k in ("step", "epoch", "position", "backbone", "optimizer", "head_state", "schedule"):
+            _assert_same(a_state[k], b_state[k], k)
+        _assert_same(a_shards, b_shards, "head")
 
 
 @pytest.mark.parametrize("workers", [0, 2])

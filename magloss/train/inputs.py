@@ -102,9 +102,13 @@ class _Guarded(torch.utils.data.Dataset):
             return torch.zeros((3, *self.size), dtype=torch.uint8), torch.tensor(-1), str(exc)
 
 
-def _ignore_sigint(worker_id: int) -> None:
-    """DataLoader workers leave Ctrl-C to the main process (which stops cleanly between steps)."""
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C and SIGTERM to the main process, which stops cleanly
+    between steps and then stops them: a terminal's Ctrl-C and a scheduler's SIGTERM reach the
+    whole process group, and a worker killed by either would fail the batch the main process
+    still reads. (A worker whose parent died exits by itself: torch's watchdog.)"""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def select_bins(paths: Sequence[str], eval_sets: Optional[str]) -> List[str]:

@@ -1,6 +1,6 @@
 """The training loop of a :class:`~magloss.train.run.Run`: the steps (data, flips, schedule,
-forward, backward, clipping, logging), the periodic checkpoints and evaluations, and the two
-ways it stops early (a damaged record, Ctrl-C), each after saving the finished steps."""
+forward, backward, clipping, logging), the periodic checkpoints and evaluations, and the
+ways it stops early (a damaged record, Ctrl-C, SIGTERM), each after saving the finished steps."""
 
 from __future__ import annotations
 
@@ -20,8 +20,14 @@ from magloss.distributed.comm import comm_device
 
 from .checkpoints import write_model, write_onnx
 from .errors import Stopped
-from .inputs import EVAL_FOLDS, _ignore_sigint, resize
+from .inputs import EVAL_FOLDS, _ignore_stop_signals, resize
 from .sampler import GlobalBatchSampler, _mix
+
+#: The signals that stop a run after the step in progress, with a checkpoint, and how the one
+#: line names them. The exit status is 128 + the signal's number, the shells' convention for a
+#: process ended by a signal: 130 for Ctrl-C (SIGINT), 143 for SIGTERM (a scheduler's or
+#: ``docker stop``'s preemption), so a job script tells a preempted run from a finished one.
+STOP_SIGNALS = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated by SIGTERM"}
 
 
 def _overflow_everywhere(head: nn.Module, group) -> None:
@@ -96,27 +102,33 @@ class Loop:
         sampler = GlobalBatchSampler(self.n, self.args.batch_size, self.world, self.rank, self.args.seed,
                                      self.epoch, self.position)
         return torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.args.workers,
-                                           pin_memory=self.plan.pin_memory, worker_init_fn=_ignore_sigint)
+                                           pin_memory=self.plan.pin_memory, worker_init_fn=_ignore_stop_signals)
 
-    def _on_sigint(self, signum, frame) -> None:
-        """Ctrl-C: the run stops after the step in progress (checkpoint, exit 130). Another
-        Ctrl-C a second or more later stops at once; one sooner is the same keypress delivered
-        twice (the terminal and torchrun both send it)."""
+    def _on_signal(self, signum, frame) -> None:
+        """Ctrl-C or SIGTERM: the run stops after the step in progress (checkpoint, exit
+        128 + signum). A Ctrl-C a second or more after the first stop signal stops at once; one
+        sooner is the same keypress delivered twice (the terminal and torchrun both send it).
+        A repeated SIGTERM changes nothing: the checkpoint goes on (a scheduler that will not
+        wait sends SIGKILL)."""
         now = time.monotonic()
-        if self._interrupted is not None and now - self._interrupted >= 1.0:
+        if signum == signal.SIGINT and self._interrupted is not None and now - self._interrupted >= 1.0:
             raise KeyboardInterrupt
         if self._interrupted is None:
-            self._interrupted = now
+            self._interrupted, self._signal = now, int(signum)
 
-    def _agree(self, data_error: Optional[str]) -> Tuple[bool, bool]:
-        """(some rank's batch has a damaged record, some rank was interrupted): one small
-        all-reduce under torchrun, so that every rank stops at the same step."""
-        flags = [float(data_error is not None), float(self._interrupted is not None)]
+    def _agree(self, data_error: Optional[str]) -> Tuple[bool, int]:
+        """(some rank's batch has a damaged record, the stop signal some rank received or 0):
+        one small all-reduce under torchrun, so that every rank stops at the same step (and
+        with the same status: the larger signal number when ranks received different ones)."""
+        flags = [float(data_error is not None), float(self._signal if self._interrupted is not None else 0)]
         if self.group is not None and self.world > 1:
             t = torch.tensor(flags, device=comm_device(self.group))
             dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
             flags = t.tolist()
-        return flags[0] > 0, flags[1] > 0
+        return flags[0] > 0, int(flags[1])
+
+    def _stop_by_signal(self, signum: int) -> None:
+        self._stop(f"{STOP_SIGNALS[signal.Signals(signum)]} at step {self.step}", 128 + signum)
 
     def _stop(self, reason: str, code: int, mine: bool = False) -> None:
         """Save the finished steps (when any since the last checkpoint) and raise Stopped."""
@@ -137,14 +149,14 @@ class Loop:
         """Train to ``self.total`` steps, save the checkpoint and ``model.pt``, then evaluate.
 
         Raises:
-            Stopped: a damaged record in a batch (code 2) or Ctrl-C (code 130), after saving
-            the finished steps.
+            Stopped: a damaged record in a batch (code 2), Ctrl-C (code 130) or SIGTERM (code
+            143) during the steps, after saving the finished steps.
         """
         a = self.args
         per_step = self.world * a.batch_size
         total = self.total
         self._bar = None
-        self._interrupted = None
+        self._interrupted = self._signal = None
         if self.is_main and a.progress:
             try:
                 from tqdm import tqdm
@@ -158,7 +170,7 @@ class Loop:
                   + (f", resumed at step {self.step}" if self.step else "")
                   + (" (the run is finished: nothing left to train)" if self.step >= total else ""))
         handler = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGINT, self._on_sigint) if handler else None
+        previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS} if handler else {}
         try:
             self._steps(total, per_step)
         except KeyboardInterrupt:         # a second Ctrl-C: the bar ends its line before main's one line
@@ -167,8 +179,8 @@ class Loop:
                 self._bar = None
             raise
         finally:
-            if handler:
-                signal.signal(signal.SIGINT, previous)
+            for s, h in previous.items():
+                signal.signal(s, h)
         if self._bar is not None:
             self._bar.close()
             self._bar = None
@@ -190,12 +202,12 @@ class Loop:
         while self.step < total:
             for images, labels, errors in self._loader():
                 bad = next((e for e in errors if e), None)
-                data_error, interrupted = self._agree(bad)
+                data_error, signum = self._agree(bad)
                 if data_error:
                     self._stop(f"{bad or 'another rank read a damaged record'} (training stopped before step "
                                f"{self.step + 1})", 2, mine=bad is not None)
-                if interrupted:
-                    self._stop(f"interrupted at step {self.step}", 130)
+                if signum:
+                    self._stop_by_signal(signum)
                 torch.manual_seed(_mix(a.seed, self.step, self.rank))
                 x = (images.to(self.device, non_blocking=True).float() - 127.5) / 127.5
                 flip = torch.rand(x.shape[0]) < 0.5
@@ -246,7 +258,7 @@ class Loop:
                 if self.position == 0:
                     break
         if self._interrupted is not None:
-            self._stop(f"interrupted at step {self.step}", 130)
+            self._stop_by_signal(self._signal)
 
     def _row(self, parts, acc, lr, speed) -> dict:
         parts = type(parts)(*(t.detach().float() for t in parts))

@@ -47,7 +47,7 @@ class Run(Loop):
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.group = None
         self._own_group = False
-        self.log = self._bar = self._interrupted = None
+        self.log = self._bar = self._interrupted = self._signal = None
         self.saved_step = None
         self.eval_failures = 0
         try:
