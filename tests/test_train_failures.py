@@ -14,10 +14,12 @@ process group (as a terminal or a scheduler does: the DataLoader workers get it 
 its parent (torchrun, which forwards it to every rank).
 """
 
+import errno
 import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -456,6 +458,156 @@ def test_a_record_damaged_mid_file_stops_cleanly_with_the_finished_steps(faces, 
     rec.write_bytes(good)
     assert train.main([str(d), "--output", str(out), "--resume", "--no-progress"]) == 0
     _same_as_uninterrupted(uninterrupted, out)
+
+
+# ------------------------------------------------------------------------ durability (fsync)
+def _recorder(monkeypatch):
+    """Records, in order, every fsync (the path of its descriptor), rename, replace and rmtree
+    the process makes; the calls still happen."""
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc/self/fd to name what an fsync'ed descriptor is")
+    events = []
+    real = {name: getattr(os, name) for name in ("fsync", "rename", "replace")}
+    rmtree = shutil.rmtree
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real["fsync"](fd)
+
+    def moving(name):
+        def move(src, dst, *a, **kw):
+            events.append((name, os.path.abspath(src), os.path.abspath(dst)))
+            return real[name](src, dst, *a, **kw)
+        return move
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", moving("rename"))
+    monkeypatch.setattr(os, "replace", moving("replace"))
+    monkeypatch.setattr(shutil, "rmtree", lambda path, *a, **kw: (events.append(("rmtree", str(path))),
+                                                                  rmtree(path, *a, **kw))[1])
+    return events
+
+
+def test_checkpoint_files_and_folders_are_fsynced_before_latest_names_them(faces, tmp_path, monkeypatch):
+    """The order that makes a power loss harmless, checked on the calls of a real run (3
+    checkpoints, the oldest removed): every file is fsync'ed before its rename; every folder
+    whose entries changed is fsync'ed before the next commit (the rename of the checkpoint's
+    folder, the replacement of `latest`); `checkpoints/` is fsync'ed after `latest` changed and
+    before anything it named before is removed; the temporary folder and its head/ are
+    fsync'ed before the folder takes its name."""
+    events = _recorder(monkeypatch)
+    out = (tmp_path / "run").resolve()
+    root = str(out / "checkpoints")
+    assert train.main(_common(faces, out, "--batch-size", "8", "--max-steps", "3", "--save-every", "1",
+                              "--keep-checkpoints", "2", "--eval-every", "0")) == 0
+    synced = lambda path, lo, hi: any(e == ("fsync", path) for e in events[lo:hi])   # noqa: E731
+    moves = [i for i, e in enumerate(events) if e[0] in ("rename", "replace")]
+    commits = [i for i in moves if events[i][2] == os.path.join(root, "latest")
+               or (events[i][0] == "rename" and os.path.isdir(events[i][2]))]
+    assert len([i for i in commits if events[i][2].endswith("latest")]) == 3
+    for i in moves:
+        _, src, dst = events[i]
+        if os.path.basename(src).startswith(".tmp-"):           # a checkpoint's folder takes its name
+            start = max([j for j in commits if j < i], default=0)
+            for d in (src, os.path.join(src, "head")):
+                assert synced(d, start, i), f"{d} not fsync'ed before its rename"
+        elif not os.path.isdir(dst):                             # a file replaces its name
+            before = max([j for j in moves if j < i and events[j][1] == src], default=-1)
+            assert synced(src, before + 1, i), f"{src} not fsync'ed before it became {dst}"
+        until = min([j for j in commits if j > i], default=len(events))
+        assert synced(os.path.dirname(dst), i + 1, until), f"{os.path.dirname(dst)} not fsync'ed after {events[i]}"
+    removals = [i for i, e in enumerate(events) if e[0] == "rmtree" and e[1].startswith(root + os.sep + "step-")]
+    assert removals, "the oldest checkpoint was not removed: the test saw no removal to order"
+    for i in removals:
+        last = max(j for j in commits if j < i and events[j][2].endswith("latest"))
+        assert synced(root, last + 1, i), f"{events[i][1]} removed before `latest` was on disk"
+    assert synced(str(out), max(j for j in moves if events[j][2] == str(out / "model.pt")) + 1, len(events))
+
+
+def _failing_fsync(monkeypatch, match, code=errno.EIO):
+    """os.fsync raising OSError(code) for a descriptor whose path contains ``match``."""
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc/self/fd to choose the descriptor that fails")
+    real = os.fsync
+
+    def fsync(fd):
+        if match in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(code, os.strerror(code))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+FSYNC_FAILURES = [
+    # (the descriptor that fails: the file written before its rename, named by its final name)
+    ("step-00000004/state.pt", "state.pt"),                      # rank 0's state file
+    ("step-00000004/head/shard-00000-of-00001.pt", "shard"),     # a class-matrix shard
+    ("step-00000004/head/meta.json", "meta.json"),
+    ("checkpoints/latest", "latest"),                            # `latest` itself: it keeps naming step 2
+]
+
+
+@pytest.mark.parametrize("match, what", FSYNC_FAILURES, ids=[w for _, w in FSYNC_FAILURES])
+def test_a_failing_fsync_stops_with_one_line_and_keeps_the_previous_checkpoint(faces, tmp_path, capsys, monkeypatch,
+                                                                              uninterrupted, match, what):
+    """An fsync that fails (EIO: the data may not be on disk) while step 4's checkpoint is
+    written: exit 1 with one line naming the file, `latest` still names step 2 (complete), no
+    temporary file is left in the way, and the resumed run ends as the uninterrupted one."""
+    out = tmp_path / "run"
+    if what == "latest":        # the first two `latest` fsyncs (steps 2 and 4) go through
+        real, calls = os.fsync, [0]
+
+        def fsync(fd):
+            if "latest.tmp" in os.readlink(f"/proc/self/fd/{fd}"):
+                calls[0] += 1
+                if calls[0] == 2:
+                    raise OSError(errno.EIO, os.strerror(errno.EIO))
+            return real(fd)
+
+        monkeypatch.setattr(os, "fsync", fsync)
+    else:
+        _failing_fsync(monkeypatch, match + ".tmp")
+    err = _fails(_common(faces, out, *RUN), capsys, code=1)
+    assert re.fullmatch(rf"magloss\.train: error: cannot write the checkpoint of step 4: .*{re.escape(match)}: "
+                        rf"fsync failed: Input/output error; checkpoint of step 2 in .*run/checkpoints; resume with: "
+                        rf"python -m magloss\.train .* --output .*run --resume", err), err
+    assert "Traceback" not in err
+    root = out / "checkpoints"
+    assert (root / "latest").read_text() == "step-00000002\n"
+    assert not [f for f in os.listdir(root) if ".tmp" in f and not f.startswith(".tmp-step-")]
+    assert not [f for _, _, files in os.walk(root) for f in files if ".tmp" in f]
+    monkeypatch.undo()
+    assert train.main([faces, "--output", str(out), "--resume", "--no-progress"]) == 0
+    _same_as_uninterrupted(uninterrupted, out)
+
+
+@pytest.mark.parametrize("code", [errno.EINVAL, errno.ENOTSUP])
+def test_a_file_system_without_directory_fsync_is_skipped(tmp_path, monkeypatch, code):
+    """fsync on a directory refused as unsupported (some network file systems): skipped; an
+    I/O error on it is an error naming the directory."""
+    from magloss import checkpoint as ckpt
+
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(code, os.strerror(code)))
+                        if os.path.isdir(os.readlink(f"/proc/self/fd/{fd}")) else real(fd))
+    ckpt.write_atomically(str(tmp_path / "f"), lambda f: f.write(b"x"))
+    assert (tmp_path / "f").read_bytes() == b"x"
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "Input/output error")))
+    with pytest.raises(OSError, match=rf"{re.escape(str(tmp_path))}: fsync of the directory failed: Input/output"):
+        ckpt.fsync_dir(str(tmp_path))
+
+
+def test_no_directory_fsync_where_the_platform_has_none(tmp_path, monkeypatch):
+    """Without os.O_DIRECTORY (Windows: a directory cannot be opened) only the file is fsync'ed."""
+    from magloss import checkpoint as ckpt
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.fstat(fd).st_mode), real(fd))[1])
+    monkeypatch.delattr(os, "O_DIRECTORY")
+    ckpt.write_atomically(str(tmp_path / "f"), lambda f: f.write(b"y"))
+    assert (tmp_path / "f").read_bytes() == b"y"
+    assert len(synced) == 1 and stat.S_ISREG(synced[0])
 
 
 def _with_bad_magic(faces, tmp_path, key):

@@ -130,9 +130,9 @@ class Loop:
     def _stop_by_signal(self, signum: int) -> None:
         self._stop(f"{STOP_SIGNALS[signal.Signals(signum)]} at step {self.step}", 128 + signum)
 
-    def _stop(self, reason: str, code: int, mine: bool = False) -> None:
-        """Save the finished steps (when any since the last checkpoint) and raise Stopped."""
-        if self.step > 0 and self.saved_step != self.step:
+    def _stop(self, reason: str, code: int, mine: bool = False, save: bool = True) -> None:
+        """Save the finished steps (when any since the last checkpoint, and ``save``) and raise Stopped."""
+        if save and self.step > 0 and self.saved_step != self.step:
             self.save()
         if self._bar is not None:
             self._bar.close()

@@ -221,8 +221,14 @@ class Run(Loop):
 
     def save(self) -> str:
         """Write checkpoints/step-XXXXXXXX (collective); returns its folder
-        (:func:`magloss.train.checkpoints.save`: never half-written where ``--resume`` looks)."""
-        return checkpoints.save(self)
+        (:func:`magloss.train.checkpoints.save`: never half-written where ``--resume`` looks,
+        fsync'ed). A write or fsync that fails stops the run (:class:`Stopped`, exit status 1)
+        with one line naming the file and the newest complete checkpoint."""
+        try:
+            return checkpoints.save(self)
+        except OSError as exc:
+            why = exc.strerror if exc.strerror and exc.filename is None else str(exc)
+            self._stop(f"cannot write the checkpoint of step {self.step}: {why}", 1, mine=True, save=False)
 
     def close(self) -> None:
         """Close the log and the process group this run started (the set-up's failure calls it too)."""
