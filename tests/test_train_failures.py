@@ -581,6 +581,40 @@ def test_a_failing_fsync_stops_with_one_line_and_keeps_the_previous_checkpoint(f
     _same_as_uninterrupted(uninterrupted, out)
 
 
+def _save_with_rank_1_failing(rank, world, group, out_dir):
+    """spawn_worlds phase: a 2-rank class matrix saved while rank 1's shard fsync fails."""
+    import magloss.distributed as mdist
+    from magloss import checkpoint as ckpt
+
+    head = mdist.ShardedArcFaceLoss(4, 6, group=group)
+    real = os.fsync
+    if rank == 1:
+        os.fsync = lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, os.strerror(errno.EIO))) \
+            if "shard-00001" in os.readlink(f"/proc/self/fd/{fd}") else real(fd)
+    try:
+        ckpt.save_class_matrix(os.path.join(out_dir, "ck"), head)
+        return "saved"
+    except OSError as exc:
+        return str(exc)
+    finally:
+        os.fsync = real
+
+
+def test_a_rank_whose_shard_fails_stops_every_rank(tmp_path):
+    """Under a process group, a shard that cannot be fsync'ed raises on its rank (naming the
+    file) and on the others (another rank failed), instead of leaving them in a barrier; no
+    meta.json is written, so the folder is never taken for a checkpoint."""
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc/self/fd to choose the descriptor that fails")
+    from _dist_utils import spawn_worlds
+
+    got = spawn_worlds(_save_with_rank_1_failing, [2], tmp_path)
+    ck = os.path.join(str(tmp_path), "ck")
+    assert got[(2, 1)] == f"[Errno {errno.EIO}] {ck}/shard-00001-of-00002.pt: fsync failed: {os.strerror(errno.EIO)}"
+    assert got[(2, 0)] == f"[Errno {errno.EIO}] {ck}: another rank failed to write its part"
+    assert sorted(os.listdir(ck)) == ["shard-00000-of-00002.pt"]
+
+
 @pytest.mark.parametrize("code", [errno.EINVAL, errno.ENOTSUP])
 def test_a_file_system_without_directory_fsync_is_skipped(tmp_path, monkeypatch, code):
     """fsync on a directory refused as unsupported (some network file systems): skipped; an
