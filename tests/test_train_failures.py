@@ -524,58 +524,50 @@ def test_checkpoint_files_and_folders_are_fsynced_before_latest_names_them(faces
     assert synced(str(out), max(j for j in moves if events[j][2] == str(out / "model.pt")) + 1, len(events))
 
 
-def _failing_fsync(monkeypatch, match, code=errno.EIO):
-    """os.fsync raising OSError(code) for a descriptor whose path contains ``match``."""
+def _failing_fsync(monkeypatch, match, nth=1):
+    """os.fsync raising OSError(EIO) at the ``nth`` call on a descriptor whose path contains ``match``."""
     if not os.path.isdir("/proc/self/fd"):
         pytest.skip("needs /proc/self/fd to choose the descriptor that fails")
-    real = os.fsync
+    real, calls = os.fsync, [0]
 
     def fsync(fd):
         if match in os.readlink(f"/proc/self/fd/{fd}"):
-            raise OSError(code, os.strerror(code))
+            calls[0] += 1
+            if calls[0] == nth:
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
         return real(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
 
 
 FSYNC_FAILURES = [
-    # (the descriptor that fails: the file written before its rename, named by its final name)
-    ("step-00000004/state.pt", "state.pt"),                      # rank 0's state file
-    ("step-00000004/head/shard-00000-of-00001.pt", "shard"),     # a class-matrix shard
-    ("step-00000004/head/meta.json", "meta.json"),
-    ("checkpoints/latest", "latest"),                            # `latest` itself: it keeps naming step 2
+    # (the file whose fsync fails before its rename, at its n-th write; what the line says; the
+    # step `latest` still names). RUN saves steps 2, 4 and 6, then writes model.pt.
+    ("step-00000004/state.pt", 1, "the checkpoint of step 4", 2),               # rank 0's state file
+    ("step-00000004/head/shard-00000-of-00001.pt", 1, "the checkpoint of step 4", 2),   # a class-matrix shard
+    ("step-00000004/head/meta.json", 1, "the checkpoint of step 4", 2),
+    ("checkpoints/latest", 2, "the checkpoint of step 4", 2),                   # `latest` itself keeps naming step 2
+    ("model.pt", 1, "model.pt", 6),                                             # after the last checkpoint
 ]
 
 
-@pytest.mark.parametrize("match, what", FSYNC_FAILURES, ids=[w for _, w in FSYNC_FAILURES])
+@pytest.mark.parametrize("match, nth, what, saved", FSYNC_FAILURES, ids=[os.path.basename(f[0]) for f in FSYNC_FAILURES])
 def test_a_failing_fsync_stops_with_one_line_and_keeps_the_previous_checkpoint(faces, tmp_path, capsys, monkeypatch,
-                                                                              uninterrupted, match, what):
-    """An fsync that fails (EIO: the data may not be on disk) while step 4's checkpoint is
-    written: exit 1 with one line naming the file, `latest` still names step 2 (complete), no
-    temporary file is left in the way, and the resumed run ends as the uninterrupted one."""
+                                                                              uninterrupted, match, nth, what, saved):
+    """An fsync that fails (EIO: the data may not be on disk) while step 4's checkpoint or
+    model.pt is written: exit 1 with one line naming the file, `latest` still names the
+    previous complete checkpoint, no temporary file is left in the way, and the resumed run
+    ends as the uninterrupted one."""
     out = tmp_path / "run"
-    if what == "latest":        # the first two `latest` fsyncs (steps 2 and 4) go through
-        real, calls = os.fsync, [0]
-
-        def fsync(fd):
-            if "latest.tmp" in os.readlink(f"/proc/self/fd/{fd}"):
-                calls[0] += 1
-                if calls[0] == 2:
-                    raise OSError(errno.EIO, os.strerror(errno.EIO))
-            return real(fd)
-
-        monkeypatch.setattr(os, "fsync", fsync)
-    else:
-        _failing_fsync(monkeypatch, match + ".tmp")
+    _failing_fsync(monkeypatch, match + ".tmp", nth)
     err = _fails(_common(faces, out, *RUN), capsys, code=1)
-    assert re.fullmatch(rf"magloss\.train: error: cannot write the checkpoint of step 4: .*{re.escape(match)}: "
-                        rf"fsync failed: Input/output error; checkpoint of step 2 in .*run/checkpoints; resume with: "
+    assert re.fullmatch(rf"magloss\.train: error: cannot write {what}: .*{re.escape(match)}: fsync failed: "
+                        rf"Input/output error; checkpoint of step {saved} in .*run/checkpoints; resume with: "
                         rf"python -m magloss\.train .* --output .*run --resume", err), err
     assert "Traceback" not in err
-    root = out / "checkpoints"
-    assert (root / "latest").read_text() == "step-00000002\n"
-    assert not [f for f in os.listdir(root) if ".tmp" in f and not f.startswith(".tmp-step-")]
-    assert not [f for _, _, files in os.walk(root) for f in files if ".tmp" in f]
+    assert (out / "checkpoints" / "latest").read_text() == f"step-{saved:08d}\n"
+    assert not [f for _, _, files in os.walk(out) for f in files if ".tmp" in f]
+    assert not (out / "model.pt").exists()
     monkeypatch.undo()
     assert train.main([faces, "--output", str(out), "--resume", "--no-progress"]) == 0
     _same_as_uninterrupted(uninterrupted, out)

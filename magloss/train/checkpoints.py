@@ -59,6 +59,13 @@ def _check_writable(folder: str) -> None:
         raise UsageError(f"--output: cannot write into {folder!r}: {exc.strerror or exc}") from None
 
 
+def _write_atomically(path: str, write) -> None:
+    """``write(binary file)`` into ``path`` atomically and durably (:func:`magloss.checkpoint.write_atomically`:
+    a temporary file, fsync'ed, renamed, the folder fsync'ed): a reader, a resumed run, or the
+    machine after a power loss sees the old file or the whole new one, never a part."""
+    ckpt.write_atomically(path, write)
+
+
 def read_checkpoint(resume: str, output: str):
     """(checkpoint folder, its ``state.pt`` as a dict) of ``--resume`` (``"auto"``: the latest
     checkpoint of ``output``); UsageError when the file cannot be read or is not a checkpoint
@@ -133,13 +140,6 @@ def restore(run, ck_dir: str, state: dict) -> None:
     if run.position >= run.n:
         raise UsageError(f"--resume: the checkpoint is at sample {run.position} of an epoch, DATA_DIR holds "
                          f"{run.n} images (another data set?)")
-
-
-def _write_atomically(path: str, write) -> None:
-    """``write(binary file)`` into ``path`` atomically and durably (:func:`magloss.checkpoint.write_atomically`:
-    a temporary file, fsync'ed, renamed, the folder fsync'ed): a reader, a resumed run, or the
-    machine after a power loss sees the old file or the whole new one, never a part."""
-    ckpt.write_atomically(path, write)
 
 
 def save(run) -> str:

@@ -16,3 +16,10 @@ class Stopped(Exception):
     def __init__(self, message: str, code: int, show: bool = True) -> None:
         super().__init__(message)
         self.code, self.show = code, show
+
+
+def os_reason(exc: OSError) -> str:
+    """An OSError as the end of a one-line message: its text when it names its file
+    (``magloss.checkpoint``'s errors: "PATH: fsync failed: ..."), else ``str(exc)`` (the
+    errno, the reason and the file names of a failed rename)."""
+    return exc.strerror if exc.strerror and exc.filename is None else str(exc)

@@ -16,10 +16,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from magloss.checkpoint import all_ok
 from magloss.distributed.comm import comm_device
 
 from .checkpoints import write_model, write_onnx
-from .errors import Stopped
+from .errors import Stopped, os_reason
 from .inputs import EVAL_FOLDS, _ignore_stop_signals, resize
 from .sampler import GlobalBatchSampler, _mix
 
@@ -150,7 +151,8 @@ class Loop:
 
         Raises:
             Stopped: a damaged record in a batch (code 2), Ctrl-C (code 130) or SIGTERM (code
-            143) during the steps, after saving the finished steps.
+            143) during the steps, after saving the finished steps; a checkpoint or ``model.pt``
+            that cannot be written (code 1).
         """
         a = self.args
         per_step = self.world * a.batch_size
@@ -186,11 +188,18 @@ class Loop:
             self._bar = None
         if self.saved_step != self.step:
             self.save()
+        error = None
         if self.is_main:              # the outputs exist before any evaluation can fail or hang
-            write_model(self)
-            if a.export_onnx:
+            try:
+                write_model(self)
+            except OSError as exc:    # the checkpoint is written: --resume writes model.pt again
+                error = exc
+            if error is None and a.export_onnx:
                 write_onnx(self)
-        self._barrier()
+        try:
+            all_ok(error, self.group, os.path.join(a.output, "model.pt"))     # the others wait for rank 0
+        except OSError as exc:
+            self._stop(f"cannot write model.pt: {os_reason(exc)}", 1, mine=True, save=False)
         self.evaluate()
 
     def _steps(self, total: int, per_step: int) -> None:

@@ -20,7 +20,7 @@ from magloss.distributed.comm import comm_device
 from . import checkpoints
 from .checkpoints import _check_writable, _write_atomically, check_export
 from .device import decide_device
-from .errors import UsageError
+from .errors import UsageError, os_reason
 from .inputs import _Guarded, _inside, open_bins, open_data, select_bins
 from .log import Log
 from .loop import Loop
@@ -227,8 +227,8 @@ class Run(Loop):
         try:
             return checkpoints.save(self)
         except OSError as exc:
-            why = exc.strerror if exc.strerror and exc.filename is None else str(exc)
-            self._stop(f"cannot write the checkpoint of step {self.step}: {why}", 1, mine=True, save=False)
+            self._stop(f"cannot write the checkpoint of step {self.step}: {os_reason(exc)}", 1, mine=True,
+                       save=False)
 
     def close(self) -> None:
         """Close the log and the process group this run started (the set-up's failure calls it too)."""
