@@ -15,6 +15,7 @@ its parent (torchrun, which forwards it to every rank).
 """
 
 import errno
+import multiprocessing
 import os
 import re
 import shutil
@@ -23,6 +24,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -198,15 +200,17 @@ def test_logged_accuracy_is_that_of_the_step_before_its_update(faces, tmp_path):
 
 # ------------------------------------------------------------------------ during the run
 DRIVER = textwrap.dedent("""
-    import os, signal, sys, time
+    import multiprocessing.process, os, signal, subprocess, sys, time
     import torch
+    from torch.utils.data._utils import signal_handling
     from magloss import train
     from magloss.train.loop import Loop
 
     # MAGLOSS_TEST_HOOK = "what:K:when:[to-]signal[:substring]": signal at the K-th call of what
     # (whose first arguments contain substring, when given), before or after the call; sent to
-    # this process, or with to = "group" to its process group, with "parent" (on rank 0 only) to
-    # its parent, torchrun, then waiting until torchrun has forwarded it here
+    # this process, or with to = "group" to its process group (sent by another process), with
+    # "parent" (on rank 0 only) to its parent, torchrun, then waiting until torchrun has
+    # forwarded it here
     what, k, when, sig, *sub = os.environ["MAGLOSS_TEST_HOOK"].split(":")
     to, _, sig = sig.rpartition("-")
     received = []
@@ -220,8 +224,9 @@ DRIVER = textwrap.dedent("""
         Loop._on_signal = recording
 
     def send(signum):
-        if to == "group":
-            os.killpg(0, signum)
+        if to == "group":     # from another process, as a terminal's or a scheduler's
+            subprocess.run([sys.executable, "-c", "import os, sys; os.killpg(int(sys.argv[1]), int(sys.argv[2]))",
+                            str(os.getpgid(0)), str(int(signum))], check=True, start_new_session=True)
         elif to == "parent":
             os.kill(os.getppid(), signum)
             deadline = time.monotonic() + 60
@@ -232,13 +237,23 @@ DRIVER = textwrap.dedent("""
 
     if to == "parent" and os.environ.get("RANK", "0") != "0":
         k = "0"                       # the other ranks only receive what torchrun forwards
+    process = multiprocessing.process.BaseProcess
     owner, name = {"step": (torch.optim.SGD, "step"), "save": (torch, "save"), "rename": (os, "rename"),
-                   "replace": (os, "replace")}[what]
+                   "replace": (os, "replace"), "worker": (signal_handling, "_set_worker_signal_handlers")}[what]
     original, calls = getattr(owner, name), [0]
+    if what == "worker":      # in the K-th process started (a DataLoader worker), as torch sets its
+        start = process.start     # SIGTERM handler (which kills the worker) before the run's
+                                  # worker_init_fn: the parent counts, the forked child inherits the count
+
+        def counting_start(self, *a, **kw):
+            calls[0] += 1
+            return start(self, *a, **kw)
+
+        process.start = counting_start
 
     def hooked(*a, **kw):
         hit = not sub or any(sub[0] in str(v) for v in a[:2])
-        calls[0] += hit
+        calls[0] += hit and what != "worker"
         fire = hit and calls[0] == int(k)
         if fire and when == "before":
             send(getattr(signal, sig))
@@ -366,7 +381,8 @@ SIGTERMS = [
     ("step:3:before:group-SIGTERM", 2, 3),      # to the process group: the DataLoader workers get it too
     ("save:4:before:group-SIGTERM", 2, 4),      # during step 4's checkpoint: it is completed, not redone
     ("replace:2:after:SIGTERM:latest", 0, 4),   # between step 4's `latest` and its clean-up
-]
+    ("worker:3:after:group-SIGTERM", 2, 4),     # from the 2nd epoch's first worker as it starts (after
+]                                               # step 4), before it could ignore the signal itself
 
 
 @pytest.mark.parametrize("hook, workers, at", SIGTERMS, ids=[h for h, _, _ in SIGTERMS])
@@ -387,6 +403,41 @@ def test_sigterm_saves_the_finished_steps_and_resumes_to_the_uninterrupted_run(f
     assert not (out / "model.pt").exists()
     assert train.main([faces, "--output", str(out), "--resume", "--no-progress"]) == 0
     _same_as_uninterrupted(uninterrupted, out)
+
+
+def _sleeping_worker(ready):
+    from magloss.train.inputs import _ignore_stop_signals
+
+    _ignore_stop_signals(0)
+    ready.set()
+    time.sleep(120)
+
+
+@pytest.mark.skipif(not hasattr(signal, "sigwaitinfo"), reason="a POSIX rule (sigwaitinfo)")
+def test_a_worker_ignores_a_schedulers_sigterm_but_not_its_parents(tmp_path):
+    """A DataLoader worker outlives a SIGTERM from another process (a scheduler's, sent to the
+    group) and Ctrl-C, so the main process can stop cleanly; its parent's SIGTERM still ends it
+    (multiprocessing terminates daemonic children so at exit: ignoring that hung the exit)."""
+    from magloss.train.inputs import _stop_signals_blocked
+
+    ctx = multiprocessing.get_context("fork")
+    ready = ctx.Event()
+    worker = ctx.Process(target=_sleeping_worker, args=(ready,), daemon=True)
+    with _stop_signals_blocked():
+        worker.start()
+    try:
+        assert ready.wait(60)
+        for sig in ("SIGTERM", "SIGINT"):     # from another process
+            subprocess.run([sys.executable, "-c", f"import os, signal; os.kill({worker.pid}, signal.{sig})"],
+                           check=True, timeout=60)
+        worker.join(1.0)
+        assert worker.is_alive()
+        worker.terminate()                    # the parent's SIGTERM
+        worker.join(30)
+        assert not worker.is_alive() and worker.exitcode == 0
+    finally:
+        if worker.is_alive():
+            worker.kill()
 
 
 def test_sigterm_under_torchrun_stops_every_rank_at_one_step(faces, tmp_path):

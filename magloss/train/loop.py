@@ -21,14 +21,14 @@ from magloss.distributed.comm import comm_device
 
 from .checkpoints import write_model, write_onnx
 from .errors import Stopped, os_reason
-from .inputs import EVAL_FOLDS, _ignore_stop_signals, resize
+from .inputs import EVAL_FOLDS, STOP_SIGNALS, _ignore_stop_signals, _stop_signals_blocked, resize
 from .sampler import GlobalBatchSampler, _mix
 
-#: The signals that stop a run after the step in progress, with a checkpoint, and how the one
-#: line names them. The exit status is 128 + the signal's number, the shells' convention for a
-#: process ended by a signal: 130 for Ctrl-C (SIGINT), 143 for SIGTERM (a scheduler's or
-#: ``docker stop``'s preemption), so a job script tells a preempted run from a finished one.
-STOP_SIGNALS = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated by SIGTERM"}
+#: How the one line names each of the signals that stop a run (inputs.STOP_SIGNALS). The exit
+#: status is 128 + the signal's number, the shells' convention for a process ended by a signal:
+#: 130 for Ctrl-C (SIGINT), 143 for SIGTERM (a scheduler's or ``docker stop``'s preemption), so
+#: a job script tells a preempted run from a finished one.
+_STOPPED = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated by SIGTERM"}
 
 
 def _overflow_everywhere(head: nn.Module, group) -> None:
@@ -129,7 +129,7 @@ class Loop:
         return flags[0] > 0, int(flags[1])
 
     def _stop_by_signal(self, signum: int) -> None:
-        self._stop(f"{STOP_SIGNALS[signal.Signals(signum)]} at step {self.step}", 128 + signum)
+        self._stop(f"{_STOPPED[signal.Signals(signum)]} at step {self.step}", 128 + signum)
 
     def _stop(self, reason: str, code: int, mine: bool = False, save: bool = True) -> None:
         """Save the finished steps (when any since the last checkpoint, and ``save``) and raise Stopped."""
@@ -209,7 +209,9 @@ class Loop:
         self.backbone.train()
         self.head.train()
         while self.step < total:
-            for images, labels, errors in self._loader():
+            with _stop_signals_blocked():         # the workers start with the signals blocked
+                batches = iter(self._loader())
+            for images, labels, errors in batches:
                 bad = next((e for e in errors if e), None)
                 data_error, signum = self._agree(bad)
                 if data_error:
