@@ -17,10 +17,17 @@ written by 2 ranks loads on 3 ranks, on 1 rank, or into a single-process
 
 The head's replicated counters (Partial FC ``step``, SphereFace ``iteration``) are
 stored in ``meta.json`` under "extra" and restored when the head has them.
+
+Durability: every file is written into a temporary file, flushed and fsync'ed, then renamed
+onto its name (:func:`write_atomically`), and the directory is fsync'ed after the renames
+(:func:`fsync_dir`), so that after a power loss a name is either absent or its complete
+content, never a truncated file. A failed write or fsync raises OSError naming the file and
+leaves no temporary file behind; under a process group every rank learns of it and raises.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from typing import Dict, Optional, Tuple
@@ -29,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-__all__ = ["save_class_matrix", "load_class_matrix", "load_full"]
+__all__ = ["save_class_matrix", "load_class_matrix", "load_full", "write_atomically", "fsync_dir"]
 
 FORMAT = "magloss.class_matrix/1"
 _META = "meta.json"
@@ -56,10 +63,88 @@ def _layout(head) -> Tuple[Tensor, int, int, int, int, int, object, int]:
     return weight, 0, n, n, 0, 1, None, k
 
 
-def _atomic_save(obj, path: str) -> None:
+#: What ``fsync`` on a directory raises where the file system cannot do it (some network and
+#: FUSE file systems): the directory entry is then as durable as that file system makes it.
+_DIR_FSYNC_UNSUPPORTED = (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF, errno.EISDIR, errno.EACCES)
+
+
+def fsync_dir(path: str) -> None:
+    """``fsync`` the directory ``path``, making the entries created, renamed or replaced in it
+    durable (a rename is only in the directory until then: after a power loss the old name may
+    come back). Skipped where the platform cannot: no ``os.O_DIRECTORY`` (Windows, where a
+    directory cannot be opened), or a file system that refuses it (EINVAL, ENOTSUP, ...).
+
+    Raises:
+        OSError: ``path`` cannot be opened, or its fsync fails (EIO: the data may be lost),
+        naming the directory.
+    """
+    if not hasattr(os, "O_DIRECTORY"):
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        raise OSError(exc.errno, f"{path}: cannot open the directory to fsync it: {exc.strerror}") from None
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in _DIR_FSYNC_UNSUPPORTED:
+            raise OSError(exc.errno, f"{path}: fsync of the directory failed: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def write_atomically(path: str, write, sync_dir: bool = True) -> None:
+    """Write a file that is never seen half-written, even after a power loss.
+
+    ``write(f)`` fills a binary file ``path + ".tmp<pid>"``, which is flushed, ``fsync``'ed and
+    closed, then renamed onto ``path`` (``os.replace``: a reader sees the old file or the whole
+    new one); then the directory is fsync'ed (:func:`fsync_dir`) unless ``sync_dir`` is False
+    (a caller renaming several files into one directory fsyncs it once after the last).
+
+    Raises:
+        OSError naming ``path`` and the operation that failed (write, fsync, rename); the
+        temporary file is removed and ``path`` is left as it was.
+    """
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    op = "write"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            op = "fsync"
+            os.fsync(f.fileno())
+        op = "rename"
+        os.replace(tmp, path)
+    except BaseException as exc:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        if isinstance(exc, OSError):
+            raise OSError(exc.errno, f"{path}: {op} failed: {exc.strerror or exc}") from None
+        raise
+    if sync_dir:
+        fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def all_ok(error: Optional[BaseException], group, what: str) -> None:
+    """Raise ``error`` on its rank and an OSError on the others when some rank of ``group``
+    failed (one all-reduce; a no-op without a group): every rank leaves a collective write
+    together instead of waiting in the next barrier for the rank that failed. ``what`` names
+    the write in the others' message."""
+    if group is not None:
+        from .distributed.comm import comm_device
+
+        flag = torch.tensor([float(error is not None)], device=comm_device(group))
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        if flag.item() > 0 and error is None:
+            raise OSError(errno.EIO, f"{what}: another rank failed to write its part")
+    if error is not None:
+        raise error
+
+
+def _atomic_save(obj, path: str, sync_dir: bool = True) -> None:
+    write_atomically(path, lambda f: torch.save(obj, f), sync_dir)
 
 
 def save_class_matrix(path: str, head, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
@@ -71,6 +156,13 @@ def save_class_matrix(path: str, head, optimizer: Optional[torch.optim.Optimizer
     (call it on one process only). optimizer: optional; the state of ``head.weight`` is
     saved (per-class tensors by rows, the rest replicated). Overwrites an earlier
     checkpoint in ``path``; stale shard files of another world size are ignored on load.
+    Each file is written atomically and fsync'ed, and so are ``path`` and its parent
+    (module docstring: Durability).
+
+    Raises:
+        OSError: a file could not be written or fsync'ed (naming it; on every rank of the
+        group: the others say that another rank failed). ``meta.json`` is written last: a
+        failed write into a new ``path`` leaves no ``meta.json`` (a load refuses the folder).
     """
     weight, start, end, num_classes, rank, world, group, k = _layout(head)
     os.makedirs(path, exist_ok=True)
@@ -80,9 +172,12 @@ def save_class_matrix(path: str, head, optimizer: Optional[torch.optim.Optimizer
         state = optimizer.state.get(weight, {})
         entry["optim"] = {k: (v.detach().cpu() if isinstance(v, Tensor) else v) for k, v in state.items()}
         entry["optim_rows"] = [k for k, v in state.items() if isinstance(v, Tensor) and v.shape == weight.shape]
-    _atomic_save(entry, os.path.join(path, name))
-    if group is not None:
-        dist.barrier(group=group)
+    error = None
+    try:
+        _atomic_save(entry, os.path.join(path, name), sync_dir=False)
+    except OSError as exc:
+        error = exc
+    all_ok(error, group, path)
     if rank == 0:
         from .distributed.loss import shard_range
 
@@ -95,12 +190,12 @@ def save_class_matrix(path: str, head, optimizer: Optional[torch.optim.Optimizer
                 "world_size": world, "has_optimizer": optimizer is not None, "shards": shards, "extra": extra}
         if optimizer is not None:
             meta["optimizer"] = type(optimizer).__name__
-        tmp = os.path.join(path, f"{_META}.tmp{os.getpid()}")
-        with open(tmp, "w") as f:
-            json.dump(meta, f, indent=1)
-        os.replace(tmp, os.path.join(path, _META))
-    if group is not None:
-        dist.barrier(group=group)
+        try:
+            write_atomically(os.path.join(path, _META), lambda f: f.write(json.dumps(meta, indent=1).encode()))
+            fsync_dir(os.path.dirname(os.path.abspath(path)))      # `path` itself, when it was just made
+        except OSError as exc:
+            error = exc
+    all_ok(error, group, path)
 
 
 def _read_meta(path: str) -> Dict:

@@ -30,6 +30,10 @@ Conventions shared by every function here and in :mod:`magloss.quality`:
   ``labels_pred``, ``template_ids``) must have an integer dtype: float labels are a
   ``TypeError`` naming the argument (truncating them would merge 0.4 and 0.6 into one
   identity). Empty inputs are a ``ValueError`` naming the argument.
+* Counts, sizes and seeds (``n_folds``, ``num_pairs``, ``topk``, batch sizes, ``n_clusters``,
+  ``seed``) are checked by :func:`magloss.validation.check_int`, the rule of every magloss
+  count: a Python or numpy int, not a bool and not a float (``10.0`` is refused), else a
+  ``ValueError`` naming the argument.
 * Returns: a scalar metric is a Python ``float`` computed in float64 from exact counts
   (no float32 rounding); several metrics come as a ``dict`` of such floats; curves
   (ROC) are numpy float64 arrays; per-sample values computed from embeddings
@@ -43,7 +47,6 @@ scikit-learn (``pip install magloss[eval]``).
 from __future__ import annotations
 
 import math
-import operator
 import warnings
 from fractions import Fraction
 from typing import Dict, Optional, Sequence, Union
@@ -52,6 +55,7 @@ import numpy as np
 import torch
 
 from .rows import compute_dtype
+from .validation import check_int
 
 __all__ = [
     "cosine_scores",
@@ -88,14 +92,14 @@ def fraction_count(fraction: float, n: int, rounding: str = "floor") -> int:
         int.
 
     Raises:
-        TypeError / ValueError naming ``fraction`` (not a finite number) or ``n`` (not an
-        integer ``>= 0``).
+        TypeError / ValueError naming ``fraction`` (not a finite number); ValueError naming
+        ``n`` (not an integer ``>= 0``: :func:`magloss.validation.check_int`, 10.0 included).
     """
     fraction = check_number(fraction, "fraction")
     if not math.isfinite(fraction):
         raise ValueError(f"fraction: expected a finite number, got {fraction}")
     f = Fraction(repr(fraction))
-    q = f * _check_int(n, "n", 0)
+    q = f * check_int("n", n, 0)
     if rounding == "floor":
         return math.floor(q)
     if rounding == "ceil":
@@ -144,23 +148,6 @@ def check_number(value, name: str) -> float:
         return float(value)
     except (TypeError, ValueError):
         raise TypeError(f"{name}: expected a number, got {value!r}") from None
-
-
-def _check_int(value, name: str, minimum: int = 1) -> int:
-    """A whole number ``>= minimum`` as an int: Python or numpy integers, 0-d integer tensors and
-    whole floats (``10.0``) pass; ``2.5`` is a ValueError, a bool or a non-number a TypeError."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name}: expected an integer, got {value!r}")
-    try:
-        v = operator.index(value)
-    except TypeError:
-        f = check_number(value, name)
-        if not f.is_integer():
-            raise ValueError(f"{name}: expected an integer, got {value!r}") from None
-        v = int(f)
-    if v < minimum:
-        raise ValueError(f"{name}: expected an integer >= {minimum}, got {v}")
-    return v
 
 
 def float_tensor(x, name: str, ndim: Optional[int] = None) -> torch.Tensor:
@@ -295,8 +282,8 @@ def sample_pairs(labels, num_pairs: int, seed: int = 0):
         ``(idx_a, idx_b, is_same)``: two ``[num_pairs]`` int64 arrays and one bool array.
     """
     lab = labels_array(labels, "labels")
-    num_pairs = _check_int(num_pairs, "num_pairs", 2)
-    rng = np.random.default_rng(_check_int(seed, "seed", 0))
+    num_pairs = check_int("num_pairs", num_pairs, 2)
+    rng = np.random.default_rng(check_int("seed", seed, 0))
     classes, counts = np.unique(lab, return_counts=True)
     multi = classes[counts >= 2]
     if multi.size == 0:
@@ -361,7 +348,8 @@ def kfold_verification(scores, is_same, n_folds: int = 10, shuffle: bool = False
 
     Raises:
         ValueError: fewer than ``n_folds`` pairs, ``n_folds < 2``, shapes that differ,
-        NaN/Inf scores, ``is_same`` not 0/1. TypeError: a non-integer ``n_folds``.
+        NaN/Inf scores, ``is_same`` not 0/1, an ``n_folds`` or ``seed`` that is not an int
+        (10.0 included: :func:`magloss.validation.check_int`).
 
     Returns:
         dict: ``accuracy_mean``, ``accuracy_std`` (population std over folds, as
@@ -369,12 +357,12 @@ def kfold_verification(scores, is_same, n_folds: int = 10, shuffle: bool = False
         per fold), ``fold_indices`` (list of int lists, the test pairs of each fold).
     """
     s, y = _scores_labels(scores, is_same)
-    n_folds = _check_int(n_folds, "n_folds", 2)
+    n_folds = check_int("n_folds", n_folds, 2)
     if s.size < n_folds:
         raise ValueError(f"scores: need at least n_folds={n_folds} pairs (one per fold), got {s.size}")
     order = np.arange(s.size)
     if shuffle:
-        order = np.random.default_rng(_check_int(seed, "seed", 0)).permutation(s.size)
+        order = np.random.default_rng(check_int("seed", seed, 0)).permutation(s.size)
     folds = np.array_split(order, n_folds)
     accs, thrs = [], []
     for k, test in enumerate(folds):
@@ -557,8 +545,8 @@ def identification_topk(
         single ``k``.
 
     Raises:
-        ValueError: shapes, empty inputs, non-positive ``topk``/batch sizes, NaN/Inf (each
-        naming the argument). TypeError: non-integer labels or batch sizes.
+        ValueError: shapes, empty inputs, ``topk``/batch sizes that are not positive ints
+        (2.0 included), NaN/Inf (each naming the argument). TypeError: non-integer labels.
     """
     if backend not in ("auto", "torch", "faiss"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'faiss', got {backend!r}")
@@ -572,9 +560,9 @@ def identification_topk(
         raise ValueError(f"probe_labels must have {p.shape[0]} entries, got {pl.numel()}")
     if gl.numel() != g.shape[0]:
         raise ValueError(f"gallery_labels must have {g.shape[0]} entries, got {gl.numel()}")
-    batch_size = _check_int(batch_size, "batch_size")
-    gallery_batch_size = _check_int(gallery_batch_size, "gallery_batch_size")
-    ks = [_check_int(k, "topk") for k in _as_list(topk, "topk")]
+    batch_size = check_int("batch_size", batch_size, 1)
+    gallery_batch_size = check_int("gallery_batch_size", gallery_batch_size, 1)
+    ks = [check_int("topk", k, 1) for k in _as_list(topk, "topk")]
     kmax = min(max(ks), g.shape[0])
     dtype = torch.promote_types(p.dtype, g.dtype)
     p = torch.nn.functional.normalize(p.to(dtype), dim=1)
@@ -615,14 +603,14 @@ def cluster_embeddings(features, n_clusters: int, method: str = "kmeans", seed: 
     x = float_tensor(features, "features")
     if x.dim() != 2 or x.shape[0] == 0 or x.shape[1] == 0:
         raise ValueError(f"features must be [N, D] with N, D >= 1, got shape {tuple(x.shape)}")
-    n_clusters = _check_int(n_clusters, "n_clusters")
+    n_clusters = check_int("n_clusters", n_clusters, 1)
     if not (1 <= n_clusters <= x.shape[0]):
         raise ValueError(f"n_clusters must be in [1, {x.shape[0]}], got {n_clusters}")
     x = torch.nn.functional.normalize(x, dim=1).cpu().numpy()      # float32, or float64 for float64 input
     if method == "kmeans":
         from sklearn.cluster import KMeans
 
-        return KMeans(n_clusters=n_clusters, n_init=10, random_state=_check_int(seed, "seed", 0)).fit_predict(x).astype(np.int64)
+        return KMeans(n_clusters=n_clusters, n_init=10, random_state=check_int("seed", seed, 0)).fit_predict(x).astype(np.int64)
     if method == "agglomerative":
         from sklearn.cluster import AgglomerativeClustering
 

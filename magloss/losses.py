@@ -558,7 +558,7 @@ class OneVsAllLoss(nn.Module):
     loss (0-d, or [B] for reduction='none'), float32 (float64 for float64 inputs), or a
     :class:`magloss.functional.LossParts` (ce = loss, reg = 0). :meth:`accuracy` as
     :class:`MarginLoss` (the arg-max of the cosines; a shared bias does not change it).
-    The fused CUDA engine does not run these losses yet: on CUDA they run the chunked engine.
+    On CUDA with the compiled extension, float32/float16/bfloat16 run the fused kernels (docs/cuda.md).
     """
 
     _kind = -1

@@ -217,13 +217,13 @@ def test_empty_inputs_are_errors_naming_the_argument(name, call):
 
 
 MESSAGES = [
-    (lambda: ev.identification_topk(**_ident_args(batch_size=0)), ValueError, r"^batch_size: expected an integer >= 1, got 0"),
+    (lambda: ev.identification_topk(**_ident_args(batch_size=0)), ValueError, r"^batch_size: expected a positive integer, got 0"),
     (lambda: ev.identification_topk(**_ident_args(gallery_batch_size=-2)), ValueError, r"^gallery_batch_size: .* got -2"),
-    (lambda: ev.identification_topk(**_ident_args(batch_size=2.5)), ValueError, r"^batch_size: expected an integer, got 2.5"),
-    (lambda: ev.identification_topk(**_ident_args(topk="5")), TypeError, r"^topk: expected a number, got '5'"),
+    (lambda: ev.identification_topk(**_ident_args(batch_size=2.5)), ValueError, r"^batch_size: expected a positive integer, got 2.5"),
+    (lambda: ev.identification_topk(**_ident_args(topk="5")), ValueError, r"^topk: expected a positive integer, got '5'"),
     (lambda: ev.kfold_verification([0.3], [True]), ValueError, r"^scores: need at least n_folds=10 pairs .*got 1$"),
     (lambda: ev.kfold_verification([0.3, 0.1], [1, 0], n_folds=1), ValueError, r"^n_folds: expected an integer >= 2, got 1"),
-    (lambda: ev.kfold_verification([0.3, 0.1], [1, 0], n_folds=True), TypeError, r"^n_folds: expected an integer"),
+    (lambda: ev.kfold_verification([0.3, 0.1], [1, 0], n_folds=True), ValueError, r"^n_folds: expected an integer >= 2, got True"),
     (lambda: ev.fraction_count(float("nan"), 10), ValueError, r"^fraction: expected a finite number, got nan"),
     (lambda: ev.fraction_count(0.5, -1), ValueError, r"^n: expected an integer >= 0, got -1"),
     (lambda: ev.threshold_at_fmr([0.1, 0.2], "1e-3"), TypeError, r"^fmr: expected a number, got '1e-3'"),
@@ -231,10 +231,11 @@ MESSAGES = [
      r"^reject_fractions: expected a number"),
     (lambda: mq.quality_score(magnitudes=[1.0], l_a="10", u_a=110), TypeError, r"^l_a: expected a number, got '10'"),
     (lambda: ev.sample_pairs([0, 0, 1], 1), ValueError, r"^num_pairs: expected an integer >= 2, got 1"),
-    (lambda: ev.cluster_embeddings(np.eye(3), 0), ValueError, r"^n_clusters: expected an integer >= 1"),
+    (lambda: ev.cluster_embeddings(np.eye(3), 0), ValueError, r"^n_clusters: expected a positive integer, got 0"),
     (lambda: ev.sample_pairs([0, 0, 1], 4, seed=-1), ValueError, r"^seed: expected an integer >= 0, got -1"),
-    (lambda: ev.kfold_verification([0.3, 0.1], [1, 0], n_folds=2, shuffle=True, seed="x"), TypeError, r"^seed: "),
-    (lambda: ev.cluster_embeddings(np.eye(3), 2, seed=0.5), ValueError, r"^seed: expected an integer, got 0.5"),
+    (lambda: ev.kfold_verification([0.3, 0.1], [1, 0], n_folds=2, shuffle=True, seed="x"), ValueError,
+     r"^seed: expected an integer >= 0, got 'x'"),
+    (lambda: ev.cluster_embeddings(np.eye(3), 2, seed=0.5), ValueError, r"^seed: expected an integer >= 0, got 0.5"),
     (lambda: ev.cosine_scores([["a"]], [["b"]]), TypeError, r"^emb_a: expected a tensor or array of real numbers"),
     (lambda: mq.feature_magnitude(torch.ones(2, 2, dtype=torch.bool)), TypeError, r"^features: expected real numbers"),
     (lambda: mq.quality_score(magnitudes=[20.0], loss=magloss.ArcFaceLoss), TypeError,
@@ -261,7 +262,34 @@ def test_quality_score_reads_the_range_of_a_magface_loss(cls, l_a, u_a):
     assert mq.quality_score(magnitudes=[l_a], loss=loss, l_a=l_a - 10).tolist() == pytest.approx([10 / (u_a - l_a + 10)])
 
 
-def test_whole_float_counts_are_accepted():
-    scores, same = _verification_set()
-    assert ev.kfold_verification(scores, same, n_folds=4.0) == ev.kfold_verification(scores, same, n_folds=4)
-    assert ev.fraction_count(0.29, np.int64(100)) == 29
+# every count of magloss.evaluation goes through magloss.validation.check_int: a whole float
+# (10.0) is refused like anywhere else in magloss, naming the argument; numpy ints pass
+WHOLE_FLOATS = [
+    ("n", 0, lambda v: ev.fraction_count(0.29, v), 100),
+    ("num_pairs", 2, lambda v: ev.sample_pairs([0, 0, 1, 1, 2], v), 4),
+    ("seed", 0, lambda v: ev.sample_pairs([0, 0, 1, 1, 2], 4, seed=v), 3),
+    ("n_folds", 2, lambda v: ev.kfold_verification(*_verification_set(), n_folds=v), 4),
+    ("seed", 0, lambda v: ev.kfold_verification(*_verification_set(), n_folds=4, shuffle=True, seed=v), 7),
+    ("batch_size", 1, lambda v: ev.identification_topk(**_ident_args(batch_size=v)), 2),
+    ("gallery_batch_size", 1, lambda v: ev.identification_topk(**_ident_args(gallery_batch_size=v)), 3),
+    ("topk", 1, lambda v: ev.identification_topk(**_ident_args(topk=(1, v))), 2),
+    ("n_clusters", 1, lambda v: ev.cluster_embeddings(np.eye(4), v), 2),
+    ("seed", 0, lambda v: ev.cluster_embeddings(np.eye(4), 2, seed=v), 5),
+]
+
+
+@pytest.mark.parametrize("name, minimum, call, value", WHOLE_FLOATS, ids=[f"{w[0]}-{i}" for i, w in enumerate(WHOLE_FLOATS)])
+def test_whole_float_counts_are_refused_like_everywhere_in_magloss(name, minimum, call, value):
+    pytest.importorskip("sklearn")                 # cluster_embeddings' k-means
+    kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+    with pytest.raises(ValueError, match=rf"^{name}: expected {kind}, got {float(value)!r}$"):
+        call(float(value))
+    want = call(value)
+    got = call(np.int64(value))
+    assert type(got) is type(want)
+    if isinstance(want, tuple):
+        assert all(np.array_equal(a, b) for a, b in zip(got, want))
+    elif isinstance(want, np.ndarray):
+        assert np.array_equal(got, want)
+    else:
+        assert got == want

@@ -9,16 +9,22 @@ equality is the right test at one world size).
 
 Kill points are deterministic: the command runs in a subprocess under a small driver that
 wraps one function (the optimizer's step, ``torch.save``, ``os.rename``, ``os.replace``) and
-sends the process a signal at its K-th call (before or after the call).
+sends a signal at its K-th call (before or after the call): to the process itself, to its
+process group (as a terminal or a scheduler does: the DataLoader workers get it too), or to
+its parent (torchrun, which forwards it to every rank).
 """
 
+import errno
+import multiprocessing
 import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -194,31 +200,78 @@ def test_logged_accuracy_is_that_of_the_step_before_its_update(faces, tmp_path):
 
 # ------------------------------------------------------------------------ during the run
 DRIVER = textwrap.dedent("""
-    import os, signal, sys
+    import multiprocessing.process, os, signal, subprocess, sys, time
     import torch
+    from torch.utils.data._utils import signal_handling
     from magloss import train
+    from magloss.train.loop import Loop
 
-    # MAGLOSS_TEST_HOOK = "what:K:when:signal[:substring]": signal at the K-th call of what (whose
-    # first arguments contain substring, when given), before or after the call
+    # MAGLOSS_TEST_HOOK = "what:K:when:[to-]signal[:substring]": signal at the K-th call of what
+    # (whose first arguments contain substring, when given), before or after the call; sent to
+    # this process, or with to = "group" to its process group (sent by another process), with
+    # "parent" (on rank 0 only) to its parent, torchrun, then waiting until torchrun has
+    # forwarded it here
     what, k, when, sig, *sub = os.environ["MAGLOSS_TEST_HOOK"].split(":")
+    to, _, sig = sig.rpartition("-")
+    received = []
+    on_signal = getattr(Loop, "_on_signal", None)       # the run's handler of Ctrl-C and SIGTERM
+
+    def recording(self, signum, frame):
+        received.append(signum)
+        return on_signal(self, signum, frame)
+
+    if on_signal is not None:
+        Loop._on_signal = recording
+
+    def send(signum):
+        if to == "group":     # from another process, as a terminal's or a scheduler's
+            subprocess.run([sys.executable, "-c", "import os, sys; os.killpg(int(sys.argv[1]), int(sys.argv[2]))",
+                            str(os.getpgid(0)), str(int(signum))], check=True, start_new_session=True)
+        elif to == "parent":
+            os.kill(os.getppid(), signum)
+            deadline = time.monotonic() + 60
+            while not received and time.monotonic() < deadline:
+                time.sleep(0.05)
+        else:
+            os.kill(os.getpid(), signum)
+
+    if to == "parent" and os.environ.get("RANK", "0") != "0":
+        k = "0"                       # the other ranks only receive what torchrun forwards
+    process = multiprocessing.process.BaseProcess
     owner, name = {"step": (torch.optim.SGD, "step"), "save": (torch, "save"), "rename": (os, "rename"),
-                   "replace": (os, "replace")}[what]
+                   "replace": (os, "replace"), "worker": (signal_handling, "_set_worker_signal_handlers")}[what]
     original, calls = getattr(owner, name), [0]
+    if what == "worker":      # in the K-th process started (a DataLoader worker), as torch sets its
+        start = process.start     # SIGTERM handler (which kills the worker) before the run's
+                                  # worker_init_fn: the parent counts, the forked child inherits the count
+
+        def counting_start(self, *a, **kw):
+            calls[0] += 1
+            return start(self, *a, **kw)
+
+        process.start = counting_start
 
     def hooked(*a, **kw):
         hit = not sub or any(sub[0] in str(v) for v in a[:2])
-        calls[0] += hit
+        calls[0] += hit and what != "worker"
         fire = hit and calls[0] == int(k)
         if fire and when == "before":
-            os.kill(os.getpid(), getattr(signal, sig))
+            send(getattr(signal, sig))
         out = original(*a, **kw)
         if fire and when == "after":
-            os.kill(os.getpid(), getattr(signal, sig))
+            send(getattr(signal, sig))
         return out
 
     setattr(owner, name, hooked)
     torch.set_num_threads(1)
-    sys.exit(train.main(sys.argv[1:]))
+    try:
+        status = train.main(sys.argv[1:])
+    except SystemExit as exc:
+        status = exc.code
+    if os.environ.get("MAGLOSS_TEST_STATUS"):     # each rank's exit status (torchrun reports only its own)
+        with open(os.environ["MAGLOSS_TEST_STATUS"] + "." + os.environ.get("RANK", "0"), "w") as f:
+            f.write(str(status))
+    sys.exit(status)
 """)
 
 
@@ -228,7 +281,7 @@ def _hooked(tmp_path, argv, hook):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
                MAGLOSS_TEST_HOOK=hook)
     return subprocess.run([sys.executable, str(driver), *argv], env=env, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, start_new_session=True)     # its own process group, for "group-"
 
 
 RUN = ["--batch-size", "8", "--epochs", "3", "--warmup-epochs", "0.5", "--lr", "0.05", "--save-every", "2",
@@ -322,6 +375,113 @@ def test_ctrl_c_saves_the_finished_steps_and_says_how_to_resume(faces, tmp_path,
     _same_as_uninterrupted(uninterrupted, out)
 
 
+SIGTERMS = [
+    # (hook, workers, the step it stops at)
+    ("step:3:before:SIGTERM", 0, 3),            # to the process, during step 3: step 3 finishes
+    ("step:3:before:group-SIGTERM", 2, 3),      # to the process group: the DataLoader workers get it too
+    ("save:4:before:group-SIGTERM", 2, 4),      # during step 4's checkpoint: it is completed, not redone
+    ("replace:2:after:SIGTERM:latest", 0, 4),   # between step 4's `latest` and its clean-up
+    ("worker:3:after:group-SIGTERM", 2, 4),     # from the 2nd epoch's first worker as it starts (after
+]                                               # step 4), before it could ignore the signal itself
+
+
+@pytest.mark.parametrize("hook, workers, at", SIGTERMS, ids=[h for h, _, _ in SIGTERMS])
+def test_sigterm_saves_the_finished_steps_and_resumes_to_the_uninterrupted_run(faces, tmp_path, uninterrupted, hook,
+                                                                                workers, at):
+    """SIGTERM (a scheduler's preemption, docker stop) is handled as Ctrl-C: the step in progress
+    finishes, its checkpoint is written, one line, exit 143 = 128 + SIGTERM; resumed, the run
+    ends exactly as the uninterrupted one."""
+    out = tmp_path / "run"
+    proc = _hooked(tmp_path, _common(faces, out, *RUN, "--workers", str(workers)), hook)
+    assert proc.returncode == 128 + signal.SIGTERM == 143, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert re.fullmatch(rf"magloss\.train: terminated by SIGTERM at step {at}; checkpoint of step {at} in "
+                        r".*run/checkpoints; resume with: python -m magloss\.train .* --output .*run --resume",
+                        lines[0]), lines[0]
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step-{at:08d}"
+    assert not (out / "model.pt").exists()
+    assert train.main([faces, "--output", str(out), "--resume", "--no-progress"]) == 0
+    _same_as_uninterrupted(uninterrupted, out)
+
+
+def _sleeping_worker(ready):
+    from magloss.train.inputs import _ignore_stop_signals
+
+    _ignore_stop_signals(0)
+    ready.set()
+    time.sleep(120)
+
+
+@pytest.mark.skipif(not hasattr(signal, "sigwaitinfo"), reason="a POSIX rule (sigwaitinfo)")
+def test_a_worker_ignores_a_schedulers_sigterm_but_not_its_parents(tmp_path):
+    """A DataLoader worker outlives a SIGTERM from another process (a scheduler's, sent to the
+    group) and Ctrl-C, so the main process can stop cleanly; its parent's SIGTERM still ends it
+    (multiprocessing terminates daemonic children so at exit: ignoring that hung the exit)."""
+    from magloss.train.inputs import _stop_signals_blocked
+
+    ctx = multiprocessing.get_context("fork")
+    ready = ctx.Event()
+    worker = ctx.Process(target=_sleeping_worker, args=(ready,), daemon=True)
+    with _stop_signals_blocked():
+        worker.start()
+    try:
+        assert ready.wait(60)
+        for sig in ("SIGTERM", "SIGINT"):     # from another process
+            subprocess.run([sys.executable, "-c", f"import os, signal; os.kill({worker.pid}, signal.{sig})"],
+                           check=True, timeout=60)
+        worker.join(1.0)
+        assert worker.is_alive()
+        worker.terminate()                    # the parent's SIGTERM
+        worker.join(30)
+        assert not worker.is_alive() and worker.exitcode == 0
+    finally:
+        if worker.is_alive():
+            worker.kill()
+
+
+def test_sigterm_under_torchrun_stops_every_rank_at_one_step(faces, tmp_path):
+    """torchrun, 2 processes: SIGTERM to torchrun (what a scheduler's preemption sends it),
+    which forwards it to both ranks. They stop after the same step, save it together (one
+    checkpoint of world size 2) and exit 143; resumed under torchrun, the run ends as an
+    uninterrupted one of 2 processes, bit for bit."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "MAGLOSS_TEST_HOOK"):
+        env.pop(k, None)
+    opts = ["--batch-size", "3", "--max-steps", "4", "--eval-every", "0", "--save-every", "3", "--sample-rate", "0.5"]
+
+    def torchrun(out, *extra, hook="step:0:before:SIGTERM"):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(driver),
+               *_common(faces, out, *opts), *extra]
+        return subprocess.run(cmd, cwd=str(tmp_path), env=dict(env, MAGLOSS_TEST_HOOK=hook,
+                                                               MAGLOSS_TEST_STATUS=str(out) + ".status"),
+                              capture_output=True, text=True, timeout=300, start_new_session=True)
+
+    full = torchrun(tmp_path / "full")
+    assert full.returncode == 0, full.stderr[-3000:]
+    out = tmp_path / "run"
+    proc = torchrun(out, hook="step:2:before:parent-SIGTERM")
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0                   # torchrun itself ends with its SignalException
+    assert [(tmp_path / f"run.status.{r}").read_text() for r in (0, 1)] == ["143", "143"], text[-3000:]
+    assert len(re.findall(r"magloss\.train: terminated by SIGTERM", text)) == 1, text[-3000:]     # rank 0's line
+    assert re.search(r"magloss\.train: terminated by SIGTERM at step 2; checkpoint of step 2 in .*run/checkpoints; "
+                     r"resume with", text), text[-3000:]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-00000002"
+    state, meta, _ = _checkpoint(out, 2)
+    assert (state["step"], meta["world_size"]) == (2, 2)
+    again = torchrun(out, "--resume")
+    assert again.returncode == 0, again.stderr[-3000:]
+    for step in (3, 4):
+        a_state, _, a_shards = _checkpoint(tmp_path / "full", step)
+        b_state, _, b_shards = _checkpoint(out, step)
+        for k in ("step", "epoch", "position", "backbone", "optimizer", "head_state", "schedule"):
+            _assert_same(a_state[k], b_state[k], k)
+        _assert_same(a_shards, b_shards, "head")
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_record_damaged_mid_file_stops_cleanly_with_the_finished_steps(faces, tmp_path, capsys, uninterrupted,
                                                                          workers):
@@ -349,6 +509,182 @@ def test_a_record_damaged_mid_file_stops_cleanly_with_the_finished_steps(faces, 
     rec.write_bytes(good)
     assert train.main([str(d), "--output", str(out), "--resume", "--no-progress"]) == 0
     _same_as_uninterrupted(uninterrupted, out)
+
+
+# ------------------------------------------------------------------------ durability (fsync)
+def _recorder(monkeypatch):
+    """Records, in order, every fsync (the path of its descriptor), rename, replace and rmtree
+    the process makes; the calls still happen."""
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc/self/fd to name what an fsync'ed descriptor is")
+    events = []
+    real = {name: getattr(os, name) for name in ("fsync", "rename", "replace")}
+    rmtree = shutil.rmtree
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real["fsync"](fd)
+
+    def moving(name):
+        def move(src, dst, *a, **kw):
+            events.append((name, os.path.abspath(src), os.path.abspath(dst)))
+            return real[name](src, dst, *a, **kw)
+        return move
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", moving("rename"))
+    monkeypatch.setattr(os, "replace", moving("replace"))
+    monkeypatch.setattr(shutil, "rmtree", lambda path, *a, **kw: (events.append(("rmtree", str(path))),
+                                                                  rmtree(path, *a, **kw))[1])
+    return events
+
+
+def test_checkpoint_files_and_folders_are_fsynced_before_latest_names_them(faces, tmp_path, monkeypatch):
+    """The order that makes a power loss harmless, checked on the calls of a real run (3
+    checkpoints, the oldest removed): every file is fsync'ed before its rename; every folder
+    whose entries changed is fsync'ed before the next commit (the rename of the checkpoint's
+    folder, the replacement of `latest`); `checkpoints/` is fsync'ed after `latest` changed and
+    before anything it named before is removed; the temporary folder and its head/ are
+    fsync'ed before the folder takes its name."""
+    events = _recorder(monkeypatch)
+    out = (tmp_path / "run").resolve()
+    root = str(out / "checkpoints")
+    assert train.main(_common(faces, out, "--batch-size", "8", "--max-steps", "3", "--save-every", "1",
+                              "--keep-checkpoints", "2", "--eval-every", "0")) == 0
+    synced = lambda path, lo, hi: any(e == ("fsync", path) for e in events[lo:hi])   # noqa: E731
+    moves = [i for i, e in enumerate(events) if e[0] in ("rename", "replace")]
+    commits = [i for i in moves if events[i][2] == os.path.join(root, "latest")
+               or (events[i][0] == "rename" and os.path.isdir(events[i][2]))]
+    assert len([i for i in commits if events[i][2].endswith("latest")]) == 3
+    for i in moves:
+        _, src, dst = events[i]
+        if os.path.basename(src).startswith(".tmp-"):           # a checkpoint's folder takes its name
+            start = max([j for j in commits if j < i], default=0)
+            for d in (src, os.path.join(src, "head")):
+                assert synced(d, start, i), f"{d} not fsync'ed before its rename"
+        elif not os.path.isdir(dst):                             # a file replaces its name
+            before = max([j for j in moves if j < i and events[j][1] == src], default=-1)
+            assert synced(src, before + 1, i), f"{src} not fsync'ed before it became {dst}"
+        until = min([j for j in commits if j > i], default=len(events))
+        assert synced(os.path.dirname(dst), i + 1, until), f"{os.path.dirname(dst)} not fsync'ed after {events[i]}"
+    removals = [i for i, e in enumerate(events) if e[0] == "rmtree" and e[1].startswith(root + os.sep + "step-")]
+    assert removals, "the oldest checkpoint was not removed: the test saw no removal to order"
+    for i in removals:
+        last = max(j for j in commits if j < i and events[j][2].endswith("latest"))
+        assert synced(root, last + 1, i), f"{events[i][1]} removed before `latest` was on disk"
+    assert synced(str(out), max(j for j in moves if events[j][2] == str(out / "model.pt")) + 1, len(events))
+
+
+def _failing_fsync(monkeypatch, match, nth=1):
+    """os.fsync raising OSError(EIO) at the ``nth`` call on a descriptor whose path contains ``match``."""
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc/self/fd to choose the descriptor that fails")
+    real, calls = os.fsync, [0]
+
+    def fsync(fd):
+        if match in os.readlink(f"/proc/self/fd/{fd}"):
+            calls[0] += 1
+            if calls[0] == nth:
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+FSYNC_FAILURES = [
+    # (the file whose fsync fails before its rename, at its n-th write; what the line says; the
+    # step `latest` still names). RUN saves steps 2, 4 and 6, then writes model.pt.
+    ("step-00000004/state.pt", 1, "the checkpoint of step 4", 2),               # rank 0's state file
+    ("step-00000004/head/shard-00000-of-00001.pt", 1, "the checkpoint of step 4", 2),   # a class-matrix shard
+    ("step-00000004/head/meta.json", 1, "the checkpoint of step 4", 2),
+    ("checkpoints/latest", 2, "the checkpoint of step 4", 2),                   # `latest` itself keeps naming step 2
+    ("model.pt", 1, "model.pt", 6),                                             # after the last checkpoint
+]
+
+
+@pytest.mark.parametrize("match, nth, what, saved", FSYNC_FAILURES, ids=[os.path.basename(f[0]) for f in FSYNC_FAILURES])
+def test_a_failing_fsync_stops_with_one_line_and_keeps_the_previous_checkpoint(faces, tmp_path, capsys, monkeypatch,
+                                                                              uninterrupted, match, nth, what, saved):
+    """An fsync that fails (EIO: the data may not be on disk) while step 4's checkpoint or
+    model.pt is written: exit 1 with one line naming the file, `latest` still names the
+    previous complete checkpoint, no temporary file is left in the way, and the resumed run
+    ends as the uninterrupted one."""
+    out = tmp_path / "run"
+    _failing_fsync(monkeypatch, match + ".tmp", nth)
+    err = _fails(_common(faces, out, *RUN), capsys, code=1)
+    assert re.fullmatch(rf"magloss\.train: error: cannot write {what}: .*{re.escape(match)}: fsync failed: "
+                        rf"Input/output error; checkpoint of step {saved} in .*run/checkpoints; resume with: "
+                        rf"python -m magloss\.train .* --output .*run --resume", err), err
+    assert "Traceback" not in err
+    assert (out / "checkpoints" / "latest").read_text() == f"step-{saved:08d}\n"
+    assert not [f for _, _, files in os.walk(out) for f in files if ".tmp" in f]
+    assert not (out / "model.pt").exists()
+    monkeypatch.undo()
+    assert train.main([faces, "--output", str(out), "--resume", "--no-progress"]) == 0
+    _same_as_uninterrupted(uninterrupted, out)
+
+
+def _save_with_rank_1_failing(rank, world, group, out_dir):
+    """spawn_worlds phase: a 2-rank class matrix saved while rank 1's shard fsync fails."""
+    import magloss.distributed as mdist
+    from magloss import checkpoint as ckpt
+
+    head = mdist.ShardedArcFaceLoss(4, 6, group=group)
+    real = os.fsync
+    if rank == 1:
+        os.fsync = lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, os.strerror(errno.EIO))) \
+            if "shard-00001" in os.readlink(f"/proc/self/fd/{fd}") else real(fd)
+    try:
+        ckpt.save_class_matrix(os.path.join(out_dir, "ck"), head)
+        return "saved"
+    except OSError as exc:
+        return str(exc)
+    finally:
+        os.fsync = real
+
+
+def test_a_rank_whose_shard_fails_stops_every_rank(tmp_path):
+    """Under a process group, a shard that cannot be fsync'ed raises on its rank (naming the
+    file) and on the others (another rank failed), instead of leaving them in a barrier; no
+    meta.json is written, so the folder is never taken for a checkpoint."""
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc/self/fd to choose the descriptor that fails")
+    from _dist_utils import spawn_worlds
+
+    got = spawn_worlds(_save_with_rank_1_failing, [2], tmp_path)
+    ck = os.path.join(str(tmp_path), "ck")
+    assert got[(2, 1)] == f"[Errno {errno.EIO}] {ck}/shard-00001-of-00002.pt: fsync failed: {os.strerror(errno.EIO)}"
+    assert got[(2, 0)] == f"[Errno {errno.EIO}] {ck}: another rank failed to write its part"
+    assert sorted(os.listdir(ck)) == ["shard-00000-of-00002.pt"]
+
+
+@pytest.mark.parametrize("code", [errno.EINVAL, errno.ENOTSUP])
+def test_a_file_system_without_directory_fsync_is_skipped(tmp_path, monkeypatch, code):
+    """fsync on a directory refused as unsupported (some network file systems): skipped; an
+    I/O error on it is an error naming the directory."""
+    from magloss import checkpoint as ckpt
+
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(code, os.strerror(code)))
+                        if os.path.isdir(os.readlink(f"/proc/self/fd/{fd}")) else real(fd))
+    ckpt.write_atomically(str(tmp_path / "f"), lambda f: f.write(b"x"))
+    assert (tmp_path / "f").read_bytes() == b"x"
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "Input/output error")))
+    with pytest.raises(OSError, match=rf"{re.escape(str(tmp_path))}: fsync of the directory failed: Input/output"):
+        ckpt.fsync_dir(str(tmp_path))
+
+
+def test_no_directory_fsync_where_the_platform_has_none(tmp_path, monkeypatch):
+    """Without os.O_DIRECTORY (Windows: a directory cannot be opened) only the file is fsync'ed."""
+    from magloss import checkpoint as ckpt
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.fstat(fd).st_mode), real(fd))[1])
+    monkeypatch.delattr(os, "O_DIRECTORY")
+    ckpt.write_atomically(str(tmp_path / "f"), lambda f: f.write(b"y"))
+    assert (tmp_path / "f").read_bytes() == b"y"
+    assert len(synced) == 1 and stat.S_ISREG(synced[0])
 
 
 def _with_bad_magic(faces, tmp_path, key):

@@ -60,12 +60,10 @@ def _check_writable(folder: str) -> None:
 
 
 def _write_atomically(path: str, write) -> None:
-    """``write(binary file)`` into a temporary file beside ``path``, then renamed onto it: a
-    reader (or a resumed run) sees the old file or the whole new one, never a part."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
+    """``write(binary file)`` into ``path`` atomically and durably (:func:`magloss.checkpoint.write_atomically`:
+    a temporary file, fsync'ed, renamed, the folder fsync'ed): a reader, a resumed run, or the
+    machine after a power loss sees the old file or the whole new one, never a part."""
+    ckpt.write_atomically(path, write)
 
 
 def read_checkpoint(resume: str, output: str):
@@ -152,23 +150,40 @@ def save(run) -> str:
     ``state.pt`` by rank 0), which is renamed to ``step-XXXXXXXX`` when complete; only then
     is ``checkpoints/latest`` replaced (atomically) by its name. A process killed at any
     point leaves the previous checkpoint and ``latest`` as they were; the next save
-    removes the leftovers."""
+    removes the leftovers.
+
+    Durable across a power loss: each file is fsync'ed before its rename, and each folder
+    after the entries in it changed, in the order that makes `latest` name a complete folder
+    at every instant on disk: the files, ``head/`` and the temporary folder, then (after its
+    rename) ``checkpoints/``, then ``latest`` and ``checkpoints/`` again, and only then are
+    older checkpoints removed.
+
+    Raises:
+        OSError: a write or an fsync failed (naming the file), on every rank; ``latest`` and
+        the previous checkpoint are as they were.
+    """
     root = os.path.join(run.args.output, "checkpoints")
     name = f"step-{run.step:08d}"
     path = os.path.join(root, name)
     work = os.path.join(root, ".tmp-" + name)
+    error = None
     if run.is_main:
-        os.makedirs(root, exist_ok=True)
         try:
-            with open(os.path.join(root, "latest")) as f:
-                pointed = ".old-" + f.read().strip()    # what --resume would take until `latest` moves on
-        except OSError:
-            pointed = None
-        for d in os.listdir(root):        # leftovers of a process killed while saving
-            if d.startswith((".tmp-", ".old-")) and d != pointed:
-                shutil.rmtree(os.path.join(root, d), ignore_errors=True)
-        os.makedirs(work)
-    run._barrier()
+            if not os.path.isdir(root):
+                os.makedirs(root)
+                ckpt.fsync_dir(run.args.output)
+            try:
+                with open(os.path.join(root, "latest")) as f:
+                    pointed = ".old-" + f.read().strip()    # what --resume would take until `latest` moves on
+            except OSError:
+                pointed = None
+            for d in os.listdir(root):        # leftovers of a process killed while saving
+                if d.startswith((".tmp-", ".old-")) and d != pointed:
+                    shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+            os.makedirs(work)
+        except OSError as exc:
+            error = exc
+    ckpt.all_ok(error, run.group, root)
     ckpt.save_class_matrix(os.path.join(work, "head"), run.head, run.optimizer)
     if run.is_main:
         opt = run.optimizer.state_dict()
@@ -181,11 +196,17 @@ def save(run) -> str:
             "schedule": run.schedule.state_dict(),
             "head_state": {k: v for k, v in run.head.state_dict().items() if k != "weight"},
         }
-        torch.save(state, os.path.join(work, "state.pt"))
-        if os.path.exists(path):          # the same step saved before (a resume from an older checkpoint)
-            os.rename(path, os.path.join(root, ".old-" + name))
-        os.rename(work, path)
-        _write_atomically(os.path.join(root, "latest"), lambda f: f.write(f"{name}\n".encode()))
+        try:
+            _write_atomically(os.path.join(work, "state.pt"), lambda f: torch.save(state, f))   # and work/
+            if os.path.exists(path):          # the same step saved before (a resume from an older checkpoint)
+                os.rename(path, os.path.join(root, ".old-" + name))
+            os.rename(work, path)
+            ckpt.fsync_dir(root)              # the folder's new name is on disk before `latest` names it
+            _write_atomically(os.path.join(root, "latest"), lambda f: f.write(f"{name}\n".encode()))
+        except OSError as exc:
+            error = exc
+    ckpt.all_ok(error, run.group, root)
+    if run.is_main:                       # `latest` is on disk: what it replaced may go
         done = sorted(d for d in os.listdir(root) if d.startswith("step-")
                       and os.path.isfile(os.path.join(root, d, "state.pt")))
         for old in done[:-run.args.keep_checkpoints]:

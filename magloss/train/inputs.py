@@ -3,9 +3,11 @@ turned into data), its ``.bin`` verification sets, and the resize both use."""
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import signal
+import threading
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -102,9 +104,57 @@ class _Guarded(torch.utils.data.Dataset):
             return torch.zeros((3, *self.size), dtype=torch.uint8), torch.tensor(-1), str(exc)
 
 
-def _ignore_sigint(worker_id: int) -> None:
-    """DataLoader workers leave Ctrl-C to the main process (which stops cleanly between steps)."""
+#: The signals a run stops on after the step in progress, with a checkpoint: Ctrl-C and a
+#: scheduler's (or ``docker stop``'s) SIGTERM; the loop's handler, the workers' and the
+#: block around their start are set for these.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C and SIGTERM to the main process, which stops cleanly
+    between steps and then stops them: a terminal's Ctrl-C and a scheduler's SIGTERM reach the
+    whole process group, and a worker killed by either would fail the batch the main process
+    still reads. (A worker whose parent died exits by itself: torch's watchdog.)
+
+    Ctrl-C is ignored. SIGTERM is ignored unless it comes from the worker's parent (torch's
+    rule, kept: the parent's ``terminate()`` at its exit must still end the worker, or the
+    parent would wait for it forever): a thread takes each SIGTERM with ``sigwaitinfo`` and
+    exits the worker (status 0, as torch does) when the parent sent it. Without
+    ``sigwaitinfo`` (not POSIX) SIGTERM is ignored outright. The worker was started with
+    both signals blocked (:func:`_stop_signals_blocked`): one that came meanwhile is
+    pending, and is taken by these rules here."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "sigwaitinfo"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])      # for every thread: the waiter takes it
+        threading.Thread(target=_sigterm_from_parent_only, args=(os.getppid(),), daemon=True,
+                         name="magloss-sigterm").start()
+    else:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+
+
+def _sigterm_from_parent_only(parent: int) -> None:
+    while True:
+        if signal.sigwaitinfo([signal.SIGTERM]).si_pid == parent:
+            os._exit(0)
+
+
+@contextlib.contextmanager
+def _stop_signals_blocked():
+    """Ctrl-C and SIGTERM blocked in this thread while DataLoader workers are started: a
+    started process inherits the mask, so a signal sent to the process group between its start
+    and its :func:`_ignore_stop_signals` waits instead of killing it (which made the main
+    process fail, or hang, on the batch that worker owed). The main process gets the signal
+    when the block ends. A no-op where there are no signal masks (Windows)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def select_bins(paths: Sequence[str], eval_sets: Optional[str]) -> List[str]:

@@ -1,6 +1,6 @@
 """The training loop of a :class:`~magloss.train.run.Run`: the steps (data, flips, schedule,
-forward, backward, clipping, logging), the periodic checkpoints and evaluations, and the two
-ways it stops early (a damaged record, Ctrl-C), each after saving the finished steps."""
+forward, backward, clipping, logging), the periodic checkpoints and evaluations, and the
+ways it stops early (a damaged record, Ctrl-C, SIGTERM), each after saving the finished steps."""
 
 from __future__ import annotations
 
@@ -17,12 +17,19 @@ import torch.distributed as dist
 from torch import nn
 
 from magloss import functional as MF
+from magloss.checkpoint import all_ok
 from magloss.distributed.comm import comm_device, gather_rows
 
 from .checkpoints import write_model, write_onnx
-from .errors import Stopped
-from .inputs import EVAL_FOLDS, _ignore_sigint, resize
+from .errors import Stopped, os_reason
+from .inputs import EVAL_FOLDS, STOP_SIGNALS, _ignore_stop_signals, _stop_signals_blocked, resize
 from .sampler import GlobalBatchSampler, _mix
+
+#: How the one line names each of the signals that stop a run (inputs.STOP_SIGNALS). The exit
+#: status is 128 + the signal's number, the shells' convention for a process ended by a signal:
+#: 130 for Ctrl-C (SIGINT), 143 for SIGTERM (a scheduler's or ``docker stop``'s preemption), so
+#: a job script tells a preempted run from a finished one.
+_STOPPED = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated by SIGTERM"}
 
 
 def _overflow_everywhere(head: nn.Module, group) -> None:
@@ -97,31 +104,37 @@ class Loop:
         sampler = GlobalBatchSampler(self.n, self.args.batch_size, self.world, self.rank, self.args.seed,
                                      self.epoch, self.position)
         return torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.args.workers,
-                                           pin_memory=self.plan.pin_memory, worker_init_fn=_ignore_sigint)
+                                           pin_memory=self.plan.pin_memory, worker_init_fn=_ignore_stop_signals)
 
-    def _on_sigint(self, signum, frame) -> None:
-        """Ctrl-C: the run stops after the step in progress (checkpoint, exit 130). Another
-        Ctrl-C a second or more later stops at once; one sooner is the same keypress delivered
-        twice (the terminal and torchrun both send it)."""
+    def _on_signal(self, signum, frame) -> None:
+        """Ctrl-C or SIGTERM: the run stops after the step in progress (checkpoint, exit
+        128 + signum). A Ctrl-C a second or more after the first stop signal stops at once; one
+        sooner is the same keypress delivered twice (the terminal and torchrun both send it).
+        A repeated SIGTERM changes nothing: the checkpoint goes on (a scheduler that will not
+        wait sends SIGKILL)."""
         now = time.monotonic()
-        if self._interrupted is not None and now - self._interrupted >= 1.0:
+        if signum == signal.SIGINT and self._interrupted is not None and now - self._interrupted >= 1.0:
             raise KeyboardInterrupt
         if self._interrupted is None:
-            self._interrupted = now
+            self._interrupted, self._signal = now, int(signum)
 
-    def _agree(self, data_error: Optional[str]) -> Tuple[bool, bool]:
-        """(some rank's batch has a damaged record, some rank was interrupted): one small
-        all-reduce under torchrun, so that every rank stops at the same step."""
-        flags = [float(data_error is not None), float(self._interrupted is not None)]
+    def _agree(self, data_error: Optional[str]) -> Tuple[bool, int]:
+        """(some rank's batch has a damaged record, the stop signal some rank received or 0):
+        one small all-reduce under torchrun, so that every rank stops at the same step (and
+        with the same status: the larger signal number when ranks received different ones)."""
+        flags = [float(data_error is not None), float(self._signal if self._interrupted is not None else 0)]
         if self.group is not None and self.world > 1:
             t = torch.tensor(flags, device=comm_device(self.group))
             dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
             flags = t.tolist()
-        return flags[0] > 0, flags[1] > 0
+        return flags[0] > 0, int(flags[1])
 
-    def _stop(self, reason: str, code: int, mine: bool = False) -> None:
-        """Save the finished steps (when any since the last checkpoint) and raise Stopped."""
-        if self.step > 0 and self.saved_step != self.step:
+    def _stop_by_signal(self, signum: int) -> None:
+        self._stop(f"{_STOPPED[signal.Signals(signum)]} at step {self.step}", 128 + signum)
+
+    def _stop(self, reason: str, code: int, mine: bool = False, save: bool = True) -> None:
+        """Save the finished steps (when any since the last checkpoint, and ``save``) and raise Stopped."""
+        if save and self.step > 0 and self.saved_step != self.step:
             self.save()
         if self._bar is not None:
             self._bar.close()
@@ -138,14 +151,15 @@ class Loop:
         """Train to ``self.total`` steps, save the checkpoint and ``model.pt``, then evaluate.
 
         Raises:
-            Stopped: a damaged record in a batch (code 2) or Ctrl-C (code 130), after saving
-            the finished steps.
+            Stopped: a damaged record in a batch (code 2), Ctrl-C (code 130) or SIGTERM (code
+            143) during the steps, after saving the finished steps; a checkpoint or ``model.pt``
+            that cannot be written (code 1).
         """
         a = self.args
         per_step = self.world * a.batch_size
         total = self.total
         self._bar = None
-        self._interrupted = None
+        self._interrupted = self._signal = None
         if self.is_main and a.progress:
             try:
                 from tqdm import tqdm
@@ -159,7 +173,7 @@ class Loop:
                   + (f", resumed at step {self.step}" if self.step else "")
                   + (" (the run is finished: nothing left to train)" if self.step >= total else ""))
         handler = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGINT, self._on_sigint) if handler else None
+        previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS} if handler else {}
         try:
             self._steps(total, per_step)
         except KeyboardInterrupt:         # a second Ctrl-C: the bar ends its line before main's one line
@@ -168,18 +182,25 @@ class Loop:
                 self._bar = None
             raise
         finally:
-            if handler:
-                signal.signal(signal.SIGINT, previous)
+            for s, h in previous.items():
+                signal.signal(s, h)
         if self._bar is not None:
             self._bar.close()
             self._bar = None
         if self.saved_step != self.step:
             self.save()
+        error = None
         if self.is_main:              # the outputs exist before any evaluation can fail or hang
-            write_model(self)
-            if a.export_onnx:
+            try:
+                write_model(self)
+            except OSError as exc:    # the checkpoint is written: --resume writes model.pt again
+                error = exc
+            if error is None and a.export_onnx:
                 write_onnx(self)
-        self._barrier()
+        try:
+            all_ok(error, self.group, os.path.join(a.output, "model.pt"))     # the others wait for rank 0
+        except OSError as exc:
+            self._stop(f"cannot write model.pt: {os_reason(exc)}", 1, mine=True, save=False)
         self.evaluate()
 
     def _steps(self, total: int, per_step: int) -> None:
@@ -189,14 +210,16 @@ class Loop:
         self.backbone.train()
         self.head.train()
         while self.step < total:
-            for images, labels, errors in self._loader():
+            with _stop_signals_blocked():         # the workers start with the signals blocked
+                batches = iter(self._loader())
+            for images, labels, errors in batches:
                 bad = next((e for e in errors if e), None)
-                data_error, interrupted = self._agree(bad)
+                data_error, signum = self._agree(bad)
                 if data_error:
                     self._stop(f"{bad or 'another rank read a damaged record'} (training stopped before step "
                                f"{self.step + 1})", 2, mine=bad is not None)
-                if interrupted:
-                    self._stop(f"interrupted at step {self.step}", 130)
+                if signum:
+                    self._stop_by_signal(signum)
                 torch.manual_seed(_mix(a.seed, self.step, self.rank))
                 x = (images.to(self.device, non_blocking=True).float() - 127.5) / 127.5
                 flip = torch.rand(x.shape[0]) < 0.5
@@ -248,7 +271,7 @@ class Loop:
                 if self.position == 0:
                     break
         if self._interrupted is not None:
-            self._stop(f"interrupted at step {self.step}", 130)
+            self._stop_by_signal(self._signal)
 
     def _accuracy(self, parts, emb, y):
         """The step's training accuracy: from the loss call's own side outputs (its predicted

@@ -20,7 +20,7 @@ from magloss.distributed.comm import comm_device
 from . import checkpoints
 from .checkpoints import _check_writable, _write_atomically, check_export
 from .device import decide_device
-from .errors import UsageError
+from .errors import UsageError, os_reason
 from .inputs import _Guarded, _inside, open_bins, open_data, select_bins
 from .log import Log
 from .loop import Loop
@@ -47,7 +47,7 @@ class Run(Loop):
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.group = None
         self._own_group = False
-        self.log = self._bar = self._interrupted = None
+        self.log = self._bar = self._interrupted = self._signal = None
         self.saved_step = None
         self.eval_failures = 0
         try:
@@ -221,8 +221,14 @@ class Run(Loop):
 
     def save(self) -> str:
         """Write checkpoints/step-XXXXXXXX (collective); returns its folder
-        (:func:`magloss.train.checkpoints.save`: never half-written where ``--resume`` looks)."""
-        return checkpoints.save(self)
+        (:func:`magloss.train.checkpoints.save`: never half-written where ``--resume`` looks,
+        fsync'ed). A write or fsync that fails stops the run (:class:`Stopped`, exit status 1)
+        with one line naming the file and the newest complete checkpoint."""
+        try:
+            return checkpoints.save(self)
+        except OSError as exc:
+            self._stop(f"cannot write the checkpoint of step {self.step}: {os_reason(exc)}", 1, mine=True,
+                       save=False)
 
     def close(self) -> None:
         """Close the log and the process group this run started (the set-up's failure calls it too)."""
