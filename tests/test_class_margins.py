@@ -13,8 +13,10 @@ other half).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
+from unittest import mock
 
 import pytest
 import torch
@@ -363,6 +365,16 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(crit.weight.grad, grad, rtol=1e-4, atol=1e-5)
 
 
+@contextlib.contextmanager
+def _chunked_engine_refused():
+    """Within: a call of the chunked engine's forward or backward raises (the fused kernels must serve)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the chunked engine ran where the emulated fused kernels should")
+    with mock.patch.object(chunked, "margin_ce_forward", refuse), \
+            mock.patch.object(chunked, "margin_ce_backward", refuse):
+        yield
+
+
 # ---- the fused engine under the CPU emulator ------------------------------------------------------------
 @pytest.mark.parametrize("fam", ["combined"])      # slow (about 40 s): one family, the [C, 2] table with m1 < 1
 def test_emulated_fused_engine(fam):
@@ -386,9 +398,9 @@ def test_emulated_fused_engine(fam):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with emu_engine.routed():
+        # the emulated kernels, not the chunked engine: calling the latter fails the test
+        with emu_engine.routed(), _chunked_engine_refused():
             xg, wg = x.float().requires_grad_(True), w.float().requires_grad_(True)
-            assert magloss.ops._fused_kernel_active(xg, wg)       # the emulated kernels, not the chunked engine
             got = call(xg, wg, y, tab.float(), sample_weight=sw.float())
             gx, gw = torch.autograd.grad(got, (xg, wg))
     finally:
