@@ -148,14 +148,16 @@ def register_kernels(fwd_op, bwd_op, engine: Optional[Any] = None, device_type: 
     return True
 
 
-def _fused_one_vs_all(engine, embeddings, weight, labels, bias, kind, params, ignore_index):
-    """Fused kernel of magloss::one_vs_all (float64 -> the chunked engine, as margin_ce's)."""
-    from . import onevsall
+def _fused_one_vs_all(engine, embeddings, weight, labels, bias, kind, params, ignore_index, side=False):
+    """Fused kernel of magloss::one_vs_all (float64 -> the chunked engine, as margin_ce's); with
+    ``side`` the fused forward also tracks the side outputs."""
+    from . import onevsall, ops
 
     if _is_f64(embeddings, weight):
-        return onevsall.one_vs_all_forward(embeddings, weight, labels, bias, kind, params, ignore_index)
+        outs = onevsall.one_vs_all_forward(embeddings, weight, labels, bias, kind, params, ignore_index, side)
+        return ops.with_side(outs, embeddings, side)
     onevsall._check_op_args(kind, params, bias, embeddings)   # the chunked op's messages
-    return engine.one_vs_all(embeddings, weight, labels, bias, kind, params, ignore_index)
+    return engine.one_vs_all(embeddings, weight, labels, bias, kind, params, ignore_index, side)
 
 
 def _fused_one_vs_all_backward(engine, grad_rows, embeddings, weight, labels, bias, kind, params, ignore_index):

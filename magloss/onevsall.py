@@ -34,16 +34,17 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import List, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from . import _ext
 from .checks import check_inputs, check_values
-from .chunked import chunk_columns
+from .chunked import _Nearest, _side_outputs, chunk_columns
 from .margins import NORM_EPS
-from .rows import compute_dtype, saturating_cast, weight_operand
+from .ops import _side_like, with_side
+from .rows import compute_dtype, label_subcenters, saturating_cast, weight_operand
 from .validation import (check_angle, check_ignore_index, check_int, check_non_negative, check_positive,
                          check_reduction)
 
@@ -190,25 +191,45 @@ class _Rows:
 
 
 def one_vs_all_forward(embeddings: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor], kind: int,
-                       params: Sequence[float], ignore_index: int) -> Tensor:
-    """Row losses L_i = Σ_j ℓ(c_ij, [j = y_i]) [B] in the compute dtype (a row labelled
-    ``ignore_index`` has no label column: every class is a negative). Checks the values
-    (label range, NaN/Inf; ValueError naming the argument) first."""
+                       params: Sequence[float], ignore_index: int, side: bool = False) -> Tuple[Tensor, ...]:
+    """(rows,): the row losses L_i = Σ_j ℓ(c_ij, [j = y_i]) [B] in the compute dtype (a row
+    labelled ``ignore_index`` has no label column: every class is a negative). ``side=True``
+    appends the side outputs of the margin engine (:func:`magloss.chunked.margin_ce_forward`,
+    docs/math.md "Side outputs"): label_cosine c_iy (0 without a label column),
+    nearest_negative_cosine max_{j≠y_i} c_ij and nearest_negative_class its index (int64, ties:
+    the lowest; −inf and −1 when the row has no non-label class), tracked on the cosine tiles
+    the sum computes anyway plus one gather-dot. Checks the values (label range, NaN/Inf;
+    ValueError naming the argument) first."""
     _check_op_args(kind, params, bias, embeddings)
     check_values(embeddings, weight, labels, ignore_index)
     with torch.no_grad(), torch.autocast(embeddings.device.type, enabled=False):   # the dtypes are ours to set
-        return _forward(embeddings, weight, labels, bias, kind, params, ignore_index)
+        return _forward(embeddings, weight, labels, bias, kind, params, ignore_index, side)
 
 
-def _forward(embeddings, weight, labels, bias, kind, params, ignore_index) -> Tensor:
+class _SideRows(NamedTuple):
+    """What :func:`magloss.chunked._side_outputs` reads of a row stage."""
+
+    x_hat: Tensor   # [B, D]
+    has: Tensor     # [B] bool: the row has a label column
+    c_y: Tensor     # [B] label cosine (a gather-dot, as the nearest negative's)
+
+
+def _forward(embeddings, weight, labels, bias, kind, params, ignore_index, side=False) -> Tuple[Tensor, ...]:
     rows = _Rows(embeddings, labels, ignore_index)
     b = None if bias is None else bias.reshape(()).to(rows.ct)
     out = torch.zeros(embeddings.shape[0], dtype=rows.ct, device=embeddings.device)
+    nearest = _Nearest(embeddings.shape[0], out) if side else None
     n = chunk_columns(embeddings.shape[0], weight.shape[0])
     for j0 in range(0, weight.shape[0], n):
         *_, cos, lab = rows.tile(embeddings, weight, j0, min(j0 + n, weight.shape[0]))
         out += elements(kind, params, cos, lab, b)[0].sum(1)
-    return out
+        if nearest is not None:
+            nearest.update(cos.masked_fill(lab, -torch.inf), None, j0)
+    if not side:
+        return (out,)
+    has = rows.lab.squeeze(1) >= 0
+    c_y = label_subcenters(rows.x_hat, weight, rows.lab.squeeze(1).clamp_min(0), 1, embeddings.dtype)[3][:, 0]
+    return (out,) + _side_outputs(_SideRows(rows.x_hat, has, c_y), weight, 1, embeddings.dtype, nearest)
 
 
 def one_vs_all_backward(grad_rows: Tensor, embeddings: Tensor, weight: Tensor, labels: Tensor,
@@ -247,15 +268,20 @@ def _backward_chunks(grad_rows, embeddings, weight, labels, bias, kind, params, 
 
 @torch.library.custom_op("magloss::one_vs_all", mutates_args=())
 def one_vs_all(embeddings: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor], kind: int,
-               params: List[float], ignore_index: int) -> Tensor:
-    """Row losses [B] of a one-vs-all loss (float32; float64 for float64 inputs): see the
-    module docstring and :func:`one_vs_all_forward`."""
-    return one_vs_all_forward(embeddings, weight, labels, bias, kind, params, ignore_index)
+               params: List[float], ignore_index: int, side: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(rows, label_cosine, nearest_negative_cosine, nearest_negative_class): the row losses [B]
+    of a one-vs-all loss (float32; float64 for float64 inputs), then with ``side=True`` the side
+    outputs of the same forward ([B] each, no gradient), empty and not computed otherwise (the
+    margin op's convention, :mod:`magloss.ops`). See the module docstring and
+    :func:`one_vs_all_forward`."""
+    return with_side(one_vs_all_forward(embeddings, weight, labels, bias, kind, params, ignore_index, side),
+                     embeddings, side)
 
 
 @one_vs_all.register_fake
-def _(embeddings, weight, labels, bias, kind, params, ignore_index):
-    return embeddings.new_empty((embeddings.shape[0],), dtype=compute_dtype(embeddings.dtype))
+def _(embeddings, weight, labels, bias, kind, params, ignore_index, side=False):
+    b = embeddings.shape[0]
+    return (embeddings.new_empty((b,), dtype=compute_dtype(embeddings.dtype)),) + _side_like(embeddings, b if side else 0)
 
 
 @torch.library.custom_op("magloss::one_vs_all_backward", mutates_args=())
@@ -273,15 +299,16 @@ def _(grad_rows, embeddings, weight, labels, bias, kind, params, ignore_index):
 
 def _setup_context(ctx, inputs, output):
     embeddings, weight, labels, bias = inputs[:4]
+    ctx.mark_non_differentiable(*output[1:])        # the side outputs
     ctx.save_for_backward(embeddings, weight, labels, bias)
-    ctx.params = inputs[4:]
+    ctx.params, ctx.n_inputs = inputs[4:7], len(inputs)     # the backward op's scalars: the forward's, without side
 
 
-def _backward(ctx, grad_rows):
+def _backward(ctx, grad_rows, *_grad_side):
     embeddings, weight, labels, bias = ctx.saved_tensors
     gx, gw, gb = _backward_op(grad_rows.contiguous(), embeddings, weight, labels, bias, *ctx.params)
     gb = None if bias is None else gb.to(bias.dtype).reshape(bias.shape)
-    return gx, gw, None, gb, None, None, None
+    return (gx, gw, None, gb) + (None,) * (ctx.n_inputs - 4)
 
 
 one_vs_all.register_autograd(_backward, setup_context=_setup_context)
@@ -315,7 +342,9 @@ def one_vs_all_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, kind: in
     dtype, or float32 under autocast), labels [B] int64/int32 in [0, C) or ``ignore_index``,
     bias a one-element tensor (UniFace, SphereFace2; a Python float is a fixed b) or None. Returns a 0-d (or [B]) float32
     tensor (float64 for float64 inputs); with ``return_parts`` a
-    :class:`magloss.functional.LossParts` (ce = loss, reg = 0, norms = ‖x_i‖). ``sample_weight``:
+    :class:`magloss.functional.LossParts` (ce = loss, reg = 0, norms = ‖x_i‖, and the side outputs
+    label_cosine, nearest_negative_cosine, nearest_negative_class, predicted_class of the same
+    forward, as the margin losses: :func:`magloss.functional.side_parts`). ``sample_weight``:
     optional [B] row weights, as the margin losses (:func:`magloss.functional.check_sample_weight`:
     L_i is multiplied by w_i, 'mean' divides by the valid rows' Σ w_i).
 
@@ -331,12 +360,14 @@ def one_vs_all_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, kind: in
     sample_weight = MF.check_sample_weight(sample_weight, embeddings)
     if isinstance(bias, numbers.Real) and not isinstance(bias, bool):     # a fixed b
         bias = torch.tensor([float(bias)], dtype=compute_dtype(embeddings.dtype), device=embeddings.device)
-    rows = one_vs_all(embeddings, weight, labels, bias, int(kind), [float(p) for p in params], int(ignore_index))
+    rows, *side = one_vs_all(embeddings, weight, labels, bias, int(kind), [float(p) for p in params],
+                             int(ignore_index), return_parts)
     norms = embeddings.detach().to(rows.dtype).norm(dim=1)
     if up is not None:
         norms = norms * up.to(norms.dtype)
-    return MF.reduce_rows(rows, rows, norms, labels != ignore_index, None, reduction, 0.0, return_parts,
-                          sample_weight)
+    valid = labels != ignore_index
+    return MF.reduce_rows(rows, rows, norms, valid, None, reduction, 0.0, return_parts, sample_weight,
+                          side=MF.side_parts(labels, valid, *side) if return_parts else None)
 
 
 def uniface_bias_init(num_classes: int, r: float = 1.0) -> float:

@@ -681,17 +681,19 @@ class ShardedOneVsAllLoss(ShardedMarginLoss):
     def forward(self, embeddings: Tensor, labels: Tensor, return_parts: bool = False, *,
                 sample_weight: Optional[Tensor] = None):
         group = self.group
-        x_all, valid, local, weight, _, w_all = self._global_batch(embeddings, labels, sample_weight)
+        x_all, valid, local, weight, labels_all, w_all = self._global_batch(embeddings, labels, sample_weight)
         x_all, weight, up = MF.autocast_inputs(x_all, weight)
         bias = None if self.bias is None else _ReplicatedParameter.apply(self.bias, group)
-        rows = OVA.one_vs_all(x_all, weight, local, bias, self.kind, list(self.params), _NO_LABEL)
+        rows, *side = OVA.one_vs_all(x_all, weight, local, bias, self.kind, list(self.params), _NO_LABEL,
+                                     return_parts)
+        side = MF.side_parts(labels_all, valid, *self._combine_side(*side)) if return_parts else None
         if self.last_sample is not None:
             self.step.add_(1)
         rows = sum_stats(rows, group)
         norms = x_all.detach().to(rows.dtype).norm(dim=1)
         if up is not None:
             norms = norms * up.to(norms.dtype)
-        return MF.reduce_rows(rows, rows, norms, valid, None, self.reduction, 0.0, return_parts, w_all)
+        return MF.reduce_rows(rows, rows, norms, valid, None, self.reduction, 0.0, return_parts, w_all, side=side)
 
     def extra_repr(self) -> str:
         return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
