@@ -54,9 +54,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Whether calls on this CUDA device take the plain-fp32 path (MAGLOSS_FORCE_SIMT=1 or sm < 7.0).",
         py::arg("device_index"));
   m.def("one_vs_all", &magloss::one_vs_all_cuda,
-        "Fused one-vs-all forward: the row losses [B] float32. See magloss.onevsall.one_vs_all_forward.",
+        "Fused one-vs-all forward: (rows [B] float32, then with side the side outputs label_cosine, "
+        "nearest_negative_cosine, nearest_negative_class, empty without). See magloss.onevsall.one_vs_all.",
         py::arg("embeddings"), py::arg("weight"), py::arg("labels"), py::arg("bias"), py::arg("kind"),
-        py::arg("params"), py::arg("ignore_index"));
+        py::arg("params"), py::arg("ignore_index"), py::arg("side") = false);
   m.def("one_vs_all_backward", &magloss::one_vs_all_backward_cuda,
         "Fused one-vs-all backward: (grad_embeddings, grad_weight, grad_bias [1] float32). See "
         "magloss.onevsall.one_vs_all_backward.",

@@ -14,6 +14,8 @@
 
 #include "engine.cuh"
 
+#include "argmax.cuh"
+
 #include <cfloat>
 #include <cstdint>
 #include <type_traits>
@@ -130,45 +132,6 @@ __device__ __forceinline__ void block_softmax_merge(float& m, float& l) {
     warp_softmax_merge(m, l);
   }
   __syncthreads();  // sm/sl are read: safe to reuse
-}
-
-// Arg-max of the side outputs: does (v2, i2) beat (v1, i1)? Index -1 is "nothing seen" and never
-// wins; a NaN value beats every number (NaN in, NaN out); equal values go to the lower index. A
-// total order on the candidates, so the reductions below give one answer in any visiting order.
-__device__ __forceinline__ bool argmax_beats(float v2, int64_t i2, float v1, int64_t i1) {
-  if (i2 < 0) return false;
-  if (i1 < 0) return true;
-  const bool n1 = v1 != v1, n2 = v2 != v2;
-  if (n1 || n2) return n2 && (!n1 || i2 < i1);
-  return v2 > v1 || (v2 == v1 && i2 < i1);
-}
-
-__device__ __forceinline__ void warp_argmax(float& v, int64_t& idx) {
-  #pragma unroll
-  for (int off = kWarp / 2; off > 0; off >>= 1) {
-    const float v2 = __shfl_xor_sync(kFullMask, v, off);
-    const int64_t i2 = __shfl_xor_sync(kFullMask, idx, off);
-    if (argmax_beats(v2, i2, v, idx)) {
-      v = v2;
-      idx = i2;
-    }
-  }
-}
-
-// Block-wide arg-max (same contract as the block reductions below).
-__device__ __forceinline__ void block_argmax(float& v, int64_t& idx) {
-  __shared__ float sv[kWarpsPerBlock];
-  __shared__ int64_t si[kWarpsPerBlock];
-  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-  warp_argmax(v, idx);
-  if (lane == 0) { sv[warp] = v; si[warp] = idx; }
-  __syncthreads();
-  if (warp == 0) {
-    v = lane < kWarpsPerBlock ? sv[lane] : -INFINITY;
-    idx = lane < kWarpsPerBlock ? si[lane] : -1;
-    warp_argmax(v, idx);
-  }
-  __syncthreads();  // sv/si are read: safe to reuse
 }
 
 inline unsigned warp_grid(int64_t rows) { return static_cast<unsigned>((rows + kWarpsPerBlock - 1) / kWarpsPerBlock); }
@@ -385,10 +348,7 @@ __global__ void __launch_bounds__(kThreads) forward_epilogue_kernel(float* tile,
       } else {
         const float c = srow[j] * inv_a * r[col];
         z = s * c;
-        if (side && argmax_beats(c, col, bv, bi)) {
-          bv = c;
-          bi = col;
-        }
+        if (side) argmax_take(c, col, bv, bi);
       }
       if (keep) srow[j] = s * (srow[j] * inv_a);
     } else {
@@ -402,10 +362,7 @@ __global__ void __launch_bounds__(kThreads) forward_epilogue_kernel(float* tile,
         float df;
         const float c = class_cosine(srow + j * K, col, K, inv_a, r, &kb, keep);
         z = s * cur.apply(c, &df);
-        if (side && argmax_beats(c, col, bv, bi)) {
-          bv = c;
-          bi = col;
-        }
+        if (side) argmax_take(c, col, bv, bi);
       }
     }
     if (z > m) {
@@ -416,16 +373,13 @@ __global__ void __launch_bounds__(kThreads) forward_epilogue_kernel(float* tile,
     }
   }
   block_softmax_merge(m, l);
-  if (side) block_argmax(bv, bi);  // (uniform: every thread of the block calls it)
+  if (side) block_argmax<kThreads>(bv, bi);  // (uniform: every thread of the block calls it)
   if (threadIdx.x == 0) {
     float rm = rows.run_max[i], rl = rows.run_sum[i];
     softmax_merge(rm, rl, m, l);
     rows.run_max[i] = rm;
     rows.run_sum[i] = rl;
-    if (side && argmax_beats(bv, bi, rows.nn_val[i], rows.nn_idx[i])) {
-      rows.nn_val[i] = bv;
-      rows.nn_idx[i] = bi;
-    }
+    if (side) argmax_take(bv, bi, rows.nn_val[i], rows.nn_idx[i]);
   }
 }
 

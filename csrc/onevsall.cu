@@ -11,6 +11,8 @@
 
 #include "onevsall.cuh"
 
+#include "argmax.cuh"
+
 #include <cstdint>
 
 #include <cuda_bf16.h>
@@ -139,7 +141,8 @@ __device__ __forceinline__ void ova_element(const OvaParams& p, float c, bool la
 
 // ---- kernels -------------------------------------------------------------------------------------------
 
-// loss_i += sum_j l(c_ij) over the chunk; one block per row.
+// loss_i += sum_j l(c_ij) over the chunk; one block per row. With the side outputs, the arg-max of
+// the non-label cosines next to the sum (engine.cu's forward epilogue does the same).
 __global__ void __launch_bounds__(kThreads) ova_forward_kernel(const float* __restrict__ tile, int64_t n, int64_t j0,
                                                                const float* __restrict__ r, OvaParams p,
                                                                OvaRows rows) {
@@ -147,16 +150,24 @@ __global__ void __launch_bounds__(kThreads) ova_forward_kernel(const float* __re
   const float inv_a = rows.inv_a[i];
   const int64_t lab = rows.lab[i];
   const float b = rows.bias != nullptr ? *rows.bias : 0.0f;
+  const bool side = rows.nn_val != nullptr;  // uniform over the launch
   float acc = 0.0f, none = 0.0f;
+  float bv = -INFINITY;                      // this thread's best non-label cosine, its class
+  int64_t bi = -1;
   for (int64_t j = threadIdx.x; j < n; j += kThreads) {
     const int64_t col = j0 + j;
     const float c = tile[i * n + j] * inv_a * r[col];
     float l;
     ova_element<false>(p, c, col == lab, b, &l, nullptr, nullptr);
     acc += l;
+    if (side && col != lab) argmax_take(c, col, bv, bi);
   }
   block_sum2(acc, none);
-  if (threadIdx.x == 0) rows.loss[i] = lab == LAB_BAD ? NAN : rows.loss[i] + acc;
+  if (side) block_argmax<kThreads>(bv, bi);  // (uniform: every thread of the block calls it)
+  if (threadIdx.x == 0) {
+    rows.loss[i] = lab == LAB_BAD ? NAN : rows.loss[i] + acc;
+    if (side) argmax_take(bv, bi, rows.nn_val[i], rows.nn_idx[i]);
+  }
 }
 
 // T_ij = G_ij r_j and the row accumulators; one block per row. `out` may alias `tile` (TO = float):

@@ -45,6 +45,11 @@ struct OvaRows {
   const float* bias;     // [1]: the learnable bias b (UniFace, SphereFace2), nullptr otherwise
   // forward only:
   float* loss;           // L_i, zero-initialized, accumulated chunk by chunk; NaN for LAB_BAD rows
+  // forward, side outputs only (nullptr without them): the running max of the row's non-label
+  // class cosines and its class, initialized to -inf and -1 (by the row stage), merged chunk by
+  // chunk (ties: the lowest class), as engine.cuh's RowState::nn_val/nn_idx
+  float* nn_val;
+  int64_t* nn_idx;
   // backward only:
   const float* grad_rows;  // g_i = dL/dL_i
   float* gc_row;           // sum_j G_ij c_ij, zero-initialized, accumulated per chunk (G_ij = g_i dl/dc)
@@ -52,7 +57,9 @@ struct OvaRows {
 };
 
 /// Forward chunk epilogue (one block per row): loss_i += sum over the chunk's columns of
-/// l(c_ij). tile: [B, n] fp32 raw dots S_ij = x_i . w_{j0+j}.
+/// l(c_ij). tile: [B, n] fp32 raw dots S_ij = x_i . w_{j0+j}. With the side outputs (rows.nn_val
+/// set) also the chunk's largest non-label cosine and its class (a fixed-order block arg-max, ties
+/// to the lowest class, argmax.cuh) merged into nn_val/nn_idx.
 void launch_ova_forward_epilogue(const float* tile, int64_t B, int64_t n, int64_t j0, const float* r,
                                  const OvaParams& params, OvaRows rows, cudaStream_t stream);
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS determinism (repeatability test)
 
 import magloss  # noqa: E402
+import magloss.functional as MF  # noqa: E402
 from magloss import _ext  # noqa: E402
 from magloss import onevsall as OVA  # noqa: E402
 
@@ -377,7 +378,7 @@ def test_bad_label_rows_are_nan_and_add_no_gradient(monkeypatch):
     b = torch.tensor([-3.0])
     args = (x.to(DEV), w.to(DEV), ybad.to(DEV), b.to(DEV), OVA.SPHEREFACE2, list(OVA.sphereface2_params(
         40.0, 0.4, 3.0, 0.7, 50.0, "C")), -1)
-    rows = OVA.one_vs_all(*args)
+    rows = OVA.one_vs_all(*args)[0]
     gx, gw, gb = OVA._backward_op(g.to(DEV), *args)
     ref_rows, ref_grads = oracle("sphereface2", {}, x[ok], w, b, y[ok], g[ok])
     assert torch.isnan(rows[2]) and rel(rows[ok].cpu(), ref_rows) <= FUSED_FP32_ROWS_REL
@@ -405,13 +406,80 @@ def test_non_contiguous_inputs_are_accepted():
     b = torch.tensor([-2.5], device=DEV, requires_grad=True)
     params = list(OVA.sphereface2_params(40.0, 0.4, 3.0, 0.7, 50.0, "C"))
     assert not xt.is_contiguous() and not wt.is_contiguous()
-    rows = OVA.one_vs_all(xt, wt, y.int().to(DEV), b, OVA.SPHEREFACE2, params, -1)
+    rows = OVA.one_vs_all(xt, wt, y.int().to(DEV), b, OVA.SPHEREFACE2, params, -1)[0]
     (rows * g.to(DEV) * (y != -1).to(DEV)).sum().backward()
     ref_rows, ref_grads = oracle(name, ukw, x, w, b, y, g)
     ok = y != -1
     assert rel(rows.detach().cpu()[ok], ref_rows[ok]) <= FUSED_FP32_ROWS_REL
     for got, want in zip((xt.grad, wt.grad, b.grad), ref_grads):
         assert rel(got.cpu(), want.reshape(got.shape)) <= FUSED_FP32_GRADS_REL
+
+
+# ---- the side outputs: the block arg-max next to the row sum --------------------------------------------
+def _side_check(m, x, w, y):
+    """The op with and without ``side`` on the module's loss: the rows are the same bits, the side
+    outputs those of the float64 cosine matrix (tests/test_side_outputs.py), the weight as the math
+    sees it (rounded to the embeddings' dtype). Returns the side outputs."""
+    from types import SimpleNamespace
+
+    from test_side_outputs import assert_parts
+
+    bias = None if m.bias is None else m.bias.detach()
+    args = (x, w, y, bias, m._kind, list(m.params), -1)
+    plain, outs = OVA.one_vs_all(*args), OVA.one_vs_all(*args, True)
+    torch.testing.assert_close(plain[0], outs[0], rtol=0, atol=0)       # the flag leaves the sums alone
+    assert all(t.numel() == 0 for t in plain[1:]) and all(t.shape == (x.shape[0],) for t in outs[1:])
+    fields = magloss.LossParts._fields[5:]
+    yc = y.cpu()
+    parts = SimpleNamespace(**dict(zip(fields, MF.side_parts(yc, yc != -1, *(t.cpu() for t in outs[1:])))))
+    assert_parts(parts, x.cpu(), w.to(x.dtype).cpu(), yc)
+    return outs[1:]
+
+
+@pytest.mark.parametrize("dtypes", [("fp32", torch.float32, torch.float32)] + LOWP, ids=lambda t: t[0])
+@pytest.mark.parametrize("name,mkw,ukw", CASES, ids=IDS)
+def test_fused_side_outputs_of_every_loss(monkeypatch, name, mkw, ukw, dtypes):
+    monkeypatch.setenv("MAGLOSS_CHUNK", "16")                       # 37 classes: three chunks, the last short
+    _, xdt, wdt = dtypes
+    x, w, y, _ = inputs(9, 37, 8, seed=7, ignored=(2, 5))
+    m = _module(name, mkw, 8, 37)
+    _side_check(m, x.to(DEV, xdt), w.to(DEV, wdt), y.to(DEV))
+
+
+@pytest.mark.parametrize("name", TOVA.NAMES)
+def test_fused_side_ties_across_threads_warps_and_chunks(monkeypatch, name):
+    """tests/test_side_outputs_cuda.py's exact case: 1200 classes in chunks of 512 (a block of 256
+    threads visits a column every 256); row 0's maximum is tied at classes 900 (chunk 1), 200 (warp 6)
+    and 33 (warp 1): 33; row 1's label 700 ties its negatives 1100 and 690: nearest 690, predicted
+    690 (the lower); row 2's only maximum is the last class; row 3 (ignored) ties 1000 and 513: 513."""
+    monkeypatch.setenv("MAGLOSS_CHUNK", "512")
+    C, D = 1200, 5
+    basis = 2.0 * torch.eye(D)
+    w = basis[4].repeat(C, 1)
+    for cols, e in (([900, 200, 33], 0), ([700, 1100, 690], 1), ([1199], 2), ([1000, 513], 3)):
+        w[cols] = basis[e]
+    x = torch.eye(D)[:4] * 4.0
+    y = torch.tensor([5, 700, 9, -1])
+    side = _side_check(_module(name, {}, D, C), x.to(DEV), w.to(DEV), y.to(DEV))
+    assert side[2].tolist() == [33, 690, 1199, 513]
+    assert side[1].tolist() == [1.0, 1.0, 1.0, 1.0] and side[0].tolist() == [0.0, 1.0, 0.0, 0.0]
+    assert MF.side_parts(y, y != -1, *(t.cpu() for t in side))[3].tolist() == [33, 690, 1199, 513]
+
+
+def test_fused_side_outputs_through_the_module():
+    """return_parts on the fused engine: the same loss, the side fields, parts_accuracy = accuracy."""
+    x, w, y, _ = inputs(10, 21, 8, seed=3, ignored=(4,))
+    m = _module("sphereface2", {}, 8, 21)
+    m.reduction = "mean"
+    with torch.no_grad():
+        m.weight.copy_(w)
+    x, y = x.to(DEV), y.to(DEV)
+    parts = m(x, y, return_parts=True)
+    torch.testing.assert_close(parts.loss, m(x, y), rtol=0, atol=0)
+    from test_side_outputs import assert_parts
+
+    assert_parts(parts, x.cpu(), w, y.cpu())
+    assert float(MF.parts_accuracy(parts, y)) == float(m.accuracy(x, y))
 
 
 # ---- a sharded head: each rank runs the op on its shard (gloo, two spawned ranks) --------------------------
