@@ -151,9 +151,9 @@ __global__ void __launch_bounds__(kThreads) ova_forward_kernel(const float* __re
   const int64_t lab = rows.lab[i];
   const float b = rows.bias != nullptr ? *rows.bias : 0.0f;
   const bool side = rows.nn_val != nullptr;  // uniform over the launch
-  float acc = 0.0f, none = 0.0f;
   float bv = -INFINITY;                      // this thread's best non-label cosine, its class
   int64_t bi = -1;
+  float acc = 0.0f, none = 0.0f;
   for (int64_t j = threadIdx.x; j < n; j += kThreads) {
     const int64_t col = j0 + j;
     const float c = tile[i * n + j] * inv_a * r[col];

@@ -13,7 +13,7 @@ Common arguments (all functions):
   ignored rows). A mean over zero rows (empty batch, or every row ignored) is 0 with
   zero gradients, where ``F.cross_entropy`` would return NaN.
 * ``return_parts``: return a :class:`LossParts` (loss, ce, reg, norms, reg_weighted, and
-  for the margin losses the side outputs label_cosine, nearest_negative_cosine,
+  for the margin and one-vs-all losses the side outputs label_cosine, nearest_negative_cosine,
   nearest_negative_class, predicted_class from the same pass) instead of the loss tensor.
   Every loss has it; without it no side output is computed.
 * ``sample_weight``: optional [B] float tensor w_i ≥ 0 (finite) on the embeddings' device,
@@ -86,8 +86,7 @@ class LossParts(NamedTuple):
     * ``reg_weighted``: λ_g·reg, the regularizer as it enters ``loss`` (0 without one).
 
     The side outputs, each [B], from the same forward pass (no extra product; the margin
-    losses, single-process and sharded; None for the softmax baseline and the one-vs-all
-    losses). c_ij is the plain cosine of row i and class j, no margin, no scale; with K
+    and one-vs-all losses, single-process and sharded; None for the softmax baseline). c_ij is the plain cosine of row i and class j, no margin, no scale; with K
     sub-centers a class's cosine is the max over its K (docs/math.md, "Side outputs"):
 
     * ``label_cosine``: c_iy (CR-FIQA's CCS), float32 (float64 for float64 input); NaN on
@@ -304,7 +303,7 @@ def parts_accuracy(parts: LossParts, labels: Tensor, ignore_index: int = -1) -> 
         ValueError: ``parts`` has no side outputs (a loss that computes none).
     """
     if parts.predicted_class is None:
-        raise ValueError("parts: expected the side outputs of a margin loss called with return_parts=True "
+        raise ValueError("parts: expected the side outputs of a loss called with return_parts=True "
                          "(predicted_class is None: this loss computes none)")
     valid = labels != ignore_index
     best = torch.maximum(torch.where(valid, parts.label_cosine, parts.nearest_negative_cosine),

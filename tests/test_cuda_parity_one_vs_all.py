@@ -466,6 +466,19 @@ def test_fused_side_ties_across_threads_warps_and_chunks(monkeypatch, name):
     assert MF.side_parts(y, y != -1, *(t.cpu() for t in side))[3].tolist() == [33, 690, 1199, 513]
 
 
+@pytest.mark.parametrize("chunk", ["3", "20"])
+def test_fused_side_label_ties_and_exclusion(monkeypatch, chunk):
+    """tests/test_side_outputs.py's exact case: the label column is never the nearest negative, even
+    when it is the row's maximum (rows 1 and 2 tie their label); ties across chunks go to the lowest."""
+    from test_side_outputs import _exact_case
+
+    monkeypatch.setenv("MAGLOSS_CHUNK", chunk)
+    x, w, y = _exact_case()
+    side = _side_check(_module("uniface", {}, 5, 20), x.float().to(DEV), w.float().to(DEV), y.to(DEV))
+    assert side[2].tolist() == [3, 9, 2, 19, 3]
+    assert MF.side_parts(y, y != -1, *(t.cpu() for t in side))[3].tolist() == [3, 5, 2, 19, 3]
+
+
 def test_fused_side_outputs_through_the_module():
     """return_parts on the fused engine: the same loss, the side fields, parts_accuracy = accuracy."""
     x, w, y, _ = inputs(10, 21, 8, seed=3, ignored=(4,))

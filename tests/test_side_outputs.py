@@ -278,6 +278,11 @@ SHARDED_HEADS = {                  # name -> (sharded class, single-process clas
     "arcface": ("ShardedArcFaceLoss", "ArcFaceLoss", {}, 1),
     "subcenter": ("ShardedSubCenterArcFaceLoss", "SubCenterArcFaceLoss", {"subcenters": 2}, 2),
     "curricular": ("ShardedCurricularFaceLoss", "CurricularFaceLoss", {}, 1),
+    # the one-vs-all heads (tests/test_side_outputs_one_vs_all.py has their single-process tests)
+    "sface": ("ShardedSFaceLoss", "SFaceLoss", {}, 1),
+    "uniface": ("ShardedUniFaceLoss", "UniFaceLoss", {}, 1),
+    "sphereface2": ("ShardedSphereFace2Loss", "SphereFace2Loss", {}, 1),
+    "p2sgrad": ("ShardedP2SGradLoss", "P2SGradLoss", {}, 1),
 }
 WORLDS = (1, 2, 3)
 

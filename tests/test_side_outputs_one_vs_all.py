@@ -1,7 +1,8 @@
 """The side outputs of the one-vs-all losses (SFace, UniFace, SphereFace2, P2SGrad) with
 ``return_parts=True``: label cosine, nearest negative (cosine and class) and predicted class from
 the same forward as the row sums, on the chunked engine, through the op, torch.compile, the
-training loop's accuracy and the sharded heads (Partial FC included).
+training loop's accuracy; the sharded heads (Partial FC included) are rows of
+tests/test_side_outputs.py's sharded table (SHARDED_HEADS), against one process on the whole batch.
 
 Expected values: tests/test_side_outputs.py's float64 cosine matrix built with plain matrix
 algebra (:func:`test_side_outputs.expected`, the margin losses' tests' oracle and tie rule),
@@ -23,11 +24,10 @@ import magloss.onevsall as OVA
 from cases import FUNCTIONAL, make_inputs
 from magloss import reference
 from magloss.train.loop import Loop
-from test_side_outputs import COS_TOL, DTYPES, _exact_case, _sample_sizes, assert_parts, expected
+from test_side_outputs import COS_TOL, DTYPES, _exact_case, assert_parts, expected
 
 NAMES = ("sface", "uniface", "sphereface2", "p2sgrad")
 MODULES = {"sface": "SFaceLoss", "uniface": "UniFaceLoss", "sphereface2": "SphereFace2Loss", "p2sgrad": "P2SGradLoss"}
-_FIELDS = magloss.LossParts._fields[5:]
 
 
 def _op_args(name, x):
@@ -102,11 +102,15 @@ def test_one_class_and_empty_batch():
 
 
 # ---- nothing extra without return_parts; the op's contract -------------------------------------------------
-def test_no_side_work_without_return_parts(monkeypatch):
-    def refuse(*a, **k):
-        raise AssertionError("side outputs computed without return_parts")
+def _refuse(what):
+    """A stand-in that fails the test when called: ``what`` says what must not have happened."""
+    def call(*a, **k):
+        raise AssertionError(what)
+    return call
 
-    monkeypatch.setattr(OVA, "_Nearest", refuse)
+
+def test_no_side_work_without_return_parts(monkeypatch):
+    monkeypatch.setattr(OVA, "_Nearest", _refuse("side outputs computed without return_parts"))
     x, w, y = make_inputs(6, 9, 4)
     for name in NAMES:
         parts = FUNCTIONAL[name](x, w, y, reduction="none")
@@ -162,81 +166,6 @@ def test_parts_accuracy_is_the_accuracy_and_the_loop_uses_it(name):
     want = crit.accuracy(x, y)
     assert 0 < float(want) < 1
     assert float(MF.parts_accuracy(parts, y)) == float(want)
-
-    def refuse(*a, **k):
-        raise AssertionError("the loop recomputed the accuracy instead of reading the side outputs")
-
+    refuse = _refuse("the loop recomputed the accuracy instead of reading the side outputs")
     loop = SimpleNamespace(head=SimpleNamespace(accuracy=refuse, ignore_index=-1, last_sample=None))
     assert float(Loop._accuracy(loop, parts, x, y)) == float(want)
-
-
-# ---- sharded heads: the same fields as one process on the whole batch -----------------------------------
-SHARDED_B, SHARDED_C, SHARDED_D = 11, 13, 6
-WORLDS = (1, 2, 3)
-
-
-def _sharded_case():
-    x, w, y = make_inputs(SHARDED_B, SHARDED_C, SHARDED_D, ignored=(4,), seed=5, dtype=torch.float32)
-    w[7] = w[2]                               # classes 2 and 7 tie (on different shards with 2 or 3 ranks)
-    x[0] = w[2] * 3.0                         # row 0's best: the tie, 2 wins
-    y[0] = 9
-    return x, w, y
-
-
-def _sharded_phase(rank, world, group, out_dir):
-    from _dist_utils import split_sizes
-    import magloss.distributed as mdist
-
-    res = {}
-    sizes = split_sizes(SHARDED_B, world)
-    lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
-    x, w, y = _sharded_case()
-    for name in NAMES:
-        for rate in (1.0, 0.5):
-            head = getattr(mdist, "Sharded" + MODULES[name])(SHARDED_D, SHARDED_C, sample_rate=rate, group=group)
-            head.weight.data.copy_(w[head.shard_start: head.shard_end])
-            head.train(rate < 1.0)
-            parts = head(x[lo:hi], y[lo:hi], return_parts=True)
-            sample = None if head.last_sample is None else mdist.comm.gather_rows(
-                head.last_sample, _sample_sizes(head, group), group)
-            acc = float(Loop._accuracy(SimpleNamespace(head=head), parts, x[lo:hi], y[lo:hi]))
-            res[(name, rate)] = ([t.detach() for t in parts[5:]], sample, acc, float(head.accuracy(x[lo:hi], y[lo:hi])),
-                                 float(parts.loss))
-    return res
-
-
-@pytest.fixture(scope="module")
-def sharded_results(tmp_path_factory):
-    from _dist_utils import spawn_worlds
-
-    return spawn_worlds(_sharded_phase, WORLDS, tmp_path_factory.mktemp("ova_side"))
-
-
-@pytest.mark.parametrize("world", WORLDS)
-@pytest.mark.parametrize("name", NAMES)
-def test_sharded_side_outputs_equal_one_process(sharded_results, name, world):
-    x, w, y = _sharded_case()
-    crit = getattr(magloss, MODULES[name])(SHARDED_D, SHARDED_C)
-    crit.weight.data.copy_(w)
-    want = crit.eval()(x, y, return_parts=True)
-    for rank in range(world):
-        got, sample, acc, head_acc, loss = sharded_results[(world, rank)][(name, 1.0)]
-        assert sample is None
-        assert loss == pytest.approx(float(want.loss.detach()), rel=1e-5)
-        for a, b in zip(got, want[5:]):
-            torch.testing.assert_close(a, b, rtol=0, atol=1e-6, equal_nan=True)
-        assert got[2][0] == 2 and got[3][0] == 2                          # the tie across shards: class 2
-        assert acc == head_acc == float(crit.accuracy(x, y))           # the log's accuracy, from the parts
-        assert_parts(SimpleNamespace(**dict(zip(_FIELDS, got))), x, w, y)
-
-
-@pytest.mark.parametrize("world", WORLDS)
-@pytest.mark.parametrize("name", NAMES)
-def test_sharded_partial_fc_side_outputs_cover_the_sampled_classes(sharded_results, name, world):
-    x, w, y = _sharded_case()
-    for rank in range(world):
-        got, sample, acc, head_acc, _ = sharded_results[(world, rank)][(name, 0.5)]
-        assert sample is not None and len(sample) < SHARDED_C and bool((sample[1:] > sample[:-1]).all())
-        assert set(y[y >= 0].tolist()) <= set(sample.tolist())           # the positives are always kept
-        assert_parts(SimpleNamespace(**dict(zip(_FIELDS, got))), x, w, y, classes=sample)
-        assert acc == head_acc          # the log falls back to the head's full-class accuracy under Partial FC
