@@ -13,6 +13,7 @@
 // CMakeLists.txt without torch.
 
 #include "engine.cuh"
+#include "reduce.cuh"
 
 #include "argmax.cuh"
 
@@ -27,20 +28,7 @@ namespace magloss {
 namespace engine {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kWarp = 32;
-constexpr int kWarpsPerBlock = kThreads / kWarp;
-constexpr unsigned kFullMask = 0xffffffffu;
-
-// ---- element conversions (explicit intrinsics only) ---------------------------------------
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T> __device__ __forceinline__ T from_f(float v);
-template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+// kThreads, kWarp, kWarpsPerBlock, kFullMask, to_f, from_f, warp_sum, block_sum2: reduce.cuh.
 
 // A gradient as stored: fp16/bf16 values past the type's range saturate to its largest finite
 // value instead of becoming Inf (a zero embedding row's gradient is (dL/dxhat)/1e-12, as with
@@ -67,12 +55,6 @@ __device__ __forceinline__ float load_w(const TW* p) {
 }
 
 // ---- reductions --------------------------------------------------------------------------------
-__device__ __forceinline__ float warp_sum(float v) {
-  #pragma unroll
-  for (int off = kWarp / 2; off > 0; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);
-  return v;  // every lane holds the (same-order) total
-}
-
 // Online-softmax state merge: (m, l) represents sum exp(z - m) = l over a set of logits.
 // An empty set is (-inf, 0); merging two empty sets stays (-inf, 0) (no inf - inf).
 // NaN in, NaN out: a NaN logit leaves its thread's state as (m, NaN) (m = -inf when every
@@ -101,23 +83,6 @@ __device__ __forceinline__ void warp_softmax_merge(float& m, float& l) {
 // the result is valid in thread 0, in a fixed order. Each ends with a barrier after warp 0's
 // last read of its shared arrays, so a block may call them any number of times in a row (the
 // next call's writes cannot overtake this call's reads).
-
-// Block-wide sum of two values.
-__device__ __forceinline__ void block_sum2(float& a, float& b) {
-  __shared__ float sa[kWarpsPerBlock], sb[kWarpsPerBlock];
-  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-  a = warp_sum(a);
-  b = warp_sum(b);
-  if (lane == 0) { sa[warp] = a; sb[warp] = b; }
-  __syncthreads();
-  if (warp == 0) {
-    a = lane < kWarpsPerBlock ? sa[lane] : 0.0f;
-    b = lane < kWarpsPerBlock ? sb[lane] : 0.0f;
-    a = warp_sum(a);
-    b = warp_sum(b);
-  }
-  __syncthreads();  // sa/sb are read: safe to reuse
-}
 
 // Block-wide online-softmax merge.
 __device__ __forceinline__ void block_softmax_merge(float& m, float& l) {

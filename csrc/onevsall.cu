@@ -10,6 +10,7 @@
 // explicit conversion intrinsics) and by CMakeLists.txt without torch.
 
 #include "onevsall.cuh"
+#include "reduce.cuh"
 
 #include "argmax.cuh"
 
@@ -22,39 +23,7 @@ namespace magloss {
 namespace engine {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kWarp = 32;
-constexpr int kWarpsPerBlock = kThreads / kWarp;
-constexpr unsigned kFullMask = 0xffffffffu;
-
-template <typename T> __device__ __forceinline__ T from_f(float v);
-template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
-__device__ __forceinline__ float warp_sum(float v) {
-  #pragma unroll
-  for (int off = kWarp / 2; off > 0; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);
-  return v;
-}
-
-// Block-wide sum of two values, valid in thread 0, in a fixed order; every thread of the block
-// must call it. Ends with a barrier after warp 0's last read of the shared arrays.
-__device__ __forceinline__ void block_sum2(float& a, float& b) {
-  __shared__ float sa[kWarpsPerBlock], sb[kWarpsPerBlock];
-  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-  a = warp_sum(a);
-  b = warp_sum(b);
-  if (lane == 0) { sa[warp] = a; sb[warp] = b; }
-  __syncthreads();
-  if (warp == 0) {
-    a = lane < kWarpsPerBlock ? sa[lane] : 0.0f;
-    b = lane < kWarpsPerBlock ? sb[lane] : 0.0f;
-    a = warp_sum(a);
-    b = warp_sum(b);
-  }
-  __syncthreads();
-}
+// kThreads, kWarpsPerBlock, from_f, warp_sum, block_sum2: reduce.cuh (shared with engine.cu).
 
 // ---- the elementwise losses (magloss.onevsall.elements, in fp32) -----------------------------------
 __device__ __forceinline__ float sigmoid_(float x) { return 1.0f / (1.0f + expf(-x)); }

@@ -92,8 +92,8 @@ def fraction_count(fraction: float, n: int, rounding: str = "floor") -> int:
         int.
 
     Raises:
-        TypeError / ValueError naming ``fraction`` (not a finite number); ValueError naming
-        ``n`` (not an integer ``>= 0``: :func:`magloss.validation.check_int`, 10.0 included).
+        ValueError: naming ``fraction`` (not a finite number; TypeError for a non-number) or ``n``
+            (not an integer ≥ 0, 10.0 included, by the rule of :func:`magloss.validation.check_int`).
     """
     fraction = check_number(fraction, "fraction")
     if not math.isfinite(fraction):

@@ -90,7 +90,7 @@ class MarginLoss(_KeptState, nn.Module):
     """Base class: a class matrix ``weight`` [num_classes, embedding_size] (K·num_classes rows
     for K = ``spec.subcenters`` sub-centers per class) and a :class:`MarginSpec`.
 
-    forward(embeddings [B, D], labels [B], return_parts=False, *, sample_weight=None) -> loss
+    forward(embeddings [B, D], labels [B], return_parts=False, sample_weight=None (keyword-only)) -> loss
     (0-d, or [B] for reduction='none'), float32 (float64 for float64 inputs); with
     ``return_parts=True`` a :class:`magloss.functional.LossParts` (loss, ce, reg, norms,
     reg_weighted) from the same pass. ``sample_weight``: [B] per-row weights

@@ -8,7 +8,10 @@ is caught instead of landing in a neighbouring block of the pool).
 The cases cover every kernel and launcher branch: irregular B, C, D (not multiples of the warp
 or block size), several class chunks with a partial last one (MAGLOSS_CHUNK), C = 1, ignored rows,
 int32 labels, every margin family, fp32/fp16/bf16, the forced SIMT path, sub-centers with per-row
-margins and the curricular modulation, an out-of-range label
+margins and the curricular modulation, both engine paths (path="flat": margin_ce/margin_ce_backward;
+path="speed": margin_ce_kept/margin_ce_backward_kept, the kept-products kernels), the side outputs
+(side=True: the arg-max kernels), the one-vs-all kernels (path="ova": one_vs_all/one_vs_all_backward,
+each loss kind, with and without the bias), an out-of-range label
 with the input check off (must stay in bounds), asynchronous (must be reported by
 magloss.flush_input_checks) and synchronous (must raise in the call). Each case prints one
 line, "sanitizer case i/N passed: ..." or "... FAILED: ..."; the exit status is non-zero if a
@@ -29,6 +32,7 @@ import torch
 
 import magloss  # registers the ops
 from magloss import _ext
+from magloss import onevsall as OVA
 
 import _backend
 from cases import family
@@ -37,11 +41,25 @@ OP = torch.ops.magloss.margin_ce
 OP_BWD = torch.ops.magloss.margin_ce_backward
 
 
+# The one-vs-all kinds (path="ova"): name -> (kind, params for C classes). Upstream defaults; SphereFace2
+# with the angular margin type (its acos/clamp branch).
+OVA_KINDS = {
+    "sface": lambda C: (OVA.SFACE, OVA.sface_params(64.0, 80.0, 0.8, 1.23)),
+    "uniface": lambda C: (OVA.UNIFACE, OVA.uniface_params(64.0, 0.4, 1.0)),
+    "sphereface2": lambda C: (OVA.SPHEREFACE2, OVA.sphereface2_params(40.0, 0.4, 3.0, 0.7, 50.0, "A")),
+    "p2sgrad": lambda C: (OVA.P2SGRAD, (1.0 / C,)),
+}
+
+
 def run_case(name, B, C, D, dtype=torch.float32, chunk=None, ignored=(), label_dtype=torch.int64, simt=False,
-             bad_label=False, check="async", w_dtype=None, K=1, features=False, backend=None):
+             bad_label=False, check="async", w_dtype=None, K=1, features=False, path="flat", side=False,
+             backend=None):
     """One fused forward+backward on ``backend`` (tests/_backend.py; default: the GPU) with its own
     sanity checks; returns "ok" or "raised as expected". features: the curricular modulation, plus
-    per-row margins for the COMBINED family; K sub-centers."""
+    per-row margins for the COMBINED family; K sub-centers. path: "flat" (the margin_ce ops), "speed"
+    (the engine's margin_ce_kept / margin_ce_backward_kept) or "ova" (the engine's one_vs_all /
+    one_vs_all_backward; name is then a key of OVA_KINDS, and K, features, side do not apply). side:
+    the forward also returns the side outputs (checked: [B], classes in [0, C) off the bad rows)."""
     backend = backend or _backend.Gpu(_ext._C)
     env = {"MAGLOSS_CHUNK": str(chunk) if chunk else None, "MAGLOSS_FORCE_SIMT": "1" if simt else None,
            "MAGLOSS_CHECK_INPUTS": check}
@@ -52,6 +70,8 @@ def run_case(name, B, C, D, dtype=torch.float32, chunk=None, ignored=(), label_d
         else:
             os.environ[k] = v
     try:
+        if path == "ova":
+            return _run_ova(name, B, C, D, dtype, ignored, bad_label, w_dtype, backend)
         spec, lam = family(name)             # tests/cases.py: a FAMILIES row or a registered loss
         spec = spec.with_subcenters(K) if K > 1 else spec
         dev = backend.device
@@ -70,8 +90,11 @@ def run_case(name, B, C, D, dtype=torch.float32, chunk=None, ignored=(), label_d
             z = torch.rand(B, device=dev, generator=g) * 2 - 1
             rm = torch.stack([-0.4 * z, 0.4 * z + 0.4], 1) if spec.kind == 0 else None
             extras = (rm, torch.rand(B, device=dev, generator=g) - 0.5, torch.tensor(0.2, device=dev))
+        # the speed path calls the engine's functions directly: on the GPU the same kernels the ops
+        # dispatch to, on the emulator independent of which ops are routed to it
+        fwd = backend.engine.margin_ce_kept if path == "speed" else OP
         try:
-            lse, zy, reg, norms = OP(x, w, y, lam_t, *extras, *spec.op_args(-1))[:4]
+            outs = fwd(x, w, y, lam_t, *extras, *spec.op_args(-1), side)
         except ValueError as exc:
             if bad_label and check == "sync" and "labels:" in str(exc):
                 return "raised as expected"
@@ -87,9 +110,22 @@ def run_case(name, B, C, D, dtype=torch.float32, chunk=None, ignored=(), label_d
                     raise
             else:
                 raise AssertionError("an out-of-range label was not reported by flush_input_checks")
+        lse, norms = outs[0], outs[3]
         grads = [torch.randn(B, device=dev, generator=g) for _ in range(4)]
-        gx, gw = OP_BWD(*grads, x, w, y, lse, norms, lam_t, *extras, *spec.op_args(-1))
+        if path == "speed":
+            kept = outs[4:6]
+            gx, gw = backend.engine.margin_ce_backward_kept(*grads, x, w, y, lse, norms, *kept, lam_t, *extras,
+                                                            *spec.op_args(-1))
+        else:
+            gx, gw = OP_BWD(*grads, x, w, y, lse, norms, lam_t, *extras, *spec.op_args(-1))
         backend.synchronize()
+        if side:
+            label_cos, nn_cos, nn_cls = outs[-3:]
+            assert label_cos.shape == nn_cos.shape == nn_cls.shape == (B,), "side outputs: expected [B] each"
+            good = torch.ones(B, dtype=torch.bool, device=dev)
+            if bad_label:
+                good[B // 2] = False
+            assert bool(((nn_cls[good] >= 0) & (nn_cls[good] < C)).all()), "nearest negative class out of range"
         finite = torch.isfinite(lse)
         if bad_label:
             assert not bool(finite[B // 2]), "bad-label row should have lse = NaN"
@@ -124,7 +160,51 @@ CASES = [
     dict(name="arcface", B=12, C=41, D=40, K=2, dtype=torch.bfloat16, w_dtype=torch.float32, chunk=16, features=True),
     dict(name="sphereface", B=7, C=50, D=65, K=3, dtype=torch.float16, simt=True, chunk=20, features=True),
     dict(name="adaface", B=10, C=50, D=20, K=3, bad_label=True, check="off", chunk=16, features=True),
+    # the speed path (kept products), with and without sub-centers, half products, SIMT
+    dict(name="arcface", B=5, C=37, D=33, chunk=16, ignored=(1,), path="speed"),
+    dict(name="magface", B=40, C=257, D=31, dtype=torch.bfloat16, chunk=100, path="speed"),
+    dict(name="adaface", B=9, C=70, D=33, K=3, chunk=32, features=True, path="speed", side=True),
+    dict(name="sphereface", B=12, C=90, D=40, dtype=torch.float16, w_dtype=torch.float32, simt=True, chunk=50,
+         path="speed"),
+    # the side outputs (block arg-max, merged across chunks) on the flat path
+    dict(name="cosface", B=33, C=300, D=100, chunk=128, ignored=(4,), side=True),
+    dict(name="arcface", B=12, C=41, D=40, K=2, dtype=torch.bfloat16, chunk=16, side=True),
+    dict(name="arcface", B=10, C=50, D=20, bad_label=True, check="off", chunk=16, side=True),
+    # the one-vs-all kernels: every kind, bias sum (UniFace, SphereFace2), half T, SIMT, a bad label
+    dict(name="uniface", B=9, C=70, D=33, chunk=32, ignored=(2,), path="ova"),
+    dict(name="sphereface2", B=17, C=129, D=40, dtype=torch.bfloat16, chunk=64, path="ova"),
+    dict(name="sface", B=12, C=41, D=20, dtype=torch.float16, w_dtype=torch.float32, simt=True, chunk=16,
+         path="ova"),
+    dict(name="p2sgrad", B=10, C=50, D=20, bad_label=True, check="off", chunk=16, path="ova"),
 ]
+
+
+def _run_ova(name, B, C, D, dtype, ignored, bad_label, w_dtype, backend):
+    """run_case's one-vs-all forward+backward (the environment already set): the row losses finite
+    (NaN on the bad-label row), the gradients of their inputs' shapes and dtypes."""
+    kind, params = OVA_KINDS[name](C)
+    dev = backend.device
+    g = torch.Generator(device=dev).manual_seed(B * 7919 + C + 1)
+    x = (torch.randn(B, D, device=dev, generator=g) * 30).to(dtype)
+    w = torch.randn(C, D, device=dev, generator=g).to(w_dtype or dtype)
+    y = torch.randint(0, C, (B,), device=dev, generator=g)
+    for i in ignored:
+        y[i] = -1
+    if bad_label:
+        y[B // 2] = C + 3
+    bias = torch.full((1,), -2.0, device=dev) if kind in (OVA.UNIFACE, OVA.SPHEREFACE2) else None
+    rows = backend.engine.one_vs_all(x, w, y, bias, kind, list(params), -1)
+    gx, gw, gb = backend.engine.one_vs_all_backward(torch.randn(B, device=dev, generator=g), x, w, y, bias, kind,
+                                                    list(params), -1)
+    backend.synchronize()
+    finite = torch.isfinite(rows)
+    if bad_label:
+        assert not bool(finite[B // 2]), "bad-label row should have a NaN loss"
+        finite[B // 2] = True
+    assert rows.shape == (B,) and bool(finite.all()), "non-finite row loss"
+    assert gx.shape == x.shape and gw.shape == w.shape and gx.dtype == dtype and gw.dtype == w.dtype
+    assert gb.shape == (1,) and bool(torch.isfinite(gb).all()), "grad_bias: expected one finite value"
+    return "ok"
 
 
 def main(backend=None) -> int:

@@ -729,7 +729,7 @@ def test_nan_rows_are_nan_before_the_async_check_reports(monkeypatch):
 
 # =====================================================================================================
 # ---- Mutation check: bugs the tests above let through (docs/cuda.md, "Mutation check") -------------
-# tests/emu/mutate.py applies each mutant of its table (a realistic kernel bug) to csrc/engine.cu and
+# tests/emu/mutate.py applies each mutant of its table (a realistic kernel bug) to a kernel source of csrc/ and
 # runs the emulated suites; every test here kills mutants that the suite above did not (named in
 # each docstring). Each checks a property of the math or of the contract, on both backends.
 # =====================================================================================================

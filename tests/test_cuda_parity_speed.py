@@ -128,6 +128,16 @@ def test_speed_feature_low_precision_vs_eager(precision, feature):
     _lowp(x64, w64, y, spec, lam, grads, precision, extras)
 
 
+def family_or_feature_case(case, B, C, C_feature, D, *, seed, ignored):
+    """(x, w, y, grads, spec, lam, extras) of a FAMILIES case with C classes, or of a FEATURES case
+    with C_feature classes (the feature cases carry K sub-centers per class), on this suite's device."""
+    if case in FAMILIES:
+        spec, lam = FAMILIES[case]
+        x, w, y, grads = make_case(B, C, D, seed=seed, ignored=ignored)
+        return x, w, y, grads, spec, lam_tensor(lam), NO_EXTRAS
+    return feature_case(case, B, C_feature, D, seed=seed, ignored=ignored)
+
+
 @pytest.mark.parametrize("simt", [False, True], ids=["tensor-core", "simt"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", ["arcface", "sphereface", "subcenter_adaface_curricular"])
@@ -138,12 +148,7 @@ def test_speed_fp32_weight_with_half_embeddings(monkeypatch, case, dtype, simt):
     if simt:
         monkeypatch.setenv("MAGLOSS_FORCE_SIMT", "1")
     monkeypatch.setenv("MAGLOSS_CHUNK", "256")
-    if case in FAMILIES:
-        spec, lam = FAMILIES[case]
-        x64, w64, y, grads = make_case(37, 700, 100, seed=21, ignored=(3,))
-        lam, extras = lam_tensor(lam), NO_EXTRAS
-    else:
-        x64, w64, y, grads, spec, lam, extras = feature_case(case, 37, 300, 72, seed=21, ignored=(3,))
+    x64, w64, y, grads, spec, lam, extras = family_or_feature_case(case, 37, 700, 300, 100, seed=21, ignored=(3,))
     x, w = x64.to(dtype), w64.float()
     rows_m, (gx_m, gw_m), kept_m = fused_speed(x, w, y, spec, -1, lam, grads, extras)
     rows_h, (gx_h, gw_h), kept_h = fused_speed(x, w.to(dtype), y, spec, -1, lam, grads, extras)
@@ -166,12 +171,7 @@ def test_speed_matches_flat_and_keeps_the_chunked_quantities(monkeypatch, case):
     docstring); kept and kept_norms what the chunked engine keeps (scale_i·x̂_i·w_j, or the
     sub-center cosines; ‖w_j‖), to fp32 rounding. Three chunks, a ragged one."""
     monkeypatch.setenv("MAGLOSS_CHUNK", "24")
-    if case in FAMILIES:
-        spec, lam = FAMILIES[case]
-        x, w, y, grads = make_case(11, 61, 40, seed=31, ignored=(2,))
-        lam, extras = lam_tensor(lam), NO_EXTRAS
-    else:
-        x, w, y, grads, spec, lam, extras = feature_case(case, 11, 23, 40, seed=31, ignored=(2,))
+    x, w, y, grads, spec, lam, extras = family_or_feature_case(case, 11, 61, 23, 40, seed=31, ignored=(2,))
     x, w = x.float(), w.float()
     with tf32(False):
         rows_s, (gx_s, gw_s), (kept, kept_norms) = fused_speed(x, w, y, spec, -1, lam, grads, extras)
@@ -309,12 +309,7 @@ def test_speed_empty_batch():
 
 @pytest.mark.parametrize("case", ["arcface", "sphereface", "magface", "subcenter_adaface_curricular"])
 def test_opcheck_kept_ops(case):
-    if case in FAMILIES:
-        spec, lam = FAMILIES[case]
-        x, w, y, grads = make_case(8, 40, 64, seed=14, ignored=(2,))
-        lam, extras = lam_tensor(lam), NO_EXTRAS
-    else:
-        x, w, y, grads, spec, lam, extras = feature_case(case, 8, 13, 40, seed=14, ignored=(2,))
+    x, w, y, grads, spec, lam, extras = family_or_feature_case(case, 8, 40, 13, 64, seed=14, ignored=(2,))
     x, w = x.float().requires_grad_(), w.float().requires_grad_()
     torch.library.opcheck(OP_KEPT, (x, w, y, lam, *extras, *spec.op_args(-1)))
     out = OP_KEPT(x.detach(), w.detach(), y, lam, *extras, *spec.op_args(-1))

@@ -23,8 +23,9 @@ unit, ``ova_kernels.cpp``; ``MAGLOSS_EMU_ONEVSALL_CU=path`` builds another copy 
 csrc/*.inc (a boundary file compiled inside margin_ce.cpp) count as headers for the cache keys.
 
 ``MAGLOSS_EMU_ENGINE_CU=path`` builds another copy of engine.cu instead (mutation checks: a
-deliberately broken kernel must make the emulated suites fail); a ``margins.cuh`` next to it is
-included by the kernels instead of csrc's (the boundary keeps csrc's).
+deliberately broken kernel must make the emulated suites fail); a ``margins.cuh`` or ``reduce.cuh``
+next to it (or next to the onevsall.cu override) is included by that kernel unit instead of csrc's
+(the boundary keeps csrc's).
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
 """Mutation check of the emulated suites: deliberately broken copies of csrc/engine.cu must fail them.
 
 Each mutant is one realistic kernel bug, written as a (name, kind, exact old snippet, new snippet)
-row of :data:`MUTANTS` and applied to the text of csrc/engine.cu, csrc/margins.cuh or csrc/onevsall.cu
-(the one-vs-all kernels, built as the emulator's second kernel unit, ``MAGLOSS_EMU_ONEVSALL_CU``); a snippet that no longer matches
+row of :data:`MUTANTS` and applied to the text of csrc/engine.cu, csrc/margins.cuh, csrc/onevsall.cu
+(the one-vs-all kernels, built as the emulator's second kernel unit, ``MAGLOSS_EMU_ONEVSALL_CU``) or
+csrc/reduce.cuh (the conversions and warp/block sums both kernel files include: a mutant of it reaches
+both units, as the bug would); a snippet that no longer matches
 exactly once is an error: the table must follow the engine). For each mutant the tool writes the
 mutated file, builds it for the emulator (``MAGLOSS_EMU_ENGINE_CU``: only the kernel object is
 recompiled, tests/emu/build.py), runs the emulated suites with ``-x``, the tests named by
@@ -42,6 +44,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 ENGINE_CU = ROOT / "csrc" / "engine.cu"
 MARGINS_CUH = ROOT / "csrc" / "margins.cuh"
+REDUCE_CUH = ROOT / "csrc" / "reduce.cuh"
 ONEVSALL_CU = ROOT / "csrc" / "onevsall.cu"
 PY = sys.executable
 
@@ -51,7 +54,9 @@ class Mutant(NamedTuple):
     kind: str
     old: str
     new: str
-    file: str = "engine.cu"  # or "margins.cuh" (the device functions engine.cu includes), or "onevsall.cu"
+    # or "margins.cuh" (the device functions engine.cu includes), "onevsall.cu", or "reduce.cuh" (the
+    # helpers engine.cu and onevsall.cu include)
+    file: str = "engine.cu"
 
 
 M = Mutant
@@ -88,7 +93,8 @@ MUTANTS: List[Mutant] = [
       "ga += scale * dzy * da;", "ga = scale * dzy * da;"),
     # ---- barriers, early exits, guards -----------------------------------------------------------
     M("block_sum_missing_barrier", "missing barrier",
-      "  if (lane == 0) { sa[warp] = a; sb[warp] = b; }\n  __syncthreads();", "  if (lane == 0) { sa[warp] = a; sb[warp] = b; }"),
+      "  if (lane == 0) { sa[warp] = a; sb[warp] = b; }\n  __syncthreads();", "  if (lane == 0) { sa[warp] = a; sb[warp] = b; }",
+      "reduce.cuh"),
     M("block_merge_missing_barrier", "missing barrier",
       "  if (lane == 0) { sm[warp] = m; sl[warp] = l; }\n  __syncthreads();", "  if (lane == 0) { sm[warp] = m; sl[warp] = l; }"),
     M("block_merge_barrier_too_early", "missing barrier",
@@ -162,17 +168,22 @@ MUTANTS: List[Mutant] = [
       "  const int64_t i = static_cast<int64_t>(blockIdx.x) * kWarp + threadIdx.x / kWarp;\n  if (i >= B) return;\n  const float a"),
     # ---- block / warp reductions ----------------------------------------------------------------
     M("block_sum_reads_warp_slot", "wrong lane/warp index",
-      "a = lane < kWarpsPerBlock ? sa[lane] : 0.0f;", "a = lane < kWarpsPerBlock ? sa[warp] : 0.0f;"),
+      "a = lane < kWarpsPerBlock ? sa[lane] : 0.0f;", "a = lane < kWarpsPerBlock ? sa[warp] : 0.0f;", "reduce.cuh"),
     M("block_sum_one_warp_short", "reduction over one warp too few",
       "    a = lane < kWarpsPerBlock ? sa[lane] : 0.0f;\n    b = lane < kWarpsPerBlock ? sb[lane] : 0.0f;",
-      "    a = lane < kWarpsPerBlock - 1 ? sa[lane] : 0.0f;\n    b = lane < kWarpsPerBlock - 1 ? sb[lane] : 0.0f;"),
+      "    a = lane < kWarpsPerBlock - 1 ? sa[lane] : 0.0f;\n    b = lane < kWarpsPerBlock - 1 ? sb[lane] : 0.0f;",
+      "reduce.cuh"),
     M("block_merge_one_warp_short", "reduction over one warp too few",
       "    m = lane < kWarpsPerBlock ? sm[lane] : -INFINITY;\n    l = lane < kWarpsPerBlock ? sl[lane] : 0.0f;",
       "    m = lane < kWarpsPerBlock - 1 ? sm[lane] : -INFINITY;\n    l = lane < kWarpsPerBlock - 1 ? sl[lane] : 0.0f;"),
     M("warp_sum_skips_last_step", "reduction too short",
-      "for (int off = kWarp / 2; off > 0; off >>= 1) v +=", "for (int off = kWarp / 2; off > 1; off >>= 1) v +="),
+      "for (int off = kWarp / 2; off > 0; off >>= 1) v +=", "for (int off = kWarp / 2; off > 1; off >>= 1) v +=",
+      "reduce.cuh"),
+    M("block_sum_first_drops_last_warp", "reduction over one warp too few",
+      "a = lane < kWarpsPerBlock ? sa[lane] : 0.0f;", "a = lane < kWarpsPerBlock - 1 ? sa[lane] : 0.0f;",
+      "reduce.cuh"),
     M("warp_sum_shfl_down", "wrong lane/warp index",
-      "v += __shfl_xor_sync(kFullMask, v, off);", "v += __shfl_down_sync(kFullMask, v, off);"),
+      "v += __shfl_xor_sync(kFullMask, v, off);", "v += __shfl_down_sync(kFullMask, v, off);", "reduce.cuh"),
     # ---- normalization factors -------------------------------------------------------------------
     M("inv_a_of_squared_norm", "wrong normalization factor",
       "const float inv_a = 1.0f / maximum(a, NORM_EPS);", "const float inv_a = 1.0f / maximum(ss, NORM_EPS);"),
@@ -299,15 +310,6 @@ MUTANTS: List[Mutant] = [
     M("ova_db_row_overwritten", "accumulator overwritten",
       "rows.db_row[i] += acc_db;", "rows.db_row[i] = acc_db;", "onevsall.cu"),
     M("ova_gc_without_cosine", "wrong factor", "acc_gc += G * c;", "acc_gc += G;", "onevsall.cu"),
-    M("ova_block_sum_missing_barrier", "missing barrier",
-      "  if (lane == 0) { sa[warp] = a; sb[warp] = b; }\n  __syncthreads();",
-      "  if (lane == 0) { sa[warp] = a; sb[warp] = b; }", "onevsall.cu"),
-    M("ova_block_sum_drops_last_warp", "reduction too short",
-      "a = lane < kWarpsPerBlock ? sa[lane] : 0.0f;", "a = lane < kWarpsPerBlock - 1 ? sa[lane] : 0.0f;",
-      "onevsall.cu"),
-    M("ova_warp_sum_skips_last_step", "reduction too short",
-      "for (int off = kWarp / 2; off > 0; off >>= 1) v +=", "for (int off = kWarp / 2; off > 1; off >>= 1) v +=",
-      "onevsall.cu"),
     M("ova_forward_loop_one_short", "loop one short",
       "  float acc = 0.0f, none = 0.0f;\n  for (int64_t j = threadIdx.x; j < n; j += kThreads) {",
       "  float acc = 0.0f, none = 0.0f;\n  for (int64_t j = threadIdx.x; j < n - 1; j += kThreads) {", "onevsall.cu"),
@@ -422,17 +424,18 @@ def apply(text: str, m: Mutant) -> str:
 
 
 #: the build's override of each mutable file (tests/emu/build.py)
-_OVERRIDE = {"engine.cu": "MAGLOSS_EMU_ENGINE_CU", "margins.cuh": "MAGLOSS_EMU_ENGINE_CU",
-             "onevsall.cu": "MAGLOSS_EMU_ONEVSALL_CU"}
+_OVERRIDE = {"engine.cu": "MAGLOSS_EMU_ENGINE_CU", "onevsall.cu": "MAGLOSS_EMU_ONEVSALL_CU"}
 
 
 def _env(cu: Optional[Path], order: List[str] = ()) -> Dict[str, str]:
-    """The environment of a build and test run; cu: a mutated engine.cu or onevsall.cu (by its name)."""
+    """The environment of a build and test run; cu: a mutated engine.cu or onevsall.cu (by its name), or
+    the folder of a reduce.cuh mutant (both kernel files, built from there)."""
     env = dict(os.environ)
     for var in set(_OVERRIDE.values()):
         env.pop(var, None)
     if cu is not None:
-        env[_OVERRIDE[cu.name]] = str(cu)
+        for name in ([cu.name] if cu.suffix else list(_OVERRIDE)):
+            env[_OVERRIDE[name]] = str(cu / name if not cu.suffix else cu)
     env[_ORDER_ENV] = ",".join(order)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parent), env.get("PYTHONPATH")]))
     return env
@@ -491,7 +494,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from emu import build  # noqa: E402  (the cache location)
 
     texts = {"engine.cu": ENGINE_CU.read_text(), "margins.cuh": MARGINS_CUH.read_text(),
-             "onevsall.cu": ONEVSALL_CU.read_text()}
+             "onevsall.cu": ONEVSALL_CU.read_text(), "reduce.cuh": REDUCE_CUH.read_text()}
     chosen = MUTANTS
     if args.only:
         wanted = args.only.split(",")
@@ -507,7 +510,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.list:
         for m in chosen:
             print(f"{m.name:34s} {m.kind}")
-        print(f"{len(chosen)} mutants, every snippet found once in {ENGINE_CU}, {MARGINS_CUH} or {ONEVSALL_CU}")
+        print(f"{len(chosen)} mutants, every snippet found once in its file under {ENGINE_CU.parent}")
         return 0
 
     work = build._cache_dir() / "mutants"
@@ -546,6 +549,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
 
     def job(m: Mutant) -> dict:
+        if m.file == "reduce.cuh":  # both kernel units, the real .cu files next to the mutated header
+            folder = work / m.name
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "reduce.cuh").write_text(mutated[m.name])
+            for name in _OVERRIDE:
+                (folder / name).write_text(texts[name])
+            return run_one(m.name, m.kind, folder, order, args.timeout, deselect)
         if m.file == "onevsall.cu":  # built as the second kernel unit; engine.cu stays the real one
             cu = work / m.name / "onevsall.cu"
             cu.parent.mkdir(parents=True, exist_ok=True)
