@@ -15,8 +15,6 @@
 #include "engine.cuh"
 #include "reduce.cuh"
 
-#include "argmax.cuh"
-
 #include <cfloat>
 #include <cstdint>
 #include <type_traits>
@@ -338,7 +336,7 @@ __global__ void __launch_bounds__(kThreads) forward_epilogue_kernel(float* tile,
     }
   }
   block_softmax_merge(m, l);
-  if (side) block_argmax<kThreads>(bv, bi);  // (uniform: every thread of the block calls it)
+  if (side) block_argmax(bv, bi);  // (uniform: every thread of the block calls it)
   if (threadIdx.x == 0) {
     float rm = rows.run_max[i], rl = rows.run_sum[i];
     softmax_merge(rm, rl, m, l);

@@ -12,8 +12,6 @@
 #include "onevsall.cuh"
 #include "reduce.cuh"
 
-#include "argmax.cuh"
-
 #include <cstdint>
 
 #include <cuda_bf16.h>
@@ -132,7 +130,7 @@ __global__ void __launch_bounds__(kThreads) ova_forward_kernel(const float* __re
     if (side && col != lab) argmax_take(c, col, bv, bi);
   }
   block_sum2(acc, none);
-  if (side) block_argmax<kThreads>(bv, bi);  // (uniform: every thread of the block calls it)
+  if (side) block_argmax(bv, bi);  // (uniform: every thread of the block calls it)
   if (threadIdx.x == 0) {
     rows.loss[i] = lab == LAB_BAD ? NAN : rows.loss[i] + acc;
     if (side) argmax_take(bv, bi, rows.nn_val[i], rows.nn_idx[i]);

@@ -59,7 +59,7 @@ struct OvaRows {
 /// Forward chunk epilogue (one block per row): loss_i += sum over the chunk's columns of
 /// l(c_ij). tile: [B, n] fp32 raw dots S_ij = x_i . w_{j0+j}. With the side outputs (rows.nn_val
 /// set) also the chunk's largest non-label cosine and its class (a fixed-order block arg-max, ties
-/// to the lowest class, argmax.cuh) merged into nn_val/nn_idx.
+/// to the lowest class, reduce.cuh) merged into nn_val/nn_idx.
 void launch_ova_forward_epilogue(const float* tile, int64_t B, int64_t n, int64_t j0, const float* r,
                                  const OvaParams& params, OvaRows rows, cudaStream_t stream);
 

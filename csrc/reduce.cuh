@@ -1,5 +1,6 @@
 // Device helpers shared by the kernel files (engine.cu, onevsall.cu): the launch constants,
-// the element conversions and the fixed-order warp/block sums. Torch-free, device code only.
+// the element conversions, the fixed-order warp/block sums and the side outputs' arg-max.
+// Torch-free, device code only.
 //
 // Conversions use the explicit intrinsics only: the torch extension build compiles the kernels
 // with -D__CUDA_NO_HALF_CONVERSIONS__ etc. (CMakeLists.txt MAGLOSS_TORCH_LIKE_DEFS does the same).
@@ -7,6 +8,9 @@
 // gets its own copy, so block_sum2's __shared__ arrays stay private to the file's kernels (the
 // CPU emulator, tests/emu, builds the two files as separate units and keeps one static per copy).
 #pragma once
+
+#include <cmath>
+#include <cstdint>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -60,6 +64,57 @@ __device__ __forceinline__ void block_sum2(float& a, float& b) {
     b = warp_sum(b);
   }
   __syncthreads();  // sa/sb are read: safe to reuse
+}
+
+// ---- the side outputs' arg-max (docs/math.md, "Side outputs") --------------------------------------
+// The forward epilogues that track it (engine.cu: the margin losses; onevsall.cu: the one-vs-all
+// losses) use these: the order on (value, class) candidates and its warp and block reductions.
+
+// Does (v2, i2) beat (v1, i1)? Index -1 is "nothing seen" and never wins; a NaN value beats every
+// number (NaN in, NaN out); equal values go to the lower index. A total order on the candidates,
+// so the reductions below give one answer in any visiting order.
+__device__ __forceinline__ bool argmax_beats(float v2, int64_t i2, float v1, int64_t i1) {
+  if (i2 < 0) return false;
+  if (i1 < 0) return true;
+  const bool n1 = v1 != v1, n2 = v2 != v2;
+  if (n1 || n2) return n2 && (!n1 || i2 < i1);
+  return v2 > v1 || (v2 == v1 && i2 < i1);
+}
+
+// Keeps (v, idx) in the running candidate (bv, bi) if it beats it.
+__device__ __forceinline__ void argmax_take(float v, int64_t idx, float& bv, int64_t& bi) {
+  if (argmax_beats(v, idx, bv, bi)) {
+    bv = v;
+    bi = idx;
+  }
+}
+
+// Butterfly arg-max over the full warp: every lane must call it; every lane gets the winner.
+__device__ __forceinline__ void warp_argmax(float& v, int64_t& idx) {
+  #pragma unroll
+  for (int off = kWarp / 2; off > 0; off >>= 1) {
+    const float v2 = __shfl_xor_sync(kFullMask, v, off);
+    const int64_t i2 = __shfl_xor_sync(kFullMask, idx, off);
+    argmax_take(v2, i2, v, idx);
+  }
+}
+
+// Block-wide arg-max (a kThreads-thread block), valid in thread 0. Every thread of the block must
+// call it (it contains __syncthreads); it ends with a barrier after warp 0's last read of its
+// shared arrays, as block_sum2.
+__device__ __forceinline__ void block_argmax(float& v, int64_t& idx) {
+  __shared__ float sv[kWarpsPerBlock];
+  __shared__ int64_t si[kWarpsPerBlock];
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  warp_argmax(v, idx);
+  if (lane == 0) { sv[warp] = v; si[warp] = idx; }
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < kWarpsPerBlock ? sv[lane] : -INFINITY;
+    idx = lane < kWarpsPerBlock ? si[lane] : -1;
+    warp_argmax(v, idx);
+  }
+  __syncthreads();  // sv/si are read: safe to reuse
 }
 
 }  // namespace

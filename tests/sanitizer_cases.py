@@ -11,7 +11,7 @@ int32 labels, every margin family, fp32/fp16/bf16, the forced SIMT path, sub-cen
 margins and the curricular modulation, both engine paths (path="flat": margin_ce/margin_ce_backward;
 path="speed": margin_ce_kept/margin_ce_backward_kept, the kept-products kernels), the side outputs
 (side=True: the arg-max kernels), the one-vs-all kernels (path="ova": one_vs_all/one_vs_all_backward,
-each loss kind, with and without the bias), an out-of-range label
+each loss kind, with and without the bias, with and without the side outputs), an out-of-range label
 with the input check off (must stay in bounds), asynchronous (must be reported by
 magloss.flush_input_checks) and synchronous (must raise in the call). Each case prints one
 line, "sanitizer case i/N passed: ..." or "... FAILED: ..."; the exit status is non-zero if a
@@ -58,7 +58,7 @@ def run_case(name, B, C, D, dtype=torch.float32, chunk=None, ignored=(), label_d
     sanity checks; returns "ok" or "raised as expected". features: the curricular modulation, plus
     per-row margins for the COMBINED family; K sub-centers. path: "flat" (the margin_ce ops), "speed"
     (the engine's margin_ce_kept / margin_ce_backward_kept) or "ova" (the engine's one_vs_all /
-    one_vs_all_backward; name is then a key of OVA_KINDS, and K, features, side do not apply). side:
+    one_vs_all_backward; name is then a key of OVA_KINDS, and K, features do not apply). side:
     the forward also returns the side outputs (checked: [B], classes in [0, C) off the bad rows)."""
     backend = backend or _backend.Gpu(_ext._C)
     env = {"MAGLOSS_CHUNK": str(chunk) if chunk else None, "MAGLOSS_FORCE_SIMT": "1" if simt else None,
@@ -71,7 +71,7 @@ def run_case(name, B, C, D, dtype=torch.float32, chunk=None, ignored=(), label_d
             os.environ[k] = v
     try:
         if path == "ova":
-            return _run_ova(name, B, C, D, dtype, ignored, bad_label, w_dtype, backend)
+            return _run_ova(name, B, C, D, dtype, ignored, bad_label, w_dtype, backend, side)
         spec, lam = family(name)             # tests/cases.py: a FAMILIES row or a registered loss
         spec = spec.with_subcenters(K) if K > 1 else spec
         dev = backend.device
@@ -120,12 +120,7 @@ def run_case(name, B, C, D, dtype=torch.float32, chunk=None, ignored=(), label_d
             gx, gw = OP_BWD(*grads, x, w, y, lse, norms, lam_t, *extras, *spec.op_args(-1))
         backend.synchronize()
         if side:
-            label_cos, nn_cos, nn_cls = outs[-3:]
-            assert label_cos.shape == nn_cos.shape == nn_cls.shape == (B,), "side outputs: expected [B] each"
-            good = torch.ones(B, dtype=torch.bool, device=dev)
-            if bad_label:
-                good[B // 2] = False
-            assert bool(((nn_cls[good] >= 0) & (nn_cls[good] < C)).all()), "nearest negative class out of range"
+            _check_side(outs[-3:], B, C, bad_label)
         finite = torch.isfinite(lse)
         if bad_label:
             assert not bool(finite[B // 2]), "bad-label row should have lse = NaN"
@@ -171,17 +166,29 @@ CASES = [
     dict(name="arcface", B=12, C=41, D=40, K=2, dtype=torch.bfloat16, chunk=16, side=True),
     dict(name="arcface", B=10, C=50, D=20, bad_label=True, check="off", chunk=16, side=True),
     # the one-vs-all kernels: every kind, bias sum (UniFace, SphereFace2), half T, SIMT, a bad label
-    dict(name="uniface", B=9, C=70, D=33, chunk=32, ignored=(2,), path="ova"),
+    dict(name="uniface", B=9, C=70, D=33, chunk=32, ignored=(2,), path="ova", side=True),
     dict(name="sphereface2", B=17, C=129, D=40, dtype=torch.bfloat16, chunk=64, path="ova"),
     dict(name="sface", B=12, C=41, D=20, dtype=torch.float16, w_dtype=torch.float32, simt=True, chunk=16,
          path="ova"),
-    dict(name="p2sgrad", B=10, C=50, D=20, bad_label=True, check="off", chunk=16, path="ova"),
+    dict(name="p2sgrad", B=10, C=50, D=20, bad_label=True, check="off", chunk=16, path="ova", side=True),
 ]
 
 
-def _run_ova(name, B, C, D, dtype, ignored, bad_label, w_dtype, backend):
+def _check_side(side, B, C, bad_label):
+    """The forward's side outputs (label_cosine, nearest_negative_cosine, nearest_negative_class):
+    [B] each, the classes in [0, C) off the bad-label row (row B // 2)."""
+    label_cos, nn_cos, nn_cls = side
+    assert label_cos.shape == nn_cos.shape == nn_cls.shape == (B,), "side outputs: expected [B] each"
+    good = torch.ones(B, dtype=torch.bool, device=nn_cls.device)
+    if bad_label:
+        good[B // 2] = False
+    assert bool(((nn_cls[good] >= 0) & (nn_cls[good] < C)).all()), "nearest negative class out of range"
+
+
+def _run_ova(name, B, C, D, dtype, ignored, bad_label, w_dtype, backend, side=False):
     """run_case's one-vs-all forward+backward (the environment already set): the row losses finite
-    (NaN on the bad-label row), the gradients of their inputs' shapes and dtypes."""
+    (NaN on the bad-label row), the gradients of their inputs' shapes and dtypes, the side outputs
+    as the margin forward's."""
     kind, params = OVA_KINDS[name](C)
     dev = backend.device
     g = torch.Generator(device=dev).manual_seed(B * 7919 + C + 1)
@@ -193,10 +200,12 @@ def _run_ova(name, B, C, D, dtype, ignored, bad_label, w_dtype, backend):
     if bad_label:
         y[B // 2] = C + 3
     bias = torch.full((1,), -2.0, device=dev) if kind in (OVA.UNIFACE, OVA.SPHEREFACE2) else None
-    rows = backend.engine.one_vs_all(x, w, y, bias, kind, list(params), -1)
+    rows, *side_outs = backend.engine.one_vs_all(x, w, y, bias, kind, list(params), -1, side)
     gx, gw, gb = backend.engine.one_vs_all_backward(torch.randn(B, device=dev, generator=g), x, w, y, bias, kind,
                                                     list(params), -1)
     backend.synchronize()
+    if side:
+        _check_side(side_outs, B, C, bad_label)
     finite = torch.isfinite(rows)
     if bad_label:
         assert not bool(finite[B // 2]), "bad-label row should have a NaN loss"
