@@ -23,6 +23,10 @@ then ∂L/∂x_i = (∂L/∂x̂_i − x̂_i (∂L/∂x̂_i·x̂_i))/a_i. Product
 (float64 for float64 inputs); float16/bfloat16 operands are rounded to the embeddings'
 dtype first (the autocast pair: a float32 W rounded chunk by chunk), as in the margin engine.
 
+With ``return_parts=True`` the forward also tracks the side outputs of the margin losses (label
+cosine, nearest negative cosine and class, then the predicted class; docs/one_vs_all.md, "Side
+outputs") on the cosine tiles it forms anyway: the op's ``side`` flag, off by default.
+
 The ``magloss::one_vs_all`` op (and its backward op) is registered with ``torch.library``
 with fake kernels and an autograd formula, so ``torch.compile(fullgraph=True)`` and
 ``torch.library.opcheck`` work. With the compiled extension, CUDA tensors of float32/float16/bfloat16

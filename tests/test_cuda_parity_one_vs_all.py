@@ -479,6 +479,18 @@ def test_fused_side_label_ties_and_exclusion(monkeypatch, chunk):
     assert MF.side_parts(y, y != -1, *(t.cpu() for t in side))[3].tolist() == [3, 5, 2, 19, 3]
 
 
+def test_fused_side_one_class_and_empty_batch():
+    """C = 1: a labelled row has no negative class (−inf, −1), an ignored row's nearest is class 0;
+    B = 0: empty side outputs."""
+    x, w, _, _ = inputs(3, 1, 5, seed=5)
+    y = torch.tensor([0, -1, 0])
+    m = _module("p2sgrad", {}, 5, 1)
+    side = _side_check(m, x.to(DEV), w.to(DEV), y.to(DEV))
+    assert side[2].tolist() == [-1, 0, -1] and side[1][0] == -torch.inf == side[1][2]
+    empty = OVA.one_vs_all(x[:0].to(DEV), w.to(DEV), y[:0].to(DEV), None, m._kind, list(m.params), -1, True)
+    assert all(t.shape == (0,) for t in empty)
+
+
 def test_fused_side_outputs_through_the_module():
     """return_parts on the fused engine: the same loss, the side fields, parts_accuracy = accuracy."""
     x, w, y, _ = inputs(10, 21, 8, seed=3, ignored=(4,))
