@@ -277,7 +277,7 @@ class Loop:
         """The step's training accuracy: from the loss call's own side outputs (its predicted
         classes: no extra product; global under a sharded head), except where the forward saw
         only some classes (Partial FC: the sampled ones would overstate it) or computed no side
-        outputs (the softmax and one-vs-all heads): there the head's ``accuracy`` (one more
+        outputs (the softmax head): there the head's ``accuracy`` (one more
         chunked product over all classes; collective when sharded)."""
         sampled = getattr(self.head, "last_sample", None) is not None
         if parts.predicted_class is not None and not sampled:
