@@ -21,6 +21,10 @@ Common arguments (all functions):
   multiplied by w_i; ``"mean"`` is the weighted average Σ_i w_i·L_i / Σ_i w_i over the
   non-ignored rows (0 when that sum is 0), ``"sum"`` is Σ_i w_i·L_i, ``"none"`` gives
   w_i·L_i. Every loss has it (:func:`check_sample_weight`).
+* ``class_margins`` (ArcFace, Sub-center ArcFace, CosFace, the combined margin): optional
+  per-class margins looked up by label, replacing the scalar margin: [C] in radians (ArcFace,
+  Sub-center ArcFace), [C] in cosine units (CosFace), [C, 2] of (m2_c, m3_c) (combined);
+  :func:`magloss.margins.class_count_margins` builds one from class counts. No gradient.
 
 Errors are raised in the caller's words: TypeError/ValueError naming the argument (a
 weight in the [D, C] layout is named as transposed; ArcFace's and CosFace's ``margin``
