@@ -373,37 +373,49 @@ def test_shape_errors_name_the_argument():
         OP(x, torch.randn(10, 64, device=DEV), y, None, None, None, None, *MarginSpec.sphere(4).op_args(-1))
 
 
+#: Each fused path's forward and backward op: the backward also takes the speed forward's kept
+#: products (its outputs 4 and 5); see tests/test_cuda_parity_speed.py for the speed path's suite.
+PATH_OPS = {"flat": (OP, OP_BWD, 0), "speed": (torch.ops.magloss.margin_ce_kept,
+                                            torch.ops.magloss.margin_ce_backward_kept, 2)}
+
+
+@pytest.mark.parametrize("path", list(PATH_OPS))
 @pytest.mark.parametrize("mode", ["async", "off"])
-def test_bad_label_rows_are_nan_in_bounds_and_add_no_gradient(monkeypatch, mode):
+def test_bad_label_rows_are_nan_in_bounds_and_add_no_gradient(monkeypatch, mode, path):
     """Without a host wait (the default "async" mode, and "off"), an out-of-range label never
     reads or writes out of bounds: its row has no label column, lse = NaN, and the backward
     gives it no softmax/margin gradient, exactly as an ignored row with zero incoming gradient;
-    every other row is exact. In "async" mode the error is still raised, late."""
+    every other row is exact. In "async" mode the error is still raised, late. On the speed path
+    the kept products have no label column to skip: they stay finite, equal to the ignored rows'."""
     monkeypatch.setenv("MAGLOSS_CHECK_INPUTS", mode)
+    fwd, bwd, n_kept = PATH_OPS[path]
     spec, _ = FAMILIES["magface"]
     x, w, y, grads = make_case(16, 50, 64, seed=12)
     x, w, g32 = x.float(), w.float(), [g.float() for g in grads]
     bad = y.clone()
     bad[5] = 10 ** 9
     bad[6] = -7
-    rows = OP(x, w, bad, None, None, None, None, *spec.op_args(-1))
+    rows = fwd(x, w, bad, None, None, None, None, *spec.op_args(-1))
     synchronize()  # an illegal access would surface here
     if mode == "async":  # raised late (here, by the flush), once
         with pytest.raises(ValueError, match="got 1000000000 at row 5 .*reported late"):
             magloss.flush_input_checks()
-    gx, gw = OP_BWD(*g32, x, w, bad, rows[0], rows[3], None, None, None, None, *spec.op_args(-1))
+    gx, gw = bwd(*g32, x, w, bad, rows[0], rows[3], *rows[4:4 + n_kept], None, None, None, None, *spec.op_args(-1))
     synchronize()
     assert torch.isnan(rows[0][5]) and torch.isnan(rows[0][6])
     ok = torch.ones(16, dtype=torch.bool, device=DEV)
     ok[5] = ok[6] = False
     ignored = y.clone()
     ignored[5] = ignored[6] = -1
-    good = OP(x, w, ignored, None, None, None, None, *spec.op_args(-1))
+    good = fwd(x, w, ignored, None, None, None, None, *spec.op_args(-1))
     assert torch.equal(rows[0][ok], good[0][ok])
+    for kept, kept_ignored in zip(rows[4:4 + n_kept], good[4:4 + n_kept]):
+        assert torch.isfinite(kept).all() and torch.equal(kept, kept_ignored)
     g_ign = [g.clone() for g in g32]
     g_ign[0][~ok] = 0.0  # no incoming gradient on the ignored rows' lse and zy
     g_ign[1][~ok] = 0.0
-    gx_ref, gw_ref = OP_BWD(*g_ign, x, w, ignored, good[0], good[3], None, None, None, None, *spec.op_args(-1))
+    gx_ref, gw_ref = bwd(*g_ign, x, w, ignored, good[0], good[3], *good[4:4 + n_kept], None, None, None, None,
+                         *spec.op_args(-1))
     assert torch.isfinite(gx).all() and torch.isfinite(gw).all()
     assert torch.equal(gx, gx_ref) and torch.equal(gw, gw_ref)
 
