@@ -337,9 +337,12 @@ def _bad_cases():
     }
 
 
+@pytest.mark.parametrize("path", ["flat", "speed"])
 @pytest.mark.parametrize("case", ["label_too_large", "label_negative", "nan_embeddings", "inf_weight"])
-def test_bad_inputs_same_errors_as_cpu(monkeypatch, case):
+def test_bad_inputs_same_errors_as_cpu(monkeypatch, case, path):
+    """The fused engine's errors on either path are the chunked engine's, word for word."""
     monkeypatch.setenv("MAGLOSS_CHECK_INPUTS", "sync")  # raise in the offending call, as the CPU
+    monkeypatch.setenv("MAGLOSS_PATH", path)
     x, w, y, exc, msg = _bad_cases()[case]
     with pytest.raises(exc) as cpu_err, BACKEND.default_cpu_kernels():
         magloss.functional.arcface_loss(x.cpu(), w.cpu(), y.cpu())
