@@ -141,6 +141,16 @@ def test_unwritable_output_is_refused(faces, tmp_path, capsys):
     assert re.search(r"--output: cannot write into '.*file/run'", err), err
 
 
+def test_unwritable_config_is_refused_before_the_first_step(faces, tmp_path, capsys):
+    """config.json is written with the other output checks: a failure is one line naming it, exit 2,
+    and no step is trained (a folder in its place makes the rename fail)."""
+    out = tmp_path / "run"
+    (out / "config.json").mkdir(parents=True)
+    err = _fails(_common(faces, out, "--batch-size", "8", "--max-steps", "2"), capsys)
+    assert re.search(r"--output: cannot write config\.json: .*config\.json", err), err
+    assert not (out / "checkpoints").exists() and not (out / "train.csv").exists()
+
+
 def test_resume_accepts_the_value_the_run_used(faces, tmp_path, capsys):
     """The checkpoint stores --margin unset (None = the loss's default, 0.5 for ArcFace): giving
     0.5 again is no change; 0.3 is."""

@@ -170,7 +170,8 @@ class Run(Loop):
         self.saved_step = self.step if state is not None else None     # the step of the newest checkpoint
 
     def _check_outputs(self, bins: List[str]) -> None:
-        """Rank 0 opens the .bin sets and tries --output; every rank learns of a failure there."""
+        """Rank 0 opens the .bin sets, tries --output and writes config.json there; every rank learns of
+        a failure."""
         self.bins, failure = [], None
         if self.is_main:               # only rank 0 evaluates and writes; the other ranks learn of a failure below
             try:
@@ -178,6 +179,7 @@ class Run(Loop):
                 _check_writable(self.args.output)
                 if self.args.export_onnx:
                     check_export()
+                self._write_config()
             except UsageError as exc:
                 failure = exc
         if self.group is not None:
@@ -188,14 +190,20 @@ class Run(Loop):
         if failure is not None:
             raise failure
 
-    def _start_outputs(self, resumed: bool) -> None:
-        """The log (a resumed run's cut back to its checkpoint) and ``config.json``."""
+    def _write_config(self) -> None:
+        """``config.json`` in --output (rank 0, before the first step); UsageError naming it when it
+        cannot be written."""
         args = self.args
-        self.log = Log(args.output, self.is_main, args.tensorboard, self.step if resumed else None)
-        if self.is_main:
+        try:
             _write_atomically(os.path.join(args.output, "config.json"), lambda f: f.write(json.dumps(
                 {**vars(args), "world_size": self.world, "num_classes": self.num_classes,
                  "input_size": list(self.image_size), "amp": self.amp, "images": self.n}, indent=1).encode()))
+        except OSError as exc:
+            raise UsageError(f"--output: cannot write config.json: {os_reason(exc)}") from None
+
+    def _start_outputs(self, resumed: bool) -> None:
+        """The log (a resumed run's cut back to its checkpoint)."""
+        self.log = Log(self.args.output, self.is_main, self.args.tensorboard, self.step if resumed else None)
 
     def _total_steps(self) -> int:
         """The step the run ends at (--epochs, capped by --max-steps); UsageError when a new run
